@@ -1,0 +1,256 @@
+"""Every setting, declared once: defaults, then a TOML file, then `SECKILL_*`.
+
+The environment wins over the file so an operator can override one value on
+a host without editing the shared file. A bad value names the setting and
+what was expected, because "invalid literal for int()" tells an on-call
+engineer nothing at 3 a.m.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+from urllib.parse import urlsplit, urlunsplit
+
+from .errors import ConfigError
+
+ENV_PREFIX = "SECKILL_"
+CONFIG_ENV = "SECKILL_CONFIG"
+
+
+def _doc(text: str, **kw: Any) -> Any:
+    return field(metadata={"doc": text}, **kw)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Settings:
+    """Connection and tuning settings of every seckill process."""
+
+    # -- services ---------------------------------------------------------
+    redis_url: str = _doc("Redis URL of the gate and the order streams.",
+                          default="redis://127.0.0.1:6379/0")
+    amqp_url: str = _doc("RabbitMQ URL (vhost in the path).",
+                         default="amqp://guest:guest@127.0.0.1:5672/")
+    pg_dsn: str = _doc("PostgreSQL DSN of seckill_logs and products.",
+                       default="postgresql://postgres@127.0.0.1:5432/postgres")
+    key_prefix: str = _doc("Prefix of every Redis key; isolates tests and tenants.", default="")
+    connect_timeout: float = _doc("Seconds to wait for a service to accept a connection.",
+                                  default=5.0)
+
+    # -- engine ------------------------------------------------------------
+    workers: int = _doc("Worker processes of `seckill run` (0 = CPU count).", default=0)
+    batch_size: int = _doc("Entries per stream read by XREADGROUP COUNT.", default=500)
+    block_ms: int = _doc("XREADGROUP BLOCK milliseconds when the streams are idle.",
+                         default=200)
+    max_inflight_batches: int = _doc("Batches a worker holds at once (bounds memory).",
+                                     default=4)
+    publish_timeout: float = _doc("Seconds to wait for a batch's publisher confirms.",
+                                  default=10.0)
+    db_timeout: float = _doc("Seconds a batch's database transaction may take.", default=10.0)
+    max_entry_bytes: int = _doc("Largest stream entry accepted; bigger ones are dead-lettered.",
+                                default=4096)
+    claim_idle_ms: int = _doc("Idle time after which the janitor reclaims an entry.",
+                              default=60_000)
+    max_deliveries: int = _doc("Deliveries after which an entry is dead-lettered.", default=5)
+    janitor_interval: float = _doc("Seconds between janitor passes.", default=5.0)
+    discovery_interval: float = _doc("Seconds between checks for newly opened sales.",
+                                     default=0.5)
+    product_cache_ttl: float = _doc("Seconds a product row stays in a worker's cache.",
+                                    default=30.0)
+    retry_backoff_max: float = _doc("Longest pause between reconnection attempts.", default=5.0)
+    node_lease_ttl_ms: int = _doc("TTL of a worker's snowflake node-ID lease.", default=10_000)
+    max_clock_rollback_ms: int = _doc("Clock rollback waited out before IDs fail.", default=2_000)
+
+    # -- supervisor --------------------------------------------------------
+    heartbeat_timeout: float = _doc("Seconds of worker silence before it is killed.",
+                                    default=30.0)
+    graceful_timeout: float = _doc("Seconds workers get to drain on SIGTERM.", default=30.0)
+    boot_timeout: float = _doc("Seconds a worker may take to connect to every service.",
+                               default=30.0)
+    max_boot_failures: int = _doc("Consecutive boot failures that stop the supervisor.",
+                                  default=3)
+    metrics_host: str = _doc("Address of the supervisor's /metrics and /healthz.",
+                             default="127.0.0.1")
+    metrics_port: int = _doc("Port of the supervisor's /metrics (0 = disabled).", default=9108)
+    metrics_dir: str = _doc("prometheus multiprocess directory ('' = a private temp dir).",
+                            default="")
+    pid_file: str = _doc("Where the supervisor writes its PID ('' = nowhere).", default="")
+
+    # -- HTTP gate -----------------------------------------------------------
+    bff_host: str = _doc("Address the HTTP gate listens on.", default="127.0.0.1")
+    bff_port: int = _doc("Port of the HTTP gate.", default=8080)
+    bff_workers: int = _doc("HTTP gate worker processes (0 = CPU count).", default=0)
+    bff_max_inflight: int = _doc("In-flight requests per process before 429 (0 = no cap).",
+                                 default=0)
+    bff_soldout_recheck: float = _doc("Seconds a sold-out answer is cached per process.",
+                                      default=0.5)
+
+    # -- resource domain -----------------------------------------------------
+    rd_output_dir: str = _doc("Where the reference Resource Domain writes manifests.",
+                              default="/tmp/seckill-manifests")
+    rd_domain: str = _doc("DNS suffix of instance endpoints.", default="gpu.example.internal")
+    rd_delay_ms: int = _doc("Simulated provisioning delay in milliseconds.", default=50)
+    rd_failure_rate: float = _doc("Share of provisionings that fail (0..1).", default=0.0)
+    rd_seed: int = _doc("Seed of the simulated failures (-1 = random).", default=-1)
+    rd_prefetch: int = _doc("Unacknowledged events the Resource Domain holds.", default=200)
+    status_batch_size: int = _doc("Status reports applied per database round trip.",
+                                  default=500)
+    status_unknown_retry: float = _doc("Seconds an update for an unknown instance is retried.",
+                                       default=30.0)
+
+    # -- logging -------------------------------------------------------------
+    log_level: str = _doc("DEBUG, INFO, WARNING or ERROR.", default="INFO")
+    log_json: bool = _doc("JSON log lines (true) or plain text (false).", default=True)
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+    def effective_workers(self) -> int:
+        return self.workers or os.cpu_count() or 1
+
+    def masked(self) -> dict[str, Any]:
+        """Settings as a dict safe to print or log."""
+        out = dataclasses.asdict(self)
+        for name in ("redis_url", "amqp_url", "pg_dsn"):
+            out[name] = mask_url(out[name])
+        return out
+
+
+_POSITIVE = {
+    "batch_size", "block_ms", "max_inflight_batches", "max_entry_bytes", "claim_idle_ms",
+    "max_deliveries", "node_lease_ttl_ms", "max_boot_failures", "status_batch_size",
+    "rd_prefetch",
+}
+_NON_NEGATIVE = {
+    "workers", "metrics_port", "bff_port", "bff_workers", "bff_max_inflight", "rd_delay_ms",
+    "max_clock_rollback_ms",
+}
+_POSITIVE_FLOAT = {
+    "connect_timeout", "publish_timeout", "db_timeout", "janitor_interval",
+    "discovery_interval", "product_cache_ttl", "retry_backoff_max", "heartbeat_timeout",
+    "graceful_timeout", "boot_timeout", "bff_soldout_recheck", "status_unknown_retry",
+}
+_SCHEMES = {
+    "redis_url": ("redis", "rediss", "unix"),
+    "amqp_url": ("amqp", "amqps"),
+    "pg_dsn": ("postgresql", "postgres"),
+}
+
+
+def _validate(s: Settings) -> None:
+    for name in _POSITIVE:
+        if getattr(s, name) <= 0:
+            raise ConfigError(f"{name}: expected a positive integer, got {getattr(s, name)!r}")
+    for name in _NON_NEGATIVE:
+        if getattr(s, name) < 0:
+            raise ConfigError(f"{name}: expected an integer >= 0, got {getattr(s, name)!r}")
+    for name in _POSITIVE_FLOAT:
+        if getattr(s, name) <= 0:
+            raise ConfigError(f"{name}: expected a positive number, got {getattr(s, name)!r}")
+    for name, schemes in _SCHEMES.items():
+        scheme = urlsplit(getattr(s, name)).scheme
+        if scheme not in schemes:
+            raise ConfigError(
+                f"{name}: expected a URL starting with {' or '.join(s + '://' for s in schemes)},"
+                f" got {mask_url(getattr(s, name))!r}")
+    if not 0.0 <= s.rd_failure_rate <= 1.0:
+        raise ConfigError(f"rd_failure_rate: expected 0..1, got {s.rd_failure_rate!r}")
+    if s.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError(f"log_level: expected DEBUG, INFO, WARNING or ERROR, got {s.log_level!r}")
+    if s.max_deliveries < 2:
+        raise ConfigError("max_deliveries: expected at least 2 (one retry)")
+
+
+def mask_url(url: str) -> str:
+    """`scheme://user:***@host/...`: a URL with its password hidden."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable URL>"
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
+def _coerce(name: str, kind: Any, raw: Any) -> Any:
+    """Turn a TOML or environment value into the declared type of `name`."""
+    try:
+        if kind in (bool, "bool"):
+            if isinstance(raw, bool):
+                return raw
+            text = str(raw).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if kind in (int, "int"):
+            if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
+                raise ValueError(raw)
+            return int(raw)
+        if kind in (float, "float"):
+            if isinstance(raw, bool):
+                raise ValueError(raw)
+            return float(raw)
+        if not isinstance(raw, (str, int, float)) or isinstance(raw, bool):
+            raise ValueError(raw)
+        return str(raw)
+    except (TypeError, ValueError):
+        expected = {"bool": "true or false", "int": "an integer", "float": "a number"}
+        raise ConfigError(
+            f"{name}: expected {expected.get(str(getattr(kind, '__name__', kind)), 'a string')},"
+            f" got {raw!r}") from None
+
+
+def load_settings(path: str | os.PathLike[str] | None = None,
+                  env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+    """Defaults, then the TOML file (`path` or `$SECKILL_CONFIG`), then `SECKILL_*`,
+    then explicit keyword overrides (command-line flags)."""
+    env = os.environ if env is None else env
+    path = path or env.get(CONFIG_ENV) or None
+    values: dict[str, Any] = {}
+    known = {f.name: f.type for f in fields(Settings)}
+    if path:
+        values.update(_read_toml(Path(path), known))
+    for name, kind in known.items():
+        raw = env.get(ENV_PREFIX + name.upper())
+        if raw is not None:
+            values[name] = _coerce(ENV_PREFIX + name.upper(), kind, raw)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return Settings(**values)
+
+
+def _read_toml(path: Path, known: Mapping[str, Any]) -> dict[str, Any]:
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path}: not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path}: not valid TOML ({exc})") from None
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        # Sections ([engine], [bff], ...) are only for readability: keys are global.
+        if isinstance(value, dict):
+            flat.update(value)
+        else:
+            flat[key] = value
+    out = {}
+    for key, value in flat.items():
+        if key not in known:
+            raise ConfigError(f"config file {path}: unknown setting {key!r}")
+        out[key] = _coerce(key, known[key], value)
+    return out
+
+
+def describe() -> list[tuple[str, str, Any]]:
+    """(name, doc, default) of every setting, for `--help` and the README."""
+    return [(f.name, f.metadata.get("doc", ""), f.default) for f in fields(Settings)]

@@ -1,0 +1,92 @@
+"""Opening connections to Redis, RabbitMQ and PostgreSQL, with one kind of failure.
+
+Every process (CLI, workers, gate, Resource Domain) connects the same way:
+with a timeout, and turning the library's own exception zoo into
+`ServiceUnavailable` whose message names the service and its masked URL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import TYPE_CHECKING, Any
+
+import aiormq
+import asyncpg
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from .config import Settings, mask_url
+from .errors import ServiceUnavailable
+
+if TYPE_CHECKING:
+    from aiormq.abc import AbstractConnection
+
+# Connection-level failures worth a retry, across the three client libraries.
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    asyncio.TimeoutError,
+    RedisError,
+    aiormq.exceptions.AMQPError,
+    asyncpg.PostgresConnectionStatusError,
+    asyncpg.exceptions.ConnectionDoesNotExistError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.InterfaceError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.InternalClientError,
+)
+
+
+async def connect_redis(settings: Settings, **kwargs: Any) -> Redis:
+    """A Redis client that has answered PING."""
+    client = Redis.from_url(settings.redis_url, socket_connect_timeout=settings.connect_timeout,
+                            socket_keepalive=True, **kwargs)
+    try:
+        await asyncio.wait_for(client.ping(), settings.connect_timeout)
+    except (RedisError, OSError, asyncio.TimeoutError) as exc:
+        await client.aclose()
+        raise ServiceUnavailable(f"Redis at {mask_url(settings.redis_url)}: {_why(exc)}") from exc
+    return client
+
+
+async def connect_amqp(settings: Settings) -> AbstractConnection:
+    """An open AMQP connection."""
+    try:
+        return await asyncio.wait_for(aiormq.connect(settings.amqp_url), settings.connect_timeout)
+    except (aiormq.exceptions.AMQPError, OSError, asyncio.TimeoutError) as exc:
+        raise ServiceUnavailable(
+            f"RabbitMQ at {mask_url(settings.amqp_url)}: {_why(exc)}") from exc
+
+
+async def connect_pg(settings: Settings, **kwargs: Any) -> asyncpg.Connection:
+    """One PostgreSQL connection (commands and tests; workers use a pool)."""
+    try:
+        return await asyncpg.connect(settings.pg_dsn, timeout=settings.connect_timeout, **kwargs)
+    except (OSError, asyncio.TimeoutError, asyncpg.PostgresError,
+            asyncpg.InterfaceError) as exc:
+        raise ServiceUnavailable(
+            f"PostgreSQL at {mask_url(settings.pg_dsn)}: {_why(exc)}") from exc
+
+
+async def create_pg_pool(settings: Settings, *, size: int, **kwargs: Any) -> asyncpg.Pool:
+    """A pool of `size` connections, all open before it is returned."""
+    try:
+        pool = await asyncio.wait_for(
+            asyncpg.create_pool(settings.pg_dsn, min_size=size, max_size=size,
+                                timeout=settings.connect_timeout, **kwargs),
+            settings.connect_timeout * 2)
+    except (OSError, asyncio.TimeoutError, asyncpg.PostgresError,
+            asyncpg.InterfaceError) as exc:
+        raise ServiceUnavailable(
+            f"PostgreSQL at {mask_url(settings.pg_dsn)}: {_why(exc)}") from exc
+    assert pool is not None
+    return pool
+
+
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, asyncio.TimeoutError):
+        return "no answer in time"
+    if isinstance(exc, socket.gaierror):
+        return "host name not found"
+    text = str(exc) or type(exc).__name__
+    return text.splitlines()[0]

@@ -1,0 +1,77 @@
+"""Every error the project raises on purpose, rooted in one class.
+
+Callers dispatch on the class, never on the message. "You called it wrong"
+(`UsageError` and its children) is kept apart from "a service failed"
+(`ServiceError` and its children), so the command line can print one clear
+line for either and a worker knows which failures are worth a retry.
+"""
+
+from __future__ import annotations
+
+
+class SeckillError(Exception):
+    """Root of every error raised by this project."""
+
+
+# -- you called it wrong ---------------------------------------------------
+
+
+class UsageError(SeckillError):
+    """The caller passed something that can never work; retrying won't help."""
+
+
+class ConfigError(UsageError):
+    """A setting has a value of the wrong kind or out of range."""
+
+
+class InvalidInput(UsageError):
+    """An ID, body or field failed validation before any service was called."""
+
+
+class UnknownProduct(UsageError):
+    """A product ID that has no row in `products`."""
+
+
+# -- a service failed --------------------------------------------------------
+
+
+class ServiceError(SeckillError):
+    """Redis, RabbitMQ or PostgreSQL failed or did not answer in time."""
+
+
+class ServiceUnavailable(ServiceError):
+    """A service could not be reached at all (connection refused, DNS, auth)."""
+
+
+class PublishFailed(ServiceError):
+    """An event was returned, nacked or not confirmed in time."""
+
+
+class DatabaseFailed(ServiceError):
+    """A batch could not be committed to PostgreSQL."""
+
+
+# -- instance IDs ------------------------------------------------------------
+
+
+class IdError(SeckillError):
+    """The snowflake generator cannot issue an ID right now."""
+
+
+class ClockMovedBackwards(IdError):
+    """The wall clock went back further than the configured bound."""
+
+
+class NoFreeNodeId(IdError):
+    """All 1024 node IDs are leased by live owners."""
+
+
+class LeaseLost(IdError):
+    """Our node-ID lease could not be renewed in time; IDs must stop."""
+
+
+# -- process lifecycle -------------------------------------------------------
+
+
+class BootError(SeckillError):
+    """A worker could not start; the supervisor must not respawn it blindly."""

@@ -1,0 +1,83 @@
+"""Every Redis key, stream, group, exchange, queue and routing-key name.
+
+Other teams and operators rely on these names (SPEC.md), so they live in one
+place. All keys of one product share the hash tag `{<pid>}` so the gate
+script touches a single Redis Cluster slot.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# -- RabbitMQ ----------------------------------------------------------------
+EXCHANGE = "resource.events"
+EXCHANGE_TYPE = "topic"
+RK_CREATED = "instance.created"
+RK_STATUS = "instance.status"
+QUEUE_CREATED = "resource.instance-created"  # declared by `seckill migrate`
+QUEUE_STATUS = "product-service.instance-status"  # the engine's status consumer
+CONTENT_TYPE = "application/x-protobuf"
+
+# -- Redis -------------------------------------------------------------------
+GROUP = "product-service"
+DLQ_SUFFIX = ":dlq"
+
+# -- PostgreSQL --------------------------------------------------------------
+ENGINE_ROLE = "seckill_engine"
+
+# -- order statuses ----------------------------------------------------------
+PROCESSING = "PROCESSING"
+RUNNING = "RUNNING"
+FAILED = "FAILED"
+TERMINAL = frozenset({RUNNING, FAILED})
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    """Redis key names under an optional prefix (tests and tenants get their own)."""
+
+    prefix: str = ""
+
+    def stock(self, pid: int) -> str:
+        return f"{self.prefix}seckill:{{{pid}}}:stock"
+
+    def sale(self, pid: int) -> str:
+        return f"{self.prefix}seckill:{{{pid}}}:sale"
+
+    def buyers(self, pid: int) -> str:
+        return f"{self.prefix}seckill:{{{pid}}}:buyers"
+
+    def free_slots(self, pid: int) -> str:
+        """Slots handed back by compensation, reused before new ones."""
+        return f"{self.prefix}seckill:{{{pid}}}:free-slots"
+
+    def refunded(self, pid: int) -> str:
+        """Stream IDs whose unit of stock was already returned (exactly once)."""
+        return f"{self.prefix}seckill:{{{pid}}}:refunded"
+
+    def stream(self, pid: int) -> str:
+        return f"{self.prefix}stream:seckill:{{{pid}}}"
+
+    def dlq(self, pid: int) -> str:
+        return f"{self.prefix}stream:seckill:{{{pid}}}{DLQ_SUFFIX}"
+
+    def node(self, node_id: int) -> str:
+        return f"{self.prefix}seckill:node:{node_id}"
+
+    @property
+    def streams(self) -> str:
+        """Set of product IDs whose order stream the engine reads."""
+        return f"{self.prefix}seckill:streams"
+
+    @property
+    def stream_pattern(self) -> str:
+        """SCAN pattern of order streams, to find ones added by hand."""
+        return f"{self.prefix}stream:seckill:{{*}}"
+
+    def product_of_stream(self, stream: str) -> int | None:
+        """The product ID of an order-stream key, or None for any other key."""
+        head = f"{self.prefix}stream:seckill:{{"
+        if not (stream.startswith(head) and stream.endswith("}")):
+            return None
+        digits = stream[len(head):-1]
+        return int(digits) if digits.isdigit() else None
