@@ -28,7 +28,7 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     asyncio.TimeoutError,
     RedisError,
     aiormq.exceptions.AMQPError,
-    asyncpg.PostgresConnectionStatusError,
+    asyncpg.PostgresConnectionError,
     asyncpg.exceptions.ConnectionDoesNotExistError,
     asyncpg.exceptions.CannotConnectNowError,
     asyncpg.exceptions.InterfaceError,
@@ -43,7 +43,7 @@ async def connect_redis(settings: Settings, **kwargs: Any) -> Redis:
                             socket_keepalive=True, **kwargs)
     try:
         await asyncio.wait_for(client.ping(), settings.connect_timeout)
-    except (RedisError, OSError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, RedisError, OSError) as exc:
         await client.aclose()
         raise ServiceUnavailable(f"Redis at {mask_url(settings.redis_url)}: {_why(exc)}") from exc
     return client
@@ -53,7 +53,7 @@ async def connect_amqp(settings: Settings) -> AbstractConnection:
     """An open AMQP connection."""
     try:
         return await asyncio.wait_for(aiormq.connect(settings.amqp_url), settings.connect_timeout)
-    except (aiormq.exceptions.AMQPError, OSError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, aiormq.exceptions.AMQPError, OSError) as exc:
         raise ServiceUnavailable(
             f"RabbitMQ at {mask_url(settings.amqp_url)}: {_why(exc)}") from exc
 
@@ -62,8 +62,7 @@ async def connect_pg(settings: Settings, **kwargs: Any) -> asyncpg.Connection:
     """One PostgreSQL connection (commands and tests; workers use a pool)."""
     try:
         return await asyncpg.connect(settings.pg_dsn, timeout=settings.connect_timeout, **kwargs)
-    except (OSError, asyncio.TimeoutError, asyncpg.PostgresError,
-            asyncpg.InterfaceError) as exc:
+    except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         raise ServiceUnavailable(
             f"PostgreSQL at {mask_url(settings.pg_dsn)}: {_why(exc)}") from exc
 
@@ -75,8 +74,7 @@ async def create_pg_pool(settings: Settings, *, size: int, **kwargs: Any) -> asy
             asyncpg.create_pool(settings.pg_dsn, min_size=size, max_size=size,
                                 timeout=settings.connect_timeout, **kwargs),
             settings.connect_timeout * 2)
-    except (OSError, asyncio.TimeoutError, asyncpg.PostgresError,
-            asyncpg.InterfaceError) as exc:
+    except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         raise ServiceUnavailable(
             f"PostgreSQL at {mask_url(settings.pg_dsn)}: {_why(exc)}") from exc
     assert pool is not None

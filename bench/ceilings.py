@@ -1,0 +1,132 @@
+"""Each dependency alone, driven as hard as our client libraries can: the physical limits.
+
+The slowest of these bounds the engine on this machine; the engine is quoted
+as a share of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import time
+from typing import Any
+
+import aiormq
+import asyncpg
+from redis.asyncio import Redis
+
+from engine.config import Settings
+from engine.events import PERSISTENT
+from engine.keys import CONTENT_TYPE, EXCHANGE, GROUP, QUEUE_CREATED, RK_CREATED, Keys
+from engine.publisher import CONFIRMED, ConfirmPublisher, Message
+
+from .env import preload, purge_queues
+
+BODY = b"\x08\x01\x10" + b"x" * 120  # about the size of an INSTANCE_CREATED event
+
+
+async def redis_drain(settings: Settings, total: int, batch: int = 500) -> dict[str, Any]:
+    """XREADGROUP + XACK of a preloaded stream, one client, batches of `batch`."""
+    pid = 990_000_001
+    await preload(settings, [pid], total)
+    keys = Keys(settings.key_prefix)
+    redis = Redis.from_url(settings.redis_url)
+    stream = keys.stream(pid)
+    done = 0
+    start = time.perf_counter()
+    try:
+        while done < total:
+            reply = await redis.xreadgroup(GROUP, "bench", {stream: ">"}, count=batch)
+            if not reply:
+                break
+            ids = [entry_id for entry_id, _ in reply[0][1]]
+            await redis.xack(stream, GROUP, *ids)
+            done += len(ids)
+    finally:
+        await redis.aclose()
+    elapsed = time.perf_counter() - start
+    return {"orders": done, "seconds": elapsed, "per_second": done / elapsed}
+
+
+async def publish_plain(settings: Settings, total: int, window: int = 500) -> dict[str, Any]:
+    """aiormq's own `basic_publish`, `window` publishes in flight, confirms awaited."""
+    await purge_queues(settings)
+    conn = await aiormq.connect(settings.amqp_url)
+    channel = await conn.channel(publisher_confirms=True)
+    sem = asyncio.Semaphore(window)
+
+    async def one(i: int) -> None:
+        async with sem:
+            props = aiormq.spec.Basic.Properties(
+                content_type=CONTENT_TYPE, delivery_mode=PERSISTENT, message_id=str(i),
+                message_type="INSTANCE_CREATED")
+            await channel.basic_publish(BODY, exchange=EXCHANGE, routing_key=RK_CREATED,
+                                        properties=props, mandatory=True)
+
+    start = time.perf_counter()
+    try:
+        await asyncio.gather(*(one(i) for i in range(total)))
+    finally:
+        await conn.close()
+    elapsed = time.perf_counter() - start
+    await purge_queues(settings)
+    return {"orders": total, "seconds": elapsed, "per_second": total / elapsed,
+            "window": window}
+
+
+async def publish_batched(settings: Settings, total: int, batch: int = 500,
+                          inflight: int = 4) -> dict[str, Any]:
+    """The engine's publisher alone: framed batches, `inflight` batches in flight."""
+    await purge_queues(settings)
+    publisher = ConfirmPublisher(settings, RK_CREATED, "INSTANCE_CREATED")
+    await publisher.connect()
+    sem = asyncio.Semaphore(inflight)
+    confirmed = 0
+
+    async def one(start: int) -> None:
+        nonlocal confirmed
+        async with sem:
+            msgs = [Message(BODY, str(i)) for i in range(start, min(total, start + batch))]
+            outcomes = await publisher.publish(msgs, 30)
+            confirmed += outcomes.count(CONFIRMED)
+
+    start = time.perf_counter()
+    try:
+        await asyncio.gather(*(one(s) for s in range(0, total, batch)))
+    finally:
+        await publisher.close()
+    elapsed = time.perf_counter() - start
+    await purge_queues(settings)
+    return {"orders": confirmed, "seconds": elapsed, "per_second": confirmed / elapsed,
+            "batch": batch, "inflight": inflight}
+
+
+async def copy_rate(settings: Settings, total: int, batch: int = 500) -> dict[str, Any]:
+    """Binary COPY in transactions of `batch` rows into a copy of seckill_logs (same indexes)."""
+    conn = await asyncpg.connect(settings.pg_dsn)
+    try:
+        await conn.execute("DROP TABLE IF EXISTS bench_copy")
+        await conn.execute("CREATE TABLE bench_copy (LIKE seckill_logs INCLUDING ALL)")
+        cols = ("product_id", "user_id", "instance_id", "stream_id", "sale_id", "slot")
+        start = time.perf_counter()
+        for base in range(0, total, batch):
+            rows = [(1, i, i, f"{1700000000000 + i}-0", "bench", i + 1)
+                    for i in range(base, min(total, base + batch))]
+            async with conn.transaction():
+                await conn.copy_records_to_table("bench_copy", records=rows, columns=cols)
+        elapsed = time.perf_counter() - start
+        await conn.execute("DROP TABLE bench_copy")
+    finally:
+        await conn.close()
+    return {"orders": total, "seconds": elapsed, "per_second": total / elapsed}
+
+
+def queue_type(vhost: str) -> str:
+    """The type (classic/quorum) of the queue the topology declares, as the broker says."""
+    out = subprocess.run(["rabbitmqctl", "-q", "list_queues", "-p", vhost, "name", "type"],
+                         capture_output=True, text=True, timeout=60).stdout
+    for line in out.splitlines():
+        parts = line.split()
+        if parts and parts[0] == QUEUE_CREATED:
+            return parts[-1]
+    return "unknown"

@@ -1,0 +1,165 @@
+"""The benchmark's own corner of the services, and the facts about the machine.
+
+The suite runs beside a demo or a test run: it has its own database, vhost
+and key prefix, so numbers are not polluted by (and do not pollute) anything
+else, and it can wipe them freely between phases.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote, urlsplit, urlunsplit
+
+import aiormq
+import asyncpg
+from redis.asyncio import Redis
+
+from engine.config import Settings, load_settings
+from engine.keys import GROUP, QUEUE_CREATED, Keys
+
+DB_NAME = "seckill_bench"
+VHOST = "seckill-bench"
+PREFIX = "bench:"
+
+
+def _with_path(url: str, path: str) -> str:
+    return urlunsplit(urlsplit(url)._replace(path=path))
+
+
+def bench_settings() -> Settings:
+    base = load_settings(env={k: v for k, v in os.environ.items()
+                              if k in ("SECKILL_REDIS_URL", "SECKILL_AMQP_URL",
+                                       "SECKILL_PG_DSN")})
+    return base.replace(pg_dsn=_with_path(base.pg_dsn, "/" + DB_NAME),
+                        amqp_url=_with_path(base.amqp_url, "/" + quote(VHOST, safe="")),
+                        key_prefix=PREFIX, metrics_port=0, log_json=True, log_level="WARNING")
+
+
+def prepare(settings: Settings) -> None:
+    """Database migrated, vhost with the topology: idempotent."""
+    from engine.migrate import apply_migrations, declare_topology
+
+    apply_migrations(settings.pg_dsn)
+    ctl = shutil.which("rabbitmqctl") or "/usr/sbin/rabbitmqctl"
+    subprocess.run([ctl, "-q", "add_vhost", VHOST], capture_output=True, timeout=60)
+    user = urlsplit(settings.amqp_url).username or "guest"
+    subprocess.run([ctl, "-q", "set_permissions", "-p", VHOST, user, ".*", ".*", ".*"],
+                   check=True, capture_output=True, timeout=60)
+    asyncio.run(declare_topology(settings.amqp_url))
+
+
+async def reset(settings: Settings, pids: list[int]) -> None:
+    """Empty the log, the streams and the queues between phases."""
+    redis = Redis.from_url(settings.redis_url)
+    try:
+        keys = [k async for k in redis.scan_iter(match=PREFIX + "*", count=5000)]
+        for i in range(0, len(keys), 1000):
+            await redis.delete(*keys[i:i + 1000])
+    finally:
+        await redis.aclose()
+    conn = await asyncpg.connect(settings.pg_dsn)
+    try:
+        await conn.execute("TRUNCATE seckill_logs")
+        await conn.executemany(
+            "INSERT INTO products (id, name, cpus, memory_mb, gpu, image) VALUES"
+            " ($1, $2, 8, 32768, 'A100', 'ubuntu:22.04') ON CONFLICT (id) DO NOTHING",
+            [(pid, f"GPU instance {pid}") for pid in pids])
+    finally:
+        await conn.close()
+    await purge_queues(settings)
+
+
+async def purge_queues(settings: Settings, *extra: str) -> None:
+    conn = await aiormq.connect(settings.amqp_url)
+    try:
+        channel = await conn.channel()
+        for queue in (QUEUE_CREATED, *extra):
+            try:
+                await channel.queue_purge(queue)
+            except aiormq.exceptions.ChannelNotFoundEntity:
+                channel = await conn.channel()
+    finally:
+        await conn.close()
+
+
+async def preload(settings: Settings, pids: list[int], total: int,
+                  progress: Any = None) -> None:
+    """`total` orders spread evenly over the products' streams, groups created."""
+    keys = Keys(settings.key_prefix)
+    redis = Redis.from_url(settings.redis_url)
+    now = str(int(time.time()))
+    try:
+        for pid in pids:
+            await redis.xgroup_create(keys.stream(pid), GROUP, id="0", mkstream=True)
+        await redis.sadd(keys.streams, *pids)
+        done = 0
+        while done < total:
+            pipe = redis.pipeline(transaction=False)
+            for i in range(done, min(total, done + 10_000)):
+                pid = pids[i % len(pids)]
+                pipe.xadd(keys.stream(pid), {"uid": str(i + 1), "ts": now, "sale": "bench",
+                                             "slot": str(i // len(pids) + 1)})
+            await pipe.execute()
+            done = min(total, done + 10_000)
+            if progress:
+                progress(done, total)
+    finally:
+        await redis.aclose()
+
+
+@dataclass(frozen=True)
+class Machine:
+    host: str
+    cpu_model: str
+    cores: int
+    memory_gb: float
+    python: str
+    redis: str
+    rabbitmq: str
+    postgresql: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return self.__dict__.copy()
+
+
+def machine(settings: Settings) -> Machine:
+    cpu = "unknown"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return Machine(socket.gethostname(), cpu, os.cpu_count() or 1, round(mem, 1),
+                   platform.python_version(), *asyncio.run(_versions(settings)))
+
+
+async def _versions(settings: Settings) -> tuple[str, str, str]:
+    redis = Redis.from_url(settings.redis_url)
+    try:
+        rv = (await redis.info("server"))["redis_version"]
+    finally:
+        await redis.aclose()
+    conn = await aiormq.connect(settings.amqp_url)
+    try:
+        props = conn.server_properties
+        mq = props.get("version", b"?")
+        mq = mq.decode() if isinstance(mq, bytes) else str(mq)
+    finally:
+        await conn.close()
+    pg = await asyncpg.connect(settings.pg_dsn)
+    try:
+        pv = await pg.fetchval("SHOW server_version")
+    finally:
+        await pg.close()
+    return rv, mq, pv

@@ -1,0 +1,130 @@
+"""Latency under an open-loop load: orders arrive on a schedule, not when we are ready.
+
+A closed loop (send, wait, send) hides queueing; here a producer adds orders
+at a fixed rate whatever the engine does, and the engine's own histogram of
+"entry creation -> acknowledgement" is read before and after the window, so
+warm-up is not part of the figures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+import urllib.request
+from typing import Any
+
+from redis.asyncio import Redis
+
+from engine.config import Settings
+from engine.keys import GROUP, Keys
+
+from .enginerun import Engine, acked
+
+METRIC = "seckill_order_latency_seconds_bucket"
+
+
+def scrape_buckets(port: int) -> dict[float, float]:
+    """Cumulative bucket counts of the latency histogram, summed over workers."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    out: dict[float, float] = {}
+    for line in text.splitlines():
+        if line.startswith(METRIC):
+            le = re.search(r'le="([^"]+)"', line)
+            if le:
+                bound = float("inf") if le.group(1) == "+Inf" else float(le.group(1))
+                out[bound] = out.get(bound, 0.0) + float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def quantile(buckets: dict[float, float], q: float) -> float:
+    """histogram_quantile: linear interpolation inside the bucket, as Prometheus does."""
+    bounds = sorted(buckets)
+    total = buckets[bounds[-1]]
+    if total <= 0:
+        return float("nan")
+    rank = q * total
+    prev_bound, prev_count = 0.0, 0.0
+    for bound in bounds:
+        count = buckets[bound]
+        if count >= rank:
+            if bound == float("inf"):
+                return prev_bound
+            width = count - prev_count
+            return prev_bound + (bound - prev_bound) * ((rank - prev_count) / width if width else 0)
+        prev_bound, prev_count = bound, count
+    return bounds[-1]
+
+
+def max_bound(buckets: dict[float, float]) -> float:
+    """Upper bound of the highest bucket that received anything: max <= this."""
+    bounds = sorted(buckets)
+    total = buckets[bounds[-1]]
+    return next(b for b in bounds if buckets[b] >= total)
+
+
+async def produce(settings: Settings, pid: int, rate: float, seconds: float) -> int:
+    """XADD `rate` orders per second for `seconds`, in 10 ms ticks, open loop."""
+    keys = Keys(settings.key_prefix)
+    redis = Redis.from_url(settings.redis_url)
+    stream = keys.stream(pid)
+    sent = 0
+    start = time.perf_counter()
+    try:
+        while (elapsed := time.perf_counter() - start) < seconds:
+            due = int(rate * elapsed) - sent
+            if due > 0:
+                pipe = redis.pipeline(transaction=False)
+                now = str(int(time.time()))
+                for i in range(sent, sent + due):
+                    pipe.xadd(stream, {"uid": str(i + 1), "ts": now, "sale": "lat",
+                                       "slot": str(i + 1)})
+                await pipe.execute()
+                sent += due
+            await asyncio.sleep(0.01)
+    finally:
+        await redis.aclose()
+    return sent
+
+
+async def measure(settings: Settings, pid: int, rate: float, seconds: float,
+                  port: int) -> dict[str, Any]:
+    keys = Keys(settings.key_prefix)
+    redis = Redis.from_url(settings.redis_url)
+    await redis.xgroup_create(keys.stream(pid), GROUP, id="0", mkstream=True)
+    await redis.sadd(keys.streams, pid)
+    engine = Engine(settings.replace(metrics_port=port), 2)
+    try:
+        await _wait_ready(port)
+        await produce(settings, pid, rate, 1.0)  # warm-up: caches, connections
+        before = scrape_buckets(port)
+        sent = await produce(settings, pid, rate, seconds)
+        deadline = time.monotonic() + 60
+        while await acked(redis, keys, [pid]) < sent + int(rate):
+            if time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.1)
+        after = scrape_buckets(port)
+    finally:
+        engine.stop()
+        await redis.aclose()
+    window = {b: after.get(b, 0.0) - before.get(b, 0.0) for b in after}
+    return {"rate": rate, "seconds": seconds, "orders": sent,
+            "p50_ms": quantile(window, 0.50) * 1000, "p95_ms": quantile(window, 0.95) * 1000,
+            "p99_ms": quantile(window, 0.99) * 1000, "max_le_ms": max_bound(window) * 1000,
+            "cdf": [(b, c) for b, c in sorted(window.items()) if b != float("inf")],
+            "count": window.get(float("inf"), 0.0)}
+
+
+async def _wait_ready(port: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as r:
+                if b'"workers":2' in r.read():
+                    return
+        except OSError:
+            pass
+        await asyncio.sleep(0.2)
+    raise RuntimeError("the engine did not become healthy")

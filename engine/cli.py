@@ -1,0 +1,235 @@
+"""The `seckill` command line.
+
+One function per command, registered in `COMMANDS`; each imports what it
+needs when it runs, so `seckill --help` stays fast. Every SeckillError ends
+as one line on stderr and an exit code: 2 for "called it wrong", 3 for "a
+service failed".
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from .config import Settings, load_settings
+from .errors import SeckillError, UsageError
+
+EXIT_USAGE = 2
+EXIT_SERVICE = 3
+
+EPILOG = """exit codes: 0 ok, 1 unexpected error, 2 bad usage or input (also: unknown product),
+3 a service failed or is unreachable, 130 interrupted.
+settings: --config FILE (or $SECKILL_CONFIG), overridden by SECKILL_* variables."""
+
+
+def _run_async(coro: Coroutine[Any, Any, int]) -> int:
+    import uvloop
+
+    return uvloop.run(coro)
+
+
+# -- commands -----------------------------------------------------------------
+def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
+    from .migrate import migrate
+
+    async def run() -> int:
+        for line in await migrate(settings):
+            print(line)
+        return 0
+    return _run_async(run())
+
+
+def cmd_product_add(settings: Settings, args: argparse.Namespace) -> int:
+    from .connections import connect_pg
+    from .products import Product, upsert_product, validate_product
+
+    product = validate_product(Product(args.id, args.name, args.cpus, args.memory_mb, args.gpu,
+                                       args.image))
+
+    async def run() -> int:
+        conn = await connect_pg(settings)
+        try:
+            await upsert_product(conn, product)
+        finally:
+            await conn.close()
+        print(f"product {product.id}: {product.name} ({product.cpus} CPUs, "
+              f"{product.memory_mb} MB, {product.gpu or 'no GPU'}, {product.image})")
+        return 0
+    return _run_async(run())
+
+
+def cmd_sale_open(settings: Settings, args: argparse.Namespace) -> int:
+    from .connections import connect_pg, connect_redis
+    from .gate import Gate, validate_id
+    from .keys import Keys
+    from .products import get_product
+
+    pid = validate_id("product", args.product)
+
+    async def run() -> int:
+        conn = await connect_pg(settings)
+        try:
+            product = await get_product(conn, pid)
+        finally:
+            await conn.close()
+        redis = await connect_redis(settings)
+        try:
+            sale = await Gate(redis, Keys(settings.key_prefix)).open_sale(
+                pid, args.stock, clear_buyers=args.clear_buyers)
+        finally:
+            await redis.aclose()
+        print(f"sale {sale} open: product {pid} ({product.name}), stock {args.stock}")
+        return 0
+    return _run_async(run())
+
+
+def cmd_sale_close(settings: Settings, args: argparse.Namespace) -> int:
+    from .connections import connect_redis
+    from .gate import Gate
+    from .keys import Keys
+
+    async def run() -> int:
+        redis = await connect_redis(settings)
+        try:
+            await Gate(redis, Keys(settings.key_prefix)).close_sale(args.product)
+        finally:
+            await redis.aclose()
+        print(f"sale of product {args.product} closed")
+        return 0
+    return _run_async(run())
+
+
+def cmd_buy(settings: Settings, args: argparse.Namespace) -> int:
+    from .connections import connect_redis
+    from .gate import Gate
+    from .keys import Keys
+
+    async def run() -> int:
+        redis = await connect_redis(settings)
+        try:
+            result = await Gate(redis, Keys(settings.key_prefix)).buy(args.product, args.user)
+        finally:
+            await redis.aclose()
+        extra = f" {result.stream_id} slot {result.slot}" if result.stream_id else ""
+        print(f"{result.outcome}{extra}")
+        return 0 if result.outcome == "accepted" else 1
+    return _run_async(run())
+
+
+def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
+    from .daemon import run
+
+    return run(lambda: _settings(args), args.workers)
+
+
+# -- parser ---------------------------------------------------------------------
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+Handler = Callable[[Settings, argparse.Namespace], int]
+COMMANDS: list[tuple[tuple[str, ...], str, Callable[[argparse.ArgumentParser], None], Handler]]
+
+
+def _add_product(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--id", type=_positive, required=True, help="product ID")
+    p.add_argument("--name", required=True, help="instance name shown to users")
+    p.add_argument("--cpus", type=_positive, required=True, help="CPU cores")
+    p.add_argument("--memory-mb", type=_positive, required=True, help="memory in MB")
+    p.add_argument("--gpu", default="", help="GPU model, e.g. A100")
+    p.add_argument("--image", required=True, help="image, e.g. ubuntu:22.04")
+
+
+def _sale_open(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--product", type=_positive, required=True, help="product ID")
+    p.add_argument("--stock", type=_positive, required=True, help="units for sale")
+    p.add_argument("--clear-buyers", action="store_true",
+                   help="forget who bought in earlier sales of this product")
+
+
+def _product_only(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--product", type=_positive, required=True, help="product ID")
+
+
+def _buy(p: argparse.ArgumentParser) -> None:
+    _product_only(p)
+    p.add_argument("--user", type=_positive, required=True, help="user ID")
+
+
+def _run(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workers", type=_positive, default=None,
+                   help="worker processes (default: settings.workers, 0 = CPU count)")
+
+
+def _nothing(p: argparse.ArgumentParser) -> None:
+    pass
+
+
+COMMANDS = [
+    (("migrate",), "apply db/ migrations and declare the RabbitMQ topology (idempotent)",
+     _nothing, cmd_migrate),
+    (("product", "add"), "add or update a product", _add_product, cmd_product_add),
+    (("sale", "open"), "open a sale: stock, sale ID, stream and consumer group", _sale_open,
+     cmd_sale_open),
+    (("sale", "close"), "stop selling (the engine still drains the backlog)", _product_only,
+     cmd_sale_close),
+    (("buy",), "one purchase attempt through the gate", _buy, cmd_buy),
+    (("run",), "the engine: pre-fork supervisor and workers", _run, cmd_run),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="seckill", description="seckill engine: a flash-sale "
+                                     "pipeline from a Redis gate to provisioned instances.",
+                                     epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="TOML settings file (default: $SECKILL_CONFIG)")
+    top = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    groups: dict[str, Any] = {}
+    for path, help_text, configure, handler in COMMANDS:
+        if len(path) == 1:
+            sub = top.add_parser(path[0], help=help_text, description=help_text, epilog=EPILOG)
+        else:
+            if path[0] not in groups:
+                group = top.add_parser(path[0], help=f"{path[0]} commands")
+                groups[path[0]] = group.add_subparsers(dest="action", metavar="ACTION",
+                                                       required=True)
+            sub = groups[path[0]].add_parser(path[1], help=help_text, description=help_text,
+                                             epilog=EPILOG)
+        configure(sub)
+        sub.set_defaults(handler=handler)
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return load_settings(args.config)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = _settings(args)
+        from .logs import setup_logging
+
+        setup_logging(settings)
+        return args.handler(settings, args)
+    except UsageError as exc:
+        print(f"seckill: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except SeckillError as exc:
+        print(f"seckill: error: {exc}", file=sys.stderr)
+        return EXIT_SERVICE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Generated Protobuf code (`make proto`); do not edit by hand."""

@@ -1,0 +1,68 @@
+"""The `products` table: what a sale sells (name and instance spec)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import asyncpg
+
+from .errors import InvalidInput, UnknownProduct
+
+MAX_INT64 = 2**63 - 1
+MAX_INT32 = 2**31 - 1
+MAX_NAME = 200
+
+
+@dataclass(frozen=True, slots=True)
+class Product:
+    id: int
+    name: str
+    cpus: int
+    memory_mb: int
+    gpu: str
+    image: str
+
+
+def validate_product(product: Product) -> Product:
+    """Raise InvalidInput naming the first bad field; the database would only say 'check'."""
+    def bad(name: str, expected: str, got: object) -> InvalidInput:
+        return InvalidInput(f"{name}: expected {expected}, got {got!r}")
+
+    for name, value, limit in (("id", product.id, MAX_INT64), ("cpus", product.cpus, MAX_INT32),
+                               ("memory_mb", product.memory_mb, MAX_INT32)):
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= limit:
+            raise bad(name, f"a positive integer up to {limit}", value)
+    for name, value in (("name", product.name), ("image", product.image)):
+        if not isinstance(value, str) or not value.strip() or len(value) > MAX_NAME:
+            raise bad(name, f"a non-empty text of at most {MAX_NAME} characters", value)
+    if not isinstance(product.gpu, str) or len(product.gpu) > MAX_NAME:
+        raise bad("gpu", f"a text of at most {MAX_NAME} characters", product.gpu)
+    return product
+
+
+async def upsert_product(conn: asyncpg.Connection, product: Product) -> None:
+    validate_product(product)
+    await conn.execute(
+        """INSERT INTO products (id, name, cpus, memory_mb, gpu, image)
+           VALUES ($1, $2, $3, $4, $5, $6)
+           ON CONFLICT (id) DO UPDATE SET name = EXCLUDED.name, cpus = EXCLUDED.cpus,
+               memory_mb = EXCLUDED.memory_mb, gpu = EXCLUDED.gpu, image = EXCLUDED.image,
+               updated_at = now()""",
+        product.id, product.name, product.cpus, product.memory_mb, product.gpu, product.image)
+
+
+async def fetch_products(conn: asyncpg.Connection, ids: Iterable[int]) -> dict[int, Product]:
+    """All of `ids` that exist, in one query."""
+    rows = await conn.fetch(
+        "SELECT id, name, cpus, memory_mb, gpu, image FROM products WHERE id = ANY($1::bigint[])",
+        list(ids))
+    return {r["id"]: Product(*r.values()) for r in rows}
+
+
+async def get_product(conn: asyncpg.Connection, product_id: int) -> Product:
+    found = await fetch_products(conn, [product_id])
+    if product_id not in found:
+        raise UnknownProduct(f"product {product_id}: no such product (add it with "
+                             "`seckill product add`)")
+    return found[product_id]

@@ -1,0 +1,134 @@
+"""Reading every open sale's stream with one XREADGROUP call.
+
+A worker first re-reads its own pending entries (cursor `0`, then the last ID
+seen) and switches a stream to `>` once nothing of its own is left there, so
+a respawned worker in the same slot finishes what its predecessor held.
+The per-stream COUNT adapts to how many streams actually have orders, so one
+busy sale among a thousand idle ones still gets full batches.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from .keys import GROUP, Keys
+from .orders import TOO_MANY_DELIVERIES, DeadLetter
+from .pipeline import Entry
+
+log = logging.getLogger("seckill.reader")
+
+NEW = b">"
+
+
+def is_nogroup(exc: ResponseError) -> bool:
+    # redis-py has no class for it; the error code is the reply's first word.
+    return str(exc).startswith("NOGROUP")
+
+
+async def ensure_group(redis: Redis, stream: str | bytes) -> None:
+    """Create the consumer group from the stream's start (entries added by hand count)."""
+    try:
+        await redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
+    except ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
+
+
+class StreamReader:
+    def __init__(self, redis: Redis, keys: Keys, consumer: str, batch_size: int,
+                 block_ms: int, max_deliveries: int) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.consumer = consumer
+        self.batch_size = batch_size
+        self.block_ms = block_ms
+        self.max_deliveries = max_deliveries
+        self.cursors: dict[bytes, bytes] = {}
+        self._active = 1
+
+    async def discover(self) -> int:
+        """Pick up streams of newly opened sales; returns how many were new."""
+        members = await self.redis.smembers(self.keys.streams)
+        new = 0
+        for pid in members:
+            stream = self.keys.stream(int(pid)).encode()
+            if stream not in self.cursors:
+                await ensure_group(self.redis, stream)
+                self.cursors[stream] = b"0"
+                new += 1
+        if new:
+            log.info("reading %d streams (%d new)", len(self.cursors), new,
+                     extra={"event": "streams_discovered", "streams": len(self.cursors)})
+        return new
+
+    async def read(self) -> tuple[list[Entry], list[DeadLetter]]:
+        """One XREADGROUP over all streams: entries to process, and entries to dead-letter
+        because they were delivered too often (a worker keeps dying on them)."""
+        if not self.cursors:
+            return [], []
+        count = max(1, self.batch_size // self._active)
+        recovering = any(c != NEW for c in self.cursors.values())
+        try:
+            reply = await self.redis.xreadgroup(
+                GROUP, self.consumer, self.cursors, count=count,  # type: ignore[arg-type]
+                block=None if recovering else self.block_ms)
+        except ResponseError as exc:
+            if not is_nogroup(exc):
+                raise
+            for stream in self.cursors:
+                await ensure_group(self.redis, stream)
+            return [], []
+        return await self._collect(reply or [])  # type: ignore[arg-type]
+
+    async def _collect(self, reply: list) -> tuple[list[Entry], list[DeadLetter]]:
+        entries: list[Entry] = []
+        dead: list[DeadLetter] = []
+        active = 0
+        for stream, items in reply:
+            cursor = self.cursors.get(stream, NEW)
+            if items:
+                active += 1
+            if cursor != NEW:
+                self.cursors[stream] = items[-1][0] if items else NEW
+                old = await self._too_often_delivered(stream, items)
+            else:
+                old = {}
+            for raw_id, fields in items:
+                stream_id = raw_id.decode()
+                if raw_id in old:
+                    dead.append(old[raw_id])
+                elif fields is None:  # deleted from the stream while pending: nothing to do
+                    dead.append(DeadLetter(stream, stream_id, self.keys.product_of_stream(
+                        stream.decode()), {}, "deleted", "entry deleted from the stream"))
+                else:
+                    entries.append(Entry(stream, stream_id, fields))
+        self._active = max(1, active)
+        return entries, dead
+
+    async def _too_often_delivered(self, stream: bytes,
+                                   items: list) -> dict[bytes, DeadLetter]:
+        if not items:
+            return {}
+        counts = await delivery_counts(self.redis, stream, items[0][0], items[-1][0],
+                                       len(items), self.consumer)
+        return {raw_id: poison(self.keys, stream, raw_id, fields, counts[raw_id])
+                for raw_id, fields in items
+                if counts.get(raw_id, 0) > self.max_deliveries}
+
+
+async def delivery_counts(redis: Redis, stream: bytes, first: bytes, last: bytes, count: int,
+                          consumer: str) -> dict[bytes, int]:
+    rows = await redis.xpending_range(stream, GROUP, min=first, max=last, count=count,
+                                      consumername=consumer)
+    return {row["message_id"]: int(row["times_delivered"]) for row in rows}  # type: ignore[misc]
+
+
+def poison(keys: Keys, stream: bytes, raw_id: bytes, fields: dict | None,
+           deliveries: int) -> DeadLetter:
+    return DeadLetter(stream, raw_id.decode(), keys.product_of_stream(stream.decode()),
+                      fields or {}, TOO_MANY_DELIVERIES,
+                      f"delivered {deliveries} times without being acknowledged",
+                      {"deliveries": str(deliveries)})

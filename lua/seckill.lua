@@ -1,0 +1,27 @@
+-- One purchase attempt, atomically. Every check comes before the first write,
+-- so an error can never leave half a purchase behind.
+-- KEYS: 1 stock, 2 sale, 3 buyers, 4 free slots, 5 order stream (one product: one hash tag)
+-- ARGV: 1 user ID, 2 unix seconds
+-- Reply: {1, stream entry ID, slot} accepted | {2} duplicate | {3} sold out | {0} no sale
+local stock = redis.call('GET', KEYS[1])
+local sale = redis.call('GET', KEYS[2])
+if not stock or not sale then
+  return {0}
+end
+if redis.call('SISMEMBER', KEYS[3], ARGV[1]) == 1 then
+  return {2}
+end
+stock = tonumber(stock)
+if not stock or stock <= 0 then
+  return {3}
+end
+-- a unit handed back by a failed order is sold again before a new one
+local slot = redis.call('LPOP', KEYS[4])
+if not slot then
+  slot = stock
+end
+redis.call('DECR', KEYS[1])
+redis.call('SADD', KEYS[3], ARGV[1])
+local id = redis.call('XADD', KEYS[5], '*', 'uid', ARGV[1], 'ts', ARGV[2],
+                      'sale', sale, 'slot', slot)
+return {1, id, tonumber(slot)}

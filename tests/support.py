@@ -1,0 +1,209 @@
+"""Helpers for tests that run the real engine against the real services."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiormq
+import asyncpg
+from engine.pb import event_pb2
+from redis.asyncio import Redis
+
+from engine.config import Settings
+from engine.keys import EXCHANGE, GROUP, RK_CREATED, Keys
+
+SECKILL = str(Path(sys.executable).with_name("seckill"))
+
+
+def engine_env(settings: Settings, **overrides: Any) -> dict[str, str]:
+    """Environment that points a `seckill` subprocess at the test's services and prefix."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SECKILL_")}
+    values = {
+        "redis_url": settings.redis_url, "amqp_url": settings.amqp_url,
+        "pg_dsn": settings.pg_dsn, "key_prefix": settings.key_prefix,
+        "metrics_port": 0, "log_json": "false", "janitor_interval": 1.0,
+        "graceful_timeout": 15, "heartbeat_timeout": 10, "boot_timeout": 10,
+        "discovery_interval": 0.2,
+    }
+    values.update(overrides)
+    for name, value in values.items():
+        text = str(value).lower() if isinstance(value, bool) else str(value)
+        env["SECKILL_" + name.upper()] = text
+    return env
+
+
+class EngineProcess:
+    """`seckill run` as a child process, its output in a file for post-mortems."""
+
+    def __init__(self, settings: Settings, workers: int = 2, **overrides: Any) -> None:
+        self.log_path = Path(tempfile.mkstemp(prefix="seckill-engine-", suffix=".log")[1])
+        self._log = self.log_path.open("wb")
+        self.proc = subprocess.Popen([SECKILL, "run", "--workers", str(workers)],
+                                     env=engine_env(settings, **overrides),
+                                     stdout=self._log, stderr=subprocess.STDOUT)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def children(self) -> list[int]:
+        path = Path(f"/proc/{self.pid}/task/{self.pid}/children")
+        try:
+            return [int(p) for p in path.read_text().split()]
+        except FileNotFoundError:
+            return []
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float) -> int:
+        return self.proc.wait(timeout)
+
+    def output(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self._log.close()
+
+
+async def wait_for(check: Callable[[], Awaitable[bool]], timeout: float, what: str,
+                   interval: float = 0.2) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if await check():
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(interval)
+
+
+async def push_orders(redis: Redis, keys: Keys, pid: int, users: range | list[int],
+                      sale: str | None = "sale-1", first_slot: int = 1) -> list[str]:
+    """XADD orders as the gate would write them (uid, ts, sale, slot), pipelined."""
+    ids: list[str] = []
+    now = str(int(time.time()))
+    users = list(users)
+    for start in range(0, len(users), 5000):
+        pipe = redis.pipeline(transaction=False)
+        for i, uid in enumerate(users[start:start + 5000], start):
+            fields = {"uid": str(uid), "ts": now}
+            if sale is not None:
+                fields.update(sale=sale, slot=str(first_slot + i))
+            pipe.xadd(keys.stream(pid), fields)
+        ids += [x.decode() if isinstance(x, bytes) else x for x in await pipe.execute()]
+    return ids
+
+
+async def announce(redis: Redis, keys: Keys, pid: int) -> None:
+    """What `sale open` does for the engine: group from 0, stream registered."""
+    try:
+        await redis.xgroup_create(keys.stream(pid), GROUP, id="0", mkstream=True)
+    except Exception as exc:  # noqa: BLE001
+        if "BUSYGROUP" not in str(exc):
+            raise
+    await redis.sadd(keys.streams, pid)
+
+
+async def add_products(settings: Settings, pids: list[int]) -> None:
+    conn = await asyncpg.connect(settings.pg_dsn)
+    try:
+        await conn.executemany(
+            "INSERT INTO products (id, name, cpus, memory_mb, gpu, image) VALUES"
+            " ($1, $2, 8, 32768, 'A100', 'ubuntu:22.04') ON CONFLICT (id) DO NOTHING",
+            [(pid, f"GPU instance {pid}") for pid in pids])
+    finally:
+        await conn.close()
+
+
+async def log_rows(settings: Settings, pids: list[int]) -> list[asyncpg.Record]:
+    conn = await asyncpg.connect(settings.pg_dsn)
+    try:
+        return await conn.fetch(
+            "SELECT product_id, user_id, instance_id, stream_id, sale_id, slot, status"
+            " FROM seckill_logs WHERE product_id = ANY($1::bigint[])", pids)
+    finally:
+        await conn.close()
+
+
+async def pending_count(redis: Redis, keys: Keys, pids: list[int]) -> int:
+    total = 0
+    for pid in pids:
+        try:
+            info = await redis.xpending(keys.stream(pid), GROUP)
+        except Exception:  # noqa: BLE001 - no group yet
+            continue
+        total += info["pending"]
+    return total
+
+
+class EventTap:
+    """A durable private queue bound to instance.created, read after the run.
+
+    Durable so it survives a broker restart in the middle of a test; it is
+    deleted when the test is done.
+    """
+
+    def __init__(self, amqp_url: str, routing_key: str = RK_CREATED) -> None:
+        self.url = amqp_url
+        self.routing_key = routing_key
+        self.queue = f"test-tap-{uuid.uuid4().hex[:8]}"
+        self.events: list[tuple[Any, Any]] = []  # (properties, Event)
+
+    async def __aenter__(self) -> EventTap:
+        conn = await aiormq.connect(self.url)
+        channel = await conn.channel()
+        await channel.queue_declare(self.queue, durable=True)
+        await channel.queue_bind(self.queue, EXCHANGE, routing_key=self.routing_key)
+        await conn.close()
+        return self
+
+    async def collect(self, expected: int, timeout: float = 60) -> list[Any]:
+        """Consume until `expected` events arrived (or the timeout); returns the events."""
+        conn = await aiormq.connect(self.url)
+        try:
+            channel = await conn.channel()
+            await channel.basic_qos(prefetch_count=1000)
+            done = asyncio.Event()
+
+            async def on_message(message: Any) -> None:
+                event = event_pb2.Event()
+                event.ParseFromString(message.body)
+                self.events.append((message.header.properties, event))
+                await channel.basic_ack(message.delivery.delivery_tag)
+                if len(self.events) >= expected:
+                    done.set()
+
+            if len(self.events) < expected:
+                await channel.basic_consume(self.queue, on_message)
+                try:
+                    await asyncio.wait_for(done.wait(), timeout)
+                except TimeoutError:
+                    pass
+            await asyncio.sleep(0.3)  # anything beyond `expected` (duplicates) too
+        finally:
+            await conn.close()
+        return [e for _, e in self.events]
+
+    async def __aexit__(self, *exc: object) -> None:
+        conn = await aiormq.connect(self.url)
+        channel = await conn.channel()
+        await channel.queue_delete(self.queue)
+        await conn.close()

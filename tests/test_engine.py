@@ -1,0 +1,399 @@
+"""`seckill run` end to end against the real Redis, RabbitMQ and PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+
+import asyncpg
+import orjson
+import pytest
+from redis.asyncio import Redis
+from support import (
+    EngineProcess,
+    EventTap,
+    add_products,
+    announce,
+    log_rows,
+    pending_count,
+    push_orders,
+    wait_for,
+)
+
+from engine.keys import GROUP, Keys
+from engine.worker import consumer_name
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture
+async def redis(settings):
+    client = Redis.from_url(settings.redis_url)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+def keys(settings) -> Keys:
+    return Keys(settings.key_prefix)
+
+
+async def row_count(settings, pids) -> int:
+    conn = await asyncpg.connect(settings.pg_dsn)
+    try:
+        return await conn.fetchval(
+            "SELECT count(*) FROM seckill_logs WHERE product_id = ANY($1::bigint[])", pids)
+    finally:
+        await conn.close()
+
+
+async def all_done(settings, redis, keys, pids, total) -> bool:
+    return (await row_count(settings, pids) == total
+            and await pending_count(redis, keys, pids) == 0)
+
+
+def assert_one_id_per_order(rows, events, orders: int) -> None:
+    """One row per order, one distinct instance ID per order, every event carries it."""
+    assert len(rows) == orders
+    by_stream = {(r["product_id"], r["stream_id"]): r["instance_id"] for r in rows}
+    assert len(by_stream) == orders
+    assert len(set(by_stream.values())) == orders
+    seen = set()
+    for e in events:
+        key = (e.product_id, e.stream_id)
+        assert by_stream[key] == e.instance_id, "an event carried a second instance ID"
+        seen.add(key)
+    assert seen == set(by_stream), "some logged orders were never published"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def test_50k_orders_three_products_two_workers(settings, redis, keys, product_ids):
+    pids = product_ids[:3]
+    await add_products(settings, pids)
+    for pid in pids:
+        await announce(redis, keys, pid)
+    sizes = [16_667, 16_667, 16_666]
+    async with EventTap(settings.amqp_url) as tap:
+        engine = EngineProcess(settings, workers=2)
+        try:
+            for pid, n in zip(pids, sizes, strict=True):
+                await push_orders(redis, keys, pid, range(1, n + 1))
+            await wait_for(lambda: all_done(settings, redis, keys, pids, 50_000), 180,
+                           "50,000 orders logged and acknowledged")
+            events = await tap.collect(50_000, timeout=60)
+        finally:
+            engine.stop()
+    rows = await log_rows(settings, pids)
+    assert_one_id_per_order(rows, [e for e in events if e.product_id in pids], 50_000)
+    assert all(r["status"] == "PROCESSING" for r in rows)
+    for pid, n in zip(pids, sizes, strict=True):
+        mine = [r for r in rows if r["product_id"] == pid]
+        assert sorted(r["slot"] for r in mine) == list(range(1, n + 1))
+        groups = await redis.xinfo_groups(keys.stream(pid))
+        assert groups[0]["pending"] == 0 and groups[0]["lag"] == 0
+    e = events[0]
+    assert e.event_type == 1 and e.name.startswith("GPU instance") and e.spec.gpu == "A100"
+    assert engine.wait(1) == 0
+
+
+async def test_event_properties_follow_the_contract(settings, redis, keys, product_id):
+    await add_products(settings, [product_id])
+    await announce(redis, keys, product_id)
+    async with EventTap(settings.amqp_url) as tap:
+        engine = EngineProcess(settings, workers=1)
+        try:
+            await push_orders(redis, keys, product_id, [77])
+            await tap.collect(1, timeout=30)
+        finally:
+            engine.stop()
+    props, event = tap.events[0]
+    assert props.delivery_mode == 2
+    assert props.content_type == "application/x-protobuf"
+    assert props.message_type == "INSTANCE_CREATED"
+    assert props.message_id == str(event.instance_id)
+    assert abs(props.timestamp.timestamp() - time.time()) < 120
+    assert event.user_id == 77 and event.slot == 1 and event.sale_id == "sale-1"
+    assert event.timestamp > 1_700_000_000
+
+
+async def test_hand_added_entry_in_the_seed_form(settings, redis, keys, product_id):
+    """`XADD stream:seckill:{1001} * uid 123 ts 1234567890` with no sale opened."""
+    await add_products(settings, [product_id])
+    engine = EngineProcess(settings, workers=1)
+    try:
+        await redis.execute_command("XADD", keys.stream(product_id), "*", "uid", "123",
+                                    "ts", "1234567890")
+        await wait_for(lambda: all_done(settings, redis, keys, [product_id], 1), 30,
+                       "the hand-added order")
+    finally:
+        engine.stop()
+    (row,) = await log_rows(settings, [product_id])
+    assert row["user_id"] == 123 and row["sale_id"] is None and row["slot"] is None
+
+
+async def test_poison_entries_are_dead_lettered_while_good_orders_flow(
+        settings, redis, keys, product_ids):
+    good, unknown = product_ids[:2]
+    await add_products(settings, [good])
+    for pid in (good, unknown):
+        await announce(redis, keys, pid)
+    stream = keys.stream(good)
+    await push_orders(redis, keys, good, range(1, 501))
+    poison = {
+        await redis.xadd(stream, {"ts": "1"}): ("bad_entry", "uid missing"),
+        await redis.xadd(stream, {"uid": "abc"}): ("bad_entry", "uid is not a positive int64"),
+        await redis.xadd(stream, {"uid": "5", "blob": "x" * 5000}): ("oversized", None),
+        await redis.xadd(stream, {"uid": "9999", "sale": "sale-1", "slot": "7"}):
+            ("slot_conflict", "unit 7 of sale sale-1 is already sold"),
+        await redis.xadd(keys.stream(unknown), {"uid": "1"}): ("unknown_product", None),
+    }
+    await push_orders(redis, keys, good, range(501, 1001), first_slot=501)
+    engine = EngineProcess(settings, workers=2)
+    try:
+        async def settled() -> bool:
+            dead = await redis.xlen(keys.dlq(good)) + await redis.xlen(keys.dlq(unknown))
+            return dead == 5 and await all_done(settings, redis, keys, [good, unknown], 1000)
+        await wait_for(settled, 60, "good orders logged and poison dead-lettered")
+    finally:
+        engine.stop()
+    letters = await redis.xrange(keys.dlq(good)) + await redis.xrange(keys.dlq(unknown))
+    by_id = {f[b"id"]: f for _, f in letters}
+    for entry_id, (reason, detail) in poison.items():
+        f = by_id[entry_id]
+        assert f[b"reason"].decode() == reason
+        if detail:
+            assert f[b"detail"].decode().startswith(detail)
+        assert isinstance(orjson.loads(f[b"fields"]), dict)
+    assert engine.output().count("Traceback") == 0
+
+
+async def test_entries_delivered_too_often_are_dead_lettered(settings, redis, keys, product_id):
+    await add_products(settings, [product_id])
+    await announce(redis, keys, product_id)
+    ids = await push_orders(redis, keys, product_id, range(1, 4))
+    consumer = consumer_name(0)
+    for _ in range(6):  # a worker that keeps dying on these entries
+        await redis.xreadgroup(GROUP, consumer, {keys.stream(product_id): "0"})
+        if _ == 0:
+            await redis.xreadgroup(GROUP, consumer, {keys.stream(product_id): ">"})
+    engine = EngineProcess(settings, workers=1, max_deliveries=3)
+    try:
+        await wait_for(lambda: _xlen(redis, keys.dlq(product_id), 3), 30, "3 dead letters")
+        await wait_for(lambda: _zero_pending(redis, keys, product_id), 10, "no pending")
+    finally:
+        engine.stop()
+    letters = await redis.xrange(keys.dlq(product_id))
+    assert {f[b"id"].decode() for _, f in letters} == set(ids)
+    assert {f[b"reason"] for _, f in letters} == {b"too_many_deliveries"}
+
+
+async def _xlen(redis, key, n) -> bool:
+    return await redis.xlen(key) == n
+
+
+async def _zero_pending(redis, keys, pid) -> bool:
+    return await pending_count(redis, keys, [pid]) == 0
+
+
+async def test_kill_9_a_worker_loses_nothing(settings, redis, keys, product_ids):
+    pids = product_ids[:2]
+    await add_products(settings, pids)
+    for pid in pids:
+        await announce(redis, keys, pid)
+    async with EventTap(settings.amqp_url) as tap:
+        engine = EngineProcess(settings, workers=2, batch_size=200, claim_idle_ms=3000)
+        try:
+            for pid in pids:
+                await push_orders(redis, keys, pid, range(1, 15_001))
+            await wait_for(lambda: _rows_at_least(settings, pids, 3000), 60, "work under way")
+            victims = engine.children()
+            assert len(victims) == 2
+            os.kill(victims[0], signal.SIGKILL)
+            await wait_for(lambda: _replaced(engine, victims[0]), 30, "a replacement worker")
+            await wait_for(lambda: all_done(settings, redis, keys, pids, 30_000), 120,
+                           "all orders after the kill")
+            events = await tap.collect(30_000, timeout=60)
+        finally:
+            engine.stop()
+    rows = await log_rows(settings, pids)
+    assert_one_id_per_order(rows, [e for e in events if e.product_id in pids], 30_000)
+
+
+async def _rows_at_least(settings, pids, n) -> bool:
+    return await row_count(settings, pids) >= n
+
+
+async def _replaced(engine: EngineProcess, victim: int) -> bool:
+    kids = engine.children()
+    return len(kids) == 2 and victim not in kids
+
+
+def _service(*cmd: str) -> None:
+    subprocess.run(cmd, check=True, capture_output=True, timeout=120)
+
+
+async def test_broker_and_database_restarts_are_survived(settings, redis, keys, product_id):
+    await add_products(settings, [product_id])
+    await announce(redis, keys, product_id)
+    async with EventTap(settings.amqp_url) as tap:
+        engine = EngineProcess(settings, workers=2, batch_size=100, publish_timeout=3,
+                               db_timeout=3, retry_backoff_max=1)
+        try:
+            await push_orders(redis, keys, product_id, range(1, 5001))
+            await wait_for(lambda: _rows_at_least(settings, [product_id], 500), 60, "progress")
+            _service("rabbitmqctl", "-q", "stop_app")
+            await push_orders(redis, keys, product_id, range(5001, 10_001), first_slot=5001)
+            await asyncio.sleep(3)
+            _service("rabbitmqctl", "-q", "start_app")
+            await wait_for(lambda: _rows_at_least(settings, [product_id], 7000), 90,
+                           "progress after the broker came back")
+            version = os.listdir("/etc/postgresql")[0]
+            _service("pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "restart")
+            await push_orders(redis, keys, product_id, range(10_001, 12_001),
+                              first_slot=10_001)
+            await wait_for(lambda: all_done(settings, redis, keys, [product_id], 12_000), 120,
+                           "all orders after both restarts")
+            events = await tap.collect(12_000, timeout=60)
+        finally:
+            engine.stop()
+    rows = await log_rows(settings, [product_id])
+    assert_one_id_per_order(rows, events, 12_000)
+
+
+async def test_sigterm_drains_and_exits_zero(settings, redis, keys, product_id):
+    await add_products(settings, [product_id])
+    await announce(redis, keys, product_id)
+    await push_orders(redis, keys, product_id, range(1, 30_001))
+    engine = EngineProcess(settings, workers=2, graceful_timeout=10)
+    await wait_for(lambda: _rows_at_least(settings, [product_id], 2000), 60, "work under way")
+    started = time.monotonic()
+    engine.signal(signal.SIGTERM)
+    assert engine.wait(15) == 0
+    assert time.monotonic() - started < 12
+    assert await pending_count(redis, keys, [product_id]) == 0
+    logged = await row_count(settings, [product_id])
+    groups = await redis.xinfo_groups(keys.stream(product_id))
+    assert groups[0]["lag"] == 30_000 - logged  # read == logged == acknowledged
+    engine.stop()
+    engine = EngineProcess(settings, workers=2)
+    try:
+        await wait_for(lambda: all_done(settings, redis, keys, [product_id], 30_000), 90,
+                       "the rest after a restart")
+    finally:
+        engine.stop()
+
+
+async def test_ttin_ttou_and_hup(settings, redis, keys, product_id):
+    await add_products(settings, [product_id])
+    await announce(redis, keys, product_id)
+    engine = EngineProcess(settings, workers=1)
+    try:
+        await wait_for(lambda: _kids(engine, 1), 20, "one worker")
+        engine.signal(signal.SIGTTIN)
+        await wait_for(lambda: _kids(engine, 2), 20, "two workers after SIGTTIN")
+        before = set(engine.children())
+        await push_orders(redis, keys, product_id, range(1, 20_001))
+        engine.signal(signal.SIGHUP)
+        await wait_for(lambda: _all_new(engine, before), 40, "workers replaced after SIGHUP")
+        engine.signal(signal.SIGTTOU)
+        await wait_for(lambda: _kids(engine, 1), 30, "one worker after SIGTTOU")
+        await wait_for(lambda: all_done(settings, redis, keys, [product_id], 20_000), 90,
+                       "every order across the reload")
+    finally:
+        engine.stop()
+    assert "reload done" in engine.output()
+
+
+async def _kids(engine: EngineProcess, n: int) -> bool:
+    return len(engine.children()) == n
+
+
+async def _all_new(engine: EngineProcess, before: set[int]) -> bool:
+    kids = set(engine.children())
+    return len(kids) == 2 and not kids & before and "reload done" in engine.output()
+
+
+async def test_hung_worker_is_killed_and_replaced(settings, product_id):
+    engine = EngineProcess(settings, workers=1, heartbeat_timeout=2)
+    try:
+        await wait_for(lambda: _kids(engine, 1), 20, "one worker")
+        await asyncio.sleep(1)
+        (victim,) = engine.children()
+        os.kill(victim, signal.SIGSTOP)
+        await wait_for(lambda: _replaced_one(engine, victim), 30, "the hung worker replaced")
+    finally:
+        engine.stop()
+    assert "silent for" in engine.output()
+
+
+async def _replaced_one(engine: EngineProcess, victim: int) -> bool:
+    kids = engine.children()
+    return len(kids) == 1 and kids[0] != victim
+
+
+def test_boot_failure_halts_instead_of_looping(settings):
+    bad = settings.pg_dsn.replace(":5432/", ":1/")
+    engine = EngineProcess(settings, workers=1, pg_dsn=bad, boot_timeout=1,
+                           max_boot_failures=2)
+    try:
+        code = engine.wait(60)
+    finally:
+        engine.stop()
+    out = engine.output()
+    assert code == 3, out
+    assert "failed to boot 2 times" in out
+    assert out.count("spawned worker 0") == 2
+
+
+async def test_metrics_health_and_readiness(settings, redis, keys, product_id):
+    await add_products(settings, [product_id])
+    await announce(redis, keys, product_id)
+    port = free_port()
+    engine = EngineProcess(settings, workers=2, metrics_port=port)
+    try:
+        await push_orders(redis, keys, product_id, range(1, 1001))
+        await wait_for(lambda: all_done(settings, redis, keys, [product_id], 1000), 60, "orders")
+        await wait_for(lambda: _http_ok(port, "/healthz"), 20, "/healthz")
+        health = json.loads(_get(port, "/healthz"))
+        assert health["workers"] == 2
+        ready = json.loads(_get(port, "/readyz"))
+        assert ready == {"ready": True, "services": {"redis": "ok", "rabbitmq": "ok",
+                                                     "postgresql": "ok"}}
+        text = _get(port, "/metrics")
+    finally:
+        engine.stop()
+    samples = collections.Counter(line.split("{")[0].split(" ")[0] for line in text.splitlines()
+                                  if line and not line.startswith("#"))
+    assert "seckill_orders_processed_total" in samples
+    processed = sum(float(line.split()[-1]) for line in text.splitlines()
+                    if line.startswith("seckill_orders_processed_total"))
+    assert processed == 1000
+    assert f'seckill_stream_lag{{product="{product_id}"}} 0.0' in text
+    assert f'seckill_stream_pending{{product="{product_id}"}} 0.0' in text
+    assert "seckill_order_latency_seconds_bucket" in text
+    assert "guest:guest" not in text and "postgres@" not in text
+
+
+def _get(port: int, path: str) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as resp:
+        return resp.read().decode()
+
+
+async def _http_ok(port: int, path: str) -> bool:
+    try:
+        _get(port, path)
+        return True
+    except OSError:
+        return False
