@@ -118,7 +118,7 @@ class Supervisor:
             while self._signals:
                 self._dispatch(self._signals.pop(0))
             self.reap_workers()
-            if self._stopping:
+            if self._stopping or self.halt_reason is not None:
                 break
             self.murder_workers()
             self.manage_workers()
@@ -276,11 +276,8 @@ class Supervisor:
         """Kill workers whose heartbeat is older than the timeout: SIGABRT, then SIGKILL."""
         now_wall, now = time.time(), time.monotonic()
         for slot in self.slots.values():
-            if not slot.pid or slot.heartbeat is None:
-                continue
-            try:
-                beat = slot.heartbeat.stat().st_mtime
-            except FileNotFoundError:
+            beat = _last_beat(slot)
+            if not slot.pid or beat < 0:
                 continue
             if beat > 0:
                 slot.booted = True
@@ -352,4 +349,15 @@ class Supervisor:
         log.info("supervisor stopped", extra={"event": "supervisor_stopped"})
 
     def alive_workers(self) -> int:
-        return sum(1 for s in self.slots.values() if s.pid and s.booted)
+        """Workers running and booted (called from the HTTP thread too)."""
+        return sum(1 for s in list(self.slots.values()) if s.pid and _last_beat(s) > 0)
+
+
+def _last_beat(slot: Slot) -> float:
+    """mtime of the heartbeat file: 0 until the worker booted, -1 if there is none."""
+    if slot.heartbeat is None:
+        return -1.0
+    try:
+        return slot.heartbeat.stat().st_mtime
+    except FileNotFoundError:
+        return -1.0

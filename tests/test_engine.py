@@ -150,18 +150,22 @@ async def test_poison_entries_are_dead_lettered_while_good_orders_flow(
     for pid in (good, unknown):
         await announce(redis, keys, pid)
     stream = keys.stream(good)
-    await push_orders(redis, keys, good, range(1, 501))
-    poison = {
-        await redis.xadd(stream, {"ts": "1"}): ("bad_entry", "uid missing"),
-        await redis.xadd(stream, {"uid": "abc"}): ("bad_entry", "uid is not a positive int64"),
-        await redis.xadd(stream, {"uid": "5", "blob": "x" * 5000}): ("oversized", None),
-        await redis.xadd(stream, {"uid": "9999", "sale": "sale-1", "slot": "7"}):
-            ("slot_conflict", "unit 7 of sale sale-1 is already sold"),
-        await redis.xadd(keys.stream(unknown), {"uid": "1"}): ("unknown_product", None),
-    }
-    await push_orders(redis, keys, good, range(501, 1001), first_slot=501)
     engine = EngineProcess(settings, workers=2)
     try:
+        await push_orders(redis, keys, good, range(1, 501))
+        # the first holder of unit 7 must be logged before the second claim arrives
+        await wait_for(lambda: all_done(settings, redis, keys, [good], 500), 60, "first wave")
+        poison = {
+            await redis.xadd(stream, {"ts": "1"}): ("bad_entry", "uid missing"),
+            await redis.xadd(stream, {"uid": "abc"}): ("bad_entry",
+                                                       "uid is not a positive int64"),
+            await redis.xadd(stream, {"uid": "5", "blob": "x" * 5000}): ("oversized", None),
+            await redis.xadd(stream, {"uid": "9999", "sale": "sale-1", "slot": "7"}):
+                ("slot_conflict", "unit 7 of sale sale-1 is already sold"),
+            await redis.xadd(keys.stream(unknown), {"uid": "1"}): ("unknown_product", None),
+        }
+        await push_orders(redis, keys, good, range(501, 1001), first_slot=501)
+
         async def settled() -> bool:
             dead = await redis.xlen(keys.dlq(good)) + await redis.xlen(keys.dlq(unknown))
             return dead == 5 and await all_done(settings, redis, keys, [good, unknown], 1000)
@@ -170,6 +174,7 @@ async def test_poison_entries_are_dead_lettered_while_good_orders_flow(
         engine.stop()
     letters = await redis.xrange(keys.dlq(good)) + await redis.xrange(keys.dlq(unknown))
     by_id = {f[b"id"]: f for _, f in letters}
+    assert set(by_id) == set(poison)
     for entry_id, (reason, detail) in poison.items():
         f = by_id[entry_id]
         assert f[b"reason"].decode() == reason
@@ -366,8 +371,7 @@ async def test_metrics_health_and_readiness(settings, redis, keys, product_id):
         await push_orders(redis, keys, product_id, range(1, 1001))
         await wait_for(lambda: all_done(settings, redis, keys, [product_id], 1000), 60, "orders")
         await wait_for(lambda: _http_ok(port, "/healthz"), 20, "/healthz")
-        health = json.loads(_get(port, "/healthz"))
-        assert health["workers"] == 2
+        await wait_for(lambda: _workers_reported(port, 2), 20, "2 workers in /healthz")
         ready = json.loads(_get(port, "/readyz"))
         assert ready == {"ready": True, "services": {"redis": "ok", "rabbitmq": "ok",
                                                      "postgresql": "ok"}}
@@ -389,6 +393,10 @@ async def test_metrics_health_and_readiness(settings, redis, keys, product_id):
 def _get(port: int, path: str) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as resp:
         return resp.read().decode()
+
+
+async def _workers_reported(port: int, n: int) -> bool:
+    return json.loads(_get(port, "/healthz"))["workers"] == n
 
 
 async def _http_ok(port: int, path: str) -> bool:
