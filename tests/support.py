@@ -16,11 +16,11 @@ from typing import Any
 
 import aiormq
 import asyncpg
-from engine.pb import event_pb2
 from redis.asyncio import Redis
 
 from engine.config import Settings
 from engine.keys import EXCHANGE, GROUP, RK_CREATED, Keys
+from engine.pb import event_pb2
 
 SECKILL = str(Path(sys.executable).with_name("seckill"))
 
