@@ -129,6 +129,8 @@ async def drain(settings: Settings, pids: list[int], total: int, workers: int,
         engine.stop()
         await redis.aclose()
     orders = n - n0
+    if orders <= 0:
+        raise RuntimeError("the engine finished before it could be measured: use more orders")
     return {"workers": workers, "orders": total, "seconds": t1 - t0,
             "per_second": orders / (t1 - t0), "cpu_us_per_order": (cpu1 - cpu0) / orders * 1e6,
             "peak_rss_mb": max(peaks, default=0.0), "rss_start_mb": max(rss_start, default=0.0),

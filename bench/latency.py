@@ -97,11 +97,13 @@ async def measure(settings: Settings, pid: int, rate: float, seconds: float,
     engine = Engine(settings.replace(metrics_port=port), 2)
     try:
         await _wait_ready(port)
-        await produce(settings, pid, rate, 1.0)  # warm-up: caches, connections
+        warm = await produce(settings, pid, rate, 1.0)  # warm-up: caches, connections
+        while await acked(redis, keys, [pid]) < warm:
+            await asyncio.sleep(0.05)
         before = scrape_buckets(port)
         sent = await produce(settings, pid, rate, seconds)
         deadline = time.monotonic() + 60
-        while await acked(redis, keys, [pid]) < sent + int(rate):
+        while await acked(redis, keys, [pid]) < warm + sent:
             if time.monotonic() > deadline:
                 break
             await asyncio.sleep(0.1)

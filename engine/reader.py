@@ -47,7 +47,9 @@ class StreamReader:
         self.block_ms = block_ms
         self.max_deliveries = max_deliveries
         self.cursors: dict[bytes, bytes] = {}
-        self._active = 1
+        # Streams that had entries at the last read; until we know, assume all of them,
+        # so one read never returns more than about one batch.
+        self._active = 1 << 30
 
     async def discover(self) -> int:
         """Pick up streams of newly opened sales; returns how many were new."""
@@ -69,7 +71,7 @@ class StreamReader:
         because they were delivered too often (a worker keeps dying on them)."""
         if not self.cursors:
             return [], []
-        count = max(1, self.batch_size // self._active)
+        count = max(1, self.batch_size // min(self._active, len(self.cursors)))
         recovering = any(c != NEW for c in self.cursors.values())
         try:
             reply = await self.redis.xreadgroup(
@@ -105,7 +107,7 @@ class StreamReader:
                         stream.decode()), {}, "deleted", "entry deleted from the stream"))
                 else:
                     entries.append(Entry(stream, stream_id, fields))
-        self._active = max(1, active)
+        self._active = active or len(self.cursors)
         return entries, dead
 
     async def _too_often_delivered(self, stream: bytes,
