@@ -1,0 +1,126 @@
+"""`make demo`: a flash sale on the local services, from the gate to the log.
+
+Migrates, adds a GPU product, opens a sale, lets a burst of users race for
+it through the gate, runs the engine (and the reference Resource Domain when
+it is there) until every accepted order is through, and prints a summary.
+Safe to run again: each run opens a new sale and clears its buyers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+from .config import Settings, load_settings
+from .connections import connect_pg, connect_redis
+from .gate import Gate
+from .keys import GROUP, Keys
+from .migrate import migrate
+from .products import Product, upsert_product
+
+PRODUCT = Product(1001, "GPU 计算实例", 8, 32768, "A100", "ubuntu:22.04")
+STOCK = 300
+USERS = 2000
+ATTEMPTS = 5000
+SECKILL = str(Path(sys.executable).with_name("seckill"))
+
+
+def step(text: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
+
+
+async def burst(gate: Gate) -> Counter[str]:
+    """ATTEMPTS purchase attempts from USERS users, 100 at a time, as fast as the gate goes."""
+    outcomes: Counter[str] = Counter()
+    users = [random.randint(1, USERS) for _ in range(ATTEMPTS)]
+
+    async def worker(chunk: list[int]) -> None:
+        for uid in chunk:
+            outcomes[(await gate.buy(PRODUCT.id, uid)).outcome] += 1
+
+    await asyncio.gather(*(worker(users[i::100]) for i in range(100)))
+    return outcomes
+
+
+async def pending_and_lag(settings: Settings) -> tuple[int, int]:
+    redis = await connect_redis(settings)
+    try:
+        groups = await redis.xinfo_groups(Keys(settings.key_prefix).stream(PRODUCT.id))
+    finally:
+        await redis.aclose()
+    g = next(g for g in groups if g["name"] in (GROUP, GROUP.encode()))
+    return int(g["pending"]), int(g["lag"] or 0)
+
+
+async def summary(settings: Settings, sale: str) -> list[tuple[str, int]]:
+    conn = await connect_pg(settings)
+    try:
+        rows = await conn.fetch("SELECT status, count(*) AS n FROM seckill_logs "
+                                "WHERE product_id = $1 AND sale_id = $2 GROUP BY status "
+                                "ORDER BY status", PRODUCT.id, sale)
+    finally:
+        await conn.close()
+    return [(r["status"], r["n"]) for r in rows]
+
+
+async def prepare(settings: Settings) -> tuple[Gate, str]:
+    for line in await migrate(settings):
+        step(line)
+    conn = await connect_pg(settings)
+    try:
+        await upsert_product(conn, PRODUCT)
+    finally:
+        await conn.close()
+    redis = await connect_redis(settings)
+    gate = Gate(redis, Keys(settings.key_prefix))
+    sale = await gate.open_sale(PRODUCT.id, STOCK, clear_buyers=True)
+    step(f"sale {sale} open: {PRODUCT.name}, {STOCK} units")
+    return gate, sale
+
+
+async def run_demo(settings: Settings) -> int:
+    gate, sale = await prepare(settings)
+    engine = subprocess.Popen([SECKILL, "run", "--workers", "2"],
+                              stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    try:
+        step(f"{ATTEMPTS} attempts from {USERS} users ...")
+        t0 = time.perf_counter()
+        outcomes = await burst(gate)
+        took = time.perf_counter() - t0
+        step(f"gate: {dict(outcomes)} in {took:.2f}s ({ATTEMPTS / took:,.0f} attempts/s)")
+        step(f"stream length: {await gate.redis.xlen(gate.keys.stream(PRODUCT.id))}")
+        deadline = time.monotonic() + 60
+        while (pl := await pending_and_lag(settings)) != (0, 0):
+            if time.monotonic() > deadline:
+                step(f"engine still busy: pending {pl[0]}, lag {pl[1]}")
+                return 1
+            await asyncio.sleep(0.5)
+        rows = await summary(settings, sale)
+        step("engine drained the stream: every accepted order logged and published")
+        print()
+        print(f"  {'status':<12}{'orders':>8}")
+        for status, n in rows:
+            print(f"  {status:<12}{n:>8}")
+        print(f"  {'accepted':<12}{outcomes['accepted']:>8}")
+        ok = sum(n for _, n in rows) == outcomes["accepted"] == STOCK
+        print()
+        step("invariants hold: accepted == stock == logged" if ok else "MISMATCH")
+        return 0 if ok else 1
+    finally:
+        engine.send_signal(signal.SIGTERM)
+        engine.wait(60)
+        await gate.redis.aclose()
+
+
+def main() -> int:
+    return asyncio.run(run_demo(load_settings()))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
