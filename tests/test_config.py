@@ -1,0 +1,83 @@
+"""Settings: defaults, TOML, environment, and errors that name the setting (pure logic)."""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from engine.config import Settings, describe, load_settings, mask_url
+from engine.errors import ConfigError
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "seckill.example.toml"
+
+
+def test_defaults_follow_the_contract():
+    s = load_settings(env={})
+    assert s.redis_url == "redis://127.0.0.1:6379/0"
+    assert s.amqp_url == "amqp://guest:guest@127.0.0.1:5672/"
+    assert s.pg_dsn == "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+def test_example_file_lists_exactly_every_setting_with_its_default():
+    data = tomllib.loads(EXAMPLE.read_text())
+    flat = {k: v for section in data.values() for k, v in section.items()}
+    assert set(flat) == {f.name for f in dataclasses.fields(Settings)}
+    assert load_settings(EXAMPLE, env={}) == load_settings(env={})
+
+
+def test_file_then_environment_then_overrides(tmp_path):
+    cfg = tmp_path / "s.toml"
+    cfg.write_text('[engine]\nbatch_size = 100\nworkers = 3\n[services]\n'
+                   'redis_url = "redis://10.0.0.1:6379/1"\n')
+    s = load_settings(cfg, env={"SECKILL_BATCH_SIZE": "250", "SECKILL_LOG_JSON": "false"})
+    assert (s.batch_size, s.workers, s.redis_url, s.log_json) == (
+        250, 3, "redis://10.0.0.1:6379/1", False)
+    assert load_settings(cfg, env={}, workers=9).workers == 9
+    assert load_settings(env={"SECKILL_CONFIG": str(cfg)}).batch_size == 100
+
+
+@pytest.mark.parametrize("env,message", [
+    ({"SECKILL_BATCH_SIZE": "many"}, "SECKILL_BATCH_SIZE: expected an integer, got 'many'"),
+    ({"SECKILL_BATCH_SIZE": "0"}, "batch_size: expected a positive integer"),
+    ({"SECKILL_PUBLISH_TIMEOUT": "-1"}, "publish_timeout: expected a positive number"),
+    ({"SECKILL_LOG_JSON": "maybe"}, "SECKILL_LOG_JSON: expected true or false"),
+    ({"SECKILL_AMQP_URL": "http://u:pw@h/"}, "amqp_url: expected a URL starting with amqp://"),
+    ({"SECKILL_RD_FAILURE_RATE": "2"}, "rd_failure_rate: expected 0..1"),
+])
+def test_bad_values_name_the_setting(env, message):
+    with pytest.raises(ConfigError) as err:
+        load_settings(env=env)
+    assert message in str(err.value)
+    assert "pw" not in str(err.value)
+
+
+def test_unknown_or_malformed_file(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("batch_sise = 3\n")
+    with pytest.raises(ConfigError, match="unknown setting 'batch_sise'"):
+        load_settings(bad, env={})
+    bad.write_text("batch_size = \n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_settings(bad, env={})
+    with pytest.raises(ConfigError, match="not found"):
+        load_settings(tmp_path / "missing.toml", env={})
+
+
+@pytest.mark.parametrize("url,masked", [
+    ("amqp://guest:guest@127.0.0.1:5672/", "amqp://guest:***@127.0.0.1:5672/"),
+    ("redis://:secret@h:6379/0", "redis://:***@h:6379/0"),
+    ("postgresql://u:p%40ss@db/x?sslmode=require", "postgresql://u:***@db/x?sslmode=require"),
+    ("postgresql://postgres@127.0.0.1:5432/postgres",
+     "postgresql://postgres@127.0.0.1:5432/postgres"),
+])
+def test_mask_url(url, masked):
+    assert mask_url(url) == masked
+
+
+def test_settings_masked_and_described():
+    s = load_settings(env={"SECKILL_REDIS_URL": "redis://:pw@h/0"})
+    assert s.masked()["redis_url"] == "redis://:***@h/0"
+    assert all(doc for _, doc, _ in describe())

@@ -1,0 +1,149 @@
+"""The Lua gate against the real Redis: no oversell, no double buy, nothing half done."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+from redis.asyncio import Redis
+from redis.crc import key_slot
+from redis.exceptions import ResponseError
+
+from engine.errors import InvalidInput
+from engine.gate import Gate, validate_id
+from engine.keys import GROUP, Keys
+
+
+@pytest.fixture
+async def gate(settings):
+    redis = Redis.from_url(settings.redis_url, max_connections=256)
+    yield Gate(redis, Keys(settings.key_prefix))
+    await redis.aclose()
+
+
+async def test_20000_attempts_from_5000_users_sell_exactly_the_stock(gate, product_id):
+    await gate.open_sale(product_id, 1000)
+    attempts = [random.randint(1, 5000) for _ in range(20_000)]
+    results = []
+
+    async def worker(chunk: list[int]) -> None:
+        for uid in chunk:
+            results.append((uid, await gate.buy(product_id, uid)))
+
+    await asyncio.gather(*(worker(attempts[i::200]) for i in range(200)))
+    accepted = [(uid, r) for uid, r in results if r.outcome == "accepted"]
+    assert len(accepted) == 1000
+    assert len({uid for uid, _ in accepted}) == 1000
+    assert sorted(r.slot for _, r in accepted) == list(range(1, 1001))
+    keys, redis = gate.keys, gate.redis
+    assert int(await redis.get(keys.stock(product_id))) == 0
+    assert await redis.xlen(keys.stream(product_id)) == 1000
+    assert {int(u) for u in await redis.smembers(keys.buyers(product_id))} == \
+        {uid for uid, _ in accepted}
+    entries = {eid.decode(): f for eid, f in await redis.xrange(keys.stream(product_id))}
+    sale = (await redis.get(keys.sale(product_id))).decode()
+    for uid, r in accepted:
+        f = entries[r.stream_id]
+        assert (int(f[b"uid"]), f[b"sale"].decode(), int(f[b"slot"])) == (uid, sale, r.slot)
+        assert int(f[b"ts"]) > 1_700_000_000
+    # every later attempt is either a duplicate (a buyer) or sold out (anyone else)
+    buyers = {uid for uid, _ in accepted}
+    for uid, r in results:
+        if r.outcome == "duplicate":
+            assert uid in buyers
+        elif r.outcome == "sold_out":
+            assert uid not in buyers or any(u == uid for u, _ in accepted)
+
+
+async def test_duplicate_sold_out_and_no_sale(gate, product_id):
+    assert (await gate.buy(product_id, 1)).outcome == "no_sale"
+    await gate.open_sale(product_id, 1)
+    assert (await gate.buy(product_id, 1)).outcome == "accepted"
+    assert (await gate.buy(product_id, 1)).outcome == "duplicate"
+    assert (await gate.buy(product_id, 2)).outcome == "sold_out"
+    await gate.close_sale(product_id)
+    assert (await gate.buy(product_id, 3)).outcome == "no_sale"
+    assert await gate.redis.xlen(gate.keys.stream(product_id)) == 1  # the backlog stays
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2**63, "abc", True, 1.5, None, "", "１２"])
+async def test_invalid_ids_never_reach_redis(settings, bad):
+    # a client pointed at a closed port: any call to Redis would raise ServiceUnavailable
+    redis = Redis.from_url("redis://127.0.0.1:1/0")
+    gate = Gate(redis, Keys(settings.key_prefix))
+    with pytest.raises(InvalidInput):
+        await gate.buy(1001, bad)
+    with pytest.raises(InvalidInput):
+        await gate.buy(bad, 1)
+    await redis.aclose()
+
+
+def test_validate_id_accepts_ints_and_digit_strings():
+    assert validate_id("x", 5) == 5 and validate_id("x", "42") == 42
+    assert validate_id("x", 2**63 - 1) == 2**63 - 1
+    with pytest.raises(InvalidInput, match="user_id: expected a positive 64-bit integer"):
+        validate_id("user_id", -3)
+
+
+def test_all_keys_of_a_product_share_one_cluster_slot():
+    keys = Keys()
+    names = [keys.stock(1001), keys.sale(1001), keys.buyers(1001), keys.free_slots(1001),
+             keys.refunded(1001), keys.stream(1001), keys.dlq(1001)]
+    assert names[0] == "seckill:{1001}:stock" and names[5] == "stream:seckill:{1001}"
+    assert len({key_slot(n.encode()) for n in names}) == 1
+
+
+async def test_noscript_is_recovered(gate, product_id):
+    await gate.open_sale(product_id, 5)
+    await gate.buy(product_id, 1)
+    await gate.redis.script_flush()
+    assert (await gate.buy(product_id, 2)).outcome == "accepted"
+
+
+async def test_a_lua_error_leaves_no_half_purchase(gate, product_id):
+    await gate.open_sale(product_id, 5)
+    await gate.redis.set(gate.keys.buyers(product_id), "not a set")
+    with pytest.raises(ResponseError):
+        await gate.buy(product_id, 7)
+    assert int(await gate.redis.get(gate.keys.stock(product_id))) == 5
+    assert await gate.redis.xlen(gate.keys.stream(product_id)) == 0
+
+
+async def test_refund_returns_the_unit_exactly_once(gate, product_id):
+    sale = await gate.open_sale(product_id, 2)
+    first = await gate.buy(product_id, 10)
+    await gate.buy(product_id, 11)
+    assert (await gate.buy(product_id, 12)).outcome == "sold_out"
+    assert await gate.refund(product_id, 10, sale, first.slot, first.stream_id) == "refunded"
+    assert await gate.refund(product_id, 10, sale, first.slot, first.stream_id) == \
+        "already_refunded"
+    again = await gate.buy(product_id, 12)
+    assert again.outcome == "accepted" and again.slot == first.slot
+    assert (await gate.buy(product_id, 10)).outcome == "sold_out"  # may try again, none left
+    state = await gate.sale_state(product_id)
+    assert (state.stock, state.buyers) == (0, 2)
+
+
+async def test_refund_after_the_sale_changed_returns_nothing(gate, product_id):
+    sale = await gate.open_sale(product_id, 1)
+    r = await gate.buy(product_id, 10)
+    await gate.open_sale(product_id, 1, clear_buyers=True)
+    assert await gate.refund(product_id, 10, sale, r.slot, r.stream_id) == "sale_changed"
+    assert (await gate.sale_state(product_id)).stock == 1
+    assert await gate.refund(product_id, 10, sale, r.slot, r.stream_id) == "already_refunded"
+
+
+async def test_open_sale_prepares_the_stream_for_the_engine(gate, product_id):
+    a = await gate.open_sale(product_id, 3)
+    await gate.buy(product_id, 1)
+    b = await gate.open_sale(product_id, 3)
+    assert a != b
+    assert (await gate.buy(product_id, 1)).outcome == "duplicate"  # buyers kept
+    await gate.open_sale(product_id, 3, clear_buyers=True)
+    assert (await gate.buy(product_id, 1)).outcome == "accepted"
+    groups = await gate.redis.xinfo_groups(gate.keys.stream(product_id))
+    assert [g["name"] for g in groups] == [GROUP.encode()]
+    assert str(product_id).encode() in await gate.redis.smembers(gate.keys.streams)
+    with pytest.raises(InvalidInput):
+        await gate.open_sale(product_id, 0)
