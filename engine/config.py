@@ -98,6 +98,9 @@ class Settings:
     rd_failure_rate: float = _doc("Share of provisionings that fail (0..1).", default=0.0)
     rd_seed: int = _doc("Seed of the simulated failures (-1 = random).", default=-1)
     rd_prefetch: int = _doc("Unacknowledged events the Resource Domain holds.", default=200)
+    rd_provisioner: str = _doc("How instances are provisioned: 'simulated' (manifests only) or "
+                               "'kubectl' (apply them to the current cluster).",
+                               default="simulated")
     status_batch_size: int = _doc("Status reports applied per database round trip.",
                                   default=500)
     status_unknown_retry: float = _doc("Seconds an update for an unknown instance is retried.",
@@ -163,6 +166,9 @@ def _validate(s: Settings) -> None:
                 f" got {mask_url(getattr(s, name))!r}")
     if not 0.0 <= s.rd_failure_rate <= 1.0:
         raise ConfigError(f"rd_failure_rate: expected 0..1, got {s.rd_failure_rate!r}")
+    if s.rd_provisioner not in ("simulated", "kubectl"):
+        raise ConfigError(f"rd_provisioner: expected 'simulated' or 'kubectl', "
+                          f"got {s.rd_provisioner!r}")
     if s.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(f"log_level: expected DEBUG, INFO, WARNING or ERROR, got {s.log_level!r}")
     if s.max_deliveries < 2:

@@ -47,7 +47,7 @@ _FLAGS = (1 << 15) | (1 << 12) | (1 << 7) | (1 << 6) | (1 << 5)
 PERSISTENT = 2
 
 
-def _shortstr(text: str) -> bytes:
+def shortstr(text: str) -> bytes:
     raw = text.encode()
     if len(raw) > 255:
         raise ValueError(f"AMQP short string too long: {len(raw)} bytes")
@@ -71,15 +71,19 @@ class Framer:
     @classmethod
     def create(cls, channel: int, exchange: str, routing_key: str, type_name: str,
                *, mandatory: bool = True) -> Framer:
-        method = (struct.pack(">HHH", BASIC_CLASS, PUBLISH_METHOD, 0) + _shortstr(exchange)
-                  + _shortstr(routing_key) + bytes((1 if mandatory else 0,)))
-        return cls(channel, _frame(FRAME_METHOD, channel, method), _shortstr(CONTENT_TYPE),
-                   _shortstr(type_name), struct.pack(">BH", FRAME_HEADER, channel))
+        method = (struct.pack(">HHH", BASIC_CLASS, PUBLISH_METHOD, 0) + shortstr(exchange)
+                  + shortstr(routing_key) + bytes((1 if mandatory else 0,)))
+        return cls(channel, _frame(FRAME_METHOD, channel, method), shortstr(CONTENT_TYPE),
+                   shortstr(type_name), struct.pack(">BH", FRAME_HEADER, channel))
 
-    def publish(self, body: bytes, message_id: str, timestamp: int) -> bytes:
-        """Bytes of one persistent publish, byte-identical to what pamqp would write."""
-        props = (self.content_type + bytes((PERSISTENT,)) + _shortstr(message_id)
-                 + struct.pack(">Q", timestamp) + self.type_name)
+    def publish(self, body: bytes, message_id: str, timestamp: int,
+                type_name: bytes | None = None) -> bytes:
+        """Bytes of one persistent publish, byte-identical to what pamqp would write.
+
+        `type_name` (an encoded short string) overrides the framer's event type.
+        """
+        props = (self.content_type + bytes((PERSISTENT,)) + shortstr(message_id)
+                 + struct.pack(">Q", timestamp) + (type_name or self.type_name))
         header = struct.pack(">HHQH", BASIC_CLASS, 0, len(body), _FLAGS) + props
         return b"".join((
             self.method_frame,

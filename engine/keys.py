@@ -65,6 +65,11 @@ class Keys:
         return f"{self.prefix}seckill:node:{node_id}"
 
     @property
+    def status_dlq(self) -> str:
+        """Status reports that could not be applied (unknown instance, bad body)."""
+        return f"{self.prefix}stream:seckill:status:dlq"
+
+    @property
     def streams(self) -> str:
         """Set of product IDs whose order stream the engine reads."""
         return f"{self.prefix}seckill:streams"

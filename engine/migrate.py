@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import aiormq
@@ -25,7 +26,7 @@ from .keys import EXCHANGE, EXCHANGE_TYPE, QUEUE_CREATED, QUEUE_STATUS, RK_CREAT
 MIGRATIONS = Path(__file__).resolve().parent.parent / "db" / "migrations"
 # Durable and replicated-capable: a quorum queue survives a broker node's loss and
 # confirms only once the message is on disk.
-QUEUE_ARGS = {"x-queue-type": "quorum"}
+QUEUE_ARGS: dict[str, Any] = {"x-queue-type": "quorum"}
 
 
 def dbmate_binary() -> str:

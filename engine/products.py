@@ -29,13 +29,14 @@ def validate_product(product: Product) -> Product:
     def bad(name: str, expected: str, got: object) -> InvalidInput:
         return InvalidInput(f"{name}: expected {expected}, got {got!r}")
 
-    for name, value, limit in (("id", product.id, MAX_INT64), ("cpus", product.cpus, MAX_INT32),
-                               ("memory_mb", product.memory_mb, MAX_INT32)):
-        if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= limit:
-            raise bad(name, f"a positive integer up to {limit}", value)
-    for name, value in (("name", product.name), ("image", product.image)):
-        if not isinstance(value, str) or not value.strip() or len(value) > MAX_NAME:
-            raise bad(name, f"a non-empty text of at most {MAX_NAME} characters", value)
+    for name, number, limit in (("id", product.id, MAX_INT64),
+                                ("cpus", product.cpus, MAX_INT32),
+                                ("memory_mb", product.memory_mb, MAX_INT32)):
+        if isinstance(number, bool) or not isinstance(number, int) or not 0 < number <= limit:
+            raise bad(name, f"a positive integer up to {limit}", number)
+    for name, text in (("name", product.name), ("image", product.image)):
+        if not isinstance(text, str) or not text.strip() or len(text) > MAX_NAME:
+            raise bad(name, f"a non-empty text of at most {MAX_NAME} characters", text)
     if not isinstance(product.gpu, str) or len(product.gpu) > MAX_NAME:
         raise bad("gpu", f"a text of at most {MAX_NAME} characters", product.gpu)
     return product

@@ -23,7 +23,7 @@ from aiormq.abc import ChannelFrame
 from .config import Settings
 from .connections import connect_amqp
 from .errors import PublishFailed
-from .events import PERSISTENT, Framer
+from .events import PERSISTENT, Framer, shortstr
 from .keys import CONTENT_TYPE, EXCHANGE
 
 log = logging.getLogger("seckill.publisher")
@@ -36,6 +36,7 @@ CONFIRMED, RETURNED, NACKED, TIMEOUT, LOST = "confirmed", "returned", "nacked", 
 class Message:
     body: bytes
     message_id: str
+    type_name: str | None = None  # None: the publisher's own event type
 
 
 class ConfirmPublisher:
@@ -103,7 +104,8 @@ class ConfirmPublisher:
                 channel.message_id_delivery_tag[message.message_id] = tag
                 future.add_done_callback(_forget(channel, message.message_id, tag))
                 futures.append(future)
-                payload.append(framer.publish(message.body, message.message_id, ts))
+                type_name = shortstr(message.type_name) if message.type_name else None
+                payload.append(framer.publish(message.body, message.message_id, ts, type_name))
             channel.delivery_tag = tag
             await channel.write_queue.put(ChannelFrame(payload=b"".join(payload),
                                                       should_close=False))
@@ -112,7 +114,7 @@ class ConfirmPublisher:
     async def _send_one(self, message: Message, now: dt.datetime) -> Any:
         props = aiormq.spec.Basic.Properties(
             content_type=CONTENT_TYPE, delivery_mode=PERSISTENT, message_id=message.message_id,
-            timestamp=now, message_type=self._type_name)
+            timestamp=now, message_type=message.type_name or self._type_name)
         return await self._channel.basic_publish(
             message.body, exchange=EXCHANGE, routing_key=self._routing_key,
             properties=props, mandatory=True, wait=False)

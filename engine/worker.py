@@ -35,6 +35,7 @@ from .orders import DeadLetter
 from .pipeline import Entry, Pipeline
 from .publisher import ConfirmPublisher
 from .reader import StreamReader
+from .status import StatusConsumer
 
 log = logging.getLogger("seckill.worker")
 
@@ -80,7 +81,7 @@ class Worker:
         self._closers.insert(0, self.lease.release)
         metrics.LEASE_HELD.set(1)
         self.pool = await _until(deadline, lambda: create_pg_pool(
-            s, size=s.max_inflight_batches + 1, init=prepare_connection))
+            s, size=s.max_inflight_batches + 2, init=prepare_connection))
         self._closers.append(self.pool.close)
         self.publisher = ConfirmPublisher(s, RK_CREATED, TYPE_NAMES[INSTANCE_CREATED])
         await _until(deadline, self.publisher.connect)
@@ -95,6 +96,7 @@ class Worker:
                                    s.block_ms, s.max_deliveries)
         self.janitor = Janitor(self.redis, self.keys, self.consumer, idle_ms=s.claim_idle_ms,
                                count=s.batch_size, max_deliveries=s.max_deliveries)
+        self.status = StatusConsumer(s, self.redis, self.pool)
         self._inflight = asyncio.Semaphore(s.max_inflight_batches)
         log.info("worker %d booted as %s, node %d", self.slot, self.consumer,
                  self.lease.node_id, extra={"event": "worker_booted", "slot": self.slot,
@@ -112,7 +114,7 @@ class Worker:
         self._beat()
         background = [asyncio.create_task(c) for c in (
             self._heartbeat_loop(), self._lease_loop(), self._discovery_loop(),
-            self._janitor_loop())]
+            self._janitor_loop(), self.status.run(self.stopping))]
         try:
             await self._read_loop()
             await self._drain()
