@@ -124,6 +124,12 @@ def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
     return run(lambda: _settings(args), args.workers)
 
 
+def cmd_resource_domain(settings: Settings, args: argparse.Namespace) -> int:
+    from .resource_domain import main as run_resource_domain
+
+    return run_resource_domain(settings)
+
+
 # -- parser ---------------------------------------------------------------------
 def _positive(text: str) -> int:
     try:
@@ -183,6 +189,8 @@ COMMANDS = [
      cmd_sale_close),
     (("buy",), "one purchase attempt through the gate", _buy, cmd_buy),
     (("run",), "the engine: pre-fork supervisor and workers", _run, cmd_run),
+    (("resource-domain",), "the reference Resource Domain (simulated provisioning)", _nothing,
+     cmd_resource_domain),
 ]
 
 
