@@ -39,6 +39,8 @@ PROVISIONED = Counter("seckill_rd_provisioned_total", "Instances provisioned by 
 DUPLICATES = Counter("seckill_rd_duplicate_events_total",
                      "INSTANCE_CREATED events for instances already handled.")
 
+RETRYABLE: tuple[type[BaseException], ...] = (PublishFailed, *TRANSIENT_ERRORS)
+
 SCHEMA = """
 CREATE SCHEMA IF NOT EXISTS resource_domain;
 CREATE TABLE IF NOT EXISTS resource_domain.instances (
@@ -104,7 +106,7 @@ class ResourceDomain:
             while not stopping.is_set():
                 try:
                     await self._session(stopping)
-                except (PublishFailed, *TRANSIENT_ERRORS) as exc:
+                except RETRYABLE as exc:
                     failures += 1
                     delay = min(self.settings.retry_backoff_max, 0.1 * 2 ** min(failures, 6))
                     log.warning("resource domain: %s; retrying in %.1fs", exc, delay)
