@@ -2,13 +2,14 @@
 
 Migrates, adds a GPU product, opens a sale, lets a burst of users race for
 it through the gate, runs the engine (and the reference Resource Domain when
-it is there) until every accepted order is through, and prints a summary.
+it is there) until every accepted order is RUNNING or FAILED, and prints a summary.
 Safe to run again: each run opens a new sale and clears its buyers.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import signal
 import subprocess
@@ -84,10 +85,23 @@ async def prepare(settings: Settings) -> tuple[Gate, str]:
     return gate, sale
 
 
+async def wait_final(settings: Settings, sale: str, expected: int) -> list[tuple[str, int]]:
+    """Until every logged order of the sale is RUNNING or FAILED (or 60 s passed)."""
+    deadline = time.monotonic() + 60
+    while True:
+        rows = await summary(settings, sale)
+        final = sum(n for status, n in rows if status in ("RUNNING", "FAILED"))
+        if final >= expected or time.monotonic() > deadline:
+            return rows
+        await asyncio.sleep(0.5)
+
+
 async def run_demo(settings: Settings) -> int:
     gate, sale = await prepare(settings)
-    engine = subprocess.Popen([SECKILL, "run", "--workers", "2"],
-                              stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    engine = subprocess.Popen([SECKILL, "run", "--workers", "2"], **quiet)  # type: ignore[call-overload]
+    domain = subprocess.Popen([SECKILL, "resource-domain"], env={  # type: ignore[call-overload]
+        **os.environ, "SECKILL_RD_FAILURE_RATE": "0.1", "SECKILL_RD_DELAY_MS": "200"}, **quiet)
     try:
         step(f"{ATTEMPTS} attempts from {USERS} users ...")
         t0 = time.perf_counter()
@@ -101,20 +115,28 @@ async def run_demo(settings: Settings) -> int:
                 step(f"engine still busy: pending {pl[0]}, lag {pl[1]}")
                 return 1
             await asyncio.sleep(0.5)
-        rows = await summary(settings, sale)
         step("engine drained the stream: every accepted order logged and published")
+        step("Resource Domain provisioning (10% simulated failures) ...")
+        rows = await wait_final(settings, sale, outcomes["accepted"])
+        state = await gate.sale_state(PRODUCT.id)
         print()
         print(f"  {'status':<12}{'orders':>8}")
         for status, n in rows:
             print(f"  {status:<12}{n:>8}")
-        print(f"  {'accepted':<12}{outcomes['accepted']:>8}")
-        ok = sum(n for _, n in rows) == outcomes["accepted"] == STOCK
+        print(f"  {'(accepted)':<12}{outcomes['accepted']:>8}")
+        print(f"  {'(stock back)':<12}{state.stock:>8}   units of failed orders, for sale again")
         print()
-        step("invariants hold: accepted == stock == logged" if ok else "MISMATCH")
+        logged = sum(n for _, n in rows)
+        failed = dict(rows).get("FAILED", 0)
+        ok = logged == outcomes["accepted"] == STOCK and state.stock == failed
+        step("invariants hold: accepted == stock == logged, stock returned == failed"
+             if ok else "MISMATCH")
         return 0 if ok else 1
     finally:
-        engine.send_signal(signal.SIGTERM)
-        engine.wait(60)
+        for proc in (engine, domain):
+            proc.send_signal(signal.SIGTERM)
+        for proc in (engine, domain):
+            proc.wait(60)
         await gate.redis.aclose()
 
 
