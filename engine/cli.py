@@ -124,6 +124,13 @@ def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
     return run(lambda: _settings(args), args.workers)
 
 
+def cmd_bff(settings: Settings, args: argparse.Namespace) -> int:
+    from .bff import serve
+
+    return serve(settings, config=args.config, host=args.host, port=args.port,
+                 workers=args.workers)
+
+
 def cmd_resource_domain(settings: Settings, args: argparse.Namespace) -> int:
     from .resource_domain import main as run_resource_domain
 
@@ -175,6 +182,13 @@ def _run(p: argparse.ArgumentParser) -> None:
                    help="worker processes (default: settings.workers, 0 = CPU count)")
 
 
+def _bff(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default=None, help="address (default: settings.bff_host)")
+    p.add_argument("--port", type=_positive, default=None, help="port (default: bff_port)")
+    p.add_argument("--workers", type=_positive, default=None,
+                   help="processes (default: settings.bff_workers, 0 = CPU count)")
+
+
 def _nothing(p: argparse.ArgumentParser) -> None:
     pass
 
@@ -189,6 +203,7 @@ COMMANDS = [
      cmd_sale_close),
     (("buy",), "one purchase attempt through the gate", _buy, cmd_buy),
     (("run",), "the engine: pre-fork supervisor and workers", _run, cmd_run),
+    (("bff",), "the HTTP gate (Granian, ASGI)", _bff, cmd_bff),
     (("resource-domain",), "the reference Resource Domain (simulated provisioning)", _nothing,
      cmd_resource_domain),
 ]

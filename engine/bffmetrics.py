@@ -1,0 +1,37 @@
+"""Metrics of the HTTP gate: requests by endpoint and result, and their latency.
+
+Labels carry the endpoint name and the status code only, never a user,
+product or URL, so their number stays small whatever the traffic.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+REQUESTS = Counter("seckill_bff_requests_total", "HTTP requests by endpoint and status code.",
+                   ["endpoint", "code"])
+LATENCY = Histogram("seckill_bff_request_duration_seconds", "HTTP request latency.",
+                    ["endpoint"], buckets=(.0005, .001, .002, .005, .01, .02, .05, .1, .25, 1))
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+def observe(endpoint: str, status: int, seconds: float) -> None:
+    REQUESTS.labels(endpoint, str(status)).inc()
+    LATENCY.labels(endpoint).observe(seconds)
+
+
+def render() -> bytes:
+    if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry)
+    return generate_latest()
