@@ -61,3 +61,8 @@ bench-micro: venv services
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# A flash-sale rehearsal: LOADTEST_ARGS="--users 5000 --run-time 60s --stock 500 --engine"
+LOADTEST_ARGS ?= --users 2000 --spawn-rate 500 --run-time 30s --stock 300 --engine
+loadtest: venv services
+	@$(PY) -m loadtest.run $(LOADTEST_ARGS)

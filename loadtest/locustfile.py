@@ -1,0 +1,120 @@
+"""A flash sale for Locust: every simulated user tries to buy once, then follows the order.
+
+Configured by environment (set by `loadtest/run.py`):
+  SECKILL_LT_PRODUCT        product ID on sale
+  SECKILL_LT_DOUBLE_CLICK   share of users who send the purchase twice at once (0..1)
+  SECKILL_LT_RETRY          share of users who try again after any answer (0..1)
+  SECKILL_LT_FINAL          order states that end the polling (default RUNNING,FAILED)
+  SECKILL_LT_POLL_LIMIT     seconds a user polls before giving up
+  SECKILL_REDIS_URL, SECKILL_KEY_PREFIX: where the tried-users set is kept
+Every user ID that tried is added to `<prefix>loadtest:{<pid>}:tried`, which
+the verifier compares with what the gate accepted.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import random
+import time
+from pathlib import Path
+
+import gevent
+from locust import FastHttpUser, User, between, events, task
+from redis import BlockingConnectionPool, Redis
+
+PRODUCT = int(os.environ.get("SECKILL_LT_PRODUCT", "1001"))
+DOUBLE_CLICK = float(os.environ.get("SECKILL_LT_DOUBLE_CLICK", "0.1"))
+RETRY = float(os.environ.get("SECKILL_LT_RETRY", "0.1"))
+FINAL = set(os.environ.get("SECKILL_LT_FINAL", "RUNNING,FAILED").split(","))
+POLL_LIMIT = float(os.environ.get("SECKILL_LT_POLL_LIMIT", "20"))
+PREFIX = os.environ.get("SECKILL_KEY_PREFIX", "")
+REDIS_URL = os.environ.get("SECKILL_REDIS_URL", "redis://127.0.0.1:6379/0")
+TRIED = f"{PREFIX}loadtest:{{{PRODUCT}}}:tried"
+
+_user_ids = itertools.count(int(os.environ.get("SECKILL_LT_FIRST_USER", "1")))
+# shared by every simulated user: a blocking pool queues them instead of failing
+_redis = Redis(connection_pool=BlockingConnectionPool.from_url(REDIS_URL, max_connections=64,
+                                                               timeout=30))
+
+
+def next_user() -> int:
+    return next(_user_ids)
+
+
+class FlashSaleBuyer(FastHttpUser):
+    """One person: buy (maybe double-click, maybe retry), then poll the order to the end."""
+
+    wait_time = between(0, 0.05)
+    weight = 4
+
+    def on_start(self) -> None:
+        self.user_id = next_user()
+
+    def buy(self) -> int:
+        with self.client.post(f"/api/v1/seckill/{PRODUCT}", json={"user_id": self.user_id},
+                              name="POST /api/v1/seckill/[pid]", catch_response=True) as r:
+            if r.status_code in (202, 409, 410, 404, 429):
+                r.success()  # every one of these is a correct answer in a flash sale
+            return r.status_code
+
+    @task
+    def flash_sale(self) -> None:
+        _redis.sadd(TRIED, self.user_id)
+        if random.random() < DOUBLE_CLICK:
+            clicks = [gevent.spawn(self.buy) for _ in range(2)]
+            gevent.joinall(clicks)
+            codes = [c.value for c in clicks]
+        else:
+            codes = [self.buy()]
+        if random.random() < RETRY or 429 in codes:
+            codes.append(self.buy())
+        if 202 in codes:
+            self.follow_order()
+        self.stop()
+
+    def follow_order(self) -> None:
+        deadline = time.monotonic() + POLL_LIMIT
+        while time.monotonic() < deadline:
+            with self.client.get(f"/api/v1/seckill/{PRODUCT}/users/{self.user_id}",
+                                 name="GET /api/v1/seckill/[pid]/users/[uid]",
+                                 catch_response=True) as r:
+                state = r.json().get("state") if r.status_code == 200 else None
+                if r.status_code == 200:
+                    r.success()
+            if state in FINAL:
+                return
+            gevent.sleep(0.25)
+
+
+class GateDirectUser(User):
+    """The gate without HTTP: the same Lua script over Redis, timed as a Locust request."""
+
+    wait_time = between(0, 0.01)
+    weight = 1
+
+    def on_start(self) -> None:
+        root = Path(__file__).resolve().parent.parent
+        self.script = _redis.register_script((root / "lua" / "seckill.lua").read_text())
+        k = f"{{{PRODUCT}}}"
+        self.keys = [f"{PREFIX}seckill:{k}:stock", f"{PREFIX}seckill:{k}:sale",
+                     f"{PREFIX}seckill:{k}:buyers", f"{PREFIX}seckill:{k}:free-slots",
+                     f"{PREFIX}stream:seckill:{k}"]
+        self.user_id = next_user()
+
+    @task
+    def buy(self) -> None:
+        _redis.sadd(TRIED, self.user_id)
+        start = time.perf_counter()
+        exc = None
+        reply = None
+        try:
+            reply = self.script(keys=self.keys, args=[self.user_id, int(time.time())])
+        except Exception as e:  # noqa: BLE001 - reported to Locust as a failure
+            exc = e
+        outcome = {0: "no_sale", 1: "accepted", 2: "duplicate", 3: "sold_out"}.get(
+            int(reply[0]) if reply else -1, "error")
+        events.request.fire(request_type="LUA", name=f"gate.buy ({outcome})",
+                            response_time=(time.perf_counter() - start) * 1000,
+                            response_length=0, exception=exc, context={})
+        self.stop()

@@ -1,0 +1,154 @@
+"""After a rehearsal: check every invariant of a flash sale; exit non-zero on any violation.
+
+  accepted == min(stock, distinct users who tried); no user accepted twice;
+  stock never negative, and 0 when sold out; slots 1..stock each used at most once
+  (all of them when sold out); and, once the engine drained: every accepted order
+  has exactly one seckill_logs row and its own instance ID, and every logged
+  order's event reached the exchange.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections import Counter
+
+import aiormq
+import asyncpg
+from redis.asyncio import Redis
+
+from engine.config import Settings, load_settings
+from engine.keys import Keys
+from engine.pb import event_pb2
+
+
+def tried_key(keys: Keys, pid: int) -> str:
+    return f"{keys.prefix}loadtest:{{{pid}}}:tried"
+
+
+async def sale_entries(redis: Redis, keys: Keys, pid: int, sale: str) -> list[tuple[str, dict]]:
+    entries = []
+    start = "-"
+    while True:
+        batch = await redis.xrange(keys.stream(pid), min=start, count=5000)
+        if not batch:
+            break
+        for entry_id, fields in batch:
+            if fields.get(b"sale", b"").decode() == sale:
+                entries.append((entry_id.decode(), fields))
+        start = "(" + batch[-1][0].decode()
+    return entries
+
+
+async def check_gate(redis: Redis, keys: Keys, pid: int, sale: str, stock: int) -> list[str]:
+    problems = []
+    entries = await sale_entries(redis, keys, pid, sale)
+    tried = await redis.scard(tried_key(keys, pid))
+    users = Counter(int(f[b"uid"]) for _, f in entries)
+    slots = Counter(int(f[b"slot"]) for _, f in entries)
+    left = int(await redis.get(keys.stock(pid)) or 0)
+    if len(entries) != min(stock, tried):
+        problems.append(f"accepted {len(entries)} != min(stock {stock}, tried {tried})")
+    if twice := [u for u, n in users.items() if n > 1]:
+        problems.append(f"{len(twice)} users accepted more than once, e.g. {twice[:5]}")
+    if left < 0:
+        problems.append(f"stock is negative: {left}")
+    if len(entries) == stock and left != 0:
+        problems.append(f"sold out but stock is {left}")
+    if len(entries) != stock - left:
+        problems.append(f"stock left {left} does not match {len(entries)} accepted of {stock}")
+    if dup := [s for s, n in slots.items() if n > 1]:
+        problems.append(f"slots sold twice: {dup[:5]}")
+    if bad := [s for s in slots if not 1 <= s <= stock]:
+        problems.append(f"slots outside 1..{stock}: {bad[:5]}")
+    if len(entries) == stock and set(slots) != set(range(1, stock + 1)):
+        problems.append("sold out but not every slot 1..stock was used")
+    return problems
+
+
+async def check_log(settings: Settings, redis: Redis, keys: Keys, pid: int,
+                    sale: str) -> tuple[list[str], set[int]]:
+    entries = {sid for sid, _ in await sale_entries(redis, keys, pid, sale)}
+    conn = await asyncpg.connect(settings.pg_dsn)
+    try:
+        rows = await conn.fetch("SELECT stream_id, instance_id FROM seckill_logs "
+                                "WHERE product_id = $1 AND sale_id = $2", pid, sale)
+    finally:
+        await conn.close()
+    problems = []
+    streams = Counter(r["stream_id"] for r in rows)
+    instances = {r["instance_id"] for r in rows}
+    if set(streams) != entries:
+        problems.append(f"{len(entries - set(streams))} accepted orders have no row, "
+                        f"{len(set(streams) - entries)} rows match no accepted order")
+    if any(n > 1 for n in streams.values()):
+        problems.append("an order has more than one row")
+    if len(instances) != len(rows):
+        problems.append("two orders share an instance ID")
+    return problems, instances
+
+
+async def drain_tap(settings: Settings, queue: str, timeout: float = 5.0) -> set[int]:
+    """Instance IDs of every INSTANCE_CREATED event that reached the tap queue."""
+    conn = await aiormq.connect(settings.amqp_url)
+    seen: set[int] = set()
+    try:
+        channel = await conn.channel()
+        idle = 0.0
+        while idle < timeout:
+            message = await channel.basic_get(queue, no_ack=True)
+            if not message.body and message.delivery_tag is None:
+                await asyncio.sleep(0.1)
+                idle += 0.1
+                continue
+            seen.add(event_pb2.Event.FromString(message.body).instance_id)
+            idle = 0.0
+    finally:
+        await conn.close()
+    return seen
+
+
+async def verify(settings: Settings, pid: int, sale: str, stock: int, *,
+                 engine: bool = False, tap: str | None = None) -> list[str]:
+    keys = Keys(settings.key_prefix)
+    redis = Redis.from_url(settings.redis_url)
+    try:
+        problems = await check_gate(redis, keys, pid, sale, stock)
+        if engine:
+            log_problems, instances = await check_log(settings, redis, keys, pid, sale)
+            problems += log_problems
+            if tap:
+                published = await drain_tap(settings, tap)
+                if missing := instances - published:
+                    problems.append(f"{len(missing)} logged orders' events never reached "
+                                    "the exchange")
+    finally:
+        await redis.aclose()
+    return problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m loadtest.verify", description=__doc__)
+    parser.add_argument("--product", type=int, required=True)
+    parser.add_argument("--sale", required=True)
+    parser.add_argument("--stock", type=int, required=True)
+    parser.add_argument("--engine", action="store_true", help="also check rows and events")
+    parser.add_argument("--tap", help="queue bound to instance.created before the run")
+    args = parser.parse_args(argv)
+    problems = asyncio.run(verify(load_settings(), args.product, args.sale, args.stock,
+                                  engine=args.engine, tap=args.tap))
+    return report(problems)
+
+
+def report(problems: list[str]) -> int:
+    for p in problems:
+        print(f"VIOLATION: {p}")
+    print("verifier: all invariants hold" if not problems else
+          f"verifier: {len(problems)} violation(s)")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
