@@ -18,7 +18,7 @@ from typing import Any
 
 import orjson
 
-from . import ceilings, latency, naive
+from . import bff, ceilings, latency, naive
 from .enginerun import drain
 from .env import VHOST, bench_settings, machine, preload, prepare, reset
 from .report import markdown, plots, targets
@@ -32,6 +32,7 @@ SIZES = {  # quick, full, long
     "latency_s": (6.0, 20.0, 20.0),
     "scale": (20_000, 100_000, 100_000),
     "soak": (0, 0, 2_000_000),
+    "bff_s": (4.0, 10.0, 10.0),
 }
 
 
@@ -90,6 +91,11 @@ async def run_suite(size: int) -> dict[str, Any]:
         await reset(s, pids)
         await preload(s, pids, n, progress("preloaded"))
         results[f"scale_{sales}"] = await drain(s, pids, n, 2, progress(f"{sales} sales"))
+
+    say("HTTP gate vs the gate called directly, 64 connections")
+    await reset(s, [])
+    results["bff"] = await bff.measure_bff_vs_gate(s, seconds=SIZES["bff_s"][size],
+                                                   connections=64)
 
     if SIZES["soak"][size]:
         n = SIZES["soak"][size]

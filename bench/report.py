@@ -23,6 +23,10 @@ def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
         ("peak RSS per worker, MB", max(e2["peak_rss_mb"], r["engine_1w"]["peak_rss_mb"]),
          "<=", 80.0),
     ]
+    if "bff" in r:
+        rows.append(("HTTP gate / direct gate, accepted/s", r["bff"]["ratio"], ">=", 0.8))
+        rows.append(("HTTP gate p99 at 64 connections, ms", r["bff"]["bff"]["p99_ms"], "<=",
+                     20.0))
     if "soak" in r:
         soak = r["soak"]
         growth = soak["rss_end_mb"] / soak["rss_start_mb"] - 1 if soak["rss_start_mb"] else 0
@@ -70,6 +74,14 @@ def markdown(doc: dict[str, Any]) -> str:
         x = r[key]
         lines.append(f"| {key[-2:]}% of capacity | {x['rate']:,.0f} | {x['p50_ms']:.1f} | "
                      f"{x['p95_ms']:.1f} | {x['p99_ms']:.1f} | <= {x['max_le_ms']:.0f} |")
+    if "bff" in r:
+        lines += ["", "| gate, 64 connections | accepted/s | p50 ms | p99 ms |",
+                  "|---|---:|---:|---:|"]
+        for key, label in (("gate_direct", "Lua gate called from Python"),
+                           ("bff", f"HTTP gate (Granian, {r['bff']['bff_workers']} workers)")):
+            x = r["bff"][key]
+            lines.append(f"| {label} | {x['accepted_per_second']:,.0f} | {x['p50_ms']:.1f} | "
+                         f"{x['p99_ms']:.1f} |")
     lines += ["", "| target | measured | bound | met |", "|---|---:|---:|:---:|"]
     for t in doc["targets"]:
         lines.append(f"| {t['target']} | {t['value']:.2f} | {t['op']} {t['bound']} | "

@@ -24,9 +24,17 @@ LATENCY = Histogram("seckill_bff_request_duration_seconds", "HTTP request latenc
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
+_children: dict[tuple[str, int], tuple[object, object]] = {}
+
+
 def observe(endpoint: str, status: int, seconds: float) -> None:
-    REQUESTS.labels(endpoint, str(status)).inc()
-    LATENCY.labels(endpoint).observe(seconds)
+    """Per request: the labelled children are looked up once per (endpoint, status)."""
+    pair = _children.get((endpoint, status))
+    if pair is None:
+        pair = _children[endpoint, status] = (REQUESTS.labels(endpoint, str(status)),
+                                              LATENCY.labels(endpoint))
+    pair[0].inc()  # type: ignore[attr-defined]
+    pair[1].observe(seconds)  # type: ignore[attr-defined]
 
 
 def render() -> bytes:
