@@ -40,7 +40,8 @@ def _summary(latencies: list[float], accepted: int, seconds: float) -> dict[str,
     latencies.sort()
     n = len(latencies) or 1
     return {"requests": len(latencies), "accepted": accepted,
-            "accepted_per_second": accepted / seconds, "requests_per_second": len(latencies) / seconds,
+            "accepted_per_second": accepted / seconds,
+            "requests_per_second": len(latencies) / seconds,
             "p50_ms": latencies[n // 2] * 1000 if latencies else 0.0,
             "p99_ms": latencies[min(n - 1, int(n * 0.99))] * 1000 if latencies else 0.0}
 
