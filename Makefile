@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: help venv services test demo proto proto-check lint bench bench-quick bench-micro loadtest clean
+.PHONY: help venv services tools test demo proto proto-check lint bench bench-quick bench-micro loadtest clean
 
 help:
 	@echo "make demo         run the whole flow on the local services"
@@ -36,7 +36,18 @@ services: venv
 	@echo "==> services"
 	@$(PY) -m engine.devstack up
 
-test: venv services
+# promtool validates the alert rules in the tests (Debian's prometheus package; the
+# server it ships is not started here).
+tools:
+	@command -v promtool >/dev/null || { \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			echo "==> installing promtool (Debian package prometheus)"; \
+			apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+				--no-install-recommends prometheus >/dev/null; \
+			pkill -x prometheus 2>/dev/null || true; \
+		else echo "promtool missing: apt-get install prometheus (its alert test will skip)"; fi; }
+
+test: venv services tools
 	@echo "==> tests"
 	@$(VENV)/bin/pytest $(PYTEST_ARGS)
 

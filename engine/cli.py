@@ -131,6 +131,25 @@ def cmd_bff(settings: Settings, args: argparse.Namespace) -> int:
                  workers=args.workers)
 
 
+def cmd_stats(settings: Settings, args: argparse.Namespace) -> int:
+    from .stats import stats_command
+
+    return _run_async(stats_command(settings, watch=args.watch, as_json=args.json))
+
+
+def cmd_dlq(settings: Settings, args: argparse.Namespace) -> int:
+    from .deadletters import dlq_command
+
+    return _run_async(dlq_command(settings, args.action, args.product, args.ids,
+                                  reason=args.reason, limit=args.limit, all_=args.all))
+
+
+def cmd_trim(settings: Settings, args: argparse.Namespace) -> int:
+    from .trim import trim_command
+
+    return _run_async(trim_command(settings, product_id=args.product))
+
+
 def cmd_resource_domain(settings: Settings, args: argparse.Namespace) -> int:
     from .resource_domain import main as run_resource_domain
 
@@ -189,6 +208,23 @@ def _bff(p: argparse.ArgumentParser) -> None:
                    help="processes (default: settings.bff_workers, 0 = CPU count)")
 
 
+def _stats(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--watch", type=float, metavar="SECONDS", help="redraw every SECONDS")
+    p.add_argument("--json", action="store_true", help="one JSON array per sample")
+
+
+def _dlq(p: argparse.ArgumentParser) -> None:
+    _product_only(p)
+    p.add_argument("ids", nargs="*", help="dead-letter entry IDs (list ignores them)")
+    p.add_argument("--all", action="store_true", help="every dead letter of the product")
+    p.add_argument("--reason", help="only dead letters with this reason")
+    p.add_argument("--limit", type=_positive, default=20, help="list: newest N (default 20)")
+
+
+def _trim(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--product", type=_positive, help="one product (default: every stream)")
+
+
 def _nothing(p: argparse.ArgumentParser) -> None:
     pass
 
@@ -204,6 +240,15 @@ COMMANDS = [
     (("buy",), "one purchase attempt through the gate", _buy, cmd_buy),
     (("run",), "the engine: pre-fork supervisor and workers", _run, cmd_run),
     (("bff",), "the HTTP gate (Granian, ASGI)", _bff, cmd_bff),
+    (("stats",), "per-sale stock, orders, lag, pending, dead letters, statuses", _stats,
+     cmd_stats),
+    (("dlq", "list"), "dead letters of a product, newest first", _dlq, cmd_dlq),
+    (("dlq", "show"), "dead letters in full (JSON)", _dlq, cmd_dlq),
+    (("dlq", "replay"), "re-drive dead letters through the engine (one row per order)", _dlq,
+     cmd_dlq),
+    (("dlq", "drop"), "delete dead letters", _dlq, cmd_dlq),
+    (("trim",), "remove stream entries the consumer group has acknowledged (cron-safe)",
+     _trim, cmd_trim),
     (("resource-domain",), "the reference Resource Domain (simulated provisioning)", _nothing,
      cmd_resource_domain),
 ]

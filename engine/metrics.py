@@ -32,7 +32,7 @@ RECLAIMED = Counter("seckill_entries_reclaimed_total",
                     "Entries claimed from idle consumers by the janitor.")
 LEASE_LOST = Counter("seckill_node_lease_lost_total",
                      "Snowflake node-ID leases lost (IDs stopped until re-acquired).")
-BATCH_SIZE = Histogram("seckill_batch_size", "Stream entries per batch.",
+BATCH_SIZE = Histogram("seckill_batch_entries", "Stream entries per batch.",
                        buckets=BATCH_BUCKETS)
 STAGE_SECONDS = Histogram("seckill_stage_duration_seconds", "Time spent per batch in a stage.",
                           ["stage"], buckets=LATENCY_BUCKETS)
