@@ -64,6 +64,7 @@ async def run_suite(size: int) -> dict[str, Any]:
     results["ceiling_publish_batched"] = await ceilings.publish_batched(s, n)
     results["ceiling_copy"] = await ceilings.copy_rate(s, n)
     results["queue_type"] = ceilings.queue_type(VHOST)
+    results["queue_types"] = await ceilings.publish_by_queue_type(s, n)
 
     say("naive baseline: the seed's loop, one order at a time")
     await reset(s, [990_000_002])

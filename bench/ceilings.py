@@ -101,6 +101,36 @@ async def publish_batched(settings: Settings, total: int, batch: int = 500,
             "batch": batch, "inflight": inflight}
 
 
+async def publish_by_queue_type(settings: Settings, total: int) -> dict[str, Any]:
+    """The engine's publisher into a quorum and into a classic durable queue, side by side."""
+    out = {}
+    conn = await aiormq.connect(settings.amqp_url)
+    try:
+        channel = await conn.channel()
+        for kind in ("quorum", "classic"):
+            queue = f"bench-{kind}"
+            await channel.queue_declare(queue, durable=True,
+                                        arguments={"x-queue-type": kind})
+            await channel.queue_bind(queue, EXCHANGE, routing_key=f"bench.{kind}")
+            await channel.queue_purge(queue)
+            publisher = ConfirmPublisher(settings, f"bench.{kind}", "INSTANCE_CREATED")
+            await publisher.connect()
+            start = time.perf_counter()
+            try:
+                for base in range(0, total, 2000):
+                    batches = [[Message(BODY, str(i)) for i in range(b, min(total, b + 500))]
+                               for b in range(base, min(total, base + 2000), 500)]
+                    await asyncio.gather(*(publisher.publish(m, 30) for m in batches))
+            finally:
+                await publisher.close()
+            elapsed = time.perf_counter() - start
+            out[kind] = {"orders": total, "seconds": elapsed, "per_second": total / elapsed}
+            await channel.queue_delete(queue)
+    finally:
+        await conn.close()
+    return out
+
+
 async def copy_rate(settings: Settings, total: int, batch: int = 500) -> dict[str, Any]:
     """Binary COPY in transactions of `batch` rows into a copy of seckill_logs (same indexes)."""
     conn = await asyncpg.connect(settings.pg_dsn)

@@ -68,6 +68,11 @@ def markdown(doc: dict[str, Any]) -> str:
         cpu = f"{x['cpu_us_per_order']:.1f}" if "cpu_us_per_order" in x else ""
         rss = f"{x['peak_rss_mb']:.0f}" if "peak_rss_mb" in x else ""
         lines.append(f"| {label} | {x['orders']:,} | {x['per_second']:,.0f} | {cpu} | {rss} |")
+    if "queue_types" in r:
+        q = r["queue_types"]
+        lines += ["", "| publish with confirms (engine publisher) | orders/s |", "|---|---:|"]
+        for kind in ("quorum", "classic"):
+            lines.append(f"| {kind} durable queue | {q[kind]['per_second']:,.0f} |")
     lines += ["", "| latency (entry created -> acknowledged) | orders/s | p50 ms | p95 ms |"
               " p99 ms | max ms |", "|---|---:|---:|---:|---:|---:|"]
     for key in ("latency_50", "latency_90"):

@@ -61,6 +61,8 @@ class ConfirmPublisher:
         fast = self._fast_wanted and _fast_path_supported(self._channel)
         self._framer = Framer.create(self._channel.number, EXCHANGE, self._routing_key,
                                      self._type_name) if fast else None
+        if fast:
+            _install_in_order_confirms(self._channel)
 
     @property
     def connected(self) -> bool:
@@ -83,33 +85,49 @@ class ConfirmPublisher:
             await self.connect()
         now = dt.datetime.now(dt.UTC)
         if self._framer is not None and max(len(m.body) for m in messages) <= self._max_body:
-            futures = await self._send_framed(messages, int(now.timestamp()))
-        else:
-            futures = [asyncio.ensure_future(self._send_one(m, now)) for m in messages]
+            return await self._publish_framed(messages, int(now.timestamp()), timeout)
+        futures: list[asyncio.Future] = [asyncio.ensure_future(self._send_one(m, now))
+                                         for m in messages]
         return await _outcomes(futures, timeout)
 
-    async def _send_framed(self, messages: Sequence[Message], ts: int) -> list[asyncio.Future]:
+    async def _publish_framed(self, messages: Sequence[Message], ts: int,
+                              timeout: float) -> list[str]:
+        channel = self._channel
+        batch = _Batch(len(messages), asyncio.get_running_loop())
+        first, last = await self._send_framed(messages, ts, batch)
+        closing = channel.closing
+        try:
+            await asyncio.wait((batch.done, closing), timeout=timeout,
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            closing.cancel()
+        _forget_batch(channel, messages, first, last, returned=RETURNED in batch.outcomes)
+        if not batch.done.done():  # timed out or the channel closed under us
+            lost = LOST if channel.is_closed else TIMEOUT
+            return [lost if o is None else o for o in batch.outcomes]
+        return batch.outcomes  # type: ignore[return-value]
+
+    async def _send_framed(self, messages: Sequence[Message], ts: int,
+                           batch: _Batch) -> tuple[int, int]:
+        """Frame and write every publish under the channel lock; (first, last) tag."""
         channel, framer = self._channel, self._framer
         assert framer is not None
-        futures = []
         async with channel.lock:
             if channel.is_closed:
                 raise aiormq.exceptions.ChannelInvalidStateError("channel closed")
             payload = []
-            tag = channel.delivery_tag
-            for message in messages:
+            first = tag = channel.delivery_tag
+            confirmations, by_id = channel.confirmations, channel.message_id_delivery_tag
+            for index, message in enumerate(messages):
                 tag += 1
-                future = channel.create_future()
-                channel.confirmations[tag] = future
-                channel.message_id_delivery_tag[message.message_id] = tag
-                future.add_done_callback(_forget(channel, message.message_id, tag))
-                futures.append(future)
+                confirmations[tag] = _Slot(batch, index)
+                by_id[message.message_id] = tag
                 type_name = shortstr(message.type_name) if message.type_name else None
                 payload.append(framer.publish(message.body, message.message_id, ts, type_name))
             channel.delivery_tag = tag
             await channel.write_queue.put(ChannelFrame(payload=b"".join(payload),
                                                       should_close=False))
-        return futures
+        return first + 1, tag
 
     async def _send_one(self, message: Message, now: dt.datetime) -> Any:
         props = aiormq.spec.Basic.Properties(
@@ -126,11 +144,97 @@ def _fast_path_supported(channel: Any) -> bool:
     return all(hasattr(channel, name) for name in needed) and channel.publisher_confirms
 
 
-def _forget(channel: Any, message_id: str, tag: int) -> Any:
-    def forget(_: asyncio.Future) -> None:
-        if channel.message_id_delivery_tag.get(message_id) == tag:
-            del channel.message_id_delivery_tag[message_id]
-    return forget
+class _Batch:
+    """Outcomes of one framed batch, and a future resolved when all are known."""
+
+    __slots__ = ("outcomes", "left", "done")
+
+    def __init__(self, size: int, loop: asyncio.AbstractEventLoop) -> None:
+        self.outcomes: list[str | None] = [None] * size
+        self.left = size
+        self.done = loop.create_future()
+
+    def settle(self, index: int, outcome: str) -> None:
+        if self.outcomes[index] is None:
+            self.outcomes[index] = outcome
+            self.left -= 1
+            if self.left == 0 and not self.done.done():
+                self.done.set_result(None)
+
+
+class _Slot:
+    """Stands in for aiormq's per-publish future in its confirmation map.
+
+    aiormq only calls done(), cancelled(), set_result(), set_exception() and
+    cancel() on what it finds there; a slot answers those by settling its
+    place in the batch, without a tracked future and its callbacks per message.
+    """
+
+    __slots__ = ("batch", "index")
+
+    def __init__(self, batch: _Batch, index: int) -> None:
+        self.batch = batch
+        self.index = index
+
+    def done(self) -> bool:
+        return self.batch.outcomes[self.index] is not None
+
+    def cancelled(self) -> bool:
+        return False
+
+    def set_result(self, frame: Any) -> None:
+        nack = isinstance(frame, aiormq.spec.Basic.Nack)
+        self.batch.settle(self.index, NACKED if nack else CONFIRMED)
+
+    def set_exception(self, exc: BaseException) -> None:
+        self.batch.settle(self.index, _failure(exc))
+
+    def cancel(self) -> None:
+        self.batch.settle(self.index, LOST)
+
+
+def _failure(exc: BaseException) -> str:
+    if isinstance(exc, aiormq.exceptions.PublishError):
+        return RETURNED
+    if isinstance(exc, aiormq.exceptions.DeliveryError):
+        return NACKED
+    return LOST
+
+
+def _install_in_order_confirms(channel: Any) -> None:
+    """Settle a multiple-ack by walking the confirmation map from its oldest tag.
+
+    aiormq schedules a callback per covered tag and scans the whole map for
+    every ack frame; tags are inserted in increasing order, so the covered
+    ones are exactly a prefix of the map.
+    """
+    confirmations = channel.confirmations
+    confirm = channel._confirm_delivery  # noqa: SLF001 - see the module docstring
+
+    async def on_confirm(frame: Any) -> None:
+        if getattr(frame, "multiple", False):
+            while confirmations:
+                tag = next(iter(confirmations))
+                if tag > frame.delivery_tag:
+                    break
+                confirm(tag, frame)
+        else:
+            confirm(frame.delivery_tag, frame)
+
+    channel._on_confirm_frame = on_confirm  # noqa: SLF001
+
+
+def _forget_batch(channel: Any, messages: Sequence[Message], first: int, last: int,
+                  *, returned: bool) -> None:
+    """Drop the batch's message IDs (and markers of returned publishes) from aiormq's maps."""
+    by_id = channel.message_id_delivery_tag
+    for tag, message in enumerate(messages, first):
+        if by_id.get(message.message_id) == tag:
+            del by_id[message.message_id]
+    if returned:  # aiormq re-inserts a marker for a returned tag at the end of the map
+        for tag in [t for t in channel.confirmations if first <= t <= last
+                    and not isinstance(channel.confirmations[t], _Slot)]:
+            del channel.confirmations[tag]
 
 
 async def _outcomes(futures: list[asyncio.Future], timeout: float) -> list[str]:

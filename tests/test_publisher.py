@@ -79,3 +79,18 @@ async def test_publisher_reconnects_after_its_connection_dies(settings):
         assert await publisher.publish([Message(b"x", "5")], 10) == [CONFIRMED]
     finally:
         await publisher.close()
+
+
+@pytest.mark.parametrize("routing_key", [RK_CREATED, "instance.nobody-listens"])
+async def test_batches_leave_no_bookkeeping_behind(settings, routing_key):
+    """Confirmed or returned, a batch's entries leave aiormq's maps (no slow leak)."""
+    publisher = ConfirmPublisher(settings, routing_key, "INSTANCE_CREATED")
+    try:
+        for start in range(0, 2000, 500):
+            await publisher.publish([Message(b"x", str(10**9 + i))
+                                     for i in range(start, start + 500)], 10)
+        channel = publisher._channel
+        assert len(channel.confirmations) == 0
+        assert len(channel.message_id_delivery_tag) == 0
+    finally:
+        await publisher.close()
