@@ -20,7 +20,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from engine.config import Settings
+from engine.config import Settings, to_env
 from engine.keys import GROUP, Keys
 
 SECKILL = str(Path(sys.executable).with_name("seckill"))
@@ -28,15 +28,7 @@ TICK = os.sysconf("SC_CLK_TCK")
 
 
 def engine_env(settings: Settings, **overrides: Any) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SECKILL_")}
-    values: dict[str, Any] = {
-        "redis_url": settings.redis_url, "amqp_url": settings.amqp_url,
-        "pg_dsn": settings.pg_dsn, "key_prefix": settings.key_prefix,
-        "metrics_port": settings.metrics_port, "log_json": "true", "log_level": "WARNING",
-    }
-    values.update(overrides)
-    env.update({"SECKILL_" + k.upper(): str(v) for k, v in values.items()})
-    return env
+    return to_env(settings, **{"log_json": True, "log_level": "WARNING", **overrides})
 
 
 def children(pid: int) -> list[int]:

@@ -24,6 +24,7 @@ from redis.asyncio import Redis
 
 from engine.config import Settings, load_settings
 from engine.keys import GROUP, QUEUE_CREATED, Keys
+from engine.products import gpu_product, upsert_products
 
 DB_NAME = "seckill_bench"
 VHOST = "seckill-bench"
@@ -68,10 +69,7 @@ async def reset(settings: Settings, pids: list[int]) -> None:
     conn = await asyncpg.connect(settings.pg_dsn)
     try:
         await conn.execute("TRUNCATE seckill_logs")
-        await conn.executemany(
-            "INSERT INTO products (id, name, cpus, memory_mb, gpu, image) VALUES"
-            " ($1, $2, 8, 32768, 'A100', 'ubuntu:22.04') ON CONFLICT (id) DO NOTHING",
-            [(pid, f"GPU instance {pid}") for pid in pids])
+        await upsert_products(conn, [gpu_product(pid) for pid in pids])
     finally:
         await conn.close()
     await purge_queues(settings)

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable, Coroutine
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
 
 from .config import Settings, load_settings
 from .errors import SeckillError, UsageError
 
+T = TypeVar("T")
 EXIT_USAGE = 2
 EXIT_SERVICE = 3
 
@@ -61,9 +62,8 @@ def cmd_product_add(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_sale_open(settings: Settings, args: argparse.Namespace) -> int:
-    from .connections import connect_pg, connect_redis
-    from .gate import Gate, validate_id
-    from .keys import Keys
+    from .connections import connect_pg
+    from .gate import validate_id
     from .products import get_product
 
     pid = validate_id("product", args.product)
@@ -74,44 +74,37 @@ def cmd_sale_open(settings: Settings, args: argparse.Namespace) -> int:
             product = await get_product(conn, pid)
         finally:
             await conn.close()
-        redis = await connect_redis(settings)
-        try:
-            sale = await Gate(redis, Keys(settings.key_prefix)).open_sale(
-                pid, args.stock, clear_buyers=args.clear_buyers)
-        finally:
-            await redis.aclose()
+        sale = await _with_gate(settings, lambda gate: gate.open_sale(
+            pid, args.stock, clear_buyers=args.clear_buyers))
         print(f"sale {sale} open: product {pid} ({product.name}), stock {args.stock}")
         return 0
     return _run_async(run())
 
 
-def cmd_sale_close(settings: Settings, args: argparse.Namespace) -> int:
+async def _with_gate(settings: Settings, use: Callable[[Any], Awaitable[T]]) -> T:
+    """Run one gate operation on a connection of its own."""
     from .connections import connect_redis
     from .gate import Gate
     from .keys import Keys
 
+    redis = await connect_redis(settings)
+    try:
+        return await use(Gate(redis, Keys(settings.key_prefix)))
+    finally:
+        await redis.aclose()
+
+
+def cmd_sale_close(settings: Settings, args: argparse.Namespace) -> int:
     async def run() -> int:
-        redis = await connect_redis(settings)
-        try:
-            await Gate(redis, Keys(settings.key_prefix)).close_sale(args.product)
-        finally:
-            await redis.aclose()
+        await _with_gate(settings, lambda gate: gate.close_sale(args.product))
         print(f"sale of product {args.product} closed")
         return 0
     return _run_async(run())
 
 
 def cmd_buy(settings: Settings, args: argparse.Namespace) -> int:
-    from .connections import connect_redis
-    from .gate import Gate
-    from .keys import Keys
-
     async def run() -> int:
-        redis = await connect_redis(settings)
-        try:
-            result = await Gate(redis, Keys(settings.key_prefix)).buy(args.product, args.user)
-        finally:
-            await redis.aclose()
+        result = await _with_gate(settings, lambda gate: gate.buy(args.product, args.user))
         extra = f" {result.stream_id} slot {result.slot}" if result.stream_id else ""
         print(f"{result.outcome}{extra}")
         return 0 if result.outcome == "accepted" else 1

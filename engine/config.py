@@ -236,6 +236,20 @@ def load_settings(path: str | os.PathLike[str] | None = None,
     return Settings(**values)
 
 
+def to_env(settings: Settings, base: Mapping[str, str] | None = None,
+           **overrides: Any) -> dict[str, str]:
+    """The environment of a child process that should load exactly these settings
+    (plus `overrides`): `base` (default: ours) without its own SECKILL_* variables."""
+    env = {k: v for k, v in (os.environ if base is None else base).items()
+           if not k.startswith(ENV_PREFIX)}
+    values = dataclasses.asdict(settings)
+    values.update(overrides)
+    for name, value in values.items():
+        text = str(value).lower() if isinstance(value, bool) else str(value)
+        env[ENV_PREFIX + name.upper()] = text
+    return env
+
+
 def _read_toml(path: Path, known: Mapping[str, Any]) -> dict[str, Any]:
     try:
         data = tomllib.loads(path.read_text())

@@ -42,15 +42,28 @@ def validate_product(product: Product) -> Product:
     return product
 
 
+UPSERT = """
+INSERT INTO products (id, name, cpus, memory_mb, gpu, image) VALUES ($1, $2, $3, $4, $5, $6)
+ON CONFLICT (id) DO UPDATE SET name = EXCLUDED.name, cpus = EXCLUDED.cpus,
+    memory_mb = EXCLUDED.memory_mb, gpu = EXCLUDED.gpu, image = EXCLUDED.image,
+    updated_at = now()
+"""
+
+
 async def upsert_product(conn: asyncpg.Connection, product: Product) -> None:
-    validate_product(product)
-    await conn.execute(
-        """INSERT INTO products (id, name, cpus, memory_mb, gpu, image)
-           VALUES ($1, $2, $3, $4, $5, $6)
-           ON CONFLICT (id) DO UPDATE SET name = EXCLUDED.name, cpus = EXCLUDED.cpus,
-               memory_mb = EXCLUDED.memory_mb, gpu = EXCLUDED.gpu, image = EXCLUDED.image,
-               updated_at = now()""",
-        product.id, product.name, product.cpus, product.memory_mb, product.gpu, product.image)
+    await upsert_products(conn, [product])
+
+
+async def upsert_products(conn: asyncpg.Connection, products: list[Product]) -> None:
+    """Validate all, then write all in one round trip."""
+    rows = [(p.id, p.name, p.cpus, p.memory_mb, p.gpu, p.image)
+            for p in map(validate_product, products)]
+    await conn.executemany(UPSERT, rows)
+
+
+def gpu_product(product_id: int) -> Product:
+    """The product demos, tests and benchmarks sell: an 8-core A100 instance."""
+    return Product(product_id, f"GPU instance {product_id}", 8, 32768, "A100", "ubuntu:22.04")
 
 
 async def fetch_products(conn: asyncpg.Connection, ids: Iterable[int]) -> dict[int, Product]:

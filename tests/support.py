@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import subprocess
 import sys
@@ -18,28 +17,31 @@ import aiormq
 import asyncpg
 from redis.asyncio import Redis
 
-from engine.config import Settings
+from engine.config import Settings, to_env
 from engine.keys import EXCHANGE, GROUP, RK_CREATED, Keys
 from engine.pb import event_pb2
+from engine.products import gpu_product, upsert_products
 
 SECKILL = str(Path(sys.executable).with_name("seckill"))
 
 
 def engine_env(settings: Settings, **overrides: Any) -> dict[str, str]:
     """Environment that points a `seckill` subprocess at the test's services and prefix."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SECKILL_")}
-    values = {
-        "redis_url": settings.redis_url, "amqp_url": settings.amqp_url,
-        "pg_dsn": settings.pg_dsn, "key_prefix": settings.key_prefix,
-        "metrics_port": 0, "log_json": "false", "janitor_interval": 1.0,
-        "graceful_timeout": 15, "heartbeat_timeout": 10, "boot_timeout": 10,
-        "discovery_interval": 0.2,
-    }
-    values.update(overrides)
-    for name, value in values.items():
-        text = str(value).lower() if isinstance(value, bool) else str(value)
-        env["SECKILL_" + name.upper()] = text
-    return env
+    quick = {"metrics_port": 0, "log_json": False, "janitor_interval": 1.0,
+             "graceful_timeout": 15, "heartbeat_timeout": 10, "boot_timeout": 10,
+             "discovery_interval": 0.2}
+    return to_env(settings, **{**quick, **overrides})
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 30) -> None:
+    """SIGTERM, then SIGKILL if it does not exit in time."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
 
 
 class EngineProcess:
@@ -75,13 +77,7 @@ class EngineProcess:
         return self.log_path.read_text(errors="replace")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        stop_process(self.proc)
         self._log.close()
 
 
@@ -126,10 +122,7 @@ async def announce(redis: Redis, keys: Keys, pid: int) -> None:
 async def add_products(settings: Settings, pids: list[int]) -> None:
     conn = await asyncpg.connect(settings.pg_dsn)
     try:
-        await conn.executemany(
-            "INSERT INTO products (id, name, cpus, memory_mb, gpu, image) VALUES"
-            " ($1, $2, 8, 32768, 'A100', 'ubuntu:22.04') ON CONFLICT (id) DO NOTHING",
-            [(pid, f"GPU instance {pid}") for pid in pids])
+        await upsert_products(conn, [gpu_product(pid) for pid in pids])
     finally:
         await conn.close()
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import signal
 import socket
 import subprocess
 import time
@@ -11,7 +10,7 @@ import time
 import httpx
 import pytest
 from redis.asyncio import Redis
-from support import SECKILL, engine_env
+from support import SECKILL, engine_env, stop_process
 
 from engine.gate import Gate
 from engine.keys import Keys
@@ -45,12 +44,7 @@ class Bff:
         raise RuntimeError("the BFF did not start")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+        stop_process(self.proc, 15)
 
 
 @pytest.fixture

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import signal
 import subprocess
 from pathlib import Path
 
 import asyncpg
 import pytest
 from redis.asyncio import Redis
-from support import SECKILL, EngineProcess, add_products, engine_env, wait_for
+from support import SECKILL, EngineProcess, add_products, engine_env, stop_process, wait_for
 
 from engine.gate import Gate
 from engine.keys import Keys
@@ -25,9 +24,7 @@ class ResourceDomainProcess:
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(30)
+        stop_process(self.proc)
 
 
 async def statuses(settings, pid) -> dict[str, int]:

@@ -81,3 +81,13 @@ def test_settings_masked_and_described():
     s = load_settings(env={"SECKILL_REDIS_URL": "redis://:pw@h/0"})
     assert s.masked()["redis_url"] == "redis://:***@h/0"
     assert all(doc for _, doc, _ in describe())
+
+
+def test_to_env_round_trips_for_child_processes():
+    from engine.config import to_env
+
+    s = load_settings(env={}).replace(redis_url="redis://:pw@h:1/2", log_json=False,
+                                      batch_size=7, rd_failure_rate=0.25)
+    env = to_env(s, base={"PATH": "/bin", "SECKILL_WORKERS": "99"}, workers=3)
+    assert env["PATH"] == "/bin" and env["SECKILL_WORKERS"] == "3"
+    assert load_settings(env=env) == s.replace(workers=3)
