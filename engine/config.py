@@ -44,7 +44,7 @@ class Settings:
 
     # -- engine ------------------------------------------------------------
     workers: int = _doc("Worker processes of `seckill run` (0 = CPU count).", default=0)
-    batch_size: int = _doc("Entries per stream read by XREADGROUP COUNT.", default=500)
+    batch_size: int = _doc("Entries per stream read by XREADGROUP COUNT.", default=1000)
     block_ms: int = _doc("XREADGROUP BLOCK milliseconds when the streams are idle.",
                          default=200)
     max_inflight_batches: int = _doc("Batches a worker holds at once (bounds memory).",

@@ -21,6 +21,7 @@ from .pipeline import Entry
 log = logging.getLogger("seckill.reader")
 
 NEW = b">"
+MIN_PER_STREAM = 4
 
 
 def is_nogroup(exc: ResponseError) -> bool:
@@ -71,7 +72,9 @@ class StreamReader:
         because they were delivered too often (a worker keeps dying on them)."""
         if not self.cursors:
             return [], []
-        count = max(1, self.batch_size // min(self._active, len(self.cursors)))
+        # at least a few entries per busy stream: a read and its acknowledgements cost
+        # something per stream, and one entry per stream would pay it for every order
+        count = max(MIN_PER_STREAM, self.batch_size // min(self._active, len(self.cursors)))
         recovering = any(c != NEW for c in self.cursors.values())
         try:
             reply = await self.redis.xreadgroup(
