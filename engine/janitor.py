@@ -14,9 +14,8 @@ from __future__ import annotations
 from redis.asyncio import Redis
 
 from .keys import DLQ_SUFFIX, GROUP, Keys
-from .orders import DeadLetter
-from .pipeline import Entry
-from .reader import delivery_counts, ensure_group, poison
+from .orders import DeadLetter, Entry
+from .reader import delivery_counts, ensure_group, poison_letters
 
 
 class Janitor:
@@ -49,12 +48,11 @@ class Janitor:
             if items:
                 counts = await delivery_counts(self.redis, stream, items[0][0], items[-1][0],
                                                len(items), self.consumer)
-                for raw_id, fields in items:
-                    n = counts.get(raw_id, 0)
-                    if n > self.max_deliveries:
-                        dead.append(poison(self.keys, stream, raw_id, fields, n))
-                    else:
-                        entries.append(Entry(stream, raw_id.decode(), fields))
+                letters = await poison_letters(self.redis, self.keys, stream, items, counts,
+                                               self.max_deliveries)
+                dead += letters.values()
+                entries += [Entry(stream, raw_id.decode(), fields) for raw_id, fields in items
+                            if raw_id not in letters]
             if cursor in (b"0-0", "0-0"):
                 break
         return entries, dead

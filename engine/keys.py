@@ -55,6 +55,10 @@ class Keys:
         """Stream IDs whose unit of stock was already returned (exactly once)."""
         return f"{self.prefix}seckill:{{{pid}}}:refunded"
 
+    def errors(self, pid: int) -> str:
+        """Last error per stream entry whose batch failed (read when it is dead-lettered)."""
+        return f"{self.prefix}seckill:{{{pid}}}:errors"
+
     def stream(self, pid: int) -> str:
         return f"{self.prefix}stream:seckill:{{{pid}}}"
 

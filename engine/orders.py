@@ -25,6 +25,15 @@ TOO_MANY_DELIVERIES = "too_many_deliveries"
 Fields = dict[bytes, bytes]
 
 
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """A stream entry as read: stream key, entry ID, raw fields."""
+
+    stream: bytes
+    stream_id: str
+    fields: Fields
+
+
 @dataclass(slots=True)
 class Order:
     """One purchase read from a stream, valid and ready for an instance ID."""

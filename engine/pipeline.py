@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import asyncpg
@@ -31,7 +31,7 @@ from .logsink import write_batch
 from .orders import (
     UNKNOWN_PRODUCT,
     DeadLetter,
-    Fields,
+    Entry,
     Order,
     decode_entry,
     entry_ms,
@@ -39,20 +39,11 @@ from .orders import (
     split,
 )
 from .publisher import CONFIRMED, ConfirmPublisher, Message
-from .settle import settle, touch
+from .settle import record_errors, settle, touch
 
 log = logging.getLogger("seckill.pipeline")
 
 RETRYABLE: tuple[type[BaseException], ...] = (ServiceError, *TRANSIENT_ERRORS)
-
-
-@dataclass(frozen=True, slots=True)
-class Entry:
-    """A stream entry as read: stream key, entry ID, raw fields."""
-
-    stream: bytes
-    stream_id: str
-    fields: Fields
 
 
 def decode_batch(entries: list[Entry], keys: Keys,
@@ -117,24 +108,25 @@ class Pipeline:
         metrics.BATCH_SIZE.observe(len(entries))
         orders, dead = decode_batch(entries, self.keys, self.settings.max_entry_bytes)
         dead.extend(extra_dead)
-        products = await self._retrying("lookup", lambda: self.catalog.lookup(
+        products, failures = await self._retrying("lookup", lambda: self.catalog.lookup(
             o.product_id for o in orders), orders)
         orders = drop_unknown(orders, products, dead)
         assign_ids(orders, self.snowflake)
         prefixes = {pid: prefix for pid, (_, prefix) in products.items()}
         t1 = time.perf_counter()
         metrics.STAGE_SECONDS.labels("prepare").observe(t1 - t0)
-        await self._deliver(orders, dead, prefixes)
+        await self._deliver(orders, dead, prefixes, failures)
 
     async def _deliver(self, orders: list[Order], dead: list[DeadLetter],
-                       prefixes: dict[int, bytes]) -> None:
+                       prefixes: dict[int, bytes], attempt: int = 0) -> None:
         batch = _Batch(orders, [], dead)
-        attempt = 0
         while True:
             try:
                 if batch.todo:
                     await self._log_and_publish(batch, prefixes)
-                await self._settle(batch.done, batch.dead)
+                # errors were recorded for this batch only if an attempt failed
+                await self._settle(batch.done, batch.dead,
+                                   self._error_keys(batch) if attempt else ())
                 batch.done, batch.dead = [], []
                 if not batch.todo:
                     return
@@ -174,10 +166,15 @@ class Pipeline:
                 metrics.PUBLISH_FAILURES.labels(outcome).inc()
         batch.todo = failed
 
-    async def _settle(self, done: list[Order], dead: list[DeadLetter]) -> None:
+    def _error_keys(self, batch: _Batch) -> set[str]:
+        return {self.keys.errors(o.product_id) for o in batch.held()
+                if o.product_id is not None}
+
+    async def _settle(self, done: list[Order], dead: list[DeadLetter],
+                      errors: Iterable[str] = ()) -> None:
         t0 = time.perf_counter()
         try:
-            await settle(self.redis, done, dead, self.consumer)
+            await settle(self.redis, done, dead, self.consumer, errors)
         except RETRYABLE:
             metrics.BATCH_FAILURES.labels("ack").inc()
             raise
@@ -194,11 +191,12 @@ class Pipeline:
                         extra={"event": "dead_letter", "count": len(dead),
                                "reasons": sorted({d.reason for d in dead})})
 
-    async def _retrying(self, stage: str, call: Callable, held: list[Order]) -> dict:
+    async def _retrying(self, stage: str, call: Callable, held: list[Order]) -> tuple[dict, int]:
+        """The call's result once it succeeds, and how many attempts failed before."""
         attempt = 0
         while True:
             try:
-                return await call()
+                return await call(), attempt
             except RETRYABLE as exc:
                 attempt += 1
                 metrics.BATCH_FAILURES.labels(stage).inc()
@@ -214,6 +212,7 @@ class Pipeline:
         if held:
             try:
                 await touch(self.redis, self.consumer, held)
+                await record_errors(self.redis, self.keys, held, _describe(exc))
             except RETRYABLE:
                 pass  # Redis is down too; the next attempt will find out
 

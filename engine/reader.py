@@ -15,8 +15,8 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from .keys import GROUP, Keys
-from .orders import TOO_MANY_DELIVERIES, DeadLetter
-from .pipeline import Entry
+from .orders import TOO_MANY_DELIVERIES, DeadLetter, Entry
+from .settle import last_errors
 
 log = logging.getLogger("seckill.reader")
 
@@ -119,9 +119,8 @@ class StreamReader:
             return {}
         counts = await delivery_counts(self.redis, stream, items[0][0], items[-1][0],
                                        len(items), self.consumer)
-        return {raw_id: poison(self.keys, stream, raw_id, fields, counts[raw_id])
-                for raw_id, fields in items
-                if counts.get(raw_id, 0) > self.max_deliveries}
+        return await poison_letters(self.redis, self.keys, stream, items, counts,
+                                    self.max_deliveries)
 
 
 async def delivery_counts(redis: Redis, stream: bytes, first: bytes, last: bytes, count: int,
@@ -131,9 +130,22 @@ async def delivery_counts(redis: Redis, stream: bytes, first: bytes, last: bytes
     return {row["message_id"]: int(row["times_delivered"]) for row in rows}  # type: ignore[misc]
 
 
-def poison(keys: Keys, stream: bytes, raw_id: bytes, fields: dict | None,
-           deliveries: int) -> DeadLetter:
+async def poison_letters(redis: Redis, keys: Keys, stream: bytes, items: list,
+                         counts: dict[bytes, int], limit: int) -> dict[bytes, DeadLetter]:
+    """Dead letters for the entries delivered more than `limit` times, with their last error."""
+    over = [(raw_id, fields) for raw_id, fields in items if counts.get(raw_id, 0) > limit]
+    if not over:
+        return {}
+    errors = await last_errors(redis, keys, stream, [raw_id for raw_id, _ in over])
+    return {raw_id: poison(keys, stream, raw_id, fields, counts[raw_id], errors.get(raw_id))
+            for raw_id, fields in over}
+
+
+def poison(keys: Keys, stream: bytes, raw_id: bytes, fields: dict | None, deliveries: int,
+           last_error: str | None = None) -> DeadLetter:
+    detail = f"delivered {deliveries} times without being acknowledged"
+    if last_error:
+        detail += f"; last error: {last_error}"
     return DeadLetter(stream, raw_id.decode(), keys.product_of_stream(stream.decode()),
-                      fields or {}, TOO_MANY_DELIVERIES,
-                      f"delivered {deliveries} times without being acknowledged",
-                      {"deliveries": str(deliveries)})
+                      fields or {}, TOO_MANY_DELIVERIES, detail,
+                      {"deliveries": str(deliveries), "last_error": last_error or ""})

@@ -94,6 +94,7 @@ class ResourceDomain:
         self.provisioner = provisioner or make_provisioner(settings)
         self.publisher = ConfirmPublisher(settings, RK_STATUS, "INSTANCE_RUNNING")
         self._inbox: list[Delivery] = []
+        self._unacked: set[int] = set()  # delivery tags of this channel not acknowledged yet
         self._wake = asyncio.Event()
         self._channel: Any = None
 
@@ -120,6 +121,10 @@ class ResourceDomain:
         conn = await connect_amqp(self.settings)
         try:
             channel = self._channel = await conn.channel()
+            # Tags are per channel: a new channel starts afresh, and before the first
+            # delivery can arrive (aiormq runs deliveries before ConsumeOk returns).
+            self._inbox.clear()
+            self._unacked.clear()
             await channel.basic_qos(prefetch_count=self.settings.rd_prefetch)
             await channel.basic_consume(QUEUE_CREATED, self._on_message)
             log.info("resource domain consuming %s", QUEUE_CREATED,
@@ -143,9 +148,11 @@ class ResourceDomain:
             event = event_pb2.Event.FromString(message.body)
         except Exception:  # noqa: BLE001 - garbage on the queue: drop it, loudly
             log.error("undecodable message dropped", extra={"event": "rd_bad_message"})
-            await message.channel.basic_ack(message.delivery.delivery_tag)
+            self._unacked.add(message.delivery.delivery_tag)
+            await self._ack({message.delivery.delivery_tag})
             return
         self._inbox.append(Delivery(message.delivery.delivery_tag, event))
+        self._unacked.add(message.delivery.delivery_tag)
         self._wake.set()
 
     async def flush(self) -> None:
@@ -187,13 +194,27 @@ class ResourceDomain:
         messages = [self._status_message(d.event, outcomes[d.event.instance_id])
                     for d in ready]
         results = await self.publisher.publish(messages, self.settings.publish_timeout)
-        for delivery, result in zip(ready, results, strict=True):
-            if result == CONFIRMED and self._channel is not None:
-                await self._channel.basic_ack(delivery.tag)
+        await self._ack({d.tag for d, r in zip(ready, results, strict=True) if r == CONFIRMED})
         waiting = [d for d in batch if d.event.instance_id not in outcomes]
         self._inbox.extend(waiting)  # claimed by another Resource Domain: ask again later
         if any(r != CONFIRMED for r in results):
             raise PublishFailed("status reports not confirmed")
+
+    async def _ack(self, tags: set[int]) -> None:
+        """One multiple-ack for the oldest run of settled deliveries, single acks after it."""
+        if self._channel is None or not tags:
+            return
+        run_end = None
+        for tag in sorted(self._unacked):
+            if tag not in tags:
+                break
+            run_end = tag
+        if run_end is not None:
+            await self._channel.basic_ack(run_end, multiple=True)
+        for tag in sorted(t for t in tags if run_end is None or t > run_end):
+            await self._channel.basic_ack(tag)
+        self._unacked -= {t for t in self._unacked if run_end is not None and t <= run_end}
+        self._unacked -= tags
 
     def _status_message(self, event: event_pb2.Event, outcome: Provisioned) -> Message:
         kind = event_pb2.INSTANCE_RUNNING if outcome.ok else event_pb2.INSTANCE_FAILED

@@ -31,10 +31,11 @@ from .ids import NodeLease, Snowflake
 from .janitor import Janitor
 from .keys import RK_CREATED, Keys
 from .logsink import prepare_connection
-from .orders import DeadLetter
-from .pipeline import Entry, Pipeline
+from .orders import DeadLetter, Entry
+from .pipeline import Pipeline
 from .publisher import ConfirmPublisher
 from .reader import StreamReader
+from .settle import record_errors
 from .status import StatusConsumer
 
 log = logging.getLogger("seckill.worker")
@@ -182,10 +183,14 @@ class Worker:
             log.error("node lease lost; stopping: %s", exc, extra={"event": "lease_lost"})
             metrics.LEASE_LOST.inc()
             self.stop(EXIT_LEASE_LOST)
-        except Exception:
+        except Exception as exc:
             # A bug, not bad data (that is dead-lettered) nor an outage (that is retried):
-            # the entries stay pending and come back through recovery or the janitor.
+            # the entries stay pending and come back through recovery or the janitor,
+            # and after max_deliveries they are dead-lettered with this error.
             log.exception("batch crashed", extra={"event": "batch_crashed"})
+            error = f"{type(exc).__name__}: {exc}"
+            await self._guard("recording the error", lambda: record_errors(
+                self.redis, self.keys, entries, error))
             self.stop(EXIT_CRASH)
         finally:
             metrics.INFLIGHT.dec()

@@ -193,6 +193,11 @@ async def test_entries_delivered_too_often_are_dead_lettered(settings, redis, ke
         await redis.xreadgroup(GROUP, consumer, {keys.stream(product_id): "0"})
         if _ == 0:
             await redis.xreadgroup(GROUP, consumer, {keys.stream(product_id): ">"})
+    from engine.orders import Entry
+    from engine.settle import record_errors
+
+    stream = keys.stream(product_id).encode()
+    await record_errors(redis, keys, [Entry(stream, ids[0], {})], "RuntimeError: boom")
     engine = EngineProcess(settings, workers=1, max_deliveries=3)
     try:
         await wait_for(lambda: _xlen(redis, keys.dlq(product_id), 3), 30, "3 dead letters")
@@ -202,6 +207,9 @@ async def test_entries_delivered_too_often_are_dead_lettered(settings, redis, ke
     letters = await redis.xrange(keys.dlq(product_id))
     assert {f[b"id"].decode() for _, f in letters} == set(ids)
     assert {f[b"reason"] for _, f in letters} == {b"too_many_deliveries"}
+    first = next(f for _, f in letters if f[b"id"].decode() == ids[0])
+    assert first[b"detail"].endswith(b"; last error: RuntimeError: boom")
+    assert first[b"last_error"] == b"RuntimeError: boom"
 
 
 async def _xlen(redis, key, n) -> bool:
@@ -261,6 +269,8 @@ async def test_broker_and_database_restarts_are_survived(settings, redis, keys, 
             _service("rabbitmqctl", "-q", "stop_app")
             await push_orders(redis, keys, product_id, range(5001, 10_001), first_slot=5001)
             await asyncio.sleep(3)
+            # the failing batches say why, for the dead letter they might become
+            assert await redis.hlen(keys.errors(product_id)) > 0
             _service("rabbitmqctl", "-q", "start_app")
             await wait_for(lambda: _rows_at_least(settings, [product_id], 7000), 90,
                            "progress after the broker came back")
@@ -275,6 +285,7 @@ async def test_broker_and_database_restarts_are_survived(settings, redis, keys, 
             engine.stop()
     rows = await log_rows(settings, [product_id])
     assert_one_id_per_order(rows, events, 12_000)
+    assert await redis.hlen(keys.errors(product_id)) == 0  # settled entries take theirs along
 
 
 async def test_sigterm_drains_and_exits_zero(settings, redis, keys, product_id):

@@ -5,8 +5,17 @@ from __future__ import annotations
 import pytest
 
 from engine.keys import Keys
-from engine.orders import BAD_ENTRY, OVERSIZED, DeadLetter, Order, decode_entry, entry_ms, split
-from engine.pipeline import Entry, decode_batch
+from engine.orders import (
+    BAD_ENTRY,
+    OVERSIZED,
+    DeadLetter,
+    Entry,
+    Order,
+    decode_entry,
+    entry_ms,
+    split,
+)
+from engine.pipeline import decode_batch
 
 S = b"stream:seckill:{1001}"
 

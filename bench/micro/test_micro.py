@@ -14,8 +14,8 @@ from engine.events import Framer, created_body, product_prefix
 from engine.ids import Snowflake
 from engine.keys import EXCHANGE, RK_CREATED, Keys
 from engine.logsink import stage_rows
-from engine.orders import Order
-from engine.pipeline import Entry, build_messages, decode_batch
+from engine.orders import Entry, Order
+from engine.pipeline import build_messages, decode_batch
 from engine.products import Product
 
 N = 500
