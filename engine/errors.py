@@ -51,6 +51,12 @@ class DatabaseFailed(ServiceError):
     """A batch could not be committed to PostgreSQL."""
 
 
+class SaleStateCorrupt(ServiceError):
+    """A sale's Redis keys hold what the gate cannot use (a string where the stream
+    belongs, a fractional stock); the gate refused before writing anything, and no
+    retry helps until an operator reopens the sale or fixes the key."""
+
+
 # -- instance IDs ------------------------------------------------------------
 
 

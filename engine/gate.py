@@ -17,7 +17,7 @@ from typing import Literal
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
-from .errors import InvalidInput, ServiceUnavailable
+from .errors import InvalidInput, SaleStateCorrupt, ServiceUnavailable
 from .keys import GROUP, Keys
 
 Outcome = Literal["accepted", "duplicate", "sold_out", "no_sale"]
@@ -26,6 +26,9 @@ MAX_ID = 2**63 - 1
 LUA = Path(__file__).resolve().parent.parent / "lua"
 _OUTCOMES: dict[int, Outcome] = {0: "no_sale", 1: "accepted", 2: "duplicate", 3: "sold_out"}
 _REFUNDS: dict[int, RefundOutcome] = {1: "refunded", 2: "already_refunded", 3: "sale_changed"}
+# The error code (first word of the error reply) the scripts use for keys in a bad state;
+# Redis error replies carry their class that way, like WRONGTYPE or NOSCRIPT.
+BADSTATE = "SECKILL_BADSTATE"
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,19 +66,22 @@ class _Script:
 
     async def __call__(self, keys: list[str], args: list[str | int]) -> object:
         try:
-            if self.sha is None:
-                self.sha = await self.redis.script_load(self.source)
-            try:
-                return await self.redis.execute_command("EVALSHA", self.sha, len(keys),
-                                                        *keys, *args)
-            except NoScriptError:
-                self.sha = await self.redis.script_load(self.source)
-                return await self.redis.execute_command("EVALSHA", self.sha, len(keys),
-                                                        *keys, *args)
-        except ResponseError:
+            return await self._evalsha(keys, args)
+        except ResponseError as exc:
+            if str(exc).startswith(BADSTATE + " "):
+                raise SaleStateCorrupt(f"Redis: {str(exc)[len(BADSTATE) + 1:]}") from exc
             raise
         except (RedisError, OSError) as exc:
             raise ServiceUnavailable(f"Redis: {exc}") from exc
+
+    async def _evalsha(self, keys: list[str], args: list[str | int]) -> object:
+        if self.sha is None:
+            self.sha = await self.redis.script_load(self.source)
+        try:
+            return await self.redis.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            self.sha = await self.redis.script_load(self.source)
+            return await self.redis.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)
 
 
 class Gate:

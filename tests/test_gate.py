@@ -10,7 +10,7 @@ from redis.asyncio import Redis
 from redis.crc import key_slot
 from redis.exceptions import ResponseError
 
-from engine.errors import InvalidInput
+from engine.errors import InvalidInput, SaleStateCorrupt, SeckillError
 from engine.gate import Gate, validate_id
 from engine.keys import GROUP, Keys
 
@@ -26,10 +26,15 @@ async def test_20000_attempts_from_5000_users_sell_exactly_the_stock(gate, produ
     await gate.open_sale(product_id, 1000)
     attempts = [random.randint(1, 5000) for _ in range(20_000)]
     results = []
+    per_task: list[list[str]] = []
 
     async def worker(chunk: list[int]) -> None:
+        mine: list[str] = []
+        per_task.append(mine)
         for uid in chunk:
-            results.append((uid, await gate.buy(product_id, uid)))
+            result = await gate.buy(product_id, uid)
+            results.append((uid, result))
+            mine.append(result.outcome)
 
     await asyncio.gather(*(worker(attempts[i::200]) for i in range(200)))
     accepted = [(uid, r) for uid, r in results if r.outcome == "accepted"]
@@ -47,13 +52,21 @@ async def test_20000_attempts_from_5000_users_sell_exactly_the_stock(gate, produ
         f = entries[r.stream_id]
         assert (int(f[b"uid"]), f[b"sale"].decode(), int(f[b"slot"])) == (uid, sale, r.slot)
         assert int(f[b"ts"]) > 1_700_000_000
-    # every later attempt is either a duplicate (a buyer) or sold out (anyone else)
+    # every other attempt is a duplicate (a buyer: checked before the stock) or sold out
+    # (never a buyer: once stock is 0 nobody becomes one)
     buyers = {uid for uid, _ in accepted}
     for uid, r in results:
         if r.outcome == "duplicate":
             assert uid in buyers
         elif r.outcome == "sold_out":
-            assert uid not in buyers or any(u == uid for u, _ in accepted)
+            assert uid not in buyers, uid
+        else:
+            assert r.outcome == "accepted", r
+    # sold out is final: within one task (its attempts are sequential) no attempt is
+    # accepted after a sold-out answer, so none was given while stock was left
+    for outcomes in per_task:
+        if "sold_out" in outcomes:
+            assert "accepted" not in outcomes[outcomes.index("sold_out"):]
 
 
 async def test_duplicate_sold_out_and_no_sale(gate, product_id):
@@ -108,6 +121,51 @@ async def test_a_lua_error_leaves_no_half_purchase(gate, product_id):
         await gate.buy(product_id, 7)
     assert int(await gate.redis.get(gate.keys.stock(product_id))) == 5
     assert await gate.redis.xlen(gate.keys.stream(product_id)) == 0
+
+
+async def _state(gate: Gate, pid: int) -> tuple[bytes | None, set[bytes], list[bytes]]:
+    """What a purchase writes: stock, buyers and the free slots it may pop."""
+    r, k = gate.redis, gate.keys
+    return (await r.get(k.stock(pid)), await r.smembers(k.buyers(pid)),
+            await r.lrange(k.free_slots(pid), 0, -1))
+
+
+async def _with_free_slot(gate: Gate, pid: int) -> None:
+    """An open sale with one buyer and a handed-back unit, so every write has something to undo."""
+    await gate.open_sale(pid, 5)
+    assert (await gate.buy(pid, 1)).outcome == "accepted"
+    await gate.redis.rpush(gate.keys.free_slots(pid), "3")
+
+
+async def test_a_stream_key_of_another_type_is_refused_before_any_write(gate, product_id):
+    await _with_free_slot(gate, product_id)
+    stream = gate.keys.stream(product_id)
+    await gate.redis.delete(stream)
+    await gate.redis.set(stream, "not a stream")
+    before = await _state(gate, product_id)
+    with pytest.raises(SaleStateCorrupt, match="is a string, not a stream") as err:
+        await gate.buy(product_id, 7)
+    assert isinstance(err.value, SeckillError)
+    assert await _state(gate, product_id) == before
+    assert await gate.redis.get(stream) == b"not a stream"
+
+
+@pytest.mark.parametrize("stock", ["1.5", "1e3", " 4", "07", "abc", "99999999999999999999"])
+async def test_a_stock_decr_would_refuse_is_refused_before_any_write(gate, product_id, stock):
+    await _with_free_slot(gate, product_id)
+    await gate.redis.set(gate.keys.stock(product_id), stock)
+    before = await _state(gate, product_id)
+    with pytest.raises(SaleStateCorrupt, match="not an integer stock"):
+        await gate.buy(product_id, 7)
+    assert await _state(gate, product_id) == before
+    assert await gate.redis.xlen(gate.keys.stream(product_id)) == 1
+
+
+@pytest.mark.parametrize("stock", ["0", "-2"])
+async def test_zero_or_negative_stock_is_sold_out(gate, product_id, stock):
+    await gate.open_sale(product_id, 5)
+    await gate.redis.set(gate.keys.stock(product_id), stock)
+    assert (await gate.buy(product_id, 7)).outcome == "sold_out"
 
 
 async def test_refund_returns_the_unit_exactly_once(gate, product_id):
