@@ -37,6 +37,8 @@ STATUS_UPDATES = Counter("seckill_status_updates_total",
                          "Status reports by what became of them.", ["result"])
 COMPENSATIONS = Counter("seckill_compensations_total",
                         "Failed orders whose unit of stock was handled.", ["result"])
+STATUS_DEAD_LETTERS = Counter("seckill_status_dead_letters_total",
+                              "Status reports moved to stream:seckill:status:dlq.", ["reason"])
 
 STATUS_OF = {event_pb2.INSTANCE_RUNNING: RUNNING, event_pb2.INSTANCE_FAILED: FAILED}
 
@@ -86,6 +88,28 @@ def decode_report(body: bytes, delivery_tag: int, now: float) -> Report | None:
     at = dt.datetime.fromtimestamp(event.timestamp or time.time(), dt.UTC)
     return Report(delivery_tag, event.instance_id, status, event.endpoint, event.reason, at,
                   now)
+
+
+def one_per_instance(reports: list[Report]) -> tuple[list[Report], list[Report]]:
+    """(the report to apply per instance, the reports it supersedes), from arrival order.
+
+    Only a `PROCESSING` row changes, so if one UPDATE carried two reports for
+    an instance, PostgreSQL would apply whichever row of the join it met first.
+    We decide instead, as if the reports had arrived one by one in the order
+    they happened: the earliest by event timestamp wins (arrival order breaks
+    ties), and every later one would have found the row terminal already.
+    """
+    chosen: dict[int, Report] = {}
+    superseded: list[Report] = []
+    for report in reports:
+        best = chosen.get(report.instance_id)
+        if best is None or report.at < best.at:
+            chosen[report.instance_id] = report
+            if best is not None:
+                superseded.append(best)
+        else:
+            superseded.append(report)
+    return list(chosen.values()), superseded
 
 
 class StatusConsumer:
@@ -159,7 +183,7 @@ class StatusConsumer:
                 garbage.append((tag, body))
             else:
                 reports.append(report)
-        reports += self._held
+        reports = self._held + reports  # held ones arrived first
         self._held = []
         for tag, body in garbage:
             await self._dead_letter(tag, "bad_report", "not a status event", body=body)
@@ -167,12 +191,18 @@ class StatusConsumer:
             await self.apply(reports)
 
     async def apply(self, reports: list[Report]) -> None:
-        ids = [r.instance_id for r in reports]
+        """Apply one report per instance; acknowledge every report of a known instance.
+
+        `reports` are in arrival order. The reports one batch does not apply
+        (`one_per_instance`) are acknowledged with it, after the commit.
+        """
+        kept, _ = one_per_instance(reports)
+        ids = [r.instance_id for r in kept]
         async with self.pool.acquire() as conn:
             async with conn.transaction():
                 status = await conn.execute(
-                    APPLY, ids, [r.status for r in reports], [r.endpoint for r in reports],
-                    [r.reason for r in reports], [r.at for r in reports])
+                    APPLY, ids, [r.status for r in kept], [r.endpoint for r in kept],
+                    [r.reason for r in kept], [r.at for r in kept])
                 known = {row[0] for row in await conn.fetch(KNOWN, ids)}
             failed = await conn.fetch(TO_COMPENSATE, ids)
         applied = int(status.rsplit(" ", 1)[1])
@@ -219,6 +249,7 @@ class StatusConsumer:
         entry.update({k: v if isinstance(v, bytes) else str(v) for k, v in fields.items()})
         await self.redis.xadd(self.keys.status_dlq, entry)  # type: ignore[arg-type]
         await self._ack([tag])
+        STATUS_DEAD_LETTERS.labels(reason).inc()
         log.warning("status report dead-lettered: %s", detail,
                     extra={"event": "status_dead_letter", "reason": reason})
 

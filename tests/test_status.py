@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import time
 
 import aiormq
@@ -15,7 +16,7 @@ from engine.gate import Gate
 from engine.keys import EXCHANGE, FAILED, QUEUE_STATUS, RK_STATUS, RUNNING, Keys
 from engine.logsink import prepare_connection, write_batch
 from engine.orders import Order
-from engine.status import StatusConsumer, encode_report
+from engine.status import Report, StatusConsumer, encode_report, one_per_instance
 
 
 @pytest.fixture
@@ -65,30 +66,71 @@ async def test_reports_apply_once_and_terminal_states_stick(settings, env, produ
     task = asyncio.create_task(consumer.run(stopping))
     try:
         await publish(channel, encode_report(a, RUNNING, endpoint="https://a", timestamp=100))
-        await publish(channel, encode_report(a, FAILED, reason="late, older", timestamp=50))
         await publish(channel, encode_report(a, RUNNING, endpoint="https://a", timestamp=100))
-        await publish(channel, encode_report(b, FAILED, reason="no GPU"))
-        await publish(channel, encode_report(b, RUNNING, endpoint="https://b"))  # too late
+        # b: same second, FAILED first: it wins however the two are batched
+        await publish(channel, encode_report(b, FAILED, reason="no GPU", timestamp=200))
+        await publish(channel, encode_report(b, RUNNING, endpoint="https://b", timestamp=200))
         await publish(channel, b"garbage")
         await publish(channel, encode_report(987654321987, RUNNING))  # unknown instance
+
+        async def a_running() -> bool:
+            return (await rows(pool, product_id))[a]["status"] == RUNNING
+        await wait_for(a_running, 20, "a RUNNING")
+        # late and older: the row is terminal already, so it changes nothing
+        await publish(channel, encode_report(a, FAILED, reason="late, older", timestamp=50))
 
         async def settled() -> bool:
             r = await rows(pool, product_id)
             dlq = await redis.xlen(consumer.keys.status_dlq)
-            return r[a]["status"] == RUNNING and r[b]["status"] == FAILED and dlq == 2
+            queued = (await channel.queue_declare(QUEUE_STATUS, passive=True)).message_count
+            return r[b]["status"] == FAILED and dlq == 2 and queued == 0
         await wait_for(settled, 20, "reports applied and two dead-lettered")
+        await asyncio.sleep(0.3)  # the late report's batch has committed
     finally:
         stopping.set()
         await task
     r = await rows(pool, product_id)
-    assert (r[a]["status"], r[a]["endpoint"]) == (RUNNING, "https://a")
-    assert (r[b]["status"], r[b]["reason"]) == (FAILED, "no GPU")
+    assert (r[a]["status"], r[a]["endpoint"], r[a]["reason"]) == (RUNNING, "https://a", None)
+    assert (r[b]["status"], r[b]["reason"], r[b]["endpoint"]) == (FAILED, "no GPU", None)
     assert r[c]["status"] == "PROCESSING"
     assert r[b]["compensated_at"] is not None and r[a]["compensated_at"] is None
     reasons = {f[b"reason"] for _, f in await redis.xrange(consumer.keys.status_dlq)}
     assert reasons == {b"bad_report", b"unknown_instance"}
     declared = await channel.queue_declare(QUEUE_STATUS, passive=True)
     assert declared.message_count == 0  # everything acknowledged
+
+
+def report(instance_id: int, status: str, at: int, tag: int, **text: str) -> Report:
+    return Report(tag, instance_id, status, text.get("endpoint", ""), text.get("reason", ""),
+                  dt.datetime.fromtimestamp(at, dt.UTC), 0.0)
+
+
+def test_one_report_per_instance_the_earliest_then_the_first_to_arrive():
+    batch = [report(1, RUNNING, 100, 1), report(1, FAILED, 50, 2), report(2, RUNNING, 7, 3),
+             report(1, RUNNING, 50, 4), report(2, FAILED, 7, 5), report(3, FAILED, 9, 6)]
+    kept, superseded = one_per_instance(batch)
+    assert [r.delivery_tag for r in kept] == [2, 3, 6]
+    assert sorted(r.delivery_tag for r in superseded) == [1, 4, 5]
+
+
+async def test_one_batch_with_conflicting_reports_applies_the_earliest(settings, env,
+                                                                       product_id):
+    """Both reports of an instance in one UPDATE: the earliest event wins, every time."""
+    redis, pool, _ = env
+    gate = Gate(redis, Keys(settings.key_prefix))
+    await gate.open_sale(product_id, 10)
+    orders = await log_orders(pool, gate, product_id, [1, 2])
+    x, y = (o.instance_id for o in orders)
+    consumer = StatusConsumer(settings, redis, pool)  # not consuming: no channel, no acks
+    await consumer.apply([
+        report(x, RUNNING, 100, 1, endpoint="https://x"), report(x, FAILED, 50, 2,
+                                                                 reason="older"),
+        report(y, RUNNING, 70, 3, endpoint="https://y"), report(y, FAILED, 70, 4, reason="tie"),
+        report(x, RUNNING, 100, 5, endpoint="https://x")])
+    r = await rows(pool, product_id)
+    assert (r[x]["status"], r[x]["reason"], r[x]["endpoint"]) == (FAILED, "older", None)
+    assert (r[y]["status"], r[y]["endpoint"]) == (RUNNING, "https://y")
+    assert r[x]["compensated_at"] is not None and r[y]["compensated_at"] is None
 
 
 async def test_a_report_that_overtakes_its_row_is_applied_later(settings, env, product_id):
