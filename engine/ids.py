@@ -69,7 +69,7 @@ class Snowflake:
         return self.take(1)[0]
 
     def take(self, n: int) -> list[int]:
-        """`n` increasing IDs; the lease is checked once for the whole batch."""
+        """`n` increasing IDs; the lease is checked for the batch and again after any wait."""
         if self._lease is not None:
             self._lease.check()
         out: list[int] = []
@@ -87,24 +87,44 @@ class Snowflake:
         """The millisecond to issue in: now, or later if this one is used up or time went back."""
         ms = self._clock()
         if ms < self._last_ms:
-            behind = self._last_ms - ms
-            if behind > self.max_rollback_ms:
-                raise ClockMovedBackwards(
-                    f"clock moved back {behind} ms (bound {self.max_rollback_ms} ms); "
-                    "refusing to issue IDs that could repeat")
-            while ms < self._last_ms:
-                self._sleep((self._last_ms - ms) / 1000)
-                ms = self._clock()
+            ms = self._wait_out_rollback(ms)
         if ms == self._last_ms and self._seq > MAX_SEQ:
             while ms <= self._last_ms:  # 4096 used in this ms: wait for the next one
                 self._sleep(0.0001)
                 ms = self._clock()
+            self._lease_still_valid()
         if ms != self._last_ms:
             if ms - EPOCH_MS > MAX_MS:
                 raise ClockMovedBackwards("clock beyond the 41-bit range of the epoch")
             self._last_ms = ms
             self._seq = 0
         return ms
+
+    def _wait_out_rollback(self, ms: int) -> int:
+        """Sleep until the clock is back at the last millisecond issued, within both bounds.
+
+        The sleep blocks the event loop, renewal included, so it is only started when it
+        can end before the lease's deadline: a wait the lease cannot outlive fails at once
+        instead of blocking renewal for nothing. A stall longer than asked for is caught
+        by checking the lease again afterwards, before any ID is issued.
+        """
+        while ms < self._last_ms:
+            behind = self._last_ms - ms
+            if behind > self.max_rollback_ms:
+                raise ClockMovedBackwards(
+                    f"clock moved back {behind} ms (bound {self.max_rollback_ms} ms); "
+                    "refusing to issue IDs that could repeat")
+            if self._lease is not None and behind / 1000 >= self._lease.remaining():
+                raise LeaseLost(f"node {self.node_id}: clock moved back {behind} ms, longer "
+                                "than the lease stays valid; stopping instead of waiting")
+            self._sleep(behind / 1000)
+            ms = self._clock()
+        self._lease_still_valid()
+        return ms
+
+    def _lease_still_valid(self) -> None:
+        if self._lease is not None:
+            self._lease.check()
 
 
 # compare-and-PEXPIRE / compare-and-DEL: only the owner may touch its lease
@@ -184,6 +204,12 @@ class NodeLease:
         if self.node_id >= 0 and not self._lost:
             await self.redis.eval(RELEASE, 1, self.key, self.owner)
         self._lost = True
+
+    def remaining(self) -> float:
+        """Seconds left to issue IDs on this lease without a renewal; 0 once lost or expired."""
+        if self._lost or self.node_id < 0:
+            return 0.0
+        return max(0.0, self._valid_until - self._clock())
 
     def check(self) -> None:
         if self._lost:

@@ -14,18 +14,31 @@ from engine.keys import Keys
 
 
 class FakeClock:
-    """An injected wall clock (pure logic: no service is faked here)."""
+    """An injected wall clock and monotonic clock (pure logic: no service is faked here).
 
-    def __init__(self, ms: int) -> None:
+    Sleeping moves both forward; `stall` seconds are added to every sleep, the way an
+    overloaded machine wakes a sleeper late. A rollback moves only the wall clock.
+    """
+
+    def __init__(self, ms: int, *, stall: float = 0.0) -> None:
         self.ms = ms
+        self.mono = 1000.0
+        self.stall = stall
         self.slept: list[float] = []
 
     def __call__(self) -> int:
         return self.ms
 
+    def monotonic(self) -> float:
+        return self.mono
+
+    def advance(self, seconds: float) -> None:
+        self.ms += int(seconds * 1000)
+        self.mono += seconds
+
     def sleep(self, seconds: float) -> None:
         self.slept.append(seconds)
-        self.ms += max(1, int(seconds * 1000))
+        self.advance(max(0.001, seconds) + self.stall)
 
 
 def test_compose_decompose_round_trip():
@@ -171,3 +184,60 @@ async def test_renew_after_the_key_was_stolen(settings, redis):
     assert await redis.get(keys.node(node)) == b"thief"
     with pytest.raises(LeaseLost):
         await asyncio.wait_for(lease.keep_alive(interval=0.01), 5)
+
+
+async def _leased(redis, settings, clock: FakeClock, **kw) -> Snowflake:
+    """A generator on a real 10 s lease (valid for 9.5 s) that runs on `clock`."""
+    lease = NodeLease(redis, Keys(settings.key_prefix), owner="me", ttl_ms=10_000,
+                      clock=clock.monotonic)
+    node = await lease.acquire()
+    return Snowflake(node, clock=clock, sleep=clock.sleep, lease=lease, **kw)
+
+
+async def test_a_rollback_wait_the_lease_cannot_outlive_raises_lease_lost(settings, redis):
+    clock = FakeClock(EPOCH_MS + 10_000)
+    gen = await _leased(redis, settings, clock, max_rollback_ms=2000)
+    first = gen.next_id()
+    clock.advance(8.0)  # 1.5 s of validity left, renewal late
+    assert gen.next_id() > first
+    clock.ms -= 1800  # within the rollback bound, beyond the lease's deadline
+    with pytest.raises(LeaseLost, match="longer than the lease stays valid"):
+        gen.next_id()
+    assert clock.slept == []  # failed at once: the event loop (renewal) was never blocked
+
+
+async def test_a_rollback_wait_that_overruns_the_lease_raises_lease_lost(settings, redis):
+    clock = FakeClock(EPOCH_MS + 10_000, stall=1.0)  # every sleep wakes 1 s late
+    gen = await _leased(redis, settings, clock, max_rollback_ms=2000)
+    gen.next_id()
+    clock.advance(8.0)
+    gen.next_id()
+    clock.ms -= 1000  # 1 s wait fits the 1.5 s left, but the stall crosses the deadline
+    with pytest.raises(LeaseLost, match="not renewed in time"):
+        gen.next_id()
+    assert clock.slept == [1.0]
+
+
+async def test_a_rollback_wait_inside_the_lease_issues_ids(settings, redis):
+    clock = FakeClock(EPOCH_MS + 10_000)
+    gen = await _leased(redis, settings, clock, max_rollback_ms=2000)
+    first = gen.next_id()
+    clock.ms -= 1800
+    assert gen.next_id() > first and clock.slept == [1.8]
+
+
+async def test_release_deletes_our_key_only(settings, redis):
+    keys = Keys(settings.key_prefix)
+    mine = NodeLease(redis, keys, owner="me", ttl_ms=10_000)
+    node = await mine.acquire()
+    assert await redis.get(keys.node(node)) == b"me"
+    await mine.release()
+    assert await redis.exists(keys.node(node)) == 0
+    with pytest.raises(LeaseLost):
+        mine.check()
+    # our lease expired and someone else holds the node now; we have not noticed yet
+    again = NodeLease(redis, keys, owner="me", ttl_ms=10_000)
+    node = await again.acquire()
+    await redis.set(keys.node(node), "other", px=10_000)
+    await again.release()
+    assert await redis.get(keys.node(node)) == b"other"
