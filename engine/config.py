@@ -101,6 +101,8 @@ class Settings:
     rd_provisioner: str = _doc("How instances are provisioned: 'simulated' (manifests only) or "
                                "'kubectl' (apply them to the current cluster).",
                                default="simulated")
+    rd_metrics_port: int = _doc("Port of the Resource Domain's /metrics, on metrics_host "
+                                "(0 = disabled).", default=9109)
     status_batch_size: int = _doc("Status reports applied per database round trip.",
                                   default=500)
     status_unknown_retry: float = _doc("Seconds an update for an unknown instance is retried.",

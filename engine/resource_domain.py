@@ -22,11 +22,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
-from prometheus_client import Counter
+from prometheus_client import Counter, start_http_server
 
 from .config import Settings
 from .connections import TRANSIENT_ERRORS, connect_amqp, create_pg_pool
-from .errors import PublishFailed
+from .errors import ConfigError, PublishFailed
 from .keys import FAILED, QUEUE_CREATED, RK_STATUS, RUNNING
 from .pb import event_pb2
 from .provisioning import Provisioned, Provisioner, make_provisioner
@@ -86,6 +86,25 @@ WHERE i.instance_id = u.instance_id
 class Delivery:
     tag: int
     event: event_pb2.Event
+    waited: bool = False  # back in the inbox: its instance was claimed by someone else
+
+
+def count_duplicates(batch: list[Delivery], mine: set[int]) -> int:
+    """Deliveries that provision nothing: all but the first of each instance we claimed.
+
+    A delivery put back to wait for another Resource Domain's claim was
+    counted when it arrived, so it is not counted again on every retry.
+    """
+    firsts: set[int] = set()
+    duplicates = 0
+    for d in batch:
+        if d.waited:
+            continue
+        if d.event.instance_id in mine and d.event.instance_id not in firsts:
+            firsts.add(d.event.instance_id)
+        else:
+            duplicates += 1
+    return duplicates
 
 
 class ResourceDomain:
@@ -170,7 +189,7 @@ class ResourceDomain:
             mine = {r[0] for r in await conn.fetch(
                 CLAIM, ids, [events[i].user_id for i in ids], ["PROVISIONING"] * len(ids))}
             mine |= {r[0] for r in await conn.fetch(RECLAIM, ids, float(STALE_CLAIM_S))}
-        DUPLICATES.inc(len(ids) - len(mine))
+        DUPLICATES.inc(count_duplicates(batch, mine))
         results = await asyncio.gather(*(self.provisioner.provision(events[i]) for i in mine))
         fresh = dict(zip(mine, results, strict=True))
         if fresh:
@@ -196,6 +215,8 @@ class ResourceDomain:
         results = await self.publisher.publish(messages, self.settings.publish_timeout)
         await self._ack({d.tag for d, r in zip(ready, results, strict=True) if r == CONFIRMED})
         waiting = [d for d in batch if d.event.instance_id not in outcomes]
+        for d in waiting:
+            d.waited = True
         self._inbox.extend(waiting)  # claimed by another Resource Domain: ask again later
         if any(r != CONFIRMED for r in results):
             raise PublishFailed("status reports not confirmed")
@@ -234,9 +255,34 @@ async def count_provisioned(pool: asyncpg.Pool) -> dict[str, int]:
     return {r[0]: r[1] for r in rows}
 
 
+def serve_metrics(settings: Settings) -> int:
+    """Serve /metrics (`seckill_rd_*`) from a thread; returns the port, 0 when disabled.
+
+    The Resource Domain is one process, so prometheus_client's own server and
+    default registry are enough. A port that cannot be bound stops the
+    process: a Resource Domain nobody can see is worse than one that did not start.
+    """
+    port = settings.rd_metrics_port
+    if port == 0:
+        return 0
+    if not 0 < port < 65536:
+        raise ConfigError(f"rd_metrics_port: expected 0..65535, got {port!r}")
+    try:
+        server, _ = start_http_server(port, addr=settings.metrics_host)
+    except OSError as exc:
+        raise ConfigError(f"rd_metrics_port: cannot listen on {settings.metrics_host}:{port}"
+                          f" ({exc.strerror or exc})") from None
+    bound = int(server.server_address[1])
+    log.info("serving /metrics on %s:%d", settings.metrics_host, bound,
+             extra={"event": "http_started", "port": bound})
+    return bound
+
+
 def main(settings: Settings) -> int:
     """Run until SIGTERM or SIGINT."""
     import uvloop
+
+    serve_metrics(settings)
 
     async def run() -> int:
         stopping = asyncio.Event()
