@@ -1,9 +1,10 @@
 """The `seckill` command line.
 
 One function per command, registered in `COMMANDS`; each imports what it
-needs when it runs, so `seckill --help` stays fast. Every SeckillError ends
-as one line on stderr and an exit code: 2 for "called it wrong", 3 for "a
-service failed".
+needs when it runs, so `seckill --help` stays fast. Every SeckillError, and
+every error a service's client library raises (asyncpg, redis, aiormq, OSError),
+ends as one line on stderr and an exit code: 2 for "called it wrong", 3 for "a
+service failed". `--config` goes before or after the command.
 """
 
 from __future__ import annotations
@@ -252,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "pipeline from a Redis gate to provisioned instances.",
                                      epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="TOML settings file (default: $SECKILL_CONFIG)")
+    _add_config(parser, None)
     top = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     groups: dict[str, Any] = {}
     for path, help_text, configure, handler in COMMANDS:
@@ -261,35 +262,100 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             if path[0] not in groups:
                 group = top.add_parser(path[0], help=f"{path[0]} commands")
+                _add_config(group, argparse.SUPPRESS)
                 groups[path[0]] = group.add_subparsers(dest="action", metavar="ACTION",
                                                        required=True)
             sub = groups[path[0]].add_parser(path[1], help=help_text, description=help_text,
                                              epilog=EPILOG)
+        _add_config(sub, argparse.SUPPRESS)
         configure(sub)
         sub.set_defaults(handler=handler)
     return parser
+
+
+def _add_config(parser: argparse.ArgumentParser, default: str | None) -> None:
+    """`--config` before or after the command; the subcommands' copies default to
+    SUPPRESS so that leaving them out keeps a value given before the command."""
+    parser.add_argument("--config", default=default,
+                        help="TOML settings file (default: $SECKILL_CONFIG)")
 
 
 def _settings(args: argparse.Namespace) -> Settings:
     return load_settings(args.config)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        settings = _settings(args)
-        from .logs import setup_logging
+# A service's own error classes: (module, class, what to call the service). Looked up in
+# sys.modules, never imported: an exception of a library the command never loaded cannot
+# have been raised, and `seckill --help` stays fast.
+SERVICE_ERRORS = (
+    ("asyncpg", "PostgresError", "PostgreSQL"),
+    ("asyncpg", "ConnectionDoesNotExistError", "PostgreSQL"),
+    ("redis.exceptions", "RedisError", "Redis"),
+    ("aiormq.exceptions", "AMQPError", "RabbitMQ"),
+    ("aiormq.exceptions", "ChannelInvalidStateError", "RabbitMQ"),
+)
+HINTS = {"UndefinedTableError": "is the database migrated? run `seckill migrate`"}
 
-        setup_logging(settings)
-        return args.handler(settings, args)
+
+def service_failure(exc: BaseException) -> str | None:
+    """One line naming the failed service, or None if `exc` is not a service failure (a bug)."""
+    for module, name, service in SERVICE_ERRORS:
+        cls = getattr(sys.modules.get(module), name, None)
+        if isinstance(cls, type) and isinstance(exc, cls):
+            return _one_line(f"{service}: {_describe(exc)}")
+    if isinstance(exc, OSError):  # connection refused, reset, timed out, DNS
+        return _one_line(_describe(exc))
+    return None
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    hint = HINTS.get(type(exc).__name__)
+    return f"{text} ({hint})" if hint else text
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def guarded(run: Callable[[], int], prog: str = "seckill") -> int:
+    """Run a command; every failure a user can act on is one line on stderr and an exit code.
+
+    2: called it wrong. 3: a service failed, whether it raised our ServiceError or
+    its client library's own error after the connection was open (an unmigrated
+    database, a Redis error reply, a closed channel). Anything else is a bug and
+    keeps its traceback.
+    """
+    try:
+        return run()
     except UsageError as exc:
-        print(f"seckill: error: {exc}", file=sys.stderr)
+        print(f"{prog}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except SeckillError as exc:
-        print(f"seckill: error: {exc}", file=sys.stderr)
+        print(f"{prog}: error: {exc}", file=sys.stderr)
         return EXIT_SERVICE
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        why = service_failure(exc)
+        if why is None:
+            raise
+        print(f"{prog}: error: {why}", file=sys.stderr)
+        return EXIT_SERVICE
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    from .logs import setup_logging
+
+    setup_logging(settings)
+    handler: Handler = args.handler
+    return handler(settings, args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return guarded(lambda: _dispatch(args))
 
 
 if __name__ == "__main__":

@@ -141,7 +141,10 @@ async def run_demo(settings: Settings) -> int:
 
 
 def main() -> int:
-    return asyncio.run(run_demo(load_settings()))
+    """The demo under the command line's error handling: a service failure is one line."""
+    from .cli import guarded
+
+    return guarded(lambda: asyncio.run(run_demo(load_settings())), prog="seckill demo")
 
 
 if __name__ == "__main__":

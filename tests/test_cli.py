@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
+import sys
+import uuid
+from urllib.parse import urlsplit, urlunsplit
 
+import asyncpg
 import pytest
+from redis.asyncio import Redis
 from support import SECKILL, engine_env
+
+from engine.gate import Gate
+from engine.keys import Keys
 
 
 def seckill(settings, *args: str, **env: str) -> subprocess.CompletedProcess:
@@ -72,3 +81,82 @@ def test_bad_setting_is_exit_2(settings):
 def test_every_command_has_help(settings, args):
     done = seckill(settings, *args, "--help")
     assert done.returncode == 0 and "usage: seckill" in done.stdout
+
+
+def _one_line_exit_3(done: subprocess.CompletedProcess) -> str:
+    assert done.returncode == 3, (done.stdout, done.stderr)
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    return lines[0]
+
+
+@pytest.fixture
+async def unmigrated_dsn(base_settings):
+    """An empty database of this test's own: connections work, tables are missing."""
+    name = f"seckill_unmigrated_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(base_settings.pg_dsn)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        yield urlunsplit(urlsplit(base_settings.pg_dsn)._replace(path="/" + name))
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+def test_an_unmigrated_database_is_one_line_and_exit_3(settings, unmigrated_dsn):
+    env = {"SECKILL_PG_DSN": unmigrated_dsn}
+    done = seckill(settings, "product", "add", "--id", "7", "--name", "n", "--cpus", "1",
+                   "--memory-mb", "1", "--image", "i", **env)
+    line = _one_line_exit_3(done)
+    assert line.startswith("seckill: error: PostgreSQL: relation \"products\" does not exist")
+    assert "seckill migrate" in line
+    done = seckill(settings, "sale", "open", "--product", "7", "--stock", "1", **env)
+    assert "PostgreSQL" in _one_line_exit_3(done)
+
+
+async def test_a_redis_error_reply_is_one_line_and_exit_3(settings, product_id):
+    redis = Redis.from_url(settings.redis_url)
+    try:
+        keys = Keys(settings.key_prefix)
+        await Gate(redis, keys).open_sale(product_id, 3)
+        await redis.set(keys.buyers(product_id), "not a set")
+    finally:
+        await redis.aclose()
+    done = seckill(settings, "buy", "--product", str(product_id), "--user", "5")
+    assert _one_line_exit_3(done).startswith("seckill: error: Redis: WRONGTYPE")
+
+
+def test_demo_with_a_service_down_is_one_line_and_exit_3(settings):
+    env = engine_env(settings, pg_dsn="postgresql://postgres:hunter2@127.0.0.1:1/x")
+    done = subprocess.run([sys.executable, "-m", "engine.demo"], capture_output=True,
+                          text=True, timeout=120, env=env)
+    line = _one_line_exit_3(done)
+    assert line.startswith("seckill demo: error:") and "hunter2" not in line
+
+
+async def test_config_after_the_command(settings, product_id, tmp_path):
+    redis = Redis.from_url(settings.redis_url)
+    try:
+        await Gate(redis, Keys(settings.key_prefix)).open_sale(product_id, 3)
+    finally:
+        await redis.aclose()
+    config = tmp_path / "seckill.toml"
+    config.write_text(f'redis_url = "{settings.redis_url}"\n'
+                      f'key_prefix = "{settings.key_prefix}"\n')
+    # only the file says where the sale is: no SECKILL_* variables at all
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SECKILL_")}
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([SECKILL, *args], capture_output=True, text=True, timeout=60,
+                              env=env)
+
+    pid = str(product_id)
+    assert run("buy", "--product", pid, "--user", "5", "--config", str(config)) \
+        .stdout.startswith("accepted")
+    assert run("--config", str(config), "buy", "--product", pid, "--user", "5") \
+        .stdout.strip() == "duplicate"
+    # given twice, the one after the command wins
+    done = run("--config", str(config), "buy", "--config", str(tmp_path / "missing.toml"),
+               "--product", pid, "--user", "6")
+    assert done.returncode == 2 and "missing.toml: not found" in done.stderr
