@@ -9,6 +9,7 @@ concurrent runs (several test sessions) wait for each other.
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import subprocess
 import sys
@@ -47,12 +48,20 @@ def dbmate_url(pg_dsn: str) -> str:
     return urlunsplit(parts._replace(scheme="postgres", query=urlencode(query)))
 
 
+def dbmate_invocation(pg_dsn: str) -> tuple[list[str], dict[str, str]]:
+    """dbmate's command line and environment. The URL, password and all, goes in the
+    environment (DATABASE_URL, dbmate's default): a command line is visible to every
+    user in `ps`, a process's environment only to its owner."""
+    cmd = [dbmate_binary(), "--migrations-dir", str(MIGRATIONS), "--no-dump-schema",
+           "--migration-lock", "--wait", "--wait-timeout", "10s", "up"]
+    return cmd, dict(os.environ, DATABASE_URL=dbmate_url(pg_dsn))
+
+
 def apply_migrations(pg_dsn: str, *, timeout: float = 120) -> str:
     """Create the database if needed and apply every pending migration; returns dbmate's output."""
-    cmd = [dbmate_binary(), "--url", dbmate_url(pg_dsn), "--migrations-dir", str(MIGRATIONS),
-           "--no-dump-schema", "--migration-lock", "--wait", "--wait-timeout", "10s", "up"]
+    cmd, env = dbmate_invocation(pg_dsn)
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         raise DatabaseFailed(f"migrations at {mask_url(pg_dsn)}: no answer in {timeout}s") from None
     if done.returncode != 0:

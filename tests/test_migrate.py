@@ -10,7 +10,7 @@ import pytest
 
 from engine.errors import ServiceUnavailable
 from engine.keys import ENGINE_ROLE, EXCHANGE, QUEUE_CREATED, RK_CREATED
-from engine.migrate import apply_migrations, declare_topology
+from engine.migrate import apply_migrations, dbmate_invocation, declare_topology
 
 SEED_COLUMNS = {
     "id": "bigint", "product_id": "bigint", "user_id": "bigint", "instance_id": "bigint",
@@ -113,3 +113,9 @@ async def test_unreachable_services_fail_clearly_with_passwords_masked():
     with pytest.raises(ServiceUnavailable) as err2:
         apply_migrations("postgresql://postgres:s3cret@127.0.0.1:1/x", timeout=30)
     assert "s3cret" not in str(err2.value)
+
+
+def test_the_password_never_reaches_dbmates_command_line():
+    cmd, env = dbmate_invocation("postgresql://postgres:s3cret@127.0.0.1:5432/x")
+    assert not any("s3cret" in part or "://" in part for part in cmd)
+    assert env["DATABASE_URL"] == "postgres://postgres:s3cret@127.0.0.1:5432/x?sslmode=disable"
