@@ -1,7 +1,8 @@
 # The two commands of the README: `make demo` and `make test`. Both create .venv,
 # install the project into it, and start any of Redis, RabbitMQ, PostgreSQL that is down.
 SHELL := /bin/bash
-PYTHON ?= $(shell command -v python3.11 || command -v python3)
+# pyproject.toml: requires-python = ">=3.11,<3.13"
+PYTHON ?= $(shell command -v python3.11 || command -v python3.12 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -14,15 +15,17 @@ help:
 	@echo "make test         the test suite against the real services"
 	@echo "make bench        the benchmark suite (bench-quick: under 3 minutes; bench-micro)"
 	@echo "make loadtest     a Locust flash-sale rehearsal, verified afterwards"
-	@echo "make proto        regenerate engine/pb from proto/"
+	@echo "make proto        regenerate engine/pb from proto/ (proto-check: is it fresh?)"
 	@echo "make lint         ruff and mypy"
 
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml
 	@echo "==> creating $(VENV) with $(PYTHON)"
-	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
-		{ echo "Python 3.11+ is needed (found $(PYTHON))"; exit 1; }
+	@$(PYTHON) -c 'import sys; sys.exit(not (3, 11) <= sys.version_info < (3, 13))' \
+		2>/dev/null || { found=$$($(PYTHON) -V 2>&1) || found="no python3"; \
+		echo "Python 3.11 or 3.12 is needed (pyproject.toml: >=3.11,<3.13), found: $$found." \
+			"Install python3.11 or run: make PYTHON=/path/to/python3.11"; exit 1; }
 	@$(PYTHON) -m venv $(VENV) 2>/dev/null || { \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 			apt-get update -q && apt-get install -y -q python3-venv && $(PYTHON) -m venv $(VENV); \
@@ -36,15 +39,21 @@ services: venv
 	@echo "==> services"
 	@$(PY) -m engine.devstack up
 
-# promtool validates the alert rules in the tests (Debian's prometheus package; the
-# server it ships is not started here).
+# promtool validates the alert rules in the tests (Debian's prometheus package). The
+# server it ships is kept from starting during the install (policy-rc.d exit 101, ours
+# only if there was none), so nothing is stopped afterwards: a prometheus already
+# running here is not ours to touch.
+POLICY_RC_D := /usr/sbin/policy-rc.d
 tools:
 	@command -v promtool >/dev/null || { \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-			echo "==> installing promtool (Debian package prometheus)"; \
+			echo "==> installing promtool (Debian package prometheus)"; ours=; \
+			if [ ! -e $(POLICY_RC_D) ]; then \
+				printf '#!/bin/sh\nexit 101\n' > $(POLICY_RC_D) && chmod 755 $(POLICY_RC_D) && ours=1; \
+			fi; \
 			apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
-				--no-install-recommends prometheus >/dev/null; \
-			pkill -x prometheus 2>/dev/null || true; \
+				--no-install-recommends prometheus >/dev/null; rc=$$?; \
+			[ -z "$$ours" ] || rm -f $(POLICY_RC_D); exit $$rc; \
 		else echo "promtool missing: apt-get install prometheus (its alert test will skip)"; fi; }
 
 test: venv services tools
@@ -56,6 +65,13 @@ demo: venv services
 
 proto: venv
 	@proto/generate.sh
+
+# Regenerates into a temporary directory and diffs with the committed engine/pb.
+proto-check: venv
+	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && PYTHON=$(PY) proto/generate.sh "$$tmp" && \
+	for f in event_pb2.py event_pb2.pyi; do \
+		diff -u "engine/pb/$$f" "$$tmp/$$f" || { echo "engine/pb/$$f is stale: make proto"; exit 1; }; \
+	done && echo "engine/pb is fresh"
 
 lint: venv
 	@$(VENV)/bin/ruff check engine bench loadtest tests
