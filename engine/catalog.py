@@ -3,16 +3,20 @@
 A batch asks for its products once; all misses of a batch cost one query.
 Unknown products are not cached: an order is dead-lettered as
 `unknown_product` only on a fresh answer, so a product added a moment ago
-(and its replayed dead letters) is found at once.
+(and its replayed dead letters) is found at once. The query has a timeout
+like every other wait on the database: a locked or hung server fails the
+lookup with `DatabaseFailed`, which the pipeline retries.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Iterable
 
 import asyncpg
 
+from .errors import DatabaseFailed
 from .events import product_prefix
 from .products import Product, fetch_products
 
@@ -20,10 +24,11 @@ from .products import Product, fetch_products
 class Catalog:
     """Product rows and their pre-serialized event prefix, with a TTL."""
 
-    def __init__(self, pool: asyncpg.Pool, ttl: float,
+    def __init__(self, pool: asyncpg.Pool, ttl: float, *, timeout: float = 10.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._pool = pool
         self._ttl = ttl
+        self._timeout = timeout
         self._clock = clock
         self._known: dict[int, tuple[float, Product, bytes]] = {}
 
@@ -39,8 +44,7 @@ class Catalog:
             else:
                 missing.append(pid)
         if missing:
-            async with self._pool.acquire() as conn:
-                rows = await fetch_products(conn, missing)
+            rows = await self._fetch(missing)
             for pid in missing:
                 product = rows.get(pid)
                 if product is None:
@@ -49,3 +53,11 @@ class Catalog:
                 self._known[pid] = (now + self._ttl, product, prefix)
                 found[pid] = (product, prefix)
         return found
+
+    async def _fetch(self, ids: list[int]) -> dict[int, Product]:
+        try:
+            async with asyncio.timeout(self._timeout), self._pool.acquire() as conn:
+                return await fetch_products(conn, ids)
+        except (TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+            why = "no answer in time" if isinstance(exc, TimeoutError) else str(exc)
+            raise DatabaseFailed(f"looking up {len(ids)} products: {why}") from exc

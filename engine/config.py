@@ -41,6 +41,8 @@ class Settings:
     key_prefix: str = _doc("Prefix of every Redis key; isolates tests and tenants.", default="")
     connect_timeout: float = _doc("Seconds to wait for a service to accept a connection.",
                                   default=5.0)
+    redis_timeout: float = _doc("Seconds a Redis reply may take beyond a read's BLOCK time "
+                                "before the connection is dropped as dead.", default=5.0)
 
     # -- engine ------------------------------------------------------------
     workers: int = _doc("Worker processes of `seckill run` (0 = CPU count).", default=0)
@@ -118,6 +120,11 @@ class Settings:
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
 
+    def redis_socket_timeout(self) -> float:
+        """Socket timeout of every Redis client: above the longest XREADGROUP BLOCK, so
+        only a dead server or network (not an idle stream) trips it."""
+        return self.block_ms / 1000 + self.redis_timeout
+
     def effective_workers(self) -> int:
         return self.workers or os.cpu_count() or 1
 
@@ -139,7 +146,7 @@ _NON_NEGATIVE = {
     "max_clock_rollback_ms",
 }
 _POSITIVE_FLOAT = {
-    "connect_timeout", "publish_timeout", "db_timeout", "janitor_interval",
+    "connect_timeout", "redis_timeout", "publish_timeout", "db_timeout", "janitor_interval",
     "discovery_interval", "product_cache_ttl", "retry_backoff_max", "heartbeat_timeout",
     "graceful_timeout", "boot_timeout", "bff_soldout_recheck", "status_unknown_retry",
 }

@@ -46,8 +46,8 @@ class Janitor:
                                                 start_id=cursor, count=self.count)
             cursor, items = reply[0], [i for i in reply[1] if i[0] is not None]
             if items:
-                counts = await delivery_counts(self.redis, stream, items[0][0], items[-1][0],
-                                               len(items), self.consumer)
+                counts = await delivery_counts(self.redis, stream, [i[0] for i in items],
+                                               self.consumer)
                 letters = await poison_letters(self.redis, self.keys, stream, items, counts,
                                                self.max_deliveries)
                 dead += letters.values()

@@ -22,7 +22,7 @@ from redis.asyncio import Redis
 from . import metrics
 from .catalog import Catalog
 from .config import Settings
-from .connections import TRANSIENT_ERRORS
+from .connections import RETRYABLE
 from .errors import ServiceError
 from .events import created_body
 from .ids import Snowflake
@@ -43,7 +43,6 @@ from .settle import record_errors, settle, touch
 
 log = logging.getLogger("seckill.pipeline")
 
-RETRYABLE: tuple[type[BaseException], ...] = (ServiceError, *TRANSIENT_ERRORS)
 
 
 def decode_batch(entries: list[Entry], keys: Keys,
@@ -108,8 +107,9 @@ class Pipeline:
         metrics.BATCH_SIZE.observe(len(entries))
         orders, dead = decode_batch(entries, self.keys, self.settings.max_entry_bytes)
         dead.extend(extra_dead)
+        # the dead letters are held too: a long outage must not let a janitor take them
         products, failures = await self._retrying("lookup", lambda: self.catalog.lookup(
-            o.product_id for o in orders), orders)
+            o.product_id for o in orders), [*orders, *dead])
         orders = drop_unknown(orders, products, dead)
         assign_ids(orders, self.snowflake)
         prefixes = {pid: prefix for pid, (_, prefix) in products.items()}
@@ -157,13 +157,16 @@ class Pipeline:
             await self.publisher.close()
             raise
         metrics.STAGE_SECONDS.labels("publish").observe(time.perf_counter() - t1)
-        failed = []
+        failed: list[Order] = []
+        why: dict[str, int] = {}
         for order, outcome in zip(batch.todo, outcomes, strict=True):
             if outcome == CONFIRMED:
                 batch.done.append(order)
             else:
                 failed.append(order)
-                metrics.PUBLISH_FAILURES.labels(outcome).inc()
+                why[outcome] = why.get(outcome, 0) + 1
+        for outcome, count in why.items():  # counters move once per batch, not per order
+            metrics.PUBLISH_FAILURES.labels(outcome).inc(count)
         batch.todo = failed
 
     def _error_keys(self, batch: _Batch) -> set[str]:
@@ -191,7 +194,8 @@ class Pipeline:
                         extra={"event": "dead_letter", "count": len(dead),
                                "reasons": sorted({d.reason for d in dead})})
 
-    async def _retrying(self, stage: str, call: Callable, held: list[Order]) -> tuple[dict, int]:
+    async def _retrying(self, stage: str, call: Callable,
+                        held: list[Order | DeadLetter]) -> tuple[dict, int]:
         """The call's result once it succeeds, and how many attempts failed before."""
         attempt = 0
         while True:

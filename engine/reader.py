@@ -9,7 +9,9 @@ busy sale among a thousand idle ones still gets full batches.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from typing import Any
 
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
@@ -48,6 +50,7 @@ class StreamReader:
         self.block_ms = block_ms
         self.max_deliveries = max_deliveries
         self.cursors: dict[bytes, bytes] = {}
+        self._found = asyncio.Event()  # set once discovery knows at least one stream
         # Streams that had entries at the last read; until we know, assume all of them,
         # so one read never returns more than about one batch.
         self._active = 1 << 30
@@ -63,6 +66,7 @@ class StreamReader:
                 self.cursors[stream] = b"0"
                 new += 1
         if new:
+            self._found.set()
             log.info("reading %d streams (%d new)", len(self.cursors), new,
                      extra={"event": "streams_discovered", "streams": len(self.cursors)})
         return new
@@ -71,6 +75,7 @@ class StreamReader:
         """One XREADGROUP over all streams: entries to process, and entries to dead-letter
         because they were delivered too often (a worker keeps dying on them)."""
         if not self.cursors:
+            await self._idle()
             return [], []
         # at least a few entries per busy stream: a read and its acknowledgements cost
         # something per stream, and one entry per stream would pay it for every order
@@ -87,6 +92,14 @@ class StreamReader:
                 await ensure_group(self.redis, stream)
             return [], []
         return await self._collect(reply or [])  # type: ignore[arg-type]
+
+    async def _idle(self) -> None:
+        """No sale yet: wait as long as a blocking read would, or until discovery finds
+        one, so an idle worker sleeps instead of spinning through empty reads."""
+        try:
+            await asyncio.wait_for(self._found.wait(), self.block_ms / 1000)
+        except TimeoutError:
+            pass
 
     async def _collect(self, reply: list) -> tuple[list[Entry], list[DeadLetter]]:
         entries: list[Entry] = []
@@ -117,17 +130,36 @@ class StreamReader:
                                    items: list) -> dict[bytes, DeadLetter]:
         if not items:
             return {}
-        counts = await delivery_counts(self.redis, stream, items[0][0], items[-1][0],
-                                       len(items), self.consumer)
+        counts = await delivery_counts(self.redis, stream, [raw_id for raw_id, _ in items],
+                                       self.consumer)
         return await poison_letters(self.redis, self.keys, stream, items, counts,
                                     self.max_deliveries)
 
 
-async def delivery_counts(redis: Redis, stream: bytes, first: bytes, last: bytes, count: int,
+async def delivery_counts(redis: Redis, stream: bytes, ids: list[bytes],
                           consumer: str) -> dict[bytes, int]:
-    rows = await redis.xpending_range(stream, GROUP, min=first, max=last, count=count,
-                                      consumername=consumer)
-    return {row["message_id"]: int(row["times_delivered"]) for row in rows}  # type: ignore[misc]
+    """Delivery count of each of `ids` (in stream order) pending on `consumer`.
+
+    The consumer's pending list between the first and the last ID may hold other
+    entries too (batches in flight, entries claimed earlier), so one page of
+    len(ids) rows can stop short; we page on until every ID is found or the range
+    is exhausted. Only recovery and the janitor call this, never the hot path.
+    """
+    if not ids:
+        return {}
+    wanted = set(ids)
+    counts: dict[bytes, int] = {}
+    page = len(ids) + 100
+    low: bytes = ids[0]
+    while True:
+        rows: list[dict[str, Any]] = await redis.xpending_range(  # type: ignore[assignment]
+            stream, GROUP, min=low, max=ids[-1], count=page, consumername=consumer)
+        for row in rows:
+            if row["message_id"] in wanted:
+                counts[row["message_id"]] = int(row["times_delivered"])
+        if len(rows) < page or len(counts) == len(wanted):
+            return counts
+        low = b"(" + rows[-1]["message_id"]
 
 
 async def poison_letters(redis: Redis, keys: Keys, stream: bytes, items: list,

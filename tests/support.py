@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import signal
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +70,11 @@ class EngineProcess:
     def signal(self, sig: int) -> None:
         self.proc.send_signal(sig)
 
+    async def booted(self, workers: int) -> bool:
+        """True once `workers` workers run and each has logged that it booted."""
+        return (len(self.children()) == workers
+                and self.output().count(" booted as ") >= workers)
+
     def wait(self, timeout: float) -> int:
         return self.proc.wait(timeout)
 
@@ -90,6 +97,25 @@ async def wait_for(check: Callable[[], Awaitable[bool]], timeout: float, what: s
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         await asyncio.sleep(interval)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time a process has used so far (from /proc)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2:].split()  # after the command name, which may hold spaces
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@contextlib.asynccontextmanager
+async def table_locked(dsn: str, table: str, mode: str = "EXCLUSIVE") -> AsyncIterator[None]:
+    """Hold a PostgreSQL table lock, so whoever needs the table waits (a stuck database)."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        async with conn.transaction():
+            await conn.execute(f"LOCK TABLE {table} IN {mode} MODE")
+            yield
+    finally:
+        await conn.close()
 
 
 async def push_orders(redis: Redis, keys: Keys, pid: int, users: range | list[int],

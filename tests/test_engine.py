@@ -9,6 +9,8 @@ import os
 import signal
 import socket
 import subprocess
+import sys
+import textwrap
 import time
 import urllib.request
 
@@ -16,19 +18,30 @@ import asyncpg
 import orjson
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import TimeoutError as RedisTimeout
 from support import (
+    SECKILL,
     EngineProcess,
     EventTap,
     add_products,
     announce,
+    cpu_seconds,
+    engine_env,
     log_rows,
     pending_count,
     push_orders,
+    table_locked,
     wait_for,
 )
 
+from engine.catalog import Catalog
+from engine.connections import connect_redis
+from engine.errors import DatabaseFailed
 from engine.keys import GROUP, Keys
-from engine.worker import consumer_name
+from engine.orders import Entry
+from engine.reader import delivery_counts
+from engine.settle import record_errors
+from engine.worker import EXIT_BOOT, EXIT_CRASH, Worker, consumer_name
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -212,6 +225,48 @@ async def test_entries_delivered_too_often_are_dead_lettered(settings, redis, ke
     assert first[b"last_error"] == b"RuntimeError: boom"
 
 
+async def test_janitor_reclaims_from_a_dead_consumer_and_dead_letters_poison(
+        settings, redis, keys, product_id):
+    """Entries pending on a consumer that is gone (a host that died, a slot that was
+    scaled away) are processed by the janitor; one delivered too often is dead-lettered."""
+    await add_products(settings, [product_id])
+    await announce(redis, keys, product_id)
+    stream = keys.stream(product_id)
+    good = await push_orders(redis, keys, product_id, range(1, 51))
+    poison = (await redis.xadd(stream, {"uid": "999", "ts": "1"})).decode()
+    await redis.xreadgroup(GROUP, "gone-host-7", {stream: ">"})
+    for _ in range(3):  # the dead consumer kept dying on this one
+        await redis.xclaim(stream, GROUP, "gone-host-7", 0, [poison])
+    await record_errors(redis, keys, [Entry(stream.encode(), poison, {})], "RuntimeError: boom")
+    engine = EngineProcess(settings, workers=1, claim_idle_ms=1000, janitor_interval=0.5,
+                           max_deliveries=4)
+    try:
+        await wait_for(lambda: all_done(settings, redis, keys, [product_id], len(good)), 60,
+                       "the dead consumer's entries reclaimed and processed")
+        await wait_for(lambda: _xlen(redis, keys.dlq(product_id), 1), 30, "the poison entry")
+    finally:
+        engine.stop()
+    (_, letter), = await redis.xrange(keys.dlq(product_id))
+    assert letter[b"id"].decode() == poison
+    assert letter[b"reason"] == b"too_many_deliveries"
+    assert letter[b"last_error"] == b"RuntimeError: boom"
+    assert letter[b"detail"].endswith(b"; last error: RuntimeError: boom")
+    assert {r["stream_id"] for r in await log_rows(settings, [product_id])} == set(good)
+    assert "reclaimed" in engine.output()
+
+
+async def test_delivery_counts_are_found_among_other_pending_entries(redis, keys, product_id):
+    """The consumer's pending list between two IDs may hold many other entries."""
+    await announce(redis, keys, product_id)
+    stream = keys.stream(product_id)
+    ids = await push_orders(redis, keys, product_id, range(1, 301))
+    await redis.xreadgroup(GROUP, "c1", {stream: ">"})
+    for _ in range(2):
+        await redis.xclaim(stream, GROUP, "c1", 0, [ids[0], ids[-1]])
+    asked = [ids[0].encode(), ids[-1].encode()]
+    assert await delivery_counts(redis, stream.encode(), asked, "c1") == dict.fromkeys(asked, 3)
+
+
 async def _xlen(redis, key, n) -> bool:
     return await redis.xlen(key) == n
 
@@ -267,11 +322,14 @@ async def test_broker_and_database_restarts_are_survived(settings, redis, keys, 
             await push_orders(redis, keys, product_id, range(1, 5001))
             await wait_for(lambda: _rows_at_least(settings, [product_id], 500), 60, "progress")
             _service("rabbitmqctl", "-q", "stop_app")
-            await push_orders(redis, keys, product_id, range(5001, 10_001), first_slot=5001)
-            await asyncio.sleep(3)
-            # the failing batches say why, for the dead letter they might become
-            assert await redis.hlen(keys.errors(product_id)) > 0
-            _service("rabbitmqctl", "-q", "start_app")
+            try:
+                await push_orders(redis, keys, product_id, range(5001, 10_001),
+                                  first_slot=5001)
+                # the failing batches say why, for the dead letter they might become
+                await wait_for(lambda: _has_errors(redis, keys, product_id), 30,
+                               "an error recorded for the entries held")
+            finally:
+                _service("rabbitmqctl", "-q", "start_app")
             await wait_for(lambda: _rows_at_least(settings, [product_id], 7000), 90,
                            "progress after the broker came back")
             version = os.listdir("/etc/postgresql")[0]
@@ -281,11 +339,17 @@ async def test_broker_and_database_restarts_are_survived(settings, redis, keys, 
             await wait_for(lambda: all_done(settings, redis, keys, [product_id], 12_000), 120,
                            "all orders after both restarts")
             events = await tap.collect(12_000, timeout=60)
+            # the workers rode out both outages: none crashed or was replaced
+            assert " exited with " not in engine.output()
         finally:
             engine.stop()
     rows = await log_rows(settings, [product_id])
     assert_one_id_per_order(rows, events, 12_000)
     assert await redis.hlen(keys.errors(product_id)) == 0  # settled entries take theirs along
+
+
+async def _has_errors(redis, keys, product_id) -> bool:
+    return await redis.hlen(keys.errors(product_id)) > 0
 
 
 async def test_sigterm_drains_and_exits_zero(settings, redis, keys, product_id):
@@ -416,3 +480,233 @@ async def _http_ok(port: int, path: str) -> bool:
         return True
     except OSError:
         return False
+
+
+# -- discovery, idling, signals ------------------------------------------------
+
+
+async def test_a_sale_opened_while_running_is_picked_up(settings, redis, keys, product_id):
+    """No restart: discovery (not the janitor's scan, kept out of the way) finds the sale."""
+    await add_products(settings, [product_id])
+    engine = EngineProcess(settings, workers=2, discovery_interval=0.5, janitor_interval=600)
+    try:
+        await wait_for(lambda: engine.booted(2), 30, "two booted workers")
+        opened = subprocess.run([SECKILL, "sale", "open", "--product", str(product_id),
+                                 "--stock", "100"], env=engine_env(settings),
+                                capture_output=True, text=True, timeout=60)
+        assert opened.returncode == 0, opened.stderr
+        await push_orders(redis, keys, product_id, range(1, 101))
+        await wait_for(lambda: all_done(settings, redis, keys, [product_id], 100), 30,
+                       "the new sale's orders")
+    finally:
+        engine.stop()
+    assert len(await log_rows(settings, [product_id])) == 100
+
+
+async def test_an_idle_engine_does_not_spin(settings):
+    """No sale at all: the worker waits for one instead of looping over empty reads."""
+    engine = EngineProcess(settings, workers=1)
+    try:
+        await wait_for(lambda: engine.booted(1), 30, "a booted worker")
+        (pid,) = engine.children()
+        before = cpu_seconds(pid)
+        await asyncio.sleep(2)
+        used = cpu_seconds(pid) - before
+    finally:
+        engine.stop()
+    assert used < 0.5, f"an idle worker used {used:.2f} s of CPU in 2 s"
+
+
+async def test_sigquit_exits_fast_and_held_entries_are_processed_next_start(
+        settings, redis, keys, product_id):
+    await add_products(settings, [product_id])
+    await announce(redis, keys, product_id)
+    await push_orders(redis, keys, product_id, range(1, 2001))
+    # a stuck database: batches are held, unlogged, so a graceful stop would wait for them
+    async with table_locked(settings.pg_dsn, "seckill_logs"):
+        engine = EngineProcess(settings, workers=2, graceful_timeout=120, db_timeout=60)
+        try:
+            await wait_for(lambda: _pending_at_least(redis, keys, product_id, 1), 30,
+                           "entries read and held")
+            engine.signal(signal.SIGQUIT)
+            code = await asyncio.to_thread(engine.wait, 30)  # far less than graceful_timeout
+        finally:
+            engine.stop()
+        assert code == 0, engine.output()
+        assert await pending_count(redis, keys, [product_id]) > 0
+    engine = EngineProcess(settings, workers=2)
+    try:
+        await wait_for(lambda: all_done(settings, redis, keys, [product_id], 2000), 90,
+                       "the held entries after a restart")
+    finally:
+        engine.stop()
+    rows = await log_rows(settings, [product_id])
+    assert len({r["instance_id"] for r in rows}) == len(rows) == 2000
+
+
+async def _pending_at_least(redis, keys, pid, n) -> bool:
+    return await pending_count(redis, keys, [pid]) >= n
+
+
+async def test_sigterm_with_stuck_batches_exits_within_the_graceful_timeout(
+        settings, redis, keys, product_id):
+    """Draining gives up in time and closing the connections cannot push the worker
+    past `graceful_timeout`: it exits on its own, never SIGKILLed by the supervisor."""
+    await add_products(settings, [product_id])
+    await announce(redis, keys, product_id)
+    await push_orders(redis, keys, product_id, range(1, 501))
+    async with table_locked(settings.pg_dsn, "seckill_logs"):
+        engine = EngineProcess(settings, workers=1, graceful_timeout=6, db_timeout=60)
+        try:
+            await wait_for(lambda: _pending_at_least(redis, keys, product_id, 1), 30,
+                           "entries read and held")
+            engine.signal(signal.SIGTERM)
+            code = await asyncio.to_thread(engine.wait, 60)
+        finally:
+            engine.stop()
+    out = engine.output()
+    assert code == 0, out
+    assert "batches left pending at shutdown" in out
+    assert "did not stop in time" not in out
+    engine = EngineProcess(settings, workers=1)
+    try:
+        await wait_for(lambda: all_done(settings, redis, keys, [product_id], 500), 60,
+                       "the rest after a restart")
+    finally:
+        engine.stop()
+
+
+async def test_sighup_keeps_one_instance_id_and_one_event_per_order(
+        settings, redis, keys, product_id):
+    await add_products(settings, [product_id])
+    await announce(redis, keys, product_id)
+    async with EventTap(settings.amqp_url) as tap:
+        engine = EngineProcess(settings, workers=2, batch_size=200)
+        try:
+            await wait_for(lambda: engine.booted(2), 30, "two booted workers")
+            before = set(engine.children())
+            await push_orders(redis, keys, product_id, range(1, 20_001))
+            await wait_for(lambda: _rows_at_least(settings, [product_id], 2000), 60,
+                           "work under way")
+            engine.signal(signal.SIGHUP)
+            await wait_for(lambda: _all_new(engine, before), 60, "workers replaced")
+            await wait_for(lambda: all_done(settings, redis, keys, [product_id], 20_000), 120,
+                           "every order across the reload")
+            events = await tap.collect(20_000, timeout=60)
+        finally:
+            engine.stop()
+    assert_one_id_per_order(await log_rows(settings, [product_id]), events, 20_000)
+    assert len(events) == 20_000, "a graceful reload published some order twice"
+
+
+async def test_dead_letters_stay_claimed_while_the_lookup_is_retried(
+        settings, redis, keys, product_id):
+    """A batch retrying its product lookup keeps its dead letters claimed too, so the
+    janitor does not take them and dead-letter them a second time."""
+    await add_products(settings, [product_id])
+    await announce(redis, keys, product_id)
+    engine = EngineProcess(settings, workers=1, db_timeout=0.5, retry_backoff_max=0.3,
+                           claim_idle_ms=2000, janitor_interval=0.5)
+    try:
+        await wait_for(lambda: engine.booted(1), 30, "a booted worker")
+        async with table_locked(settings.pg_dsn, "products", "ACCESS EXCLUSIVE"):
+            await push_orders(redis, keys, product_id, range(1, 21))
+            await redis.xadd(keys.stream(product_id), {"ts": "1"})  # no uid: a dead letter
+            await asyncio.sleep(6)  # three times claim_idle_ms of lookups failing
+        await wait_for(lambda: all_done(settings, redis, keys, [product_id], 20), 60,
+                       "orders once the lookup works again")
+        await wait_for(lambda: _xlen(redis, keys.dlq(product_id), 1), 30, "the dead letter")
+        await asyncio.sleep(1)
+    finally:
+        engine.stop()
+    letters = await redis.xrange(keys.dlq(product_id))
+    assert [f[b"reason"] for _, f in letters] == [b"bad_entry"]
+
+
+# -- the worker itself, in this process, on the real services ------------------
+
+
+class _BuggyBoot(Worker):
+    async def boot(self) -> None:
+        await super().boot()
+        raise KeyError("a bug, not an outage")
+
+
+class _StatusDies(Worker):
+    async def boot(self) -> None:
+        await super().boot()
+
+        async def die(stopping: asyncio.Event) -> None:
+            raise RuntimeError("status consumer bug")
+
+        self.status.run = die  # type: ignore[method-assign]
+
+
+async def test_any_boot_failure_exits_with_the_boot_code(settings, redis, keys):
+    """Not only outages: a bug at boot gives EXIT_BOOT too, so the supervisor halts."""
+    code = await asyncio.wait_for(_BuggyBoot(settings, slot=0).run(), 60)
+    assert code == EXIT_BOOT
+    assert not [k async for k in redis.scan_iter(match=keys.node(0)[:-1] + "*")], \
+        "the node lease was not released"
+
+
+async def test_a_dead_background_task_stops_the_worker(settings):
+    worker = _StatusDies(settings.replace(graceful_timeout=5), slot=0)
+    assert await asyncio.wait_for(worker.run(), 60) == EXIT_CRASH
+
+
+def test_a_sigterm_before_the_loop_runs_is_not_lost(settings):
+    """A SIGTERM that reaches a fresh worker before its loop exists must still stop it,
+    not the supervisor's handler the child inherited."""
+    script = textwrap.dedent("""
+        import os, signal, sys
+        from engine import worker
+        from engine.config import load_settings
+
+        original = worker.Worker.__init__
+
+        def init(self, *args, **kwargs):
+            os.kill(os.getpid(), signal.SIGTERM)  # run_worker started, no loop yet
+            original(self, *args, **kwargs)
+
+        worker.Worker.__init__ = init
+        signal.signal(signal.SIGTERM, lambda *_: None)  # the supervisor's, inherited
+        sys.exit(worker.run_worker(load_settings(), 0))
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], env=engine_env(settings),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, out.decode(errors="replace")
+
+
+async def test_redis_commands_cannot_hang_past_the_socket_timeout(settings, keys, product_id):
+    s = settings.replace(block_ms=200, redis_timeout=0.5)
+    client = await connect_redis(s)
+    try:
+        await announce(client, keys, product_id)
+        # a blocking read within block_ms is not cut short...
+        assert await client.xreadgroup(GROUP, "c1", {keys.stream(product_id): ">"},
+                                       block=s.block_ms) == []
+        # ...but a reply that never comes fails instead of hanging
+        with pytest.raises(RedisTimeout):
+            await asyncio.wait_for(client.blpop([keys.stock(product_id)], timeout=0), 30)
+        assert await client.ping()
+    finally:
+        await client.aclose()
+
+
+async def test_a_stuck_product_lookup_fails_with_a_named_error(settings, product_id):
+    await add_products(settings, [product_id])
+    pool = await asyncpg.create_pool(settings.pg_dsn, min_size=1, max_size=2)
+    try:
+        async with table_locked(settings.pg_dsn, "products", "ACCESS EXCLUSIVE"):
+            with pytest.raises(DatabaseFailed, match="no answer in time"):
+                await asyncio.wait_for(Catalog(pool, 30, timeout=0.5).lookup([product_id]), 30)
+        assert product_id in await Catalog(pool, 30, timeout=5).lookup([product_id])
+    finally:
+        await pool.close()
