@@ -17,7 +17,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from .config import Settings, mask_url
-from .errors import ServiceUnavailable
+from .errors import ServiceError, ServiceUnavailable
 
 if TYPE_CHECKING:
     from aiormq.abc import AbstractConnection
@@ -28,6 +28,9 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     asyncio.TimeoutError,
     RedisError,
     aiormq.exceptions.AMQPError,
+    # aiormq's "the channel is closed" is a RuntimeError, not an AMQPError: a broker
+    # restart raises it from any channel call, and it passes like the outage does
+    aiormq.exceptions.ChannelInvalidStateError,
     asyncpg.PostgresConnectionError,
     asyncpg.exceptions.ConnectionDoesNotExistError,
     asyncpg.exceptions.CannotConnectNowError,
@@ -35,11 +38,19 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.AdminShutdownError,
     asyncpg.exceptions.InternalClientError,
 )
+# What a long-running loop retries with backoff: the outages above, and our own named
+# service failures (ServiceUnavailable from a reconnect, PublishFailed, DatabaseFailed).
+RETRYABLE: tuple[type[BaseException], ...] = (ServiceError, *TRANSIENT_ERRORS)
 
 
 async def connect_redis(settings: Settings, **kwargs: Any) -> Redis:
-    """A Redis client that has answered PING."""
+    """A Redis client that has answered PING.
+
+    Every command has a socket timeout, so a server that stops answering fails the
+    command (a retryable RedisError) instead of hanging it while the heartbeat beats on.
+    """
     client = Redis.from_url(settings.redis_url, socket_connect_timeout=settings.connect_timeout,
+                            socket_timeout=settings.redis_socket_timeout(),
                             socket_keepalive=True, **kwargs)
     try:
         await asyncio.wait_for(client.ping(), settings.connect_timeout)

@@ -2,7 +2,9 @@
 
 A batch's publishes are framed into one write and registered in aiormq's
 confirmation map under the channel lock, exactly as `basic_publish` does one
-at a time; then we wait for all confirms at once, with a timeout. The
+at a time; then we wait for all confirms at once. One deadline per batch
+covers everything that can wait on the broker: opening the channel, taking
+the channel lock, queueing the frames and the confirms. The
 per-message cost of going through `basic_publish` (a lock, a timeout scope,
 a queue put and a drain per message) was most of the engine's CPU. Where the
 channel does not look like the aiormq we know, the public path is used.
@@ -20,9 +22,9 @@ from typing import Any
 import aiormq
 from aiormq.abc import ChannelFrame
 
-from .config import Settings
+from .config import Settings, mask_url
 from .connections import connect_amqp
-from .errors import PublishFailed
+from .errors import PublishFailed, ServiceUnavailable
 from .events import PERSISTENT, Framer, shortstr
 from .keys import CONTENT_TYPE, EXCHANGE
 
@@ -52,17 +54,32 @@ class ConfirmPublisher:
         self._channel: Any = None
         self._framer: Framer | None = None
         self._max_body = 0
+        self._connecting = asyncio.Lock()  # batches share us: one reconnect at a time
 
-    async def connect(self) -> None:
+    async def connect(self, timeout: float | None = None) -> None:
+        """Connect and open a confirm channel, the channel within `timeout` (default: the
+        publish timeout): a broker that accepts TCP but never answers must not hang us."""
         await self.close()
-        self._conn = await connect_amqp(self._settings)
-        self._channel = await self._conn.channel(publisher_confirms=True, on_return_raises=True)
-        self._max_body = self._conn.connection_tune.frame_max - 8
-        fast = self._fast_wanted and _fast_path_supported(self._channel)
-        self._framer = Framer.create(self._channel.number, EXCHANGE, self._routing_key,
-                                     self._type_name) if fast else None
+        conn = await connect_amqp(self._settings)
+        try:
+            channel = await asyncio.wait_for(
+                conn.channel(publisher_confirms=True, on_return_raises=True),
+                timeout or self._settings.publish_timeout)
+        except TimeoutError as exc:
+            await _close_quietly(conn)
+            raise ServiceUnavailable(f"RabbitMQ at {mask_url(self._settings.amqp_url)}: "
+                                     "the confirm channel did not open in time") from exc
+        except BaseException:
+            await _close_quietly(conn)
+            raise
+        fast = self._fast_wanted and _fast_path_supported(channel)
         if fast:
-            _install_in_order_confirms(self._channel)
+            _install_in_order_confirms(channel)
+        # set together, once complete: a batch never sees half a connection
+        self._framer = Framer.create(channel.number, EXCHANGE, self._routing_key,
+                                     self._type_name) if fast else None
+        self._max_body = conn.connection_tune.frame_max - 8
+        self._conn, self._channel = conn, channel
 
     @property
     def connected(self) -> bool:
@@ -72,32 +89,36 @@ class ConfirmPublisher:
     async def close(self) -> None:
         conn, self._conn, self._channel = self._conn, None, None
         if conn is not None:
-            try:
-                await asyncio.wait_for(conn.close(), 2)
-            except Exception:  # noqa: BLE001 - closing a broken connection may fail any way
-                pass
+            await _close_quietly(conn)
 
     async def publish(self, messages: Sequence[Message], timeout: float) -> list[str]:
         """Publish all; return each message's outcome (CONFIRMED or why not)."""
         if not messages:
             return []
         if not self.connected:
-            await self.connect()
+            async with self._connecting:
+                if not self.connected:
+                    await self.connect(timeout)
+        channel, framer = self._channel, self._framer
+        if channel is None:  # another batch dropped it while we waited
+            raise aiormq.exceptions.ChannelInvalidStateError("channel closed")
         now = dt.datetime.now(dt.UTC)
-        if self._framer is not None and max(len(m.body) for m in messages) <= self._max_body:
-            return await self._publish_framed(messages, int(now.timestamp()), timeout)
-        futures: list[asyncio.Future] = [asyncio.ensure_future(self._send_one(m, now))
-                                         for m in messages]
+        if framer is not None and max(len(m.body) for m in messages) <= self._max_body:
+            deadline = asyncio.get_running_loop().time() + timeout
+            return await self._publish_framed(channel, framer, messages, int(now.timestamp()),
+                                              deadline)
+        futures: list[asyncio.Future] = [
+            asyncio.ensure_future(self._send_one(channel, m, now)) for m in messages]
         return await _outcomes(futures, timeout)
 
-    async def _publish_framed(self, messages: Sequence[Message], ts: int,
-                              timeout: float) -> list[str]:
-        channel = self._channel
-        batch = _Batch(len(messages), asyncio.get_running_loop())
-        first, last = await self._send_framed(messages, ts, batch)
+    async def _publish_framed(self, channel: Any, framer: Framer, messages: Sequence[Message],
+                              ts: int, deadline: float) -> list[str]:
+        loop = asyncio.get_running_loop()
+        batch = _Batch(len(messages), loop)
+        first, last = await self._send_framed(channel, framer, messages, ts, batch, deadline)
         closing = channel.closing
         try:
-            await asyncio.wait((batch.done, closing), timeout=timeout,
+            await asyncio.wait((batch.done, closing), timeout=max(0.0, deadline - loop.time()),
                                return_when=asyncio.FIRST_COMPLETED)
         finally:
             closing.cancel()
@@ -107,35 +128,49 @@ class ConfirmPublisher:
             return [lost if o is None else o for o in batch.outcomes]
         return batch.outcomes  # type: ignore[return-value]
 
-    async def _send_framed(self, messages: Sequence[Message], ts: int,
-                           batch: _Batch) -> tuple[int, int]:
-        """Frame and write every publish under the channel lock; (first, last) tag."""
-        channel, framer = self._channel, self._framer
-        assert framer is not None
-        async with channel.lock:
-            if channel.is_closed:
-                raise aiormq.exceptions.ChannelInvalidStateError("channel closed")
-            payload = []
-            first = tag = channel.delivery_tag
-            confirmations, by_id = channel.confirmations, channel.message_id_delivery_tag
-            for index, message in enumerate(messages):
-                tag += 1
-                confirmations[tag] = _Slot(batch, index)
-                by_id[message.message_id] = tag
-                type_name = shortstr(message.type_name) if message.type_name else None
-                payload.append(framer.publish(message.body, message.message_id, ts, type_name))
-            channel.delivery_tag = tag
-            await channel.write_queue.put(ChannelFrame(payload=b"".join(payload),
-                                                      should_close=False))
-        return first + 1, tag
+    async def _send_framed(self, channel: Any, framer: Framer, messages: Sequence[Message],
+                           ts: int, batch: _Batch, deadline: float) -> tuple[int, int]:
+        """Frame and queue every publish under the channel lock, by the deadline.
 
-    async def _send_one(self, message: Message, now: dt.datetime) -> Any:
+        Past the deadline the channel is dropped: tags may be taken and slots
+        registered for frames that never left, so its bookkeeping is no longer true.
+        """
+        try:
+            async with asyncio.timeout_at(deadline):
+                return await _write_framed(channel, framer, messages, ts, batch)
+        except TimeoutError as exc:
+            if self._channel is channel:  # not a newer one another batch opened
+                await self.close()
+            raise PublishFailed(f"{len(messages)} events: the channel stayed busy past "
+                                "the publish timeout") from exc
+
+    async def _send_one(self, channel: Any, message: Message, now: dt.datetime) -> Any:
         props = aiormq.spec.Basic.Properties(
             content_type=CONTENT_TYPE, delivery_mode=PERSISTENT, message_id=message.message_id,
             timestamp=now, message_type=message.type_name or self._type_name)
-        return await self._channel.basic_publish(
+        return await channel.basic_publish(
             message.body, exchange=EXCHANGE, routing_key=self._routing_key,
             properties=props, mandatory=True, wait=False)
+
+
+async def _write_framed(channel: Any, framer: Framer, messages: Sequence[Message], ts: int,
+                        batch: _Batch) -> tuple[int, int]:
+    async with channel.lock:
+        if channel.is_closed:
+            raise aiormq.exceptions.ChannelInvalidStateError("channel closed")
+        payload = []
+        first = tag = channel.delivery_tag
+        confirmations, by_id = channel.confirmations, channel.message_id_delivery_tag
+        for index, message in enumerate(messages):
+            tag += 1
+            confirmations[tag] = _Slot(batch, index)
+            by_id[message.message_id] = tag
+            type_name = shortstr(message.type_name) if message.type_name else None
+            payload.append(framer.publish(message.body, message.message_id, ts, type_name))
+        channel.delivery_tag = tag
+        await channel.write_queue.put(ChannelFrame(payload=b"".join(payload),
+                                                  should_close=False))
+    return first + 1, tag
 
 
 def _fast_path_supported(channel: Any) -> bool:
@@ -291,3 +326,10 @@ def raise_unless_confirmed(outcomes: list[str]) -> None:
     if bad:
         counts = {o: bad.count(o) for o in set(bad)}
         raise PublishFailed(f"{len(bad)} of {len(outcomes)} events not confirmed: {counts}")
+
+
+async def _close_quietly(conn: Any) -> None:
+    try:
+        await asyncio.wait_for(conn.close(), 2)
+    except Exception:  # noqa: BLE001 - closing a broken connection may fail any way
+        pass

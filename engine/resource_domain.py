@@ -25,7 +25,7 @@ import asyncpg
 from prometheus_client import Counter, start_http_server
 
 from .config import Settings
-from .connections import TRANSIENT_ERRORS, connect_amqp, create_pg_pool
+from .connections import RETRYABLE, connect_amqp, create_pg_pool
 from .errors import ConfigError, PublishFailed
 from .keys import FAILED, QUEUE_CREATED, RK_STATUS, RUNNING
 from .pb import event_pb2
@@ -39,7 +39,6 @@ PROVISIONED = Counter("seckill_rd_provisioned_total", "Instances provisioned by 
 DUPLICATES = Counter("seckill_rd_duplicate_events_total",
                      "INSTANCE_CREATED events for instances already handled.")
 
-RETRYABLE: tuple[type[BaseException], ...] = (PublishFailed, *TRANSIENT_ERRORS)
 
 SCHEMA = """
 CREATE SCHEMA IF NOT EXISTS resource_domain;

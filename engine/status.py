@@ -26,7 +26,7 @@ from prometheus_client import Counter
 from redis.asyncio import Redis
 
 from .config import Settings
-from .connections import TRANSIENT_ERRORS, connect_amqp
+from .connections import RETRYABLE, connect_amqp
 from .gate import Gate
 from .keys import FAILED, QUEUE_STATUS, RUNNING, Keys
 from .pb import event_pb2
@@ -133,7 +133,7 @@ class StatusConsumer:
             try:
                 await self._session(stopping)
                 failures = 0
-            except TRANSIENT_ERRORS as exc:
+            except RETRYABLE as exc:
                 failures += 1
                 delay = min(self.settings.retry_backoff_max, 0.1 * 2 ** min(failures, 6))
                 log.warning("status consumer: %s; reconnecting in %.1fs", exc, delay,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import uuid
 
@@ -11,6 +12,7 @@ import pytest
 from pamqp import commands, header
 from pamqp.body import ContentBody
 
+from engine.errors import PublishFailed
 from engine.events import PERSISTENT, Framer
 from engine.keys import CONTENT_TYPE, EXCHANGE, RK_CREATED
 from engine.publisher import CONFIRMED, RETURNED, ConfirmPublisher, Message
@@ -94,3 +96,53 @@ async def test_batches_leave_no_bookkeeping_behind(settings, routing_key):
         assert len(channel.message_id_delivery_tag) == 0
     finally:
         await publisher.close()
+
+
+async def test_a_busy_channel_fails_the_publish_by_its_deadline(settings):
+    """The channel lock and the write queue are waits on the broker too: bounded by the
+    publish timeout, after which the channel (its bookkeeping now unsure) is dropped."""
+    publisher = ConfirmPublisher(settings, RK_CREATED, "INSTANCE_CREATED")
+    try:
+        await publisher.connect()
+        async with publisher._channel.lock:
+            with pytest.raises(PublishFailed, match="publish timeout"):
+                await asyncio.wait_for(publisher.publish([Message(b"x", "7")], 0.3), 30)
+        assert not publisher.connected
+        assert await publisher.publish([Message(b"y", "8")], 10) == [CONFIRMED]
+    finally:
+        await publisher.close()
+
+
+async def test_concurrent_batches_share_one_reconnect(settings, monkeypatch):
+    """Batches in flight find the connection gone at about the same moment: one of them
+    reconnects, the others wait for it, and every batch is confirmed on the new channel."""
+    import engine.publisher as publisher_module
+
+    opened = []
+    real_connect = publisher_module.connect_amqp
+
+    async def counting_connect(s):
+        conn = await real_connect(s)
+        opened.append(conn)
+        return conn
+
+    monkeypatch.setattr(publisher_module, "connect_amqp", counting_connect)
+    publisher = ConfirmPublisher(settings, RK_CREATED, "INSTANCE_CREATED")
+
+    async def batch(i: int) -> list[str]:
+        await asyncio.sleep(i * 0.003)  # staggered, as batches finish their logging
+        return await publisher.publish([Message(b"x", f"m{i}")], 10)
+
+    try:
+        await publisher.connect()
+        first = publisher._conn
+        await first.close()  # as a broker restart would
+        assert not publisher.connected
+        outcomes = await asyncio.gather(*(batch(i) for i in range(8)))
+        assert outcomes == [[CONFIRMED]] * 8
+        assert len(opened) == 2  # the first connect, then one reconnect for all eight
+        assert publisher.connected and publisher._conn is opened[1]
+    finally:
+        await publisher.close()
+        for conn in opened:
+            await conn.close()
