@@ -5,6 +5,9 @@ is validated before Redis is touched, a sale known to be sold out is
 answered from memory for `bff_soldout_recheck` seconds, and past
 `bff_max_inflight` concurrent requests a process answers 429 at once, so a
 burst degrades into fast refusals instead of a queue of slow answers.
+
+A client always gets JSON: a Redis or PostgreSQL failure is a 503 it may
+retry, anything else a 500, and the error is logged, never swallowed.
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import asyncpg
 import orjson
+from redis.exceptions import RedisError
 
 from .config import Settings, load_settings
 from .errors import InvalidInput, ServiceUnavailable
@@ -35,6 +40,11 @@ BUY = re.compile(r"^/api/v1/seckill/([^/]+)$")
 ORDER = re.compile(r"^/api/v1/seckill/([^/]+)/users/([^/]+)$")
 STATUS_OF = {"accepted": 202, "duplicate": 409, "sold_out": 410, "no_sale": 404}
 JSON = [(b"content-type", b"application/json")]
+# what a failed or unreachable service raises, beyond our own ServiceUnavailable
+REDIS_ERRORS = (RedisError, OSError, TimeoutError)
+PG_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+UNAVAILABLE = {"buy": "the gate is unavailable, try again",
+               "order": "order state is unavailable, try again"}
 
 LATEST_ORDER = """
 SELECT status, instance_id, endpoint, reason, compensated_at FROM seckill_logs
@@ -102,9 +112,12 @@ class BffApp:
             return endpoint, exc.status, _error(exc)
         except InvalidInput as exc:
             return endpoint, 400, _error(exc)
-        except ServiceUnavailable as exc:
-            log.warning("service unavailable: %s", exc)
-            return endpoint, 503, _error(HttpError(503, "the gate is unavailable, try again"))
+        except (ServiceUnavailable, *REDIS_ERRORS) as exc:
+            log.warning("service unavailable: %s", exc, extra={"event": "bff_unavailable"})
+            return endpoint, 503, _error(HttpError(503, UNAVAILABLE.get(endpoint, str(exc))))
+        except Exception:  # noqa: BLE001 - a bug answers 500 in JSON, never a dropped request
+            log.exception("unexpected error on %s", endpoint, extra={"event": "bff_error"})
+            return endpoint, 500, _error(HttpError(500, "internal error"))
 
     async def _guarded(self, work: Awaitable[tuple[int, bytes]]) -> tuple[int, bytes]:
         cap = self.settings.bff_max_inflight
@@ -135,7 +148,10 @@ class BffApp:
         uid = validate_id("user_id", raw_uid)
         gate = await self._gate()
         pool = await self._pool()
-        row = await pool.fetchrow(LATEST_ORDER, pid, uid)
+        try:
+            row = await pool.fetchrow(LATEST_ORDER, pid, uid, timeout=self.settings.db_timeout)
+        except PG_ERRORS as exc:
+            raise ServiceUnavailable(f"PostgreSQL: {exc}") from exc
         buyer = await gate.redis.sismember(self.keys.buyers(pid), str(uid))
         if row is None or (row["status"] == FAILED and row["compensated_at"] and buyer):
             if buyer:  # in the stream, not logged yet (or a new try after a failure)

@@ -7,6 +7,7 @@ import socket
 import subprocess
 import time
 
+import asyncpg
 import httpx
 import pytest
 from redis.asyncio import Redis
@@ -115,8 +116,6 @@ async def test_sold_out_flag_answers_from_memory_then_rechecks(bff, gate, produc
 
 
 async def test_order_state_pending_then_logged(bff, gate, settings, product_id):
-    import asyncpg
-
     await gate.open_sale(product_id, 5)
     async with httpx.AsyncClient(base_url=bff.url) as client:
         r = await client.post(f"/api/v1/seckill/{product_id}", json={"user_id": 7})
@@ -135,6 +134,87 @@ async def test_order_state_pending_then_logged(bff, gate, settings, product_id):
                            " WHERE instance_id = $1", product_id * 10)
         assert (await client.get(state)).json()["endpoint"] == "https://e"
         await pool.close()
+
+
+async def buy_and_log(client, gate, settings, pid: int, uid: int) -> tuple[asyncpg.Pool, int]:
+    """An order bought over HTTP and logged as the engine logs it; returns (pool, instance)."""
+    r = await client.post(f"/api/v1/seckill/{pid}", json={"user_id": uid})
+    assert r.status_code == 202
+    pool = await asyncpg.create_pool(settings.pg_dsn, min_size=1, max_size=1,
+                                     init=prepare_connection)
+    sale = (await gate.sale_state(pid)).sale_id
+    instance = pid * 10 + uid
+    await write_batch(pool, [Order(pid, uid, r.json()["stream_id"], 1, sale, r.json()["slot"],
+                                   b"s", instance)], 10)
+    return pool, instance
+
+
+async def test_failed_order_shows_its_reason_then_a_new_try_is_pending(bff, gate, settings,
+                                                                       product_id):
+    await gate.open_sale(product_id, 1)
+    state = f"/api/v1/seckill/{product_id}/users/7"
+    async with httpx.AsyncClient(base_url=bff.url) as client:
+        pool, instance = await buy_and_log(client, gate, settings, product_id, 7)
+        try:
+            await pool.execute("UPDATE seckill_logs SET status = 'FAILED', reason = 'no GPU'"
+                               " WHERE instance_id = $1", instance)
+            failed = {"state": "FAILED", "instance_id": str(instance), "reason": "no GPU"}
+            assert (await client.get(state)).json() == failed
+            # compensation: the unit goes back and the order is marked, as engine.status does
+            row = await pool.fetchrow("SELECT * FROM seckill_logs WHERE instance_id = $1",
+                                      instance)
+            assert await gate.refund(product_id, 7, row["sale_id"], row["slot"],
+                                     row["stream_id"]) == "refunded"
+            await pool.execute("UPDATE seckill_logs SET compensated_at = now()"
+                               " WHERE instance_id = $1", instance)
+            assert (await client.get(state)).json() == failed  # until the user tries again
+            await asyncio.sleep(0.4)  # the sold-out flag of this process has expired
+            again = await client.post(f"/api/v1/seckill/{product_id}", json={"user_id": 7})
+            assert again.status_code == 202, again.text
+            assert (await client.get(state)).json() == {"state": "PENDING"}
+        finally:
+            await pool.close()
+
+
+async def test_redis_errors_answer_503_in_json(settings, product_id):
+    server = Bff(settings, redis_url=f"redis://127.0.0.1:{free_port()}/0")  # nobody listens
+    try:
+        async with httpx.AsyncClient(base_url=server.url, timeout=20) as client:
+            buy = await client.post(f"/api/v1/seckill/{product_id}", json={"user_id": 1})
+            order = await client.get(f"/api/v1/seckill/{product_id}/users/1")
+            health = await client.get("/healthz")
+    finally:
+        server.stop()
+    assert (buy.status_code, buy.json()) == (503, {"error": "the gate is unavailable, "
+                                                            "try again"})
+    assert (order.status_code, order.json()) == (503, {"error": "order state is unavailable,"
+                                                                " try again"})
+    assert health.status_code == 200  # liveness does not depend on Redis
+
+
+async def test_a_key_redis_refuses_answers_503_on_both_endpoints(bff, gate, product_id):
+    await gate.open_sale(product_id, 5)
+    await gate.redis.set(gate.keys.buyers(product_id), "not a set")  # WRONGTYPE / BADSTATE
+    async with httpx.AsyncClient(base_url=bff.url) as client:
+        buy = await client.post(f"/api/v1/seckill/{product_id}", json={"user_id": 1})
+        order = await client.get(f"/api/v1/seckill/{product_id}/users/1")
+    assert buy.status_code == 503 and buy.json()["error"].startswith("the gate")
+    assert order.status_code == 503 and order.json()["error"].startswith("order state")
+
+
+async def test_postgresql_errors_on_the_order_answer_503(settings, gate, product_id):
+    # a real server answering every query with an error: seckill_logs is not on the path
+    server = Bff(settings, pg_dsn=settings.pg_dsn + "?search_path=nowhere")
+    await gate.open_sale(product_id, 5)
+    try:
+        async with httpx.AsyncClient(base_url=server.url) as client:
+            buy = await client.post(f"/api/v1/seckill/{product_id}", json={"user_id": 1})
+            order = await client.get(f"/api/v1/seckill/{product_id}/users/1")
+    finally:
+        server.stop()
+    assert buy.status_code == 202  # buying needs Redis only
+    assert (order.status_code, order.json()) == (503, {"error": "order state is unavailable,"
+                                                                " try again"})
 
 
 async def test_load_shedding_answers_429(settings, gate, product_id):
