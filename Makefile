@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: help venv services tools test demo proto proto-check lint bench bench-quick bench-micro loadtest clean
+.PHONY: help venv services tools bench-tools test demo proto proto-check lint bench bench-quick bench-micro loadtest clean
 
 help:
 	@echo "make demo         run the whole flow on the local services"
@@ -39,22 +39,31 @@ services: venv
 	@echo "==> services"
 	@$(PY) -m engine.devstack up
 
-# promtool validates the alert rules in the tests (Debian's prometheus package). The
-# server it ships is kept from starting during the install (policy-rc.d exit 101, ours
-# only if there was none), so nothing is stopped afterwards: a prometheus already
-# running here is not ours to touch.
+# Command-line tools from Debian, installed as root when missing, else a hint: promtool
+# validates the alert rules in the tests (package prometheus), wrk loads the HTTP gate in
+# the benchmark. Services a package ships are kept from starting during the install
+# (policy-rc.d exit 101, ours only if there was none), so nothing is stopped afterwards:
+# a prometheus already running here is not ours to touch.
 POLICY_RC_D := /usr/sbin/policy-rc.d
-tools:
-	@command -v promtool >/dev/null || { \
+# $(call apt_tool,command,package,what happens without it)
+define apt_tool
+	@command -v $(1) >/dev/null || { \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-			echo "==> installing promtool (Debian package prometheus)"; ours=; \
+			echo "==> installing $(1) (Debian package $(2))"; ours=; \
 			if [ ! -e $(POLICY_RC_D) ]; then \
 				printf '#!/bin/sh\nexit 101\n' > $(POLICY_RC_D) && chmod 755 $(POLICY_RC_D) && ours=1; \
 			fi; \
 			apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
-				--no-install-recommends prometheus >/dev/null; rc=$$?; \
+				--no-install-recommends $(2) >/dev/null; rc=$$?; \
 			[ -z "$$ours" ] || rm -f $(POLICY_RC_D); exit $$rc; \
-		else echo "promtool missing: apt-get install prometheus (its alert test will skip)"; fi; }
+		else echo "$(1) missing: apt-get install $(2) ($(3))"; fi; }
+endef
+
+tools:
+	$(call apt_tool,promtool,prometheus,its alert test will skip)
+
+bench-tools:
+	$(call apt_tool,wrk,wrk,the HTTP benchmark falls back to a Python client)
 
 test: venv services tools
 	@echo "==> tests"
@@ -77,10 +86,10 @@ lint: venv
 	@$(VENV)/bin/ruff check engine bench loadtest tests
 	@$(VENV)/bin/mypy engine
 
-bench: venv services
+bench: venv services bench-tools
 	@$(PY) -m bench
 
-bench-quick: venv services
+bench-quick: venv services bench-tools
 	@$(PY) -m bench --quick
 
 bench-micro: venv services

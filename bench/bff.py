@@ -1,23 +1,31 @@
 """The HTTP gate against the gate called directly from Python, same load, same run.
 
-The client side is a minimal keep-alive HTTP/1.1 client on raw asyncio
-streams: a general-purpose client would cost more CPU than the server it
-measures on a 2-core machine.
+Both sides get the same number of server processes on the same cores: the
+direct gate runs in N Python processes sharing the connections, the HTTP
+gate in N Granian workers. The HTTP load comes from wrk (C, one thread), so
+the client costs little of the CPU it shares with the server; without wrk a
+minimal keep-alive client on raw asyncio streams stands in, and the result
+says which client was used (that one costs as much CPU as a gate worker).
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import multiprocessing
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import orjson
 from redis.asyncio import Redis
 
 from engine.config import Settings
@@ -28,6 +36,41 @@ from .enginerun import engine_env
 
 SECKILL = str(Path(sys.executable).with_name("seckill"))
 PID = 990_000_020
+HTTP_FIRST_USER = 10**12  # far above the direct gate's users: every attempt is a new buyer
+
+# wrk: every request a new user (thread-local counters, one range per thread); the
+# summary as one JSON line, latencies in microseconds.
+WRK_SCRIPT = """
+local threads = {}
+local counter = 1
+function setup(thread)
+  thread:set("first", %(first)d + #threads * 100000000)
+  table.insert(threads, thread)
+end
+function init(args)
+  accepted = 0
+  wrk.method = "POST"
+  wrk.headers["Content-Type"] = "application/json"
+end
+function request()
+  counter = counter + 1
+  return wrk.format(nil, "%(path)s", nil, '{"user_id": ' .. (first + counter) .. '}')
+end
+function response(status, headers, body)
+  if status == 202 then accepted = accepted + 1 end
+end
+function done(summary, latency, requests)
+  local total = 0
+  for _, t in ipairs(threads) do total = total + t:get("accepted") end
+  io.write(string.format(
+    '{"requests": %%d, "accepted": %%d, "seconds": %%f, "errors": %%d, '
+    .. '"p50_us": %%d, "p99_us": %%d}\\n',
+    summary.requests, total, summary.duration / 1e6,
+    summary.errors.connect + summary.errors.read + summary.errors.write
+      + summary.errors.status + summary.errors.timeout,
+    latency:percentile(50), latency:percentile(99)))
+end
+"""
 
 
 def _free_port() -> int:
@@ -46,11 +89,12 @@ def _summary(latencies: list[float], accepted: int, seconds: float) -> dict[str,
             "p99_ms": latencies[min(n - 1, int(n * 0.99))] * 1000 if latencies else 0.0}
 
 
-async def direct(settings: Settings, seconds: float, connections: int) -> dict[str, Any]:
+async def _direct_calls(settings: Settings, seconds: float, connections: int,
+                        first_user: int) -> tuple[list[float], int, float]:
+    """One process's share: `connections` tasks calling the gate back to back."""
     redis = Redis.from_url(settings.redis_url, max_connections=connections + 8)
     gate = Gate(redis, Keys(settings.key_prefix))
-    await gate.open_sale(PID, 10**9, clear_buyers=True)
-    users = itertools.count(1)
+    users = itertools.count(first_user)
     latencies: list[float] = []
     accepted = 0
     end = time.perf_counter() + seconds
@@ -67,11 +111,34 @@ async def direct(settings: Settings, seconds: float, connections: int) -> dict[s
     await asyncio.gather(*(one() for _ in range(connections)))
     took = time.perf_counter() - start
     await redis.aclose()
-    return _summary(latencies, accepted, took)
+    return latencies, accepted, took
 
 
-async def over_http(port: int, seconds: float, connections: int,
-                    first_user: int) -> dict[str, Any]:
+def _direct_process(args: tuple[Settings, float, int, int]) -> tuple[list[float], int, float]:
+    return asyncio.run(_direct_calls(*args))
+
+
+async def direct(settings: Settings, seconds: float, connections: int,
+                 processes: int = 1) -> dict[str, Any]:
+    """The gate from `processes` Python processes, `connections` concurrent calls in all."""
+    redis = Redis.from_url(settings.redis_url)
+    await Gate(redis, Keys(settings.key_prefix)).open_sale(PID, 10**9, clear_buyers=True)
+    await redis.aclose()
+    share = max(1, connections // processes)
+    jobs = [(settings, seconds, share, 1 + i * 10**9) for i in range(processes)]
+    loop = asyncio.get_running_loop()
+    with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
+        parts = await asyncio.gather(*(loop.run_in_executor(pool, _direct_process, job)
+                                       for job in jobs))
+    latencies = [x for lat, _, _ in parts for x in lat]
+    accepted = sum(a for _, a, _ in parts)
+    took = max(t for _, _, t in parts)
+    return {**_summary(latencies, accepted, took), "processes": processes}
+
+
+async def over_http_python(port: int, seconds: float, connections: int,
+                           first_user: int) -> dict[str, Any]:
+    """The fallback client: keep-alive HTTP/1.1 on raw asyncio streams."""
     users = itertools.count(first_user)
     latencies: list[float] = []
     accepted = 0
@@ -101,25 +168,54 @@ async def over_http(port: int, seconds: float, connections: int,
 
     start = time.perf_counter()
     await asyncio.gather(*(one() for _ in range(connections)))
-    return _summary(latencies, accepted, time.perf_counter() - start)
+    return {**_summary(latencies, accepted, time.perf_counter() - start), "client": "python"}
+
+
+async def over_http_wrk(wrk: str, port: int, seconds: float, connections: int,
+                        first_user: int) -> dict[str, Any]:
+    """wrk, one thread, `connections` keep-alive connections, a new user per request."""
+    script = WRK_SCRIPT % {"first": first_user, "path": f"/api/v1/seckill/{PID}"}
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
+        f.write(script)
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            wrk, "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--timeout", "5s",
+            "-s", f.name, f"http://127.0.0.1:{port}", stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE)
+        out, err = await proc.communicate()
+    finally:
+        os.unlink(f.name)
+    line = next((raw for raw in out.splitlines() if raw.startswith(b"{")), None)
+    if proc.returncode != 0 or line is None:
+        raise RuntimeError(f"wrk failed ({proc.returncode}): {err.decode()[-500:]}")
+    r = orjson.loads(line)
+    return {"requests": r["requests"], "accepted": r["accepted"], "errors": r["errors"],
+            "accepted_per_second": r["accepted"] / r["seconds"],
+            "requests_per_second": r["requests"] / r["seconds"],
+            "p50_ms": r["p50_us"] / 1000, "p99_ms": r["p99_us"] / 1000, "client": "wrk"}
 
 
 async def measure_bff_vs_gate(settings: Settings, *, seconds: float = 10,
                               connections: int = 64) -> dict[str, Any]:
-    gate = await direct(settings, seconds, connections)
-    port = _free_port()
     workers = os.cpu_count() or 1
+    gate = await direct(settings, seconds, connections, processes=workers)
+    port = _free_port()
     proc = subprocess.Popen([SECKILL, "bff", "--port", str(port), "--workers", str(workers)],
                             env=engine_env(settings), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
+    wrk = shutil.which("wrk")
     try:
         await _wait(port)
-        http = await over_http(port, seconds, connections, first_user=10**8)
+        if wrk:
+            http = await over_http_wrk(wrk, port, seconds, connections, HTTP_FIRST_USER)
+        else:
+            http = await over_http_python(port, seconds, connections, HTTP_FIRST_USER)
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
     return {"connections": connections, "bff_workers": workers, "gate_direct": gate,
-            "bff": http, "ratio": http["accepted_per_second"] / gate["accepted_per_second"]}
+            "bff": http, "client": http["client"],
+            "ratio": http["accepted_per_second"] / gate["accepted_per_second"]}
 
 
 async def _wait(port: int) -> None:

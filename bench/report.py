@@ -82,8 +82,11 @@ def markdown(doc: dict[str, Any]) -> str:
     if "bff" in r:
         lines += ["", "| gate, 64 connections | accepted/s | p50 ms | p99 ms |",
                   "|---|---:|---:|---:|"]
-        for key, label in (("gate_direct", "Lua gate called from Python"),
-                           ("bff", f"HTTP gate (Granian, {r['bff']['bff_workers']} workers)")):
+        b = r["bff"]
+        direct = f"Lua gate called from Python ({b['gate_direct'].get('processes', 1)} processes)"
+        http = (f"HTTP gate (Granian, {b['bff_workers']} workers; "
+                f"client {b.get('client', 'python')})")
+        for key, label in (("gate_direct", direct), ("bff", http)):
             x = r["bff"][key]
             lines.append(f"| {label} | {x['accepted_per_second']:,.0f} | {x['p50_ms']:.1f} | "
                          f"{x['p99_ms']:.1f} |")
