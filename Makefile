@@ -8,12 +8,13 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: help venv services tools bench-tools test demo proto proto-check lint bench bench-quick bench-micro loadtest clean
+.PHONY: help venv services tools bench-tools test demo proto proto-check lint bench bench-quick bench-long bench-micro loadtest clean
 
 help:
 	@echo "make demo         run the whole flow on the local services"
 	@echo "make test         the test suite against the real services"
-	@echo "make bench        the benchmark suite (bench-quick: under 3 minutes; bench-micro)"
+	@echo "make bench        the benchmark suite (bench-quick: under 3 minutes; bench-long: with"
+	@echo "                  the 2,000,000-order soak; bench-micro)"
 	@echo "make loadtest     a Locust flash-sale rehearsal, verified afterwards"
 	@echo "make proto        regenerate engine/pb from proto/ (proto-check: is it fresh?)"
 	@echo "make lint         ruff and mypy"
@@ -91,6 +92,9 @@ bench: venv services bench-tools
 
 bench-quick: venv services bench-tools
 	@$(PY) -m bench --quick
+
+bench-long: venv services bench-tools
+	@$(PY) -m bench --long
 
 bench-micro: venv services
 	@$(VENV)/bin/pytest bench/micro --benchmark-only --benchmark-json=bench/results/micro.json -p no:cacheprovider -o addopts=""

@@ -7,6 +7,7 @@ as a share of it.
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import time
 from typing import Any
@@ -20,6 +21,7 @@ from engine.events import PERSISTENT
 from engine.keys import CONTENT_TYPE, EXCHANGE, GROUP, QUEUE_CREATED, RK_CREATED, Keys
 from engine.publisher import CONFIRMED, ConfirmPublisher, Message
 
+from .enginerun import cpu_seconds, service_cpu
 from .env import preload, purge_queues
 
 BODY = b"\x08\x01\x10" + b"x" * 120  # about the size of an INSTANCE_CREATED event
@@ -90,15 +92,18 @@ async def publish_batched(settings: Settings, total: int, batch: int = 500,
             outcomes = await publisher.publish(msgs, 30)
             confirmed += outcomes.count(CONFIRMED)
 
-    start = time.perf_counter()
+    start, ours0, services0 = time.perf_counter(), cpu_seconds(os.getpid()), service_cpu()
     try:
         await asyncio.gather(*(one(s) for s in range(0, total, batch)))
     finally:
         await publisher.close()
     elapsed = time.perf_counter() - start
+    ours1, services1 = cpu_seconds(os.getpid()), service_cpu()
     await purge_queues(settings)
     return {"orders": confirmed, "seconds": elapsed, "per_second": confirmed / elapsed,
-            "batch": batch, "inflight": inflight}
+            "batch": batch, "inflight": inflight,
+            "cores_busy": {"workers": (ours1 - ours0) / elapsed,  # here: this process
+                           **{k: (services1[k] - services0[k]) / elapsed for k in services1}}}
 
 
 async def publish_by_queue_type(settings: Settings, total: int) -> dict[str, Any]:

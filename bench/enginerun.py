@@ -47,6 +47,32 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICK
 
 
+# the processes of each service on this machine, by /proc/<pid>/comm
+SERVICE_COMMANDS = {"rabbitmq": {"beam.smp"}, "postgresql": {"postgres"},
+                    "redis": {"redis-server"}}
+
+
+def service_cpu() -> dict[str, float]:
+    """user + sys seconds used so far by each local service (all its processes).
+
+    Read before and after a run, the difference says where the machine's cores
+    went: the bound that stops the engine on a small machine is the CPU its
+    services take, and this shows it.
+    """
+    used = dict.fromkeys(SERVICE_COMMANDS, 0.0)
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            comm = (entry / "comm").read_text().strip()
+        except OSError:
+            continue
+        for service, commands in SERVICE_COMMANDS.items():
+            if comm in commands:
+                used[service] += cpu_seconds(int(entry.name))
+    return used
+
+
 def rss_mb(pid: int, field: str = "VmRSS") -> float:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -106,7 +132,7 @@ async def drain(settings: Settings, pids: list[int], total: int, workers: int,
         while (n := await acked(redis, keys, pids)) == 0:
             _check(engine, deadline)
             await asyncio.sleep(0.01)
-        t0, n0, cpu0 = time.perf_counter(), n, engine.cpu()
+        t0, n0, cpu0, svc0 = time.perf_counter(), n, engine.cpu(), service_cpu()
         rss_start = [rss_mb(p) for p in engine.worker_pids()]
         while n < total:
             _check(engine, deadline)
@@ -114,7 +140,7 @@ async def drain(settings: Settings, pids: list[int], total: int, workers: int,
             n = await acked(redis, keys, pids)
             if progress:
                 progress(n, total)
-        t1, cpu1 = time.perf_counter(), engine.cpu()
+        t1, cpu1, svc1 = time.perf_counter(), engine.cpu(), service_cpu()
         peaks = [rss_mb(p, "VmHWM") for p in engine.worker_pids()]
         rss_end = [rss_mb(p) for p in engine.worker_pids()]
     finally:
@@ -126,7 +152,10 @@ async def drain(settings: Settings, pids: list[int], total: int, workers: int,
     return {"workers": workers, "orders": total, "seconds": t1 - t0,
             "per_second": orders / (t1 - t0), "cpu_us_per_order": (cpu1 - cpu0) / orders * 1e6,
             "peak_rss_mb": max(peaks, default=0.0), "rss_start_mb": max(rss_start, default=0.0),
-            "rss_end_mb": max(rss_end, default=0.0)}
+            "rss_end_mb": max(rss_end, default=0.0),
+            # cores busy on average during the run: the workers, then each service
+            "cores_busy": {"workers": (cpu1 - cpu0) / (t1 - t0),
+                           **{k: (svc1[k] - svc0[k]) / (t1 - t0) for k in svc1}}}
 
 
 def _check(engine: Engine, deadline: float) -> None:

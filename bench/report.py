@@ -68,6 +68,18 @@ def markdown(doc: dict[str, Any]) -> str:
         cpu = f"{x['cpu_us_per_order']:.1f}" if "cpu_us_per_order" in x else ""
         rss = f"{x['peak_rss_mb']:.0f}" if "peak_rss_mb" in x else ""
         lines.append(f"| {label} | {x['orders']:,} | {x['per_second']:,.0f} | {cpu} | {rss} |")
+    busy = [(label, r[key]) for key, label in labels if "cores_busy" in r.get(key, {})]
+    if busy:
+        lines += ["", f"| where the cores went (of {m['cores']}) | our processes | RabbitMQ | "
+                  "PostgreSQL | Redis | all |", "|---|---:|---:|---:|---:|---:|"]
+        for label, x in busy:
+            c = x["cores_busy"]
+            lines.append(f"| {label} | {c['workers']:.2f} | {c['rabbitmq']:.2f} | "
+                         f"{c['postgresql']:.2f} | {c['redis']:.2f} | {sum(c.values()):.2f} |")
+    if "soak" in r:
+        soak = r["soak"]
+        lines += ["", f"Soak: worker RSS {soak['rss_start_mb']:.1f} MB at the start, "
+                  f"{soak['rss_end_mb']:.1f} MB at the end, {soak['seconds']:.0f} s."]
     if "queue_types" in r:
         q = r["queue_types"]
         lines += ["", "| publish with confirms (engine publisher) | orders/s |", "|---|---:|"]

@@ -25,7 +25,6 @@ from support import (
     EventTap,
     add_products,
     announce,
-    cpu_seconds,
     engine_env,
     log_rows,
     pending_count,
@@ -34,6 +33,7 @@ from support import (
     wait_for,
 )
 
+from bench.enginerun import cpu_seconds
 from engine.catalog import Catalog
 from engine.connections import connect_redis
 from engine.errors import DatabaseFailed
