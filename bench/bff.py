@@ -26,13 +26,15 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import uvloop
 from redis.asyncio import Redis
 
 from engine.config import Settings
+from engine.connections import connect_redis
 from engine.gate import Gate
 from engine.keys import Keys
 
-from .enginerun import engine_env
+from .enginerun import children, cpu_seconds, engine_env
 
 SECKILL = str(Path(sys.executable).with_name("seckill"))
 PID = 990_000_020
@@ -90,9 +92,10 @@ def _summary(latencies: list[float], accepted: int, seconds: float) -> dict[str,
 
 
 async def _direct_calls(settings: Settings, seconds: float, connections: int,
-                        first_user: int) -> tuple[list[float], int, float]:
-    """One process's share: `connections` tasks calling the gate back to back."""
-    redis = Redis.from_url(settings.redis_url, max_connections=connections + 8)
+                        first_user: int) -> tuple[list[float], int, float, float]:
+    """One process's share: `connections` tasks calling the gate back to back, on the
+    same client the BFF uses; (latencies, accepted, seconds, CPU seconds)."""
+    redis = await connect_redis(settings, max_connections=connections + 8)
     gate = Gate(redis, Keys(settings.key_prefix))
     users = itertools.count(first_user)
     latencies: list[float] = []
@@ -107,15 +110,16 @@ async def _direct_calls(settings: Settings, seconds: float, connections: int,
             latencies.append(time.perf_counter() - t0)
             accepted += result.outcome == "accepted"
 
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     await asyncio.gather(*(one() for _ in range(connections)))
-    took = time.perf_counter() - start
+    took, cpu = time.perf_counter() - start, time.process_time() - cpu
     await redis.aclose()
-    return latencies, accepted, took
+    return latencies, accepted, took, cpu
 
 
-def _direct_process(args: tuple[Settings, float, int, int]) -> tuple[list[float], int, float]:
-    return asyncio.run(_direct_calls(*args))
+def _direct_process(args: tuple[Settings, float, int, int]
+                    ) -> tuple[list[float], int, float, float]:
+    return uvloop.run(_direct_calls(*args))
 
 
 async def direct(settings: Settings, seconds: float, connections: int,
@@ -130,10 +134,12 @@ async def direct(settings: Settings, seconds: float, connections: int,
     with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
         parts = await asyncio.gather(*(loop.run_in_executor(pool, _direct_process, job)
                                        for job in jobs))
-    latencies = [x for lat, _, _ in parts for x in lat]
-    accepted = sum(a for _, a, _ in parts)
-    took = max(t for _, _, t in parts)
-    return {**_summary(latencies, accepted, took), "processes": processes}
+    latencies = [x for lat, _, _, _ in parts for x in lat]
+    accepted = sum(a for _, a, _, _ in parts)
+    took = max(t for _, _, t, _ in parts)
+    cpu = sum(c for _, _, _, c in parts)
+    return {**_summary(latencies, accepted, took), "processes": processes,
+            "cpu_us_per_request": cpu / max(1, len(latencies)) * 1e6}
 
 
 async def over_http_python(port: int, seconds: float, connections: int,
@@ -204,12 +210,20 @@ async def measure_bff_vs_gate(settings: Settings, *, seconds: float = 10,
                             env=engine_env(settings), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     wrk = shutil.which("wrk")
+
+    async def load(seconds: float, first_user: int) -> dict[str, Any]:
+        if wrk:
+            return await over_http_wrk(wrk, port, seconds, connections, first_user)
+        return await over_http_python(port, seconds, connections, first_user)
+
     try:
         await _wait(port)
-        if wrk:
-            http = await over_http_wrk(wrk, port, seconds, connections, HTTP_FIRST_USER)
-        else:
-            http = await over_http_python(port, seconds, connections, HTTP_FIRST_USER)
+        await load(1.0, 2 * HTTP_FIRST_USER)  # warm-up: each worker opens its connections
+        servers = [proc.pid, *children(proc.pid)]
+        cpu = sum(cpu_seconds(p) for p in servers)
+        http = await load(seconds, HTTP_FIRST_USER)
+        cpu = sum(cpu_seconds(p) for p in servers) - cpu
+        http["cpu_us_per_request"] = cpu / max(1, http["requests"]) * 1e6
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)

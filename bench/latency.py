@@ -22,15 +22,21 @@ from engine.keys import GROUP, Keys
 from .enginerun import Engine, acked
 
 METRIC = "seckill_order_latency_seconds_bucket"
+STAGE_METRIC = "seckill_stage_duration_seconds_bucket"
+STAGES = ("prepare", "log", "publish", "ack")
 
 
-def scrape_buckets(port: int) -> dict[float, float]:
-    """Cumulative bucket counts of the latency histogram, summed over workers."""
+def scrape(port: int) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
-        text = resp.read().decode()
+        return resp.read().decode()
+
+
+def buckets_of(text: str, metric: str = METRIC, label: str = "") -> dict[float, float]:
+    """Cumulative bucket counts of one histogram (its lines holding `label`), summed
+    over workers."""
     out: dict[float, float] = {}
     for line in text.splitlines():
-        if line.startswith(METRIC):
+        if line.startswith(metric) and label in line:
             le = re.search(r'le="([^"]+)"', line)
             if le:
                 bound = float("inf") if le.group(1) == "+Inf" else float(le.group(1))
@@ -64,10 +70,25 @@ def max_bound(buckets: dict[float, float]) -> float:
     return next(b for b in bounds if buckets[b] >= total)
 
 
-async def produce(settings: Settings, pid: int, rate: float, seconds: float) -> int:
-    """XADD `rate` orders per second for `seconds`, in 10 ms ticks, open loop."""
+# The producer stands in for the gate, which runs on other hosts in production: one
+# script call per tick adds the tick's orders inside Redis, so the load generator costs
+# next to no CPU on the cores it shares with the engine and its services.
+PRODUCE = """
+local first, count, ts = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
+for i = first, first + count - 1 do
+  redis.call('XADD', KEYS[1], '*', 'uid', i, 'ts', ts, 'sale', 'lat', 'slot', i)
+end
+return count
+"""
+
+
+async def produce(settings: Settings, pid: int, rate: float, seconds: float,
+                  first: int = 1) -> int:
+    """XADD `rate` orders per second for `seconds`, in 10 ms ticks, open loop; users and
+    units of stock numbered from `first`, so every order is a new one."""
     keys = Keys(settings.key_prefix)
     redis = Redis.from_url(settings.redis_url)
+    add = redis.register_script(PRODUCE)
     stream = keys.stream(pid)
     sent = 0
     start = time.perf_counter()
@@ -75,12 +96,7 @@ async def produce(settings: Settings, pid: int, rate: float, seconds: float) -> 
         while (elapsed := time.perf_counter() - start) < seconds:
             due = int(rate * elapsed) - sent
             if due > 0:
-                pipe = redis.pipeline(transaction=False)
-                now = str(int(time.time()))
-                for i in range(sent, sent + due):
-                    pipe.xadd(stream, {"uid": str(i + 1), "ts": now, "sale": "lat",
-                                       "slot": str(i + 1)})
-                await pipe.execute()
+                await add(keys=[stream], args=[first + sent, due, int(time.time())])
                 sent += due
             await asyncio.sleep(0.01)
     finally:
@@ -100,23 +116,41 @@ async def measure(settings: Settings, pid: int, rate: float, seconds: float,
         warm = await produce(settings, pid, rate, 1.0)  # warm-up: caches, connections
         while await acked(redis, keys, [pid]) < warm:
             await asyncio.sleep(0.05)
-        before = scrape_buckets(port)
-        sent = await produce(settings, pid, rate, seconds)
+        before = scrape(port)
+        sent = await produce(settings, pid, rate, seconds, first=warm + 1)
         deadline = time.monotonic() + 60
         while await acked(redis, keys, [pid]) < warm + sent:
             if time.monotonic() > deadline:
                 break
             await asyncio.sleep(0.1)
-        after = scrape_buckets(port)
+        after = scrape(port)
     finally:
         engine.stop()
         await redis.aclose()
-    window = {b: after.get(b, 0.0) - before.get(b, 0.0) for b in after}
+    window = _window(before, after)
     return {"rate": rate, "seconds": seconds, "orders": sent,
             "p50_ms": quantile(window, 0.50) * 1000, "p95_ms": quantile(window, 0.95) * 1000,
             "p99_ms": quantile(window, 0.99) * 1000, "max_le_ms": max_bound(window) * 1000,
             "cdf": [(b, c) for b, c in sorted(window.items()) if b != float("inf")],
-            "count": window.get(float("inf"), 0.0)}
+            "count": window.get(float("inf"), 0.0), "stages": _stages(before, after)}
+
+
+def _window(before: str, after: str, metric: str = METRIC,
+            label: str = "") -> dict[float, float]:
+    """What a histogram counted between two scrapes."""
+    a, b = buckets_of(before, metric, label), buckets_of(after, metric, label)
+    return {bound: count - a.get(bound, 0.0) for bound, count in b.items()}
+
+
+def _stages(before: str, after: str) -> dict[str, dict[str, float]]:
+    """Per-batch time of each stage in the window: where an order's latency goes."""
+    out = {}
+    for stage in STAGES:
+        w = _window(before, after, STAGE_METRIC, f'stage="{stage}"')
+        if w.get(float("inf")):
+            out[stage] = {"batches": w[float("inf")], "p50_ms": quantile(w, 0.5) * 1000,
+                          "p99_ms": quantile(w, 0.99) * 1000}
+    return out
 
 
 async def _wait_ready(port: int, timeout: float = 60) -> None:

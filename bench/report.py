@@ -91,17 +91,27 @@ def markdown(doc: dict[str, Any]) -> str:
         x = r[key]
         lines.append(f"| {key[-2:]}% of capacity | {x['rate']:,.0f} | {x['p50_ms']:.1f} | "
                      f"{x['p95_ms']:.1f} | {x['p99_ms']:.1f} | <= {x['max_le_ms']:.0f} |")
+    if "stages" in r["latency_50"]:
+        lines += ["", "| time per batch in each stage, p50 / p99 ms | batches | prepare | log "
+                  "| publish | ack |", "|---|---:|---:|---:|---:|---:|"]
+        for key in ("latency_50", "latency_90"):
+            st = r[key]["stages"]
+            cells = [f"{st[s]['p50_ms']:.1f} / {st[s]['p99_ms']:.1f}" if s in st else ""
+                     for s in ("prepare", "log", "publish", "ack")]
+            batches = st.get("log", {}).get("batches", 0)
+            lines.append(f"| {key[-2:]}% of capacity | {batches:,.0f} | {' | '.join(cells)} |")
     if "bff" in r:
-        lines += ["", "| gate, 64 connections | accepted/s | p50 ms | p99 ms |",
-                  "|---|---:|---:|---:|"]
+        lines += ["", "| gate, 64 connections | accepted/s | p50 ms | p99 ms "
+                  "| server CPU us/request |", "|---|---:|---:|---:|---:|"]
         b = r["bff"]
         direct = f"Lua gate called from Python ({b['gate_direct'].get('processes', 1)} processes)"
         http = (f"HTTP gate (Granian, {b['bff_workers']} workers; "
                 f"client {b.get('client', 'python')})")
         for key, label in (("gate_direct", direct), ("bff", http)):
             x = r["bff"][key]
+            cpu = f"{x['cpu_us_per_request']:.0f}" if "cpu_us_per_request" in x else ""
             lines.append(f"| {label} | {x['accepted_per_second']:,.0f} | {x['p50_ms']:.1f} | "
-                         f"{x['p99_ms']:.1f} |")
+                         f"{x['p99_ms']:.1f} | {cpu} |")
     lines += ["", "| target | measured | bound | met |", "|---|---:|---:|:---:|"]
     for t in doc["targets"]:
         lines.append(f"| {t['target']} | {t['value']:.2f} | {t['op']} {t['bound']} | "
