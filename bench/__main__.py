@@ -19,7 +19,7 @@ from typing import Any
 import orjson
 
 from . import bff, ceilings, latency, naive
-from .enginerun import drain
+from .enginerun import drain, free_port
 from .env import VHOST, bench_settings, machine, preload, prepare, reset
 from .report import markdown, plots, targets
 
@@ -83,7 +83,7 @@ async def run_suite(size: int) -> dict[str, Any]:
         say(f"latency at {share:.0%} of capacity ({capacity * share:,.0f} orders/s)")
         await reset(s, pid)
         results[f"latency_{int(share * 100)}"] = await latency.measure(
-            s, pid[0], capacity * share, SIZES["latency_s"][size], _free_port())
+            s, pid[0], capacity * share, SIZES["latency_s"][size], free_port())
 
     n = SIZES["scale"][size]
     for sales in (1, 100, 1000):
@@ -106,12 +106,6 @@ async def run_suite(size: int) -> dict[str, Any]:
         results["soak"] = await drain(s, pid, n, 2, progress("soak acked"), timeout=3600)
     await reset(s, [])
     return results
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,7 +16,6 @@ import multiprocessing
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,7 +33,7 @@ from engine.connections import connect_redis
 from engine.gate import Gate
 from engine.keys import Keys
 
-from .enginerun import children, cpu_seconds, engine_env
+from .enginerun import children, cpu_seconds, engine_env, free_port
 
 SECKILL = str(Path(sys.executable).with_name("seckill"))
 PID = 990_000_020
@@ -73,12 +72,6 @@ function done(summary, latency, requests)
     latency:percentile(50), latency:percentile(99)))
 end
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _summary(latencies: list[float], accepted: int, seconds: float) -> dict[str, Any]:
@@ -205,7 +198,7 @@ async def measure_bff_vs_gate(settings: Settings, *, seconds: float = 10,
                               connections: int = 64) -> dict[str, Any]:
     workers = os.cpu_count() or 1
     gate = await direct(settings, seconds, connections, processes=workers)
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([SECKILL, "bff", "--port", str(port), "--workers", str(workers)],
                             env=engine_env(settings), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)

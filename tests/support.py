@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -32,6 +33,25 @@ def engine_env(settings: Settings, **overrides: Any) -> dict[str, str]:
              "graceful_timeout": 15, "heartbeat_timeout": 10, "boot_timeout": 10,
              "discovery_interval": 0.2}
     return to_env(settings, **{**quick, **overrides})
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now, for a server a test starts."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def purge_queues(amqp_url: str, *queues: str) -> None:
+    """Empty queues of the session's vhost: what other tests' processes left there
+    is not the next test's to consume."""
+    conn = await aiormq.connect(amqp_url)
+    try:
+        channel = await conn.channel()
+        for queue in queues:
+            await channel.queue_purge(queue)
+    finally:
+        await conn.close()
 
 
 def stop_process(proc: subprocess.Popen, timeout: float = 30) -> None:

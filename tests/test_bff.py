@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import subprocess
 import time
 
@@ -11,7 +10,7 @@ import asyncpg
 import httpx
 import pytest
 from redis.asyncio import Redis
-from support import SECKILL, engine_env, stop_process
+from support import SECKILL, engine_env, free_port, stop_process
 
 from engine.gate import Gate
 from engine.keys import Keys
@@ -19,12 +18,6 @@ from engine.logsink import prepare_connection, write_batch
 from engine.orders import Order
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Bff:

@@ -9,6 +9,7 @@ import re
 import signal
 import socket
 import subprocess
+import tempfile
 from pathlib import Path
 
 import aiormq
@@ -16,21 +17,31 @@ import asyncpg
 import httpx
 import pytest
 from redis.asyncio import Redis
-from support import SECKILL, EngineProcess, add_products, engine_env, stop_process, wait_for
+from support import (
+    SECKILL,
+    EngineProcess,
+    add_products,
+    engine_env,
+    free_port,
+    purge_queues,
+    stop_process,
+    wait_for,
+)
 
 from engine.config import Settings
 from engine.gate import Gate
-from engine.keys import EXCHANGE, QUEUE_STATUS, RK_CREATED, Keys
+from engine.keys import EXCHANGE, QUEUE_CREATED, QUEUE_STATUS, RK_CREATED, Keys
 from engine.pb import event_pb2
 from engine.provisioning import SimulatedProvisioner, manifests, to_yaml
 
 pytestmark = pytest.mark.timeout(300)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@pytest.fixture(autouse=True)
+async def fresh_queues(settings):
+    """Events other tests' engines published (nobody consumed them) would reach this
+    test's Resource Domain first, and reports for them its status consumers."""
+    await purge_queues(settings.amqp_url, QUEUE_CREATED, QUEUE_STATUS)
 
 
 class ResourceDomainProcess:
@@ -38,10 +49,12 @@ class ResourceDomainProcess:
 
     def __init__(self, settings, **overrides) -> None:
         self.port = free_port()
+        # its log in a file: a pipe nobody reads would block it once full
+        self.log = tempfile.NamedTemporaryFile(prefix="seckill-rd-", suffix=".log", delete=False)
         self.proc = subprocess.Popen([SECKILL, "resource-domain"],
                                      env=engine_env(settings, rd_metrics_port=self.port,
                                                     **overrides),
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                                     stdout=subprocess.DEVNULL, stderr=self.log)
 
     async def metric(self, name: str, labels: str = "") -> float:
         """A sample's value from /metrics; 0 if not exported (yet)."""
@@ -60,6 +73,7 @@ class ResourceDomainProcess:
 
     def stop(self) -> None:
         stop_process(self.proc)
+        self.log.close()
 
 
 async def publish_created(amqp_url: str, event: event_pb2.Event) -> None:
@@ -72,15 +86,6 @@ async def publish_created(amqp_url: str, event: event_pb2.Event) -> None:
                                     routing_key=RK_CREATED, mandatory=True,
                                     properties=aiormq.spec.Basic.Properties(
                                         delivery_mode=2, message_id=str(event.instance_id)))
-    finally:
-        await conn.close()
-
-
-async def purge_status_queue(amqp_url: str) -> None:
-    """Reports for instances no order has: nobody in this session should see them."""
-    conn = await aiormq.connect(amqp_url)
-    try:
-        await (await conn.channel()).queue_purge(QUEUE_STATUS)
     finally:
         await conn.close()
 
@@ -186,7 +191,7 @@ async def test_the_resource_domain_exports_its_metrics(settings, tmp_path):
         await wait_for(exported, 30, "seckill_rd_provisioned_total and one duplicate")
     finally:
         rd.stop()
-        await purge_status_queue(settings.amqp_url)
+        await purge_queues(settings.amqp_url, QUEUE_STATUS)
     assert (tmp_path / f"{event.instance_id}.yaml").exists()
 
 

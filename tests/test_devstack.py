@@ -8,13 +8,13 @@ Host, so no test ever runs apt-get.
 from __future__ import annotations
 
 import os
-import socket
 import stat
 from pathlib import Path
 
 import pytest
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
+from support import free_port
 
 from engine import devstack
 from engine.devstack import (
@@ -56,12 +56,6 @@ class Machine:
         self.up = True
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("service", SERVICES, ids=lambda s: s.name)
 async def test_use_a_service_that_answers(base_settings, service):
     ok, line = await bring_up(service, base_settings, host=_untouchable())
@@ -69,13 +63,13 @@ async def test_use_a_service_that_answers(base_settings, service):
 
 
 async def test_status_only_reports_a_service_that_is_down(base_settings):
-    settings = base_settings.replace(redis_url=f"redis://127.0.0.1:{_free_port()}/0")
+    settings = base_settings.replace(redis_url=f"redis://127.0.0.1:{free_port()}/0")
     ok, line = await bring_up(REDIS, settings, start=False, host=_untouchable())
     assert not ok and line.startswith("DOWN")
 
 
 async def test_start_an_installed_redis_on_the_port_of_its_url(base_settings):
-    port = _free_port()
+    port = free_port()
     settings = base_settings.replace(redis_url=f"redis://127.0.0.1:{port}/0")
     try:
         ok, line = await bring_up(REDIS, settings)

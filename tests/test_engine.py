@@ -7,7 +7,6 @@ import collections
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -26,6 +25,7 @@ from support import (
     add_products,
     announce,
     engine_env,
+    free_port,
     log_rows,
     pending_count,
     push_orders,
@@ -84,12 +84,6 @@ def assert_one_id_per_order(rows, events, orders: int) -> None:
         assert by_stream[key] == e.instance_id, "an event carried a second instance ID"
         seen.add(key)
     assert seen == set(by_stream), "some logged orders were never published"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def test_50k_orders_three_products_two_workers(settings, redis, keys, product_ids):
