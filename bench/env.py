@@ -26,6 +26,8 @@ from engine.config import Settings, load_settings
 from engine.keys import GROUP, QUEUE_CREATED, Keys
 from engine.products import gpu_product, upsert_products
 
+from .enginerun import service_cpu
+
 DB_NAME = "seckill_bench"
 VHOST = "seckill-bench"
 PREFIX = "bench:"
@@ -73,6 +75,23 @@ async def reset(settings: Settings, pids: list[int]) -> None:
     finally:
         await conn.close()
     await purge_queues(settings)
+    await quiesce()
+
+
+async def quiesce(idle_cores: float = 0.15, longest: float = 60.0) -> float:
+    """Wait until the services are (nearly) idle; the seconds it took.
+
+    Purging a quorum queue of the last phase's 200,000 events, vacuuming, writing
+    checkpoints: a service can stay busy for many seconds after a phase ends, and a
+    latency window opened then measures that work, not the engine.
+    """
+    start = time.monotonic()
+    while time.monotonic() - start < longest:
+        before = sum(service_cpu().values())
+        await asyncio.sleep(1.0)
+        if sum(service_cpu().values()) - before < idle_cores:
+            break
+    return time.monotonic() - start
 
 
 async def purge_queues(settings: Settings, *extra: str) -> None:
