@@ -8,6 +8,7 @@ warm-up is not part of the figures.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import re
 import time
@@ -19,7 +20,8 @@ from redis.asyncio import Redis
 from engine.config import Settings
 from engine.keys import GROUP, Keys
 
-from .enginerun import Engine, acked
+from .enginerun import Engine, acked, free_port
+from .env import bench_settings, prepare, reset
 
 METRIC = "seckill_order_latency_seconds_bucket"
 STAGE_METRIC = "seckill_stage_duration_seconds_bucket"
@@ -164,3 +166,31 @@ async def _wait_ready(port: int, timeout: float = 60) -> None:
             pass
         await asyncio.sleep(0.2)
     raise RuntimeError("the engine did not become healthy")
+
+
+async def _at_rates(rates: list[float], seconds: float) -> None:
+    settings = bench_settings()
+    pid = 990_000_010
+    for rate in rates:
+        await reset(settings, [pid])
+        r = await measure(settings, pid, rate, seconds, free_port())
+        print(f"{rate:,.0f} orders/s: p50 {r['p50_ms']:.1f} ms, p95 {r['p95_ms']:.1f} ms, "
+              f"p99 {r['p99_ms']:.1f} ms, max <= {r['max_le_ms']:.0f} ms", flush=True)
+        for stage, st in r["stages"].items():
+            print(f"    {stage:<8} per batch: p50 {st['p50_ms']:.1f} ms, p99 {st['p99_ms']:.1f} ms"
+                  f" ({st['batches']:,.0f} batches)", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m bench.latency RATE...`: the latency phase alone, at rates you choose."""
+    parser = argparse.ArgumentParser(prog="python -m bench.latency", description=__doc__)
+    parser.add_argument("rates", nargs="+", type=float, help="orders per second")
+    parser.add_argument("--seconds", type=float, default=15.0, help="window per rate")
+    args = parser.parse_args(argv)
+    prepare(bench_settings())
+    asyncio.run(_at_rates(args.rates, args.seconds))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
