@@ -361,12 +361,7 @@ async def test_sigterm_drains_and_exits_zero(settings, redis, keys, product_id):
     groups = await redis.xinfo_groups(keys.stream(product_id))
     assert groups[0]["lag"] == 30_000 - logged  # read == logged == acknowledged
     engine.stop()
-    engine = EngineProcess(settings, workers=2)
-    try:
-        await wait_for(lambda: all_done(settings, redis, keys, [product_id], 30_000), 90,
-                       "the rest after a restart")
-    finally:
-        engine.stop()
+    await _restart_until_done(settings, redis, keys, product_id, 30_000, workers=2)
 
 
 async def test_ttin_ttou_and_hup(settings, redis, keys, product_id):
@@ -517,25 +512,41 @@ async def test_sigquit_exits_fast_and_held_entries_are_processed_next_start(
     await announce(redis, keys, product_id)
     await push_orders(redis, keys, product_id, range(1, 2001))
     # a stuck database: batches are held, unlogged, so a graceful stop would wait for them
-    async with table_locked(settings.pg_dsn, "seckill_logs"):
-        engine = EngineProcess(settings, workers=2, graceful_timeout=120, db_timeout=60)
-        try:
-            await wait_for(lambda: _pending_at_least(redis, keys, product_id, 1), 30,
-                           "entries read and held")
-            engine.signal(signal.SIGQUIT)
-            code = await asyncio.to_thread(engine.wait, 30)  # far less than graceful_timeout
-        finally:
-            engine.stop()
-        assert code == 0, engine.output()
-        assert await pending_count(redis, keys, [product_id]) > 0
-    engine = EngineProcess(settings, workers=2)
-    try:
-        await wait_for(lambda: all_done(settings, redis, keys, [product_id], 2000), 90,
-                       "the held entries after a restart")
-    finally:
-        engine.stop()
+    code, out = await _signal_while_stuck(settings, redis, keys, product_id, signal.SIGQUIT,
+                                          workers=2, graceful_timeout=120,
+                                          wait=30)  # far less than graceful_timeout
+    assert code == 0, out
+    assert await pending_count(redis, keys, [product_id]) > 0
+    await _restart_until_done(settings, redis, keys, product_id, 2000, workers=2)
     rows = await log_rows(settings, [product_id])
     assert len({r["instance_id"] for r in rows}) == len(rows) == 2000
+
+
+async def _signal_while_stuck(settings, redis, keys, pid, sig, *, workers: int,
+                              graceful_timeout: float, wait: float) -> tuple[int, str]:
+    """Start the engine with seckill_logs locked, so it reads entries and holds them
+    unlogged; send `sig`; (exit code, output) once it has exited."""
+    async with table_locked(settings.pg_dsn, "seckill_logs"):
+        engine = EngineProcess(settings, workers=workers, graceful_timeout=graceful_timeout,
+                               db_timeout=60)
+        try:
+            await wait_for(lambda: _pending_at_least(redis, keys, pid, 1), 30,
+                           "entries read and held")
+            engine.signal(sig)
+            code = await asyncio.to_thread(engine.wait, wait)
+        finally:
+            engine.stop()
+    return code, engine.output()
+
+
+async def _restart_until_done(settings, redis, keys, pid, total: int, *, workers: int) -> None:
+    """A new engine finishes what the last one left pending."""
+    engine = EngineProcess(settings, workers=workers)
+    try:
+        await wait_for(lambda: all_done(settings, redis, keys, [pid], total), 90,
+                       "the rest after a restart")
+    finally:
+        engine.stop()
 
 
 async def _pending_at_least(redis, keys, pid, n) -> bool:
@@ -549,25 +560,12 @@ async def test_sigterm_with_stuck_batches_exits_within_the_graceful_timeout(
     await add_products(settings, [product_id])
     await announce(redis, keys, product_id)
     await push_orders(redis, keys, product_id, range(1, 501))
-    async with table_locked(settings.pg_dsn, "seckill_logs"):
-        engine = EngineProcess(settings, workers=1, graceful_timeout=6, db_timeout=60)
-        try:
-            await wait_for(lambda: _pending_at_least(redis, keys, product_id, 1), 30,
-                           "entries read and held")
-            engine.signal(signal.SIGTERM)
-            code = await asyncio.to_thread(engine.wait, 60)
-        finally:
-            engine.stop()
-    out = engine.output()
+    code, out = await _signal_while_stuck(settings, redis, keys, product_id, signal.SIGTERM,
+                                          workers=1, graceful_timeout=6, wait=60)
     assert code == 0, out
     assert "batches left pending at shutdown" in out
     assert "did not stop in time" not in out
-    engine = EngineProcess(settings, workers=1)
-    try:
-        await wait_for(lambda: all_done(settings, redis, keys, [product_id], 500), 60,
-                       "the rest after a restart")
-    finally:
-        engine.stop()
+    await _restart_until_done(settings, redis, keys, product_id, 500, workers=1)
 
 
 async def test_sighup_keeps_one_instance_id_and_one_event_per_order(
