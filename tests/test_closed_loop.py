@@ -24,6 +24,7 @@ from support import (
     engine_env,
     free_port,
     purge_queues,
+    service_command,
     stop_process,
     wait_for,
 )
@@ -74,6 +75,10 @@ class ResourceDomainProcess:
     def stop(self) -> None:
         stop_process(self.proc)
         self.log.close()
+
+    def output(self) -> str:
+        self.log.flush()
+        return Path(self.log.name).read_text(errors="replace")
 
 
 async def publish_created(amqp_url: str, event: event_pb2.Event) -> None:
@@ -193,6 +198,34 @@ async def test_the_resource_domain_exports_its_metrics(settings, tmp_path):
         rd.stop()
         await purge_queues(settings.amqp_url, QUEUE_STATUS)
     assert (tmp_path / f"{event.instance_id}.yaml").exists()
+
+
+async def test_the_resource_domain_rides_out_a_broker_restart(settings, tmp_path):
+    """The broker goes away under it: it reconnects with backoff, it does not exit."""
+    rd = ResourceDomainProcess(settings, rd_output_dir=str(tmp_path), rd_delay_ms=1)
+    event = event_pb2.Event(event_type=event_pb2.INSTANCE_CREATED, user_id=6,
+                            instance_id=random.randrange(8 * 10**12, 9 * 10**12),  # no order's
+                            spec=event_pb2.InstanceSpec(cpus=2, memory_mb=1024, image="busybox"))
+
+    async def consuming() -> bool:
+        return "consuming" in rd.output()
+
+    try:
+        await wait_for(consuming, 30, "the Resource Domain consuming")
+        service_command("rabbitmqctl", "-q", "stop_app")
+        try:
+            await asyncio.sleep(3)  # long enough to lose its connection and fail reconnects
+        finally:
+            service_command("rabbitmqctl", "-q", "start_app")
+        await publish_created(settings.amqp_url, event)
+
+        async def provisioned_once() -> bool:
+            return await rd.metric("seckill_rd_provisioned_total", '{result="running"}') == 1
+        await wait_for(provisioned_once, 60, "the event provisioned after the restart")
+        assert rd.proc.poll() is None, rd.output()
+    finally:
+        rd.stop()
+        await purge_queues(settings.amqp_url, QUEUE_STATUS)
 
 
 def test_a_metrics_port_in_use_stops_the_resource_domain(settings):

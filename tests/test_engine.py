@@ -29,6 +29,7 @@ from support import (
     log_rows,
     pending_count,
     push_orders,
+    service_command,
     table_locked,
     wait_for,
 )
@@ -302,10 +303,6 @@ async def _replaced(engine: EngineProcess, victim: int) -> bool:
     return len(kids) == 2 and victim not in kids
 
 
-def _service(*cmd: str) -> None:
-    subprocess.run(cmd, check=True, capture_output=True, timeout=120)
-
-
 async def test_broker_and_database_restarts_are_survived(settings, redis, keys, product_id):
     await add_products(settings, [product_id])
     await announce(redis, keys, product_id)
@@ -315,7 +312,7 @@ async def test_broker_and_database_restarts_are_survived(settings, redis, keys, 
         try:
             await push_orders(redis, keys, product_id, range(1, 5001))
             await wait_for(lambda: _rows_at_least(settings, [product_id], 500), 60, "progress")
-            _service("rabbitmqctl", "-q", "stop_app")
+            service_command("rabbitmqctl", "-q", "stop_app")
             try:
                 await push_orders(redis, keys, product_id, range(5001, 10_001),
                                   first_slot=5001)
@@ -323,11 +320,12 @@ async def test_broker_and_database_restarts_are_survived(settings, redis, keys, 
                 await wait_for(lambda: _has_errors(redis, keys, product_id), 30,
                                "an error recorded for the entries held")
             finally:
-                _service("rabbitmqctl", "-q", "start_app")
+                service_command("rabbitmqctl", "-q", "start_app")
             await wait_for(lambda: _rows_at_least(settings, [product_id], 7000), 90,
                            "progress after the broker came back")
             version = os.listdir("/etc/postgresql")[0]
-            _service("pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "restart")
+            service_command("pg_ctlcluster", "--skip-systemctl-redirect", version, "main",
+                            "restart")
             await push_orders(redis, keys, product_id, range(10_001, 12_001),
                               first_slot=10_001)
             await wait_for(lambda: all_done(settings, redis, keys, [product_id], 12_000), 120,
