@@ -13,6 +13,7 @@ import pytest
 from redis.asyncio import Redis
 from support import SECKILL, engine_env
 
+from engine.demo import check
 from engine.gate import Gate
 from engine.keys import Keys
 
@@ -133,6 +134,23 @@ def test_demo_with_a_service_down_is_one_line_and_exit_3(settings):
                           text=True, timeout=120, env=env)
     line = _one_line_exit_3(done)
     assert line.startswith("seckill demo: error:") and "hunter2" not in line
+
+
+def test_demo_runs_the_whole_flow(settings):
+    """The README's `make demo`, on this session's own prefix, database and vhost."""
+    done = subprocess.run([sys.executable, "-m", "engine.demo"], capture_output=True,
+                          text=True, timeout=240, env=engine_env(settings, rd_metrics_port=0))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "invariants hold" in done.stdout and "RUNNING" in done.stdout
+
+
+def test_demo_invariants_allow_failed_units_sold_again():
+    # 300 units; 20 orders failed and gave their units back; 5 of those were sold again
+    assert check(305, [("FAILED", 20), ("RUNNING", 285)], stock_left=15)
+    assert check(300, [("RUNNING", 300)], stock_left=0)
+    assert not check(305, [("FAILED", 20), ("RUNNING", 284)], stock_left=15)  # a row missing
+    assert not check(305, [("FAILED", 20), ("RUNNING", 285)], stock_left=16)  # a unit too many
+    assert not check(301, [("RUNNING", 301)], stock_left=0)  # oversold
 
 
 async def test_config_after_the_command(settings, product_id, tmp_path):
