@@ -89,7 +89,7 @@ async def _direct_calls(settings: Settings, seconds: float, connections: int,
     """One process's share: `connections` tasks calling the gate back to back, on the
     same client the BFF uses; (latencies, accepted, seconds, CPU seconds)."""
     redis = await connect_redis(settings, max_connections=connections + 8)
-    gate = Gate(redis, Keys(settings.key_prefix))
+    gate = Gate(redis, Keys(settings.key_prefix), coalesce=True)  # as the BFF
     users = itertools.count(first_user)
     latencies: list[float] = []
     accepted = 0

@@ -169,7 +169,7 @@ class BffApp:
             from .connections import connect_redis
 
             redis = await connect_redis(self.settings, max_connections=1024)
-            self.gate = Gate(redis, self.keys)
+            self.gate = Gate(redis, self.keys, coalesce=True)
         return self.gate
 
     async def _pool(self) -> Any:

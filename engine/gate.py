@@ -8,6 +8,7 @@ validated here, before Redis is touched.
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import time
 from dataclasses import dataclass
@@ -57,15 +58,27 @@ def validate_id(name: str, value: object) -> int:
 
 
 class _Script:
-    """A Lua script called by EVALSHA, loaded once, reloaded after SCRIPT FLUSH."""
+    """A Lua script called by EVALSHA, loaded once, reloaded after SCRIPT FLUSH.
 
-    def __init__(self, redis: Redis, name: str) -> None:
+    With `coalesce`, the calls made in one turn of the event loop go to Redis as one
+    pipeline: redis-py spends about 100 us of CPU on each command it sends alone
+    (connection checkout, retry and timeout scopes, parsing), a fraction of that on
+    each command of a pipeline. Every call is still its own EVALSHA, atomic in Redis,
+    in the order the calls were made.
+    """
+
+    def __init__(self, redis: Redis, name: str, *, coalesce: bool = False) -> None:
         self.redis = redis
         self.source = (LUA / name).read_text()
         self.sha: str | None = None
+        self.coalesce = coalesce
+        self._queue: list[tuple[list[str], list[str | int], asyncio.Future]] = []
+        self._flushing: set[asyncio.Task] = set()
 
     async def __call__(self, keys: list[str], args: list[str | int]) -> object:
         try:
+            if self.coalesce:
+                return await self._queued(keys, args)
             return await self._evalsha(keys, args)
         except ResponseError as exc:
             if str(exc).startswith(BADSTATE + " "):
@@ -83,12 +96,59 @@ class _Script:
             self.sha = await self.redis.script_load(self.source)
             return await self.redis.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)
 
+    def _queued(self, keys: list[str], args: list[str | int]) -> asyncio.Future:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._queue.append((keys, args, future))
+        if len(self._queue) == 1:  # the first of this turn: flush after the others queued
+            loop.call_soon(self._flush_queue)
+        return future
+
+    def _flush_queue(self) -> None:
+        batch, self._queue = self._queue, []
+        task = asyncio.ensure_future(self._flush(batch))
+        self._flushing.add(task)
+        task.add_done_callback(self._flushing.discard)
+
+    async def _flush(self, batch: list[tuple[list[str], list[str | int], asyncio.Future]]) -> None:
+        try:
+            if self.sha is None:
+                self.sha = await self.redis.script_load(self.source)
+            replies = await self._pipelined(batch)
+            again = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+            if again:  # SCRIPT FLUSH: only those calls did not run
+                self.sha = await self.redis.script_load(self.source)
+                for i, reply in zip(again, await self._pipelined([batch[i] for i in again]),
+                                    strict=True):
+                    replies[i] = reply
+        except BaseException as exc:  # noqa: BLE001 - every caller gets the failure
+            for _, _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for (_, _, future), reply in zip(batch, replies, strict=True):
+            if future.done():  # its request went away
+                continue
+            if isinstance(reply, Exception):
+                future.set_exception(reply)
+            else:
+                future.set_result(reply)
+
+    async def _pipelined(self, batch: list[tuple[list[str], list[str | int], asyncio.Future]]
+                         ) -> list[object]:
+        pipe = self.redis.pipeline(transaction=False)
+        for keys, args, _ in batch:
+            pipe.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)
+        return list(await pipe.execute(raise_on_error=False))
+
 
 class Gate:
-    def __init__(self, redis: Redis, keys: Keys) -> None:
+    def __init__(self, redis: Redis, keys: Keys, *, coalesce: bool = False) -> None:
+        """`coalesce`: send the purchase attempts of one loop turn as one pipeline (for a
+        server answering many users at once, like the BFF)."""
         self.redis = redis
         self.keys = keys
-        self._buy = _Script(redis, "seckill.lua")
+        self._buy = _Script(redis, "seckill.lua", coalesce=coalesce)
         self._refund = _Script(redis, "refund.lua")
 
     def _product_keys(self, pid: int) -> list[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import uuid
 
 import pytest
 from redis.asyncio import Redis
@@ -15,11 +16,29 @@ from engine.gate import Gate, validate_id
 from engine.keys import GROUP, Keys
 
 
-@pytest.fixture
-async def gate(settings):
+@pytest.fixture(params=[False, True], ids=["one-call", "coalesced"])
+async def gate(settings, request):
+    """Every gate test runs both ways: one EVALSHA per call, and the calls of a loop turn
+    pipelined (what the BFF uses)."""
     redis = Redis.from_url(settings.redis_url, max_connections=256)
-    yield Gate(redis, Keys(settings.key_prefix))
+    yield Gate(redis, Keys(settings.key_prefix), coalesce=request.param)
     await redis.aclose()
+
+
+async def test_coalesced_calls_share_one_connection(settings, product_id):
+    """200 concurrent attempts: one pipeline on one connection, not 200 connections."""
+    name = f"gate-test-{uuid.uuid4().hex[:8]}"
+    redis = Redis.from_url(settings.redis_url, max_connections=256, client_name=name)
+    gate = Gate(redis, Keys(settings.key_prefix), coalesce=True)
+    try:
+        await gate.open_sale(product_id, 100)
+        results = await asyncio.gather(*(gate.buy(product_id, u) for u in range(1, 201)))
+        clients = [c for c in await redis.client_list() if c.get("name") == name]
+    finally:
+        await redis.aclose()
+    assert sorted(r.outcome for r in results).count("accepted") == 100
+    assert sorted(r.slot for r in results if r.slot) == list(range(1, 101))
+    assert len(clients) <= 2  # open_sale's and the pipeline's, at most
 
 
 async def test_20000_attempts_from_5000_users_sell_exactly_the_stock(gate, product_id):
