@@ -20,11 +20,11 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import asyncpg
 import orjson
 from redis.exceptions import RedisError
 
 from .config import Settings, load_settings
+from .connections import PG_ERRORS, connect_redis, create_pg_pool
 from .errors import InvalidInput, ServiceUnavailable
 from .gate import Gate, validate_id
 from .keys import FAILED, Keys
@@ -42,7 +42,6 @@ STATUS_OF = {"accepted": 202, "duplicate": 409, "sold_out": 410, "no_sale": 404}
 JSON = [(b"content-type", b"application/json")]
 # what a failed or unreachable service raises, beyond our own ServiceUnavailable
 REDIS_ERRORS = (RedisError, OSError, TimeoutError)
-PG_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
 UNAVAILABLE = {"buy": "the gate is unavailable, try again",
                "order": "order state is unavailable, try again"}
 
@@ -166,16 +165,12 @@ class BffApp:
 
     async def _gate(self) -> Gate:
         if self.gate is None:
-            from .connections import connect_redis
-
             redis = await connect_redis(self.settings, max_connections=1024)
             self.gate = Gate(redis, self.keys, coalesce=True)
         return self.gate
 
     async def _pool(self) -> Any:
         if self.pool is None:
-            from .connections import create_pg_pool
-
             self.pool = await create_pg_pool(self.settings, size=2)
         return self.pool
 

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable
 
 import asyncpg
 
+from .connections import PG_ERRORS
 from .errors import DatabaseFailed
 from .events import product_prefix
 from .products import Product, fetch_products
@@ -58,6 +59,6 @@ class Catalog:
         try:
             async with asyncio.timeout(self._timeout), self._pool.acquire() as conn:
                 return await fetch_products(conn, ids)
-        except (TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+        except PG_ERRORS as exc:
             why = "no answer in time" if isinstance(exc, TimeoutError) else str(exc)
             raise DatabaseFailed(f"looking up {len(ids)} products: {why}") from exc

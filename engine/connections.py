@@ -38,6 +38,9 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.AdminShutdownError,
     asyncpg.exceptions.InternalClientError,
 )
+# What a failed, unreachable or silent PostgreSQL raises from any call.
+PG_ERRORS: tuple[type[BaseException], ...] = (
+    TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
 # What a long-running loop retries with backoff: the outages above, and our own named
 # service failures (ServiceUnavailable from a reconnect, PublishFailed, DatabaseFailed).
 RETRYABLE: tuple[type[BaseException], ...] = (ServiceError, *TRANSIENT_ERRORS)
@@ -73,7 +76,7 @@ async def connect_pg(settings: Settings, **kwargs: Any) -> asyncpg.Connection:
     """One PostgreSQL connection (commands and tests; workers use a pool)."""
     try:
         return await asyncpg.connect(settings.pg_dsn, timeout=settings.connect_timeout, **kwargs)
-    except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+    except PG_ERRORS as exc:
         raise ServiceUnavailable(
             f"PostgreSQL at {mask_url(settings.pg_dsn)}: {_why(exc)}") from exc
 
@@ -85,7 +88,7 @@ async def create_pg_pool(settings: Settings, *, size: int, **kwargs: Any) -> asy
             asyncpg.create_pool(settings.pg_dsn, min_size=size, max_size=size,
                                 timeout=settings.connect_timeout, **kwargs),
             settings.connect_timeout * 2)
-    except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+    except PG_ERRORS as exc:
         raise ServiceUnavailable(
             f"PostgreSQL at {mask_url(settings.pg_dsn)}: {_why(exc)}") from exc
     assert pool is not None

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
+from .connections import PG_ERRORS
 from .errors import DatabaseFailed
 from .orders import DATA_ERROR, SLOT_CONFLICT, DeadLetter, Order, order_fields
 
@@ -81,7 +82,7 @@ async def write_batch(pool: asyncpg.Pool, orders: list[Order], timeout: float) -
     except DATA_ERRORS as exc:
         if len(orders) == 1:
             return LogResult(refused=[_refuse(orders[0], DATA_ERROR, _first_line(exc))])
-    except (TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+    except PG_ERRORS as exc:
         raise DatabaseFailed(f"logging {len(orders)} orders: {_first_line(exc)}") from exc
     result = LogResult()
     for order in orders:

@@ -44,7 +44,6 @@ from .settle import record_errors, settle, touch
 log = logging.getLogger("seckill.pipeline")
 
 
-
 def decode_batch(entries: list[Entry], keys: Keys,
                  max_bytes: int) -> tuple[list[Order], list[DeadLetter]]:
     """Stage 1: valid orders and dead letters."""
