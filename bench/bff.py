@@ -30,7 +30,7 @@ from redis.asyncio import Redis
 
 from engine.config import Settings
 from engine.connections import connect_redis
-from engine.gate import Gate
+from engine.gate.client import Gate
 from engine.keys import Keys
 
 from .enginerun import children, cpu_seconds, engine_env, free_port

@@ -17,9 +17,9 @@ import asyncpg
 from redis.asyncio import Redis
 
 from engine.config import Settings
-from engine.events import PERSISTENT
 from engine.keys import CONTENT_TYPE, EXCHANGE, GROUP, QUEUE_CREATED, RK_CREATED, Keys
-from engine.publisher import CONFIRMED, ConfirmPublisher, Message
+from engine.pipeline.events import PERSISTENT
+from engine.pipeline.publisher import CONFIRMED, ConfirmPublisher, Message
 
 from .enginerun import cpu_seconds, service_cpu
 from .env import preload, purge_queues

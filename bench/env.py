@@ -48,7 +48,7 @@ def bench_settings() -> Settings:
 
 def prepare(settings: Settings) -> None:
     """Database migrated, vhost with the topology: idempotent."""
-    from engine.migrate import apply_migrations, declare_topology
+    from engine.admin.migrate import apply_migrations, declare_topology
 
     apply_migrations(settings.pg_dsn)
     ctl = shutil.which("rabbitmqctl") or "/usr/sbin/rabbitmqctl"

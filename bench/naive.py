@@ -15,10 +15,10 @@ import asyncpg
 from redis.asyncio import Redis
 
 from engine.config import Settings
-from engine.events import PERSISTENT
-from engine.ids import Snowflake
 from engine.keys import CONTENT_TYPE, EXCHANGE, GROUP, RK_CREATED, Keys
 from engine.pb import event_pb2
+from engine.pipeline.events import PERSISTENT
+from engine.pipeline.ids import Snowflake
 
 from .env import preload, purge_queues
 

@@ -14,8 +14,8 @@ import sys
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
-from .config import Settings, load_settings
-from .errors import SeckillError, UsageError
+from engine.config import Settings, load_settings
+from engine.errors import SeckillError, UsageError
 
 T = TypeVar("T")
 EXIT_USAGE = 2
@@ -34,7 +34,7 @@ def _run_async(coro: Coroutine[Any, Any, int]) -> int:
 
 # -- commands -----------------------------------------------------------------
 def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
-    from .migrate import migrate
+    from engine.admin.migrate import migrate
 
     async def run() -> int:
         for line in await migrate(settings):
@@ -44,8 +44,8 @@ def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_product_add(settings: Settings, args: argparse.Namespace) -> int:
-    from .connections import connect_pg
-    from .products import Product, upsert_product, validate_product
+    from engine.connections import connect_pg
+    from engine.products import Product, upsert_product, validate_product
 
     product = validate_product(Product(args.id, args.name, args.cpus, args.memory_mb, args.gpu,
                                        args.image))
@@ -63,9 +63,9 @@ def cmd_product_add(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_sale_open(settings: Settings, args: argparse.Namespace) -> int:
-    from .connections import connect_pg
-    from .gate import validate_id
-    from .products import get_product
+    from engine.connections import connect_pg
+    from engine.gate.client import validate_id
+    from engine.products import get_product
 
     pid = validate_id("product", args.product)
 
@@ -84,9 +84,9 @@ def cmd_sale_open(settings: Settings, args: argparse.Namespace) -> int:
 
 async def _with_gate(settings: Settings, use: Callable[[Any], Awaitable[T]]) -> T:
     """Run one gate operation on a connection of its own."""
-    from .connections import connect_redis
-    from .gate import Gate
-    from .keys import Keys
+    from engine.connections import connect_redis
+    from engine.gate.client import Gate
+    from engine.keys import Keys
 
     redis = await connect_redis(settings)
     try:
@@ -113,39 +113,39 @@ def cmd_buy(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
-    from .daemon import run
+    from engine.process.daemon import run
 
     return run(lambda: _settings(args), args.workers)
 
 
 def cmd_bff(settings: Settings, args: argparse.Namespace) -> int:
-    from .bff import serve
+    from engine.gate.app import serve
 
     return serve(settings, config=args.config, host=args.host, port=args.port,
                  workers=args.workers)
 
 
 def cmd_stats(settings: Settings, args: argparse.Namespace) -> int:
-    from .stats import stats_command
+    from engine.admin.stats import stats_command
 
     return _run_async(stats_command(settings, watch=args.watch, as_json=args.json))
 
 
 def cmd_dlq(settings: Settings, args: argparse.Namespace) -> int:
-    from .deadletters import dlq_command
+    from engine.admin.deadletters import dlq_command
 
     return _run_async(dlq_command(settings, args.action, args.product, args.ids,
                                   reason=args.reason, limit=args.limit, all_=args.all))
 
 
 def cmd_trim(settings: Settings, args: argparse.Namespace) -> int:
-    from .trim import trim_command
+    from engine.admin.trim import trim_command
 
     return _run_async(trim_command(settings, product_id=args.product))
 
 
 def cmd_resource_domain(settings: Settings, args: argparse.Namespace) -> int:
-    from .resource_domain import main as run_resource_domain
+    from engine.fulfilment.resource_domain import main as run_resource_domain
 
     return run_resource_domain(settings)
 
@@ -346,7 +346,7 @@ def guarded(run: Callable[[], int], prog: str = "seckill") -> int:
 
 def _dispatch(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    from .logs import setup_logging
+    from engine.logs import setup_logging
 
     setup_logging(settings)
     handler: Handler = args.handler

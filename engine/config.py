@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from .errors import ConfigError
+from engine.errors import ConfigError
 
 ENV_PREFIX = "SECKILL_"
 CONFIG_ENV = "SECKILL_CONFIG"

@@ -16,8 +16,8 @@ import asyncpg
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from .config import Settings, mask_url
-from .errors import ServiceError, ServiceUnavailable
+from engine.config import Settings, mask_url
+from engine.errors import ServiceError, ServiceUnavailable
 
 if TYPE_CHECKING:
     from aiormq.abc import AbstractConnection

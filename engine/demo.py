@@ -18,12 +18,12 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from .config import Settings, load_settings
-from .connections import connect_pg, connect_redis
-from .gate import Gate
-from .keys import GROUP, Keys
-from .migrate import migrate
-from .products import Product, upsert_product
+from engine.admin.migrate import migrate
+from engine.config import Settings, load_settings
+from engine.connections import connect_pg, connect_redis
+from engine.gate.client import Gate
+from engine.keys import GROUP, Keys
+from engine.products import Product, upsert_product
 
 PRODUCT = Product(1001, "GPU 计算实例", 8, 32768, "A100", "ubuntu:22.04")
 STOCK = 300
@@ -155,7 +155,7 @@ async def run_demo(settings: Settings) -> int:
 
 def main() -> int:
     """The demo under the command line's error handling: a service failure is one line."""
-    from .cli import guarded
+    from engine.cli import guarded
 
     return guarded(lambda: asyncio.run(run_demo(load_settings())), prog="seckill demo")
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import orjson
 
-from .config import Settings
+from engine.config import Settings
 
 _URL_PASSWORD = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]*:)([^@\s]+)(@)")
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from .errors import InvalidInput, UnknownProduct
+from engine.errors import InvalidInput, UnknownProduct
 
 MAX_INT64 = 2**63 - 1
 MAX_INT32 = 2**31 - 1

@@ -22,11 +22,11 @@ from pathlib import Path
 import aiormq
 from redis.asyncio import Redis
 
+from engine.admin.migrate import migrate
 from engine.config import Settings, load_settings
 from engine.connections import connect_pg, connect_redis
-from engine.gate import Gate
+from engine.gate.client import Gate
 from engine.keys import EXCHANGE, GROUP, RK_CREATED, Keys
-from engine.migrate import migrate
 from engine.products import Product, upsert_product
 
 from .verify import report, tried_key, verify

@@ -15,12 +15,15 @@ import random
 import shutil
 import subprocess
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import pytest
+from redis.asyncio import Redis
+from support import purge_queues
 
 from engine.config import Settings, load_settings
+from engine.keys import QUEUE_CREATED, QUEUE_STATUS, Keys
 
 RUN_ID = f"{os.getpid()}{uuid.uuid4().hex[:6]}"
 
@@ -60,7 +63,7 @@ def base_settings() -> Settings:
 @pytest.fixture(scope="session")
 def test_db(base_settings: Settings) -> Iterator[str]:
     """DSN of a freshly migrated database owned by this test session."""
-    from engine.migrate import apply_migrations
+    from engine.admin.migrate import apply_migrations
 
     name = f"seckill_test_{RUN_ID}"
     dsn = _with_path(base_settings.pg_dsn, "/" + name)
@@ -72,7 +75,7 @@ def test_db(base_settings: Settings) -> Iterator[str]:
 @pytest.fixture(scope="session")
 def test_vhost(base_settings: Settings) -> Iterator[str]:
     """AMQP URL of a vhost owned by this test session, topology declared."""
-    from engine.migrate import declare_topology
+    from engine.admin.migrate import declare_topology
 
     vhost = f"seckill-test-{RUN_ID}"
     _rabbitmqctl("add_vhost", vhost)
@@ -95,8 +98,6 @@ def settings(base_settings: Settings, test_db: str, test_vhost: str) -> Iterator
 
 
 async def _delete_prefix(url: str, prefix: str) -> None:
-    from redis.asyncio import Redis
-
     r = Redis.from_url(url)
     try:
         batch = []
@@ -120,3 +121,22 @@ def product_id() -> int:
 @pytest.fixture
 def product_ids() -> list[int]:
     return random.sample(range(10**9, 9 * 10**9), 8)
+
+
+@pytest.fixture
+async def redis(settings: Settings) -> AsyncIterator[Redis]:
+    client = Redis.from_url(settings.redis_url)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+def keys(settings: Settings) -> Keys:
+    return Keys(settings.key_prefix)
+
+
+@pytest.fixture
+async def fresh_queues(settings: Settings) -> None:
+    """Events other tests' engines published (nobody consumed them) would reach a test's
+    Resource Domain first, and reports for them its status consumers: purge both."""
+    await purge_queues(settings.amqp_url, QUEUE_CREATED, QUEUE_STATUS)

@@ -244,3 +244,39 @@ class EventTap:
         channel = await conn.channel()
         await channel.queue_delete(self.queue)
         await conn.close()
+
+
+async def row_count(settings, pids) -> int:
+    conn = await asyncpg.connect(settings.pg_dsn)
+    try:
+        return await conn.fetchval(
+            "SELECT count(*) FROM seckill_logs WHERE product_id = ANY($1::bigint[])", pids)
+    finally:
+        await conn.close()
+
+
+async def all_done(settings, redis, keys, pids, total) -> bool:
+    return (await row_count(settings, pids) == total
+            and await pending_count(redis, keys, pids) == 0)
+
+
+def assert_one_id_per_order(rows, events, orders: int) -> None:
+    """One row per order, one distinct instance ID per order, every event carries it."""
+    assert len(rows) == orders
+    by_stream = {(r["product_id"], r["stream_id"]): r["instance_id"] for r in rows}
+    assert len(by_stream) == orders
+    assert len(set(by_stream.values())) == orders
+    seen = set()
+    for e in events:
+        key = (e.product_id, e.stream_id)
+        assert by_stream[key] == e.instance_id, "an event carried a second instance ID"
+        seen.add(key)
+    assert seen == set(by_stream), "some logged orders were never published"
+
+
+async def rows_at_least(settings, pids, n) -> bool:
+    return await row_count(settings, pids) >= n
+
+
+async def workers_are(engine: EngineProcess, n: int) -> bool:
+    return len(engine.children()) == n

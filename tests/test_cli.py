@@ -14,7 +14,7 @@ from redis.asyncio import Redis
 from support import SECKILL, engine_env
 
 from engine.demo import check
-from engine.gate import Gate
+from engine.gate.client import Gate
 from engine.keys import Keys
 
 
@@ -136,7 +136,7 @@ def test_demo_with_a_service_down_is_one_line_and_exit_3(settings):
     assert line.startswith("seckill demo: error:") and "hunter2" not in line
 
 
-def test_demo_runs_the_whole_flow(settings):
+def test_demo_runs_the_whole_flow(settings, fresh_queues):
     """The README's `make demo`, on this session's own prefix, database and vhost."""
     done = subprocess.run([sys.executable, "-m", "engine.demo"], capture_output=True,
                           text=True, timeout=240, env=engine_env(settings, rd_metrics_port=0))

@@ -9,7 +9,7 @@ import pytest
 from redis.asyncio import Redis
 from support import engine_env
 
-from engine.gate import Gate
+from engine.gate.client import Gate
 from engine.keys import Keys
 from loadtest.verify import tried_key, verify
 

@@ -10,12 +10,12 @@ import asyncio
 
 import pytest
 
-from engine.events import Framer, created_body, product_prefix
-from engine.ids import Snowflake
 from engine.keys import EXCHANGE, RK_CREATED, Keys
-from engine.logsink import stage_rows
-from engine.orders import Entry, Order
-from engine.pipeline import build_messages, decode_batch
+from engine.pipeline.conductor import build_messages, decode_batch
+from engine.pipeline.events import Framer, created_body, product_prefix
+from engine.pipeline.ids import Snowflake
+from engine.pipeline.logsink import stage_rows
+from engine.pipeline.orders import Entry, Order
 from engine.products import Product
 
 N = 500
@@ -79,7 +79,7 @@ def test_amqp_framing_500(benchmark):
 def gate_loop():
     from redis.asyncio import Redis
 
-    from engine.gate import Gate
+    from engine.gate.client import Gate
 
     loop = asyncio.new_event_loop()
     redis = Redis.from_url("redis://127.0.0.1:6379/0")

@@ -1,0 +1,118 @@
+"""How the reference Resource Domain turns an INSTANCE_CREATED event into an instance.
+
+`Provisioner` is the pluggable step. The default, `SimulatedProvisioner`,
+renders the Kubernetes objects an operator would apply (Deployment, Service,
+Ingress) to a directory, waits a simulated delay and fails a configurable,
+seeded share of instances. `KubectlProvisioner` applies the same manifests
+to the cluster of the current kubeconfig; it is switched on with
+`rd_provisioner = "kubectl"` where a cluster exists.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from engine.config import Settings
+from engine.pb import event_pb2
+
+
+@dataclass(frozen=True, slots=True)
+class Provisioned:
+    ok: bool
+    endpoint: str = ""
+    reason: str = ""
+    manifest: str = ""
+
+
+class Provisioner(Protocol):
+    async def provision(self, event: event_pb2.Event) -> Provisioned: ...
+
+
+def manifests(event: event_pb2.Event, domain: str) -> list[dict[str, Any]]:
+    """Deployment + Service + Ingress for one instance."""
+    name = f"gpu-{event.instance_id}"
+    labels = {"app": name, "seckill/instance-id": str(event.instance_id),
+              "seckill/user-id": str(event.user_id)}
+    resources = {"cpu": str(event.spec.cpus), "memory": f"{event.spec.memory_mb}Mi"}
+    limits = dict(resources)
+    pod: dict[str, Any] = {"containers": [{
+        "name": "instance", "image": event.spec.image,
+        "resources": {"requests": resources, "limits": limits},
+        "ports": [{"containerPort": 8888}]}]}
+    if event.spec.gpu:
+        limits["nvidia.com/gpu"] = "1"
+        pod["nodeSelector"] = {"nvidia.com/gpu.product": event.spec.gpu}
+    host = f"{event.instance_id}.{domain}"
+    return [
+        {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name,
+         "labels": labels}, "spec": {"replicas": 1, "selector": {"matchLabels": {"app": name}},
+         "template": {"metadata": {"labels": labels}, "spec": pod}}},
+        {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "labels": labels},
+         "spec": {"selector": {"app": name}, "ports": [{"port": 80, "targetPort": 8888}]}},
+        {"apiVersion": "networking.k8s.io/v1", "kind": "Ingress",
+         "metadata": {"name": name, "labels": labels},
+         "spec": {"rules": [{"host": host, "http": {"paths": [{
+             "path": "/", "pathType": "Prefix", "backend": {"service": {
+                 "name": name, "port": {"number": 80}}}}]}}]}},
+    ]
+
+
+def to_yaml(documents: list[dict[str, Any]]) -> str:
+    """A multi-document YAML file; JSON is valid YAML, and needs no YAML library."""
+    return "".join("---\n" + json.dumps(doc, indent=2, ensure_ascii=False) + "\n"
+                   for doc in documents)
+
+
+class SimulatedProvisioner:
+    def __init__(self, settings: Settings) -> None:
+        self.out = Path(settings.rd_output_dir)
+        self.domain = settings.rd_domain
+        self.delay = settings.rd_delay_ms / 1000
+        self.failure_rate = settings.rd_failure_rate
+        self.seed = settings.rd_seed if settings.rd_seed >= 0 else random.randrange(2**31)
+
+    def fails(self, instance_id: int) -> bool:
+        """Seeded per instance, so a retry of the same instance fails the same way."""
+        return random.Random(self.seed * 1_000_003 + instance_id).random() < self.failure_rate
+
+    async def provision(self, event: event_pb2.Event) -> Provisioned:
+        self.out.mkdir(parents=True, exist_ok=True)
+        path = self.out / f"{event.instance_id}.yaml"
+        text = to_yaml(manifests(event, self.domain))
+        await asyncio.to_thread(path.write_text, text)
+        await asyncio.sleep(self.delay)
+        if self.fails(event.instance_id):
+            return Provisioned(False, reason="simulated failure: no GPU node could be "
+                               "scheduled", manifest=str(path))
+        return Provisioned(True, endpoint=f"https://{event.instance_id}.{self.domain}",
+                           manifest=str(path))
+
+
+class KubectlProvisioner(SimulatedProvisioner):
+    """Applies the rendered manifests with `kubectl apply` (needs a reachable cluster)."""
+
+    async def provision(self, event: event_pb2.Event) -> Provisioned:
+        rendered = await SimulatedProvisioner.provision(self, event)
+        proc = await asyncio.create_subprocess_exec(
+            "kubectl", "apply", "-f", rendered.manifest, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE)
+        _, err = await proc.communicate()
+        if proc.returncode != 0:
+            return Provisioned(False, reason=f"kubectl apply failed: {err.decode()[:200]}",
+                               manifest=rendered.manifest)
+        return Provisioned(True, endpoint=f"https://{event.instance_id}.{self.domain}",
+                           manifest=rendered.manifest)
+
+    def fails(self, instance_id: int) -> bool:
+        return False  # the cluster decides
+
+
+def make_provisioner(settings: Settings) -> Provisioner:
+    if settings.rd_provisioner == "kubectl":
+        return KubectlProvisioner(settings)
+    return SimulatedProvisioner(settings)

@@ -1,0 +1,293 @@
+"""`seckill resource-domain`: the reference Resource Domain (simulated provisioning).
+
+Consumes INSTANCE_CREATED from `resource.instance-created`, provisions each
+instance once, and reports INSTANCE_RUNNING or INSTANCE_FAILED on
+`instance.status` with publisher confirms; a message is acknowledged only
+after its report is confirmed.
+
+Events arrive at least once (and our own engine may publish one twice), so
+it keeps what it has provisioned in its own table,
+`resource_domain.instances`: an instance is claimed there before it is
+provisioned, and a redelivered event re-sends the recorded outcome instead
+of provisioning again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+from prometheus_client import Counter, start_http_server
+
+from engine.config import Settings
+from engine.connections import RETRYABLE, connect_amqp, create_pg_pool
+from engine.errors import ConfigError, PublishFailed
+from engine.fulfilment.provisioning import Provisioned, Provisioner, make_provisioner
+from engine.keys import FAILED, QUEUE_CREATED, RK_STATUS, RUNNING
+from engine.pb import event_pb2
+from engine.pipeline.publisher import CONFIRMED, ConfirmPublisher, Message
+
+log = logging.getLogger("seckill.resource_domain")
+
+PROVISIONED = Counter("seckill_rd_provisioned_total", "Instances provisioned by the "
+                      "reference Resource Domain.", ["result"])
+DUPLICATES = Counter("seckill_rd_duplicate_events_total",
+                     "INSTANCE_CREATED events for instances already handled.")
+
+
+SCHEMA = """
+CREATE SCHEMA IF NOT EXISTS resource_domain;
+CREATE TABLE IF NOT EXISTS resource_domain.instances (
+    instance_id    BIGINT PRIMARY KEY,
+    user_id        BIGINT NOT NULL,
+    status         TEXT NOT NULL,         -- PROVISIONING, RUNNING, FAILED
+    endpoint       TEXT,
+    reason         TEXT,
+    manifest       TEXT,
+    attempts       INTEGER NOT NULL DEFAULT 0,
+    claimed_at     TIMESTAMPTZ NOT NULL DEFAULT now(),
+    finished_at    TIMESTAMPTZ
+);
+"""
+
+CLAIM = """
+INSERT INTO resource_domain.instances (instance_id, user_id, status)
+SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[])
+ON CONFLICT (instance_id) DO NOTHING RETURNING instance_id
+"""
+# a claim nobody finished for this long belongs to a Resource Domain that died
+STALE_CLAIM_S = 60
+RECLAIM = """
+UPDATE resource_domain.instances SET claimed_at = now()
+WHERE instance_id = ANY($1::bigint[]) AND status = 'PROVISIONING'
+  AND claimed_at < now() - make_interval(secs => $2) RETURNING instance_id
+"""
+STATE = """
+SELECT instance_id, status, endpoint, reason FROM resource_domain.instances
+WHERE instance_id = ANY($1::bigint[])
+"""
+FINISH = """
+UPDATE resource_domain.instances AS i
+SET status = u.status, endpoint = u.endpoint, reason = u.reason, manifest = u.manifest,
+    attempts = i.attempts + 1, finished_at = now()
+FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[])
+     AS u(instance_id, status, endpoint, reason, manifest)
+WHERE i.instance_id = u.instance_id
+"""
+
+
+@dataclass(slots=True)
+class Delivery:
+    tag: int
+    event: event_pb2.Event
+    waited: bool = False  # back in the inbox: its instance was claimed by someone else
+
+
+def count_duplicates(batch: list[Delivery], mine: set[int]) -> int:
+    """Deliveries that provision nothing: all but the first of each instance we claimed.
+
+    A delivery put back to wait for another Resource Domain's claim was
+    counted when it arrived, so it is not counted again on every retry.
+    """
+    firsts: set[int] = set()
+    duplicates = 0
+    for d in batch:
+        if d.waited:
+            continue
+        if d.event.instance_id in mine and d.event.instance_id not in firsts:
+            firsts.add(d.event.instance_id)
+        else:
+            duplicates += 1
+    return duplicates
+
+
+class ResourceDomain:
+    def __init__(self, settings: Settings, provisioner: Provisioner | None = None) -> None:
+        self.settings = settings
+        self.provisioner = provisioner or make_provisioner(settings)
+        self.publisher = ConfirmPublisher(settings, RK_STATUS, "INSTANCE_RUNNING")
+        self._inbox: list[Delivery] = []
+        self._unacked: set[int] = set()  # delivery tags of this channel not acknowledged yet
+        self._wake = asyncio.Event()
+        self._channel: Any = None
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        self.pool = await create_pg_pool(self.settings, size=2)
+        async with self.pool.acquire() as conn:
+            await conn.execute(SCHEMA)
+        failures = 0
+        try:
+            while not stopping.is_set():
+                try:
+                    await self._session(stopping)
+                except RETRYABLE as exc:
+                    failures += 1
+                    delay = min(self.settings.retry_backoff_max, 0.1 * 2 ** min(failures, 6))
+                    log.warning("resource domain: %s; retrying in %.1fs", exc, delay)
+                    self._inbox.clear()
+                    await asyncio.sleep(delay)
+        finally:
+            await self.publisher.close()
+            await self.pool.close()
+
+    async def _session(self, stopping: asyncio.Event) -> None:
+        conn = await connect_amqp(self.settings)
+        try:
+            channel = self._channel = await conn.channel()
+            # Tags are per channel: a new channel starts afresh, and before the first
+            # delivery can arrive (aiormq runs deliveries before ConsumeOk returns).
+            self._inbox.clear()
+            self._unacked.clear()
+            await channel.basic_qos(prefetch_count=self.settings.rd_prefetch)
+            await channel.basic_consume(QUEUE_CREATED, self._on_message)
+            log.info("resource domain consuming %s", QUEUE_CREATED,
+                     extra={"event": "rd_started"})
+            while not stopping.is_set():
+                if conn.is_closed or channel.is_closed:
+                    raise PublishFailed("resource domain channel closed")
+                try:
+                    await asyncio.wait_for(self._wake.wait(), 0.2)
+                except TimeoutError:
+                    pass
+                self._wake.clear()
+                await asyncio.sleep(0.01)
+                await self.flush()
+        finally:
+            self._channel = None
+            await asyncio.shield(conn.close())
+
+    async def _on_message(self, message: Any) -> None:
+        try:
+            event = event_pb2.Event.FromString(message.body)
+        except Exception:  # noqa: BLE001 - garbage on the queue: drop it, loudly
+            log.error("undecodable message dropped", extra={"event": "rd_bad_message"})
+            self._unacked.add(message.delivery.delivery_tag)
+            await self._ack({message.delivery.delivery_tag})
+            return
+        self._inbox.append(Delivery(message.delivery.delivery_tag, event))
+        self._unacked.add(message.delivery.delivery_tag)
+        self._wake.set()
+
+    async def flush(self) -> None:
+        batch, self._inbox = self._inbox, []
+        if not batch:
+            return
+        outcomes = await self.handle(batch)
+        await self.report(batch, outcomes)
+
+    async def handle(self, batch: list[Delivery]) -> dict[int, Provisioned]:
+        """Provision what nobody has claimed yet; return every instance's outcome."""
+        ids = list({d.event.instance_id: None for d in batch})
+        events = {d.event.instance_id: d.event for d in batch}
+        async with self.pool.acquire() as conn:
+            mine = {r[0] for r in await conn.fetch(
+                CLAIM, ids, [events[i].user_id for i in ids], ["PROVISIONING"] * len(ids))}
+            mine |= {r[0] for r in await conn.fetch(RECLAIM, ids, float(STALE_CLAIM_S))}
+        DUPLICATES.inc(count_duplicates(batch, mine))
+        results = await asyncio.gather(*(self.provisioner.provision(events[i]) for i in mine))
+        fresh = dict(zip(mine, results, strict=True))
+        if fresh:
+            async with self.pool.acquire() as conn:
+                await conn.execute(FINISH, list(fresh),
+                                   [RUNNING if p.ok else FAILED for p in fresh.values()],
+                                   [p.endpoint for p in fresh.values()],
+                                   [p.reason for p in fresh.values()],
+                                   [p.manifest for p in fresh.values()])
+            for p in fresh.values():
+                PROVISIONED.labels("running" if p.ok else "failed").inc()
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(STATE, ids)
+        return {r["instance_id"]: Provisioned(r["status"] == RUNNING, r["endpoint"] or "",
+                                              r["reason"] or "")
+                for r in rows if r["status"] != "PROVISIONING"}
+
+    async def report(self, batch: list[Delivery], outcomes: dict[int, Provisioned]) -> None:
+        """Publish each outcome; acknowledge a delivery once its report is confirmed."""
+        ready = [d for d in batch if d.event.instance_id in outcomes]
+        messages = [self._status_message(d.event, outcomes[d.event.instance_id])
+                    for d in ready]
+        results = await self.publisher.publish(messages, self.settings.publish_timeout)
+        await self._ack({d.tag for d, r in zip(ready, results, strict=True) if r == CONFIRMED})
+        waiting = [d for d in batch if d.event.instance_id not in outcomes]
+        for d in waiting:
+            d.waited = True
+        self._inbox.extend(waiting)  # claimed by another Resource Domain: ask again later
+        if any(r != CONFIRMED for r in results):
+            raise PublishFailed("status reports not confirmed")
+
+    async def _ack(self, tags: set[int]) -> None:
+        """One multiple-ack for the oldest run of settled deliveries, single acks after it."""
+        if self._channel is None or not tags:
+            return
+        run_end = None
+        for tag in sorted(self._unacked):
+            if tag not in tags:
+                break
+            run_end = tag
+        if run_end is not None:
+            await self._channel.basic_ack(run_end, multiple=True)
+        for tag in sorted(t for t in tags if run_end is None or t > run_end):
+            await self._channel.basic_ack(tag)
+        self._unacked -= {t for t in self._unacked if run_end is not None and t <= run_end}
+        self._unacked -= tags
+
+    def _status_message(self, event: event_pb2.Event, outcome: Provisioned) -> Message:
+        kind = event_pb2.INSTANCE_RUNNING if outcome.ok else event_pb2.INSTANCE_FAILED
+        body = event_pb2.Event(
+            event_type=kind, instance_id=event.instance_id, user_id=event.user_id,
+            name=event.name, spec=event.spec, timestamp=int(time.time()),
+            product_id=event.product_id, stream_id=event.stream_id, sale_id=event.sale_id,
+            slot=event.slot, endpoint=outcome.endpoint, reason=outcome.reason,
+        ).SerializeToString()
+        return Message(body, str(event.instance_id),
+                       "INSTANCE_RUNNING" if outcome.ok else "INSTANCE_FAILED")
+
+
+async def count_provisioned(pool: asyncpg.Pool) -> dict[str, int]:
+    rows = await pool.fetch("SELECT status, count(*) FROM resource_domain.instances "
+                            "GROUP BY status")
+    return {r[0]: r[1] for r in rows}
+
+
+def serve_metrics(settings: Settings) -> int:
+    """Serve /metrics (`seckill_rd_*`) from a thread; returns the port, 0 when disabled.
+
+    The Resource Domain is one process, so prometheus_client's own server and
+    default registry are enough. A port that cannot be bound stops the
+    process: a Resource Domain nobody can see is worse than one that did not start.
+    """
+    port = settings.rd_metrics_port
+    if port == 0:
+        return 0
+    if not 0 < port < 65536:
+        raise ConfigError(f"rd_metrics_port: expected 0..65535, got {port!r}")
+    try:
+        server, _ = start_http_server(port, addr=settings.metrics_host)
+    except OSError as exc:
+        raise ConfigError(f"rd_metrics_port: cannot listen on {settings.metrics_host}:{port}"
+                          f" ({exc.strerror or exc})") from None
+    bound = int(server.server_address[1])
+    log.info("serving /metrics on %s:%d", settings.metrics_host, bound,
+             extra={"event": "http_started", "port": bound})
+    return bound
+
+
+def main(settings: Settings) -> int:
+    """Run until SIGTERM or SIGINT."""
+    import uvloop
+
+    serve_metrics(settings)
+
+    async def run() -> int:
+        stopping = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stopping.set)
+        await ResourceDomain(settings).run(stopping)
+        return 0
+    return uvloop.run(run())

@@ -1,0 +1,271 @@
+"""The engine's side of the closed loop: instance status reports into `seckill_logs`.
+
+Reports arrive at least once and in any order, so applying one must be
+idempotent and monotonic: only a `PROCESSING` row changes, into `RUNNING` or
+`FAILED`, and never back. A failed order hands its unit of stock back to its
+sale (if that sale is still the open one), exactly once: the database marks
+the order compensated and the gate's `refunded` set refuses a second return
+even if we crash between the two.
+
+It runs as a task in every worker (N consumers on one queue): no extra
+process to supervise, and it lives and dies with the workers' connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import aiormq
+import asyncpg
+from prometheus_client import Counter
+from redis.asyncio import Redis
+
+from engine.config import Settings
+from engine.connections import RETRYABLE, connect_amqp
+from engine.gate.client import Gate
+from engine.keys import FAILED, QUEUE_STATUS, RUNNING, Keys
+from engine.pb import event_pb2
+
+log = logging.getLogger("seckill.status")
+
+STATUS_UPDATES = Counter("seckill_status_updates_total",
+                         "Status reports by what became of them.", ["result"])
+COMPENSATIONS = Counter("seckill_compensations_total",
+                        "Failed orders whose unit of stock was handled.", ["result"])
+STATUS_DEAD_LETTERS = Counter("seckill_status_dead_letters_total",
+                              "Status reports moved to stream:seckill:status:dlq.", ["reason"])
+
+STATUS_OF = {event_pb2.INSTANCE_RUNNING: RUNNING, event_pb2.INSTANCE_FAILED: FAILED}
+
+APPLY = """
+UPDATE seckill_logs AS l
+SET status = u.status, endpoint = NULLIF(u.endpoint, ''), reason = NULLIF(u.reason, ''),
+    status_at = u.at, updated_at = now()
+FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::timestamptz[])
+     AS u(instance_id, status, endpoint, reason, at)
+WHERE l.instance_id = u.instance_id AND l.status = 'PROCESSING'
+"""
+
+KNOWN = "SELECT instance_id FROM seckill_logs WHERE instance_id = ANY($1::bigint[])"
+
+# Failed orders of this batch whose unit has not been handed back yet (also ones whose
+# earlier compensation was interrupted: the gate's refunded set keeps it exactly once).
+TO_COMPENSATE = """
+SELECT instance_id, product_id, user_id, sale_id, slot, stream_id FROM seckill_logs
+WHERE instance_id = ANY($1::bigint[]) AND status = 'FAILED' AND compensated_at IS NULL
+"""
+
+MARK_COMPENSATED = """
+UPDATE seckill_logs SET compensated_at = now() WHERE instance_id = ANY($1::bigint[])
+"""
+
+
+@dataclass(slots=True)
+class Report:
+    delivery_tag: int
+    instance_id: int
+    status: str
+    endpoint: str
+    reason: str
+    at: dt.datetime
+    first_seen: float
+
+
+def decode_report(body: bytes, delivery_tag: int, now: float) -> Report | None:
+    """A status report, or None if the body is not one."""
+    try:
+        event = event_pb2.Event.FromString(body)
+    except Exception:  # noqa: BLE001 - protobuf raises DecodeError or others on garbage
+        return None
+    status = STATUS_OF.get(event.event_type)
+    if status is None or event.instance_id <= 0:
+        return None
+    at = dt.datetime.fromtimestamp(event.timestamp or time.time(), dt.UTC)
+    return Report(delivery_tag, event.instance_id, status, event.endpoint, event.reason, at,
+                  now)
+
+
+def one_per_instance(reports: list[Report]) -> tuple[list[Report], list[Report]]:
+    """(the report to apply per instance, the reports it supersedes), from arrival order.
+
+    Only a `PROCESSING` row changes, so if one UPDATE carried two reports for
+    an instance, PostgreSQL would apply whichever row of the join it met first.
+    We decide instead, as if the reports had arrived one by one in the order
+    they happened: the earliest by event timestamp wins (arrival order breaks
+    ties), and every later one would have found the row terminal already.
+    """
+    chosen: dict[int, Report] = {}
+    superseded: list[Report] = []
+    for report in reports:
+        best = chosen.get(report.instance_id)
+        if best is None or report.at < best.at:
+            chosen[report.instance_id] = report
+            if best is not None:
+                superseded.append(best)
+        else:
+            superseded.append(report)
+    return list(chosen.values()), superseded
+
+
+class StatusConsumer:
+    """Consumes `QUEUE_STATUS` and applies reports in batches."""
+
+    def __init__(self, settings: Settings, redis: Redis, pool: asyncpg.Pool) -> None:
+        self.settings = settings
+        self.redis = redis
+        self.pool = pool
+        self.keys = Keys(settings.key_prefix)
+        self.gate = Gate(redis, self.keys)
+        self._inbox: list[tuple[int, bytes]] = []
+        self._held: list[Report] = []  # reports for instances not logged yet
+        self._wake = asyncio.Event()
+        self._channel: Any = None
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        """Consume until `stopping` is set; reconnect with backoff on any outage."""
+        failures = 0
+        while not stopping.is_set():
+            try:
+                await self._session(stopping)
+                failures = 0
+            except RETRYABLE as exc:
+                failures += 1
+                delay = min(self.settings.retry_backoff_max, 0.1 * 2 ** min(failures, 6))
+                log.warning("status consumer: %s; reconnecting in %.1fs", exc, delay,
+                            extra={"event": "status_retry"})
+                self._inbox.clear()  # unacknowledged: the broker redelivers them
+                self._held.clear()
+                try:
+                    await asyncio.wait_for(stopping.wait(), delay)
+                except TimeoutError:
+                    pass
+
+    async def _session(self, stopping: asyncio.Event) -> None:
+        conn = await connect_amqp(self.settings)
+        try:
+            channel = self._channel = await conn.channel()
+            await channel.basic_qos(prefetch_count=self.settings.status_batch_size * 2)
+            await channel.basic_consume(QUEUE_STATUS, self._on_message)
+            while not stopping.is_set():
+                if conn.is_closed or channel.is_closed:
+                    raise aiormq.exceptions.ChannelInvalidStateError("status channel closed")
+                try:
+                    await asyncio.wait_for(self._wake.wait(), 0.2)
+                except TimeoutError:
+                    pass
+                self._wake.clear()
+                await asyncio.sleep(0.02)  # let a burst gather into one batch
+                await self.flush()
+        finally:
+            self._channel = None
+            await asyncio.shield(conn.close())
+
+    async def _on_message(self, message: Any) -> None:
+        self._inbox.append((message.delivery.delivery_tag, message.body))
+        if len(self._inbox) >= self.settings.status_batch_size:
+            self._wake.set()
+        elif len(self._inbox) == 1:
+            self._wake.set()
+
+    async def flush(self) -> None:
+        """Apply what arrived; acknowledge what is settled."""
+        inbox, self._inbox = self._inbox, []
+        now = time.monotonic()
+        reports, garbage = [], []
+        for tag, body in inbox:
+            report = decode_report(body, tag, now)
+            if report is None:
+                garbage.append((tag, body))
+            else:
+                reports.append(report)
+        reports = self._held + reports  # held ones arrived first
+        self._held = []
+        for tag, body in garbage:
+            await self._dead_letter(tag, "bad_report", "not a status event", body=body)
+        if reports:
+            await self.apply(reports)
+
+    async def apply(self, reports: list[Report]) -> None:
+        """Apply one report per instance; acknowledge every report of a known instance.
+
+        `reports` are in arrival order. The reports one batch does not apply
+        (`one_per_instance`) are acknowledged with it, after the commit.
+        """
+        kept, _ = one_per_instance(reports)
+        ids = [r.instance_id for r in kept]
+        async with self.pool.acquire() as conn:
+            async with conn.transaction():
+                status = await conn.execute(
+                    APPLY, ids, [r.status for r in kept], [r.endpoint for r in kept],
+                    [r.reason for r in kept], [r.at for r in kept])
+                known = {row[0] for row in await conn.fetch(KNOWN, ids)}
+            failed = await conn.fetch(TO_COMPENSATE, ids)
+        applied = int(status.rsplit(" ", 1)[1])
+        STATUS_UPDATES.labels("applied").inc(applied)
+        settled = [r for r in reports if r.instance_id in known]
+        STATUS_UPDATES.labels("unchanged").inc(max(0, len(settled) - applied))
+        if failed:
+            await self.compensate(failed)
+        await self._ack([r.delivery_tag for r in settled])
+        await self._hold_or_drop([r for r in reports if r.instance_id not in known])
+
+    async def compensate(self, rows: list[asyncpg.Record]) -> None:
+        """Hand each failed order's unit back to its sale, then mark the order."""
+        done = []
+        for row in rows:
+            if row["sale_id"] is None:
+                result = "no_sale"  # an order added by hand took no unit of a sale
+            else:
+                result = await self.gate.refund(row["product_id"], row["user_id"],
+                                                row["sale_id"], row["slot"], row["stream_id"])
+            COMPENSATIONS.labels(result).inc()
+            log.info("compensation for instance %d: %s", row["instance_id"], result,
+                     extra={"event": "compensation", "result": result,
+                            "instance_id": row["instance_id"], "product_id": row["product_id"]})
+            done.append(row["instance_id"])
+        async with self.pool.acquire() as conn:
+            await conn.execute(MARK_COMPENSATED, done)
+
+    async def _hold_or_drop(self, unknown: list[Report]) -> None:
+        """A report can overtake its order's row: retry it for a while, then give up."""
+        now = time.monotonic()
+        for report in unknown:
+            if now - report.first_seen < self.settings.status_unknown_retry:
+                self._held.append(report)
+            else:
+                STATUS_UPDATES.labels("unknown_instance").inc()
+                await self._dead_letter(report.delivery_tag, "unknown_instance",
+                                        f"no order has instance ID {report.instance_id}",
+                                        instance_id=report.instance_id, status=report.status)
+
+    async def _dead_letter(self, tag: int, reason: str, detail: str, **fields: Any) -> None:
+        entry: dict[str, str | bytes] = {"reason": reason, "detail": detail,
+                                         "at": str(int(time.time() * 1000))}
+        entry.update({k: v if isinstance(v, bytes) else str(v) for k, v in fields.items()})
+        await self.redis.xadd(self.keys.status_dlq, entry)  # type: ignore[arg-type]
+        await self._ack([tag])
+        STATUS_DEAD_LETTERS.labels(reason).inc()
+        log.warning("status report dead-lettered: %s", detail,
+                    extra={"event": "status_dead_letter", "reason": reason})
+
+    async def _ack(self, tags: list[int]) -> None:
+        channel = self._channel
+        if channel is None:
+            return
+        for tag in tags:
+            await channel.basic_ack(tag)
+
+
+def encode_report(instance_id: int, status: str, *, endpoint: str = "", reason: str = "",
+                  timestamp: int | None = None, **extra: Any) -> bytes:
+    """A status event body, as the Resource Domain sends it (also used by tests)."""
+    kind = event_pb2.INSTANCE_RUNNING if status == RUNNING else event_pb2.INSTANCE_FAILED
+    return event_pb2.Event(event_type=kind, instance_id=instance_id, endpoint=endpoint,
+                           reason=reason, timestamp=timestamp or int(time.time()),
+                           **extra).SerializeToString()
+

@@ -1,0 +1,242 @@
+"""One batch, stage by stage: decode, look up, take IDs, log, publish, settle.
+
+Each stage is a function of its own module; this one only orders them and
+decides what a failure means. Bad data is dead-lettered at once; a failing
+service is retried in place with backoff (the entries stay pending and are
+re-claimed to us so no janitor takes them), because the order is fine and
+only the world is broken. Nothing is acknowledged unless its row is
+committed and its event confirmed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import asyncpg
+from redis.asyncio import Redis
+
+from engine.config import Settings
+from engine.connections import RETRYABLE
+from engine.errors import ServiceError
+from engine.keys import Keys
+from engine.metrics import daemon as metrics
+from engine.pipeline.catalog import Catalog
+from engine.pipeline.events import created_body
+from engine.pipeline.ids import Snowflake
+from engine.pipeline.logsink import write_batch
+from engine.pipeline.orders import (
+    UNKNOWN_PRODUCT,
+    DeadLetter,
+    Entry,
+    Order,
+    decode_entry,
+    entry_ms,
+    order_fields,
+    split,
+)
+from engine.pipeline.publisher import CONFIRMED, ConfirmPublisher, Message
+from engine.pipeline.settle import record_errors, settle, touch
+
+log = logging.getLogger("seckill.pipeline")
+
+
+def decode_batch(entries: list[Entry], keys: Keys,
+                 max_bytes: int) -> tuple[list[Order], list[DeadLetter]]:
+    """Stage 1: valid orders and dead letters."""
+    product_of: dict[bytes, int | None] = {}
+    decoded: list[Order | DeadLetter] = []
+    for e in entries:
+        pid = product_of.get(e.stream, -1)
+        if pid == -1:
+            pid = product_of[e.stream] = keys.product_of_stream(e.stream.decode())
+        decoded.append(decode_entry(e.stream, pid, e.stream_id, e.fields, max_bytes))
+    return split(decoded)
+
+
+def drop_unknown(orders: list[Order], known: dict[int, object],
+                 dead: list[DeadLetter]) -> list[Order]:
+    """Stage 2: orders of unknown products become dead letters."""
+    kept = []
+    for o in orders:
+        if o.product_id in known:
+            kept.append(o)
+        else:
+            dead.append(DeadLetter(o.stream, o.stream_id, o.product_id, order_fields(o),
+                                   UNKNOWN_PRODUCT,
+                                   f"product {o.product_id} is not in the products table",
+                                   entry_id=o.entry_id))
+    return kept
+
+
+def assign_ids(orders: list[Order], snowflake: Snowflake) -> None:
+    """Stage 2b: one fresh instance ID per order (the log may replace it by an older one)."""
+    for order, instance_id in zip(orders, snowflake.take(len(orders)), strict=True):
+        order.instance_id = instance_id
+
+
+def build_messages(orders: list[Order], prefixes: dict[int, bytes], now: int) -> list[Message]:
+    """Stage 4a: the protobuf body and message ID of every event."""
+    return [Message(created_body(prefixes[o.product_id], o, now), str(o.instance_id))
+            for o in orders]
+
+
+class Pipeline:
+    """Runs batches for one worker; owns no connection, only borrows them."""
+
+    def __init__(self, *, settings: Settings, keys: Keys, redis: Redis, pool: asyncpg.Pool,
+                 publisher: ConfirmPublisher, catalog: Catalog, snowflake: Snowflake,
+                 consumer: str, clock: Callable[[], float] = time.time) -> None:
+        self.settings = settings
+        self.keys = keys
+        self.redis = redis
+        self.pool = pool
+        self.publisher = publisher
+        self.catalog = catalog
+        self.snowflake = snowflake
+        self.consumer = consumer
+        self.clock = clock
+
+    async def process(self, entries: list[Entry], extra_dead: Sequence[DeadLetter] = ()) -> None:
+        """Take a batch all the way to acknowledged (or dead-lettered)."""
+        t0 = time.perf_counter()
+        metrics.BATCH_SIZE.observe(len(entries))
+        orders, dead = decode_batch(entries, self.keys, self.settings.max_entry_bytes)
+        dead.extend(extra_dead)
+        # the dead letters are held too: a long outage must not let a janitor take them
+        products, failures = await self._retrying("lookup", lambda: self.catalog.lookup(
+            o.product_id for o in orders), [*orders, *dead])
+        orders = drop_unknown(orders, products, dead)
+        assign_ids(orders, self.snowflake)
+        prefixes = {pid: prefix for pid, (_, prefix) in products.items()}
+        t1 = time.perf_counter()
+        metrics.STAGE_SECONDS.labels("prepare").observe(t1 - t0)
+        await self._deliver(orders, dead, prefixes, failures)
+
+    async def _deliver(self, orders: list[Order], dead: list[DeadLetter],
+                       prefixes: dict[int, bytes], attempt: int = 0) -> None:
+        batch = _Batch(orders, [], dead)
+        while True:
+            try:
+                if batch.todo:
+                    await self._log_and_publish(batch, prefixes)
+                # errors were recorded for this batch only if an attempt failed
+                await self._settle(batch.done, batch.dead,
+                                   self._error_keys(batch) if attempt else ())
+                batch.done, batch.dead = [], []
+                if not batch.todo:
+                    return
+                raise _Unconfirmed(len(batch.todo))
+            except RETRYABLE as exc:
+                attempt += 1
+                await self._after_failure(exc, attempt, batch.held())
+
+    async def _log_and_publish(self, batch: _Batch, prefixes: dict[int, bytes]) -> None:
+        """Log and publish `batch.todo`; confirmed orders move to `batch.done`."""
+        t0 = time.perf_counter()
+        try:
+            result = await write_batch(self.pool, batch.todo, self.settings.db_timeout)
+        except RETRYABLE:
+            metrics.BATCH_FAILURES.labels("log").inc()
+            raise
+        t1 = time.perf_counter()
+        metrics.STAGE_SECONDS.labels("log").observe(t1 - t0)
+        batch.dead.extend(result.refused)
+        batch.todo = result.logged
+        if result.redelivered:
+            metrics.REDELIVERED.inc(result.redelivered)
+        messages = build_messages(batch.todo, prefixes, int(self.clock()))
+        try:
+            outcomes = await self.publisher.publish(messages, self.settings.publish_timeout)
+        except RETRYABLE:
+            metrics.BATCH_FAILURES.labels("publish").inc()
+            await self.publisher.close()
+            raise
+        metrics.STAGE_SECONDS.labels("publish").observe(time.perf_counter() - t1)
+        failed: list[Order] = []
+        why: dict[str, int] = {}
+        for order, outcome in zip(batch.todo, outcomes, strict=True):
+            if outcome == CONFIRMED:
+                batch.done.append(order)
+            else:
+                failed.append(order)
+                why[outcome] = why.get(outcome, 0) + 1
+        for outcome, count in why.items():  # counters move once per batch, not per order
+            metrics.PUBLISH_FAILURES.labels(outcome).inc(count)
+        batch.todo = failed
+
+    def _error_keys(self, batch: _Batch) -> set[str]:
+        return {self.keys.errors(o.product_id) for o in batch.held()
+                if o.product_id is not None}
+
+    async def _settle(self, done: list[Order], dead: list[DeadLetter],
+                      errors: Iterable[str] = ()) -> None:
+        t0 = time.perf_counter()
+        try:
+            await settle(self.redis, done, dead, self.consumer, errors)
+        except RETRYABLE:
+            metrics.BATCH_FAILURES.labels("ack").inc()
+            raise
+        now = self.clock()
+        metrics.STAGE_SECONDS.labels("ack").observe(time.perf_counter() - t0)
+        if done:
+            metrics.ORDERS.inc(len(done))
+            metrics.observe_many(metrics.ORDER_LATENCY,
+                                 (now - entry_ms(o.entry_id) / 1000 for o in done))
+        for reason in {d.reason for d in dead}:
+            metrics.DEAD_LETTERS.labels(reason).inc(sum(d.reason == reason for d in dead))
+        if dead:
+            log.warning("dead-lettered %d entries", len(dead),
+                        extra={"event": "dead_letter", "count": len(dead),
+                               "reasons": sorted({d.reason for d in dead})})
+
+    async def _retrying(self, stage: str, call: Callable,
+                        held: list[Order | DeadLetter]) -> tuple[dict, int]:
+        """The call's result once it succeeds, and how many attempts failed before."""
+        attempt = 0
+        while True:
+            try:
+                return await call(), attempt
+            except RETRYABLE as exc:
+                attempt += 1
+                metrics.BATCH_FAILURES.labels(stage).inc()
+                await self._after_failure(exc, attempt, held)
+
+    async def _after_failure(self, exc: BaseException, attempt: int,
+                             held: list[Order] | list[Order | DeadLetter]) -> None:
+        delay = min(self.settings.retry_backoff_max, 0.05 * 2 ** min(attempt, 10))
+        log.warning("batch attempt %d failed, retrying in %.2fs: %s", attempt, delay,
+                    _describe(exc), extra={"event": "batch_retry", "attempt": attempt,
+                                           "entries": len(held)})
+        await asyncio.sleep(delay)
+        if held:
+            try:
+                await touch(self.redis, self.consumer, held)
+                await record_errors(self.redis, self.keys, held, _describe(exc))
+            except RETRYABLE:
+                pass  # Redis is down too; the next attempt will find out
+
+
+@dataclass(slots=True)
+class _Batch:
+    """Where each order of a batch stands while it is being retried."""
+
+    todo: list[Order]
+    done: list[Order]
+    dead: list[DeadLetter]
+
+    def held(self) -> list[Order | DeadLetter]:
+        return [*self.todo, *self.done, *self.dead]
+
+
+class _Unconfirmed(ServiceError):
+    def __init__(self, count: int) -> None:
+        super().__init__(f"{count} events not confirmed")
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -1,0 +1,74 @@
+"""Reclaiming entries that a dead or stuck consumer left pending.
+
+A worker that dies with entries in flight leaves them in its pending list;
+if its slot is respawned it re-reads them itself, but if the pool shrank or
+the host is gone nobody would. The janitor XAUTOCLAIMs entries idle longer
+than `claim_idle_ms` (far longer than a batch takes; workers retrying a
+batch keep their entries fresh) and feeds them to the same pipeline. It also
+finds order streams created by hand (`XADD stream:seckill:{1001} * ...`)
+that no `sale open` announced.
+"""
+
+from __future__ import annotations
+
+from redis.asyncio import Redis
+
+from engine.keys import DLQ_SUFFIX, GROUP, Keys
+from engine.pipeline.orders import DeadLetter, Entry
+from engine.pipeline.reader import delivery_counts, ensure_group, poison_letters
+
+
+class Janitor:
+    def __init__(self, redis: Redis, keys: Keys, consumer: str, *, idle_ms: int, count: int,
+                 max_deliveries: int) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.consumer = consumer
+        self.idle_ms = idle_ms
+        self.count = count
+        self.max_deliveries = max_deliveries
+
+    async def reclaim(self, streams: list[bytes]) -> tuple[list[Entry], list[DeadLetter]]:
+        entries: list[Entry] = []
+        dead: list[DeadLetter] = []
+        for stream in streams:
+            e, d = await self._reclaim_stream(stream)
+            entries += e
+            dead += d
+        return entries, dead
+
+    async def _reclaim_stream(self, stream: bytes) -> tuple[list[Entry], list[DeadLetter]]:
+        entries: list[Entry] = []
+        dead: list[DeadLetter] = []
+        cursor: bytes = b"0-0"
+        while len(entries) + len(dead) < self.count:
+            reply = await self.redis.xautoclaim(stream, GROUP, self.consumer, self.idle_ms,
+                                                start_id=cursor, count=self.count)
+            cursor, items = reply[0], [i for i in reply[1] if i[0] is not None]
+            if items:
+                counts = await delivery_counts(self.redis, stream, [i[0] for i in items],
+                                               self.consumer)
+                letters = await poison_letters(self.redis, self.keys, stream, items, counts,
+                                               self.max_deliveries)
+                dead += letters.values()
+                entries += [Entry(stream, raw_id.decode(), fields) for raw_id, fields in items
+                            if raw_id not in letters]
+            if cursor in (b"0-0", "0-0"):
+                break
+        return entries, dead
+
+    async def find_hand_made_streams(self) -> int:
+        """Register order streams nobody announced; returns how many were added."""
+        added = 0
+        async for key in self.redis.scan_iter(match=self.keys.stream_pattern, count=1000,
+                                              _type="stream"):
+            name = key.decode() if isinstance(key, bytes) else key
+            if name.endswith(DLQ_SUFFIX):
+                continue
+            pid = self.keys.product_of_stream(name)
+            if pid is None:
+                continue
+            if await self.redis.sadd(self.keys.streams, pid):
+                await ensure_group(self.redis, name)
+                added += 1
+        return added

@@ -1,0 +1,139 @@
+"""Stage 3 of a batch: make every order's instance ID durable in `seckill_logs`.
+
+We log before we publish (the seed did the opposite) so that an instance ID
+exists in the database before anyone can provision it.
+
+A batch is first tried as one binary `COPY` straight into `seckill_logs`: the
+common case (no order of it logged before) then costs two round trips instead
+of five, which is most of the log stage's latency at moderate load. Any unique
+violation aborts that COPY as a whole, and the batch takes the careful path:
+one transaction with `COPY` into a per-connection staging table, one
+`INSERT ... SELECT ... ON CONFLICT DO NOTHING`, and, only when some rows were
+not inserted, one query that tells a redelivery (keep the ID logged first)
+from a second sale of the same unit of stock (refuse it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+import asyncpg
+
+from engine.connections import PG_ERRORS
+from engine.errors import DatabaseFailed
+from engine.pipeline.orders import DATA_ERROR, SLOT_CONFLICT, DeadLetter, Order, order_fields
+
+LOG_TABLE = "seckill_logs"
+STAGE_TABLE = "seckill_stage"
+STAGE_COLUMNS = ("product_id", "user_id", "instance_id", "stream_id", "sale_id", "slot")
+
+CREATE_STAGE = f"""
+CREATE TEMP TABLE IF NOT EXISTS {STAGE_TABLE} (
+    product_id BIGINT NOT NULL, user_id BIGINT NOT NULL, instance_id BIGINT NOT NULL,
+    stream_id VARCHAR(64) NOT NULL, sale_id VARCHAR(64), slot INTEGER
+) ON COMMIT DELETE ROWS
+"""
+
+INSERT = f"""
+INSERT INTO seckill_logs (product_id, user_id, instance_id, stream_id, sale_id, slot)
+SELECT product_id, user_id, instance_id, stream_id, sale_id, slot FROM {STAGE_TABLE}
+ON CONFLICT DO NOTHING
+"""
+
+# Rows of the stage that are not in the log under their own instance ID: either the
+# order was logged before (logged_id) or its unit of stock is held by another order.
+RESOLVE = f"""
+SELECT s.product_id, s.stream_id, l.instance_id AS logged_id, c.stream_id AS holder
+FROM {STAGE_TABLE} s
+LEFT JOIN seckill_logs l ON l.product_id = s.product_id AND l.stream_id = s.stream_id
+LEFT JOIN seckill_logs c ON c.product_id = s.product_id AND c.sale_id = s.sale_id
+     AND c.slot = s.slot AND c.status <> 'FAILED' AND c.stream_id <> s.stream_id
+WHERE l.instance_id IS DISTINCT FROM s.instance_id
+"""
+
+# Errors that no retry can fix: the batch is split to find the order that causes them.
+DATA_ERRORS = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError)
+
+
+@dataclass(slots=True)
+class LogResult:
+    """What the database made of a batch: orders to publish, orders refused."""
+
+    logged: list[Order] = field(default_factory=list)
+    refused: list[DeadLetter] = field(default_factory=list)
+    redelivered: int = 0
+
+
+async def prepare_connection(conn: asyncpg.Connection) -> None:
+    """Pool `init` hook: every connection gets its own staging table once."""
+    await conn.execute(CREATE_STAGE)
+
+
+def stage_rows(orders: list[Order]) -> list[tuple[int, int, int, str, str | None, int | None]]:
+    return [(o.product_id, o.user_id, o.instance_id, o.stream_id, o.sale_id, o.slot)
+            for o in orders]
+
+
+async def write_batch(pool: asyncpg.Pool, orders: list[Order], timeout: float) -> LogResult:
+    """Log a batch; on a data error, isolate the offending orders one by one."""
+    try:
+        return await asyncio.wait_for(_write(pool, orders), timeout)
+    except DATA_ERRORS as exc:
+        if len(orders) == 1:
+            return LogResult(refused=[_refuse(orders[0], DATA_ERROR, _first_line(exc))])
+    except PG_ERRORS as exc:
+        raise DatabaseFailed(f"logging {len(orders)} orders: {_first_line(exc)}") from exc
+    result = LogResult()
+    for order in orders:
+        part = await write_batch(pool, [order], timeout)
+        result.logged += part.logged
+        result.refused += part.refused
+        result.redelivered += part.redelivered
+    return result
+
+
+async def _write(pool: asyncpg.Pool, orders: list[Order]) -> LogResult:
+    rows = stage_rows(orders)
+    async with pool.acquire() as conn:
+        try:
+            await conn.copy_records_to_table(LOG_TABLE, records=rows, columns=STAGE_COLUMNS)
+            return LogResult(logged=orders)
+        except asyncpg.UniqueViolationError:
+            pass  # nothing of it was written: a redelivery or a unit sold twice, sort it out
+        async with conn.transaction():
+            await conn.copy_records_to_table(STAGE_TABLE, records=rows, columns=STAGE_COLUMNS)
+            status = await conn.execute(INSERT)
+            if int(status.rsplit(" ", 1)[1]) == len(orders):
+                return LogResult(logged=orders)
+            unresolved = await conn.fetch(RESOLVE)
+    return _resolve(orders, unresolved)
+
+
+def _resolve(orders: list[Order], unresolved: list[asyncpg.Record]) -> LogResult:
+    """Apply the RESOLVE rows: take over logged IDs, refuse double-sold units."""
+    by_key = {(r["product_id"], r["stream_id"]): r for r in unresolved}
+    result = LogResult()
+    for order in orders:
+        row = by_key.get((order.product_id, order.stream_id))
+        if row is None:
+            result.logged.append(order)
+        elif row["logged_id"] is not None:
+            order.instance_id = row["logged_id"]
+            result.logged.append(order)
+            result.redelivered += 1
+        else:
+            holder = row["holder"] or "another order of the same batch"
+            result.refused.append(_refuse(
+                order, SLOT_CONFLICT,
+                f"unit {order.slot} of sale {order.sale_id} is already sold to {holder}"))
+    return result
+
+
+def _refuse(order: Order, reason: str, detail: str) -> DeadLetter:
+    return DeadLetter(order.stream, order.stream_id, order.product_id, order_fields(order),
+                      reason, detail, entry_id=order.entry_id)
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc) or type(exc).__name__).splitlines()[0]

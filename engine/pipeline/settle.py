@@ -1,0 +1,99 @@
+"""Stage 5 of a batch: acknowledge what is done and set aside what never will be.
+
+Dead letters are written and their entries acknowledged in the same
+MULTI/EXEC as the batch's acknowledgements, so an entry is never both gone
+from the pending list and missing from the dead-letter stream.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Iterable
+
+import orjson
+from redis.asyncio import Redis
+
+from engine.keys import DLQ_SUFFIX, GROUP, Keys
+from engine.pipeline.orders import DeadLetter, Entry, Order
+
+
+def dlq_fields(dead: DeadLetter, worker: str) -> dict[str, str | bytes]:
+    """The dead-letter entry: the original ID and fields, why, who and when."""
+    raw = {k.decode("utf-8", "backslashreplace"): v.decode("utf-8", "backslashreplace")
+           for k, v in dead.fields.items()}
+    out: dict[str, str | bytes] = {
+        "id": dead.stream_id,
+        "reason": dead.reason,
+        "detail": dead.detail,
+        "fields": orjson.dumps(raw),
+        "worker": worker,
+        "at": str(int(time.time() * 1000)),
+    }
+    out.update(dead.extra)
+    return out
+
+
+def group_ids(items: Iterable[Order | DeadLetter | Entry]) -> dict[bytes, list[str]]:
+    by_stream: dict[bytes, list[str]] = defaultdict(list)
+    for item in items:
+        by_stream[item.stream].append(getattr(item, "entry_id", None) or item.stream_id)
+    return by_stream
+
+
+async def settle(redis: Redis, done: list[Order], dead: list[DeadLetter], worker: str,
+                 errors: Iterable[str] = ()) -> None:
+    """XADD the dead letters and XACK everything in one transaction.
+
+    `errors` are the error hashes (see `record_errors`) that may hold entries of
+    this batch: their fields go with the acknowledgement, so the hash only ever
+    holds entries that are still pending.
+    """
+    if not done and not dead:
+        return
+    pipe = redis.pipeline(transaction=True)
+    for letter in dead:
+        pipe.xadd(letter.stream + DLQ_SUFFIX.encode(), dlq_fields(letter, worker))  # type: ignore[arg-type]
+    by_stream = group_ids([*done, *dead])
+    for stream, ids in by_stream.items():
+        pipe.xack(stream, GROUP, *ids)
+    for key in errors:
+        pipe.hdel(key, *[i for ids in by_stream.values() for i in ids])
+    await pipe.execute()
+
+
+async def touch(redis: Redis, consumer: str, items: Iterable[Order | DeadLetter]) -> None:
+    """Reset the idle time of entries we still work on, so no janitor takes them.
+
+    XCLAIM ... JUSTID does not bump the delivery counter: a long broker
+    outage must not make good orders look like poison.
+    """
+    pipe = redis.pipeline(transaction=False)
+    for stream, ids in group_ids(items).items():
+        pipe.xclaim(stream, GROUP, consumer, 0, list(ids), justid=True)  # type: ignore[arg-type]
+    await pipe.execute()
+
+
+ERRORS_TTL_S = 86_400
+
+
+async def record_errors(redis: Redis, keys: Keys, items: Iterable[Order | DeadLetter | Entry],
+                        error: str) -> None:
+    """Remember why these entries failed, for the dead letter they may become."""
+    pipe = redis.pipeline(transaction=False)
+    for stream, ids in group_ids(items).items():
+        pid = keys.product_of_stream(stream.decode())
+        if pid is not None:
+            pipe.hset(keys.errors(pid), mapping=dict.fromkeys(ids, error[:500]))
+            pipe.expire(keys.errors(pid), ERRORS_TTL_S)
+    await pipe.execute()
+
+
+async def last_errors(redis: Redis, keys: Keys, stream: bytes,
+                      ids: list[bytes]) -> dict[bytes, str]:
+    pid = keys.product_of_stream(stream.decode())
+    if pid is None or not ids:
+        return {}
+    values = await redis.hmget(keys.errors(pid), ids)
+    return {i: v.decode() if isinstance(v, bytes) else str(v)
+            for i, v in zip(ids, values, strict=True) if v is not None}

@@ -1,0 +1,236 @@
+"""The HTTP gate as users reach it: a real Granian server, real Redis and PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import time
+
+import asyncpg
+import httpx
+import pytest
+from redis.asyncio import Redis
+from support import SECKILL, engine_env, free_port, stop_process
+
+from engine.gate.client import Gate
+from engine.keys import Keys
+from engine.pipeline.logsink import prepare_connection, write_batch
+from engine.pipeline.orders import Order
+
+pytestmark = pytest.mark.timeout(120)
+
+
+class Bff:
+    def __init__(self, settings, **overrides) -> None:
+        self.port = free_port()
+        self.proc = subprocess.Popen([SECKILL, "bff", "--port", str(self.port), "--workers", "1"],
+                                     env=engine_env(settings, **overrides),
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.url = f"http://127.0.0.1:{self.port}"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        self.stop()
+        raise RuntimeError("the BFF did not start")
+
+    def stop(self) -> None:
+        stop_process(self.proc, 15)
+
+
+@pytest.fixture
+def bff(settings):
+    server = Bff(settings, bff_soldout_recheck=0.3)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def gate(settings):
+    redis = Redis.from_url(settings.redis_url)
+    yield Gate(redis, Keys(settings.key_prefix))
+    await redis.aclose()
+
+
+async def test_purchase_status_codes(bff, gate, product_id):
+    async with httpx.AsyncClient(base_url=bff.url) as client:
+        buy = f"/api/v1/seckill/{product_id}"
+        r = await client.post(buy, json={"user_id": 1})
+        assert (r.status_code, r.json()) == (404, {"status": "no_sale"})
+        await gate.open_sale(product_id, 1)
+        r = await client.post(buy, json={"user_id": 1})
+        assert r.status_code == 202 and r.json()["slot"] == 1 and "-" in r.json()["stream_id"]
+        r = await client.post(buy, json={"user_id": 1})
+        assert (r.status_code, r.json()) == (409, {"status": "duplicate"})
+        r = await client.post(buy, json={"user_id": 2})
+        assert (r.status_code, r.json()) == (410, {"status": "sold_out"})
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"content": b'{"user_id": 1}'}, "expected Content-Type: application/json"),
+    ({"content": b"{nope", "headers": {"content-type": "application/json"}},
+     "body is not valid JSON"),
+    ({"json": {"uid": 1}}, 'expected a JSON object like {"user_id": 123}'),
+    ({"json": [1]}, 'expected a JSON object like {"user_id": 123}'),
+    ({"json": {"user_id": -5}}, "user_id: expected a positive 64-bit integer"),
+    ({"json": {"user_id": "x" * 2000}}, "body larger than 1024 bytes"),
+])
+async def test_bad_requests_are_400_with_a_message(bff, gate, product_id, kwargs, message):
+    await gate.open_sale(product_id, 5)
+    async with httpx.AsyncClient(base_url=bff.url) as client:
+        r = await client.post(f"/api/v1/seckill/{product_id}", **kwargs)
+    assert r.status_code == 400 and r.json()["error"].startswith(message)
+    assert await gate.redis.xlen(gate.keys.stream(product_id)) == 0
+
+
+async def test_other_4xx(bff):
+    async with httpx.AsyncClient(base_url=bff.url) as client:
+        assert (await client.post("/api/v1/seckill/abc", json={"user_id": 1})).status_code == 400
+        assert (await client.get("/api/v1/seckill/5")).status_code == 405
+        assert (await client.post("/api/v1/seckill/5/users/1")).status_code == 405
+        assert (await client.get("/nope")).status_code == 404
+        assert (await client.get("/api/v1/seckill/5/users/0")).status_code == 400
+
+
+async def test_sold_out_flag_answers_from_memory_then_rechecks(bff, gate, product_id):
+    await gate.open_sale(product_id, 1)
+    async with httpx.AsyncClient(base_url=bff.url) as client:
+        buy = f"/api/v1/seckill/{product_id}"
+        assert (await client.post(buy, json={"user_id": 1})).status_code == 202
+        assert (await client.post(buy, json={"user_id": 2})).status_code == 410
+        await gate.open_sale(product_id, 5)  # restocked: the flag must not hide it for long
+        assert (await client.post(buy, json={"user_id": 3})).status_code == 410  # from memory
+        assert await gate.redis.xlen(gate.keys.stream(product_id)) == 1
+        await asyncio.sleep(0.4)
+        assert (await client.post(buy, json={"user_id": 3})).status_code == 202
+
+
+async def test_order_state_pending_then_logged(bff, gate, settings, product_id):
+    await gate.open_sale(product_id, 5)
+    async with httpx.AsyncClient(base_url=bff.url) as client:
+        r = await client.post(f"/api/v1/seckill/{product_id}", json={"user_id": 7})
+        stream_id, slot = r.json()["stream_id"], r.json()["slot"]
+        state = f"/api/v1/seckill/{product_id}/users/7"
+        assert (await client.get(state)).json() == {"state": "PENDING"}
+        assert (await client.get(f"/api/v1/seckill/{product_id}/users/8")).status_code == 404
+        pool = await asyncpg.create_pool(settings.pg_dsn, min_size=1, max_size=1,
+                                         init=prepare_connection)
+        sale = (await gate.sale_state(product_id)).sale_id
+        await write_batch(pool, [Order(product_id, 7, stream_id, 1, sale, slot, b"s",
+                                       product_id * 10)], 10)
+        assert (await client.get(state)).json() == {"state": "PROCESSING",
+                                                    "instance_id": str(product_id * 10)}
+        await pool.execute("UPDATE seckill_logs SET status = 'RUNNING', endpoint = 'https://e'"
+                           " WHERE instance_id = $1", product_id * 10)
+        assert (await client.get(state)).json()["endpoint"] == "https://e"
+        await pool.close()
+
+
+async def buy_and_log(client, gate, settings, pid: int, uid: int) -> tuple[asyncpg.Pool, int]:
+    """An order bought over HTTP and logged as the engine logs it; returns (pool, instance)."""
+    r = await client.post(f"/api/v1/seckill/{pid}", json={"user_id": uid})
+    assert r.status_code == 202
+    pool = await asyncpg.create_pool(settings.pg_dsn, min_size=1, max_size=1,
+                                     init=prepare_connection)
+    sale = (await gate.sale_state(pid)).sale_id
+    instance = pid * 10 + uid
+    await write_batch(pool, [Order(pid, uid, r.json()["stream_id"], 1, sale, r.json()["slot"],
+                                   b"s", instance)], 10)
+    return pool, instance
+
+
+async def test_failed_order_shows_its_reason_then_a_new_try_is_pending(bff, gate, settings,
+                                                                       product_id):
+    await gate.open_sale(product_id, 1)
+    state = f"/api/v1/seckill/{product_id}/users/7"
+    async with httpx.AsyncClient(base_url=bff.url) as client:
+        pool, instance = await buy_and_log(client, gate, settings, product_id, 7)
+        try:
+            await pool.execute("UPDATE seckill_logs SET status = 'FAILED', reason = 'no GPU'"
+                               " WHERE instance_id = $1", instance)
+            failed = {"state": "FAILED", "instance_id": str(instance), "reason": "no GPU"}
+            assert (await client.get(state)).json() == failed
+            # compensation: the unit goes back and the order is marked, as the status consumer does
+            row = await pool.fetchrow("SELECT * FROM seckill_logs WHERE instance_id = $1",
+                                      instance)
+            assert await gate.refund(product_id, 7, row["sale_id"], row["slot"],
+                                     row["stream_id"]) == "refunded"
+            await pool.execute("UPDATE seckill_logs SET compensated_at = now()"
+                               " WHERE instance_id = $1", instance)
+            assert (await client.get(state)).json() == failed  # until the user tries again
+            await asyncio.sleep(0.4)  # the sold-out flag of this process has expired
+            again = await client.post(f"/api/v1/seckill/{product_id}", json={"user_id": 7})
+            assert again.status_code == 202, again.text
+            assert (await client.get(state)).json() == {"state": "PENDING"}
+        finally:
+            await pool.close()
+
+
+async def test_redis_errors_answer_503_in_json(settings, product_id):
+    server = Bff(settings, redis_url=f"redis://127.0.0.1:{free_port()}/0")  # nobody listens
+    try:
+        async with httpx.AsyncClient(base_url=server.url, timeout=20) as client:
+            buy = await client.post(f"/api/v1/seckill/{product_id}", json={"user_id": 1})
+            order = await client.get(f"/api/v1/seckill/{product_id}/users/1")
+            health = await client.get("/healthz")
+    finally:
+        server.stop()
+    assert (buy.status_code, buy.json()) == (503, {"error": "the gate is unavailable, "
+                                                            "try again"})
+    assert (order.status_code, order.json()) == (503, {"error": "order state is unavailable,"
+                                                                " try again"})
+    assert health.status_code == 200  # liveness does not depend on Redis
+
+
+async def test_a_key_redis_refuses_answers_503_on_both_endpoints(bff, gate, product_id):
+    await gate.open_sale(product_id, 5)
+    await gate.redis.set(gate.keys.buyers(product_id), "not a set")  # WRONGTYPE / BADSTATE
+    async with httpx.AsyncClient(base_url=bff.url) as client:
+        buy = await client.post(f"/api/v1/seckill/{product_id}", json={"user_id": 1})
+        order = await client.get(f"/api/v1/seckill/{product_id}/users/1")
+    assert buy.status_code == 503 and buy.json()["error"].startswith("the gate")
+    assert order.status_code == 503 and order.json()["error"].startswith("order state")
+
+
+async def test_postgresql_errors_on_the_order_answer_503(settings, gate, product_id):
+    # a real server answering every query with an error: seckill_logs is not on the path
+    server = Bff(settings, pg_dsn=settings.pg_dsn + "?search_path=nowhere")
+    await gate.open_sale(product_id, 5)
+    try:
+        async with httpx.AsyncClient(base_url=server.url) as client:
+            buy = await client.post(f"/api/v1/seckill/{product_id}", json={"user_id": 1})
+            order = await client.get(f"/api/v1/seckill/{product_id}/users/1")
+    finally:
+        server.stop()
+    assert buy.status_code == 202  # buying needs Redis only
+    assert (order.status_code, order.json()) == (503, {"error": "order state is unavailable,"
+                                                                " try again"})
+
+
+async def test_load_shedding_answers_429(settings, gate, product_id):
+    server = Bff(settings, bff_max_inflight=1)
+    try:
+        await gate.open_sale(product_id, 100_000)
+        # pause Redis so requests pile up in flight behind the first one
+        await gate.redis.execute_command("CLIENT", "PAUSE", "700", "WRITE")
+        async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
+            rs = await asyncio.gather(*(client.post(f"/api/v1/seckill/{product_id}",
+                                                    json={"user_id": u}) for u in range(1, 21)))
+        codes = sorted(r.status_code for r in rs)
+        assert 429 in codes and 202 in codes
+        assert all(c in (202, 429) for c in codes)
+        assert rs[[r.status_code for r in rs].index(429)].json()["error"].startswith("too many")
+    finally:
+        server.stop()
+
+
+async def test_metrics_count_by_endpoint_and_code(bff, product_id):
+    async with httpx.AsyncClient(base_url=bff.url) as client:
+        await client.post(f"/api/v1/seckill/{product_id}", json={"user_id": 1})
+        text = (await client.get("/metrics")).text
+    assert 'seckill_bff_requests_total{code="404",endpoint="buy"} 1.0' in text
+    assert "seckill_bff_request_duration_seconds_bucket" in text
+    assert str(product_id) not in text

@@ -1,0 +1,148 @@
+"""Stage 4 against the real RabbitMQ: framing, confirms, returns."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import uuid
+
+import aiormq
+import pamqp.frame
+import pytest
+from pamqp import commands, header
+from pamqp.body import ContentBody
+
+from engine.errors import PublishFailed
+from engine.keys import CONTENT_TYPE, EXCHANGE, RK_CREATED
+from engine.pipeline.events import PERSISTENT, Framer
+from engine.pipeline.publisher import CONFIRMED, RETURNED, ConfirmPublisher, Message
+
+
+def test_framer_matches_pamqp_byte_for_byte():
+    framer = Framer.create(3, EXCHANGE, RK_CREATED, "INSTANCE_CREATED")
+    body = b"\x08\x01payload" * 20
+    import datetime as dt
+    ts = 1_700_000_123
+    props = commands.Basic.Properties(
+        content_type=CONTENT_TYPE, delivery_mode=PERSISTENT, message_id="123456789",
+        timestamp=dt.datetime.fromtimestamp(ts, dt.UTC),
+        message_type="INSTANCE_CREATED")
+    expected = io.BytesIO()
+    for frame in (commands.Basic.Publish(exchange=EXCHANGE, routing_key=RK_CREATED,
+                                         mandatory=True),
+                  header.ContentHeader(0, len(body), props), ContentBody(body)):
+        expected.write(pamqp.frame.marshal(frame, 3))
+    assert framer.publish(body, "123456789", ts) == expected.getvalue()
+
+
+@pytest.mark.parametrize("fast", [True, False])
+async def test_confirmed_publishes_arrive_with_properties(settings, fast):
+    queue = f"test-pub-{uuid.uuid4().hex[:8]}"
+    conn = await aiormq.connect(settings.amqp_url)
+    ch = await conn.channel()
+    await ch.queue_declare(queue, exclusive=True)
+    await ch.queue_bind(queue, EXCHANGE, routing_key=RK_CREATED)
+    publisher = ConfirmPublisher(settings, RK_CREATED, "INSTANCE_CREATED", fast=fast)
+    try:
+        msgs = [Message(f"body-{i}".encode(), str(10**12 + i)) for i in range(300)]
+        outcomes = await publisher.publish(msgs, timeout=10)
+        assert outcomes == [CONFIRMED] * 300
+        got = []
+        for _ in range(300):
+            m = await ch.basic_get(queue, no_ack=True)
+            got.append(m)
+        assert [m.body for m in got] == [m.body for m in msgs]
+        p = got[0].header.properties
+        assert (p.delivery_mode, p.content_type, p.message_type, p.message_id) == (
+            2, CONTENT_TYPE, "INSTANCE_CREATED", str(10**12))
+        assert p.timestamp is not None
+    finally:
+        await publisher.close()
+        await conn.close()
+
+
+@pytest.mark.parametrize("fast", [True, False])
+async def test_unroutable_events_are_returned_not_confirmed(settings, fast):
+    publisher = ConfirmPublisher(settings, "instance.nobody-listens", "INSTANCE_CREATED",
+                                 fast=fast)
+    try:
+        outcomes = await publisher.publish([Message(b"x", "1"), Message(b"y", "2")], 10)
+    finally:
+        await publisher.close()
+    assert outcomes == [RETURNED, RETURNED]
+
+
+async def test_publisher_reconnects_after_its_connection_dies(settings):
+    publisher = ConfirmPublisher(settings, RK_CREATED, "INSTANCE_CREATED")
+    try:
+        await publisher.connect()
+        await publisher._conn.close()
+        assert not publisher.connected
+        assert await publisher.publish([Message(b"x", "5")], 10) == [CONFIRMED]
+    finally:
+        await publisher.close()
+
+
+@pytest.mark.parametrize("routing_key", [RK_CREATED, "instance.nobody-listens"])
+async def test_batches_leave_no_bookkeeping_behind(settings, routing_key):
+    """Confirmed or returned, a batch's entries leave aiormq's maps (no slow leak)."""
+    publisher = ConfirmPublisher(settings, routing_key, "INSTANCE_CREATED")
+    try:
+        for start in range(0, 2000, 500):
+            await publisher.publish([Message(b"x", str(10**9 + i))
+                                     for i in range(start, start + 500)], 10)
+        channel = publisher._channel
+        assert len(channel.confirmations) == 0
+        assert len(channel.message_id_delivery_tag) == 0
+    finally:
+        await publisher.close()
+
+
+async def test_a_busy_channel_fails_the_publish_by_its_deadline(settings):
+    """The channel lock and the write queue are waits on the broker too: bounded by the
+    publish timeout, after which the channel (its bookkeeping now unsure) is dropped."""
+    publisher = ConfirmPublisher(settings, RK_CREATED, "INSTANCE_CREATED")
+    try:
+        await publisher.connect()
+        async with publisher._channel.lock:
+            with pytest.raises(PublishFailed, match="publish timeout"):
+                await asyncio.wait_for(publisher.publish([Message(b"x", "7")], 0.3), 30)
+        assert not publisher.connected
+        assert await publisher.publish([Message(b"y", "8")], 10) == [CONFIRMED]
+    finally:
+        await publisher.close()
+
+
+async def test_concurrent_batches_share_one_reconnect(settings, monkeypatch):
+    """Batches in flight find the connection gone at about the same moment: one of them
+    reconnects, the others wait for it, and every batch is confirmed on the new channel."""
+    import engine.pipeline.publisher as publisher_module
+
+    opened = []
+    real_connect = publisher_module.connect_amqp
+
+    async def counting_connect(s):
+        conn = await real_connect(s)
+        opened.append(conn)
+        return conn
+
+    monkeypatch.setattr(publisher_module, "connect_amqp", counting_connect)
+    publisher = ConfirmPublisher(settings, RK_CREATED, "INSTANCE_CREATED")
+
+    async def batch(i: int) -> list[str]:
+        await asyncio.sleep(i * 0.003)  # staggered, as batches finish their logging
+        return await publisher.publish([Message(b"x", f"m{i}")], 10)
+
+    try:
+        await publisher.connect()
+        first = publisher._conn
+        await first.close()  # as a broker restart would
+        assert not publisher.connected
+        outcomes = await asyncio.gather(*(batch(i) for i in range(8)))
+        assert outcomes == [[CONFIRMED]] * 8
+        assert len(opened) == 2  # the first connect, then one reconnect for all eight
+        assert publisher.connected and publisher._conn is opened[1]
+    finally:
+        await publisher.close()
+        for conn in opened:
+            await conn.close()
