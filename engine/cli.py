@@ -14,16 +14,15 @@ import sys
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
+from engine import exits
 from engine.config import Settings, load_settings
-from engine.errors import SeckillError, UsageError
+from engine.errors import SeckillError, UsageError, one_line
 
 T = TypeVar("T")
-EXIT_USAGE = 2
-EXIT_SERVICE = 3
 
-EPILOG = """exit codes: 0 ok, 1 unexpected error, 2 bad usage or input (also: unknown product),
-3 a service failed or is unreachable, 130 interrupted.
-settings: --config FILE (or $SECKILL_CONFIG), overridden by SECKILL_* variables."""
+EPILOG = (exits.epilog() + "\n\nsettings: --config FILE (or $SECKILL_CONFIG), overridden by "
+          "SECKILL_* variables.")
+RAW = argparse.RawDescriptionHelpFormatter
 
 
 def _run_async(coro: Coroutine[Any, Any, int]) -> int:
@@ -252,13 +251,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="seckill", description="seckill engine: a flash-sale "
                                      "pipeline from a Redis gate to provisioned instances.",
                                      epilog=EPILOG,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=RAW)
     _add_config(parser, None)
     top = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     groups: dict[str, Any] = {}
     for path, help_text, configure, handler in COMMANDS:
         if len(path) == 1:
-            sub = top.add_parser(path[0], help=help_text, description=help_text, epilog=EPILOG)
+            sub = top.add_parser(path[0], help=help_text, description=help_text, epilog=EPILOG,
+                                 formatter_class=RAW)
         else:
             if path[0] not in groups:
                 group = top.add_parser(path[0], help=f"{path[0]} commands")
@@ -266,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
                 groups[path[0]] = group.add_subparsers(dest="action", metavar="ACTION",
                                                        required=True)
             sub = groups[path[0]].add_parser(path[1], help=help_text, description=help_text,
-                                             epilog=EPILOG)
+                                             epilog=EPILOG, formatter_class=RAW)
         _add_config(sub, argparse.SUPPRESS)
         configure(sub)
         sub.set_defaults(handler=handler)
@@ -302,20 +302,16 @@ def service_failure(exc: BaseException) -> str | None:
     for module, name, service in SERVICE_ERRORS:
         cls = getattr(sys.modules.get(module), name, None)
         if isinstance(cls, type) and isinstance(exc, cls):
-            return _one_line(f"{service}: {_describe(exc)}")
+            return f"{service}: {_describe(exc)}"
     if isinstance(exc, OSError):  # connection refused, reset, timed out, DNS
-        return _one_line(_describe(exc))
+        return _describe(exc)
     return None
 
 
 def _describe(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
+    text = one_line(exc)
     hint = HINTS.get(type(exc).__name__)
     return f"{text} ({hint})" if hint else text
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
 
 
 def guarded(run: Callable[[], int], prog: str = "seckill") -> int:
@@ -330,18 +326,18 @@ def guarded(run: Callable[[], int], prog: str = "seckill") -> int:
         return run()
     except UsageError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return exits.USAGE
     except SeckillError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
-        return EXIT_SERVICE
+        return exits.SERVICE
     except KeyboardInterrupt:
-        return 130
+        return exits.INTERRUPTED
     except Exception as exc:
         why = service_failure(exc)
         if why is None:
             raise
         print(f"{prog}: error: {why}", file=sys.stderr)
-        return EXIT_SERVICE
+        return exits.SERVICE
 
 
 def _dispatch(args: argparse.Namespace) -> int:

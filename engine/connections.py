@@ -17,7 +17,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from engine.config import Settings, mask_url
-from engine.errors import ServiceError, ServiceUnavailable
+from engine.errors import ServiceError, ServiceUnavailable, one_line
 
 if TYPE_CHECKING:
     from aiormq.abc import AbstractConnection
@@ -100,5 +100,4 @@ def _why(exc: BaseException) -> str:
         return "no answer in time"
     if isinstance(exc, socket.gaierror):
         return "host name not found"
-    text = str(exc) or type(exc).__name__
-    return text.splitlines()[0]
+    return one_line(exc)

@@ -81,3 +81,19 @@ class LeaseLost(IdError):
 
 class BootError(SeckillError):
     """A worker could not start; the supervisor must not respawn it blindly."""
+
+
+def one_line(exc: BaseException, *, typed: bool = False) -> str:
+    """An exception as one line: for a log field, a dead letter's `error`, a CLI message.
+
+    Client libraries put DETAIL, HINT or a server's whole answer on further lines, which
+    would break a one-event-per-line log and a stream field; an empty message says
+    nothing, so the type's name stands in. `typed` prefixes the type where the reader
+    needs it to tell a bug from an outage.
+    """
+    lines = str(exc).strip().splitlines()
+    text = " ".join(lines[0].split()) if lines else ""
+    name = type(exc).__name__
+    if not text:
+        return name
+    return f"{name}: {text}" if typed else text

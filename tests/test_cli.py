@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import uuid
@@ -178,3 +179,12 @@ async def test_config_after_the_command(settings, product_id, tmp_path):
     done = run("--config", str(config), "buy", "--config", str(tmp_path / "missing.toml"),
                "--product", pid, "--user", "6")
     assert done.returncode == 2 and "missing.toml: not found" in done.stderr
+
+
+def test_help_lists_every_exit_code():
+    from engine import exits
+
+    done = subprocess.run([SECKILL, "--help"], capture_output=True, text=True, timeout=30)
+    listed = {int(m) for m in re.findall(r"^  (\d+) ", done.stdout, re.M)}
+    codes = {v for k, v in vars(exits).items() if k.isupper() and isinstance(v, int)}
+    assert codes == listed and exits.LEASE_LOST in listed

@@ -24,6 +24,7 @@ from typing import Any
 import asyncpg
 from prometheus_client import Counter, start_http_server
 
+from engine import backoff
 from engine.config import Settings
 from engine.connections import RETRYABLE, connect_amqp, create_pg_pool
 from engine.errors import ConfigError, PublishFailed
@@ -127,7 +128,7 @@ class ResourceDomain:
                     await self._session(stopping)
                 except RETRYABLE as exc:
                     failures += 1
-                    delay = min(self.settings.retry_backoff_max, 0.1 * 2 ** min(failures, 6))
+                    delay = backoff.delay(failures, self.settings.retry_backoff_max)
                     log.warning("resource domain: %s; retrying in %.1fs", exc, delay)
                     self._inbox.clear()
                     await asyncio.sleep(delay)

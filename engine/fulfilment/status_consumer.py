@@ -25,6 +25,7 @@ import asyncpg
 from prometheus_client import Counter
 from redis.asyncio import Redis
 
+from engine import backoff
 from engine.config import Settings
 from engine.connections import RETRYABLE, connect_amqp
 from engine.gate.client import Gate
@@ -135,7 +136,7 @@ class StatusConsumer:
                 failures = 0
             except RETRYABLE as exc:
                 failures += 1
-                delay = min(self.settings.retry_backoff_max, 0.1 * 2 ** min(failures, 6))
+                delay = backoff.delay(failures, self.settings.retry_backoff_max)
                 log.warning("status consumer: %s; reconnecting in %.1fs", exc, delay,
                             extra={"event": "status_retry"})
                 self._inbox.clear()  # unacknowledged: the broker redelivers them

@@ -19,9 +19,10 @@ from dataclasses import dataclass
 import asyncpg
 from redis.asyncio import Redis
 
+from engine import backoff
 from engine.config import Settings
 from engine.connections import RETRYABLE
-from engine.errors import ServiceError
+from engine.errors import ServiceError, one_line
 from engine.keys import Keys
 from engine.metrics import daemon as metrics
 from engine.pipeline.catalog import Catalog
@@ -207,15 +208,15 @@ class Pipeline:
 
     async def _after_failure(self, exc: BaseException, attempt: int,
                              held: list[Order] | list[Order | DeadLetter]) -> None:
-        delay = min(self.settings.retry_backoff_max, 0.05 * 2 ** min(attempt, 10))
+        delay = backoff.delay(attempt, self.settings.retry_backoff_max)
         log.warning("batch attempt %d failed, retrying in %.2fs: %s", attempt, delay,
-                    _describe(exc), extra={"event": "batch_retry", "attempt": attempt,
+                    one_line(exc, typed=True), extra={"event": "batch_retry", "attempt": attempt,
                                            "entries": len(held)})
         await asyncio.sleep(delay)
         if held:
             try:
                 await touch(self.redis, self.consumer, held)
-                await record_errors(self.redis, self.keys, held, _describe(exc))
+                await record_errors(self.redis, self.keys, held, one_line(exc, typed=True))
             except RETRYABLE:
                 pass  # Redis is down too; the next attempt will find out
 
@@ -236,7 +237,3 @@ class _Unconfirmed(ServiceError):
     def __init__(self, count: int) -> None:
         super().__init__(f"{count} events not confirmed")
 
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc).splitlines()[0] if str(exc) else ""
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

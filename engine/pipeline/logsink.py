@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import asyncpg
 
 from engine.connections import PG_ERRORS
-from engine.errors import DatabaseFailed
+from engine.errors import DatabaseFailed, one_line
 from engine.pipeline.orders import DATA_ERROR, SLOT_CONFLICT, DeadLetter, Order, order_fields
 
 LOG_TABLE = "seckill_logs"
@@ -81,9 +81,9 @@ async def write_batch(pool: asyncpg.Pool, orders: list[Order], timeout: float) -
         return await asyncio.wait_for(_write(pool, orders), timeout)
     except DATA_ERRORS as exc:
         if len(orders) == 1:
-            return LogResult(refused=[_refuse(orders[0], DATA_ERROR, _first_line(exc))])
+            return LogResult(refused=[_refuse(orders[0], DATA_ERROR, one_line(exc))])
     except PG_ERRORS as exc:
-        raise DatabaseFailed(f"logging {len(orders)} orders: {_first_line(exc)}") from exc
+        raise DatabaseFailed(f"logging {len(orders)} orders: {one_line(exc)}") from exc
     result = LogResult()
     for order in orders:
         part = await write_batch(pool, [order], timeout)
@@ -135,5 +135,3 @@ def _refuse(order: Order, reason: str, detail: str) -> DeadLetter:
                       reason, detail, entry_id=order.entry_id)
 
 
-def _first_line(exc: BaseException) -> str:
-    return (str(exc) or type(exc).__name__).splitlines()[0]

@@ -25,6 +25,7 @@ from prometheus_client.core import GaugeMetricFamily
 from redis import Redis
 
 from engine.config import Settings, mask_url
+from engine.errors import one_line
 from engine.keys import Keys
 from engine.sale_figures import read_figures
 
@@ -108,7 +109,7 @@ async def check_services(settings: Settings) -> dict[str, str]:
             await asyncio.wait_for(check(), settings.connect_timeout + 1)
             out[name] = "ok"
         except Exception as exc:  # noqa: BLE001 - report, don't raise
-            out[name] = mask_url(str(exc)) or type(exc).__name__
+            out[name] = mask_url(one_line(exc))
     return out
 
 

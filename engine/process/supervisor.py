@@ -20,16 +20,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from engine import backoff, exits
 from engine.config import Settings
 from engine.process import sdnotify
-from engine.process.worker import EXIT_BOOT, EXIT_CRASH, run_worker
+from engine.process.worker import run_worker
 
 log = logging.getLogger("seckill.supervisor")
 
 SIGNALS = ("HUP", "QUIT", "INT", "TERM", "TTIN", "TTOU", "CHLD")
-EXIT_HALTED = 3
 KILL_GRACE = 5.0  # seconds between SIGABRT and SIGKILL for a hung worker
 STABLE_AFTER = 60.0  # a worker that lived this long resets its slot's backoff
+RESPAWN_BACKOFF_MAX = 30.0  # a crash-looping worker is respawned at most this rarely
 
 
 @dataclass
@@ -130,7 +131,7 @@ class Supervisor:
             log.error("halting: %s", self.halt_reason, extra={"event": "halt"})
             print(f"seckill: error: {self.halt_reason}", file=sys.stderr)
             self.stop(graceful=True)
-            self._exit_code = EXIT_HALTED
+            self._exit_code = exits.HALTED
 
     def _sleep(self, timeout: float) -> None:
         try:
@@ -192,14 +193,14 @@ class Supervisor:
         slot.heartbeat.touch()
         os.utime(slot.heartbeat, (0, 0))  # a worker's first touch means "booted"
         slot.generation = self.generation
-        settings = self.settings
+        settings, parent = self.settings, os.getpid()
         pid = os.fork()
         if pid == 0:  # the child
-            code = EXIT_CRASH
+            code = exits.FAILED
             try:
                 os.close(self._pipe[0])
                 os.close(self._pipe[1])
-                code = run_worker(settings, slot.number, slot.heartbeat)
+                code = run_worker(settings, slot.number, slot.heartbeat, parent)
             except BaseException:  # noqa: BLE001 - a child must never return into the parent's loop
                 log.exception("worker %d died", slot.number)
             finally:
@@ -257,7 +258,7 @@ class Supervisor:
         from engine.process.health import WORKER_RESTARTS
 
         WORKER_RESTARTS.inc()
-        if code == EXIT_BOOT:
+        if code == exits.BOOT:
             slot.boot_failures += 1
             if slot.boot_failures >= self.settings.max_boot_failures:
                 self.halt_reason = (f"worker {slot.number} failed to boot "
@@ -266,7 +267,7 @@ class Supervisor:
         elif slot.booted:
             slot.boot_failures = 0
         slot.failures = 1 if lived > STABLE_AFTER else slot.failures + 1
-        delay = min(30.0, 0.1 * 2 ** (slot.failures - 1))
+        delay = backoff.delay(slot.failures, RESPAWN_BACKOFF_MAX)
         slot.not_before = time.monotonic() + delay
         log.warning("worker %d exited with %d after %.1fs; respawning in %.1fs", slot.number,
                     code, lived, delay, extra={"event": "worker_died", "slot": slot.number,

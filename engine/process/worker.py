@@ -27,9 +27,10 @@ from typing import Any, TypeVar
 
 import uvloop
 
+from engine import backoff, exits
 from engine.config import Settings
 from engine.connections import RETRYABLE, TRANSIENT_ERRORS, connect_redis, create_pg_pool
-from engine.errors import BootError, LeaseLost, SeckillError, ServiceUnavailable
+from engine.errors import BootError, LeaseLost, SeckillError, ServiceUnavailable, one_line
 from engine.fulfilment.status_consumer import StatusConsumer
 from engine.keys import RK_CREATED, Keys
 from engine.metrics import daemon as metrics
@@ -47,15 +48,12 @@ from engine.pipeline.settle import record_errors
 log = logging.getLogger("seckill.worker")
 
 # Exit codes the supervisor acts on.
-EXIT_OK = 0
-EXIT_CRASH = 1
-EXIT_BOOT = 3
-EXIT_LEASE_LOST = 4
 
 CLOSE_TIMEOUT = 3.0  # longest wait for one connection to close
 
 T = TypeVar("T")
 BOOT_ERRORS: tuple[type[BaseException], ...] = (SeckillError, *TRANSIENT_ERRORS)
+BOOT_RETRY_MAX = 2.0  # a booting worker polls its services at least this often
 CONNECT_ERRORS: tuple[type[BaseException], ...] = (ServiceUnavailable, *TRANSIENT_ERRORS)
 
 
@@ -65,14 +63,16 @@ def consumer_name(slot: int) -> str:
 
 
 class Worker:
-    def __init__(self, settings: Settings, slot: int, heartbeat: Path | None = None) -> None:
+    def __init__(self, settings: Settings, slot: int, heartbeat: Path | None = None,
+                 parent: int | None = None) -> None:
         self.settings = settings
         self.slot = slot
         self.heartbeat = heartbeat
+        self.parent = os.getppid() if parent is None else parent
         self.keys = Keys(settings.key_prefix)
         self.consumer = consumer_name(slot)
         self.stopping = asyncio.Event()
-        self.exit_code = EXIT_OK
+        self.exit_code = exits.OK
         self._tasks: set[asyncio.Task] = set()
         self._inflight: asyncio.Semaphore | None = None
         self._closers: list[Callable[[], Awaitable[Any]]] = []
@@ -117,28 +117,29 @@ class Worker:
     async def _until(self, deadline: float, connect: Callable[[], Awaitable[T]]) -> T:
         """Retry a connect until the boot deadline: services may still be starting.
         A stop request ends the wait: nobody needs a worker that is going away."""
-        delay = 0.1
+        attempt = 0
         while True:
             try:
                 return await connect()
             except CONNECT_ERRORS as exc:
+                attempt += 1
+                delay = backoff.delay(attempt, BOOT_RETRY_MAX)
                 if self.stopping.is_set() or time.monotonic() + delay >= deadline:
                     raise BootError(str(exc)) from exc
                 await self._pause(delay)
-                delay = min(delay * 2, 2.0)
 
     # -- run ------------------------------------------------------------------
     async def run(self) -> int:
         if not await self._boot_or_explain():
             await self._close()
-            return self.exit_code if self.stopping.is_set() else EXIT_BOOT
+            return self.exit_code if self.stopping.is_set() else exits.BOOT
         self._beat()
         background = self._start_background()
         try:
             await self._read_loop()
         except Exception:  # noqa: BLE001 - a bug: drain what we hold and let the supervisor respawn
             log.exception("reading crashed", extra={"event": "read_crashed"})
-            self.stop(EXIT_CRASH)
+            self.stop(exits.FAILED)
         try:
             await self._drain()
         finally:
@@ -147,7 +148,7 @@ class Worker:
         return self.exit_code
 
     async def _boot_or_explain(self) -> bool:
-        """Boot; False after logging why not. Any failure is a boot failure (EXIT_BOOT), so
+        """Boot; False after logging why not. Any failure is a boot failure (exits.BOOT), so
         the supervisor halts after `max_boot_failures` instead of respawning in a loop."""
         try:
             await self.boot()
@@ -160,7 +161,7 @@ class Worker:
                           extra={"event": "boot_failed", "slot": self.slot})
         return False
 
-    def stop(self, code: int = EXIT_OK) -> None:
+    def stop(self, code: int = exits.OK) -> None:
         if not self.stopping.is_set():
             self.exit_code = code
             self._deadline = time.monotonic() + _shutdown_budget(self.settings.graceful_timeout)
@@ -222,16 +223,16 @@ class Worker:
         except LeaseLost as exc:
             log.error("node lease lost; stopping: %s", exc, extra={"event": "lease_lost"})
             metrics.LEASE_LOST.inc()
-            self.stop(EXIT_LEASE_LOST)
+            self.stop(exits.LEASE_LOST)
         except Exception as exc:
             # A bug, not bad data (that is dead-lettered) nor an outage (that is retried):
             # the entries stay pending and come back through recovery or the janitor,
             # and after max_deliveries they are dead-lettered with this error.
             log.exception("batch crashed", extra={"event": "batch_crashed"})
-            error = f"{type(exc).__name__}: {exc}"
+            error = one_line(exc, typed=True)
             await self._guard("recording the error", lambda: record_errors(
                 self.redis, self.keys, entries, error))
-            self.stop(EXIT_CRASH)
+            self.stop(exits.FAILED)
         finally:
             metrics.INFLIGHT.dec()
             self._inflight.release()
@@ -274,9 +275,9 @@ class Worker:
             return
         exc = task.exception()
         log.error("background task %s ended unexpectedly: %s", task.get_name(),
-                  f"{type(exc).__name__}: {exc}" if exc else "returned", exc_info=exc,
+                  one_line(exc, typed=True) if exc else "returned", exc_info=exc,
                   extra={"event": "background_died", "task": task.get_name()})
-        self.stop(EXIT_CRASH)
+        self.stop(exits.FAILED)
 
     async def _stop_background(self, tasks: list[asyncio.Task]) -> None:
         for task in tasks:
@@ -290,9 +291,19 @@ class Worker:
 
     async def _heartbeat_loop(self) -> None:
         interval = max(0.2, min(2.0, self.settings.heartbeat_timeout / 5))
-        while True:
+        while not self.orphaned():
             self._beat()
             await asyncio.sleep(interval)
+        # Our supervisor is gone (SIGKILLed): nobody watches us, and a new one will start
+        # workers with our consumer names beside us. Drain as on SIGTERM and leave.
+        log.error("worker %d: supervisor %d is gone; draining and exiting", self.slot,
+                  self.parent, extra={"event": "orphaned", "slot": self.slot})
+        self.stop()
+
+    def orphaned(self) -> bool:
+        """True once we were re-parented (to init or a subreaper): as gunicorn's workers
+        check, the parent PID is no longer the supervisor's we were forked by."""
+        return os.getppid() != self.parent
 
     async def _lease_loop(self) -> None:
         try:
@@ -301,7 +312,7 @@ class Worker:
             log.error("node lease lost: %s", exc, extra={"event": "lease_lost"})
             metrics.LEASE_LOST.inc()
             metrics.LEASE_HELD.set(0)
-            self.stop(EXIT_LEASE_LOST)
+            self.stop(exits.LEASE_LOST)
 
     async def _discovery_loop(self) -> None:
         while True:
@@ -355,7 +366,7 @@ class Worker:
             return None
 
     async def _backoff(self, what: str, exc: BaseException, failures: int) -> None:
-        delay = min(self.settings.retry_backoff_max, 0.05 * 2 ** min(failures, 10))
+        delay = backoff.delay(failures, self.settings.retry_backoff_max)
         log.warning("%s failed (%s); retrying in %.2fs", what, exc, delay,
                     extra={"event": "retry", "stage": what, "attempt": failures})
         await self._pause(delay)
@@ -385,17 +396,19 @@ def _close_reserve(graceful_timeout: float) -> float:
     return min(CLOSE_TIMEOUT, _shutdown_budget(graceful_timeout) / 4)
 
 
-def run_worker(settings: Settings, slot: int, heartbeat: Path | None = None) -> int:
-    """Entry point in the forked child; returns the exit code."""
+def run_worker(settings: Settings, slot: int, heartbeat: Path | None = None,
+               parent: int | None = None) -> int:
+    """Entry point in the forked child; returns the exit code. `parent`: the supervisor's
+    PID taken before the fork (it may already be gone when the child first runs)."""
     # First of all: a SIGTERM that arrives before the loop takes it over must not reach
     # the supervisor's inherited handler (it would be lost); remember it instead.
     early_term: list[int] = []
     signal.signal(signal.SIGTERM, lambda signum, _: early_term.append(signum))
-    signal.signal(signal.SIGQUIT, lambda *_: os._exit(EXIT_OK))
+    signal.signal(signal.SIGQUIT, lambda *_: os._exit(exits.OK))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides, not the tty
     for sig in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD):
         signal.signal(sig, signal.SIG_DFL if sig == signal.SIGCHLD else signal.SIG_IGN)
-    worker = Worker(settings, slot, heartbeat)
+    worker = Worker(settings, slot, heartbeat, parent)
 
     async def main() -> int:
         loop = asyncio.get_running_loop()

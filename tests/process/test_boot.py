@@ -10,7 +10,8 @@ from support import (
     EngineProcess,
 )
 
-from engine.process.worker import EXIT_BOOT, EXIT_CRASH, Worker
+from engine import exits
+from engine.process.worker import Worker
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -46,13 +47,13 @@ class _StatusDies(Worker):
 
 
 async def test_any_boot_failure_exits_with_the_boot_code(settings, redis, keys):
-    """Not only outages: a bug at boot gives EXIT_BOOT too, so the supervisor halts."""
+    """Not only outages: a bug at boot gives exits.BOOT too, so the supervisor halts."""
     code = await asyncio.wait_for(_BuggyBoot(settings, slot=0).run(), 60)
-    assert code == EXIT_BOOT
+    assert code == exits.BOOT
     assert not [k async for k in redis.scan_iter(match=keys.node(0)[:-1] + "*")], \
         "the node lease was not released"
 
 
 async def test_a_dead_background_task_stops_the_worker(settings):
     worker = _StatusDies(settings.replace(graceful_timeout=5), slot=0)
-    assert await asyncio.wait_for(worker.run(), 60) == EXIT_CRASH
+    assert await asyncio.wait_for(worker.run(), 60) == exits.FAILED
