@@ -210,12 +210,15 @@ async def test_postgresql_errors_on_the_order_answer_503(settings, gate, product
                                                                 " try again"})
 
 
-async def test_load_shedding_answers_429(settings, gate, product_id):
+async def test_load_shedding_answers_429(private_redis_settings, product_id):
+    # the suite's own Redis: pausing it must not stall anyone else's
+    settings = private_redis_settings
     server = Bff(settings, bff_max_inflight=1)
+    redis = Redis.from_url(settings.redis_url)
     try:
-        await gate.open_sale(product_id, 100_000)
+        await Gate(redis, Keys(settings.key_prefix)).open_sale(product_id, 100_000)
         # pause Redis so requests pile up in flight behind the first one
-        await gate.redis.execute_command("CLIENT", "PAUSE", "700", "WRITE")
+        await redis.execute_command("CLIENT", "PAUSE", "700", "WRITE")
         async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
             rs = await asyncio.gather(*(client.post(f"/api/v1/seckill/{product_id}",
                                                     json={"user_id": u}) for u in range(1, 21)))
@@ -225,6 +228,7 @@ async def test_load_shedding_answers_429(settings, gate, product_id):
         assert rs[[r.status_code for r in rs].index(429)].json()["error"].startswith("too many")
     finally:
         server.stop()
+        await redis.aclose()
 
 
 async def test_metrics_count_by_endpoint_and_code(bff, product_id):
