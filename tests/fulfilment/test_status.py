@@ -9,6 +9,7 @@ import time
 import aiormq
 import asyncpg
 import pytest
+from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 from support import wait_for
 
@@ -55,6 +56,12 @@ async def log_orders(pool, gate: Gate, pid: int, users: list[int]) -> list[Order
     return orders
 
 
+def unchanged_reports() -> float:
+    """Reports of known instances that changed nothing: each report beyond the one applied."""
+    return REGISTRY.get_sample_value("seckill_status_updates_total",
+                                     {"result": "unchanged"}) or 0.0
+
+
 async def rows(pool, pid):
     return {r["instance_id"]: r for r in await pool.fetch(
         "SELECT * FROM seckill_logs WHERE product_id = $1", pid)}
@@ -67,6 +74,7 @@ async def test_reports_apply_once_and_terminal_states_stick(settings, env, produ
     orders = await log_orders(pool, gate, product_id, [1, 2, 3])
     a, b, c = (o.instance_id for o in orders)
     consumer = StatusConsumer(settings.replace(status_unknown_retry=1.0), redis, pool)
+    unchanged = unchanged_reports()
     stopping = asyncio.Event()
     task = asyncio.create_task(consumer.run(stopping))
     try:
@@ -88,9 +96,10 @@ async def test_reports_apply_once_and_terminal_states_stick(settings, env, produ
             r = await rows(pool, product_id)
             dlq = await redis.xlen(consumer.keys.status_dlq)
             queued = (await channel.queue_declare(QUEUE_STATUS, passive=True)).message_count
-            return r[b]["status"] == FAILED and dlq == 2 and queued == 0
+            # five reports of a and b, two applied: the late one's batch has committed too
+            return (r[b]["status"] == FAILED and dlq == 2 and queued == 0
+                    and unchanged_reports() - unchanged == 3)
         await wait_for(settled, 20, "reports applied and two dead-lettered")
-        await asyncio.sleep(0.3)  # the late report's batch has committed
     finally:
         stopping.set()
         await task
@@ -148,7 +157,10 @@ async def test_a_report_that_overtakes_its_row_is_applied_later(settings, env, p
     try:
         instance_id = product_id * 1000  # the first order log_orders will write
         await publish(channel, encode_report(instance_id, RUNNING, endpoint="https://x"))
-        await asyncio.sleep(1.0)
+
+        async def held() -> bool:  # seen before its row exists, and kept for later
+            return any(r.instance_id == instance_id for r in consumer._held)
+        await wait_for(held, 20, "the report held for an unknown instance", interval=0.02)
         await log_orders(pool, gate, product_id, [9])
 
         async def applied() -> bool:
@@ -170,6 +182,7 @@ async def test_failure_returns_the_unit_exactly_once(settings, env, product_id):
     stopping = asyncio.Event()
     task = asyncio.create_task(consumer.run(stopping))
     failed = orders[0]
+    unchanged = unchanged_reports()
     try:
         for _ in range(3):  # reported three times: returned once
             await publish(channel, encode_report(failed.instance_id, FAILED, reason="boom"))
@@ -178,7 +191,10 @@ async def test_failure_returns_the_unit_exactly_once(settings, env, product_id):
             return (await rows(pool, product_id))[failed.instance_id]["compensated_at"] \
                 is not None
         await wait_for(compensated, 20, "compensation")
-        await asyncio.sleep(0.5)
+
+        async def all_applied() -> bool:  # three reports, one applied
+            return unchanged_reports() - unchanged == 2
+        await wait_for(all_applied, 20, "the other two reports")
     finally:
         stopping.set()
         await task
