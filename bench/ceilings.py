@@ -18,7 +18,7 @@ from redis.asyncio import Redis
 
 from engine.config import Settings
 from engine.keys import CONTENT_TYPE, EXCHANGE, GROUP, QUEUE_CREATED, RK_CREATED, Keys
-from engine.pipeline.events import PERSISTENT
+from engine.pipeline.framing import PERSISTENT
 from engine.pipeline.publisher import CONFIRMED, ConfirmPublisher, Message
 
 from .enginerun import cpu_seconds, service_cpu

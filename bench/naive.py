@@ -17,7 +17,7 @@ from redis.asyncio import Redis
 from engine.config import Settings
 from engine.keys import CONTENT_TYPE, EXCHANGE, GROUP, RK_CREATED, Keys
 from engine.pb import event_pb2
-from engine.pipeline.events import PERSISTENT
+from engine.pipeline.framing import PERSISTENT
 from engine.pipeline.ids import Snowflake
 
 from .env import preload, purge_queues

@@ -29,7 +29,6 @@ ENGINE_ROLE = "seckill_engine"
 PROCESSING = "PROCESSING"
 RUNNING = "RUNNING"
 FAILED = "FAILED"
-TERMINAL = frozenset({RUNNING, FAILED})
 
 
 @dataclass(frozen=True, slots=True)

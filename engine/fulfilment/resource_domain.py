@@ -21,8 +21,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import asyncpg
-from prometheus_client import Counter, start_http_server
+from prometheus_client import start_http_server
 
 from engine import backoff
 from engine.config import Settings
@@ -30,15 +29,12 @@ from engine.connections import RETRYABLE, connect_amqp, create_pg_pool
 from engine.errors import ConfigError, PublishFailed
 from engine.fulfilment.provisioning import Provisioned, Provisioner, make_provisioner
 from engine.keys import FAILED, QUEUE_CREATED, RK_STATUS, RUNNING
+from engine.metrics import resource_domain as metrics
 from engine.pb import event_pb2
 from engine.pipeline.publisher import CONFIRMED, ConfirmPublisher, Message
 
 log = logging.getLogger("seckill.resource_domain")
 
-PROVISIONED = Counter("seckill_rd_provisioned_total", "Instances provisioned by the "
-                      "reference Resource Domain.", ["result"])
-DUPLICATES = Counter("seckill_rd_duplicate_events_total",
-                     "INSTANCE_CREATED events for instances already handled.")
 
 
 SCHEMA = """
@@ -189,7 +185,7 @@ class ResourceDomain:
             mine = {r[0] for r in await conn.fetch(
                 CLAIM, ids, [events[i].user_id for i in ids], ["PROVISIONING"] * len(ids))}
             mine |= {r[0] for r in await conn.fetch(RECLAIM, ids, float(STALE_CLAIM_S))}
-        DUPLICATES.inc(count_duplicates(batch, mine))
+        metrics.DUPLICATES.inc(count_duplicates(batch, mine))
         results = await asyncio.gather(*(self.provisioner.provision(events[i]) for i in mine))
         fresh = dict(zip(mine, results, strict=True))
         if fresh:
@@ -200,7 +196,7 @@ class ResourceDomain:
                                    [p.reason for p in fresh.values()],
                                    [p.manifest for p in fresh.values()])
             for p in fresh.values():
-                PROVISIONED.labels("running" if p.ok else "failed").inc()
+                metrics.PROVISIONED.labels("running" if p.ok else "failed").inc()
         async with self.pool.acquire() as conn:
             rows = await conn.fetch(STATE, ids)
         return {r["instance_id"]: Provisioned(r["status"] == RUNNING, r["endpoint"] or "",
@@ -247,12 +243,6 @@ class ResourceDomain:
         ).SerializeToString()
         return Message(body, str(event.instance_id),
                        "INSTANCE_RUNNING" if outcome.ok else "INSTANCE_FAILED")
-
-
-async def count_provisioned(pool: asyncpg.Pool) -> dict[str, int]:
-    rows = await pool.fetch("SELECT status, count(*) FROM resource_domain.instances "
-                            "GROUP BY status")
-    return {r[0]: r[1] for r in rows}
 
 
 def serve_metrics(settings: Settings) -> int:

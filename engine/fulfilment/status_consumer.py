@@ -22,7 +22,6 @@ from typing import Any
 
 import aiormq
 import asyncpg
-from prometheus_client import Counter
 from redis.asyncio import Redis
 
 from engine import backoff
@@ -30,16 +29,10 @@ from engine.config import Settings
 from engine.connections import RETRYABLE, connect_amqp
 from engine.gate.client import Gate
 from engine.keys import FAILED, QUEUE_STATUS, RUNNING, Keys
+from engine.metrics import daemon as metrics
 from engine.pb import event_pb2
 
 log = logging.getLogger("seckill.status")
-
-STATUS_UPDATES = Counter("seckill_status_updates_total",
-                         "Status reports by what became of them.", ["result"])
-COMPENSATIONS = Counter("seckill_compensations_total",
-                        "Failed orders whose unit of stock was handled.", ["result"])
-STATUS_DEAD_LETTERS = Counter("seckill_status_dead_letters_total",
-                              "Status reports moved to stream:seckill:status:dlq.", ["reason"])
 
 STATUS_OF = {event_pb2.INSTANCE_RUNNING: RUNNING, event_pb2.INSTANCE_FAILED: FAILED}
 
@@ -207,9 +200,9 @@ class StatusConsumer:
                 known = {row[0] for row in await conn.fetch(KNOWN, ids)}
             failed = await conn.fetch(TO_COMPENSATE, ids)
         applied = int(status.rsplit(" ", 1)[1])
-        STATUS_UPDATES.labels("applied").inc(applied)
+        metrics.STATUS_UPDATES.labels("applied").inc(applied)
         settled = [r for r in reports if r.instance_id in known]
-        STATUS_UPDATES.labels("unchanged").inc(max(0, len(settled) - applied))
+        metrics.STATUS_UPDATES.labels("unchanged").inc(max(0, len(settled) - applied))
         if failed:
             await self.compensate(failed)
         await self._ack([r.delivery_tag for r in settled])
@@ -224,7 +217,7 @@ class StatusConsumer:
             else:
                 result = await self.gate.refund(row["product_id"], row["user_id"],
                                                 row["sale_id"], row["slot"], row["stream_id"])
-            COMPENSATIONS.labels(result).inc()
+            metrics.COMPENSATIONS.labels(result).inc()
             log.info("compensation for instance %d: %s", row["instance_id"], result,
                      extra={"event": "compensation", "result": result,
                             "instance_id": row["instance_id"], "product_id": row["product_id"]})
@@ -239,7 +232,7 @@ class StatusConsumer:
             if now - report.first_seen < self.settings.status_unknown_retry:
                 self._held.append(report)
             else:
-                STATUS_UPDATES.labels("unknown_instance").inc()
+                metrics.STATUS_UPDATES.labels("unknown_instance").inc()
                 await self._dead_letter(report.delivery_tag, "unknown_instance",
                                         f"no order has instance ID {report.instance_id}",
                                         instance_id=report.instance_id, status=report.status)
@@ -250,7 +243,7 @@ class StatusConsumer:
         entry.update({k: v if isinstance(v, bytes) else str(v) for k, v in fields.items()})
         await self.redis.xadd(self.keys.status_dlq, entry)  # type: ignore[arg-type]
         await self._ack([tag])
-        STATUS_DEAD_LETTERS.labels(reason).inc()
+        metrics.STATUS_DEAD_LETTERS.labels(reason).inc()
         log.warning("status report dead-lettered: %s", detail,
                     extra={"event": "status_dead_letter", "reason": reason})
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections.abc import Iterable
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Counter, Gauge, Histogram, multiprocess
 
 LATENCY_BUCKETS = (.001, .002, .003, .005, .0075, .01, .015, .02, .025, .03, .04, .05, .075, .1,
                    .15, .2, .25, .5, 1, 2.5, 5, 10, 30, 60)
@@ -43,6 +43,26 @@ INFLIGHT = Gauge("seckill_inflight_batches", "Batches a worker holds.",
                  multiprocess_mode="livesum")
 LEASE_HELD = Gauge("seckill_node_lease_held", "1 while the worker holds a node-ID lease.",
                    multiprocess_mode="livesum")
+
+# the status consumer (a task of every worker)
+STATUS_UPDATES = Counter("seckill_status_updates_total",
+                         "Status reports by what became of them.", ["result"])
+COMPENSATIONS = Counter("seckill_compensations_total",
+                        "Failed orders whose unit of stock was handled.", ["result"])
+STATUS_DEAD_LETTERS = Counter("seckill_status_dead_letters_total",
+                              "Status reports moved to stream:seckill:status:dlq.", ["reason"])
+
+# the supervisor
+WORKER_RESTARTS = Counter("seckill_worker_restarts_total",
+                          "Workers that exited unexpectedly and were respawned.")
+
+
+def mark_dead(pid: int) -> None:
+    """Tell prometheus_client a worker is gone, so its live gauges stop counting."""
+    try:
+        multiprocess.mark_process_dead(pid)
+    except (KeyError, ValueError):  # not in multiprocess mode
+        pass
 
 
 def observe_many(histogram: Histogram, values: Iterable[float]) -> None:

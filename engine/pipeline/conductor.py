@@ -119,7 +119,7 @@ class Pipeline:
 
     async def _deliver(self, orders: list[Order], dead: list[DeadLetter],
                        prefixes: dict[int, bytes], attempt: int = 0) -> None:
-        batch = _Batch(orders, [], dead)
+        batch = _BatchProgress(orders, [], dead)
         while True:
             try:
                 if batch.todo:
@@ -135,7 +135,7 @@ class Pipeline:
                 attempt += 1
                 await self._after_failure(exc, attempt, batch.held())
 
-    async def _log_and_publish(self, batch: _Batch, prefixes: dict[int, bytes]) -> None:
+    async def _log_and_publish(self, batch: _BatchProgress, prefixes: dict[int, bytes]) -> None:
         """Log and publish `batch.todo`; confirmed orders move to `batch.done`."""
         t0 = time.perf_counter()
         try:
@@ -169,7 +169,7 @@ class Pipeline:
             metrics.PUBLISH_FAILURES.labels(outcome).inc(count)
         batch.todo = failed
 
-    def _error_keys(self, batch: _Batch) -> set[str]:
+    def _error_keys(self, batch: _BatchProgress) -> set[str]:
         return {self.keys.errors(o.product_id) for o in batch.held()
                 if o.product_id is not None}
 
@@ -222,7 +222,7 @@ class Pipeline:
 
 
 @dataclass(slots=True)
-class _Batch:
+class _BatchProgress:
     """Where each order of a batch stands while it is being retried."""
 
     todo: list[Order]

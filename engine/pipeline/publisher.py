@@ -1,4 +1,4 @@
-"""Stage 4 of a batch: publish events with publisher confirms, many in flight.
+"""Publish a batch's events with publisher confirms, many in flight.
 
 A batch's publishes are framed into one write and registered in aiormq's
 confirmation map under the channel lock, exactly as `basic_publish` does one
@@ -26,7 +26,7 @@ from engine.config import Settings, mask_url
 from engine.connections import connect_amqp
 from engine.errors import PublishFailed, ServiceUnavailable
 from engine.keys import CONTENT_TYPE, EXCHANGE
-from engine.pipeline.events import PERSISTENT, Framer, shortstr
+from engine.pipeline.framing import PERSISTENT, Framer, shortstr
 
 log = logging.getLogger("seckill.publisher")
 
@@ -114,7 +114,7 @@ class ConfirmPublisher:
     async def _publish_framed(self, channel: Any, framer: Framer, messages: Sequence[Message],
                               ts: int, deadline: float) -> list[str]:
         loop = asyncio.get_running_loop()
-        batch = _Batch(len(messages), loop)
+        batch = _ConfirmBatch(len(messages), loop)
         first, last = await self._send_framed(channel, framer, messages, ts, batch, deadline)
         closing = channel.closing
         try:
@@ -129,7 +129,7 @@ class ConfirmPublisher:
         return batch.outcomes  # type: ignore[return-value]
 
     async def _send_framed(self, channel: Any, framer: Framer, messages: Sequence[Message],
-                           ts: int, batch: _Batch, deadline: float) -> tuple[int, int]:
+                           ts: int, batch: _ConfirmBatch, deadline: float) -> tuple[int, int]:
         """Frame and queue every publish under the channel lock, by the deadline.
 
         Past the deadline the channel is dropped: tags may be taken and slots
@@ -154,7 +154,7 @@ class ConfirmPublisher:
 
 
 async def _write_framed(channel: Any, framer: Framer, messages: Sequence[Message], ts: int,
-                        batch: _Batch) -> tuple[int, int]:
+                        batch: _ConfirmBatch) -> tuple[int, int]:
     async with channel.lock:
         if channel.is_closed:
             raise aiormq.exceptions.ChannelInvalidStateError("channel closed")
@@ -163,7 +163,7 @@ async def _write_framed(channel: Any, framer: Framer, messages: Sequence[Message
         confirmations, by_id = channel.confirmations, channel.message_id_delivery_tag
         for index, message in enumerate(messages):
             tag += 1
-            confirmations[tag] = _Slot(batch, index)
+            confirmations[tag] = _PendingConfirm(batch, index)
             by_id[message.message_id] = tag
             type_name = shortstr(message.type_name) if message.type_name else None
             payload.append(framer.publish(message.body, message.message_id, ts, type_name))
@@ -179,7 +179,7 @@ def _fast_path_supported(channel: Any) -> bool:
     return all(hasattr(channel, name) for name in needed) and channel.publisher_confirms
 
 
-class _Batch:
+class _ConfirmBatch:
     """Outcomes of one framed batch, and a future resolved when all are known."""
 
     __slots__ = ("outcomes", "left", "done")
@@ -197,17 +197,17 @@ class _Batch:
                 self.done.set_result(None)
 
 
-class _Slot:
+class _PendingConfirm:
     """Stands in for aiormq's per-publish future in its confirmation map.
 
     aiormq only calls done(), cancelled(), set_result(), set_exception() and
-    cancel() on what it finds there; a slot answers those by settling its
+    cancel() on what it finds there; it answers those by settling its
     place in the batch, without a tracked future and its callbacks per message.
     """
 
     __slots__ = ("batch", "index")
 
-    def __init__(self, batch: _Batch, index: int) -> None:
+    def __init__(self, batch: _ConfirmBatch, index: int) -> None:
         self.batch = batch
         self.index = index
 
@@ -268,7 +268,7 @@ def _forget_batch(channel: Any, messages: Sequence[Message], first: int, last: i
             del by_id[message.message_id]
     if returned:  # aiormq re-inserts a marker for a returned tag at the end of the map
         for tag in [t for t in channel.confirmations if first <= t <= last
-                    and not isinstance(channel.confirmations[t], _Slot)]:
+                    and not isinstance(channel.confirmations[t], _PendingConfirm)]:
             del channel.confirmations[tag]
 
 
@@ -319,13 +319,6 @@ def _outcome(future: asyncio.Future) -> str:
     if isinstance(exc, aiormq.exceptions.DeliveryError):
         return NACKED
     return LOST
-
-
-def raise_unless_confirmed(outcomes: list[str]) -> None:
-    bad = [o for o in outcomes if o != CONFIRMED]
-    if bad:
-        counts = {o: bad.count(o) for o in set(bad)}
-        raise PublishFailed(f"{len(bad)} of {len(outcomes)} events not confirmed: {counts}")
 
 
 async def _close_quietly(conn: Any) -> None:

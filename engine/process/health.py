@@ -10,17 +10,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    generate_latest,
-    multiprocess,
-)
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
 from prometheus_client.core import GaugeMetricFamily
 from redis import Redis
 
@@ -29,21 +24,10 @@ from engine.errors import one_line
 from engine.keys import Keys
 from engine.sale_figures import read_figures
 
-if TYPE_CHECKING:
-    from engine.process.supervisor import Supervisor
-
 log = logging.getLogger("seckill.health")
 
-WORKER_RESTARTS = Counter("seckill_worker_restarts_total",
-                          "Workers that exited unexpectedly and were respawned.")
-
-
-def mark_dead(pid: int) -> None:
-    """Tell prometheus_client a worker is gone, so its live gauges stop counting."""
-    try:
-        multiprocess.mark_process_dead(pid)
-    except (KeyError, ValueError):  # not in multiprocess mode
-        pass
+# How many workers are alive and booted: the supervisor's answer, asked at each scrape.
+WorkerCount = Callable[[], int]
 
 
 class SaleCollector:
@@ -56,8 +40,8 @@ class SaleCollector:
               ("dead_letters", "seckill_dead_letters", "Entries in the dead-letter stream."),
               ("consumers", "seckill_stream_consumers", "Consumers known to the group."))
 
-    def __init__(self, settings: Settings, supervisor: Supervisor | None = None) -> None:
-        self.supervisor = supervisor
+    def __init__(self, settings: Settings, alive_workers: WorkerCount | None = None) -> None:
+        self.alive_workers = alive_workers
         self.redis = Redis.from_url(settings.redis_url, socket_timeout=2,
                                     socket_connect_timeout=2)
         self.keys = Keys(settings.key_prefix)
@@ -80,9 +64,9 @@ class SaleCollector:
                     family.add_metric([str(f.product_id)], value)
         yield from families.values()
         yield up
-        if self.supervisor is not None:
+        if self.alive_workers is not None:
             workers = GaugeMetricFamily("seckill_workers", "Worker processes alive and booted.")
-            workers.add_metric([], self.supervisor.alive_workers())
+            workers.add_metric([], self.alive_workers())
             yield workers
 
 
@@ -113,10 +97,11 @@ async def check_services(settings: Settings) -> dict[str, str]:
     return out
 
 
-def start_health_server(settings: Settings, supervisor: Supervisor | None) -> ThreadingHTTPServer:
+def start_health_server(settings: Settings,
+                        alive_workers: WorkerCount | None) -> ThreadingHTTPServer:
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry)
-    registry.register(SaleCollector(settings, supervisor))
+    registry.register(SaleCollector(settings, alive_workers))
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 - http.server's naming
@@ -124,7 +109,7 @@ def start_health_server(settings: Settings, supervisor: Supervisor | None) -> Th
             if path == "/metrics":
                 self._send(200, generate_latest(registry), CONTENT_TYPE_LATEST)
             elif path == "/healthz":
-                workers = supervisor.alive_workers() if supervisor else 0
+                workers = alive_workers() if alive_workers else 0
                 self._json(200, {"status": "ok", "workers": workers})
             elif path == "/readyz":
                 checks = asyncio.run(check_services(settings))

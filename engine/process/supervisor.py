@@ -22,7 +22,9 @@ from pathlib import Path
 
 from engine import backoff, exits
 from engine.config import Settings
+from engine.metrics import daemon as metrics
 from engine.process import sdnotify
+from engine.process.health import start_health_server
 from engine.process.worker import run_worker
 
 log = logging.getLogger("seckill.supervisor")
@@ -34,7 +36,7 @@ RESPAWN_BACKOFF_MAX = 30.0  # a crash-looping worker is respawned at most this r
 
 
 @dataclass
-class Slot:
+class WorkerSlot:
     """One place in the pool; respawns keep the slot and so the consumer name."""
 
     number: int
@@ -55,7 +57,7 @@ class Supervisor:
     load_settings: Callable[[], Settings]
     workers: int | None = None
     settings: Settings = field(init=False)
-    slots: dict[int, Slot] = field(default_factory=dict)
+    slots: dict[int, WorkerSlot] = field(default_factory=dict)
     target: int = 0
     generation: int = 0
     halt_reason: str | None = None
@@ -102,9 +104,7 @@ class Supervisor:
 
     def _start_http(self) -> None:
         if self.settings.metrics_port:
-            from engine.process.health import start_health_server
-
-            self._http = start_health_server(self.settings, self)
+            self._http = start_health_server(self.settings, self.alive_workers)
 
     def _write_pid(self) -> None:
         if self.settings.pid_file:
@@ -188,7 +188,7 @@ class Supervisor:
                                                         "workers": self.target})
 
     # -- workers --------------------------------------------------------------
-    def spawn(self, slot: Slot) -> None:
+    def spawn(self, slot: WorkerSlot) -> None:
         slot.heartbeat = self._heartbeat_dir / f"worker-{slot.number}"
         slot.heartbeat.touch()
         os.utime(slot.heartbeat, (0, 0))  # a worker's first touch means "booted"
@@ -214,7 +214,7 @@ class Supervisor:
     def manage_workers(self) -> None:
         now = time.monotonic()
         for number in range(self.target):
-            slot = self.slots.setdefault(number, Slot(number))
+            slot = self.slots.setdefault(number, WorkerSlot(number))
             if slot.pid == 0 and now >= slot.not_before:
                 self.spawn(slot)
         for number, slot in list(self.slots.items()):
@@ -224,7 +224,7 @@ class Supervisor:
                 elif not slot.pid:
                     del self.slots[number]
 
-    def _retire(self, slot: Slot) -> None:
+    def _retire(self, slot: WorkerSlot) -> None:
         slot.retiring = True
         self._kill(slot.pid, signal.SIGTERM)
 
@@ -239,9 +239,7 @@ class Supervisor:
             self._on_exit(pid, os.waitstatus_to_exitcode(status))
 
     def _on_exit(self, pid: int, code: int) -> None:
-        from engine.process.health import mark_dead
-
-        mark_dead(pid)
+        metrics.mark_dead(pid)
         slot = next((s for s in self.slots.values() if s.pid == pid), None)
         if slot is None:
             return
@@ -254,10 +252,8 @@ class Supervisor:
             return
         self._count_failure(slot, code, lived)
 
-    def _count_failure(self, slot: Slot, code: int, lived: float) -> None:
-        from engine.process.health import WORKER_RESTARTS
-
-        WORKER_RESTARTS.inc()
+    def _count_failure(self, slot: WorkerSlot, code: int, lived: float) -> None:
+        metrics.WORKER_RESTARTS.inc()
         if code == exits.BOOT:
             slot.boot_failures += 1
             if slot.boot_failures >= self.settings.max_boot_failures:
@@ -354,7 +350,7 @@ class Supervisor:
         return sum(1 for s in list(self.slots.values()) if s.pid and _last_beat(s) > 0)
 
 
-def _last_beat(slot: Slot) -> float:
+def _last_beat(slot: WorkerSlot) -> float:
     """mtime of the heartbeat file: 0 until the worker booted, -1 if there is none."""
     if slot.heartbeat is None:
         return -1.0

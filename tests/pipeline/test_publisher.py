@@ -14,7 +14,7 @@ from pamqp.body import ContentBody
 
 from engine.errors import PublishFailed
 from engine.keys import CONTENT_TYPE, EXCHANGE, RK_CREATED
-from engine.pipeline.events import PERSISTENT, Framer
+from engine.pipeline.framing import PERSISTENT, Framer
 from engine.pipeline.publisher import CONFIRMED, RETURNED, ConfirmPublisher, Message
 
 

@@ -1,0 +1,14 @@
+"""Prometheus objects of the reference Resource Domain (`seckill resource-domain`).
+
+One process, so prometheus_client's default registry and its own HTTP server serve
+them on `rd_metrics_port`.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter
+
+PROVISIONED = Counter("seckill_rd_provisioned_total", "Instances provisioned by the "
+                      "reference Resource Domain.", ["result"])
+DUPLICATES = Counter("seckill_rd_duplicate_events_total",
+                     "INSTANCE_CREATED events for instances already handled.")
