@@ -6,9 +6,12 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3.12 || command -v p
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# The versions the tests last passed with (pip constraints); `make lock` refreshes it.
+LOCK := requirements.lock
+EXTRAS := .[test,bench,load,dev]
 PYTEST_ARGS ?=
 
-.PHONY: help venv services tools bench-tools test demo proto proto-check lint bench bench-quick bench-long bench-micro loadtest clean
+.PHONY: lock help venv services tools bench-tools test demo proto proto-check lint bench bench-quick bench-long bench-micro loadtest clean
 
 help:
 	@echo "make demo         run the whole flow on the local services"
@@ -17,11 +20,12 @@ help:
 	@echo "                  the 2,000,000-order soak; bench-micro)"
 	@echo "make loadtest     a Locust flash-sale rehearsal, verified afterwards"
 	@echo "make proto        regenerate engine/pb from proto/ (proto-check: is it fresh?)"
-	@echo "make lint         ruff and mypy"
+	@echo "make lint         ruff and mypy (CI runs it before the tests)"
+	@echo "make lock         re-resolve the dependencies into requirements.lock"
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	@echo "==> creating $(VENV) with $(PYTHON)"
 	@$(PYTHON) -c 'import sys; sys.exit(not (3, 11) <= sys.version_info < (3, 13))' \
 		2>/dev/null || { found=$$($(PYTHON) -V 2>&1) || found="no python3"; \
@@ -32,8 +36,8 @@ $(STAMP): pyproject.toml
 			apt-get update -q && apt-get install -y -q python3-venv && $(PYTHON) -m venv $(VENV); \
 		else $(PYTHON) -m pip install --user virtualenv && $(PYTHON) -m virtualenv $(VENV); fi; }
 	@$(PY) -m pip install -q --upgrade pip
-	@echo "==> installing the project and its test, bench and load extras"
-	@$(PY) -m pip install -q -e '.[test,bench,load,dev]'
+	@echo "==> installing the project and its test, bench and load extras (versions: $(LOCK))"
+	@$(PY) -m pip install -q -c $(LOCK) -e '$(EXTRAS)'
 	@touch $(STAMP)
 
 services: venv
@@ -82,6 +86,17 @@ proto-check: venv
 	for f in event_pb2.py event_pb2.pyi; do \
 		diff -u "engine/pb/$$f" "$$tmp/$$f" || { echo "engine/pb/$$f is stale: make proto"; exit 1; }; \
 	done && echo "engine/pb is fresh"
+
+# Resolve the newest versions pyproject.toml allows in a scratch venv and record them:
+# run it, then `make test`, and commit requirements.lock with what passed.
+lock:
+	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+	echo "==> resolving $(EXTRAS) in a scratch venv" && \
+	$(PYTHON) -m venv "$$tmp/venv" && "$$tmp/venv/bin/pip" install -q --upgrade pip && \
+	"$$tmp/venv/bin/pip" install -q '$(EXTRAS)' && \
+	{ echo "# pip constraints: the versions \`make test\` last passed with. Refresh: make lock"; \
+	  "$$tmp/venv/bin/pip" freeze --exclude-editable | grep -v '^seckill-engine'; } > $(LOCK) && \
+	echo "==> $(LOCK): $$(grep -vc '^#' $(LOCK)) packages"
 
 lint: venv
 	@$(VENV)/bin/ruff check engine bench loadtest tests
