@@ -164,14 +164,19 @@ class Supervisor:
         self.stop(graceful=False)
 
     def handle_hup(self) -> None:
-        """Re-read the configuration and replace the workers one by one."""
+        """Re-read the configuration and replace the workers one by one.
+
+        systemd hears RELOADING=1 at once and READY=1 when the reload is over, also
+        when it failed: the daemon is ready again, on the old settings.
+        """
+        sdnotify.notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
         try:
             self.settings = self.load_settings()
         except Exception as exc:  # noqa: BLE001 - keep running on the old settings
             log.error("reload failed, keeping the old settings: %s", exc,
                       extra={"event": "reload_failed"})
+            sdnotify.notify("READY=1", "STATUS=reload failed; running on the old settings")
             return
-        sdnotify.notify("RELOADING=1")
         self.generation += 1
         self._reload_queue = sorted(self.slots)
         log.info("reloading: replacing %d workers", len(self._reload_queue),
