@@ -47,20 +47,29 @@ async def entries(redis: Redis, keys: Keys, pid: int, ids: list[str] | None = No
 
 
 def replay_fields(letter: dict[str, Any]) -> dict[str, str]:
-    fields = {k: str(v) for k, v in (letter.get("fields") or {}).items() if k != "orig"}
+    original = letter.get("fields")
+    if not isinstance(original, dict):
+        raise InvalidInput(f"dead letter {letter['dlq_id']} has no readable fields to replay")
+    fields = {k: str(v) for k, v in original.items() if k != "orig"}
     if "uid" not in fields:
-        raise InvalidInput(f"dead letter {letter['dlq_id']} has no uid to replay")
+        raise InvalidInput(f"dead letter {letter['dlq_id']} has no uid to replay; nothing "
+                           "was replayed (drop it, or name the other entries)")
     fields["orig"] = letter["id"]
     return fields
 
 
 async def replay(redis: Redis, keys: Keys, pid: int, letters: list[dict[str, Any]]) -> int:
-    for letter in letters:
-        pipe = redis.pipeline(transaction=True)
-        pipe.xadd(keys.stream(pid), replay_fields(letter))  # type: ignore[arg-type]
-        pipe.xdel(keys.dlq(pid), letter["dlq_id"])
-        await pipe.execute()
-    return len(letters)
+    """Every letter is checked before any is replayed, and all go in one MULTI/EXEC:
+    a letter that cannot be replayed leaves every one where it was."""
+    planned = [(letter["dlq_id"], replay_fields(letter)) for letter in letters]
+    if not planned:
+        return 0
+    pipe = redis.pipeline(transaction=True)
+    for dlq_id, fields in planned:
+        pipe.xadd(keys.stream(pid), fields)  # type: ignore[arg-type]
+        pipe.xdel(keys.dlq(pid), dlq_id)
+    await pipe.execute()
+    return len(planned)
 
 
 async def dlq_command(settings: Settings, action: str, product_id: int, ids: list[str],
@@ -74,8 +83,8 @@ async def dlq_command(settings: Settings, action: str, product_id: int, ids: lis
                 print(f"{e['dlq_id']}  order {e.get('id')}  {at:%Y-%m-%d %H:%M:%S}  "
                       f"{e.get('reason')}: {e.get('detail')}")
             return 0
-        if not ids and not all_:
-            raise InvalidInput(f"dlq {action}: name entry IDs or use --all")
+        if not ids and not all_ and reason is None:
+            raise InvalidInput(f"dlq {action}: name entry IDs or use --all (or --reason)")
         chosen = await entries(redis, keys, product_id, None if all_ else ids, reason)
         if action == "show":
             for e in chosen:
