@@ -11,6 +11,7 @@ says which client was used (that one costs as much CPU as a gate worker).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import multiprocessing
 import os
@@ -199,9 +200,10 @@ async def measure_bff_vs_gate(settings: Settings, *, seconds: float = 10,
     workers = os.cpu_count() or 1
     gate = await direct(settings, seconds, connections, processes=workers)
     port = free_port()
+    log = tempfile.NamedTemporaryFile(prefix="seckill-bench-bff-", suffix=".log")
     proc = subprocess.Popen([SECKILL, "bff", "--port", str(port), "--workers", str(workers)],
-                            env=engine_env(settings), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+                            env=engine_env(settings, **_no_auth(settings)), stdout=log,
+                            stderr=subprocess.STDOUT)
     wrk = shutil.which("wrk")
 
     async def load(seconds: float, first_user: int) -> dict[str, Any]:
@@ -210,7 +212,7 @@ async def measure_bff_vs_gate(settings: Settings, *, seconds: float = 10,
         return await over_http_python(port, seconds, connections, first_user)
 
     try:
-        await _wait(port)
+        await _wait(port, proc, log.name)
         await load(1.0, 2 * HTTP_FIRST_USER)  # warm-up: each worker opens its connections
         servers = [proc.pid, *children(proc.pid)]
         cpu = sum(cpu_seconds(p) for p in servers)
@@ -225,12 +227,22 @@ async def measure_bff_vs_gate(settings: Settings, *, seconds: float = 10,
             "ratio": http["accepted_per_second"] / gate["accepted_per_second"]}
 
 
-async def _wait(port: int) -> None:
+def _no_auth(settings: Settings) -> dict[str, str]:
+    """Both sides of the comparison name the buyer in the request, unauthenticated: the
+    direct gate verifies no token, so neither does the HTTP gate here."""
+    names = {f.name for f in dataclasses.fields(settings)}
+    return {"bff_auth": "none"} if "bff_auth" in names else {}
+
+
+async def _wait(port: int, proc: subprocess.Popen, log: str) -> None:
     for _ in range(300):
+        if proc.poll() is not None:
+            break
         try:
             _, writer = await asyncio.open_connection("127.0.0.1", port)
             writer.close()
             return
         except OSError:
             await asyncio.sleep(0.1)
-    raise RuntimeError("the BFF did not start")
+    tail = Path(log).read_text(errors="replace")[-500:].strip()
+    raise RuntimeError(f"the BFF did not start (exit {proc.poll()}): {tail}")

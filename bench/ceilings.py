@@ -21,33 +21,48 @@ from engine.keys import CONTENT_TYPE, EXCHANGE, GROUP, QUEUE_CREATED, RK_CREATED
 from engine.pipeline.framing import PERSISTENT
 from engine.pipeline.publisher import CONFIRMED, ConfirmPublisher, Message
 
-from .enginerun import cpu_seconds, service_cpu
+from .enginerun import CpuWindow
 from .env import preload, purge_queues
 
 BODY = b"\x08\x01\x10" + b"x" * 120  # about the size of an INSTANCE_CREATED event
 
 
-async def redis_drain(settings: Settings, total: int, batch: int = 500) -> dict[str, Any]:
-    """XREADGROUP + XACK of a preloaded stream, one client, batches of `batch`."""
+async def redis_drain(settings: Settings, total: int, batch: int = 500,
+                      min_seconds: float = 3.0) -> dict[str, Any]:
+    """XREADGROUP + XACK of a preloaded stream, one client, batches of `batch`.
+
+    The stream is read again from its start (XGROUP SETID) until `min_seconds`
+    have passed, so Redis's CPU is measured over enough clock ticks.
+    """
     pid = 990_000_001
     await preload(settings, [pid], total)
     keys = Keys(settings.key_prefix)
     redis = Redis.from_url(settings.redis_url)
     stream = keys.stream(pid)
     done = 0
+    window = _ours(settings)
     start = time.perf_counter()
     try:
-        while done < total:
+        while done < total or time.perf_counter() - start < min_seconds:
             reply = await redis.xreadgroup(GROUP, "bench", {stream: ">"}, count=batch)
-            if not reply:
-                break
+            if not reply or not reply[0][1]:
+                await redis.xgroup_setid(stream, GROUP, id="0")
+                continue
             ids = [entry_id for entry_id, _ in reply[0][1]]
             await redis.xack(stream, GROUP, *ids)
             done += len(ids)
     finally:
         await redis.aclose()
     elapsed = time.perf_counter() - start
-    return {"orders": done, "seconds": elapsed, "per_second": done / elapsed}
+    return {"orders": done, "seconds": elapsed, "per_second": done / elapsed,
+            **window.stop(elapsed, done)}
+
+
+def _ours(settings: Settings) -> CpuWindow:
+    """A CPU window charging this process as "workers" (the client), started now."""
+    window = CpuWindow(settings, lambda: [os.getpid()])
+    window.start()
+    return window
 
 
 async def publish_plain(settings: Settings, total: int, window: int = 500) -> dict[str, Any]:
@@ -65,15 +80,17 @@ async def publish_plain(settings: Settings, total: int, window: int = 500) -> di
             await channel.basic_publish(BODY, exchange=EXCHANGE, routing_key=RK_CREATED,
                                         properties=props, mandatory=True)
 
+    cpu = _ours(settings)
     start = time.perf_counter()
     try:
         await asyncio.gather(*(one(i) for i in range(total)))
     finally:
         await conn.close()
     elapsed = time.perf_counter() - start
+    figures = cpu.stop(elapsed, total)
     await purge_queues(settings)
     return {"orders": total, "seconds": elapsed, "per_second": total / elapsed,
-            "window": window}
+            "window": window, **figures}
 
 
 async def publish_batched(settings: Settings, total: int, batch: int = 500,
@@ -92,18 +109,17 @@ async def publish_batched(settings: Settings, total: int, batch: int = 500,
             outcomes = await publisher.publish(msgs, 30)
             confirmed += outcomes.count(CONFIRMED)
 
-    start, ours0, services0 = time.perf_counter(), cpu_seconds(os.getpid()), service_cpu()
+    window = _ours(settings)
+    start = time.perf_counter()
     try:
         await asyncio.gather(*(one(s) for s in range(0, total, batch)))
     finally:
         await publisher.close()
     elapsed = time.perf_counter() - start
-    ours1, services1 = cpu_seconds(os.getpid()), service_cpu()
+    figures = window.stop(elapsed, confirmed)
     await purge_queues(settings)
     return {"orders": confirmed, "seconds": elapsed, "per_second": confirmed / elapsed,
-            "batch": batch, "inflight": inflight,
-            "cores_busy": {"workers": (ours1 - ours0) / elapsed,  # here: this process
-                           **{k: (services1[k] - services0[k]) / elapsed for k in services1}}}
+            "batch": batch, "inflight": inflight, **figures}
 
 
 async def publish_by_queue_type(settings: Settings, total: int) -> dict[str, Any]:
@@ -136,24 +152,30 @@ async def publish_by_queue_type(settings: Settings, total: int) -> dict[str, Any
     return out
 
 
-async def copy_rate(settings: Settings, total: int, batch: int = 500) -> dict[str, Any]:
-    """Binary COPY in transactions of `batch` rows into a copy of seckill_logs (same indexes)."""
+async def copy_rate(settings: Settings, total: int, batch: int = 500,
+                    min_seconds: float = 3.0) -> dict[str, Any]:
+    """Binary COPY in transactions of `batch` rows into a copy of seckill_logs (same
+    indexes): at least `total` rows and `min_seconds`, for enough clock ticks."""
     conn = await asyncpg.connect(settings.pg_dsn)
     try:
         await conn.execute("DROP TABLE IF EXISTS bench_copy")
         await conn.execute("CREATE TABLE bench_copy (LIKE seckill_logs INCLUDING ALL)")
         cols = ("product_id", "user_id", "instance_id", "stream_id", "sale_id", "slot")
+        done = 0
+        window = _ours(settings)
         start = time.perf_counter()
-        for base in range(0, total, batch):
+        while done < total or time.perf_counter() - start < min_seconds:
             rows = [(1, i, i, f"{1700000000000 + i}-0", "bench", i + 1)
-                    for i in range(base, min(total, base + batch))]
+                    for i in range(done, done + batch)]
             async with conn.transaction():
                 await conn.copy_records_to_table("bench_copy", records=rows, columns=cols)
+            done += batch
         elapsed = time.perf_counter() - start
+        figures = window.stop(elapsed, done)
         await conn.execute("DROP TABLE bench_copy")
     finally:
         await conn.close()
-    return {"orders": total, "seconds": elapsed, "per_second": total / elapsed}
+    return {"orders": done, "seconds": elapsed, "per_second": done / elapsed, **figures}
 
 
 def queue_type(vhost: str) -> str:

@@ -1,8 +1,14 @@
 """`seckill run` as a child process, measured from the outside.
 
-Throughput is counted from the first acknowledged order to the last, so the
-workers' boot is not part of it. CPU time per order is the workers' own
-user+sys time (from /proc) over the same window; RSS is each worker's peak.
+The window runs from the first entry read by the group to the last
+acknowledgement, so the workers' boot is outside it but the batches in
+flight before the first acknowledgement are in it. An order counts as
+processed only when its row is committed in seckill_logs and its event
+reached the tap queue (the topology's own `resource.instance-created`,
+bound to the exchange; nothing consumes it in the bench vhost), matched by
+instance ID after the window; dead letters are counted apart. CPU time is
+read from /proc in clock ticks, for the workers and for each service, and the
+tick counts are kept beside the figures. RSS is each worker's peak.
 """
 
 from __future__ import annotations
@@ -18,11 +24,16 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
+import aiormq
+import asyncpg
 from redis.asyncio import Redis
 
 from engine.config import Settings, to_env
-from engine.keys import GROUP, Keys
+from engine.keys import GROUP, QUEUE_CREATED, Keys
+
+from .verdicts import rate, settle
 
 SECKILL = str(Path(sys.executable).with_name("seckill"))
 TICK = os.sysconf("SC_CLK_TCK")
@@ -46,39 +57,158 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def cpu_seconds(pid: int) -> float:
-    """user + sys seconds of one process."""
+def cpu_ticks(pid: int) -> int:
+    """user + sys clock ticks of one process (0 once it is gone)."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except FileNotFoundError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / TICK
+    except (FileNotFoundError, ProcessLookupError):
+        return 0
+    return int(fields[11]) + int(fields[12])
 
 
-# the processes of each service on this machine, by /proc/<pid>/comm
+def cpu_seconds(pid: int) -> float:
+    """user + sys seconds of one process."""
+    return cpu_ticks(pid) / TICK
+
+
+# the commands of each service's processes, by /proc/<pid>/comm
 SERVICE_COMMANDS = {"rabbitmq": {"beam.smp"}, "postgresql": {"postgres"},
                     "redis": {"redis-server"}}
+DEFAULT_PORTS = {"rabbitmq": 5672, "postgresql": 5432, "redis": 6379}
 
 
-def service_cpu() -> dict[str, float]:
-    """user + sys seconds used so far by each local service (all its processes).
-
-    Read before and after a run, the difference says where the machine's cores
-    went: the bound that stops the engine on a small machine is the CPU its
-    services take, and this shows it.
-    """
-    used = dict.fromkeys(SERVICE_COMMANDS, 0.0)
+def _processes() -> dict[int, tuple[str, int]]:
+    """pid -> (comm, parent pid) of every process."""
+    out = {}
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            comm = stat[stat.index("(") + 1:stat.rindex(")")]
+            out[int(entry.name)] = (comm, int(stat.rsplit(")", 1)[1].split()[1]))
+    return out
+
+
+def _listening_inodes(port: int) -> set[str]:
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
-            comm = (entry / "comm").read_text().strip()
+            lines = Path(table).read_text().splitlines()[1:]
         except OSError:
             continue
-        for service, commands in SERVICE_COMMANDS.items():
-            if comm in commands:
-                used[service] += cpu_seconds(int(entry.name))
-    return used
+        for line in lines:
+            cols = line.split()
+            if cols[3] == "0A" and int(cols[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(cols[9])
+    return inodes
+
+
+def _holds(pid: int, inodes: set[str]) -> bool:
+    try:
+        fds = list(Path(f"/proc/{pid}/fd").iterdir())
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            link = os.readlink(fd)
+        except OSError:
+            continue
+        if link.startswith("socket:[") and link[8:-1] in inodes:
+            return True
+    return False
+
+
+def service_ports(settings: Settings) -> dict[str, int]:
+    urls = {"rabbitmq": settings.amqp_url, "postgresql": settings.pg_dsn,
+            "redis": settings.redis_url}
+    return {svc: urlsplit(url).port or DEFAULT_PORTS[svc] for svc, url in urls.items()}
+
+
+def service_roots(settings: Settings) -> dict[str, int]:
+    """The process listening on each service's port, as `settings` reaches it.
+
+    Only these (and their children: PostgreSQL's backends, RabbitMQ's helpers) are
+    the services the bench measures; a test suite's private Redis or RabbitMQ node,
+    or the Erlang VM of a `rabbitmqctl` call, must not be charged to them. A service
+    with no such process here is an error, not a zero: a zero would make it look free.
+    """
+    procs = _processes()
+    roots = {}
+    for svc, port in service_ports(settings).items():
+        inodes = _listening_inodes(port)
+        owner = next((pid for pid, (comm, _) in procs.items()
+                      if comm in SERVICE_COMMANDS[svc] and inodes and _holds(pid, inodes)), None)
+        if owner is None:
+            raise RuntimeError(f"no {svc} process listening on port {port} on this machine: "
+                               "its CPU cannot be measured")
+        roots[svc] = owner
+    return roots
+
+
+def service_ticks(roots: dict[str, int]) -> dict[str, dict[int, int]]:
+    """Clock ticks so far of each service's processes: pid -> ticks, root and descendants."""
+    procs = _processes()
+    children_of: dict[int, list[int]] = {}
+    for pid, (_, ppid) in procs.items():
+        children_of.setdefault(ppid, []).append(pid)
+    out = {}
+    for svc, root in roots.items():
+        pids, todo = [], [root]
+        while todo:
+            pid = todo.pop()
+            pids.append(pid)
+            todo.extend(children_of.get(pid, []))
+        out[svc] = {pid: cpu_ticks(pid) for pid in pids}
+    return out
+
+
+def ticks_between(start: dict[int, int], end: dict[int, int]) -> int:
+    """Ticks used between two readings of a set of processes: a process born in between
+    counts in full, one gone by the end counts nothing (its last ticks are unknown);
+    never negative, as a sum over whatever processes exist at each end could be."""
+    return sum(max(0, t - start.get(pid, 0)) for pid, t in end.items())
+
+
+def service_cpu(settings: Settings) -> dict[str, float]:
+    """user + sys seconds used so far by each service's processes."""
+    return {svc: sum(t.values()) / TICK
+            for svc, t in service_ticks(service_roots(settings)).items()}
+
+
+class CpuWindow:
+    """CPU ticks of our own processes and of each service between start() and stop().
+
+    `ours` names the processes charged as "workers" (the engine's workers, or the
+    bench process itself in a ceiling phase).
+    """
+
+    def __init__(self, settings: Settings, ours: Callable[[], list[int]]) -> None:
+        self.ours = ours
+        self.roots = service_roots(settings)
+        self.t0 = 0.0
+        self.start_services: dict[str, dict[int, int]] = {}
+        self.start_ours: dict[int, int] = {}
+
+    def start(self) -> None:
+        self.t0 = time.perf_counter()
+        self.start_ours = {p: cpu_ticks(p) for p in self.ours()}
+        self.start_services = service_ticks(self.roots)
+
+    def stop(self, seconds: float | None = None, orders: int = 0) -> dict[str, Any]:
+        """Ticks, busy cores and (given `orders`) CPU microseconds per order, by group;
+        `seconds` overrides the wall time since start() as the window."""
+        end = service_ticks(self.roots)
+        ours = ticks_between(self.start_ours, {p: cpu_ticks(p) for p in self.ours()})
+        elapsed = time.perf_counter() - self.t0 if seconds is None else seconds
+        ticks = {"workers": ours,
+                 **{k: ticks_between(self.start_services[k], end[k]) for k in end}}
+        out: dict[str, Any] = {"ticks": ticks, "tick_hz": TICK,
+                               "cores_busy": {k: v / TICK / elapsed for k, v in ticks.items()}}
+        if orders:
+            out["cpu_us"] = {k: v / TICK / orders * 1e6 for k, v in ticks.items()}
+        return out
 
 
 def rss_mb(pid: int, field: str = "VmRSS") -> float:
@@ -115,60 +245,153 @@ class Engine:
                 self.proc.wait()
 
 
-async def acked(redis: Redis, keys: Keys, pids: list[int]) -> int:
-    """Entries delivered to the group and no longer pending, over all streams."""
+async def group_counts(redis: Redis, keys: Keys, pids: list[int]) -> tuple[int, int]:
+    """(entries read, entries acknowledged) by the group, over all streams."""
     pipe = redis.pipeline(transaction=False)
     for pid in pids:
         pipe.xinfo_groups(keys.stream(pid))
-    total = 0
+    read = done = 0
     for groups in await pipe.execute():
         for g in groups:
             if g["name"] in (GROUP, GROUP.encode()):
-                total += int(g["entries-read"] or 0) - int(g["pending"])
-    return total
+                read += int(g["entries-read"] or 0)
+                done += int(g["entries-read"] or 0) - int(g["pending"])
+    return read, done
+
+
+async def acked(redis: Redis, keys: Keys, pids: list[int]) -> int:
+    """Entries delivered to the group and no longer pending, over all streams."""
+    return (await group_counts(redis, keys, pids))[1]
+
+
+async def dead_letters(redis: Redis, keys: Keys, pids: list[int]) -> int:
+    pipe = redis.pipeline(transaction=False)
+    for pid in pids:
+        pipe.xlen(keys.dlq(pid))
+    return sum(await pipe.execute())
+
+
+async def logged_ids(settings: Settings, pids: list[int]) -> set[int]:
+    """Instance IDs of the committed rows of these products."""
+    conn = await asyncpg.connect(settings.pg_dsn)
+    try:
+        rows = await conn.fetch("SELECT instance_id FROM seckill_logs WHERE product_id = ANY($1)",
+                                pids)
+    finally:
+        await conn.close()
+    return {r[0] for r in rows}
+
+
+async def tap_ids(settings: Settings, queue: str = QUEUE_CREATED, idle: float = 3.0,
+                  progress: Callable[[int, int], None] | None = None) -> set[int]:
+    """Instance IDs (message_id) of the events waiting on the tap queue, consumed.
+
+    The queue is the topology's own, bound to the exchange by `seckill migrate`:
+    what reached it is what a Resource Domain would receive. Reading it empties
+    it, which the next phase needs anyway.
+    """
+    conn = await aiormq.connect(settings.amqp_url)
+    seen: set[int] = set()
+    try:
+        channel = await conn.channel()
+        waiting = (await channel.queue_declare(queue, passive=True)).message_count or 0
+        got = asyncio.Event()
+        count = 0
+
+        def on_message(message: Any) -> None:
+            nonlocal count
+            count += 1
+            seen.add(int(message.header.properties.message_id))
+            got.set()
+
+        await channel.basic_consume(queue, on_message, no_ack=True)
+        while count < waiting:
+            got.clear()
+            try:
+                await asyncio.wait_for(got.wait(), idle)
+            except TimeoutError:
+                break
+            if progress:
+                progress(count, waiting)
+    finally:
+        await conn.close()
+    return seen
 
 
 async def drain(settings: Settings, pids: list[int], total: int, workers: int,
                 progress: Callable[[int, int], None] | None = None,
-                timeout: float = 900, **overrides: Any) -> dict[str, Any]:
-    """Start the engine on a preloaded backlog; measure until every order is acknowledged."""
+                timeout: float | None = None, tap: str = QUEUE_CREATED,
+                **overrides: Any) -> dict[str, Any]:
+    """Start the engine on a preloaded backlog; measure from its first read until every
+    order is acknowledged, then count what was processed (row, and event on `tap`).
+
+    A timeout or an engine that exits does not raise: the run comes back with
+    `failed` set, so the table shows it and no target counts it.
+    """
     keys = Keys(settings.key_prefix)
     redis = Redis.from_url(settings.redis_url)
+    timeout = timeout if timeout is not None else 60 + total / 2000
     engine = Engine(settings, workers, **overrides)
+    out: dict[str, Any] = {"workers": workers, "orders": total, "timeout_s": timeout}
+    failed: list[str] = []
     try:
         deadline = time.monotonic() + timeout
-        while (n := await acked(redis, keys, pids)) == 0:
-            _check(engine, deadline)
-            await asyncio.sleep(0.01)
-        t0, n0, cpu0, svc0 = time.perf_counter(), n, engine.cpu(), service_cpu()
+        while (await group_counts(redis, keys, pids))[0] == 0:
+            if problem := _problem(engine, deadline):
+                raise _PhaseFailed(problem)
+            await asyncio.sleep(0.005)
+        t0 = time.perf_counter()
+        window = CpuWindow(settings, engine.worker_pids)
+        window.start()
         rss_start = [rss_mb(p) for p in engine.worker_pids()]
+        n = 0
         while n < total:
-            _check(engine, deadline)
+            if problem := _problem(engine, deadline):
+                failed.append(f"{problem}: {n:,} of {total:,} acknowledged")
+                break
             await asyncio.sleep(0.05)
             n = await acked(redis, keys, pids)
             if progress:
                 progress(n, total)
-        t1, cpu1, svc1 = time.perf_counter(), engine.cpu(), service_cpu()
-        peaks = [rss_mb(p, "VmHWM") for p in engine.worker_pids()]
-        rss_end = [rss_mb(p) for p in engine.worker_pids()]
+        t1 = time.perf_counter()
+        cpu = window.stop(seconds=t1 - t0)
+        out.update(peak_rss_mb=max((rss_mb(p, "VmHWM") for p in engine.worker_pids()),
+                                   default=0.0),
+                   rss_start_mb=max(rss_start, default=0.0),
+                   rss_end_mb=max((rss_mb(p) for p in engine.worker_pids()), default=0.0))
+        dead = await dead_letters(redis, keys, pids)
+    except _PhaseFailed as exc:
+        return {**out, "failed": str(exc)}
     finally:
         engine.stop()
         await redis.aclose()
-    orders = n - n0
-    if orders <= 0:
-        raise RuntimeError("the engine finished before it could be measured: use more orders")
-    return {"workers": workers, "orders": total, "seconds": t1 - t0,
-            "per_second": orders / (t1 - t0), "cpu_us_per_order": (cpu1 - cpu0) / orders * 1e6,
-            "peak_rss_mb": max(peaks, default=0.0), "rss_start_mb": max(rss_start, default=0.0),
-            "rss_end_mb": max(rss_end, default=0.0),
-            # cores busy on average during the run: the workers, then each service
-            "cores_busy": {"workers": (cpu1 - cpu0) / (t1 - t0),
-                           **{k: (svc1[k] - svc0[k]) / (t1 - t0) for k in svc1}}}
+    events = await tap_ids(settings, tap)
+    settled = settle(total, await logged_ids(settings, pids), events, dead, n)
+    if progress:
+        print(f"    counted: {settled['processed']:,} orders with a row and an event, "
+              f"{dead:,} dead letters", flush=True)
+    if settled.get("failed"):
+        failed.append(settled.pop("failed"))
+    processed = settled["processed"]
+    out.update(settled, seconds=t1 - t0, **cpu,
+               per_second=rate(processed, t0, t1) if processed else 0.0,
+               cpu_us_per_order=cpu["ticks"]["workers"] / TICK / processed * 1e6
+               if processed else 0.0)
+    if processed:
+        out["cpu_us"] = {k: v / TICK / processed * 1e6 for k, v in cpu["ticks"].items()}
+    if failed:
+        out["failed"] = "; ".join(failed)
+    return out
 
 
-def _check(engine: Engine, deadline: float) -> None:
+class _PhaseFailed(Exception):
+    """The phase cannot be measured; the message says why."""
+
+
+def _problem(engine: Engine, deadline: float) -> str | None:
     if engine.proc.poll() is not None:
         err = Path(engine.log.name).read_text(errors="replace")
-        raise RuntimeError(f"the engine exited with {engine.proc.returncode}: {err[-2000:]}")
+        return f"the engine exited with {engine.proc.returncode}: {err[-500:]}"
     if time.monotonic() > deadline:
-        raise RuntimeError("the engine did not finish in time")
+        return "drain timed out"
+    return None

@@ -24,6 +24,7 @@ from .enginerun import Engine, acked, free_port
 from .env import bench_settings, prepare, reset
 
 METRIC = "seckill_order_latency_seconds_bucket"
+WARM_UP_TIMEOUT = 60.0
 STAGE_METRIC = "seckill_stage_duration_seconds_bucket"
 STAGES = ("prepare", "log", "publish", "ack")
 
@@ -107,34 +108,49 @@ async def produce(settings: Settings, pid: int, rate: float, seconds: float,
 
 
 async def measure(settings: Settings, pid: int, rate: float, seconds: float,
-                  port: int) -> dict[str, Any]:
+                  port: int, drain_timeout: float = 60.0) -> dict[str, Any]:
+    """Percentiles of the orders produced at `rate` for `seconds`. If they are not all
+    acknowledged within `drain_timeout` after the window, the run is failed (its
+    percentiles would leave out the slowest orders), not cut short in silence."""
     keys = Keys(settings.key_prefix)
     redis = Redis.from_url(settings.redis_url)
     await redis.xgroup_create(keys.stream(pid), GROUP, id="0", mkstream=True)
     await redis.sadd(keys.streams, pid)
     engine = Engine(settings.replace(metrics_port=port), 2)
+    failed = None
     try:
         await _wait_ready(port)
         warm = await produce(settings, pid, rate, 1.0)  # warm-up: caches, connections
-        while await acked(redis, keys, [pid]) < warm:
-            await asyncio.sleep(0.05)
+        if not await _drained(redis, keys, pid, warm, WARM_UP_TIMEOUT):
+            return {"rate": rate, "seconds": seconds, "orders": 0,
+                    "failed": f"the warm-up was not drained in {WARM_UP_TIMEOUT:.0f} s"}
         before = scrape(port)
         sent = await produce(settings, pid, rate, seconds, first=warm + 1)
-        deadline = time.monotonic() + 60
-        while await acked(redis, keys, [pid]) < warm + sent:
-            if time.monotonic() > deadline:
-                break
-            await asyncio.sleep(0.1)
+        if not await _drained(redis, keys, pid, warm + sent, drain_timeout):
+            done = await acked(redis, keys, [pid]) - warm
+            failed = (f"drain timed out after {drain_timeout:.0f} s: {done:,} of {sent:,} "
+                      "orders acknowledged, the percentiles cover only those")
         after = scrape(port)
     finally:
         engine.stop()
         await redis.aclose()
     window = _window(before, after)
     return {"rate": rate, "seconds": seconds, "orders": sent,
+            **({"failed": failed} if failed else {}),
             "p50_ms": quantile(window, 0.50) * 1000, "p95_ms": quantile(window, 0.95) * 1000,
             "p99_ms": quantile(window, 0.99) * 1000, "max_le_ms": max_bound(window) * 1000,
             "cdf": [(b, c) for b, c in sorted(window.items()) if b != float("inf")],
             "count": window.get(float("inf"), 0.0), "stages": _stages(before, after)}
+
+
+async def _drained(redis: Redis, keys: Keys, pid: int, orders: int, timeout: float) -> bool:
+    """Wait until `orders` entries are acknowledged; False at the deadline."""
+    deadline = time.monotonic() + timeout
+    while await acked(redis, keys, [pid]) < orders:
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.1)
+    return True
 
 
 def _window(before: str, after: str, metric: str = METRIC,
@@ -174,6 +190,10 @@ async def _at_rates(rates: list[float], seconds: float) -> None:
     for rate in rates:
         await reset(settings, [pid])
         r = await measure(settings, pid, rate, seconds, free_port())
+        if r.get("failed"):
+            print(f"{rate:,.0f} orders/s: FAILED: {r['failed']}", flush=True)
+            if "p50_ms" not in r:
+                continue
         print(f"{rate:,.0f} orders/s: p50 {r['p50_ms']:.1f} ms, p95 {r['p95_ms']:.1f} ms, "
               f"p99 {r['p99_ms']:.1f} ms, max <= {r['max_le_ms']:.0f} ms", flush=True)
         for stage, st in r["stages"].items():

@@ -1,0 +1,165 @@
+"""The benchmark's judgements, as pure functions: no services, no clock, no I/O.
+
+Everything that decides whether a figure counts, or whether a target is met,
+lives here so that a unit test can break it on purpose
+(tests/test_bench_verdicts.py): a spread that crosses its bound, a drain
+whose events never reached the tap queue, a CPU window too short for the
+clock, a phase that timed out.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+# /proc counts CPU time in clock ticks (usually 1/100 s) and truncates each process's
+# counter: a window of N ticks is off by up to a tick per process at each end. 100
+# ticks (1 CPU-second at 100 Hz) keeps that error to a few percent.
+MIN_TICKS = 100
+# A target reads at least this many runs of each phase it depends on.
+MIN_RUNS = 3
+# The services whose CPU bounds the machine; every CPU table includes all three.
+SERVICES = ("rabbitmq", "postgresql", "redis")
+NOT_JUDGED_QUICK = "not judged (quick)"
+
+
+@dataclass(frozen=True)
+class Spread:
+    """Median and range of one figure over the runs of a phase."""
+
+    median: float
+    low: float
+    high: float
+    runs: int
+
+    def as_dict(self) -> dict[str, float | int]:
+        return {"median": self.median, "min": self.low, "max": self.high, "runs": self.runs}
+
+
+def spread(values: Iterable[float]) -> Spread | None:
+    """The median and min-max of `values`; None when there is nothing to summarise."""
+    vals = sorted(values)
+    if not vals:
+        return None
+    return Spread(statistics.median(vals), vals[0], vals[-1], len(vals))
+
+
+def on_right_side(value: float, op: str, bound: float) -> bool:
+    if op == ">=":
+        return value >= bound
+    if op == "<=":
+        return value <= bound
+    raise ValueError(f"unknown comparison {op!r}")
+
+
+def judge(values: Sequence[float], op: str, bound: float, *, judged: bool = True,
+          problems: Sequence[str] = ()) -> dict[str, Any]:
+    """The verdict on one target from its per-run values.
+
+    A target is met only when every run is on the right side of the bound:
+    the median alone could sit on the right side by luck while the spread
+    crosses it. A quick run is never judged; a failed phase, too few runs or
+    a CPU window too short for the clock makes the target not met, whatever
+    the figures say.
+    """
+    s = spread(values)
+    out: dict[str, Any] = {"op": op, "bound": bound, "values": list(values),
+                           **(s.as_dict() if s else {"runs": 0})}
+    if not judged:
+        return {**out, "met": None, "verdict": NOT_JUDGED_QUICK}
+    if problems:
+        return {**out, "met": False, "verdict": "NO: " + "; ".join(problems)}
+    if s is None or s.runs < MIN_RUNS:
+        return {**out, "met": False,
+                "verdict": f"NO: {s.runs if s else 0} run(s), {MIN_RUNS} needed"}
+    right = [on_right_side(v, op, bound) for v in values]
+    if all(right):
+        return {**out, "met": True, "verdict": "yes"}
+    if any(right):
+        return {**out, "met": False, "verdict": "NO (spread crosses the bound)"}
+    return {**out, "met": False, "verdict": "NO"}
+
+
+def paired(numerators: Sequence[float | None],
+           denominators: Sequence[float | None]) -> list[float]:
+    """Ratios of runs taken in the same round (a phase and the baseline it alternated
+    with); a round where either side failed gives no ratio."""
+    return [n / d for n, d in zip(numerators, denominators, strict=False)
+            if n is not None and d]
+
+
+def machine_limit(cores: float, cpu_per_order: Mapping[str, float]) -> float:
+    """Orders/s the machine could reach if the engine's own processes cost nothing:
+    `cores` divided by the CPU seconds per order RabbitMQ, PostgreSQL and Redis each
+    spent alone in their ceiling phase.
+
+    A service missing from the figures, or measured at no CPU at all, would make
+    the limit look higher than the machine can go: that is refused, not summed as 0.
+    """
+    missing = [s for s in SERVICES if cpu_per_order.get(s, 0.0) <= 0.0]
+    if missing:
+        raise ValueError(f"no CPU per order measured for {', '.join(missing)}")
+    return cores / sum(cpu_per_order[s] for s in SERVICES)
+
+
+def short_windows(ticks: Mapping[str, int], groups: Iterable[str]) -> list[str]:
+    """The CPU groups whose window held fewer than MIN_TICKS clock ticks."""
+    return [f"{g} CPU over {ticks.get(g, 0)} ticks (< {MIN_TICKS})" for g in groups
+            if ticks.get(g, 0) < MIN_TICKS]
+
+
+def settle(total: int, rows: set[int], events: set[int], dead_letters: int,
+           acked: int) -> dict[str, Any]:
+    """What a drain processed: orders whose row is committed *and* whose event reached
+    the tap queue, by instance ID. Acknowledgements prove neither: a dead-lettered
+    entry is acknowledged too, so dead letters are counted apart and never as
+    processed. Anything acknowledged that is neither processed nor dead-lettered is
+    a lost order, and fails the phase."""
+    processed = len(rows & events)
+    out: dict[str, Any] = {"processed": processed, "dead_letters": dead_letters,
+                           "acked": acked, "rows": len(rows), "events": len(events),
+                           "rows_without_event": len(rows - events),
+                           "events_without_row": len(events - rows)}
+    lost = acked - processed - dead_letters
+    problems = []
+    if processed == 0:
+        problems.append("no order has both its row and its event")
+    if lost > 0:
+        problems.append(f"{lost:,} acknowledged orders have no row with an event on the "
+                        "tap queue and are not dead letters")
+    if acked < total:
+        problems.append(f"{acked:,} of {total:,} orders acknowledged")
+    if problems:
+        out["failed"] = "; ".join(problems)
+    return out
+
+
+def rate(orders: int, first_read: float, last_ack: float) -> float:
+    """Orders per second over the window from the first read to the last
+    acknowledgement; the batches in flight before the first ack are in it."""
+    if last_ack <= first_read:
+        raise ValueError("the window closes before it opens")
+    return orders / (last_ack - first_read)
+
+
+def runs_of(results: Mapping[str, Any], key: str) -> list[dict[str, Any]]:
+    """The runs of one phase (failed ones included), [] when it did not run."""
+    phase = results.get(key)
+    if not phase:
+        return []
+    return list(phase.get("runs", [phase]))
+
+
+def field(results: Mapping[str, Any], key: str, name: str) -> list[float | None]:
+    """One figure of every run of a phase, None for a run that failed or lacks it:
+    a list aligned on the rounds, so paired() keeps the alternation."""
+    return [None if r.get("failed") or name not in r else float(r[name])
+            for r in runs_of(results, key)]
+
+
+def failures(results: Mapping[str, Any], *keys: str) -> list[str]:
+    """Why runs of these phases failed, one line each."""
+    return [f"{k} run {i + 1} failed ({r['failed']})" for k in keys
+            for i, r in enumerate(runs_of(results, k)) if r.get("failed")]

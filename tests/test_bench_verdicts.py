@@ -1,0 +1,274 @@
+"""The benchmark's verdicts, shown failing on the input each one exists to catch.
+
+The pure checks (bench/verdicts.py, bench/report.targets) run on made-up
+figures; the drain and latency checks run a real engine on this session's
+own database, vhost and key prefix.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiormq
+import pytest
+from support import add_products
+
+from bench import enginerun, latency
+from bench.enginerun import drain, free_port
+from bench.env import preload
+from bench.report import machine_limits, markdown, targets
+from bench.verdicts import (
+    MIN_TICKS,
+    NOT_JUDGED_QUICK,
+    judge,
+    machine_limit,
+    paired,
+    rate,
+    settle,
+    short_windows,
+    spread,
+)
+from engine.config import Settings
+from engine.keys import EXCHANGE, RK_CREATED
+
+# --- judging a target from its runs -------------------------------------------------
+
+
+def test_met_only_when_the_whole_spread_is_on_the_right_side() -> None:
+    assert judge([0.90, 0.95, 0.99], ">=", 0.85)["met"] is True
+    crossing = judge([0.80, 0.95, 0.99], ">=", 0.85)  # the median alone would pass
+    assert crossing["median"] == 0.95
+    assert crossing["met"] is False
+    assert "crosses" in crossing["verdict"]
+    assert judge([0.70, 0.75, 0.80], ">=", 0.85)["verdict"] == "NO"
+    assert judge([20.0, 26.0, 21.0], "<=", 25.0)["met"] is False
+    assert judge([20.0, 25.0, 21.0], "<=", 25.0)["met"] is True
+
+
+def test_a_quick_run_is_never_judged() -> None:
+    for values in ([0.99, 0.99, 0.99], [0.1]):
+        verdict = judge(values, ">=", 0.85, judged=False)
+        assert verdict["met"] is None
+        assert verdict["verdict"] == NOT_JUDGED_QUICK
+
+
+def test_fewer_than_three_runs_or_a_problem_is_not_met() -> None:
+    assert judge([0.99, 0.99], ">=", 0.85)["met"] is False
+    assert judge([], ">=", 0.85)["met"] is False
+    failed = judge([0.99, 0.99, 0.99], ">=", 0.85, problems=["engine_2w run 2 failed (x)"])
+    assert failed["met"] is False
+    assert "engine_2w run 2 failed" in failed["verdict"]
+
+
+def test_spread_and_pairs_keep_the_rounds_aligned() -> None:
+    s = spread([3.0, 1.0, 2.0])
+    assert s is not None and (s.median, s.low, s.high, s.runs) == (2.0, 1.0, 3.0, 3)
+    assert spread([]) is None
+    # round 2's baseline failed: its engine run must not be divided by round 3's
+    assert paired([10.0, 20.0, 30.0], [1.0, None, 3.0]) == [10.0, 10.0]
+
+
+# --- what a drain counts ------------------------------------------------------------
+
+
+def test_events_that_never_reach_the_tap_queue_are_not_throughput() -> None:
+    out = settle(100, rows=set(range(100)), events=set(), dead_letters=0, acked=100)
+    assert out["processed"] == 0
+    assert "no order has both its row and its event" in out["failed"]
+    assert "100 acknowledged orders" in out["failed"]
+
+
+def test_only_orders_with_row_and_event_count_and_dead_letters_apart() -> None:
+    out = settle(10, rows={1, 2, 3, 4, 5, 6, 7, 8}, events={2, 3, 4, 5, 6, 7, 8, 99},
+                 dead_letters=2, acked=10)
+    assert out["processed"] == 7  # 1 has no event, 99 has no row
+    assert out["dead_letters"] == 2
+    assert (out["rows_without_event"], out["events_without_row"]) == (1, 1)
+    assert "1 acknowledged orders" in out["failed"]  # 10 acked = 7 + 2 dead + 1 lost
+    clean = settle(10, rows=set(range(8)), events=set(range(8)), dead_letters=2, acked=10)
+    assert clean["processed"] == 8 and "failed" not in clean
+
+
+def test_a_drain_that_stops_short_fails() -> None:
+    out = settle(10, rows=set(range(5)), events=set(range(5)), dead_letters=0, acked=5)
+    assert "5 of 10 orders acknowledged" in out["failed"]
+
+
+def test_the_window_opens_at_the_first_read() -> None:
+    # 1,000 orders read at t=1.0, first ack at 1.5, last ack at 3.0: the batches in
+    # flight before the first ack are charged, so 500/s, not 667/s
+    assert rate(1000, first_read=1.0, last_ack=3.0) == 500.0
+    with pytest.raises(ValueError):
+        rate(1000, first_read=3.0, last_ack=3.0)
+
+
+# --- CPU and the machine limit ------------------------------------------------------
+
+
+def test_machine_limit_is_cores_over_the_services_cpu() -> None:
+    per_order = {"rabbitmq": 80e-6, "postgresql": 15e-6, "redis": 5e-6}
+    assert machine_limit(2, per_order) == pytest.approx(20_000)
+
+
+@pytest.mark.parametrize("missing", ["rabbitmq", "postgresql", "redis"])
+def test_machine_limit_refuses_a_service_measured_at_nothing(missing: str) -> None:
+    per_order = {"rabbitmq": 80e-6, "postgresql": 15e-6, "redis": 5e-6}
+    with pytest.raises(ValueError, match=missing):
+        machine_limit(2, {**per_order, missing: 0.0})
+    with pytest.raises(ValueError, match=missing):
+        machine_limit(2, {k: v for k, v in per_order.items() if k != missing})
+
+
+def test_windows_shorter_than_the_clock_allows_are_flagged() -> None:
+    assert short_windows({"workers": 7, "postgresql": 0}, ("workers", "postgresql")) == [
+        f"workers CPU over 7 ticks (< {MIN_TICKS})", f"postgresql CPU over 0 ticks (< {MIN_TICKS})"]
+    assert short_windows({"workers": MIN_TICKS}, ("workers",)) == []
+
+
+def test_a_service_nobody_listens_for_is_an_error_not_a_zero(settings: Settings) -> None:
+    assert set(enginerun.service_roots(settings)) == {"rabbitmq", "postgresql", "redis"}
+    nowhere = settings.replace(redis_url=f"redis://127.0.0.1:{free_port()}/0")
+    with pytest.raises(RuntimeError, match="redis"):
+        enginerun.service_roots(nowhere)
+
+
+def test_ticks_of_processes_that_come_and_go_are_never_negative() -> None:
+    # pid 1 ran 5 ticks; pid 2 exited (a private test node, a rabbitmqctl VM); pid 3 was
+    # born in the window: a plain sum of both ends would say 10 + 40 - (5 + 900) < 0
+    start, end = {1: 5, 2: 900}, {1: 10, 3: 40}
+    assert enginerun.ticks_between(start, end) == 45
+
+
+# --- the whole report on made-up runs -----------------------------------------------
+
+
+def _ceiling(svc: str, us: float, per_second: float, ticks: int = 500) -> dict[str, Any]:
+    return {"orders": 1000, "per_second": per_second, "seconds": 3.0,
+            "cpu_us": {"workers": 1.0, "rabbitmq": 0.1, "postgresql": 0.1, "redis": 0.1,
+                       svc: us},
+            "ticks": {"workers": ticks, "rabbitmq": ticks, "postgresql": ticks, "redis": ticks},
+            "cores_busy": {"workers": 0.1, "rabbitmq": 0.1, "postgresql": 0.1, "redis": 0.1}}
+
+
+def _engine(per_second: float, cpu: float = 40.0, ticks: int = 500) -> dict[str, Any]:
+    return {"orders": 1000, "processed": 1000, "dead_letters": 0, "per_second": per_second,
+            "cpu_us_per_order": cpu, "peak_rss_mb": 50.0, "seconds": 5.0,
+            "ticks": {"workers": ticks, "rabbitmq": 900, "postgresql": 200, "redis": 100},
+            "cores_busy": {"workers": 0.5, "rabbitmq": 1.0, "postgresql": 0.2, "redis": 0.1},
+            "cpu_us": {"workers": cpu, "rabbitmq": 75.0, "postgresql": 15.0, "redis": 5.0}}
+
+
+def _doc(mode: str = "full", engine: list[float] | None = None,
+         e2_runs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    engine = engine or [17_000.0, 17_500.0, 18_000.0]
+    runs = e2_runs or [_engine(v) for v in engine]
+    lat = {"rate": 1.0, "p50_ms": 5.0, "p95_ms": 10.0, "p99_ms": 20.0, "max_le_ms": 50.0}
+    results = {
+        # machine limit: 2 cores / (80 + 15 + 5 us) = 20,000 orders/s
+        "ceiling_publish_batched": {"runs": [_ceiling("rabbitmq", 80.0, 18_000)] * 3},
+        "ceiling_copy": {"runs": [_ceiling("postgresql", 15.0, 50_000)] * 3},
+        "ceiling_redis": {"runs": [_ceiling("redis", 5.0, 80_000)] * 3},
+        "ceiling_publish_plain": {"runs": [{"orders": 10, "per_second": 3_000.0}] * 3},
+        "naive": {"runs": [{"orders": 10, "per_second": 250.0}] * 3},
+        "engine_1w": {"runs": [_engine(15_000.0)] * 3},
+        "engine_2w": {"runs": runs},
+        "latency_50": {"runs": [lat] * 3}, "latency_90": {"runs": [lat] * 3},
+        "scale_1": {"runs": [_engine(17_000.0)] * 3},
+        "scale_1000": {"runs": [_engine(17_000.0, cpu=44.0)] * 3},
+    }
+    doc = {"mode": mode, "rounds": 3, "seconds": 60.0, "results": results,
+           "machine": {"cores": 2, "cpu_model": "x", "memory_gb": 1, "python": "3.11",
+                       "redis": "7", "rabbitmq": "3", "postgresql": "15"}}
+    doc["targets"] = targets(doc)
+    return doc
+
+
+def _target(doc: dict[str, Any], name: str) -> dict[str, Any]:
+    return next(t for t in doc["targets"] if t["target"].startswith(name))
+
+
+def test_machine_limit_ratio_from_each_round() -> None:
+    doc = _doc()
+    assert machine_limits(doc["results"], 2) == [pytest.approx(20_000)] * 3
+    ratio = _target(doc, "engine (2 workers) / machine limit")
+    assert ratio["values"] == pytest.approx([0.85, 0.875, 0.9])
+    assert ratio["met"] is True
+    crossing = _target(_doc(engine=[16_000.0, 17_500.0, 18_000.0]),
+                       "engine (2 workers) / machine limit")
+    assert crossing["met"] is False and "crosses" in crossing["verdict"]
+
+
+def test_a_quick_report_judges_nothing() -> None:
+    doc = _doc("quick")
+    assert all(t["verdict"] == NOT_JUDGED_QUICK and t["met"] is None for t in doc["targets"])
+    assert "not judged (quick)" in markdown(doc)
+
+
+def test_a_failed_run_shows_in_the_table_and_fails_its_targets() -> None:
+    runs = [_engine(17_500.0), {"orders": 1000, "failed": "drain timed out: 10 of 1,000"},
+            _engine(18_000.0)]
+    doc = _doc(e2_runs=runs)
+    for name in ("engine (2 workers) / naive", "engine (2 workers) / machine limit",
+                 "worker CPU per order"):
+        t = _target(doc, name)
+        assert t["met"] is False and "drain timed out" in t["verdict"], name
+    assert "FAILED run 2: drain timed out" in markdown(doc)
+
+
+def test_cpu_targets_need_enough_ticks() -> None:
+    doc = _doc(e2_runs=[_engine(17_500.0, ticks=7)] * 3)
+    t = _target(doc, "worker CPU per order")
+    assert t["met"] is False and "7 ticks" in t["verdict"]
+
+
+# --- real drains and a real latency window ------------------------------------------
+
+
+@pytest.fixture
+async def taps(settings: Settings) -> AsyncIterator[tuple[str, str]]:
+    """(a queue bound to instance.created, a queue bound to nothing), deleted after."""
+    bound, unbound = (f"bench-test-tap-{uuid.uuid4().hex[:8]}" for _ in range(2))
+    conn = await aiormq.connect(settings.amqp_url)
+    channel = await conn.channel()
+    for queue in (bound, unbound):
+        await channel.queue_declare(queue, durable=True)
+    await channel.queue_bind(bound, EXCHANGE, routing_key=RK_CREATED)
+    yield bound, unbound
+    for queue in (bound, unbound):
+        await channel.queue_delete(queue)
+    await conn.close()
+
+
+async def test_a_real_drain_counts_rows_with_events_and_not_without(
+        settings: Settings, product_ids: list[int], taps: tuple[str, str]) -> None:
+    bound, unbound = taps
+    first, second = [product_ids[0]], [product_ids[1]]
+    await add_products(settings, first + second)
+    await preload(settings, first, 2_000)
+    ok = await drain(settings, first, 2_000, 1, tap=bound, timeout=120)
+    assert "failed" not in ok, ok.get("failed")
+    assert ok["processed"] == 2_000 and ok["dead_letters"] == 0 and ok["per_second"] > 0
+    assert set(ok["ticks"]) == {"workers", "rabbitmq", "postgresql", "redis"}
+    # the same engine, but the queue read afterwards is bound to nothing: every order is
+    # acknowledged and logged, yet none counts
+    await preload(settings, second, 2_000)
+    blind = await drain(settings, second, 2_000, 1, tap=unbound, timeout=120)
+    assert blind["processed"] == 0 and blind["per_second"] == 0.0
+    assert "no order has both its row and its event" in blind["failed"]
+
+
+async def test_a_drain_timeout_is_a_failed_phase(settings: Settings, product_id: int) -> None:
+    await add_products(settings, [product_id])
+    await preload(settings, [product_id], 5_000)
+    out = await drain(settings, [product_id], 5_000, 1, timeout=0.2)
+    assert "drain timed out" in out["failed"]
+    assert "per_second" not in out or out["per_second"] == 0.0
+
+
+async def test_a_latency_drain_timeout_is_a_failed_phase(settings: Settings,
+                                                         product_id: int) -> None:
+    await add_products(settings, [product_id])
+    out = await latency.measure(settings, product_id, 500, 1.0, free_port(), drain_timeout=-1)
+    assert "drain timed out" in out["failed"]
