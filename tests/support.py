@@ -35,11 +35,6 @@ def engine_env(settings: Settings, **overrides: Any) -> dict[str, str]:
     return to_env(settings, **{**quick, **overrides})
 
 
-def service_command(*cmd: str) -> None:
-    """Run a service's control command (rabbitmqctl stop_app, pg_ctlcluster restart)."""
-    subprocess.run(cmd, check=True, capture_output=True, timeout=120)
-
-
 def free_port() -> int:
     """A TCP port nobody listens on right now, for a server a test starts."""
     with socket.socket() as s:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -36,6 +37,9 @@ from engine.errors import ServiceError
 BASE = Path(tempfile.gettempdir()) / "seckill-localnodes"
 OWNER_FILE = "owner.pid"
 SERVER_PID_FILE = "server.pid"
+PG_DATA = "data"
+# where each kind's server writes its process ID, relative to its directory
+PID_FILES = (SERVER_PID_FILE, f"{PG_DATA}/postmaster.pid")
 HOST = "127.0.0.1"
 RABBIT_BIN_GLOBS = ("/usr/lib/rabbitmq/bin", "/usr/lib/rabbitmq/lib/rabbitmq_server-*/sbin")
 PG_BIN_GLOB = "/usr/lib/postgresql/*/bin"
@@ -62,12 +66,20 @@ def port_open(port: int, timeout: float = 0.5) -> bool:
 
 
 def pid_alive(pid: int) -> bool:
-    """True while `pid` exists and is not a zombie."""
+    """True while any thread of `pid` is not a zombie: a killed multi-threaded server
+    (beam.smp) shows a zombie leader while its other threads still hold its sockets."""
     try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, IndexError):
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except (FileNotFoundError, NotADirectoryError):
         return False
-    return state != "Z"
+    for task in tasks:
+        try:
+            state = (task / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (FileNotFoundError, IndexError):
+            continue
+        if state != "Z":
+            return True
+    return False
 
 
 def wait_until(check: Callable[[], bool], timeout: float, what: str,
@@ -271,24 +283,26 @@ def reap_orphans(base: Path | None = None) -> list[Path]:
             continue
         if pid_alive(owner):
             continue
-        with contextlib.suppress(FileNotFoundError, ValueError, IndexError, ProcessLookupError):
-            pid = int((d / SERVER_PID_FILE).read_text().split()[0])
-            if pid_alive(pid) and _started_in(pid, d):
-                os.kill(pid, signal.SIGKILL)
-                _gone(pid, 10)
+        for pid_file in PID_FILES:
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                pid = int((d / pid_file).read_text().split()[0])
+                if pid_alive(pid) and _started_in(pid, d):
+                    os.kill(pid, signal.SIGKILL)
+                    _gone(pid, 10)
         shutil.rmtree(d, ignore_errors=True)
         reaped.append(d)
     return reaped
 
 
 def _started_in(pid: int, directory: Path) -> bool:
-    """Whether `pid` is a server of `directory` (a recycled PID is someone else's)."""
+    """Whether `pid` is a server of `directory` (a recycled PID is someone else's): its
+    working directory (Redis, PostgreSQL) or its environment (RabbitMQ's HOME) is there."""
     try:
-        args = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        cwd = os.readlink(f"/proc/{pid}/cwd")
         environ = Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace")
     except OSError:
         return False
-    return str(directory) in args or str(directory) in environ
+    return cwd.startswith(str(directory)) or f"HOME={directory}\0" in environ
 
 
 # -- Redis ------------------------------------------------------------------------------------
@@ -343,3 +357,213 @@ class RedisNode(LocalNode):
     def _halt(self, timeout: float) -> None:
         # SHUTDOWN writes the append-only file out first (no snapshot: --save '')
         self.call("SHUTDOWN", timeout=timeout)
+
+
+# -- RabbitMQ -------------------------------------------------------------------------------
+def rabbit_bin() -> Path:
+    """The Debian package's own script directory: its /usr/sbin wrappers would switch to
+    the rabbitmq user, whose HOME holds the shared node's cookie."""
+    for pattern in RABBIT_BIN_GLOBS:
+        for d in sorted(Path("/").glob(pattern.lstrip("/")), reverse=True):
+            if (d / "rabbitmq-server").exists() and (d / "rabbitmqctl").exists():
+                return d
+    raise LocalNodeFailed("RabbitMQ's scripts not found in /usr/lib/rabbitmq: "
+                          "apt-get install -y rabbitmq-server")
+
+
+AMQP_HEADER = b"AMQP\x00\x00\x09\x01"
+FRAME_METHOD = 1
+
+
+class RabbitNode(LocalNode):
+    """A RabbitMQ node run as root with its own HOME, cookie, node name, ports and dirs.
+
+    The node name always starts with `seckill-` and every control command names it
+    with `-n`, so the shared `rabbit@localhost` is out of reach. Nodes meant to
+    form a cluster share a `cookie`.
+    """
+
+    kind = "rabbitmq"
+    start_timeout = 120.0  # about 4 s alone; much more while other runs load both cores
+    launch_grace = 30.0  # the pid file is written once the VM boots
+
+    def __init__(self, port: int | None = None, directory: Path | None = None, *,
+                 name: str | None = None, dist_port: int | None = None,
+                 cookie: str | None = None) -> None:
+        if name is not None and (not name.startswith("seckill-") or "@" in name):
+            raise LocalNodeFailed(f"node name {name!r}: must start with 'seckill-' "
+                                  "(no host part); the shared node is never ours")
+        super().__init__(port, directory)
+        self.dist_port = dist_port or free_port()
+        self.nodename = f"{name or f'seckill-{self.port}'}@localhost"
+        self.cookie = cookie or secrets.token_hex(16)
+        self._write_files()
+
+    @property
+    def url(self) -> str:
+        return f"amqp://guest:guest@{HOST}:{self.port}/%2F"
+
+    @property
+    def log_path(self) -> Path:
+        return self.dir / "log" / f"{self.nodename}.log"
+
+    def _write_files(self) -> None:
+        cookie = self.dir / ".erlang.cookie"
+        cookie.unlink(missing_ok=True)
+        cookie.write_text(self.cookie)
+        cookie.chmod(0o400)
+        (self.dir / "rabbitmq.conf").write_text(
+            f"listeners.tcp.default = {HOST}:{self.port}\n"
+            "loopback_users.guest = true\n")
+        (self.dir / "enabled_plugins").write_text("[].\n")
+        (self.dir / "rabbitmq-env.conf").write_text("# not the system's (NODENAME=rabbit)\n")
+
+    def env(self) -> dict[str, str]:
+        """Environment of the server and of every control command aimed at it."""
+        d = str(self.dir)
+        keep = {k: v for k, v in os.environ.items()
+                if k in ("PATH", "LANG", "LC_ALL", "TMPDIR") and v}
+        return {**keep, "HOME": d,
+                "RABBITMQ_CONF_ENV_FILE": f"{d}/rabbitmq-env.conf",
+                "RABBITMQ_NODENAME": self.nodename,
+                "RABBITMQ_NODE_IP_ADDRESS": HOST,
+                "RABBITMQ_NODE_PORT": str(self.port),
+                "RABBITMQ_DIST_PORT": str(self.dist_port),
+                "RABBITMQ_CONFIG_FILE": f"{d}/rabbitmq.conf",
+                "RABBITMQ_ADVANCED_CONFIG_FILE": f"{d}/advanced.config",
+                "RABBITMQ_MNESIA_BASE": f"{d}/mnesia",
+                "RABBITMQ_LOG_BASE": f"{d}/log",
+                "RABBITMQ_ENABLED_PLUGINS_FILE": f"{d}/enabled_plugins",
+                "RABBITMQ_PID_FILE": f"{d}/{SERVER_PID_FILE}",
+                "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS":
+                    "+S 1:1 -kernel inet_dist_use_interface {127,0,0,1}",
+                "ERL_EPMD_ADDRESS": HOST}
+
+    def ctl(self, *args: str, timeout: float = 60.0) -> str:
+        """`rabbitmqctl -n <this node> ...` with this node's HOME and cookie."""
+        cmd = [str(rabbit_bin() / "rabbitmqctl"), "-q", "-n", self.nodename, *args]
+        return _run(cmd, timeout=timeout, env=self.env(), what=f"{self}: {args[0]}").stdout
+
+    def _launch(self) -> None:
+        (self.dir / SERVER_PID_FILE).unlink(missing_ok=True)
+        _run([str(rabbit_bin() / "rabbitmq-server"), "-detached"], timeout=60, env=self.env(),
+             what=str(self))
+
+    def wait_answering(self, timeout: float) -> None:
+        super().wait_answering(timeout)
+        # the listener is up; the node's own word that its boot finished
+        self.ctl("await_startup", "--timeout", str(int(timeout)), timeout=timeout + 10)
+
+    def _answers(self) -> bool:
+        """An AMQP handshake gets as far as Connection.Start (the app is serving)."""
+        try:
+            with socket.create_connection((HOST, self.port), timeout=1.0) as s:
+                s.sendall(AMQP_HEADER)
+                first = s.recv(8)
+        except OSError:
+            return False
+        return len(first) >= 1 and first[0] == FRAME_METHOD
+
+    def _halt(self, timeout: float) -> None:
+        # SIGTERM is RabbitMQ's graceful stop, without a control command's own VM
+        self._signal(signal.SIGTERM)
+
+    def stop_app(self) -> None:
+        """The broker application stops (every connection drops); the VM stays."""
+        self.ctl("stop_app")
+
+    def start_app(self) -> None:
+        self.ctl("start_app")
+        self.wait_answering(self.start_timeout)
+
+    def __str__(self) -> str:
+        return f"private RabbitMQ node {self.nodename} (AMQP port {self.port})"
+
+
+# -- PostgreSQL -------------------------------------------------------------------------------
+def pg_bin() -> Path:
+    """The newest installed server's binaries (initdb, pg_ctl, pg_isready)."""
+    found = [d for d in Path("/").glob(PG_BIN_GLOB.lstrip("/")) if (d / "initdb").exists()]
+    if not found:
+        raise LocalNodeFailed("PostgreSQL's initdb not found in /usr/lib/postgresql: "
+                              "apt-get install -y postgresql")
+    return max(found, key=lambda d: [int(p) for p in d.parent.name.split(".") if p.isdigit()])
+
+
+class PostgresNode(LocalNode):
+    """A PostgreSQL cluster of its own: `initdb` into its directory, trust authentication.
+
+    initdb and the server refuse to run as root, so as root they run as the
+    `postgres` user, which then owns the directory. `fsync=off` because only the
+    process, never the machine, is crashed here; commits stay synchronous, so an
+    immediate shutdown loses nothing a client was told is committed.
+    """
+
+    kind = "postgres"
+    start_timeout = 60.0
+    user = PG_USER
+
+    def __init__(self, port: int | None = None, directory: Path | None = None, *,
+                 database: str = "postgres",
+                 settings: tuple[str, ...] = ("fsync=off", "max_connections=200")) -> None:
+        super().__init__(port, directory)
+        self.database = database
+        self.settings = settings
+        self.data = self.dir / PG_DATA
+
+    @property
+    def url(self) -> str:
+        """DSN of `database` (created by whoever migrates it, e.g. dbmate)."""
+        return self.dsn(self.database)
+
+    def dsn(self, database: str) -> str:
+        return f"postgresql://{self.user}@{HOST}:{self.port}/{database}"
+
+    def server_pid(self) -> int | None:
+        try:
+            pid = int((self.data / "postmaster.pid").read_text().split()[0])
+        except (FileNotFoundError, ValueError, IndexError):
+            return None
+        return pid if pid_alive(pid) else None
+
+    def _as_owner(self, *cmd: str) -> list[str]:
+        return ["runuser", "-u", self.user, "--", *cmd] if os.geteuid() == 0 else list(cmd)
+
+    def _pg_ctl(self, *args: str, timeout: float) -> None:
+        _run(self._as_owner(str(pg_bin() / "pg_ctl"), "-D", str(self.data), *args),
+             timeout=timeout, what=f"{self}: pg_ctl {args[-1]}")
+
+    def initdb(self) -> None:
+        if os.geteuid() == 0:
+            shutil.chown(self.dir, self.user, self.user)
+            for path in self.dir.iterdir():
+                shutil.chown(path, self.user, self.user)
+        _run(self._as_owner(str(pg_bin() / "initdb"), "-D", str(self.data), "-A", "trust",
+                            "-U", self.user, "-E", "UTF8", "--locale=C", "--no-sync"),
+             timeout=120, what=f"{self}: initdb")
+
+    def _launch(self) -> None:
+        if not (self.data / "PG_VERSION").exists():
+            self.initdb()
+        options = " ".join([f"-p {self.port}", f"-k {self.dir}",
+                            f"-c listen_addresses={HOST}",
+                            *(f"-c {s}" for s in self.settings)])
+        self._pg_ctl("-l", str(self.log_path), "-o", options, "-w", "-t",
+                     str(int(self.start_timeout)), "start", timeout=self.start_timeout + 10)
+
+    def _answers(self) -> bool:
+        done = subprocess.run([str(pg_bin() / "pg_isready"), "-q", "-h", HOST, "-p",
+                               str(self.port), "-t", "2"], timeout=10,
+                              stdin=subprocess.DEVNULL, capture_output=True)
+        return done.returncode == 0
+
+    def _halt(self, timeout: float) -> None:
+        self._pg_ctl("-m", "fast", "-w", "-t", str(int(timeout)), "stop", timeout=timeout + 10)
+
+    def stop_immediately(self) -> None:
+        """`pg_ctl stop -m immediate`: no checkpoint, the next start recovers from the WAL."""
+        pid = self.server_pid()
+        if pid is not None:
+            self._pg_ctl("-m", "immediate", "-w", "stop", timeout=60)
+            if not _gone(pid, 30):
+                self.kill()

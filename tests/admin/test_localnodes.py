@@ -8,9 +8,22 @@ import sys
 import textwrap
 from pathlib import Path
 
+import aiormq
+import asyncpg
 import pytest
 
-from engine.admin.localnodes import LocalNodeFailed, RedisNode, pid_alive, port_open, reap_orphans
+from engine.admin.localnodes import (
+    LocalNodeFailed,
+    PostgresNode,
+    RabbitNode,
+    RedisNode,
+    pid_alive,
+    port_open,
+    reap_orphans,
+)
+
+SHARED_RABBIT_PID = Path("/var/lib/rabbitmq/mnesia/rabbit@localhost.pid")
+SHARED_PG_PIDS = "/var/lib/postgresql/*/main/postmaster.pid"
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -43,6 +56,82 @@ def test_redis_without_persistence_forgets_on_restart():
         assert node.call("GET", "k") == b"$-1"
 
 
+def shared_server_pids() -> list[str]:
+    """The shared RabbitMQ node's and PostgreSQL clusters' PIDs: ours must not change them."""
+    files = [SHARED_RABBIT_PID, *sorted(Path("/").glob(SHARED_PG_PIDS.lstrip("/")))]
+    return [f.read_text().split()[0] if f.exists() else "" for f in files]
+
+
+async def queue_count(url: str, queue: str) -> int:
+    conn = await aiormq.connect(url)
+    try:
+        channel = await conn.channel()
+        declared = await channel.queue_declare(queue, durable=True)
+        return declared.message_count
+    finally:
+        await conn.close()
+
+
+async def publish(url: str, queue: str) -> None:
+    conn = await aiormq.connect(url)
+    try:
+        channel = await conn.channel()
+        await channel.confirm_delivery()
+        await channel.basic_publish(b"x", routing_key=queue,
+                                    properties=aiormq.spec.Basic.Properties(delivery_mode=2))
+    finally:
+        await conn.close()
+
+
+async def test_rabbitmq_node_starts_answers_restarts_and_stops():
+    shared = shared_server_pids()
+    node = RabbitNode()
+    assert node.nodename.startswith("seckill-") and node.port != 5672
+    with node:
+        assert node.answers() and "seckill-" in node.ctl("eval", "node().")
+        await queue_count(node.url, "q")
+        await publish(node.url, "q")
+        node.stop_app()
+        assert node.running() and not node.answers()
+        node.start_app()
+        assert await queue_count(node.url, "q") == 1
+        first = node.server_pid()
+        node.restart()  # a new VM: the durable queue and its persistent message are back
+        assert node.server_pid() != first and await queue_count(node.url, "q") == 1
+        pid = node.server_pid()
+        node.kill()
+        assert not node.running() and not port_open(node.port)
+    assert pid is not None and not pid_alive(pid)
+    assert not node.dir.exists() and not port_open(node.port)
+    assert shared_server_pids() == shared, "the shared broker or database was touched"
+
+
+def test_a_node_name_that_could_be_the_shared_one_is_refused():
+    with pytest.raises(LocalNodeFailed, match="seckill-"):
+        RabbitNode(name="rabbit")
+
+
+async def test_postgres_cluster_starts_answers_restarts_and_stops():
+    shared = shared_server_pids()
+    node = PostgresNode()
+    with node:
+        assert node.answers() and (node.data / "PG_VERSION").exists()
+        conn = await asyncpg.connect(node.url, timeout=10)
+        await conn.execute("CREATE TABLE t (x int); INSERT INTO t VALUES (1)")
+        await conn.close()
+        node.restart()
+        node.stop_immediately()  # no checkpoint: the row comes back from the WAL
+        assert not node.running() and not port_open(node.port)
+        node.start()
+        conn = await asyncpg.connect(node.url, timeout=10)
+        assert await conn.fetchval("SELECT count(*) FROM t") == 1
+        await conn.close()
+        pid = node.server_pid()
+    assert pid is not None and not pid_alive(pid)
+    assert not node.dir.exists() and not port_open(node.port)
+    assert shared_server_pids() == shared, "the shared broker or database was touched"
+
+
 def test_a_server_that_cannot_start_says_why():
     with RedisNode() as busy:
         clash = RedisNode(port=busy.port)
@@ -68,10 +157,10 @@ def test_a_killed_owner_leaves_servers_the_next_session_reaps(tmp_path):
     assert pid_alive(orphan)
     try:
         reaped = reap_orphans(tmp_path)
+        assert len(reaped) == 1 and not pid_alive(orphan) and list(tmp_path.iterdir()) == []
     finally:
         if pid_alive(orphan):
             os.kill(orphan, 9)
-    assert len(reaped) == 1 and not pid_alive(orphan) and list(tmp_path.iterdir()) == []
 
 
 def test_the_private_redis_fixture(private_redis_settings, private_redis):
@@ -82,3 +171,27 @@ def test_the_private_redis_fixture(private_redis_settings, private_redis):
 
 def test_the_private_redis_comes_back_for_the_next_test(private_redis):
     assert private_redis.answers()
+
+
+def test_the_private_broker_and_database_fixtures(private_settings, private_rabbitmq,
+                                                  private_postgres):
+    assert private_settings.amqp_url == private_rabbitmq.url
+    assert private_settings.pg_dsn == private_postgres.url
+    private_rabbitmq.stop_app()  # the next test that asks for it gets it serving
+    private_postgres.stop_immediately()
+
+
+async def test_the_private_broker_and_database_come_back_for_the_next_test(private_settings):
+    from engine.keys import EXCHANGE
+
+    conn = await aiormq.connect(private_settings.amqp_url)
+    try:
+        channel = await conn.channel()
+        await channel.exchange_declare(EXCHANGE, passive=True)  # topology declared
+    finally:
+        await conn.close()
+    pg = await asyncpg.connect(private_settings.pg_dsn, timeout=10)
+    try:
+        assert await pg.fetchval("SELECT count(*) FROM seckill_logs WHERE false") == 0
+    finally:
+        await pg.close()

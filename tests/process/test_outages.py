@@ -19,7 +19,6 @@ from support import (
     log_rows,
     push_orders,
     rows_at_least,
-    service_command,
     table_locked,
     wait_for,
     workers_are,
@@ -63,7 +62,11 @@ async def _replaced(engine: EngineProcess, victim: int) -> bool:
     return len(kids) == 2 and victim not in kids
 
 
-async def test_broker_and_database_restarts_are_survived(settings, redis, keys, product_id):
+async def test_broker_and_database_restarts_are_survived(private_settings, private_rabbitmq,
+                                                        private_postgres, private_redis_client,
+                                                        keys, product_id):
+    # the suite's own broker and database: stopping them must not disturb anyone else's run
+    settings, redis = private_settings, private_redis_client
     await add_products(settings, [product_id])
     await announce(redis, keys, product_id)
     async with EventTap(settings.amqp_url) as tap:
@@ -72,7 +75,7 @@ async def test_broker_and_database_restarts_are_survived(settings, redis, keys, 
         try:
             await push_orders(redis, keys, product_id, range(1, 5001))
             await wait_for(lambda: rows_at_least(settings, [product_id], 500), 60, "progress")
-            service_command("rabbitmqctl", "-q", "stop_app")
+            private_rabbitmq.stop_app()
             try:
                 await push_orders(redis, keys, product_id, range(5001, 10_001),
                                   first_slot=5001)
@@ -80,12 +83,10 @@ async def test_broker_and_database_restarts_are_survived(settings, redis, keys, 
                 await wait_for(lambda: _has_errors(redis, keys, product_id), 30,
                                "an error recorded for the entries held")
             finally:
-                service_command("rabbitmqctl", "-q", "start_app")
+                private_rabbitmq.start_app()
             await wait_for(lambda: rows_at_least(settings, [product_id], 7000), 90,
                            "progress after the broker came back")
-            version = os.listdir("/etc/postgresql")[0]
-            service_command("pg_ctlcluster", "--skip-systemctl-redirect", version, "main",
-                            "restart")
+            private_postgres.restart()
             await push_orders(redis, keys, product_id, range(10_001, 12_001),
                               first_slot=10_001)
             await wait_for(lambda: all_done(settings, redis, keys, [product_id], 12_000), 120,
