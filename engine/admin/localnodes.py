@@ -36,6 +36,7 @@ from engine.errors import ServiceError
 
 BASE = Path(tempfile.gettempdir()) / "seckill-localnodes"
 OWNER_FILE = "owner.pid"
+KEPT = "kept"  # in OWNER_FILE: no owner process; reap_orphans leaves it alone
 SERVER_PID_FILE = "server.pid"
 PG_DATA = "data"
 # where each kind's server writes its process ID, relative to its directory
@@ -223,8 +224,15 @@ class LocalNode:
         self.stop()
         return self.start()
 
+    def keep(self) -> Self:
+        """Leave the server running after this process exits (e.g. `make cluster-up`):
+        neither the exit handler nor `reap_orphans()` stops it; `destroy()` still does."""
+        _live.discard(self)
+        (self.dir / OWNER_FILE).write_text(f"{KEPT}\n")
+        return self
+
     def destroy(self) -> None:
-        """Stop the server and remove its directory (when it made it)."""
+        """Stop the server and remove its directory (when it made it and was not kept)."""
         try:
             self.thaw()
         except (LocalNodeFailed, ProcessLookupError):
@@ -475,6 +483,22 @@ class RabbitNode(LocalNode):
     def start_app(self) -> None:
         self.ctl("start_app")
         self.wait_answering(self.start_timeout)
+
+    def join(self, other: RabbitNode) -> None:
+        """Join `other`'s cluster (the nodes must share a cookie): this node's own
+        queues and messages are dropped, as `join_cluster` does."""
+        if other.cookie != self.cookie:
+            raise LocalNodeFailed(f"{self} cannot join {other.nodename}: different cookies "
+                                  "(create both with the same cookie=)")
+        self.stop_app()
+        self.ctl("reset")
+        self.ctl("join_cluster", other.nodename)
+        self.start_app()
+
+    def cluster_nodes(self) -> list[str]:
+        """Names of the running nodes of this node's cluster, itself included."""
+        out = self.ctl("eval", "rabbit_nodes:all_running().")
+        return sorted(part.strip(" '\n[]") for part in out.split(",") if part.strip(" \n[]"))
 
     def __str__(self) -> str:
         return f"private RabbitMQ node {self.nodename} (AMQP port {self.port})"

@@ -163,6 +163,24 @@ def test_a_killed_owner_leaves_servers_the_next_session_reaps(tmp_path):
             os.kill(orphan, 9)
 
 
+def test_a_kept_server_outlives_its_starter_and_is_not_reaped(tmp_path):
+    script = textwrap.dedent(f"""
+        from pathlib import Path
+        from engine.admin import localnodes
+        localnodes.BASE = Path({str(tmp_path)!r})
+        node = localnodes.RedisNode().start().keep()
+        print(node.server_pid(), flush=True)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60, cwd=Path(__file__).parents[2])
+    kept = int(done.stdout.split()[0])
+    try:
+        assert pid_alive(kept)  # the exit handler left it running
+        assert reap_orphans(tmp_path) == [] and pid_alive(kept)
+    finally:
+        os.kill(kept, 9)
+
+
 def test_the_private_redis_fixture(private_redis_settings, private_redis):
     assert private_redis_settings.redis_url == private_redis.url
     assert private_redis.answers()
