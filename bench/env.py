@@ -59,7 +59,7 @@ def prepare(settings: Settings) -> None:
     asyncio.run(declare_topology(settings.amqp_url))
 
 
-async def reset(settings: Settings, pids: list[int]) -> None:
+async def reset(settings: Settings, pids: list[int], quiet_wait: float = 30.0) -> None:
     """Empty the log, the streams and the queues between phases."""
     redis = Redis.from_url(settings.redis_url)
     try:
@@ -75,7 +75,7 @@ async def reset(settings: Settings, pids: list[int]) -> None:
     finally:
         await conn.close()
     await purge_queues(settings)
-    await quiesce(settings)
+    await quiesce(settings, longest=quiet_wait)
 
 
 async def quiesce(settings: Settings, idle_cores: float = 0.15, longest: float = 30.0) -> float:
