@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import aiormq
 import asyncpg
 from redis.asyncio import Redis
+from redis.asyncio.connection import Connection as RedisConnection
 from redis.exceptions import RedisError
 
 from engine.config import Settings, mask_url
@@ -52,7 +54,8 @@ async def connect_redis(settings: Settings, **kwargs: Any) -> Redis:
     Every command has a socket timeout, so a server that stops answering fails the
     command (a retryable RedisError) instead of hanging it while the heartbeat beats on.
     """
-    client = Redis.from_url(settings.redis_url, socket_connect_timeout=settings.connect_timeout,
+    client = Redis.from_url(settings.redis_url, connection_class=ResetSafeConnection,
+                            socket_connect_timeout=settings.connect_timeout,
                             socket_timeout=settings.redis_socket_timeout(),
                             socket_keepalive=True, **kwargs)
     try:
@@ -101,3 +104,17 @@ def _why(exc: BaseException) -> str:
     if isinstance(exc, socket.gaierror):
         return "host name not found"
     return one_line(exc)
+
+class ResetSafeConnection(RedisConnection):
+    """A Redis connection that fails a write to a reset connection as a connection error.
+
+    Under uvloop a command written after the peer reset the connection (and before a read
+    noticed it) raises RuntimeError ("the handler is closed"), not the OSError of plain
+    asyncio: redis-py then passes it on as it is, and a worker took it for a bug and
+    exited. Seen through the fault proxy's cut (tests/chaos/test_network_faults.py).
+    """
+
+    async def _send_packed_command(self, command: Iterable[bytes]) -> None:
+        if self._writer is not None and self._writer.transport.is_closing():
+            raise ConnectionResetError("Redis connection reset by the peer")
+        await super()._send_packed_command(command)

@@ -275,3 +275,18 @@ async def rows_at_least(settings, pids, n) -> bool:
 
 async def workers_are(engine: EngineProcess, n: int) -> bool:
     return len(engine.children()) == n
+
+
+async def collect_orders(tap: EventTap, orders: int, timeout: float = 60) -> list[Any]:
+    """Consume the tap until events of `orders` distinct orders came (or the timeout).
+
+    After an outage an order's event may come more than once (same instance ID); a count
+    of events alone would stop early and leave some orders' first events unread.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        distinct = len({(e.product_id, e.stream_id) for _, e in tap.events})
+        left = deadline - time.monotonic()
+        if distinct >= orders or left <= 0:
+            return [e for _, e in tap.events]
+        await tap.collect(len(tap.events) + orders - distinct, timeout=left)
