@@ -46,7 +46,7 @@ def test_redis_starts_answers_restarts_and_stops(tmp_path):
         assert node.answers()
         pid = node.server_pid()
     assert pid is not None and not pid_alive(pid)
-    assert not node.dir.exists() and not port_open(node.port)
+    assert not node.dir.exists() and not port_open(node.port) and node.leftovers() == []
 
 
 def test_redis_without_persistence_forgets_on_restart():
@@ -102,7 +102,7 @@ async def test_rabbitmq_node_starts_answers_restarts_and_stops():
         node.kill()
         assert not node.running() and not port_open(node.port)
     assert pid is not None and not pid_alive(pid)
-    assert not node.dir.exists() and not port_open(node.port)
+    assert not node.dir.exists() and not port_open(node.port) and node.leftovers() == []
     assert shared_server_pids() == shared, "the shared broker or database was touched"
 
 
@@ -128,7 +128,7 @@ async def test_postgres_cluster_starts_answers_restarts_and_stops():
         await conn.close()
         pid = node.server_pid()
     assert pid is not None and not pid_alive(pid)
-    assert not node.dir.exists() and not port_open(node.port)
+    assert not node.dir.exists() and not port_open(node.port) and node.leftovers() == []
     assert shared_server_pids() == shared, "the shared broker or database was touched"
 
 
