@@ -509,22 +509,6 @@ class RabbitNode(LocalNode):
         self.ctl("start_app")
         self.wait_answering(self.start_timeout)
 
-    def join(self, other: RabbitNode) -> None:
-        """Join `other`'s cluster (the nodes must share a cookie): this node's own
-        queues and messages are dropped, as `join_cluster` does."""
-        if other.cookie != self.cookie:
-            raise LocalNodeFailed(f"{self} cannot join {other.nodename}: different cookies "
-                                  "(create both with the same cookie=)")
-        self.stop_app()
-        self.ctl("reset")
-        self.ctl("join_cluster", other.nodename)
-        self.start_app()
-
-    def cluster_nodes(self) -> list[str]:
-        """Names of the running nodes of this node's cluster, itself included."""
-        out = self.ctl("eval", "rabbit_nodes:all_running().")
-        return sorted(part.strip(" '\n[]") for part in out.split(",") if part.strip(" \n[]"))
-
     def __str__(self) -> str:
         return f"private RabbitMQ node {self.nodename} (AMQP port {self.port})"
 
