@@ -27,6 +27,7 @@ from engine.keys import Keys
 from engine.metrics import daemon as metrics
 from engine.pipeline.catalog import Catalog
 from engine.pipeline.events import created_body
+from engine.pipeline.faults import AFTER_CONFIRMS, AFTER_LOG_COMMIT, AFTER_READ, FAULTS
 from engine.pipeline.ids import Snowflake
 from engine.pipeline.logsink import write_batch
 from engine.pipeline.orders import (
@@ -103,6 +104,8 @@ class Pipeline:
 
     async def process(self, entries: list[Entry], extra_dead: Sequence[DeadLetter] = ()) -> None:
         """Take a batch all the way to acknowledged (or dead-lettered)."""
+        if FAULTS.armed and FAULTS.reached(AFTER_READ):
+            FAULTS.kill()
         t0 = time.perf_counter()
         metrics.BATCH_SIZE.observe(len(entries))
         orders, dead = decode_batch(entries, self.keys, self.settings.max_entry_bytes)
@@ -143,6 +146,8 @@ class Pipeline:
         except RETRYABLE:
             metrics.BATCH_FAILURES.labels("log").inc()
             raise
+        if FAULTS.armed and FAULTS.reached(AFTER_LOG_COMMIT):
+            FAULTS.kill()
         t1 = time.perf_counter()
         metrics.STAGE_SECONDS.labels("log").observe(t1 - t0)
         batch.dead.extend(result.refused)
@@ -157,6 +162,8 @@ class Pipeline:
             await self.publisher.close()
             raise
         metrics.STAGE_SECONDS.labels("publish").observe(time.perf_counter() - t1)
+        if FAULTS.armed and FAULTS.reached(AFTER_CONFIRMS):
+            FAULTS.kill()
         failed: list[Order] = []
         why: dict[str, int] = {}
         for order, outcome in zip(batch.todo, outcomes, strict=True):

@@ -26,6 +26,7 @@ from engine.config import Settings, mask_url
 from engine.connections import connect_amqp
 from engine.errors import PublishFailed, ServiceUnavailable
 from engine.keys import CONTENT_TYPE, EXCHANGE
+from engine.pipeline.faults import AFTER_PUBLISH, FAULTS
 from engine.pipeline.framing import PERSISTENT, Framer, shortstr
 
 log = logging.getLogger("seckill.publisher")
@@ -109,6 +110,8 @@ class ConfirmPublisher:
                                               deadline)
         futures: list[asyncio.Future] = [
             asyncio.ensure_future(self._send_one(channel, m, now)) for m in messages]
+        if FAULTS.armed and FAULTS.reached(AFTER_PUBLISH):
+            await FAULTS.kill_after_flush()
         return await _outcomes(futures, timeout)
 
     async def _publish_framed(self, channel: Any, framer: Framer, messages: Sequence[Message],
@@ -116,6 +119,8 @@ class ConfirmPublisher:
         loop = asyncio.get_running_loop()
         batch = _ConfirmBatch(len(messages), loop)
         first, last = await self._send_framed(channel, framer, messages, ts, batch, deadline)
+        if FAULTS.armed and FAULTS.reached(AFTER_PUBLISH):
+            await FAULTS.kill_after_flush()
         closing = channel.closing
         try:
             await asyncio.wait((batch.done, closing), timeout=max(0.0, deadline - loop.time()),

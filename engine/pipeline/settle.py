@@ -15,6 +15,7 @@ import orjson
 from redis.asyncio import Redis
 
 from engine.keys import DLQ_SUFFIX, GROUP, Keys
+from engine.pipeline.faults import FAULTS, MID_DEAD_LETTER
 from engine.pipeline.orders import DeadLetter, Entry, Order
 
 
@@ -54,6 +55,8 @@ async def settle(redis: Redis, done: list[Order], dead: list[DeadLetter], worker
     pipe = redis.pipeline(transaction=True)
     for letter in dead:
         pipe.xadd(letter.stream + DLQ_SUFFIX.encode(), dlq_fields(letter, worker))  # type: ignore[arg-type]
+    if dead and FAULTS.armed and FAULTS.reached(MID_DEAD_LETTER):
+        await FAULTS.kill_mid_write(redis, pipe)
     by_stream = group_ids([*done, *dead])
     for stream, ids in by_stream.items():
         pipe.xack(stream, GROUP, *ids)

@@ -37,6 +37,7 @@ from engine.metrics import daemon as metrics
 from engine.pipeline.catalog import Catalog
 from engine.pipeline.conductor import Pipeline
 from engine.pipeline.events import INSTANCE_CREATED, TYPE_NAMES
+from engine.pipeline.faults import FAULTS
 from engine.pipeline.ids import NodeLease, Snowflake
 from engine.pipeline.janitor import Janitor
 from engine.pipeline.logsink import prepare_connection
@@ -409,6 +410,7 @@ def run_worker(settings: Settings, slot: int, heartbeat: Path | None = None,
     for sig in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD):
         signal.signal(sig, signal.SIG_DFL if sig == signal.SIGCHLD else signal.SIG_IGN)
     worker = Worker(settings, slot, heartbeat, parent)
+    FAULTS.arm_from_env(os.environ, worker.parent)  # tests only: unset, nothing is armed
 
     async def main() -> int:
         loop = asyncio.get_running_loop()
