@@ -26,8 +26,9 @@ from engine.config import Settings, load_settings
 from engine.keys import QUEUE_CREATED, QUEUE_STATUS, Keys
 
 RUN_ID = f"{os.getpid()}{uuid.uuid4().hex[:6]}"
-# private_redis, private_rabbitmq, private_postgres: for tests that stop, restart or pause one
-pytest_plugins = ["private_services"]
+# private_redis, private_rabbitmq, private_postgres: for tests that stop, restart or pause one;
+# redis_cluster, cluster_settings, cluster_redis: for tests against a Redis Cluster
+pytest_plugins = ["private_services", "cluster_services"]
 
 
 def _base() -> Settings:

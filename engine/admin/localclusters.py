@@ -1,0 +1,301 @@
+"""Local clusters for development and tests: a Redis Cluster and a RabbitMQ cluster.
+
+Built from the single private instances of `engine.admin.localnodes` (each node on
+its own port and directory, never the shared services):
+
+- `LocalRedisCluster`: 3 masters with one replica each (`--cluster-enabled`, joined
+  by `redis-cli --cluster create ... --cluster-replicas 1 --cluster-yes`), ready once
+  every node reports `cluster_state:ok` and every master has its replica attached.
+- `LocalRabbitCluster`: 3 RabbitMQ nodes sharing one Erlang cookie; the 2nd and 3rd
+  join the 1st with `stop_app` / `join_cluster` / `start_app`.
+
+`python -m engine.admin.localclusters up|down|status` (`make cluster-up` /
+`make cluster-down`) runs them on fixed ports (Redis 7001-7006, RabbitMQ 5681-5683,
+distribution ports 25681-25683) in `STATE_DIR`, outliving the command; tests start
+their own on free ports under `localnodes.BASE`, reaped like any private node.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import secrets
+import shutil
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Self
+
+import redis
+
+from engine.admin import localnodes
+from engine.admin.localnodes import (
+    HOST,
+    LocalNodeFailed,
+    RabbitNode,
+    RedisNode,
+    _run,
+    port_open,
+    wait_until,
+)
+from engine.config import mask_url
+
+STATE_DIR = Path("/tmp/seckill-clusters")
+REDIS_PORTS = tuple(range(7001, 7007))
+RABBIT_PORTS = (5681, 5682, 5683)
+RABBIT_DIST_OFFSET = 20000  # distribution port of the node on AMQP port p: p + 20000
+CLUSTER_BUS_OFFSET = 10000  # Redis Cluster's bus port is always the client port + 10000
+NODE_TIMEOUT_MS = 2000  # how long a master may be silent before its replica takes over
+
+
+def free_cluster_port() -> int:
+    """A free port whose cluster bus port (+10000) is free as well."""
+    for _ in range(200):
+        port = localnodes.free_port()
+        if port + CLUSTER_BUS_OFFSET < 65536 and not port_open(port + CLUSTER_BUS_OFFSET):
+            with contextlib.suppress(OSError), socket.socket() as s:
+                s.bind((HOST, port + CLUSTER_BUS_OFFSET))
+                return port
+    raise LocalNodeFailed("no free port pair (port, port + 10000) for a Redis Cluster node")
+
+
+def _client(port: int) -> redis.Redis:
+    return redis.Redis(host=HOST, port=port, socket_timeout=2, socket_connect_timeout=2)
+
+
+def cluster_info(port: int) -> dict[str, str]:
+    """CLUSTER INFO of the node on `port` as a dict of its `name:value` lines."""
+    raw = _client(port).execute_command("CLUSTER INFO")
+    if isinstance(raw, dict):  # redis-py parses it already
+        return {str(k): str(v) for k, v in raw.items()}
+    text = raw.decode() if isinstance(raw, bytes) else str(raw)
+    return dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+
+
+class LocalRedisCluster:
+    """Masters and replicas of a local Redis Cluster; `start()` returns once it serves."""
+
+    def __init__(self, ports: list[int] | None = None, base: Path | None = None, *,
+                 masters: int = 3, replicas: int = 1) -> None:
+        count = masters * (1 + replicas)
+        self.ports = list(ports) if ports else [free_cluster_port() for _ in range(count)]
+        if len(self.ports) != count:
+            raise LocalNodeFailed(f"a cluster of {masters} masters with {replicas} replica(s) "
+                                  f"each needs {count} ports, got {len(self.ports)}")
+        self.masters = masters
+        self.replicas = replicas
+        extra = ("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                 "--cluster-node-timeout", str(NODE_TIMEOUT_MS), "--appendonly", "yes")
+        self.nodes = [RedisNode(port, None if base is None else base / f"redis-{port}",
+                                extra=extra) for port in self.ports]
+
+    @property
+    def url(self) -> str:
+        """`redis+cluster://` with every master-to-be as a startup node."""
+        hosts = ",".join(f"{HOST}:{p}" for p in self.ports[:self.masters])
+        return f"redis+cluster://{hosts}/0"
+
+    def start(self, timeout: float = 60.0) -> Self:
+        for node in self.nodes:
+            node.start()
+        if not self.formed():
+            self._create()
+        wait_until(self.ready, timeout, f"{self} to report cluster_state:ok", interval=0.1)
+        return self
+
+    def formed(self) -> bool:
+        """Whether the nodes already know each other (a restart of a formed cluster)."""
+        try:
+            return int(cluster_info(self.ports[0])["cluster_known_nodes"]) > 1
+        except (redis.RedisError, KeyError, ValueError):
+            return False
+
+    def _create(self) -> None:
+        exe = shutil.which("redis-cli")
+        if exe is None:
+            raise LocalNodeFailed("redis-cli not found: apt-get install -y redis-tools")
+        _run([exe, "--cluster", "create", *(f"{HOST}:{p}" for p in self.ports),
+              "--cluster-replicas", str(self.replicas), "--cluster-yes"],
+             timeout=60, what=f"{self}: redis-cli --cluster create")
+
+    def ready(self) -> bool:
+        """Every node says cluster_state:ok and every master has its replicas attached."""
+        try:
+            for port in self.ports:
+                if cluster_info(port).get("cluster_state") != "ok":
+                    return False
+                info = _client(port).info("replication")
+                if info.get("role") == "master" and \
+                        int(info.get("connected_slaves", 0)) < self.replicas:
+                    return False
+        except (redis.RedisError, OSError):
+            return False
+        return True
+
+    def master_of_slot(self, slot: int) -> RedisNode:
+        """The node serving `slot` now (after a failover, the promoted replica)."""
+        for start, end, master, *_ in _client(self.ports[0]).execute_command("CLUSTER SLOTS"):
+            if int(start) <= slot <= int(end):
+                port = int(master[1])
+                return next(n for n in self.nodes if n.port == port)
+        raise LocalNodeFailed(f"{self}: no node serves slot {slot}")
+
+    def running(self) -> list[RedisNode]:
+        return [n for n in self.nodes if n.running()]
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+    def destroy(self) -> None:
+        for node in self.nodes:
+            node.destroy()
+
+    def detach(self) -> None:
+        """Leave the servers running when this process exits (`make cluster-up`)."""
+        for node in self.nodes:
+            localnodes._live.discard(node)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.destroy()
+
+    def __str__(self) -> str:
+        return f"local Redis Cluster on ports {self.ports[0]}-{self.ports[-1]}"
+
+
+class LocalRabbitCluster:
+    """RabbitMQ nodes with one cookie, joined into one cluster behind the first."""
+
+    def __init__(self, ports: list[int] | None = None, base: Path | None = None, *,
+                 size: int = 3, dist_ports: list[int] | None = None) -> None:
+        self.ports = list(ports) if ports else [localnodes.free_port() for _ in range(size)]
+        dists = dist_ports or [localnodes.free_port() for _ in self.ports]
+        cookie = self._cookie(base)
+        self.nodes = [RabbitNode(port, None if base is None else base / f"rabbitmq-{port}",
+                                 name=f"seckill-c{port}", dist_port=dist, cookie=cookie)
+                      for port, dist in zip(self.ports, dists, strict=True)]
+
+    @staticmethod
+    def _cookie(base: Path | None) -> str:
+        """One cookie for every node; kept in `base` so a restart finds the same one."""
+        if base is None:
+            return secrets.token_hex(16)
+        path = base / "rabbitmq.cookie"
+        if not path.exists():
+            base.mkdir(parents=True, exist_ok=True)
+            path.write_text(secrets.token_hex(16))
+        return path.read_text().strip()
+
+    @property
+    def url(self) -> str:
+        """Every node, comma-separated: the engine fails over between them."""
+        hosts = ",".join(f"{HOST}:{p}" for p in self.ports)
+        return f"amqp://guest:guest@{hosts}/%2F"
+
+    def start(self) -> Self:
+        for node in self.nodes:
+            node.start()
+        first = self.nodes[0]
+        for node in self.nodes[1:]:
+            if first.nodename not in self.members(node):
+                node.stop_app()
+                node.ctl("join_cluster", first.nodename)
+                node.start_app()
+        return self
+
+    @staticmethod
+    def members(node: RabbitNode) -> str:
+        """The cluster_status text of `node` (names every node it is clustered with)."""
+        return node.ctl("cluster_status")
+
+    def stop(self) -> None:
+        for node in reversed(self.nodes):
+            node.stop()
+
+    def destroy(self) -> None:
+        for node in reversed(self.nodes):
+            node.destroy()
+
+    def detach(self) -> None:
+        for node in self.nodes:
+            localnodes._live.discard(node)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.destroy()
+
+    def __str__(self) -> str:
+        return f"local RabbitMQ cluster on AMQP ports {', '.join(map(str, self.ports))}"
+
+
+# -- make cluster-up / cluster-down ------------------------------------------------------
+def fixed_redis() -> LocalRedisCluster:
+    return LocalRedisCluster(list(REDIS_PORTS), STATE_DIR)
+
+
+def fixed_rabbit() -> LocalRabbitCluster:
+    return LocalRabbitCluster(list(RABBIT_PORTS), STATE_DIR,
+                              dist_ports=[p + RABBIT_DIST_OFFSET for p in RABBIT_PORTS])
+
+
+def up(with_rabbit: bool) -> None:
+    started = time.monotonic()
+    cluster = fixed_redis().start()
+    cluster.detach()
+    print(f"redis      ok  {cluster.url}  ({time.monotonic() - started:.1f}s)", flush=True)
+    if with_rabbit:
+        started = time.monotonic()
+        rabbit = fixed_rabbit().start()
+        rabbit.detach()
+        print(f"rabbitmq   ok  {mask_url(rabbit.url)}  "
+              f"({time.monotonic() - started:.1f}s)", flush=True)
+
+
+def down() -> None:
+    if not STATE_DIR.exists():
+        print("no local clusters")
+        return
+    fixed_rabbit().destroy()
+    fixed_redis().destroy()
+    shutil.rmtree(STATE_DIR, ignore_errors=True)
+    print("local clusters stopped and removed")
+
+
+def status() -> int:
+    redis_ok = fixed_redis().ready() if STATE_DIR.exists() else False
+    print(f"redis      {'ok' if redis_ok else 'DOWN'}  ports {REDIS_PORTS[0]}-{REDIS_PORTS[-1]}")
+    rabbit_up = [p for p in RABBIT_PORTS if port_open(p)]
+    print(f"rabbitmq   {len(rabbit_up)}/{len(RABBIT_PORTS)} nodes answer on "
+          f"{', '.join(map(str, RABBIT_PORTS))}")
+    return 0 if redis_ok else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m engine.admin.localclusters",
+                                     description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("action", choices=("up", "down", "status"))
+    parser.add_argument("--no-rabbitmq", action="store_true",
+                        help="only the Redis Cluster (a RabbitMQ node takes ~120 MB)")
+    args = parser.parse_args(argv)
+    try:
+        if args.action == "up":
+            up(with_rabbit=not args.no_rabbitmq)
+        elif args.action == "down":
+            down()
+        else:
+            return status()
+    except LocalNodeFailed as exc:
+        print(f"failed: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
