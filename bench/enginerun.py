@@ -336,12 +336,12 @@ async def drain(settings: Settings, pids: list[int], total: int, workers: int,
     failed: list[str] = []
     try:
         deadline = time.monotonic() + timeout
+        window = CpuWindow(settings, engine.worker_pids)  # finds the services: not in t0
         while (await group_counts(redis, keys, pids))[0] == 0:
             if problem := _problem(engine, deadline):
                 raise _PhaseFailed(problem)
             await asyncio.sleep(0.005)
         t0 = time.perf_counter()
-        window = CpuWindow(settings, engine.worker_pids)
         window.start()
         rss_start = [rss_mb(p) for p in engine.worker_pids()]
         n = 0
@@ -349,7 +349,7 @@ async def drain(settings: Settings, pids: list[int], total: int, workers: int,
             if problem := _problem(engine, deadline):
                 failed.append(f"{problem}: {n:,} of {total:,} acknowledged")
                 break
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(poll_interval(len(pids), n, total))
             n = await acked(redis, keys, pids)
             if progress:
                 progress(n, total)
@@ -382,6 +382,19 @@ async def drain(settings: Settings, pids: list[int], total: int, workers: int,
     if failed:
         out["failed"] = "; ".join(failed)
     return out
+
+
+def poll_interval(streams: int, done: int, total: int) -> float:
+    """How long to wait before asking Redis again how many orders are acknowledged.
+
+    One XINFO per stream per poll: with 1,000 open sales a 50 ms poll is 20,000
+    commands a second taken from the cores being measured. So many streams are
+    polled every half second until the end is near (90%), then every 50 ms, which
+    is the precision of the window's end.
+    """
+    if streams <= 10 or done >= 0.9 * total:
+        return 0.05
+    return 0.5
 
 
 class _PhaseFailed(Exception):

@@ -75,10 +75,49 @@ def cmd_sale_open(settings: Settings, args: argparse.Namespace) -> int:
         finally:
             await conn.close()
         sale = await _with_gate(settings, lambda gate: gate.open_sale(
-            pid, args.stock, clear_buyers=args.clear_buyers))
-        print(f"sale {sale} open: product {pid} ({product.name}), stock {args.stock}")
+            pid, args.stock, clear_buyers=args.clear_buyers, window=window, limits=limits))
+        print(f"sale {sale} open: product {pid} ({product.name}), stock {args.stock}"
+              + (f", from {args.start_at}" if args.start_at else "")
+              + (f", until {args.end_at}" if args.end_at else "")
+              + (f", limits {limits}" if limits else ""))
         return 0
+    window, limits = _sale_terms(settings, args)
     return _run_async(run())
+
+
+def _sale_terms(settings: Settings, args: argparse.Namespace) -> tuple[Any, Any]:
+    """The sale's window and, when any limit is given, its own limits (the settings fill
+    in the rest)."""
+    from engine.gate.client import Limits, Window
+
+    window = Window(_unix_ms("start-at", args.start_at), _unix_ms("end-at", args.end_at))
+    given = (args.user_rate, args.user_burst, args.ip_rate, args.ip_burst)
+    if all(v is None for v in given):
+        return window, None
+    defaults = (settings.bff_user_rate, settings.bff_user_burst, settings.bff_ip_rate,
+                settings.bff_ip_burst)
+    values = [d if v is None else v for v, d in zip(given, defaults, strict=True)]
+    return window, Limits(float(values[0]), int(values[1]), float(values[2]), int(values[3]))
+
+
+def _unix_ms(name: str, text: str | None) -> int | None:
+    """ISO 8601 (UTC unless it says otherwise) or unix seconds, as unix milliseconds."""
+    import datetime as dt
+
+    if text is None:
+        return None
+    try:
+        return round(float(text) * 1000)
+    except ValueError:
+        pass
+    try:
+        when = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise UsageError(f"--{name}: expected ISO 8601 (2026-12-01T10:00:00Z) or unix "
+                         f"seconds, got {text!r}") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    return round(when.timestamp() * 1000)
 
 
 async def _with_gate(settings: Settings, use: Callable[[Any], Awaitable[T]]) -> T:
@@ -143,6 +182,23 @@ def cmd_trim(settings: Settings, args: argparse.Namespace) -> int:
     return _run_async(trim_command(settings, product_id=args.product))
 
 
+def cmd_keys_init(settings: Settings, args: argparse.Namespace) -> int:
+    from engine.gate.devkeys import init_keys
+
+    public, private = init_keys(args.dir, force=args.force)
+    print(f"public JWKS:  {public}   (bff_jwks = \"{public}\")")
+    print(f"private key:  {private}   (seckill token --key; never give it to the BFF)")
+    return 0
+
+
+def cmd_token(settings: Settings, args: argparse.Namespace) -> int:
+    from engine.gate.devkeys import mint_token, parse_ttl
+
+    print(mint_token(args.key, args.user, ttl=parse_ttl(args.ttl),
+                     issuer=settings.bff_jwt_issuer, audience=settings.bff_jwt_audience))
+    return 0
+
+
 def cmd_resource_domain(settings: Settings, args: argparse.Namespace) -> int:
     from engine.fulfilment.resource_domain import main as run_resource_domain
 
@@ -178,6 +234,12 @@ def _sale_open(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stock", type=_positive, required=True, help="units for sale")
     p.add_argument("--clear-buyers", action="store_true",
                    help="forget who bought in earlier sales of this product")
+    p.add_argument("--start-at", help="ISO 8601 or unix seconds: 425 before (default: now)")
+    p.add_argument("--end-at", help="ISO 8601 or unix seconds: 410 ended from then on")
+    p.add_argument("--user-rate", type=float, help="attempts/s per user (bff_user_rate)")
+    p.add_argument("--user-burst", type=_positive, help="burst per user (bff_user_burst)")
+    p.add_argument("--ip-rate", type=float, help="attempts/s per client IP (bff_ip_rate)")
+    p.add_argument("--ip-burst", type=_positive, help="burst per client IP (bff_ip_burst)")
 
 
 def _product_only(p: argparse.ArgumentParser) -> None:
@@ -218,6 +280,22 @@ def _trim(p: argparse.ArgumentParser) -> None:
     p.add_argument("--product", type=_positive, help="one product (default: every stream)")
 
 
+def _keys_init(p: argparse.ArgumentParser) -> None:
+    from engine.gate.devkeys import DEFAULT_DIR
+
+    p.add_argument("--dir", default=DEFAULT_DIR, help=f"where (default {DEFAULT_DIR})")
+    p.add_argument("--force", action="store_true", help="replace an existing key pair")
+
+
+def _token(p: argparse.ArgumentParser) -> None:
+    from engine.gate.devkeys import DEFAULT_DIR, PRIVATE_NAME
+
+    p.add_argument("--user", type=_positive, required=True, help="user ID (the token's sub)")
+    p.add_argument("--ttl", default="15m", help="lifetime, e.g. 90s, 15m, 2h (default 15m)")
+    p.add_argument("--key", default=f"{DEFAULT_DIR}/{PRIVATE_NAME}",
+                   help="private JWK made by `seckill keys init`")
+
+
 def _nothing(p: argparse.ArgumentParser) -> None:
     pass
 
@@ -242,6 +320,10 @@ COMMANDS = [
     (("dlq", "drop"), "delete dead letters", _dlq, cmd_dlq),
     (("trim",), "remove stream entries the consumer group has acknowledged (cron-safe)",
      _trim, cmd_trim),
+    (("keys", "init"), "a development JWKS for the BFF, its private half kept apart",
+     _keys_init, cmd_keys_init),
+    (("token",), "print a bearer token for a user, signed with the development key", _token,
+     cmd_token),
     (("resource-domain",), "the reference Resource Domain (simulated provisioning)", _nothing,
      cmd_resource_domain),
 ]

@@ -21,6 +21,7 @@ from engine.errors import ConfigError
 
 ENV_PREFIX = "SECKILL_"
 CONFIG_ENV = "SECKILL_CONFIG"
+JWT_ALGORITHMS = frozenset({"RS256", "ES256", "EdDSA", "HS256"})
 
 
 def _doc(text: str, **kw: Any) -> Any:
@@ -91,6 +92,33 @@ class Settings:
                                  default=0)
     bff_soldout_recheck: float = _doc("Seconds a sold-out answer is cached per process.",
                                       default=0.5)
+    bff_auth: str = _doc("'jwt' (a verified bearer token names the buyer) or 'none' (the body's "
+                         "user_id does: demos and tests only; logged as a warning).",
+                         default="jwt")
+    bff_jwks: str = _doc("JWKS of the token issuer: a file path or an http(s) URL ('' = none: "
+                         "the BFF refuses to start unless bff_auth = 'none').", default="")
+    bff_jwt_algorithms: str = _doc("Accepted signature algorithms, comma-separated, of RS256, "
+                                   "ES256, EdDSA and HS256 (HS256 only when listed here).",
+                                   default="RS256,ES256,EdDSA")
+    bff_jwt_issuer: str = _doc("Required `iss` of every token.", default="seckill-dev")
+    bff_jwt_audience: str = _doc("Required `aud` of every token.", default="seckill-gate")
+    bff_jwks_refresh: float = _doc("Seconds between background refreshes of a JWKS URL.",
+                                   default=300.0)
+    bff_jwks_min_refresh: float = _doc("Least seconds between two refreshes caused by a token "
+                                       "with an unknown kid.", default=10.0)
+    bff_token_cache: int = _doc("Verified tokens remembered per process (0 = verify each time).",
+                                default=100_000)
+    bff_user_rate: float = _doc("Purchase attempts per second one user may make on a product "
+                                "(0 = no limit; `sale open --user-rate` overrides).",
+                                default=2.0)
+    bff_user_burst: int = _doc("Attempts one user may make at once before the rate applies.",
+                               default=5)
+    bff_ip_rate: float = _doc("Purchase attempts per second from one client IP on a product "
+                              "(0 = no limit; `sale open --ip-rate` overrides).", default=0.0)
+    bff_ip_burst: int = _doc("Attempts one client IP may make at once.", default=100)
+    bff_trusted_proxies: str = _doc("Comma-separated addresses or CIDRs of proxies whose "
+                                    "X-Forwarded-For names the client ('' = trust none).",
+                                    default="")
 
     # -- resource domain -----------------------------------------------------
     rd_output_dir: str = _doc("Where the reference Resource Domain writes manifests.",
@@ -125,6 +153,10 @@ class Settings:
         only a dead server or network (not an idle stream) trips it."""
         return self.block_ms / 1000 + self.redis_timeout
 
+    def jwt_algorithms(self) -> list[str]:
+        """The configured algorithms; a token's own `alg` header never adds one."""
+        return [a.strip() for a in self.bff_jwt_algorithms.split(",") if a.strip()]
+
     def effective_workers(self) -> int:
         return self.workers or os.cpu_count() or 1
 
@@ -143,12 +175,14 @@ _POSITIVE = {
 }
 _NON_NEGATIVE = {
     "workers", "metrics_port", "bff_port", "bff_workers", "bff_max_inflight", "rd_delay_ms",
-    "max_clock_rollback_ms",
+    "max_clock_rollback_ms", "bff_token_cache",
 }
+_AT_LEAST_ONE = {"bff_user_burst", "bff_ip_burst"}
 _POSITIVE_FLOAT = {
     "connect_timeout", "redis_timeout", "publish_timeout", "db_timeout", "janitor_interval",
     "discovery_interval", "product_cache_ttl", "retry_backoff_max", "heartbeat_timeout",
     "graceful_timeout", "boot_timeout", "bff_soldout_recheck", "status_unknown_retry",
+    "bff_jwks_refresh", "bff_jwks_min_refresh",
 }
 _SCHEMES = {
     "redis_url": ("redis", "rediss", "unix"),
@@ -180,6 +214,19 @@ def _validate(s: Settings) -> None:
                           f"got {s.rd_provisioner!r}")
     if s.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(f"log_level: expected DEBUG, INFO, WARNING or ERROR, got {s.log_level!r}")
+    for name in _AT_LEAST_ONE:
+        if getattr(s, name) < 1:
+            raise ConfigError(f"{name}: expected an integer >= 1, got {getattr(s, name)!r}")
+    for name in ("bff_user_rate", "bff_ip_rate"):
+        if getattr(s, name) < 0:
+            raise ConfigError(f"{name}: expected a number >= 0, got {getattr(s, name)!r}")
+    if s.bff_auth not in ("jwt", "none"):
+        raise ConfigError(f"bff_auth: expected 'jwt' or 'none', got {s.bff_auth!r}")
+    unknown = set(s.jwt_algorithms()) - JWT_ALGORITHMS
+    if unknown or not s.jwt_algorithms():
+        known = ", ".join(sorted(JWT_ALGORITHMS))
+        raise ConfigError(f"bff_jwt_algorithms: expected some of {known}, "
+                          f"got {s.bff_jwt_algorithms!r}")
     if s.max_deliveries < 2:
         raise ConfigError("max_deliveries: expected at least 2 (one retry)")
 

@@ -1,7 +1,9 @@
 """`make demo`: a flash sale on the local services, from the gate to the log.
 
-Migrates, adds a GPU product, opens a sale, lets a burst of users race for
-it through the gate, runs the engine (and the reference Resource Domain when
+Migrates, adds a GPU product, opens a sale, lets a burst of logged-in users
+race for it through the HTTP gate (`seckill bff` with authentication on: each
+user holds a token minted with the development key of `seckill keys init`),
+runs the engine (and the reference Resource Domain when
 it is there) until every accepted order is RUNNING or FAILED, and prints a summary.
 Safe to run again: each run opens a new sale and clears its buyers.
 """
@@ -12,16 +14,21 @@ import asyncio
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
 from collections import Counter
 from pathlib import Path
 
+import httpx
+
 from engine.admin.migrate import migrate
 from engine.config import Settings, load_settings
 from engine.connections import connect_pg, connect_redis
+from engine.errors import ServiceUnavailable
 from engine.gate.client import Gate
+from engine.gate.devkeys import DEFAULT_DIR, DevIssuer, init_keys
 from engine.keys import GROUP, Keys
 from engine.products import Product, upsert_product
 
@@ -36,17 +43,52 @@ def step(text: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
 
 
-async def burst(gate: Gate) -> Counter[str]:
-    """ATTEMPTS purchase attempts from USERS users, 100 at a time, as fast as the gate goes."""
+OUTCOME = {202: "accepted", 409: "duplicate", 410: "sold_out", 404: "no_sale"}
+
+
+def log_in(settings: Settings, private_key: Path) -> dict[int, dict[str, str]]:
+    """Every demo user's request headers: a bearer token for its own user ID."""
+    issuer = DevIssuer(private_key, issuer=settings.bff_jwt_issuer,
+                       audience=settings.bff_jwt_audience)
+    return {uid: {"authorization": "Bearer " + issuer.token(uid, ttl=900)}
+            for uid in range(1, USERS + 1)}
+
+
+async def burst(url: str, logins: dict[int, dict[str, str]]) -> Counter[str]:
+    """ATTEMPTS purchase attempts from USERS users over HTTP, 100 at a time, as fast as
+    the gate goes; each user buys with its own token (no user_id in the body)."""
     outcomes: Counter[str] = Counter()
     users = [random.randint(1, USERS) for _ in range(ATTEMPTS)]
 
-    async def worker(chunk: list[int]) -> None:
+    async def worker(client: httpx.AsyncClient, chunk: list[int]) -> None:
         for uid in chunk:
-            outcomes[(await gate.buy(PRODUCT.id, uid)).outcome] += 1
+            r = await client.post(f"/api/v1/seckill/{PRODUCT.id}", headers=logins[uid])
+            outcomes[OUTCOME.get(r.status_code, f"HTTP {r.status_code}")] += 1
 
-    await asyncio.gather(*(worker(users[i::100]) for i in range(100)))
+    limits = httpx.Limits(max_connections=100)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30) as client:
+        await asyncio.gather(*(worker(client, users[i::100]) for i in range(100)))
     return outcomes
+
+
+def start_bff(jwks: Path) -> tuple[subprocess.Popen, str]:
+    """`seckill bff` with authentication on, on a free port; returns once it answers."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "SECKILL_BFF_AUTH": "jwt", "SECKILL_BFF_JWKS": str(jwks)}
+    proc = subprocess.Popen([SECKILL, "bff", "--port", str(port), "--workers", "1"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if httpx.get(url + "/healthz", timeout=1).json().get("auth") == "jwt":
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    proc.kill()
+    raise ServiceUnavailable(f"the HTTP gate did not start on {url}")
 
 
 async def pending_and_lag(settings: Settings) -> tuple[int, int]:
@@ -114,16 +156,21 @@ def check(accepted: int, rows: list[tuple[str, int]], stock_left: int) -> bool:
 
 async def run_demo(settings: Settings) -> int:
     gate, sale = await prepare(settings)
+    jwks, private_key = init_keys(DEFAULT_DIR)
+    step(f"development keys: {jwks} (public), {private_key} (private, mode 600)")
+    logins = log_in(settings, private_key)
+    step(f"{USERS} users logged in (tokens minted with the development key)")
+    bff, url = start_bff(jwks)
     quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
     engine = subprocess.Popen([SECKILL, "run", "--workers", "2"], **quiet)  # type: ignore[call-overload]
     domain = subprocess.Popen([SECKILL, "resource-domain"], env={  # type: ignore[call-overload]
         **os.environ, "SECKILL_RD_FAILURE_RATE": "0.1", "SECKILL_RD_DELAY_MS": "200"}, **quiet)
     try:
-        step(f"{ATTEMPTS} attempts from {USERS} users ...")
+        step(f"{ATTEMPTS} attempts from {USERS} users through the HTTP gate at {url} ...")
         stream = gate.keys.stream(PRODUCT.id)
         before = await gate.redis.xlen(stream)
         t0 = time.perf_counter()
-        outcomes = await burst(gate)
+        outcomes = await burst(url, logins)
         took = time.perf_counter() - t0
         step(f"gate: {dict(outcomes)} in {took:.2f}s ({ATTEMPTS / took:,.0f} attempts/s)")
         step(f"stream {stream}: {await gate.redis.xlen(stream) - before} new entries")
@@ -146,9 +193,9 @@ async def run_demo(settings: Settings) -> int:
         print()
         return 0 if check(outcomes["accepted"], rows, state.stock or 0) else 1
     finally:
-        for proc in (engine, domain):
+        for proc in (engine, domain, bff):
             proc.send_signal(signal.SIGTERM)
-        for proc in (engine, domain):
+        for proc in (engine, domain, bff):
             proc.wait(60)
         await gate.redis.aclose()
 

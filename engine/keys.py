@@ -50,6 +50,19 @@ class Keys:
         """Slots handed back by compensation, reused before new ones."""
         return f"{self.prefix}seckill:{{{pid}}}:free-slots"
 
+    def window(self, pid: int) -> str:
+        """The open sale's schedule and limits: a hash of start and end (unix ms), and
+        user_rate, user_burst, ip_rate, ip_burst when the sale overrides the settings."""
+        return f"{self.prefix}seckill:{{{pid}}}:window"
+
+    def user_limiter(self, pid: int, uid: int) -> str:
+        """A user's rate limiter for this product (GCRA arrival time, expires by itself)."""
+        return f"{self.prefix}seckill:{{{pid}}}:rate:user:{uid}"
+
+    def ip_limiter(self, pid: int, ip: str) -> str:
+        """A client address's rate limiter for this product."""
+        return f"{self.prefix}seckill:{{{pid}}}:rate:ip:{ip}"
+
     def refunded(self, pid: int) -> str:
         """Stream IDs whose unit of stock was already returned (exactly once)."""
         return f"{self.prefix}seckill:{{{pid}}}:refunded"

@@ -6,6 +6,10 @@ Configured by environment (set by `loadtest/run.py`):
   SECKILL_LT_RETRY          share of users who try again after any answer (0..1)
   SECKILL_LT_FINAL          order states that end the polling (default RUNNING,FAILED)
   SECKILL_LT_POLL_LIMIT     seconds a user polls before giving up
+  SECKILL_LT_SIGNING_KEY    private JWK (`seckill keys init`): each user logs in with a token
+                            minted from it for its own user ID; unset = no token (a BFF
+                            with bff_auth = "none")
+  SECKILL_BFF_JWT_ISSUER, SECKILL_BFF_JWT_AUDIENCE: the claims of the minted tokens
   SECKILL_REDIS_URL, SECKILL_KEY_PREFIX: where the tried-users set is kept
 Every user ID that tried is added to `<prefix>loadtest:{<pid>}:tried`, which
 the verifier compares with what the gate accepted.
@@ -21,7 +25,12 @@ from pathlib import Path
 
 import gevent
 from locust import FastHttpUser, User, between, events, task
+from locust.env import Environment
+from locust.runners import WorkerRunner
 from redis import BlockingConnectionPool, Redis
+
+from engine.config import load_settings
+from engine.gate.devkeys import DevIssuer
 
 PRODUCT = int(os.environ.get("SECKILL_LT_PRODUCT", "1001"))
 DOUBLE_CLICK = float(os.environ.get("SECKILL_LT_DOUBLE_CLICK", "0.1"))
@@ -32,14 +41,37 @@ PREFIX = os.environ.get("SECKILL_KEY_PREFIX", "")
 REDIS_URL = os.environ.get("SECKILL_REDIS_URL", "redis://127.0.0.1:6379/0")
 TRIED = f"{PREFIX}loadtest:{{{PRODUCT}}}:tried"
 
-_user_ids = itertools.count(int(os.environ.get("SECKILL_LT_FIRST_USER", "1")))
+SIGNING_KEY = os.environ.get("SECKILL_LT_SIGNING_KEY", "")
+FIRST_USER = int(os.environ.get("SECKILL_LT_FIRST_USER", "1"))
+USERS_PER_PROCESS = 10_000_000  # with --processes, each one names its own users
+_user_ids = itertools.count(FIRST_USER)
+_settings = load_settings()
+_issuer = DevIssuer(SIGNING_KEY, issuer=_settings.bff_jwt_issuer,
+                    audience=_settings.bff_jwt_audience) if SIGNING_KEY else None
 # shared by every simulated user: a blocking pool queues them instead of failing
 _redis = Redis(connection_pool=BlockingConnectionPool.from_url(REDIS_URL, max_connections=64,
                                                                timeout=30))
 
 
+@events.init.add_listener
+def _own_user_range(environment: Environment, **_: object) -> None:
+    """Each Locust worker process (--processes) counts its users from its own range."""
+    global _user_ids
+    if isinstance(environment.runner, WorkerRunner):
+        _user_ids = itertools.count(FIRST_USER
+                                    + environment.runner.worker_index * USERS_PER_PROCESS)
+
+
 def next_user() -> int:
     return next(_user_ids)
+
+
+def login(user_id: int) -> dict[str, str]:
+    """The headers of a logged-in user: a bearer token for its own ID (what a login
+    service would hand out), or none when the gate runs without authentication."""
+    if _issuer is None:
+        return {}
+    return {"Authorization": f"Bearer {_issuer.token(user_id, ttl=3600)}"}
 
 
 class FlashSaleBuyer(FastHttpUser):
@@ -50,10 +82,12 @@ class FlashSaleBuyer(FastHttpUser):
 
     def on_start(self) -> None:
         self.user_id = next_user()
+        self.auth = login(self.user_id)
 
     def buy(self) -> int:
         with self.client.post(f"/api/v1/seckill/{PRODUCT}", json={"user_id": self.user_id},
-                              name="POST /api/v1/seckill/[pid]", catch_response=True) as r:
+                              headers=self.auth, name="POST /api/v1/seckill/[pid]",
+                              catch_response=True) as r:
             if r.status_code in (202, 409, 410, 404, 429):
                 r.success()  # every one of these is a correct answer in a flash sale
             return r.status_code
@@ -77,6 +111,7 @@ class FlashSaleBuyer(FastHttpUser):
         deadline = time.monotonic() + POLL_LIMIT
         while time.monotonic() < deadline:
             with self.client.get(f"/api/v1/seckill/{PRODUCT}/users/{self.user_id}",
+                                 headers=self.auth,
                                  name="GET /api/v1/seckill/[pid]/users/[uid]",
                                  catch_response=True) as r:
                 state = r.json().get("state") if r.status_code == 200 else None

@@ -104,6 +104,12 @@ def test_the_window_opens_at_the_first_read() -> None:
         rate(1000, first_read=3.0, last_ack=3.0)
 
 
+def test_many_streams_are_polled_finely_only_near_the_end() -> None:
+    assert enginerun.poll_interval(1, 0, 1000) == 0.05
+    assert enginerun.poll_interval(1000, 100, 1000) == 0.5
+    assert enginerun.poll_interval(1000, 900, 1000) == 0.05
+
+
 # --- CPU and the machine limit ------------------------------------------------------
 
 

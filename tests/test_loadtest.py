@@ -10,6 +10,7 @@ from redis.asyncio import Redis
 from support import engine_env
 
 from engine.gate.client import Gate
+from engine.gate.devkeys import init_keys
 from engine.keys import Keys
 from loadtest.verify import tried_key, verify
 
@@ -17,11 +18,15 @@ pytestmark = pytest.mark.timeout(240)
 
 
 def test_short_rehearsal_with_the_engine_passes_the_verifier(settings, product_id, tmp_path):
+    # authentication on: Locust's users log in with tokens minted from a development key
+    jwks, signing_key = init_keys(tmp_path / "keys")
+    env = engine_env(settings, bff_auth="jwt", bff_jwks=str(jwks))
     done = subprocess.run(
         [sys.executable, "-m", "loadtest.run", "--users", "300", "--spawn-rate", "150",
          "--run-time", "10s", "--stock", "80", "--product", str(product_id), "--engine",
          "--bff-workers", "1", "--reports", str(tmp_path)],
-        env=engine_env(settings), capture_output=True, text=True, timeout=200)
+        env={**env, "SECKILL_LT_SIGNING_KEY": str(signing_key)}, capture_output=True,
+        text=True, timeout=200)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "verifier: all invariants hold" in done.stdout
     assert list(tmp_path.glob("*_stats.csv")) and list(tmp_path.glob("*.html"))

@@ -27,6 +27,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
@@ -51,11 +52,19 @@ class LocalNodeFailed(ServiceError):
     """A private service instance could not be started, stopped or found."""
 
 
+# ports a shared service or a control command may take at any moment: epmd, the shared
+# node's AMQP and distribution ports, rabbitmqctl's own distribution ports
+RESERVED_PORTS = frozenset({4369, 5432, 5672, 6379, 15672, 25672, *range(35672, 35683)})
+
+
 def free_port() -> int:
-    """A TCP port nobody listens on right now (the kernel's choice)."""
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
+    """A TCP port nobody listens on right now (the kernel's choice), none reserved."""
+    while True:
+        with socket.socket() as s:
+            s.bind((HOST, 0))
+            port = int(s.getsockname()[1])
+        if port not in RESERVED_PORTS:
+            return port
 
 
 def port_open(port: int, timeout: float = 0.5) -> bool:
@@ -85,6 +94,7 @@ def pid_alive(pid: int) -> bool:
 
 def wait_until(check: Callable[[], bool], timeout: float, what: str,
                interval: float = 0.05) -> None:
+    """Poll `check` until true; LocalNodeFailed naming `what` at the deadline."""
     deadline = time.monotonic() + timeout
     while not check():
         if time.monotonic() > deadline:
@@ -119,7 +129,7 @@ def _run(cmd: list[str], *, timeout: float, env: dict[str, str] | None = None,
 _live: set[LocalNode] = set()
 
 
-class LocalNode:
+class LocalNode(ABC):
     """One private server: start() waits until it answers; stop() leaves no process."""
 
     kind = "node"
@@ -132,15 +142,17 @@ class LocalNode:
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / OWNER_FILE).write_text(f"{os.getpid()}\n")
 
-    # subclasses: _launch() starts the server, _answers() says it serves, _halt() stops it
+    @abstractmethod
     def _launch(self) -> None:
-        raise NotImplementedError
+        """Start the server process (detached); start() then waits until it answers."""
 
+    @abstractmethod
     def _answers(self) -> bool:
-        raise NotImplementedError
+        """Whether the running server serves clients (not just listens)."""
 
+    @abstractmethod
     def _halt(self, timeout: float) -> None:
-        raise NotImplementedError
+        """Ask the server to shut down cleanly; stop() waits and kills if it must."""
 
     def server_pid(self) -> int | None:
         """The server's OS process ID while it runs (from its pid file)."""
@@ -151,8 +163,9 @@ class LocalNode:
         return pid if pid_alive(pid) else None
 
     @property
+    @abstractmethod
     def url(self) -> str:
-        raise NotImplementedError
+        """Where clients reach it."""
 
     @property
     def log_path(self) -> Path:
@@ -232,13 +245,13 @@ class LocalNode:
         return self
 
     def destroy(self) -> None:
-        """Stop the server and remove its directory (when it made it and was not kept)."""
+        """Stop the server, and remove its directory if it made one (kept or not)."""
+        with contextlib.suppress(LocalNodeFailed, ProcessLookupError):
+            self.thaw()  # a frozen server would sit on a clean shutdown's signal
         if self._own_dir:
             self._discard()  # its data goes with the directory: no need to shut down cleanly
             shutil.rmtree(self.dir, ignore_errors=True)
         else:
-            with contextlib.suppress(LocalNodeFailed, ProcessLookupError):
-                self.thaw()
             self.stop()
         _live.discard(self)
 
@@ -496,22 +509,6 @@ class RabbitNode(LocalNode):
         self.ctl("start_app")
         self.wait_answering(self.start_timeout)
 
-    def join(self, other: RabbitNode) -> None:
-        """Join `other`'s cluster (the nodes must share a cookie): this node's own
-        queues and messages are dropped, as `join_cluster` does."""
-        if other.cookie != self.cookie:
-            raise LocalNodeFailed(f"{self} cannot join {other.nodename}: different cookies "
-                                  "(create both with the same cookie=)")
-        self.stop_app()
-        self.ctl("reset")
-        self.ctl("join_cluster", other.nodename)
-        self.start_app()
-
-    def cluster_nodes(self) -> list[str]:
-        """Names of the running nodes of this node's cluster, itself included."""
-        out = self.ctl("eval", "rabbit_nodes:all_running().")
-        return sorted(part.strip(" '\n[]") for part in out.split(",") if part.strip(" \n[]"))
-
     def __str__(self) -> str:
         return f"private RabbitMQ node {self.nodename} (AMQP port {self.port})"
 
@@ -604,6 +601,7 @@ class PostgresNode(LocalNode):
         """`pg_ctl stop -m immediate`: no checkpoint, the next start recovers from the WAL."""
         pid = self.server_pid()
         if pid is not None:
-            self._pg_ctl("-m", "immediate", "-w", "stop", timeout=60)
-            if not _gone(pid, 30):
+            with contextlib.suppress(LocalNodeFailed):  # the deadline below decides
+                self._pg_ctl("-m", "immediate", "-w", "-t", "30", "stop", timeout=40)
+            if not _gone(pid, 10):
                 self.kill()

@@ -8,6 +8,10 @@ burst degrades into fast refusals instead of a queue of slow answers.
 
 A client always gets JSON: a Redis or PostgreSQL failure is a 503 it may
 retry, anything else a 500, and the error is logged, never swallowed.
+
+The buyer is the `sub` of a verified bearer token (engine.gate.auth); a bad
+token is refused before the body is read and before Redis is touched. With
+`bff_auth = "none"` (demos, tests) the body's `user_id` names the buyer.
 """
 
 from __future__ import annotations
@@ -25,8 +29,10 @@ from redis.exceptions import RedisError
 
 from engine.config import Settings, load_settings
 from engine.connections import PG_ERRORS, connect_redis, create_pg_pool
-from engine.errors import InvalidInput, ServiceUnavailable
-from engine.gate.client import Gate, validate_id
+from engine.errors import ConfigError, InvalidInput, ServiceUnavailable
+from engine.gate.auth import Forbidden, KeySet, Unauthenticated, Verifier
+from engine.gate.client import Gate, Limits, validate_id
+from engine.gate.clientip import ClientIp, parse_proxies
 from engine.keys import FAILED, Keys
 
 log = logging.getLogger("seckill.bff")
@@ -38,8 +44,15 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 MAX_BODY = 1024
 BUY = re.compile(r"^/api/v1/seckill/([^/]+)$")
 ORDER = re.compile(r"^/api/v1/seckill/([^/]+)/users/([^/]+)$")
-STATUS_OF = {"accepted": 202, "duplicate": 409, "sold_out": 410, "no_sale": 404}
+MY_ORDER = re.compile(r"^/api/v1/seckill/([^/]+)/order$")
+STATUS_OF = {"accepted": 202, "duplicate": 409, "sold_out": 410, "no_sale": 404,
+             "rate_limited": 429, "not_started": 425, "ended": 410}
+SALE_PAGE = [(b"content-type", b"application/json"), (b"cache-control", b"public, max-age=1")]
 JSON = [(b"content-type", b"application/json")]
+Headers = list[tuple[bytes, bytes]]
+CHALLENGE = b'Bearer realm="seckill"'
+NO_AUTH_WARNING = ("bff_auth = 'none': no token is checked, the body's user_id names the "
+                   "buyer, so anyone can buy and read orders for anyone")
 # what a failed or unreachable service raises, beyond our own ServiceUnavailable
 REDIS_ERRORS = (RedisError, OSError, TimeoutError)
 UNAVAILABLE = {"buy": "the gate is unavailable, try again",
@@ -52,9 +65,18 @@ WHERE product_id = $1 AND user_id = $2 ORDER BY id DESC LIMIT 1
 
 
 class HttpError(Exception):
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, headers: Headers | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.headers = headers or []
+
+
+def _challenge(exc: Unauthenticated) -> Headers:
+    """RFC 6750: what the client must send, and why this token was refused."""
+    why = str(exc).replace("\\", "").replace('"', "'")[:200]
+    return [(b"www-authenticate",
+             CHALLENGE + b', error="invalid_token", error_description="'
+             + why.encode("ascii", "replace") + b'"')]
 
 
 class BffApp:
@@ -67,6 +89,12 @@ class BffApp:
         self.pool: Any = None
         self.inflight = 0
         self.sold_out: dict[int, float] = {}
+        self.client_ip = ClientIp(parse_proxies(settings.bff_trusted_proxies))
+        self.limits = Limits(settings.bff_user_rate, settings.bff_user_burst,
+                             settings.bff_ip_rate, settings.bff_ip_burst)
+        self.verifier: Verifier | None = None
+        if settings.bff_auth == "jwt":
+            self.verifier = Verifier(settings, load_keys(settings))
         from engine.metrics import bff as bffmetrics
 
         self.metrics = bffmetrics
@@ -78,47 +106,73 @@ class BffApp:
         if scope["type"] != "http":
             return
         started = time.perf_counter()
-        endpoint, status, body = await self._dispatch(scope, receive)
+        endpoint, status, body, extra = await self._dispatch(scope, receive)
+        headers = self._headers(endpoint)
         await send({"type": "http.response.start", "status": status,
-                    "headers": self._headers(endpoint)})
+                    "headers": headers + extra if extra else headers})
         await send({"type": "http.response.body", "body": body})
         self.metrics.observe(endpoint, status, time.perf_counter() - started)
 
-    def _headers(self, endpoint: str) -> list[tuple[bytes, bytes]]:
+    def _headers(self, endpoint: str) -> Headers:
         if endpoint == "metrics":
             return [(b"content-type", self.metrics.CONTENT_TYPE.encode())]
         return JSON
 
-    async def _dispatch(self, scope: Scope, receive: Receive) -> tuple[str, int, bytes]:
+    async def _dispatch(self, scope: Scope, receive: Receive) -> tuple[str, int, bytes, Headers]:
         path, method = scope["path"], scope["method"]
-        buy, order = BUY.match(path), ORDER.match(path)
-        endpoint = "buy" if buy else "order" if order else path.strip("/") or "other"
+        buy, order, mine = BUY.match(path), ORDER.match(path), MY_ORDER.match(path)
+        endpoint = "buy" if buy else "order" if order or mine else path.strip("/") or "other"
         if endpoint not in ("buy", "order", "healthz", "metrics"):
             endpoint = "other"
         try:
+            if buy is not None and method == "GET":
+                return "sale", 200, await self.sale(buy.group(1)), SALE_PAGE[1:]
             if buy is not None:
                 _allow(method, "POST")
                 return endpoint, *await self._guarded(self.buy(buy.group(1), scope, receive))
             if order is not None:
                 _allow(method, "GET")
-                return endpoint, *await self.order(order.group(1), order.group(2))
+                caller = await self._caller(scope)
+                return endpoint, *await self.order(order.group(1), order.group(2), caller), []
+            if mine is not None:
+                _allow(method, "GET")
+                caller = await self._caller(scope)
+                if caller is None:
+                    raise InvalidInput("bff_auth = 'none': no caller; use .../users/{user_id}")
+                return endpoint, *await self.order(mine.group(1), str(caller), caller), []
             if endpoint == "healthz":
-                return endpoint, 200, b'{"status":"ok"}'
+                return endpoint, 200, self._health(), []
             if endpoint == "metrics":
-                return endpoint, 200, self.metrics.render()
+                return endpoint, 200, self.metrics.render(), []
             raise HttpError(404, f"no such path: {path}")
         except HttpError as exc:
-            return endpoint, exc.status, _error(exc)
+            return endpoint, exc.status, _error(exc), exc.headers
+        except Unauthenticated as exc:
+            return endpoint, 401, _error(exc), _challenge(exc)
+        except Forbidden as exc:
+            return endpoint, 403, _error(exc), []
         except InvalidInput as exc:
-            return endpoint, 400, _error(exc)
+            return endpoint, 400, _error(exc), []
         except (ServiceUnavailable, *REDIS_ERRORS) as exc:
             log.warning("service unavailable: %s", exc, extra={"event": "bff_unavailable"})
-            return endpoint, 503, _error(HttpError(503, UNAVAILABLE.get(endpoint, str(exc))))
+            return endpoint, 503, _error(HttpError(503, UNAVAILABLE.get(endpoint, str(exc)))), []
         except Exception:  # noqa: BLE001 - a bug answers 500 in JSON, never a dropped request
             log.exception("unexpected error on %s", endpoint, extra={"event": "bff_error"})
-            return endpoint, 500, _error(HttpError(500, "internal error"))
+            return endpoint, 500, _error(HttpError(500, "internal error")), []
 
-    async def _guarded(self, work: Awaitable[tuple[int, bytes]]) -> tuple[int, bytes]:
+    def _health(self) -> bytes:
+        if self.verifier is None:
+            return orjson.dumps({"status": "ok", "auth": "none", "warning": NO_AUTH_WARNING})
+        return b'{"status":"ok","auth":"jwt"}'
+
+    async def _caller(self, scope: Scope) -> int | None:
+        """The verified user ID of the request (None when bff_auth = 'none')."""
+        if self.verifier is None:
+            return None
+        return await self.verifier.caller(_header(scope, b"authorization"))
+
+    async def _guarded(self, work: Awaitable[tuple[int, bytes, Headers]]
+                       ) -> tuple[int, bytes, Headers]:
         cap = self.settings.bff_max_inflight
         if cap and self.inflight >= cap:
             work.close()  # type: ignore[attr-defined]
@@ -129,22 +183,57 @@ class BffApp:
         finally:
             self.inflight -= 1
 
-    async def buy(self, raw_pid: str, scope: Scope, receive: Receive) -> tuple[int, bytes]:
+    async def buy(self, raw_pid: str, scope: Scope, receive: Receive
+                  ) -> tuple[int, bytes, Headers]:
         pid = validate_id("product_id", raw_pid)
-        user_id = await _user_id(scope, receive)
+        caller = await self._caller(scope)
+        body_uid = await _user_id(scope, receive, required=caller is None)
+        if caller is not None and body_uid is not None and body_uid != caller:
+            raise Forbidden(f"user_id {body_uid} is not the token's user")
+        user_id = caller if caller is not None else body_uid
+        assert user_id is not None
         if self.sold_out.get(pid, 0.0) > time.monotonic():
-            return 410, b'{"status":"sold_out"}'
-        result = await (await self._gate()).buy(pid, user_id)
-        if result.outcome == "sold_out":
+            return 410, b'{"status":"sold_out"}', []
+        ip = self.client_ip.of(_peer(scope), _header(scope, b"x-forwarded-for"))
+        result = await (await self._gate()).buy(pid, user_id, ip=ip)
+        outcome = result.outcome
+        if outcome == "sold_out":
             self.sold_out[pid] = time.monotonic() + self.settings.bff_soldout_recheck
-        elif result.outcome == "accepted":
+        elif outcome == "accepted":
             return 202, orjson.dumps({"status": "accepted", "stream_id": result.stream_id,
-                                      "slot": result.slot})
-        return STATUS_OF[result.outcome], orjson.dumps({"status": result.outcome})
+                                      "slot": result.slot}), []
+        elif outcome == "rate_limited":
+            wait = max(1, -(-result.retry_after_ms // 1000))
+            return 429, orjson.dumps({"status": outcome, "limit": result.limited_by,
+                                      "retry_after_ms": result.retry_after_ms}), [
+                (b"retry-after", str(wait).encode())]
+        elif outcome == "not_started":
+            return 425, orjson.dumps({"status": outcome, "start": _iso(result.at_ms),
+                                      "start_ms": result.at_ms}), []
+        return STATUS_OF[outcome], orjson.dumps({"status": outcome}), []
 
-    async def order(self, raw_pid: str, raw_uid: str) -> tuple[int, bytes]:
+    async def sale(self, raw_pid: str) -> bytes:
+        """The public sale page: window, state and Redis's clock, never PostgreSQL."""
+        pid = validate_id("product_id", raw_pid)
+        sale_id, stock, window, now = await (await self._gate()).schedule(pid)
+        if sale_id is None or stock is None:
+            state = "closed"
+        elif window.start_ms is not None and now < window.start_ms:
+            state = "scheduled"
+        elif window.end_ms is not None and now >= window.end_ms:
+            state = "ended"
+        else:
+            state = "open" if stock > 0 else "sold_out"
+        return orjson.dumps({"product_id": pid, "state": state,
+                             "start": _iso(window.start_ms), "start_ms": window.start_ms,
+                             "end": _iso(window.end_ms), "end_ms": window.end_ms,
+                             "server_time": _iso(now), "server_time_ms": now})
+
+    async def order(self, raw_pid: str, raw_uid: str, caller: int | None) -> tuple[int, bytes]:
         pid = validate_id("product_id", raw_pid)
         uid = validate_id("user_id", raw_uid)
+        if caller is not None and uid != caller:
+            raise Forbidden("only the token's own orders can be read")
         gate = await self._gate()
         pool = await self._pool()
         try:
@@ -166,7 +255,7 @@ class BffApp:
     async def _gate(self) -> Gate:
         if self.gate is None:
             redis = await connect_redis(self.settings, max_connections=1024)
-            self.gate = Gate(redis, self.keys, coalesce=True)
+            self.gate = Gate(redis, self.keys, coalesce=True, limits=self.limits)
         return self.gate
 
     async def _pool(self) -> Any:
@@ -178,14 +267,37 @@ class BffApp:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
+                if self.verifier is not None:
+                    self.verifier.keyset.start()
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
+                if self.verifier is not None:
+                    await self.verifier.keyset.stop()
                 if self.gate is not None:
                     await self.gate.redis.aclose()
                 if self.pool is not None:
                     await self.pool.close()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+
+def _peer(scope: Scope) -> str | None:
+    client = scope.get("client")
+    return str(client[0]) if client else None
+
+
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return bytes(value)
+    return None
+
+
+def _iso(ms: int | None) -> str | None:
+    """Unix milliseconds as ISO 8601 UTC."""
+    if ms is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms // 1000)) + f".{ms % 1000:03d}Z"
 
 
 def _allow(method: str, allowed: str) -> None:
@@ -197,11 +309,9 @@ def _error(exc: Exception) -> bytes:
     return orjson.dumps({"error": str(exc)})
 
 
-async def _user_id(scope: Scope, receive: Receive) -> int:
-    headers = dict(scope.get("headers") or [])
-    ctype = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
-    if ctype != b"application/json":
-        raise InvalidInput("expected Content-Type: application/json")
+async def _user_id(scope: Scope, receive: Receive, *, required: bool) -> int | None:
+    """The body's user_id: required without authentication, optional (an empty body)
+    with it."""
     body = b""
     while True:
         message = await receive()
@@ -210,13 +320,30 @@ async def _user_id(scope: Scope, receive: Receive) -> int:
             raise InvalidInput(f"body larger than {MAX_BODY} bytes")
         if not message.get("more_body"):
             break
+    if not body and not required:
+        return None
+    headers = dict(scope.get("headers") or [])
+    ctype = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+    if ctype != b"application/json":
+        raise InvalidInput("expected Content-Type: application/json")
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError:
         raise InvalidInput("body is not valid JSON") from None
-    if not isinstance(data, dict) or "user_id" not in data:
+    if not isinstance(data, dict) or (required and "user_id" not in data):
         raise InvalidInput('expected a JSON object like {"user_id": 123}')
-    return validate_id("user_id", data["user_id"])
+    return validate_id("user_id", data["user_id"]) if "user_id" in data else None
+
+
+def load_keys(settings: Settings) -> KeySet:
+    """The JWKS, loaded now: a BFF that would refuse every buyer does not start."""
+    if not settings.bff_jwks:
+        raise ConfigError("bff_auth = 'jwt' needs bff_jwks (a JWKS file or URL; "
+                          "`seckill keys init` makes a development one), or set "
+                          "bff_auth = 'none' to run without authentication")
+    keyset = KeySet(settings)
+    keyset.load()
+    return keyset
 
 
 def create_app() -> BffApp:
@@ -235,6 +362,10 @@ def serve(settings: Settings, *, config: str | None = None, host: str | None = N
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="seckill-bff-")
     if config:
         os.environ["SECKILL_CONFIG"] = config
+    if settings.bff_auth == "jwt":
+        load_keys(settings)  # refuse to start here, with one clear line, not in each worker
+    else:
+        log.warning(NO_AUTH_WARNING, extra={"event": "bff_no_auth"})
     from granian import Granian
     from granian.constants import Interfaces, Loops
     from granian.log import LogLevels

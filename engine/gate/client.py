@@ -21,11 +21,13 @@ from redis.exceptions import NoScriptError, RedisError, ResponseError
 from engine.errors import InvalidInput, SaleStateCorrupt, ServiceUnavailable
 from engine.keys import GROUP, Keys
 
-Outcome = Literal["accepted", "duplicate", "sold_out", "no_sale"]
+Outcome = Literal["accepted", "duplicate", "sold_out", "no_sale", "rate_limited",
+                  "not_started", "ended"]
 RefundOutcome = Literal["refunded", "already_refunded", "sale_changed"]
 MAX_ID = 2**63 - 1
 LUA = Path(__file__).resolve().parents[2] / "lua"
-_OUTCOMES: dict[int, Outcome] = {0: "no_sale", 1: "accepted", 2: "duplicate", 3: "sold_out"}
+_OUTCOMES: dict[int, Outcome] = {0: "no_sale", 1: "accepted", 2: "duplicate", 3: "sold_out",
+                                 4: "rate_limited", 5: "not_started", 6: "ended"}
 _REFUNDS: dict[int, RefundOutcome] = {1: "refunded", 2: "already_refunded", 3: "sale_changed"}
 # The error code (first word of the error reply) the scripts use for keys in a bad state;
 # Redis error replies carry their class that way, like WRONGTYPE or NOSCRIPT.
@@ -37,6 +39,31 @@ class GateResult:
     outcome: Outcome
     stream_id: str | None = None
     slot: int | None = None
+    retry_after_ms: int = 0  # rate_limited: when the next attempt may pass
+    limited_by: str | None = None  # rate_limited: "user" or "ip"
+    at_ms: int | None = None  # not_started: the start; ended: the end (unix ms)
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Purchase attempts per second and burst, per user and per client IP (0 = no limit).
+    A sale opened with its own limits overrides these in Redis."""
+
+    user_rate: float = 0.0
+    user_burst: int = 1
+    ip_rate: float = 0.0
+    ip_burst: int = 1
+
+    def args(self) -> list[str | int]:
+        return [repr(self.user_rate), self.user_burst, repr(self.ip_rate), self.ip_burst]
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    """When a sale sells (unix ms; None = from its opening / until it is closed)."""
+
+    start_ms: int | None = None
+    end_ms: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,11 +170,14 @@ class _Script:
 
 
 class Gate:
-    def __init__(self, redis: Redis, keys: Keys, *, coalesce: bool = False) -> None:
+    def __init__(self, redis: Redis, keys: Keys, *, coalesce: bool = False,
+                 limits: Limits | None = None) -> None:
         """`coalesce`: send the purchase attempts of one loop turn as one pipeline (for a
-        server answering many users at once, like the BFF)."""
+        server answering many users at once, like the BFF). `limits`: the default rate
+        limits of every attempt (a sale's own limits win)."""
         self.redis = redis
         self.keys = keys
+        self.limits = (limits or Limits()).args()
         self._buy = _Script(redis, "seckill.lua", coalesce=coalesce)
         self._refund = _Script(redis, "refund.lua")
 
@@ -155,13 +185,23 @@ class Gate:
         k = self.keys
         return [k.stock(pid), k.sale(pid), k.buyers(pid), k.free_slots(pid)]
 
-    async def buy(self, product_id: int, user_id: int, ts: int | None = None) -> GateResult:
+    async def buy(self, product_id: int, user_id: int, ts: int | None = None,
+                  ip: str | None = None) -> GateResult:
+        """One attempt by `user_id`, from client address `ip` when known (per-IP limit)."""
         pid = validate_id("product_id", product_id)
         uid = validate_id("user_id", user_id)
-        reply = await self._buy([*self._product_keys(pid), self.keys.stream(pid)],
-                                [uid, int(time.time()) if ts is None else ts])
+        k = self.keys
+        reply = await self._buy(
+            [*self._product_keys(pid), k.stream(pid), k.window(pid), k.user_limiter(pid, uid),
+             k.ip_limiter(pid, ip) if ip else ""],
+            [uid, int(time.time()) if ts is None else ts, *self.limits])
         assert isinstance(reply, list)
         outcome = _OUTCOMES[int(reply[0])]
+        if outcome == "rate_limited":
+            by = reply[2].decode() if isinstance(reply[2], bytes) else str(reply[2])
+            return GateResult(outcome, retry_after_ms=int(reply[1]), limited_by=by)
+        if outcome in ("not_started", "ended"):
+            return GateResult(outcome, at_ms=int(reply[1]))
         if outcome != "accepted":
             return GateResult(outcome)
         stream_id = reply[1].decode() if isinstance(reply[1], bytes) else str(reply[1])
@@ -175,18 +215,23 @@ class Gate:
                                    [uid, sale_id, "" if slot is None else slot, stream_id])
         return _REFUNDS[int(reply)]  # type: ignore[call-overload]
 
-    async def open_sale(self, product_id: int, stock: int, *, clear_buyers: bool = False) -> str:
-        """A new sale ID, stock set, the stream and its group ready for the engine."""
+    async def open_sale(self, product_id: int, stock: int, *, clear_buyers: bool = False,
+                        window: Window | None = None, limits: Limits | None = None) -> str:
+        """A new sale ID, stock set, the stream and its group ready for the engine; the
+        sale sells within `window` and with its own `limits` when given."""
         pid = validate_id("product_id", product_id)
         if isinstance(stock, bool) or not isinstance(stock, int) or not 0 < stock < 2**31:
             raise InvalidInput(f"stock: expected a positive integer, got {stock!r}")
+        schedule = _window_fields(window or Window(), limits)
         sale_id = f"{time.time_ns() // 1_000_000:x}-{secrets.token_hex(2)}"
         k = self.keys
         try:
             pipe = self.redis.pipeline(transaction=True)
             pipe.set(k.stock(pid), stock)
             pipe.set(k.sale(pid), sale_id)
-            pipe.delete(k.free_slots(pid))
+            pipe.delete(k.free_slots(pid), k.window(pid))
+            if schedule:
+                pipe.hset(k.window(pid), mapping=schedule)  # type: ignore[arg-type]
             if clear_buyers:
                 pipe.delete(k.buyers(pid))
             await pipe.execute()
@@ -204,9 +249,23 @@ class Gate:
         """Stop selling; the stream, group and buyers stay so the backlog drains."""
         pid = validate_id("product_id", product_id)
         try:
-            await self.redis.delete(self.keys.stock(pid), self.keys.sale(pid))
+            await self.redis.delete(self.keys.stock(pid), self.keys.sale(pid),
+                                    self.keys.window(pid))
         except (RedisError, OSError) as exc:
             raise ServiceUnavailable(f"Redis: {exc}") from exc
+
+    async def schedule(self, product_id: int) -> tuple[str | None, int | None, Window, int]:
+        """(sale ID, stock, window, Redis time in unix ms), in one round trip: what the
+        public sale page shows, from Redis alone (a failure raises Redis's own error)."""
+        pid = validate_id("product_id", product_id)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.get(self.keys.sale(pid))
+        pipe.get(self.keys.stock(pid))
+        pipe.hmget(self.keys.window(pid), "start", "end")
+        pipe.time()
+        sale, stock, (start, end), (secs, micros) = await pipe.execute()
+        return (sale.decode() if isinstance(sale, bytes) else sale, _int_or_none(stock),
+                Window(_int_or_none(start), _int_or_none(end)), secs * 1000 + micros // 1000)
 
     async def sale_state(self, product_id: int) -> SaleState:
         pid = validate_id("product_id", product_id)
@@ -217,3 +276,29 @@ class Gate:
         sale, stock, buyers = await pipe.execute()
         return SaleState(sale.decode() if isinstance(sale, bytes) else sale,
                          None if stock is None else int(stock), int(buyers))
+
+
+def _int_or_none(value: object) -> int | None:
+    try:
+        return int(value)  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        return None
+
+
+def _window_fields(window: Window, limits: Limits | None) -> dict[str, str | int]:
+    """The window hash of a sale: only what is set, so the caller's defaults apply."""
+    if window.start_ms is not None and window.end_ms is not None \
+            and window.end_ms <= window.start_ms:
+        raise InvalidInput("end: expected a time after the start")
+    fields: dict[str, str | int] = {}
+    if window.start_ms is not None:
+        fields["start"] = window.start_ms
+    if window.end_ms is not None:
+        fields["end"] = window.end_ms
+    if limits is not None:
+        if limits.user_rate < 0 or limits.ip_rate < 0 or limits.user_burst < 1 \
+                or limits.ip_burst < 1:
+            raise InvalidInput("limits: rates >= 0 (0 = none), bursts >= 1")
+        fields.update(user_rate=repr(limits.user_rate), user_burst=limits.user_burst,
+                      ip_rate=repr(limits.ip_rate), ip_burst=limits.ip_burst)
+    return fields

@@ -89,7 +89,7 @@ async def test_bad_requests_are_400_with_a_message(bff, gate, product_id, kwargs
 async def test_other_4xx(bff):
     async with httpx.AsyncClient(base_url=bff.url) as client:
         assert (await client.post("/api/v1/seckill/abc", json={"user_id": 1})).status_code == 400
-        assert (await client.get("/api/v1/seckill/5")).status_code == 405
+        assert (await client.put("/api/v1/seckill/5")).status_code == 405
         assert (await client.post("/api/v1/seckill/5/users/1")).status_code == 405
         assert (await client.get("/nope")).status_code == 404
         assert (await client.get("/api/v1/seckill/5/users/0")).status_code == 400

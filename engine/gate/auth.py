@@ -1,0 +1,213 @@
+"""Who is buying: a bearer JWT verified against the issuer's JWKS.
+
+The algorithms come from the settings, never from the token: a token's `alg`
+header only picks among them, and the key its `kid` names must be of that
+algorithm's family, so `alg=none` and algorithm confusion (an RSA public key
+used as an HMAC secret) are refused before any signature is checked.
+
+A verified token is remembered per process under a hash of it (bounded, and
+never past its `exp`), so a buyer who retries costs a dictionary lookup, not a
+signature check. Keys come from a JWKS file or URL; a URL is refreshed in the
+background, and a token with an unknown `kid` causes at most one refresh per
+`bff_jwks_min_refresh` seconds (a flood of made-up kids cannot hammer the
+issuer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import time
+import urllib.request
+from dataclasses import dataclass
+from typing import Any
+
+import jwt
+
+from engine.config import Settings, mask_url
+from engine.errors import ConfigError, ServiceUnavailable, UsageError
+from engine.gate.client import validate_id
+
+log = logging.getLogger("seckill.bff.auth")
+
+# the key type each configured algorithm must be verified with
+KEY_TYPE = {"RS256": "RSA", "ES256": "EC", "EdDSA": "OKP", "HS256": "oct"}
+REQUIRED_CLAIMS = ["iss", "aud", "exp", "sub"]
+
+
+class Unauthenticated(UsageError):
+    """No token, or one that is malformed, expired, wrongly signed or not for us (401)."""
+
+
+class Forbidden(UsageError):
+    """A verified caller asking for what belongs to another user (403)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    user_id: int
+    expires: float
+
+
+def is_url(source: str) -> bool:
+    return source.startswith(("http://", "https://"))
+
+
+def read_jwks(source: str, timeout: float) -> dict[str, jwt.PyJWK]:
+    """The keys of a JWKS file or URL by `kid`; a URL is fetched with `timeout`."""
+    try:
+        if is_url(source):
+            with urllib.request.urlopen(source, timeout=timeout) as reply:  # noqa: S310
+                data = json.loads(reply.read(1 << 20))
+        else:
+            with open(source, encoding="utf-8") as f:
+                data = json.load(f)
+        keys = jwt.PyJWKSet.from_dict(data).keys
+    except (OSError, ValueError, jwt.PyJWTError) as exc:
+        raise ServiceUnavailable(f"JWKS at {mask_url(source)}: {exc}") from exc
+    if any("d" in k._jwk_data for k in keys):  # a private RSA, EC or OKP key
+        log.warning("the JWKS at %s holds private key material", mask_url(source),
+                    extra={"event": "bff_jwks_private"})
+    return {str(k.key_id or ""): k for k in keys}
+
+
+class KeySet:
+    """The issuer's public keys, reloaded in the background when they come from a URL."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.source = settings.bff_jwks
+        self.timeout = settings.connect_timeout
+        self.refresh_every = settings.bff_jwks_refresh
+        self.min_refresh = settings.bff_jwks_min_refresh
+        self.keys: dict[str, jwt.PyJWK] = {}
+        self.loaded_at = float("-inf")
+        self._refreshing: asyncio.Future[None] | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def load(self) -> None:
+        """Load now (at start): no usable key is a configuration error."""
+        self.keys = read_jwks(self.source, self.timeout)
+        self.loaded_at = time.monotonic()
+        if not self.keys:
+            raise ConfigError(f"bff_jwks: no usable key in {mask_url(self.source)}")
+
+    async def refresh(self) -> None:
+        """Reload once; concurrent callers share the one fetch."""
+        if self._refreshing is not None:
+            return await asyncio.shield(self._refreshing)
+        self._refreshing = asyncio.get_running_loop().create_future()
+        try:
+            keys = await asyncio.to_thread(read_jwks, self.source, self.timeout)
+            if keys:
+                self.keys = keys
+            self.loaded_at = time.monotonic()
+        except ServiceUnavailable as exc:
+            self.loaded_at = time.monotonic()  # a failed fetch also waits out min_refresh
+            log.warning("JWKS refresh failed: %s", exc, extra={"event": "bff_jwks_failed"})
+        finally:
+            self._refreshing.set_result(None)
+            self._refreshing = None
+
+    async def unknown_kid(self) -> None:
+        """A token named a key we do not have: refresh, at most once per min_refresh."""
+        if time.monotonic() - self.loaded_at >= self.min_refresh:
+            await self.refresh()
+
+    def start(self) -> None:
+        if is_url(self.source) and self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._refresh_forever())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _refresh_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.refresh_every)
+            await self.refresh()
+
+
+class Verifier:
+    """Bearer token -> user ID, with a bounded per-process cache of verified tokens."""
+
+    def __init__(self, settings: Settings, keyset: KeySet | None = None) -> None:
+        self.algorithms = frozenset(settings.jwt_algorithms())
+        self.issuer = settings.bff_jwt_issuer
+        self.audience = settings.bff_jwt_audience
+        self.keyset = keyset or KeySet(settings)
+        self.cache_size = settings.bff_token_cache
+        self.cache: dict[bytes, Caller] = {}
+
+    async def caller(self, authorization: bytes | None) -> int:
+        """The user ID of a valid `Authorization: Bearer` header, else Unauthenticated."""
+        if not authorization:
+            raise Unauthenticated("a bearer token is required")
+        scheme, _, token = authorization.partition(b" ")
+        token = token.strip()
+        if scheme.lower() != b"bearer" or not token:
+            raise Unauthenticated("expected Authorization: Bearer <token>")
+        digest = hashlib.blake2b(token, digest_size=16).digest()
+        hit = self.cache.get(digest)
+        if hit is not None:
+            if hit.expires > time.time():
+                return hit.user_id
+            del self.cache[digest]
+        caller = await self._verify(token)
+        self._remember(digest, caller)
+        return caller.user_id
+
+    def _remember(self, digest: bytes, caller: Caller) -> None:
+        if not self.cache_size:
+            return
+        if len(self.cache) >= self.cache_size:
+            now = time.time()
+            for key in [k for k, c in self.cache.items() if c.expires <= now]:
+                del self.cache[key]
+            while len(self.cache) >= self.cache_size:  # oldest first
+                del self.cache[next(iter(self.cache))]
+        self.cache[digest] = caller
+
+    async def _verify(self, token: bytes) -> Caller:
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError:
+            raise Unauthenticated("malformed token") from None
+        alg = header.get("alg")
+        if alg not in self.algorithms:
+            raise Unauthenticated(f"algorithm {str(alg)[:20]!r} is not accepted")
+        key = await self._key(header.get("kid"))
+        if key.key_type != KEY_TYPE[alg] or key._jwk_data.get("alg", alg) != alg:
+            raise Unauthenticated("the token's algorithm does not match its key")
+        try:
+            claims = jwt.decode(token, key.key, algorithms=[alg], audience=self.audience,
+                                issuer=self.issuer, options={"require": REQUIRED_CLAIMS})
+        except jwt.ExpiredSignatureError:
+            raise Unauthenticated("token expired") from None
+        except jwt.PyJWTError as exc:
+            raise Unauthenticated(f"invalid token: {exc}") from None
+        try:
+            uid = validate_id("sub", claims["sub"])
+        except UsageError:
+            raise Unauthenticated("sub: expected a positive 64-bit integer") from None
+        return Caller(uid, float(claims["exp"]))
+
+    async def _key(self, kid: Any) -> jwt.PyJWK:
+        kid = "" if kid is None else str(kid)
+        key = self._lookup(kid)
+        if key is None:
+            await self.keyset.unknown_kid()
+            key = self._lookup(kid)
+        if key is None:
+            if not self.keyset.keys:
+                raise ServiceUnavailable("no signing keys loaded from the JWKS")
+            raise Unauthenticated(f"unknown key id {kid[:40]!r}")
+        return key
+
+    def _lookup(self, kid: str) -> jwt.PyJWK | None:
+        keys = self.keyset.keys
+        if not kid and len(keys) == 1:  # a single-key JWKS may leave kid out
+            return next(iter(keys.values()))
+        return keys.get(kid)

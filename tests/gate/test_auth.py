@@ -1,0 +1,327 @@
+"""Identity at the gate: bearer JWTs against the real BFF, Redis and PostgreSQL.
+
+Every refused token must leave the order stream as it was; the JWKS comes from
+a file or from a URL served here; the verified-token cache is tested on the
+verifier itself, where time and keys can be changed under it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import httpx
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from redis.asyncio import Redis
+from support import SECKILL, engine_env, free_port
+from test_bff import Bff
+
+from engine.config import Settings
+from engine.gate.auth import KeySet, Unauthenticated, Verifier
+from engine.gate.client import Gate
+from engine.gate.devkeys import init_keys, mint_token
+from engine.keys import Keys
+
+pytestmark = pytest.mark.timeout(120)
+
+
+class Issuer:
+    """A development key pair and the tokens a test needs, good and bad."""
+
+    def __init__(self, directory: Path, settings: Settings) -> None:
+        self.jwks, self.private = init_keys(directory)
+        self.data = json.loads(self.private.read_text())
+        self.key = jwt.PyJWK(self.data).key
+        self.kid = self.data["kid"]
+        self.iss, self.aud = settings.bff_jwt_issuer, settings.bff_jwt_audience
+
+    def token(self, user: int, ttl: int = 900) -> str:
+        return mint_token(self.private, user, ttl=ttl, issuer=self.iss, audience=self.aud)
+
+    def claims(self, user: int, **changes: object) -> dict[str, object]:
+        now = int(time.time())
+        return {"sub": str(user), "iss": self.iss, "aud": self.aud, "exp": now + 900,
+                **changes}
+
+    def signed(self, claims: dict[str, object], key: object = None, kid: str | None = None,
+               alg: str = "RS256") -> str:
+        return jwt.encode(claims, key or self.key, algorithm=alg,
+                          headers={"kid": kid or self.kid})
+
+
+@pytest.fixture
+def issuer(tmp_path, settings) -> Issuer:
+    return Issuer(tmp_path / "keys", settings)
+
+
+@pytest.fixture
+def auth_settings(settings, issuer) -> Settings:
+    return settings.replace(bff_auth="jwt", bff_jwks=str(issuer.jwks))
+
+
+@pytest.fixture
+def bff(auth_settings):
+    server = Bff(auth_settings)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def gate(settings):
+    redis = Redis.from_url(settings.redis_url)
+    yield Gate(redis, Keys(settings.key_prefix))
+    await redis.aclose()
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {token}"}
+
+
+def bad_tokens(issuer: Issuer, tmp_path: Path) -> dict[str, dict[str, str]]:
+    """Every way a token must be refused, as request headers."""
+    other = Issuer(tmp_path / "other", Settings())  # a key the BFF does not know
+    public_pem = issuer.key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    good = issuer.claims(5)
+    return {
+        "missing": {},
+        "not bearer": {"authorization": "Basic dXNlcjpwdw=="},
+        "malformed": bearer("not.a.token"),
+        "forged": bearer(issuer.signed(good, key=other.key)),  # our kid, their signature
+        "expired": bearer(issuer.signed(issuer.claims(5, exp=int(time.time()) - 60))),
+        "alg none": bearer(jwt.encode(good, None, algorithm="none",
+                                      headers={"kid": issuer.kid})),
+        "wrong aud": bearer(issuer.signed(issuer.claims(5, aud="someone-else"))),
+        "wrong iss": bearer(issuer.signed(issuer.claims(5, iss="https://evil"))),
+        # algorithm confusion: the public key used as an HMAC secret
+        "HS256 with the public key": bearer(_hs256(good, public_pem, issuer.kid)),
+        "unknown kid": bearer(issuer.signed(good, key=other.key, kid=other.kid)),
+        "no sub": bearer(issuer.signed({k: v for k, v in good.items() if k != "sub"})),
+        "sub not an ID": bearer(issuer.signed(issuer.claims(5, sub="alice"))),
+        "no exp": bearer(issuer.signed({k: v for k, v in good.items() if k != "exp"})),
+    }
+
+
+def _hs256(claims: dict[str, object], secret: bytes, kid: str) -> str:
+    """What PyJWT itself refuses to make (a PEM as HMAC key): signed by hand."""
+    import base64
+    import hashlib
+    import hmac
+
+    def b64(raw: bytes) -> bytes:
+        return base64.urlsafe_b64encode(raw).rstrip(b"=")
+
+    head = b64(json.dumps({"alg": "HS256", "typ": "JWT", "kid": kid}).encode())
+    body = b64(json.dumps(claims).encode())
+    sig = b64(hmac.new(secret, head + b"." + body, hashlib.sha256).digest())
+    return (head + b"." + body + b"." + sig).decode()
+
+
+async def test_every_bad_token_is_401_and_writes_nothing(bff, gate, issuer, tmp_path,
+                                                         product_id):
+    await gate.open_sale(product_id, 5)
+    stream = gate.keys.stream(product_id)
+    async with httpx.AsyncClient(base_url=bff.url) as client:
+        for name, headers in bad_tokens(issuer, tmp_path).items():
+            r = await client.post(f"/api/v1/seckill/{product_id}", headers=headers)
+            assert r.status_code == 401, (name, r.status_code, r.text)
+            assert r.headers["www-authenticate"].startswith('Bearer realm="seckill"'), name
+            r = await client.get(f"/api/v1/seckill/{product_id}/users/5", headers=headers)
+            assert r.status_code == 401, (name, r.text)
+        assert await gate.redis.xlen(stream) == 0
+        assert (await gate.sale_state(product_id)).stock == 5
+        # and the same server takes a good token: the refusals were about the tokens
+        r = await client.post(f"/api/v1/seckill/{product_id}", headers=bearer(issuer.token(5)))
+        assert r.status_code == 202, r.text
+    assert await gate.redis.xlen(stream) == 1
+
+
+async def test_the_token_names_the_buyer(bff, gate, issuer, product_id):
+    await gate.open_sale(product_id, 5)
+    buy = f"/api/v1/seckill/{product_id}"
+    async with httpx.AsyncClient(base_url=bff.url) as client:
+        me = bearer(issuer.token(7))
+        r = await client.post(buy, headers=me, json={"user_id": 8})
+        assert r.status_code == 403 and "not the token's user" in r.json()["error"]
+        assert await gate.redis.xlen(gate.keys.stream(product_id)) == 0
+        assert (await client.post(buy, headers=me)).status_code == 202  # no body at all
+        assert (await client.post(buy, headers=me, json={"user_id": 7})).status_code == 409
+        assert (await client.post(buy, headers=me, json={})).status_code == 409
+    entries = await gate.redis.xrange(gate.keys.stream(product_id))
+    assert [e[1][b"uid"] for e in entries] == [b"7"]
+
+
+async def test_orders_only_for_their_owner(bff, gate, issuer, product_id):
+    await gate.open_sale(product_id, 5)
+    async with httpx.AsyncClient(base_url=bff.url) as client:
+        alice, bob = bearer(issuer.token(21)), bearer(issuer.token(22))
+        assert (await client.post(f"/api/v1/seckill/{product_id}", headers=alice)
+                ).status_code == 202
+        r = await client.get(f"/api/v1/seckill/{product_id}/users/21", headers=bob)
+        assert r.status_code == 403
+        r = await client.get(f"/api/v1/seckill/{product_id}/users/21", headers=alice)
+        assert (r.status_code, r.json()) == (200, {"state": "PENDING"})
+        r = await client.get(f"/api/v1/seckill/{product_id}/order", headers=alice)
+        assert (r.status_code, r.json()) == (200, {"state": "PENDING"})
+        r = await client.get(f"/api/v1/seckill/{product_id}/order", headers=bob)
+        assert r.status_code == 404  # bob's own order: he has none
+        r = await client.get(f"/api/v1/seckill/{product_id}/order")
+        assert r.status_code == 401
+
+
+def test_refuses_to_start_without_keys(settings):
+    port = free_port()
+    done = subprocess.run([SECKILL, "bff", "--port", str(port), "--workers", "1"],
+                          env=engine_env(settings, bff_auth="jwt", bff_jwks=""),
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "bff_auth = 'jwt' needs bff_jwks" in done.stderr
+
+
+async def test_without_auth_healthz_says_so(settings):
+    server = Bff(settings.replace(bff_auth="none"))
+    try:
+        health = httpx.get(server.url + "/healthz").json()
+    finally:
+        server.stop()
+    assert health["auth"] == "none" and "anyone can buy" in health["warning"]
+
+
+def test_token_command_mints_what_the_bff_accepts(tmp_path, settings):
+    keydir = tmp_path / "k"
+    done = subprocess.run([SECKILL, "keys", "init", "--dir", str(keydir)], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    private = keydir / "private" / "signing-key.json"
+    assert (private.parent.stat().st_mode & 0o777, private.stat().st_mode & 0o777) == (
+        0o700, 0o600)
+    assert "d" not in json.loads((keydir / "jwks.json").read_text())["keys"][0]
+    done = subprocess.run([SECKILL, "token", "--user", "99", "--ttl", "2m", "--key",
+                           str(private)], capture_output=True, text=True, timeout=60,
+                          env=engine_env(settings))
+    assert done.returncode == 0, done.stderr
+    claims = jwt.decode(done.stdout.strip(), options={"verify_signature": False})
+    assert claims["sub"] == "99" and 110 <= claims["exp"] - claims["iat"] <= 120
+
+
+# -- the verifier itself: keys from a URL, the cache -----------------------------------
+
+
+class JwksServer:
+    """A JWKS URL whose keys a test swaps, counting the fetches."""
+
+    def __init__(self, jwks: dict[str, object]) -> None:
+        self.jwks, self.fetches = jwks, 0
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+                owner.fetches += 1
+                body = json.dumps(owner.jwks).encode()
+                self.send_response(200)
+                self.send_header("content-type", "application/json")
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/jwks.json"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+async def test_unknown_kid_refreshes_a_url_once_per_interval(tmp_path, settings):
+    first, second = Issuer(tmp_path / "a", settings), Issuer(tmp_path / "b", settings)
+    server = JwksServer(json.loads(first.jwks.read_text()))
+    try:
+        s = settings.replace(bff_jwks=server.url, bff_jwks_min_refresh=30.0)
+        keyset = KeySet(s)
+        keyset.load()
+        verifier = Verifier(s, keyset)
+        assert await verifier.caller(f"Bearer {first.token(1)}".encode()) == 1
+        # the issuer rotates to a new key: the first token with its kid refreshes the set
+        server.jwks = json.loads(second.jwks.read_text())
+        keyset.loaded_at -= 60  # the last load was long ago
+        assert await verifier.caller(f"Bearer {second.token(2)}".encode()) == 2
+        assert server.fetches == 2
+        # made-up kids cannot make us fetch again within the interval
+        for n in range(5):
+            token = first.signed(first.claims(3), kid=f"made-up-{n}")
+            with pytest.raises(Unauthenticated, match="unknown key id"):
+                await verifier.caller(f"Bearer {token}".encode())
+        assert server.fetches == 2
+    finally:
+        server.close()
+
+
+async def test_background_refresh_of_a_url(tmp_path, settings):
+    first, second = Issuer(tmp_path / "a", settings), Issuer(tmp_path / "b", settings)
+    server = JwksServer(json.loads(first.jwks.read_text()))
+    try:
+        keyset = KeySet(settings.replace(bff_jwks=server.url, bff_jwks_refresh=0.2))
+        keyset.load()
+        keyset.start()
+        server.jwks = json.loads(second.jwks.read_text())
+        deadline = time.monotonic() + 20
+        while second.kid not in keyset.keys:
+            assert time.monotonic() < deadline, "the key set was not refreshed"
+            await asyncio.sleep(0.05)
+        await keyset.stop()
+    finally:
+        server.close()
+
+
+async def test_cached_tokens_skip_the_signature_but_never_outlive_exp(issuer, settings):
+    keyset = KeySet(settings.replace(bff_jwks=str(issuer.jwks)))
+    keyset.load()
+    verifier = Verifier(settings.replace(bff_token_cache=2), keyset)
+    short = f"Bearer {issuer.token(1, ttl=2)}".encode()
+    assert await verifier.caller(short) == 1
+    saved, keyset.keys = keyset.keys, {}  # a cached token no longer needs the key
+    assert await verifier.caller(short) == 1
+    keyset.keys = saved
+    await asyncio.sleep(max(0.0, verifier.cache[next(iter(verifier.cache))].expires
+                            - time.time()) + 0.1)
+    with pytest.raises(Unauthenticated, match="expired"):
+        await verifier.caller(short)
+    for user in (2, 3, 4):  # bounded: the oldest entries go first
+        await verifier.caller(f"Bearer {issuer.token(user)}".encode())
+    assert len(verifier.cache) == 2
+
+
+async def test_hs256_only_when_configured_and_only_with_a_secret_key(issuer, tmp_path, settings):
+    secret = b"s" * 32
+    oct_key = {"kty": "oct", "kid": "shared", "k": jwt.utils.base64url_encode(secret).decode()}
+    rsa_jwks = json.loads(issuer.jwks.read_text())
+    path = tmp_path / "mixed.json"
+    path.write_text(json.dumps({"keys": [*rsa_jwks["keys"], oct_key]}))
+    public_pem = issuer.key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    hs_token = f"Bearer {issuer.signed(issuer.claims(4), key=secret, kid='shared', alg='HS256')}"
+    confused = f"Bearer {_hs256(issuer.claims(4), public_pem, issuer.kid)}"
+
+    def verifier(algorithms: str) -> Verifier:
+        s = settings.replace(bff_jwks=str(path), bff_jwt_algorithms=algorithms)
+        keyset = KeySet(s)
+        keyset.load()
+        return Verifier(s, keyset)
+
+    with pytest.raises(Unauthenticated, match="not accepted"):
+        await verifier("RS256").caller(hs_token.encode())
+    both = verifier("RS256,HS256")
+    assert await both.caller(hs_token.encode()) == 4
+    # HS256 is allowed now, but the kid names an RSA key: still no confusion
+    with pytest.raises(Unauthenticated, match="does not match its key"):
+        await both.caller(confused.encode())
