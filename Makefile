@@ -121,6 +121,8 @@ clean:
 	rm -rf $(VENV) build *.egg-info
 
 # A flash-sale rehearsal: LOADTEST_ARGS="--users 5000 --run-time 60s --stock 500 --engine"
+# Fails, each reason printed, on any 5xx or timeout, failures above --max-failure-ratio
+# (default 0.001), Locust itself failing, or a violated invariant (loadtest/judge.py, verify.py).
 LOADTEST_ARGS ?= --users 2000 --spawn-rate 500 --run-time 30s --stock 300 --engine
 # Locust's users log in: tokens minted from the development key of `seckill keys init`
 loadtest: venv services

@@ -1,8 +1,11 @@
 """`make loadtest` (`python -m loadtest.run`): a flash-sale rehearsal, then the verifier.
 
-Opens a sale, starts the HTTP gate (and, with --engine, the engine), runs
-Locust headless, writes CSV and HTML reports to loadtest/reports/, waits for
-the engine to drain, and exits non-zero if any invariant is violated.
+Opens a sale, starts the HTTP gate (or uses the one at --host; with --engine,
+starts the engine too), runs Locust headless, writes CSV and HTML reports to
+loadtest/reports/, waits for the engine to drain, and exits non-zero, with the
+reasons printed, if Locust's own reports fail the run (Locust failed, any 5xx or
+timeout, failures above --max-failure-ratio: see loadtest/judge.py) or any
+invariant is violated.
 """
 
 from __future__ import annotations
@@ -29,9 +32,12 @@ from engine.gate.client import Gate
 from engine.keys import EXCHANGE, GROUP, RK_CREATED, Keys
 from engine.products import Product, upsert_product
 
+from .judge import MAX_FAILURE_RATIO, RehearsalFailed, judge, read_report
 from .verify import report, tried_key, verify
 
 HERE = Path(__file__).resolve().parent
+REPORT_FILES = ("_summary.json", "_stats.csv", "_failures.csv", "_exceptions.csv",
+                "_stats_history.csv")
 BIN = Path(sys.executable).parent
 
 
@@ -101,7 +107,15 @@ def wait_http(url: str, timeout: float = 30) -> None:
             return
         except OSError:
             time.sleep(0.1)
-    raise RuntimeError(f"{url} did not answer")
+    raise RehearsalFailed(f"the BFF did not answer {url} within {timeout:.0f} s")
+
+
+def bff_env(env: dict[str, str]) -> dict[str, str]:
+    """The BFF's environment: without a signing key (SECKILL_LT_SIGNING_KEY) the users
+    send no token, so the BFF must name buyers by the body (bff_auth = "none")."""
+    if env.get("SECKILL_LT_SIGNING_KEY"):
+        return env
+    return dict(env, SECKILL_BFF_AUTH="none")
 
 
 def stop(proc: subprocess.Popen | None) -> None:
@@ -113,8 +127,9 @@ def stop(proc: subprocess.Popen | None) -> None:
             proc.kill()
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m loadtest.run", description=__doc__)
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m loadtest.run", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--users", type=int, default=2000, help="simulated users (each tries once)")
     p.add_argument("--spawn-rate", type=float, default=500, help="users started per second")
     p.add_argument("--run-time", default="30s", help="Locust run time, e.g. 30s or 2m")
@@ -123,44 +138,93 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--engine", action="store_true",
                    help="run the engine too and check rows, instance IDs and events")
     p.add_argument("--bff-workers", type=int, default=2)
+    p.add_argument("--host", help="rehearse against the BFF at this URL (it must use the same "
+                   "Redis) instead of starting one")
+    p.add_argument("--max-failure-ratio", type=float, default=MAX_FAILURE_RATIO,
+                   help="share of failed requests above which the run fails "
+                   "(default %(default)s; any 5xx or timeout fails it anyway)")
+    p.add_argument("--request-timeout", type=float, default=10.0,
+                   help="seconds before a request counts as timed out (default %(default)s)")
     p.add_argument("--reports", type=Path, default=HERE / "reports")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def run_locust(args: argparse.Namespace, host: str, env: dict[str, str],
+               prefix: Path) -> list[str]:
+    """Run Locust headless against `host`; the reasons its own reports fail the run."""
+    say(f"locust: {args.users} users, {args.spawn_rate}/s, {args.run_time}")
+    cmd = [str(BIN / "locust"), "-f", str(HERE / "locustfile.py"), "--headless",
+           "-u", str(args.users), "-r", str(args.spawn_rate), "-t", args.run_time,
+           "--host", host, "--csv", str(prefix), "--html", f"{prefix}.html",
+           "--only-summary", "--stop-timeout", "10"]
+    for stale in REPORT_FILES:  # a report left by an earlier run must not be read as ours
+        Path(f"{prefix}{stale}").unlink(missing_ok=True)
+    # Locust stops by itself after --run-time; the margin covers its start and stop.
+    try:
+        locust = subprocess.run(cmd, env=dict(env, SECKILL_LT_SUMMARY=f"{prefix}_summary.json"),
+                                timeout=_seconds(args.run_time) + 120)
+        returncode = locust.returncode
+    except subprocess.TimeoutExpired:
+        returncode = -1
+    locust_report = read_report(Path(f"{prefix}_summary.json"))
+    counts = ("no stats" if locust_report.requests is None else
+              f"{locust_report.requests} requests, {locust_report.failures} failures")
+    say(f"locust exited with {returncode}: {counts}; reports: {prefix}_stats.csv, "
+        f"{prefix}.html")
+    return judge(returncode, locust_report, args.max_failure_ratio)
+
+
+def _seconds(run_time: str) -> float:
+    """Locust's --run-time (`90`, `30s`, `2m`, `1h30m`) in seconds; 0 if it is not one."""
+    units = {"h": 3600, "m": 60, "s": 1}
+    total, number = 0.0, ""
+    for ch in run_time.strip():
+        if ch.isdigit():
+            number += ch
+        elif ch in units and number:
+            total, number = total + int(number) * units[ch], ""
+        else:
+            return 0.0
+    return total + (int(number) if number else 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     settings = load_settings()
     args.reports.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     sale = asyncio.run(open_sale(settings, args.product, args.stock))
     say(f"sale {sale}: product {args.product}, stock {args.stock}")
     tap = asyncio.run(declare_tap(settings)) if args.engine else None
-    port = free_port()
     env = dict(os.environ, SECKILL_LT_PRODUCT=str(args.product),
-               SECKILL_LT_FINAL="PROCESSING,RUNNING,FAILED")
+               SECKILL_LT_FINAL="PROCESSING,RUNNING,FAILED",
+               SECKILL_LT_TIMEOUT=str(args.request_timeout))
+    host = args.host or f"http://127.0.0.1:{free_port()}"
     bff = engine = None
     try:
-        bff = start([str(BIN / "seckill"), "bff", "--port", str(port), "--workers",
-                     str(args.bff_workers)], env, args.reports / f"{stamp}-bff.log")
+        if args.host is None:
+            bff = start([str(BIN / "seckill"), "bff", "--port", host.rsplit(":", 1)[1],
+                         "--workers", str(args.bff_workers)], bff_env(env),
+                        args.reports / f"{stamp}-bff.log")
         if args.engine:
             engine = start([str(BIN / "seckill"), "run", "--workers", "2"], env,
                            args.reports / f"{stamp}-engine.log")
-        wait_http(f"http://127.0.0.1:{port}/healthz")
-        say(f"locust: {args.users} users, {args.spawn_rate}/s, {args.run_time}")
-        prefix = args.reports / stamp
-        locust = subprocess.run(
-            [str(BIN / "locust"), "-f", str(HERE / "locustfile.py"), "--headless",
-             "-u", str(args.users), "-r", str(args.spawn_rate), "-t", args.run_time,
-             "--host", f"http://127.0.0.1:{port}", "--csv", str(prefix),
-             "--html", f"{prefix}.html", "--only-summary", "--stop-timeout", "10"],
-            env=env)
-        say(f"locust exited with {locust.returncode}; reports: {prefix}_stats.csv, "
-            f"{prefix}.html")
+        wait_http(f"{host.rstrip('/')}/healthz")
+        failed = run_locust(args, host, env, args.reports / stamp)
         if args.engine and not asyncio.run(drained(settings, args.product, 60)):
-            say("the engine did not drain in 60 s")
-            return 1
+            failed.append("the engine did not drain in 60 s")
         problems = asyncio.run(verify(settings, args.product, sale, args.stock,
                                       engine=args.engine, tap=tap))
+    except RehearsalFailed as exc:
+        print(f"LOAD TEST FAILED: {exc} (the verifier did not run)")
+        return 1
     finally:
         stop(bff)
         stop(engine)
-    return report(problems)
+    verdict = report(problems)
+    for reason in failed:
+        print(f"LOAD TEST FAILED: {reason}")
+    return 1 if failed else verdict
 
 
 if __name__ == "__main__":
