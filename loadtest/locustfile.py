@@ -8,6 +8,10 @@ Configured by environment (set by `loadtest/run.py`):
   SECKILL_LT_POLL_LIMIT     seconds a user polls before giving up
   SECKILL_LT_TIMEOUT        seconds before a request (HTTP or Redis) counts as timed out
   SECKILL_LT_SUMMARY        file to write Locust's final totals, failures and exceptions to
+  SECKILL_LT_SIGNING_KEY    private JWK (`seckill keys init`): each user logs in with a token
+                            minted from it for its own user ID; unset = no token (a BFF
+                            with bff_auth = "none")
+  SECKILL_BFF_JWT_ISSUER, SECKILL_BFF_JWT_AUDIENCE: the claims of the minted tokens
   SECKILL_REDIS_URL, SECKILL_KEY_PREFIX: where the tried-users set is kept
 Every user ID that tried is added to `<prefix>loadtest:{<pid>}:tried`, which
 the verifier compares with what the gate accepted.
@@ -36,6 +40,9 @@ from locust.runners import WorkerRunner
 from redis import BlockingConnectionPool, Redis
 from redis.exceptions import TimeoutError as RedisTimeout
 
+from engine.config import load_settings
+from engine.gate.devkeys import DevIssuer
+
 PRODUCT = int(os.environ.get("SECKILL_LT_PRODUCT", "1001"))
 DOUBLE_CLICK = float(os.environ.get("SECKILL_LT_DOUBLE_CLICK", "0.1"))
 RETRY = float(os.environ.get("SECKILL_LT_RETRY", "0.1"))
@@ -47,7 +54,13 @@ PREFIX = os.environ.get("SECKILL_KEY_PREFIX", "")
 REDIS_URL = os.environ.get("SECKILL_REDIS_URL", "redis://127.0.0.1:6379/0")
 TRIED = f"{PREFIX}loadtest:{{{PRODUCT}}}:tried"
 
-_user_ids = itertools.count(int(os.environ.get("SECKILL_LT_FIRST_USER", "1")))
+SIGNING_KEY = os.environ.get("SECKILL_LT_SIGNING_KEY", "")
+FIRST_USER = int(os.environ.get("SECKILL_LT_FIRST_USER", "1"))
+USERS_PER_PROCESS = 10_000_000  # with --processes, each one names its own users
+_user_ids = itertools.count(FIRST_USER)
+_settings = load_settings()
+_issuer = DevIssuer(SIGNING_KEY, issuer=_settings.bff_jwt_issuer,
+                    audience=_settings.bff_jwt_audience) if SIGNING_KEY else None
 # shared by every simulated user: a blocking pool queues them instead of failing
 _redis = Redis(connection_pool=BlockingConnectionPool.from_url(
     REDIS_URL, max_connections=64, timeout=30, socket_timeout=TIMEOUT,
@@ -56,6 +69,15 @@ _redis = Redis(connection_pool=BlockingConnectionPool.from_url(
 TIMEOUTS = (TimeoutError, socket.timeout, gevent.Timeout, RedisTimeout)
 # answers that are correct in a flash sale: accepted, duplicate, sold out, no sale, shed
 SALE_ANSWERS = (202, 409, 410, 404, 429)
+
+
+@events.init.add_listener
+def _own_user_range(environment: Environment, **_: object) -> None:
+    """Each Locust worker process (--processes) counts its users from its own range."""
+    global _user_ids
+    if isinstance(environment.runner, WorkerRunner):
+        _user_ids = itertools.count(FIRST_USER
+                                    + environment.runner.worker_index * USERS_PER_PROCESS)
 
 
 def next_user() -> int:
@@ -83,6 +105,14 @@ def _write_summary(exit_code: int, **_: object) -> None:
                "errors": list(env.stats.serialize_errors().values()),
                "exceptions": sum(int(e["count"]) for e in exceptions)}
     Path(SUMMARY).write_text(json.dumps(summary, indent=1, default=str))
+
+
+def login(user_id: int) -> dict[str, str]:
+    """The headers of a logged-in user: a bearer token for its own ID (what a login
+    service would hand out), or none when the gate runs without authentication."""
+    if _issuer is None:
+        return {}
+    return {"Authorization": f"Bearer {_issuer.token(user_id, ttl=3600)}"}
 
 
 def failure_text(status: int, error: BaseException | None) -> str:
@@ -113,10 +143,12 @@ class FlashSaleBuyer(FastHttpUser):
 
     def on_start(self) -> None:
         self.user_id = next_user()
+        self.auth = login(self.user_id)
 
     def buy(self) -> int:
         with self.client.post(f"/api/v1/seckill/{PRODUCT}", json={"user_id": self.user_id},
-                              name="POST /api/v1/seckill/[pid]", catch_response=True) as r:
+                              headers=self.auth, name="POST /api/v1/seckill/[pid]",
+                              catch_response=True) as r:
             judge(r, SALE_ANSWERS)
             return r.status_code
 
@@ -141,6 +173,7 @@ class FlashSaleBuyer(FastHttpUser):
         deadline = time.monotonic() + POLL_LIMIT
         while time.monotonic() < deadline:
             with self.client.get(f"/api/v1/seckill/{PRODUCT}/users/{self.user_id}",
+                                 headers=self.auth,
                                  name="GET /api/v1/seckill/[pid]/users/[uid]",
                                  catch_response=True) as r:
                 state = r.json().get("state") if r.status_code == 200 else None
