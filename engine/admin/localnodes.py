@@ -40,8 +40,10 @@ OWNER_FILE = "owner.pid"
 KEPT = "kept"  # in OWNER_FILE: no owner process; reap_orphans leaves it alone
 SERVER_PID_FILE = "server.pid"
 PG_DATA = "data"
-# where each kind's server writes its process ID, relative to its directory
-PID_FILES = (SERVER_PID_FILE, f"{PG_DATA}/postmaster.pid")
+# where each kind's server writes its process ID, relative to its directory, and the
+# signal that ends it at once: SIGQUIT is PostgreSQL's immediate shutdown, which (unlike
+# SIGKILL) removes its shared memory segment
+PID_FILES = {SERVER_PID_FILE: signal.SIGKILL, f"{PG_DATA}/postmaster.pid": signal.SIGQUIT}
 HOST = "127.0.0.1"
 RABBIT_BIN_GLOBS = ("/usr/lib/rabbitmq/bin", "/usr/lib/rabbitmq/lib/rabbitmq_server-*/sbin")
 PG_BIN_GLOB = "/usr/lib/postgresql/*/bin"
@@ -316,12 +318,16 @@ def reap_orphans(base: Path | None = None) -> list[Path]:
             continue
         if pid_alive(owner):
             continue
-        for pid_file in PID_FILES:
+        for pid_file, sig in PID_FILES.items():
             with contextlib.suppress(OSError, ValueError, IndexError):
                 pid = int((d / pid_file).read_text().split()[0])
                 if pid_alive(pid) and _started_in(pid, d):
-                    os.kill(pid, signal.SIGKILL)
-                    _gone(pid, 10)
+                    os.kill(pid, sig)
+                    if not _gone(pid, 10):
+                        os.kill(pid, signal.SIGKILL)
+                        _gone(pid, 10)
+        with contextlib.suppress(LocalNodeFailed):
+            remove_stale_segment(d / PG_DATA)  # a postmaster that was killed before
         shutil.rmtree(d, ignore_errors=True)
         reaped.append(d)
     return reaped
@@ -596,6 +602,13 @@ class PostgresNode(LocalNode):
     def _discard(self) -> None:
         # not SIGKILL: the postmaster would leave its shared memory segment behind
         self.stop_immediately()
+        self.remove_stale_segment()
+
+    def remove_stale_segment(self) -> None:
+        """After a SIGKILL (kill()) the postmaster's SysV segment stays; the next start
+        reuses it, but a cluster that is discarded must not leave it behind."""
+        if not self.running():
+            remove_stale_segment(self.data)
 
     def stop_immediately(self) -> None:
         """`pg_ctl stop -m immediate`: no checkpoint, the next start recovers from the WAL."""
@@ -605,3 +618,26 @@ class PostgresNode(LocalNode):
                 self._pg_ctl("-m", "immediate", "-w", "-t", "30", "stop", timeout=40)
             if not _gone(pid, 10):
                 self.kill()
+
+
+def remove_stale_segment(data: Path) -> None:
+    """Remove the SysV segment a dead postmaster of `data` left, once nobody is attached
+    (its ID is on line 7 of postmaster.pid, which a killed postmaster leaves behind)."""
+    try:
+        shm_id = int((data / "postmaster.pid").read_text().splitlines()[6].split()[1])
+    except (FileNotFoundError, IndexError, ValueError):
+        return
+    # the backends notice their postmaster's death and detach within moments
+    with contextlib.suppress(LocalNodeFailed):
+        wait_until(lambda: _attached(shm_id) in (0, None), 10, "backends to detach")
+    if _attached(shm_id) == 0:
+        _run(["ipcrm", "-m", str(shm_id)], timeout=10, what=f"stale segment of {data}")
+
+
+def _attached(shm_id: int) -> int | None:
+    """How many processes are attached to a SysV segment (None: no such segment)."""
+    for row in Path("/proc/sysvipc/shm").read_text().splitlines()[1:]:
+        cols = row.split()  # key shmid perms size cpid lpid nattch ...
+        if int(cols[1]) == shm_id:
+            return int(cols[6])
+    return None

@@ -129,6 +129,18 @@ async def test_postgres_cluster_starts_answers_restarts_and_stops():
     assert shared_server_pids() == shared, "the shared broker or database was touched"
 
 
+def shm_segments() -> set[str]:
+    return {row.split()[1] for row in Path("/proc/sysvipc/shm").read_text().splitlines()[1:]}
+
+
+def test_a_killed_postgres_leaves_no_shared_memory_once_destroyed():
+    before = shm_segments()
+    node = PostgresNode().start()
+    node.kill()  # a crash: the postmaster cannot remove its segment
+    node.destroy()
+    assert node.leftovers() == [] and shm_segments() <= before
+
+
 def test_a_server_that_cannot_start_says_why():
     with RedisNode() as busy:
         clash = RedisNode(port=busy.port)
