@@ -171,6 +171,14 @@ def ticks_between(start: dict[int, int], end: dict[int, int]) -> int:
     return sum(max(0, t - start.get(pid, 0)) for pid, t in end.items())
 
 
+def machine_ticks() -> int:
+    """Busy clock ticks of the whole machine so far, all cores (/proc/stat: user, nice,
+    system, irq, softirq, steal; not idle or iowait)."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in fields[:8])
+    return user + nice + system + irq + softirq + steal
+
+
 def service_cpu(settings: Settings) -> dict[str, float]:
     """user + sys seconds used so far by each service's processes."""
     return {svc: sum(t.values()) / TICK
@@ -190,11 +198,13 @@ class CpuWindow:
         self.t0 = 0.0
         self.start_services: dict[str, dict[int, int]] = {}
         self.start_ours: dict[int, int] = {}
+        self.start_machine = 0
 
     def start(self) -> None:
         self.t0 = time.perf_counter()
         self.start_ours = {p: cpu_ticks(p) for p in self.ours()}
         self.start_services = service_ticks(self.roots)
+        self.start_machine = machine_ticks()
 
     def stop(self, seconds: float | None = None, orders: int = 0) -> dict[str, Any]:
         """Ticks, busy cores and (given `orders`) CPU microseconds per order, by group;
@@ -204,6 +214,8 @@ class CpuWindow:
         elapsed = time.perf_counter() - self.t0 if seconds is None else seconds
         ticks = {"workers": ours,
                  **{k: ticks_between(self.start_services[k], end[k]) for k in end}}
+        # whatever else ran on the machine meanwhile (on a shared box: other people's work)
+        ticks["other"] = max(0, machine_ticks() - self.start_machine - sum(ticks.values()))
         out: dict[str, Any] = {"ticks": ticks, "tick_hz": TICK,
                                "cores_busy": {k: v / TICK / elapsed for k, v in ticks.items()}}
         if orders:

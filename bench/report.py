@@ -212,8 +212,8 @@ def _tick_hz(r: dict[str, Any]) -> int:
 def _cores_table(r: dict[str, Any], cores: int) -> list[str]:
     """Busy cores per group in each phase (median over runs), with the ticks behind them."""
     lines = ["", f"| where the cores went (of {cores}), median | window s | our processes | "
-             "RabbitMQ | PostgreSQL | Redis | all | ticks: ours / RabbitMQ / PostgreSQL / Redis |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "RabbitMQ | PostgreSQL | Redis | all | rest of the machine | ticks: ours / RabbitMQ "
+             "/ PostgreSQL / Redis |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for key, label in LABELS:
         runs = [run for run in runs_of(r, key) if "cores_busy" in run]
         if not runs:
@@ -222,7 +222,8 @@ def _cores_table(r: dict[str, Any], cores: int) -> list[str]:
         ticks = " / ".join(f"{_median(runs, 'ticks', g) or 0:,.0f}" for g in GROUPS)
         lines.append(f"| {label} | {_median(runs, 'seconds') or 0:.1f} | "
                      + " | ".join(f"{busy[g]:.2f}" for g in GROUPS)
-                     + f" | {sum(busy.values()):.2f} | {ticks} |")
+                     + f" | {sum(busy.values()):.2f} | "
+                     f"{_median(runs, 'cores_busy', 'other') or 0.0:.2f} | {ticks} |")
     return lines
 
 
