@@ -11,6 +11,7 @@ import pamqp.frame
 import pytest
 from pamqp import commands, header
 from pamqp.body import ContentBody
+from support import wait_for
 
 from engine.errors import PublishFailed
 from engine.keys import CONTENT_TYPE, EXCHANGE, RK_CREATED
@@ -119,18 +120,21 @@ async def test_concurrent_batches_share_one_reconnect(settings, monkeypatch):
     import engine.pipeline.publisher as publisher_module
 
     opened = []
+    reconnecting, release = asyncio.Event(), asyncio.Event()
     real_connect = publisher_module.connect_amqp
 
-    async def counting_connect(s):
+    async def held_connect(s):
         conn = await real_connect(s)
         opened.append(conn)
+        if len(opened) == 2:  # the reconnect: held until every other batch has come
+            reconnecting.set()
+            await release.wait()
         return conn
 
-    monkeypatch.setattr(publisher_module, "connect_amqp", counting_connect)
+    monkeypatch.setattr(publisher_module, "connect_amqp", held_connect)
     publisher = ConfirmPublisher(settings, RK_CREATED, "INSTANCE_CREATED")
 
     async def batch(i: int) -> list[str]:
-        await asyncio.sleep(i * 0.003)  # staggered, as batches finish their logging
         return await publisher.publish([Message(b"x", f"m{i}")], 10)
 
     try:
@@ -138,11 +142,23 @@ async def test_concurrent_batches_share_one_reconnect(settings, monkeypatch):
         first = publisher._conn
         await first.close()  # as a broker restart would
         assert not publisher.connected
-        outcomes = await asyncio.gather(*(batch(i) for i in range(8)))
+        batches = [asyncio.create_task(batch(0))]
+        await asyncio.wait_for(reconnecting.wait(), 10)  # batch 0 is reconnecting
+        batches += [asyncio.create_task(batch(i)) for i in range(1, 8)]
+
+        async def the_others_came() -> bool:
+            # each waits for the reconnect (or, were it not shared, opens one of its own)
+            waiting = len(publisher._connecting._waiters or ())
+            return waiting + len(opened) - 2 == 7
+        await wait_for(the_others_came, 10, "seven batches behind the reconnect",
+                       interval=0.01)
+        release.set()
+        outcomes = await asyncio.wait_for(asyncio.gather(*batches), 30)
         assert outcomes == [[CONFIRMED]] * 8
         assert len(opened) == 2  # the first connect, then one reconnect for all eight
         assert publisher.connected and publisher._conn is opened[1]
     finally:
+        release.set()
         await publisher.close()
         for conn in opened:
             await conn.close()
