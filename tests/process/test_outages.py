@@ -21,7 +21,6 @@ from support import (
     rows_at_least,
     table_locked,
     wait_for,
-    workers_are,
 )
 
 from bench.enginerun import cpu_seconds
@@ -108,8 +107,8 @@ async def _has_errors(redis, keys, product_id) -> bool:
 async def test_hung_worker_is_killed_and_replaced(settings, product_id):
     engine = EngineProcess(settings, workers=1, heartbeat_timeout=2)
     try:
-        await wait_for(lambda: workers_are(engine, 1), 20, "one worker")
-        await asyncio.sleep(1)
+        # booted: its heartbeat runs, so a silence now is a hang, not a slow boot
+        await wait_for(lambda: engine.booted(1), 20, "one booted worker")
         (victim,) = engine.children()
         os.kill(victim, signal.SIGSTOP)
         await wait_for(lambda: _replaced_one(engine, victim), 30, "the hung worker replaced")
