@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
+import re
 
 import orjson
 import pytest
@@ -23,6 +23,8 @@ from engine.pipeline.orders import Entry
 from engine.pipeline.reader import delivery_counts
 from engine.pipeline.settle import record_errors
 from engine.process.worker import consumer_name
+
+RETRY_WAIT = re.compile(r"batch attempt \d+ failed, retrying in ([0-9.]+)s")
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -138,6 +140,11 @@ async def test_delivery_counts_are_found_among_other_pending_entries(redis, keys
     assert await delivery_counts(redis, stream.encode(), asked, "c1") == dict.fromkeys(asked, 3)
 
 
+def _retried_for(output: str) -> float:
+    """Seconds a batch has spent waiting between failed attempts, by its own log."""
+    return sum(float(s) for s in RETRY_WAIT.findall(output))
+
+
 async def _xlen(redis, key, n) -> bool:
     return await redis.xlen(key) == n
 
@@ -159,12 +166,14 @@ async def test_dead_letters_stay_claimed_while_the_lookup_is_retried(
         async with table_locked(settings.pg_dsn, "products", "ACCESS EXCLUSIVE"):
             await push_orders(redis, keys, product_id, range(1, 21))
             await redis.xadd(keys.stream(product_id), {"ts": "1"})  # no uid: a dead letter
-            await asyncio.sleep(6)  # three times claim_idle_ms of lookups failing
+
+            async def failed_long_enough() -> bool:  # three times claim_idle_ms
+                return _retried_for(engine.output()) >= 6.0
+            await wait_for(failed_long_enough, 60, "6 s of failing lookups")
         await wait_for(lambda: all_done(settings, redis, keys, [product_id], 20), 60,
                        "orders once the lookup works again")
         await wait_for(lambda: _xlen(redis, keys.dlq(product_id), 1), 30, "the dead letter")
-        await asyncio.sleep(1)
     finally:
-        engine.stop()
+        engine.stop()  # drains: a janitor's batch still in flight would write its letter
     letters = await redis.xrange(keys.dlq(product_id))
     assert [f[b"reason"] for _, f in letters] == [b"bad_entry"]
