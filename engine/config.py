@@ -33,7 +33,8 @@ class Settings:
     """Connection and tuning settings of every seckill process."""
 
     # -- services ---------------------------------------------------------
-    redis_url: str = _doc("Redis URL of the gate and the order streams.",
+    redis_url: str = _doc("Redis URL of the gate and the order streams; a Redis Cluster is "
+                          "redis+cluster://host:port,host:port/0 (any of its masters).",
                           default="redis://127.0.0.1:6379/0")
     amqp_url: str = _doc("RabbitMQ URL (vhost in the path).",
                          default="amqp://guest:guest@127.0.0.1:5672/")
@@ -185,7 +186,7 @@ _POSITIVE_FLOAT = {
     "bff_jwks_refresh", "bff_jwks_min_refresh",
 }
 _SCHEMES = {
-    "redis_url": ("redis", "rediss", "unix"),
+    "redis_url": ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster"),
     "amqp_url": ("amqp", "amqps"),
     "pg_dsn": ("postgresql", "postgres"),
 }

@@ -10,13 +10,16 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
+from urllib.parse import unquote, urlsplit
 
 import aiormq
 import asyncpg
+import redis as sync_redis_lib
 from redis.asyncio import Redis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import Connection as RedisConnection
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from engine.config import Settings, mask_url
 from engine.errors import ServiceError, ServiceUnavailable, one_line
@@ -29,6 +32,10 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
     asyncio.TimeoutError,
     RedisError,
+    # the cluster client's own failures (no slot covered, too many redirections while a
+    # reshard or failover settles, a transaction spanning slots) are not RedisErrors;
+    # MOVED, ASK, TRYAGAIN and CLUSTERDOWN replies are (ResponseError / ClusterError)
+    RedisClusterException,
     aiormq.exceptions.AMQPError,
     # aiormq's "the channel is closed" is a RuntimeError, not an AMQPError: a broker
     # restart raises it from any channel call, and it passes like the outage does
@@ -46,6 +53,70 @@ PG_ERRORS: tuple[type[BaseException], ...] = (
 # What a long-running loop retries with backoff: the outages above, and our own named
 # service failures (ServiceUnavailable from a reconnect, PublishFailed, DatabaseFailed).
 RETRYABLE: tuple[type[BaseException], ...] = (ServiceError, *TRANSIENT_ERRORS)
+# What any Redis call may raise when Redis (one server or a cluster) fails or moves.
+REDIS_ERRORS: tuple[type[BaseException], ...] = (
+    RedisError, RedisClusterException, OSError, TimeoutError)
+
+# `redis+cluster://[user:password@]host:port,host:port/0`: a Redis Cluster, found from
+# any of the listed nodes (list two or three: one that is down is skipped).
+CLUSTER_SCHEMES = {"redis+cluster": False, "rediss+cluster": True}
+
+
+def is_cluster_url(url: str) -> bool:
+    return urlsplit(url).scheme in CLUSTER_SCHEMES
+
+
+def cluster_startup(url: str) -> tuple[list[tuple[str, int]], dict[str, Any]]:
+    """The (host, port) startup nodes and the connection options of a cluster URL."""
+    parts = urlsplit(url)
+    userinfo, _, hosts = parts.netloc.rpartition("@")
+    options: dict[str, Any] = {"ssl": CLUSTER_SCHEMES[parts.scheme]}
+    if userinfo:
+        user, _, password = userinfo.partition(":")
+        options.update(username=unquote(user) or None, password=unquote(password) or None)
+    nodes = []
+    for item in hosts.split(","):
+        host, _, port = item.strip().rpartition(":")
+        if not host:
+            host, port = port, "6379"
+        nodes.append((host.strip("[]"), int(port)))
+    return nodes, options
+
+
+def is_cluster(client: object) -> bool:
+    """Whether `client` talks to a Redis Cluster (per-slot commands) or one server."""
+    return isinstance(client, RedisCluster | sync_redis_lib.RedisCluster)
+
+
+def redis_client(settings: Settings, **kwargs: Any) -> Redis:
+    """An asyncio client of `redis_url`, one server or a cluster, not yet connected.
+
+    A `RedisCluster` offers the same command methods as `Redis`, so callers keep one
+    type; the few that must split work by slot ask `is_cluster()`.
+    """
+    options: dict[str, Any] = dict(
+        socket_connect_timeout=settings.connect_timeout,
+        socket_timeout=settings.redis_socket_timeout(), socket_keepalive=True)
+    options.update(kwargs)
+    if not is_cluster_url(settings.redis_url):
+        return Redis.from_url(settings.redis_url, connection_class=ResetSafeConnection,
+                              **options)
+    nodes, auth = cluster_startup(settings.redis_url)
+    options.pop("max_connections", None)  # per node in a cluster: its own default
+    # (the asyncio RedisCluster takes no connection_class: ResetSafeConnection is not used)
+    return cast(Redis, RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in nodes],
+                                    **auth, **options))
+
+
+def sync_redis(settings: Settings, *, timeout: float) -> sync_redis_lib.Redis:
+    """A blocking client of `redis_url` (stats, the scrape-time gauges), cluster or not."""
+    if not is_cluster_url(settings.redis_url):
+        return sync_redis_lib.Redis.from_url(settings.redis_url, socket_timeout=timeout,
+                                             socket_connect_timeout=timeout)
+    nodes, auth = cluster_startup(settings.redis_url)
+    return cast(sync_redis_lib.Redis, sync_redis_lib.RedisCluster(
+        startup_nodes=[sync_redis_lib.cluster.ClusterNode(h, p) for h, p in nodes],
+        socket_timeout=timeout, socket_connect_timeout=timeout, **auth))
 
 
 async def connect_redis(settings: Settings, **kwargs: Any) -> Redis:
@@ -54,13 +125,13 @@ async def connect_redis(settings: Settings, **kwargs: Any) -> Redis:
     Every command has a socket timeout, so a server that stops answering fails the
     command (a retryable RedisError) instead of hanging it while the heartbeat beats on.
     """
-    client = Redis.from_url(settings.redis_url, connection_class=ResetSafeConnection,
-                            socket_connect_timeout=settings.connect_timeout,
-                            socket_timeout=settings.redis_socket_timeout(),
-                            socket_keepalive=True, **kwargs)
+    client = redis_client(settings, **kwargs)
     try:
+        if is_cluster(client):  # learns the slot map from the first node that answers
+            await asyncio.wait_for(cast(RedisCluster, client).initialize(),
+                                   settings.connect_timeout)
         await asyncio.wait_for(client.ping(), settings.connect_timeout)
-    except (TimeoutError, RedisError, OSError) as exc:
+    except REDIS_ERRORS as exc:
         await client.aclose()
         raise ServiceUnavailable(f"Redis at {mask_url(settings.redis_url)}: {_why(exc)}") from exc
     return client
@@ -104,6 +175,7 @@ def _why(exc: BaseException) -> str:
     if isinstance(exc, socket.gaierror):
         return "host name not found"
     return one_line(exc)
+
 
 class ResetSafeConnection(RedisConnection):
     """A Redis connection that fails a write to a reset connection as a connection error.

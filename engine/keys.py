@@ -78,7 +78,9 @@ class Keys:
         return f"{self.prefix}stream:seckill:{{{pid}}}{DLQ_SUFFIX}"
 
     def node(self, node_id: int) -> str:
-        return f"{self.prefix}seckill:node:{node_id}"
+        """A snowflake node-ID lease. Every lease shares the hash tag `{node}`, so the
+        script that tries them all runs on one Redis Cluster slot."""
+        return f"{self.prefix}seckill:{{node}}:{node_id}"
 
     @property
     def status_dlq(self) -> str:

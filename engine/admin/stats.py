@@ -42,7 +42,7 @@ import orjson
 from redis import Redis
 
 from engine.config import Settings
-from engine.connections import connect_pg
+from engine.connections import connect_pg, sync_redis
 from engine.keys import GROUP, Keys
 from engine.sale_figures import SaleFigures, read_figures
 
@@ -213,7 +213,7 @@ def table(stats: list[SaleStats]) -> str:
 
 async def stats_command(settings: Settings, *, watch: float | None = None,
                         as_json: bool = False) -> int:
-    redis = Redis.from_url(settings.redis_url, socket_timeout=settings.connect_timeout)
+    redis = sync_redis(settings, timeout=settings.connect_timeout)
     try:
         while True:
             stats = await collect(settings, redis)

@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from engine.config import Settings, load_settings
 from engine.connections import PG_ERRORS, connect_redis, create_pg_pool
@@ -54,7 +54,7 @@ CHALLENGE = b'Bearer realm="seckill"'
 NO_AUTH_WARNING = ("bff_auth = 'none': no token is checked, the body's user_id names the "
                    "buyer, so anyone can buy and read orders for anyone")
 # what a failed or unreachable service raises, beyond our own ServiceUnavailable
-REDIS_ERRORS = (RedisError, OSError, TimeoutError)
+REDIS_ERRORS = (RedisError, RedisClusterException, OSError, TimeoutError)
 UNAVAILABLE = {"buy": "the gate is unavailable, try again",
                "order": "order state is unavailable, try again"}
 

@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Literal
 
 from redis.asyncio import Redis
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import NoScriptError, ResponseError
 
+from engine.connections import REDIS_ERRORS
 from engine.errors import InvalidInput, SaleStateCorrupt, ServiceUnavailable
 from engine.keys import GROUP, Keys
 
@@ -111,7 +112,7 @@ class _Script:
             if str(exc).startswith(BADSTATE + " "):
                 raise SaleStateCorrupt(f"Redis: {str(exc)[len(BADSTATE) + 1:]}") from exc
             raise
-        except (RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             raise ServiceUnavailable(f"Redis: {exc}") from exc
 
     async def _evalsha(self, keys: list[str], args: list[str | int]) -> object:
@@ -241,7 +242,7 @@ class Gate:
                 if "BUSYGROUP" not in str(exc):
                     raise
             await self.redis.sadd(k.streams, pid)
-        except (RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             raise ServiceUnavailable(f"Redis: {exc}") from exc
         return sale_id
 
@@ -251,7 +252,7 @@ class Gate:
         try:
             await self.redis.delete(self.keys.stock(pid), self.keys.sale(pid),
                                     self.keys.window(pid))
-        except (RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             raise ServiceUnavailable(f"Redis: {exc}") from exc
 
     async def schedule(self, product_id: int) -> tuple[str | None, int | None, Window, int]:

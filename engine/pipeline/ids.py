@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from engine.errors import ClockMovedBackwards, InvalidInput, LeaseLost, NoFreeNodeId
 from engine.keys import Keys
@@ -140,7 +140,9 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
-# try node IDs from a random start; first free one wins, in one round trip
+# try node IDs from a random start; first free one wins, in one round trip. KEYS[1] is
+# lease 0: every lease key shares its hash tag, so on a Redis Cluster the script runs on
+# the node serving that one slot and every key it builds (ARGV[5] .. node) is local.
 ACQUIRE = """
 local n = tonumber(ARGV[3])
 local start = tonumber(ARGV[4])
@@ -179,10 +181,11 @@ class NodeLease:
 
     async def acquire(self) -> int:
         sent = self._clock()
-        # The key prefix is passed as data: the script builds every key name it may try,
-        # which is why it cannot declare them in KEYS (nodes are not a cluster concern).
-        node = await self.redis.eval(ACQUIRE, 0, self.owner, self.ttl_ms, MAX_NODES,
-                                     random.randrange(MAX_NODES), self.keys.node(0)[:-1])
+        # The script builds the 1,024 key names it may try from ARGV[5]; the one key it
+        # declares routes it to their common slot on a cluster.
+        node = await self.redis.eval(ACQUIRE, 1, self.keys.node(0), self.owner, self.ttl_ms,
+                                     MAX_NODES, random.randrange(MAX_NODES),
+                                     self.keys.node(0)[:-1])
         node = int(node)
         if node < 0:
             raise NoFreeNodeId(f"all {MAX_NODES} snowflake node IDs are leased by live "
@@ -225,6 +228,6 @@ class NodeLease:
             try:
                 if not await self.renew():
                     raise LeaseLost(f"node {self.node_id}: lease taken by someone else")
-            except RedisError as exc:
+            except (RedisError, RedisClusterException) as exc:
                 # check() starts failing by itself once the lease could have expired
                 log.warning("renewing node %d failed: %s", self.node_id, exc)

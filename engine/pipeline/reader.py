@@ -1,21 +1,32 @@
-"""Reading every open sale's stream with one XREADGROUP call.
+"""Reading every open sale's stream with one XREADGROUP call (per slot on a cluster).
 
 A worker first re-reads its own pending entries (cursor `0`, then the last ID
 seen) and switches a stream to `>` once nothing of its own is left there, so
 a respawned worker in the same slot finishes what its predecessor held.
 The per-stream COUNT adapts to how many streams actually have orders, so one
 busy sale among a thousand idle ones still gets full batches.
+
+On a Redis Cluster one command cannot name keys of two slots (CROSSSLOT), so the
+streams are grouped by slot and read with one non-blocking XREADGROUP per slot, sent
+as one pipeline (one round trip per node, the nodes in parallel). Between sweeps of
+every slot (at most one per `block_ms`) only the slots that had entries last time are
+read; when nothing came, the one blocking wait is an XREADGROUP BLOCK on the slot
+that had orders last, up to the next full sweep: an idle engine sleeps, a busy sale
+wakes it at once, and a sale that starts elsewhere is seen within `block_ms`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.crc import key_slot
 from redis.exceptions import ResponseError
 
+from engine.connections import is_cluster
 from engine.keys import GROUP, Keys
 from engine.pipeline.orders import TOO_MANY_DELIVERIES, DeadLetter, Entry
 from engine.pipeline.settle import last_errors
@@ -54,6 +65,11 @@ class StreamReader:
         # Streams that had entries at the last read; until we know, assume all of them,
         # so one read never returns more than about one batch.
         self._active = 1 << 30
+        self.cluster = is_cluster(redis)
+        self._slots: dict[bytes, int] = {}  # cluster: the slot of each stream
+        self._hot: list[int] = []  # cluster: slots that had entries at the last read
+        self._last_hot: int | None = None  # cluster: the slot to block on when idle
+        self._next_sweep = 0.0  # cluster: when every slot is read again
 
     async def discover(self) -> int:
         """Pick up streams of newly opened sales; returns how many were new."""
@@ -64,6 +80,7 @@ class StreamReader:
             if stream not in self.cursors:
                 await ensure_group(self.redis, stream)
                 self.cursors[stream] = b"0"
+                self._slots[stream] = key_slot(stream)
                 new += 1
         if new:
             self._found.set()
@@ -81,6 +98,8 @@ class StreamReader:
         # something per stream, and one entry per stream would pay it for every order
         count = max(MIN_PER_STREAM, self.batch_size // min(self._active, len(self.cursors)))
         recovering = any(c != NEW for c in self.cursors.values())
+        if self.cluster:
+            return await self._collect(await self._read_slots(count, recovering))
         try:
             reply = await self.redis.xreadgroup(
                 GROUP, self.consumer, self.cursors, count=count,  # type: ignore[arg-type]
@@ -92,6 +111,48 @@ class StreamReader:
                 await ensure_group(self.redis, stream)
             return [], []
         return await self._collect(reply or [])  # type: ignore[arg-type]
+
+    async def _read_slots(self, count: int, recovering: bool) -> list:
+        """Cluster: the hot slots (or every slot, when due), then one blocking wait if
+        nothing came."""
+        by_slot: dict[int, dict[bytes, bytes]] = {}
+        for stream, cursor in self.cursors.items():
+            by_slot.setdefault(self._slots[stream], {})[stream] = cursor
+        now = time.monotonic()
+        sweep = recovering or not self._hot or now >= self._next_sweep
+        slots = list(by_slot) if sweep else [s for s in self._hot if s in by_slot]
+        if sweep:
+            self._next_sweep = now + self.block_ms / 1000
+        reply = await self._read_groups([by_slot[s] for s in slots], count)
+        self._hot = sorted({self._slots[stream] for stream, items in reply if items})
+        if self._hot:
+            self._last_hot = self._hot[0]
+            return reply
+        if recovering:
+            return reply
+        # one blocking wait, on the slot that had orders last, until the next sweep
+        wait_ms = max(1, int((self._next_sweep - time.monotonic()) * 1000))
+        slot = self._last_hot if self._last_hot in by_slot else next(iter(by_slot))
+        return await self._read_groups([by_slot[slot]], count, block=wait_ms)
+
+    async def _read_groups(self, groups: list[dict[bytes, bytes]], count: int,
+                           block: int | None = None) -> list:
+        """One XREADGROUP per group of same-slot streams, in one pipeline."""
+        pipe = self.redis.pipeline(transaction=False)
+        for streams in groups:
+            pipe.xreadgroup(GROUP, self.consumer, streams, count=count,  # type: ignore[arg-type]
+                            block=block)
+        replies = await pipe.execute(raise_on_error=False)
+        out: list = []
+        for streams, reply in zip(groups, replies, strict=True):
+            if isinstance(reply, ResponseError) and is_nogroup(reply):
+                for stream in streams:
+                    await ensure_group(self.redis, stream)
+            elif isinstance(reply, BaseException):
+                raise reply
+            elif reply:
+                out.extend(reply)
+        return out
 
     async def _idle(self) -> None:
         """No sale yet: wait as long as a blocking read would, or until discovery finds

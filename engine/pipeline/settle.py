@@ -2,11 +2,16 @@
 
 Dead letters are written and their entries acknowledged in the same
 MULTI/EXEC as the batch's acknowledgements, so an entry is never both gone
-from the pending list and missing from the dead-letter stream.
+from the pending list and missing from the dead-letter stream. On a Redis
+Cluster a transaction cannot span slots, so each product (one hash tag, one
+slot) gets a MULTI/EXEC of its own, sent concurrently: still atomic per
+product, which is all the invariant needs (an entry and its dead letter share
+the product's tag).
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import defaultdict
 from collections.abc import Iterable
@@ -14,6 +19,7 @@ from collections.abc import Iterable
 import orjson
 from redis.asyncio import Redis
 
+from engine.connections import is_cluster
 from engine.keys import DLQ_SUFFIX, GROUP, Keys
 from engine.pipeline.faults import FAULTS, MID_DEAD_LETTER
 from engine.pipeline.orders import DeadLetter, Entry, Order
@@ -52,6 +58,9 @@ async def settle(redis: Redis, done: list[Order], dead: list[DeadLetter], worker
     """
     if not done and not dead:
         return
+    if is_cluster(redis):
+        await _settle_per_product(redis, done, dead, worker, errors)
+        return
     pipe = redis.pipeline(transaction=True)
     for letter in dead:
         pipe.xadd(letter.stream + DLQ_SUFFIX.encode(), dlq_fields(letter, worker))  # type: ignore[arg-type]
@@ -63,6 +72,37 @@ async def settle(redis: Redis, done: list[Order], dead: list[DeadLetter], worker
     for key in errors:
         pipe.hdel(key, *[i for ids in by_stream.values() for i in ids])
     await pipe.execute()
+
+
+def hash_tag(key: str | bytes) -> str:
+    """The `{...}` part of a key (what Redis Cluster hashes), or the whole key."""
+    text = key.decode() if isinstance(key, bytes) else key
+    start = text.find("{")
+    end = text.find("}", start + 1)
+    return text[start + 1:end] if 0 <= start < end - 1 else text
+
+
+async def _settle_per_product(redis: Redis, done: list[Order], dead: list[DeadLetter],
+                              worker: str, errors: Iterable[str]) -> None:
+    """One MULTI/EXEC per product (per stream), all in flight at once."""
+    by_stream = group_ids([*done, *dead])
+    errors_of: dict[str, list[str]] = defaultdict(list)
+    for key in errors:
+        errors_of[hash_tag(key)].append(key)
+    letters: dict[bytes, list[DeadLetter]] = defaultdict(list)
+    for letter in dead:
+        letters[letter.stream].append(letter)
+
+    async def one(stream: bytes, ids: list[str]) -> None:
+        pipe = redis.pipeline(transaction=True)
+        for letter in letters.get(stream, ()):
+            pipe.xadd(stream + DLQ_SUFFIX.encode(), dlq_fields(letter, worker))  # type: ignore[arg-type]
+        pipe.xack(stream, GROUP, *ids)
+        for key in errors_of.get(hash_tag(stream), ()):
+            pipe.hdel(key, *ids)
+        await pipe.execute()
+
+    await asyncio.gather(*(one(stream, ids) for stream, ids in by_stream.items()))
 
 
 async def touch(redis: Redis, consumer: str, items: Iterable[Order | DeadLetter]) -> None:

@@ -17,9 +17,9 @@ from typing import Any
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
 from prometheus_client.core import GaugeMetricFamily
-from redis import Redis
 
 from engine.config import Settings, mask_url
+from engine.connections import sync_redis
 from engine.errors import one_line
 from engine.keys import Keys
 from engine.sale_figures import read_figures
@@ -42,8 +42,7 @@ class SaleCollector:
 
     def __init__(self, settings: Settings, alive_workers: WorkerCount | None = None) -> None:
         self.alive_workers = alive_workers
-        self.redis = Redis.from_url(settings.redis_url, socket_timeout=2,
-                                    socket_connect_timeout=2)
+        self.redis = sync_redis(settings, timeout=2)
         self.keys = Keys(settings.key_prefix)
 
     def collect(self) -> Any:

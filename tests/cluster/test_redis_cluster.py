@@ -1,0 +1,109 @@
+"""The engine on a Redis Cluster (3 masters, one replica each, the session's own).
+
+Every product's keys share `{pid}`, so the gate script runs on one slot; what spans
+products (the reader, the acknowledgements, the node leases, the admin commands) must
+split by slot. These tests fail with CROSSSLOT, "non local key" or MOVED otherwise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+from redis.crc import key_slot
+from support import (
+    EngineProcess,
+    EventTap,
+    add_products,
+    all_done,
+    announce,
+    assert_one_id_per_order,
+    log_rows,
+    push_orders,
+    wait_for,
+)
+
+from engine.connections import cluster_startup, is_cluster
+from engine.errors import NoFreeNodeId
+from engine.gate.client import Gate
+from engine.keys import GROUP
+from engine.pipeline.ids import MAX_NODES, NodeLease
+
+pytestmark = pytest.mark.timeout(600)
+IP = "192.0.2.1"
+
+
+def test_cluster_url_names_every_startup_node_and_the_credentials():
+    nodes, options = cluster_startup("redis+cluster://u:p%40ss@10.0.0.1:7001,h2:7002,h3/0")
+    assert nodes == [("10.0.0.1", 7001), ("h2", 7002), ("h3", 6379)]
+    assert options == {"ssl": False, "username": "u", "password": "p@ss"}
+
+
+async def test_gate_on_a_cluster_recovers_noscript_per_node(cluster_redis, keys, product_ids):
+    assert is_cluster(cluster_redis)
+    gate = Gate(cluster_redis, keys, coalesce=True)
+    pids = product_ids[:4]
+    for pid in pids:
+        await gate.open_sale(pid, 3)
+    assert len({key_slot(keys.stream(pid).encode()) for pid in pids}) > 1
+    # every key of an attempt in the product's slot (the per-IP limiter's too)
+    first = await asyncio.gather(*(gate.buy(pid, 7, ip=IP) for pid in pids))
+    assert [r.outcome for r in first] == ["accepted"] * len(pids)
+    # one node forgets its scripts (a restarted or promoted master): only the calls
+    # routed there get NOSCRIPT, and they are retried after a reload
+    node = cluster_redis.get_node_from_key(keys.stock(pids[0]))
+    await cluster_redis.execute_command("SCRIPT FLUSH", target_nodes=node)
+    again = await asyncio.gather(*(gate.buy(pid, 8, ip=IP) for pid in pids),
+                                 *(gate.buy(pid, 7, ip=IP) for pid in pids))
+    assert [r.outcome for r in again] == ["accepted"] * len(pids) + ["duplicate"] * len(pids)
+    state = await gate.sale_state(pids[0])
+    assert (state.stock, state.buyers) == (1, 2)
+
+
+async def test_node_leases_on_a_cluster_and_the_1025th_claimant(cluster_redis, keys):
+    lease = NodeLease(cluster_redis, keys, owner="me", ttl_ms=60_000)
+    node = await lease.acquire()
+    assert await lease.renew()
+    assert await cluster_redis.get(keys.node(node)) == b"me"
+    # every other node ID taken by someone else: the next claimant gets the clear error
+    pipe = cluster_redis.pipeline(transaction=False)
+    for n in range(MAX_NODES):
+        if n != node:
+            pipe.set(keys.node(n), "other", px=60_000)
+    await pipe.execute()
+    with pytest.raises(NoFreeNodeId, match=f"all {MAX_NODES} snowflake node IDs"):
+        await NodeLease(cluster_redis, keys, owner="late", ttl_ms=60_000).acquire()
+    await lease.release()
+    assert await cluster_redis.exists(keys.node(node)) == 0
+
+
+async def test_20k_orders_across_100_sales_on_the_cluster(cluster_settings, cluster_redis, keys):
+    settings, redis = cluster_settings, cluster_redis
+    first = random.randrange(10**9, 9 * 10**9)
+    pids = list(range(first, first + 100))
+    await add_products(settings, pids)
+    for pid in pids:
+        await announce(redis, keys, pid)
+    slots = {key_slot(keys.stream(pid).encode()) for pid in pids}
+    assert len(slots) > 90  # spread over (nearly) as many slots as sales, on every master
+    per_sale = 200
+    async with EventTap(settings.amqp_url) as tap:
+        engine = EngineProcess(settings, workers=2)
+        try:
+            for pid in pids:
+                await push_orders(redis, keys, pid, range(1, per_sale + 1))
+            total = per_sale * len(pids)
+            await wait_for(lambda: all_done(settings, redis, keys, pids, total), 300,
+                           "20,000 orders logged and acknowledged")
+            events = await tap.collect(total, timeout=120)
+        finally:
+            engine.stop()
+    assert engine.wait(1) == 0, engine.output()[-3000:]
+    rows = await log_rows(settings, pids)
+    assert_one_id_per_order(rows, [e for e in events if e.product_id in pids], total)
+    for pid in pids:
+        group = (await redis.xinfo_groups(keys.stream(pid)))[0]
+        assert group["name"] == GROUP.encode() and group["pending"] == 0 and group["lag"] == 0
+    out = engine.output()
+    assert "CROSSSLOT" not in out and "non local key" not in out, out[-3000:]
