@@ -214,14 +214,24 @@ class EventTap:
             channel = await conn.channel()
             await channel.basic_qos(prefetch_count=1000)
             done = asyncio.Event()
+            started = handled = 0
 
             async def on_message(message: Any) -> None:
+                nonlocal started, handled
+                started += 1
                 event = event_pb2.Event()
                 event.ParseFromString(message.body)
                 self.events.append((message.header.properties, event))
                 await channel.basic_ack(message.delivery.delivery_tag)
+                handled += 1
                 if len(self.events) >= expected:
                     done.set()
+
+            async def drained() -> bool:
+                # The broker's answer comes after every delivery it sent us before, and
+                # each delivery's callback is started before we resume.
+                ready = (await channel.queue_declare(self.queue, passive=True)).message_count
+                return ready == 0 and handled == started
 
             if len(self.events) < expected:
                 await channel.basic_consume(self.queue, on_message)
@@ -229,7 +239,9 @@ class EventTap:
                     await asyncio.wait_for(done.wait(), timeout)
                 except TimeoutError:
                     pass
-            await asyncio.sleep(0.3)  # anything beyond `expected` (duplicates) too
+            if done.is_set():
+                # and whatever else is queued already (an order's event again)
+                await wait_for(drained, 30, "the tap queue drained", interval=0.02)
         finally:
             await conn.close()
         return [e for _, e in self.events]
