@@ -81,7 +81,7 @@ async def declare_tap(settings: Settings) -> str:
 
 
 async def drained(settings: Settings, pid: int, timeout: float) -> bool:
-    redis = Redis.from_url(settings.redis_url)
+    redis = Redis.from_url(settings.redis_url, socket_timeout=10, socket_connect_timeout=10)
     deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline:

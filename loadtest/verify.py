@@ -3,8 +3,9 @@
   accepted == min(stock, distinct users who tried); no user accepted twice;
   stock never negative, and 0 when sold out; slots 1..stock each used at most once
   (all of them when sold out); and, once the engine drained: every accepted order
-  has exactly one seckill_logs row and its own instance ID, and every logged
-  order's event reached the exchange.
+  has exactly one seckill_logs row and its own instance ID, every logged order's
+  event reached the exchange (a tap queue bound before the run), and no event of
+  the product names an order that was not logged under that instance ID.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import argparse
 import asyncio
 import sys
 from collections import Counter
+from dataclasses import dataclass
 
 import aiormq
 import asyncpg
@@ -21,6 +23,8 @@ from redis.asyncio import Redis
 from engine.config import Settings, load_settings
 from engine.keys import Keys
 from engine.pb import event_pb2
+
+TIMEOUT = 30.0  # seconds any one call to Redis, PostgreSQL or RabbitMQ may take
 
 
 def tried_key(keys: Keys, pid: int) -> str:
@@ -67,13 +71,25 @@ async def check_gate(redis: Redis, keys: Keys, pid: int, sale: str, stock: int) 
     return problems
 
 
+@dataclass(frozen=True, slots=True)
+class Published:
+    """What an INSTANCE_CREATED event on the tap queue says it provisions."""
+
+    product_id: int
+    stream_id: str
+    instance_id: int
+
+
 async def check_log(settings: Settings, redis: Redis, keys: Keys, pid: int,
-                    sale: str) -> tuple[list[str], set[int]]:
+                    sale: str) -> tuple[list[str], list[tuple[str, int]]]:
+    """Rows against accepted orders; returns the problems and the rows'
+    (stream ID, instance ID) pairs."""
     entries = {sid for sid, _ in await sale_entries(redis, keys, pid, sale)}
-    conn = await asyncpg.connect(settings.pg_dsn)
+    conn = await asyncpg.connect(settings.pg_dsn, timeout=TIMEOUT)
     try:
         rows = await conn.fetch("SELECT stream_id, instance_id FROM seckill_logs "
-                                "WHERE product_id = $1 AND sale_id = $2", pid, sale)
+                                "WHERE product_id = $1 AND sale_id = $2", pid, sale,
+                                timeout=TIMEOUT)
     finally:
         await conn.close()
     problems = []
@@ -86,23 +102,41 @@ async def check_log(settings: Settings, redis: Redis, keys: Keys, pid: int,
         problems.append("an order has more than one row")
     if len(instances) != len(rows):
         problems.append("two orders share an instance ID")
-    return problems, instances
+    return problems, [(r["stream_id"], r["instance_id"]) for r in rows]
 
 
-async def drain_tap(settings: Settings, queue: str, timeout: float = 5.0) -> set[int]:
-    """Instance IDs of every INSTANCE_CREATED event that reached the tap queue."""
-    conn = await aiormq.connect(settings.amqp_url)
-    seen: set[int] = set()
+def check_events(pid: int, logged: list[tuple[str, int]],
+                 published: list[Published]) -> list[str]:
+    """Every logged order's event was published; every event of `pid` is a logged order's."""
+    problems = []
+    if missing := {i for _, i in logged} - {e.instance_id for e in published}:
+        problems.append(f"{len(missing)} logged orders' events never reached the exchange")
+    orders = dict(logged)
+    if strays := [e for e in published
+                  if e.product_id == pid and orders.get(e.stream_id) != e.instance_id]:
+        problems.append(f"{len(strays)} events match no logged order, e.g. instance "
+                        f"{strays[0].instance_id} for entry {strays[0].stream_id!r}")
+    return problems
+
+
+async def drain_tap(settings: Settings, queue: str, timeout: float = 5.0) -> list[Published]:
+    """Every INSTANCE_CREATED event that reached the tap queue (none new for `timeout` s).
+
+    Read without acknowledging: the broker puts them back when the connection
+    closes, so verifying twice gives the same answer."""
+    conn = await asyncio.wait_for(aiormq.connect(settings.amqp_url), TIMEOUT)
+    seen: list[Published] = []
     try:
         channel = await conn.channel()
         idle = 0.0
         while idle < timeout:
-            message = await channel.basic_get(queue, no_ack=True)
+            message = await channel.basic_get(queue, no_ack=False, timeout=TIMEOUT)
             if not message.body and message.delivery_tag is None:
                 await asyncio.sleep(0.1)
                 idle += 0.1
                 continue
-            seen.add(event_pb2.Event.FromString(message.body).instance_id)
+            event = event_pb2.Event.FromString(message.body)
+            seen.append(Published(event.product_id, event.stream_id, event.instance_id))
             idle = 0.0
     finally:
         await conn.close()
@@ -112,17 +146,15 @@ async def drain_tap(settings: Settings, queue: str, timeout: float = 5.0) -> set
 async def verify(settings: Settings, pid: int, sale: str, stock: int, *,
                  engine: bool = False, tap: str | None = None) -> list[str]:
     keys = Keys(settings.key_prefix)
-    redis = Redis.from_url(settings.redis_url)
+    redis = Redis.from_url(settings.redis_url, socket_timeout=TIMEOUT,
+                           socket_connect_timeout=TIMEOUT)
     try:
         problems = await check_gate(redis, keys, pid, sale, stock)
         if engine:
-            log_problems, instances = await check_log(settings, redis, keys, pid, sale)
+            log_problems, logged = await check_log(settings, redis, keys, pid, sale)
             problems += log_problems
             if tap:
-                published = await drain_tap(settings, tap)
-                if missing := instances - published:
-                    problems.append(f"{len(missing)} logged orders' events never reached "
-                                    "the exchange")
+                problems += check_events(pid, logged, await drain_tap(settings, tap))
     finally:
         await redis.aclose()
     return problems
