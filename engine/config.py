@@ -120,6 +120,19 @@ class Settings:
     bff_trusted_proxies: str = _doc("Comma-separated addresses or CIDRs of proxies whose "
                                     "X-Forwarded-For names the client ('' = trust none).",
                                     default="")
+    bff_body_timeout: float = _doc("Seconds a client has to send a purchase's body (408 "
+                                   "after; it holds no in-flight slot meanwhile).", default=5.0)
+    bff_header_timeout: float = _doc("Seconds a client has to send its request headers.",
+                                     default=5.0)
+    bff_keep_alive: bool = _doc("Keep HTTP/1.1 connections open between requests.",
+                                default=True)
+    bff_max_buffer: int = _doc("Largest HTTP/1 read buffer per connection in bytes (bounds "
+                               "the request head).", default=65536)
+    bff_order_timeout: float = _doc("Seconds an order lookup may wait for a database "
+                                    "connection and its query (503 after).", default=2.0)
+    bff_admin_port: int = _doc("Port of the BFF's /metrics, /openapi.json and /healthz, on "
+                               "metrics_host (0 = disabled; the public port has no /metrics).",
+                               default=9110)
 
     # -- resource domain -----------------------------------------------------
     rd_output_dir: str = _doc("Where the reference Resource Domain writes manifests.",
@@ -176,14 +189,15 @@ _POSITIVE = {
 }
 _NON_NEGATIVE = {
     "workers", "metrics_port", "bff_port", "bff_workers", "bff_max_inflight", "rd_delay_ms",
-    "max_clock_rollback_ms", "bff_token_cache",
+    "max_clock_rollback_ms", "bff_token_cache", "bff_admin_port",
 }
-_AT_LEAST_ONE = {"bff_user_burst", "bff_ip_burst"}
+_AT_LEAST_ONE = {"bff_user_burst", "bff_ip_burst", "bff_max_buffer"}
 _POSITIVE_FLOAT = {
     "connect_timeout", "redis_timeout", "publish_timeout", "db_timeout", "janitor_interval",
     "discovery_interval", "product_cache_ttl", "retry_backoff_max", "heartbeat_timeout",
     "graceful_timeout", "boot_timeout", "bff_soldout_recheck", "status_unknown_retry",
-    "bff_jwks_refresh", "bff_jwks_min_refresh",
+    "bff_jwks_refresh", "bff_jwks_min_refresh", "bff_body_timeout", "bff_header_timeout",
+    "bff_order_timeout",
 }
 _SCHEMES = {
     "redis_url": ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster"),

@@ -16,6 +16,7 @@ token is refused before the body is read and before Redis is touched. With
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import re
@@ -114,22 +115,25 @@ class BffApp:
         self.metrics.observe(endpoint, status, time.perf_counter() - started)
 
     def _headers(self, endpoint: str) -> Headers:
-        if endpoint == "metrics":
-            return [(b"content-type", self.metrics.CONTENT_TYPE.encode())]
         return JSON
 
     async def _dispatch(self, scope: Scope, receive: Receive) -> tuple[str, int, bytes, Headers]:
         path, method = scope["path"], scope["method"]
         buy, order, mine = BUY.match(path), ORDER.match(path), MY_ORDER.match(path)
         endpoint = "buy" if buy else "order" if order or mine else path.strip("/") or "other"
-        if endpoint not in ("buy", "order", "healthz", "metrics"):
+        if endpoint not in ("buy", "order", "healthz"):  # /metrics: the admin port only
             endpoint = "other"
         try:
             if buy is not None and method == "GET":
                 return "sale", 200, await self.sale(buy.group(1)), SALE_PAGE[1:]
             if buy is not None:
                 _allow(method, "POST")
-                return endpoint, *await self._guarded(self.buy(buy.group(1), scope, receive))
+                pid = validate_id("product_id", buy.group(1))
+                caller = await self._caller(scope)
+                # the body is read before a request counts as in flight: a client still
+                # sending it holds no slot, and is cut off at bff_body_timeout
+                body = await self._read_body(receive)
+                return endpoint, *await self._guarded(self.buy(pid, caller, body, scope))
             if order is not None:
                 _allow(method, "GET")
                 caller = await self._caller(scope)
@@ -142,8 +146,6 @@ class BffApp:
                 return endpoint, *await self.order(mine.group(1), str(caller), caller), []
             if endpoint == "healthz":
                 return endpoint, 200, self._health(), []
-            if endpoint == "metrics":
-                return endpoint, 200, self.metrics.render(), []
             raise HttpError(404, f"no such path: {path}")
         except HttpError as exc:
             return endpoint, exc.status, _error(exc), exc.headers
@@ -183,11 +185,25 @@ class BffApp:
         finally:
             self.inflight -= 1
 
-    async def buy(self, raw_pid: str, scope: Scope, receive: Receive
+    async def _read_body(self, receive: Receive) -> bytes:
+        """The whole request body, within bff_body_timeout (408 past it) and MAX_BODY."""
+        body = b""
+        try:
+            async with asyncio.timeout(self.settings.bff_body_timeout):
+                while True:
+                    message = await receive()
+                    body += message.get("body", b"")
+                    if len(body) > MAX_BODY:
+                        raise InvalidInput(f"body larger than {MAX_BODY} bytes")
+                    if not message.get("more_body"):
+                        return body
+        except TimeoutError:
+            raise HttpError(408, "request body not received in time",
+                            [(b"connection", b"close")]) from None
+
+    async def buy(self, pid: int, caller: int | None, body: bytes, scope: Scope
                   ) -> tuple[int, bytes, Headers]:
-        pid = validate_id("product_id", raw_pid)
-        caller = await self._caller(scope)
-        body_uid = await _user_id(scope, receive, required=caller is None)
+        body_uid = _user_id(scope, body, required=caller is None)
         if caller is not None and body_uid is not None and body_uid != caller:
             raise Forbidden(f"user_id {body_uid} is not the token's user")
         user_id = caller if caller is not None else body_uid
@@ -236,8 +252,9 @@ class BffApp:
             raise Forbidden("only the token's own orders can be read")
         gate = await self._gate()
         pool = await self._pool()
-        try:
-            row = await pool.fetchrow(LATEST_ORDER, pid, uid, timeout=self.settings.db_timeout)
+        try:  # the whole wait (a pool connection, then the query) is bounded
+            async with asyncio.timeout(self.settings.bff_order_timeout):
+                row = await pool.fetchrow(LATEST_ORDER, pid, uid)
         except PG_ERRORS as exc:
             raise ServiceUnavailable(f"PostgreSQL: {exc}") from exc
         buyer = await gate.redis.sismember(self.keys.buyers(pid), str(uid))
@@ -309,17 +326,9 @@ def _error(exc: Exception) -> bytes:
     return orjson.dumps({"error": str(exc)})
 
 
-async def _user_id(scope: Scope, receive: Receive, *, required: bool) -> int | None:
+def _user_id(scope: Scope, body: bytes, *, required: bool) -> int | None:
     """The body's user_id: required without authentication, optional (an empty body)
     with it."""
-    body = b""
-    while True:
-        message = await receive()
-        body += message.get("body", b"")
-        if len(body) > MAX_BODY:
-            raise InvalidInput(f"body larger than {MAX_BODY} bytes")
-        if not message.get("more_body"):
-            break
     if not body and not required:
         return None
     headers = dict(scope.get("headers") or [])
@@ -368,10 +377,17 @@ def serve(settings: Settings, *, config: str | None = None, host: str | None = N
         log.warning(NO_AUTH_WARNING, extra={"event": "bff_no_auth"})
     from granian import Granian
     from granian.constants import Interfaces, Loops
+    from granian.http import HTTP1Settings
     from granian.log import LogLevels
 
+    from engine.gate.admin import start_admin
+
+    start_admin(settings)
+    http1 = HTTP1Settings(header_read_timeout=round(settings.bff_header_timeout * 1000),
+                          keep_alive=settings.bff_keep_alive,
+                          max_buffer_size=settings.bff_max_buffer)
     Granian("engine.gate.app:create_app", factory=True, interface=Interfaces.ASGI,
-            loop=Loops.uvloop,
+            loop=Loops.uvloop, http1_settings=http1,
             address=host or settings.bff_host, port=port or settings.bff_port,
             workers=workers or settings.bff_workers or os.cpu_count() or 1,
             log_level=LogLevels.warning, backlog=2048).serve()

@@ -22,11 +22,13 @@ pytestmark = pytest.mark.timeout(120)
 
 class Bff:
     def __init__(self, settings, **overrides) -> None:
-        self.port = free_port()
+        self.port, self.admin_port = free_port(), free_port()
         self.proc = subprocess.Popen([SECKILL, "bff", "--port", str(self.port), "--workers", "1"],
-                                     env=engine_env(settings, **overrides),
+                                     env=engine_env(settings, **{
+                                         "bff_admin_port": self.admin_port, **overrides}),
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         self.url = f"http://127.0.0.1:{self.port}"
+        self.admin_url = f"http://127.0.0.1:{self.admin_port}"
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             try:
@@ -234,7 +236,11 @@ async def test_load_shedding_answers_429(private_redis_settings, product_id):
 async def test_metrics_count_by_endpoint_and_code(bff, product_id):
     async with httpx.AsyncClient(base_url=bff.url) as client:
         await client.post(f"/api/v1/seckill/{product_id}", json={"user_id": 1})
-        text = (await client.get("/metrics")).text
+        assert (await client.get("/metrics")).status_code == 404  # not on the public port
+        assert (await client.get("/openapi.json")).status_code == 404
+        text = (await client.get(bff.admin_url + "/metrics")).text
+        assert (await client.get(bff.admin_url + "/healthz")).status_code == 200
+        assert (await client.get(bff.admin_url + "/openapi.json")).json()["openapi"] == "3.1.0"
     assert 'seckill_bff_requests_total{code="404",endpoint="buy"} 1.0' in text
     assert "seckill_bff_request_duration_seconds_bucket" in text
     assert str(product_id) not in text

@@ -1,0 +1,68 @@
+"""The BFF's admin port: /metrics, /openapi.json and /healthz, apart from buyers.
+
+Units sold and request rates are for the operator, not for the internet, so they
+are served on `bff_admin_port` (on `metrics_host`, a private address by default)
+by the process that supervises Granian's workers, from their shared prometheus
+multiprocess directory. The public port answers 404 there. A busy admin port is
+logged, not fatal: selling must not stop because a scrape endpoint could not bind.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import orjson
+
+from engine.config import Settings
+
+log = logging.getLogger("seckill.bff.admin")
+
+
+def _handler(openapi: bytes) -> type[BaseHTTPRequestHandler]:
+    from engine.metrics import bff as bffmetrics
+
+    class Admin(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            path = self.path.split("?", 1)[0]
+            if path == "/metrics":
+                self._answer(200, bffmetrics.render(), bffmetrics.CONTENT_TYPE)
+            elif path == "/openapi.json":
+                self._answer(200, openapi, "application/json")
+            elif path == "/healthz":
+                self._answer(200, b'{"status":"ok"}', "application/json")
+            else:
+                self._answer(404, orjson.dumps({"error": f"no such path: {path}"}),
+                             "application/json")
+
+        def _answer(self, status: int, body: bytes, ctype: str) -> None:
+            self.send_response(status)
+            self.send_header("content-type", ctype)
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    return Admin
+
+
+def start_admin(settings: Settings) -> ThreadingHTTPServer | None:
+    """Serve the admin port in a daemon thread; None when it is off (0) or busy."""
+    if not settings.bff_admin_port:
+        return None
+    from engine.gate.openapi import document
+
+    try:
+        server = ThreadingHTTPServer((settings.metrics_host, settings.bff_admin_port),
+                                     _handler(orjson.dumps(document())))
+    except OSError as exc:
+        log.error("BFF admin port %s:%s unavailable, serving without it: %s",
+                  settings.metrics_host, settings.bff_admin_port, exc,
+                  extra={"event": "bff_admin_unavailable"})
+        return None
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="bff-admin", daemon=True).start()
+    return server

@@ -1,0 +1,51 @@
+"""Slow and abusive clients against the real BFF: a body that trickles in is cut off
+with 408 and holds no in-flight slot meanwhile, so buyers keep being served."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+from redis.asyncio import Redis
+from test_bff import Bff
+
+from engine.gate.client import Gate
+from engine.keys import Keys
+
+pytestmark = pytest.mark.timeout(120)
+
+
+async def slow_body(port: int, pid: int
+                    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Headers promising a 40-byte body, then 5 bytes of it, then nothing (the writer is
+    returned to keep the connection open: a collected writer closes it)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"POST /api/v1/seckill/{pid} HTTP/1.1\r\nhost: x\r\n"
+                 "content-type: application/json\r\ncontent-length: 40\r\n\r\n{\"use".encode())
+    await writer.drain()
+    return reader, writer
+
+
+async def test_four_slow_bodies_do_not_stop_a_fast_buyer(settings, product_id):
+    server = Bff(settings, bff_max_inflight=2, bff_body_timeout=8)
+    redis = Redis.from_url(settings.redis_url)
+    try:
+        await Gate(redis, Keys(settings.key_prefix)).open_sale(product_id, 5)
+        clients = [await slow_body(server.port, product_id) for _ in range(4)]
+        slow = [reader for reader, _ in clients]
+        await asyncio.sleep(0.3)  # they are all stuck in their bodies now
+        async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
+            r = await client.post(f"/api/v1/seckill/{product_id}", json={"user_id": 1})
+        assert r.status_code == 202, r.text  # not 429: the slow ones hold no slot
+        # and they were still waiting: nothing answered yet
+        assert [reader._buffer for reader in slow] == [b""] * 4, [r._buffer for r in slow]
+        assert not any(reader.at_eof() for reader in slow)
+        answers = await asyncio.gather(*(asyncio.wait_for(reader.read(4096), 20)
+                                         for reader in slow))
+        for answer in answers:
+            assert answer.startswith(b"HTTP/1.1 408"), answer[:80]
+        assert await redis.xlen(Keys(settings.key_prefix).stream(product_id)) == 1
+    finally:
+        server.stop()
+        await redis.aclose()
