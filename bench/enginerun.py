@@ -317,13 +317,15 @@ async def tap_ids(settings: Settings, queue: str = QUEUE_CREATED, idle: float = 
             got.set()
 
         await channel.basic_consume(queue, on_message, no_ack=True)
+        shown = time.monotonic()
         while count < waiting:
             got.clear()
             try:
                 await asyncio.wait_for(got.wait(), idle)
             except TimeoutError:
                 break
-            if progress:
+            if progress and (count >= waiting or time.monotonic() - shown >= 2):
+                shown = time.monotonic()
                 progress(count, waiting)
     finally:
         await conn.close()
@@ -377,7 +379,7 @@ async def drain(settings: Settings, pids: list[int], total: int, workers: int,
     finally:
         engine.stop()
         await redis.aclose()
-    events = await tap_ids(settings, tap)
+    events = await tap_ids(settings, tap, progress=_tap_progress if progress else None)
     settled = settle(total, await logged_ids(settings, pids), events, dead, n)
     if progress:
         print(f"    counted: {settled['processed']:,} orders with a row and an event, "
@@ -394,6 +396,10 @@ async def drain(settings: Settings, pids: list[int], total: int, workers: int,
     if failed:
         out["failed"] = "; ".join(failed)
     return out
+
+
+def _tap_progress(done: int, total: int) -> None:
+    print(f"    tap queue read: {done:,}/{total:,} events", flush=True)
 
 
 def poll_interval(streams: int, done: int, total: int) -> float:

@@ -256,7 +256,7 @@ async def test_a_real_drain_counts_rows_with_events_and_not_without(
     ok = await drain(settings, first, 2_000, 1, tap=bound, timeout=120)
     assert "failed" not in ok, ok.get("failed")
     assert ok["processed"] == 2_000 and ok["dead_letters"] == 0 and ok["per_second"] > 0
-    assert set(ok["ticks"]) == {"workers", "rabbitmq", "postgresql", "redis"}
+    assert set(ok["ticks"]) == {"workers", "rabbitmq", "postgresql", "redis", "other"}
     # the same engine, but the queue read afterwards is bound to nothing: every order is
     # acknowledged and logged, yet none counts
     await preload(settings, second, 2_000)
