@@ -31,7 +31,14 @@ def tried_key(keys: Keys, pid: int) -> str:
     return f"{keys.prefix}loadtest:{{{pid}}}:tried"
 
 
-async def sale_entries(redis: Redis, keys: Keys, pid: int, sale: str) -> list[tuple[str, dict]]:
+def _text(value: object) -> str:
+    """A stream ID or field as text (redis-py gives bytes without decode_responses)."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+async def sale_entries(redis: Redis, keys: Keys, pid: int,
+                       sale: str) -> list[tuple[str, dict[bytes | str, bytes | str]]]:
+    """The stream entries (ID, fields) the gate wrote for `sale`, oldest first."""
     entries = []
     start = "-"
     while True:
@@ -39,9 +46,10 @@ async def sale_entries(redis: Redis, keys: Keys, pid: int, sale: str) -> list[tu
         if not batch:
             break
         for entry_id, fields in batch:
-            if fields.get(b"sale", b"").decode() == sale:
-                entries.append((entry_id.decode(), fields))
-        start = "(" + batch[-1][0].decode()
+            fields = fields or {}
+            if _text(fields.get(b"sale", b"")) == sale:
+                entries.append((_text(entry_id), fields))
+        start = "(" + _text(batch[-1][0])
     return entries
 
 
