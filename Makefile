@@ -45,7 +45,7 @@ $(STAMP): pyproject.toml $(LOCK)
 
 services: venv
 	@echo "==> services"
-	@$(PY) -m engine.devstack up
+	@$(PY) -m engine.admin.devstack up
 
 # Command-line tools from Debian, installed as root when missing, else a hint: promtool
 # validates the alert rules in the tests (package prometheus), wrk loads the HTTP gate in
