@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import socket
 import tomllib
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -26,6 +28,20 @@ JWT_ALGORITHMS = frozenset({"RS256", "ES256", "EdDSA", "HS256"})
 
 def _doc(text: str, **kw: Any) -> Any:
     return field(metadata={"doc": text}, **kw)
+
+
+BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
+
+
+def default_engine_id() -> str:
+    """`<hostname>-<boot>`: the same for every process of this host until it reboots (a
+    restarted supervisor finds its predecessor's pending entries under the same consumer
+    names at once), different on another machine even when the hostnames are equal."""
+    try:
+        boot = BOOT_ID.read_text().strip().replace("-", "")[:8]
+    except OSError:
+        boot = f"{uuid.getnode():012x}"[-8:]  # no /proc: the MAC address
+    return f"{socket.gethostname()}-{boot}"
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -47,6 +63,10 @@ class Settings:
                                 "before the connection is dropped as dead.", default=5.0)
 
     # -- engine ------------------------------------------------------------
+    engine_id: str = _doc("Names this engine host's stream consumers `<engine_id>-<slot>`; "
+                          "two hosts must never share one ('' = the hostname and the "
+                          "kernel's boot ID: unique per machine and boot; set it in "
+                          "containers that share a kernel and a hostname).", default="")
     workers: int = _doc("Worker processes of `seckill run` (0 = CPU count).", default=0)
     batch_size: int = _doc("Entries per stream read by XREADGROUP COUNT.", default=1000)
     block_ms: int = _doc("XREADGROUP BLOCK milliseconds when the streams are idle.",
@@ -172,6 +192,9 @@ class Settings:
         return [a.strip() for a in self.bff_jwt_algorithms.split(",") if a.strip()]
 
     def effective_workers(self) -> int:
+    def effective_engine_id(self) -> str:
+        return self.engine_id or default_engine_id()
+
         return self.workers or os.cpu_count() or 1
 
     def masked(self) -> dict[str, Any]:

@@ -88,6 +88,11 @@ class Keys:
         return f"{self.prefix}stream:seckill:status:dlq"
 
     @property
+    def gauge_exporter(self) -> str:
+        """The engine_id whose supervisor exports the cluster-wide per-sale gauges."""
+        return f"{self.prefix}seckill:gauge-exporter"
+
+    @property
     def streams(self) -> str:
         """Set of product IDs whose order stream the engine reads."""
         return f"{self.prefix}seckill:streams"

@@ -7,15 +7,25 @@ than `claim_idle_ms` (far longer than a batch takes; workers retrying a
 batch keep their entries fresh) and feeds them to the same pipeline. It also
 finds order streams created by hand (`XADD stream:seckill:{1001} * ...`)
 that no `sale open` announced.
+
+A host that is gone for good leaves its consumers in every group: once the janitor
+took their entries, they hold nothing; once they have also been idle longer than
+`claim_idle_ms` (a live worker touches its consumer at every read, at least once per
+`block_ms`) they are deleted, so XINFO and the consumer gauges show live hosts only.
 """
 
 from __future__ import annotations
 
+import logging
+
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from engine.keys import DLQ_SUFFIX, GROUP, Keys
 from engine.pipeline.orders import DeadLetter, Entry
-from engine.pipeline.reader import delivery_counts, ensure_group, poison_letters
+from engine.pipeline.reader import delivery_counts, ensure_group, is_nogroup, poison_letters
+
+log = logging.getLogger("seckill.janitor")
 
 
 class Janitor:
@@ -57,6 +67,30 @@ class Janitor:
                 break
         return entries, dead
 
+    async def forget_gone_consumers(self, streams: list[bytes]) -> int:
+        """Delete consumers holding nothing and idle over `idle_ms`; returns how many."""
+        if not streams:
+            return 0
+        pipe = self.redis.pipeline(transaction=False)
+        for stream in streams:
+            pipe.xinfo_consumers(stream, GROUP)
+        replies = await pipe.execute(raise_on_error=False)
+        gone = [(stream, c["name"]) for stream, consumers in zip(streams, replies, strict=True)
+                if not isinstance(consumers, BaseException) for c in consumers
+                if int(c["pending"]) == 0 and int(c["idle"]) > self.idle_ms
+                and _text(c["name"]) != self.consumer]
+        for stream, name in gone:
+            try:
+                await self.redis.xgroup_delconsumer(stream, GROUP, name)
+            except ResponseError as exc:
+                if not is_nogroup(exc):
+                    raise
+        if gone:
+            log.info("deleted %d idle consumers holding nothing: %s", len(gone),
+                     ", ".join(sorted({_text(n) for _, n in gone})),
+                     extra={"event": "consumers_deleted", "consumers": len(gone)})
+        return len(gone)
+
     async def find_hand_made_streams(self) -> int:
         """Register order streams nobody announced; returns how many were added."""
         added = 0
@@ -72,3 +106,7 @@ class Janitor:
                 await ensure_group(self.redis, name)
                 added += 1
         return added
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

@@ -30,8 +30,18 @@ log = logging.getLogger("seckill.health")
 WorkerCount = Callable[[], int]
 
 
+EXPORTER_TTL_MS = 60_000  # a dead exporter's host is replaced within this
+
+
 class SaleCollector:
-    """Per-sale gauges, read from Redis when Prometheus scrapes."""
+    """Per-sale gauges, read from Redis when Prometheus scrapes.
+
+    The figures are the same whichever host reads them, so with several engine hosts
+    only one exports them (a sum over hosts would count each sale once per host): the
+    supervisor whose scrape holds the `gauge_exporter` key, taken with SET NX PX and
+    kept by its own scrapes; when that host stops scraping, another takes over within
+    EXPORTER_TTL_MS. `seckill_sale_gauges_exporter` says which host it is.
+    """
 
     FIELDS = (("stock", "seckill_sale_stock", "Units of stock left in the open sale."),
               ("length", "seckill_stream_length", "Entries in the order stream."),
@@ -44,14 +54,30 @@ class SaleCollector:
         self.alive_workers = alive_workers
         self.redis = sync_redis(settings, timeout=2)
         self.keys = Keys(settings.key_prefix)
+        self.engine_id = settings.effective_engine_id()
+
+    def exporting(self) -> bool:
+        """Whether this host exports the per-sale gauges now (taking the role if free)."""
+        key = self.keys.gauge_exporter
+        if self.redis.set(key, self.engine_id, nx=True, px=EXPORTER_TTL_MS):
+            return True
+        holder = self.redis.get(key)
+        if isinstance(holder, bytes) and holder.decode() == self.engine_id:
+            self.redis.pexpire(key, EXPORTER_TTL_MS)
+            return True
+        return False
 
     def collect(self) -> Any:
         families = {attr: GaugeMetricFamily(name, doc, labels=["product"])
                     for attr, name, doc in self.FIELDS}
         up = GaugeMetricFamily("seckill_redis_up", "1 if Redis answered the last scrape.")
+        role = GaugeMetricFamily("seckill_sale_gauges_exporter",
+                                 "1 on the one engine host that exports the per-sale gauges.")
         try:
-            figures = read_figures(self.redis, self.keys)
+            exporting = self.exporting()
+            figures = read_figures(self.redis, self.keys) if exporting else []
             up.add_metric([], 1)
+            role.add_metric([], int(exporting))
         except Exception as exc:  # noqa: BLE001 - a scrape must not fail because Redis did
             log.warning("stream figures unavailable: %s", exc)
             figures = []
@@ -63,6 +89,7 @@ class SaleCollector:
                     family.add_metric([str(f.product_id)], value)
         yield from families.values()
         yield up
+        yield role
         if self.alive_workers is not None:
             workers = GaugeMetricFamily("seckill_workers", "Worker processes alive and booted.")
             workers.add_metric([], self.alive_workers())

@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 import uvloop
 
 from engine import backoff, exits
-from engine.config import Settings
+from engine.config import Settings, default_engine_id
 from engine.connections import RETRYABLE, TRANSIENT_ERRORS, connect_redis, create_pg_pool
 from engine.errors import BootError, LeaseLost, SeckillError, ServiceUnavailable, one_line
 from engine.fulfilment.status_consumer import StatusConsumer
@@ -58,9 +58,10 @@ BOOT_RETRY_MAX = 2.0  # a booting worker polls its services at least this often
 CONNECT_ERRORS: tuple[type[BaseException], ...] = (ServiceUnavailable, *TRANSIENT_ERRORS)
 
 
-def consumer_name(slot: int) -> str:
-    """Stable per slot, so a respawned worker finds its predecessor's pending entries."""
-    return f"{socket.gethostname()}-{slot}"
+def consumer_name(slot: int, engine_id: str | None = None) -> str:
+    """`<engine_id>-<slot>`: stable per slot, so a respawned worker finds its predecessor's
+    pending entries; distinct per host, so two hosts never read as one consumer."""
+    return f"{engine_id or default_engine_id()}-{slot}"
 
 
 class Worker:
@@ -71,7 +72,7 @@ class Worker:
         self.heartbeat = heartbeat
         self.parent = os.getppid() if parent is None else parent
         self.keys = Keys(settings.key_prefix)
-        self.consumer = consumer_name(slot)
+        self.consumer = consumer_name(slot, settings.effective_engine_id())
         self.stopping = asyncio.Event()
         self.exit_code = exits.OK
         self._tasks: set[asyncio.Task] = set()
@@ -326,6 +327,8 @@ class Worker:
         while not self.stopping.is_set():
             if self.slot == 0:
                 await self._guard("hand-made streams", self.janitor.find_hand_made_streams)
+                await self._guard("gone consumers", lambda: self.janitor.forget_gone_consumers(
+                    list(self.reader.cursors)))
             await self._reclaim()
             await self._pause(self.settings.janitor_interval)
 
