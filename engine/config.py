@@ -191,10 +191,10 @@ class Settings:
         """The configured algorithms; a token's own `alg` header never adds one."""
         return [a.strip() for a in self.bff_jwt_algorithms.split(",") if a.strip()]
 
-    def effective_workers(self) -> int:
     def effective_engine_id(self) -> str:
         return self.engine_id or default_engine_id()
 
+    def effective_workers(self) -> int:
         return self.workers or os.cpu_count() or 1
 
     def masked(self) -> dict[str, Any]:
