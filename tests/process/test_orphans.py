@@ -49,7 +49,7 @@ async def test_workers_of_a_killed_supervisor_exit_and_a_new_one_finishes(
                               heartbeat_timeout=5)
         orphans: list[int] = []
         try:
-            await wait_for(lambda: first.booted(2), 30, "two booted workers")
+            await wait_for(lambda: first.booted(2), 60, "two booted workers")
             await wait_for(lambda: rows_at_least(settings, [product_id], 2000), 60,
                            "work under way")
             orphans = first.children()
