@@ -3,6 +3,7 @@ respawns it on another node, and no instance ID is issued twice."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 
@@ -15,13 +16,16 @@ from support import (
     announce,
     assert_one_id_per_order,
     log_rows,
+    pending_count,
     push_orders,
+    row_count,
     rows_at_least,
     wait_for,
 )
 
 from engine import exits
 from engine.pipeline.ids import decompose
+from engine.process.worker import Worker
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -106,3 +110,28 @@ async def test_a_lost_lease_exits_4_and_the_respawn_takes_another_node(
     # the stolen nodes are still the thief's: nothing of ours renewed or released them
     for node in (idle, busy):
         assert await redis.get(keys.node(node)) == b"thief"
+
+
+async def test_no_id_is_issued_on_a_lost_lease(settings, redis, keys, product_id):
+    """The batch finds out first (renewals are 20 s apart here): it takes no ID, logs no
+    row, leaves its entries pending, and the worker ends with exits.LEASE_LOST."""
+    pid = product_id
+    await add_products(settings, [pid])
+    await announce(redis, keys, pid)
+    worker = Worker(settings.replace(node_lease_ttl_ms=60_000, graceful_timeout=5), slot=0)
+    run = asyncio.create_task(worker.run())
+    try:
+        async def booted() -> bool:
+            return getattr(worker, "reader", None) is not None and bool(worker.reader.cursors)
+        await wait_for(booted, 30, "the worker booted and reading the sale's stream")
+        assert await redis.set(keys.node(worker.lease.node_id), "thief", px=60_000, xx=True)
+        assert not await worker.lease.renew()  # what its next renewal will find
+        await push_orders(redis, keys, pid, range(1, 101))
+        assert await asyncio.wait_for(run, 60) == exits.LEASE_LOST
+    finally:
+        worker.stop()
+        await asyncio.wait_for(run, 30)
+    assert await row_count(settings, [pid]) == 0, "a row was logged with an ID of a lost lease"
+    pending = await pending_count(redis, keys, [pid])  # read, left for the next worker
+    unread = (await redis.xinfo_groups(keys.stream(pid)))[0]["lag"]
+    assert pending >= 1 and pending + unread == 100
