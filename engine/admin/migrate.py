@@ -18,10 +18,11 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import aiormq
+import asyncpg
 
 from engine.config import Settings, mask_url
-from engine.connections import connect_amqp
-from engine.errors import DatabaseFailed, ServiceUnavailable
+from engine.connections import PG_ERRORS, connect_amqp
+from engine.errors import DatabaseFailed, ServiceUnavailable, one_line
 from engine.keys import EXCHANGE, EXCHANGE_TYPE, QUEUE_CREATED, QUEUE_STATUS, RK_CREATED, RK_STATUS
 
 MIGRATIONS = Path(__file__).resolve().parents[2] / "db" / "migrations"
@@ -48,6 +49,53 @@ def dbmate_url(pg_dsn: str) -> str:
     return urlunsplit(parts._replace(scheme="postgres", query=urlencode(query)))
 
 
+def pg_hosts(pg_dsn: str) -> list[str]:
+    """The `host[:port]` items of a DSN's host list (`postgresql://u@h1:5432,h2:5433/db`)."""
+    hosts = urlsplit(pg_dsn).netloc.rpartition("@")[2]
+    return [h.strip() for h in hosts.split(",") if h.strip()]
+
+
+def single_host(pg_dsn: str, host: str) -> str:
+    """The DSN with only `host` (and no target_session_attrs: one host has no choice)."""
+    parts = urlsplit(pg_dsn)
+    userinfo, at, _ = parts.netloc.rpartition("@")
+    query = [(k, v) for k, v in parse_qsl(parts.query) if k != "target_session_attrs"]
+    return urlunsplit(parts._replace(netloc=f"{userinfo}{at}{host}", query=urlencode(query)))
+
+
+def writable_dsn(pg_dsn: str, *, timeout: float = 10.0) -> str:
+    """A single-host DSN of the first listed host that accepts writes (the primary).
+
+    dbmate's driver (lib/pq) takes one host, and no target_session_attrs; the engine and
+    the BFF (asyncpg) take the list as it is. So for dbmate, a multi-host DSN is
+    translated here: each host is asked `SHOW transaction_read_only` (on the
+    maintenance database: the target one may not exist yet) and the first that says
+    `off` is the one dbmate gets.
+    """
+    hosts = pg_hosts(pg_dsn)
+    if len(hosts) < 2:
+        return pg_dsn
+
+    async def read_only(dsn: str) -> bool:
+        conn = await asyncpg.connect(dsn, database="postgres", timeout=timeout)
+        try:
+            return await conn.fetchval("SHOW transaction_read_only") == "on"
+        finally:
+            await conn.close()
+
+    why = []
+    for host in hosts:
+        dsn = single_host(pg_dsn, host)
+        try:
+            if not asyncio.run(read_only(dsn)):
+                return dsn
+            why.append(f"{host}: read-only (a standby)")
+        except PG_ERRORS as exc:
+            why.append(f"{host}: {one_line(exc)}")
+    raise ServiceUnavailable(f"PostgreSQL at {mask_url(pg_dsn)}: no host accepts writes "
+                             f"({'; '.join(why)})")
+
+
 def dbmate_invocation(pg_dsn: str) -> tuple[list[str], dict[str, str]]:
     """dbmate's command line and environment. The URL, password and all, goes in the
     environment (DATABASE_URL, dbmate's default): a command line is visible to every
@@ -59,7 +107,8 @@ def dbmate_invocation(pg_dsn: str) -> tuple[list[str], dict[str, str]]:
 
 def apply_migrations(pg_dsn: str, *, timeout: float = 120) -> str:
     """Create the database if needed and apply every pending migration; returns dbmate's output."""
-    cmd, env = dbmate_invocation(pg_dsn)
+    target = writable_dsn(pg_dsn)
+    cmd, env = dbmate_invocation(target)
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
@@ -67,7 +116,7 @@ def apply_migrations(pg_dsn: str, *, timeout: float = 120) -> str:
     if done.returncode != 0:
         why = (done.stderr or done.stdout).strip().splitlines()
         text = why[-1] if why else f"dbmate exited with {done.returncode}"
-        text = text.replace(dbmate_url(pg_dsn), mask_url(pg_dsn))
+        text = text.replace(dbmate_url(target), mask_url(pg_dsn))
         if "connect" in text or "refused" in text or "timed out" in text:
             raise ServiceUnavailable(f"PostgreSQL at {mask_url(pg_dsn)}: {text}")
         raise DatabaseFailed(f"migrations at {mask_url(pg_dsn)}: {text}")
