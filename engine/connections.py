@@ -11,7 +11,7 @@ import asyncio
 import socket
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, cast
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import aiormq
 import asyncpg
@@ -137,13 +137,43 @@ async def connect_redis(settings: Settings, **kwargs: Any) -> Redis:
     return client
 
 
+def amqp_brokers(url: str) -> list[str]:
+    """One URL per broker of `amqp://user:pass@h1:5672,h2:5672,h3/vhost?query` (the
+    credentials, vhost and query shared); a single-host URL is a list of itself."""
+    parts = urlsplit(url)
+    userinfo, at, hosts = parts.netloc.rpartition("@")
+    if "," not in hosts:
+        return [url]
+    return [urlunsplit(parts._replace(netloc=f"{userinfo}{at}{host.strip()}"))
+            for host in hosts.split(",") if host.strip()]
+
+
+# Per amqp_url: the broker the last connection went to. A reconnect (after a loss)
+# starts with the next one, so a stopped node is not waited on first; the first
+# connection of a process tries the list in order.
+_last_broker: dict[str, int] = {}
+
+
 async def connect_amqp(settings: Settings) -> AbstractConnection:
-    """An open AMQP connection."""
-    try:
-        return await asyncio.wait_for(aiormq.connect(settings.amqp_url), settings.connect_timeout)
-    except (TimeoutError, aiormq.exceptions.AMQPError, OSError) as exc:
-        raise ServiceUnavailable(
-            f"RabbitMQ at {mask_url(settings.amqp_url)}: {_why(exc)}") from exc
+    """An open AMQP connection to the first broker of `amqp_url` that answers; with
+    several, a reconnect starts from the one after the broker used last."""
+    brokers = amqp_brokers(settings.amqp_url)
+    start = (_last_broker[settings.amqp_url] + 1) if settings.amqp_url in _last_broker else 0
+    failures = []
+    for step in range(len(brokers)):
+        index = (start + step) % len(brokers)
+        try:
+            conn = await asyncio.wait_for(aiormq.connect(brokers[index]),
+                                          settings.connect_timeout)
+        except (TimeoutError, aiormq.exceptions.AMQPError, OSError) as exc:
+            failures.append((brokers[index], exc))
+            continue
+        _last_broker[settings.amqp_url] = index
+        return conn
+    why = "; ".join(f"{mask_url(url)}: {_why(exc)}" for url, exc in failures)
+    if len(brokers) == 1:
+        raise ServiceUnavailable(f"RabbitMQ at {why}") from failures[0][1]
+    raise ServiceUnavailable(f"RabbitMQ: no broker answered ({why})") from failures[-1][1]
 
 
 async def connect_pg(settings: Settings, **kwargs: Any) -> asyncpg.Connection:

@@ -3,22 +3,26 @@
 `redis_cluster` forms a 3-master Redis Cluster with one replica each on free ports
 (engine.admin.localclusters, under localnodes.BASE, so a killed session's servers are
 reaped by the next), once per session and only when a test asks. Without redis-server
-the tests skip with the exact command that installs it.
+the tests skip with the exact command that installs it. `rabbit_cluster` does the same
+for three RabbitMQ nodes joined into one cluster, its topology declared.
 """
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
 from redis.asyncio import Redis
 
-from engine.admin.localclusters import LocalRedisCluster
+from engine.admin.localclusters import LocalRabbitCluster, LocalRedisCluster
+from engine.admin.localnodes import LocalNodeFailed, rabbit_bin
 from engine.config import Settings
 from engine.connections import connect_redis
 
 INSTALL = "apt-get install -y redis-server redis-tools"
+RABBIT_INSTALL = "apt-get install -y rabbitmq-server"
 
 
 @pytest.fixture(scope="session")
@@ -46,3 +50,31 @@ async def cluster_redis(cluster_settings: Settings) -> AsyncIterator[Redis]:
     client = await connect_redis(cluster_settings)
     yield client
     await client.aclose()
+
+
+@pytest.fixture(scope="session")
+def rabbit_cluster(_reaped: None) -> Iterator[LocalRabbitCluster]:
+    """Three RabbitMQ nodes in one cluster (about 120 MB and a few seconds each)."""
+    from engine.admin.migrate import declare_topology
+
+    try:
+        rabbit_bin()
+    except LocalNodeFailed:
+        pytest.skip(f"RabbitMQ not installed; run: {RABBIT_INSTALL}")
+    cluster = LocalRabbitCluster()
+    try:
+        cluster.start()
+        asyncio.run(declare_topology(cluster.url, timeout=60))
+        yield cluster
+    finally:
+        cluster.destroy()
+
+
+@pytest.fixture
+def rabbit_cluster_settings(settings: Settings, rabbit_cluster: LocalRabbitCluster) -> Settings:
+    """The test's settings with `amqp_url` listing every node of the session's cluster,
+    each node running again whatever the last test stopped."""
+    for node in rabbit_cluster.nodes:
+        if not node.answers():
+            node.start_app()
+    return settings.replace(amqp_url=rabbit_cluster.url)
