@@ -111,6 +111,10 @@ class Settings:
     bff_workers: int = _doc("HTTP gate worker processes (0 = CPU count).", default=0)
     bff_max_inflight: int = _doc("In-flight requests per process before 429 (0 = no cap).",
                                  default=0)
+    gate_min_replicas: int = _doc("Replicas every Redis master must have, and require of each "
+                                  "write (its min-replicas-to-write), before the BFF starts: "
+                                  "an accepted order is then on a replica, bar the last "
+                                  "min-replicas-max-lag seconds (0 = not checked).", default=0)
     bff_soldout_recheck: float = _doc("Seconds a sold-out answer is cached per process.",
                                       default=0.5)
     bff_auth: str = _doc("'jwt' (a verified bearer token names the buyer) or 'none' (the body's "
@@ -219,6 +223,7 @@ _POSITIVE_FLOAT = {
     "connect_timeout", "redis_timeout", "publish_timeout", "db_timeout", "janitor_interval",
     "discovery_interval", "product_cache_ttl", "retry_backoff_max", "heartbeat_timeout",
     "graceful_timeout", "boot_timeout", "bff_soldout_recheck", "status_unknown_retry",
+    "gate_min_replicas",
     "bff_jwks_refresh", "bff_jwks_min_refresh", "bff_body_timeout", "bff_header_timeout",
     "bff_order_timeout",
 }

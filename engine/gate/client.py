@@ -18,8 +18,9 @@ from typing import Literal
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError, ResponseError
 
-from engine.connections import REDIS_ERRORS
-from engine.errors import InvalidInput, SaleStateCorrupt, ServiceUnavailable
+from engine.config import Settings
+from engine.connections import REDIS_ERRORS, connect_redis, is_cluster
+from engine.errors import ConfigError, InvalidInput, SaleStateCorrupt, ServiceUnavailable
 from engine.keys import GROUP, Keys
 
 Outcome = Literal["accepted", "duplicate", "sold_out", "no_sale", "rate_limited",
@@ -303,3 +304,57 @@ def _window_fields(window: Window, limits: Limits | None) -> dict[str, str | int
         fields.update(user_rate=repr(limits.user_rate), user_burst=limits.user_burst,
                       ip_rate=repr(limits.ip_rate), ip_burst=limits.ip_burst)
     return fields
+
+
+async def check_replication(redis: Redis, replicas: int) -> None:
+    """Refuse (ConfigError) unless every master has `replicas` replicas attached and
+    requires as many for each write (`min-replicas-to-write`).
+
+    With that setting a master refuses the purchase script's writes (the gate answers
+    503) when its replicas fall behind by more than `min-replicas-max-lag` seconds, so
+    an order answered 202 can only be lost by a failover within that lag. The database's
+    slot index stays the last guard against a unit sold twice after one.
+    """
+    if replicas <= 0:
+        return
+    nodes = redis.get_primaries() if is_cluster(redis) else [None]  # type: ignore[attr-defined]
+    for node in nodes:
+        where = {} if node is None else {"target_nodes": node}
+        name = "Redis" if node is None else f"Redis master {node.host}:{node.port}"
+        try:
+            info = await redis.execute_command("INFO", "replication", **where)
+            config = await redis.execute_command("CONFIG GET", "min-replicas-to-write", **where)
+        except REDIS_ERRORS as exc:
+            raise ServiceUnavailable(f"{name}: {exc}") from exc
+        attached = int(info.get("connected_slaves", 0))
+        required = int(_config_value(config, "min-replicas-to-write"))
+        if attached < replicas or required < replicas:
+            raise ConfigError(
+                f"gate_min_replicas = {replicas}: {name} has {attached} replica(s) attached "
+                f"and min-replicas-to-write {required}; attach replicas and run "
+                f"CONFIG SET min-replicas-to-write {replicas} (and in its redis.conf)")
+
+
+def ensure_replication(settings: Settings) -> None:
+    """`check_replication` for the BFF's start, before it serves anyone."""
+    if settings.gate_min_replicas <= 0:
+        return
+
+    async def check() -> None:
+        redis = await connect_redis(settings)
+        try:
+            await check_replication(redis, settings.gate_min_replicas)
+        finally:
+            await redis.aclose()
+
+    asyncio.run(check())
+
+
+def _config_value(reply: object, name: str) -> str:
+    """CONFIG GET's value: a dict (RESP3, or parsed) or a flat [name, value] list."""
+    if isinstance(reply, dict):
+        value = reply.get(name, reply.get(name.encode(), 0))
+    else:
+        items = list(reply) if isinstance(reply, list | tuple) else []
+        value = items[1] if len(items) > 1 else 0
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -25,8 +25,8 @@ from support import (
 )
 
 from engine.connections import cluster_startup, is_cluster
-from engine.errors import NoFreeNodeId
-from engine.gate.client import Gate
+from engine.errors import ConfigError, NoFreeNodeId
+from engine.gate.client import Gate, check_replication
 from engine.keys import GROUP
 from engine.pipeline.ids import MAX_NODES, NodeLease
 
@@ -107,3 +107,25 @@ async def test_20k_orders_across_100_sales_on_the_cluster(cluster_settings, clus
         assert group["name"] == GROUP.encode() and group["pending"] == 0 and group["lag"] == 0
     out = engine.output()
     assert "CROSSSLOT" not in out and "non local key" not in out, out[-3000:]
+
+
+async def test_gate_min_replicas_is_checked_on_every_master(cluster_redis, redis_cluster,
+                                                            redis):
+    await check_replication(cluster_redis, 0)  # not asked: nothing checked
+    masters = cluster_redis.get_primaries()
+    with pytest.raises(ConfigError, match="min-replicas-to-write 0"):
+        await check_replication(cluster_redis, 1)  # replicas attached, not required
+    try:
+        for node in masters:
+            await cluster_redis.execute_command("CONFIG SET", "min-replicas-to-write", "1",
+                                                target_nodes=node)
+        await check_replication(cluster_redis, 1)
+        with pytest.raises(ConfigError, match="1 replica"):
+            await check_replication(cluster_redis, 2)
+    finally:
+        for node in masters:
+            await cluster_redis.execute_command("CONFIG SET", "min-replicas-to-write", "0",
+                                                target_nodes=node)
+    # the shared single Redis has no replica: refused, with what to do
+    with pytest.raises(ConfigError, match="0 replica.*CONFIG SET min-replicas-to-write 1"):
+        await check_replication(redis, 1)
