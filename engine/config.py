@@ -111,10 +111,6 @@ class Settings:
     bff_workers: int = _doc("HTTP gate worker processes (0 = CPU count).", default=0)
     bff_max_inflight: int = _doc("In-flight requests per process before 429 (0 = no cap).",
                                  default=0)
-    gate_min_replicas: int = _doc("Replicas every Redis master must have, and require of each "
-                                  "write (its min-replicas-to-write), before the BFF starts: "
-                                  "an accepted order is then on a replica, bar the last "
-                                  "min-replicas-max-lag seconds (0 = not checked).", default=0)
     bff_soldout_recheck: float = _doc("Seconds a sold-out answer is cached per process.",
                                       default=0.5)
     bff_auth: str = _doc("'jwt' (a verified bearer token names the buyer) or 'none' (the body's "
@@ -154,13 +150,18 @@ class Settings:
                                "the request head).", default=65536)
     bff_order_timeout: float = _doc("Seconds an order lookup may wait for a database "
                                     "connection and its query (503 after).", default=2.0)
+    bff_pg_dsn: str = _doc("PostgreSQL DSN of the BFF's order lookups ('' = pg_dsn as role "
+                           "seckill_bff, without pg_dsn's password).", default="")
     bff_admin_port: int = _doc("Port of the BFF's /metrics, /openapi.json and /healthz, on "
                                "metrics_host (0 = disabled; the public port has no /metrics).",
                                default=9110)
 
     # -- resource domain -----------------------------------------------------
-    rd_output_dir: str = _doc("Where the reference Resource Domain writes manifests.",
-                              default="/tmp/seckill-manifests")
+    rd_output_dir: str = _doc("Where the reference Resource Domain writes manifests, made "
+                              "mode 0700 ('' = $XDG_STATE_HOME/seckill/manifests, or "
+                              "~/.local/state/seckill/manifests).", default="")
+    rd_pg_dsn: str = _doc("PostgreSQL DSN of the Resource Domain ('' = pg_dsn as role "
+                          "seckill_resource_domain, without pg_dsn's password).", default="")
     rd_domain: str = _doc("DNS suffix of instance endpoints.", default="gpu.example.internal")
     rd_delay_ms: int = _doc("Simulated provisioning delay in milliseconds.", default=50)
     rd_failure_rate: float = _doc("Share of provisionings that fail (0..1).", default=0.0)
@@ -190,6 +191,14 @@ class Settings:
         """Socket timeout of every Redis client: above the longest XREADGROUP BLOCK, so
         only a dead server or network (not an idle stream) trips it."""
         return self.block_ms / 1000 + self.redis_timeout
+
+    def bff_dsn(self) -> str:
+        """The BFF's own login: SELECT on the order columns it shows, nothing more."""
+        return self.bff_pg_dsn or role_dsn(self.pg_dsn, BFF_ROLE)
+
+    def rd_dsn(self) -> str:
+        """The Resource Domain's own login: its schema, never seckill_logs."""
+        return self.rd_pg_dsn or role_dsn(self.pg_dsn, RD_ROLE)
 
     def jwt_algorithms(self) -> list[str]:
         """The configured algorithms; a token's own `alg` header never adds one."""
@@ -223,7 +232,6 @@ _POSITIVE_FLOAT = {
     "connect_timeout", "redis_timeout", "publish_timeout", "db_timeout", "janitor_interval",
     "discovery_interval", "product_cache_ttl", "retry_backoff_max", "heartbeat_timeout",
     "graceful_timeout", "boot_timeout", "bff_soldout_recheck", "status_unknown_retry",
-    "gate_min_replicas",
     "bff_jwks_refresh", "bff_jwks_min_refresh", "bff_body_timeout", "bff_header_timeout",
     "bff_order_timeout",
 }
@@ -274,17 +282,38 @@ def _validate(s: Settings) -> None:
         raise ConfigError("max_deliveries: expected at least 2 (one retry)")
 
 
+BFF_ROLE = "seckill_bff"
+RD_ROLE = "seckill_resource_domain"
+
+
+def role_dsn(dsn: str, role: str) -> str:
+    """`dsn` logging in as `role`: the user replaced, a password in it (netloc or query)
+    dropped, since it belongs to the other user. Roles made by `seckill migrate`."""
+    parts = urlsplit(dsn)
+    hosts = parts.netloc.rsplit("@", 1)[-1]
+    query = "&".join(item for item in parts.query.split("&")
+                     if item and item.partition("=")[0].lower() not in SECRET_PARAMS)
+    return urlunsplit(parts._replace(netloc=f"{role}@{hosts}", query=query))
+
+
+SECRET_PARAMS = frozenset({"password", "passwd", "pass", "pwd", "secret", "token",
+                           "sslpassword"})
+
+
 def mask_url(url: str) -> str:
     """`scheme://user:***@host/...`: a URL with its password hidden."""
     try:
         parts = urlsplit(url)
     except ValueError:
         return "<unparseable URL>"
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+    if parts.password is not None:
+        netloc = parts.netloc.rsplit("@", 1)[1]
+        parts = parts._replace(netloc=f"{parts.username or ''}:***@{netloc}")
+    if parts.query:  # libpq and others also take `?password=...`
+        parts = parts._replace(query="&".join(
+            f"{k}=***" if k.lower() in SECRET_PARAMS else f"{k}={v}" if sep else k
+            for k, sep, v in (item.partition("=") for item in parts.query.split("&"))))
+    return urlunsplit(parts)
 
 
 def _coerce(name: str, kind: Any, raw: Any) -> Any:

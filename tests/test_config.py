@@ -72,6 +72,9 @@ def test_unknown_or_malformed_file(tmp_path):
     ("postgresql://u:p%40ss@db/x?sslmode=require", "postgresql://u:***@db/x?sslmode=require"),
     ("postgresql://postgres@127.0.0.1:5432/postgres",
      "postgresql://postgres@127.0.0.1:5432/postgres"),
+    # a password given as a query parameter (libpq accepts it there) is masked too
+    ("postgresql://u@db/x?sslmode=require&password=hunter2&PWD=x",
+     "postgresql://u@db/x?sslmode=require&password=***&PWD=***"),
 ])
 def test_mask_url(url, masked):
     assert mask_url(url) == masked

@@ -6,18 +6,25 @@ Ingress) to a directory, waits a simulated delay and fails a configurable,
 seeded share of instances. `KubectlProvisioner` applies the same manifests
 to the cluster of the current kubeconfig; it is switched on with
 `rd_provisioner = "kubectl"` where a cluster exists.
+
+Manifests name users and instances, so they go to a directory only this user can
+enter (created, or tightened, to mode 0700; by default under the user's state
+directory, not a shared /tmp path), and kubectl reads them on standard input:
+no second process is told a path to a file it could be raced for.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from engine.config import Settings
+from engine.errors import ConfigError
 from engine.pb import event_pb2
 
 
@@ -68,9 +75,24 @@ def to_yaml(documents: list[dict[str, Any]]) -> str:
                    for doc in documents)
 
 
+def manifest_dir(configured: str) -> Path:
+    """The manifest directory, made (or kept) private: mode 0700, owned by us."""
+    if configured:
+        path = Path(configured)
+    else:
+        state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+        path = Path(state) / "seckill" / "manifests"
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if path.stat().st_uid != os.getuid():
+        raise ConfigError(f"rd_output_dir {path}: owned by another user; choose a directory "
+                          "of this user's own")
+    os.chmod(path, 0o700)
+    return path
+
+
 class SimulatedProvisioner:
     def __init__(self, settings: Settings) -> None:
-        self.out = Path(settings.rd_output_dir)
+        self.out = manifest_dir(settings.rd_output_dir)
         self.domain = settings.rd_domain
         self.delay = settings.rd_delay_ms / 1000
         self.failure_rate = settings.rd_failure_rate
@@ -80,11 +102,15 @@ class SimulatedProvisioner:
         """Seeded per instance, so a retry of the same instance fails the same way."""
         return random.Random(self.seed * 1_000_003 + instance_id).random() < self.failure_rate
 
-    async def provision(self, event: event_pb2.Event) -> Provisioned:
-        self.out.mkdir(parents=True, exist_ok=True)
+    async def render(self, event: event_pb2.Event) -> tuple[Path, str]:
+        """The instance's manifest, written to the private directory (kept for operators)."""
         path = self.out / f"{event.instance_id}.yaml"
         text = to_yaml(manifests(event, self.domain))
-        await asyncio.to_thread(path.write_text, text)
+        await asyncio.to_thread(_write_private, path, text)
+        return path, text
+
+    async def provision(self, event: event_pb2.Event) -> Provisioned:
+        path, _ = await self.render(event)
         await asyncio.sleep(self.delay)
         if self.fails(event.instance_id):
             return Provisioned(False, reason="simulated failure: no GPU node could be "
@@ -96,17 +122,19 @@ class SimulatedProvisioner:
 class KubectlProvisioner(SimulatedProvisioner):
     """Applies the rendered manifests with `kubectl apply` (needs a reachable cluster)."""
 
+    command = ("kubectl", "apply", "-f", "-")
+
     async def provision(self, event: event_pb2.Event) -> Provisioned:
-        rendered = await SimulatedProvisioner.provision(self, event)
+        path, text = await self.render(event)
         proc = await asyncio.create_subprocess_exec(
-            "kubectl", "apply", "-f", rendered.manifest, stdout=asyncio.subprocess.PIPE,
+            *self.command, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE)
-        _, err = await proc.communicate()
+        _, err = await proc.communicate(text.encode())
         if proc.returncode != 0:
             return Provisioned(False, reason=f"kubectl apply failed: {err.decode()[:200]}",
-                               manifest=rendered.manifest)
+                               manifest=str(path))
         return Provisioned(True, endpoint=f"https://{event.instance_id}.{self.domain}",
-                           manifest=rendered.manifest)
+                           manifest=str(path))
 
     def fails(self, instance_id: int) -> bool:
         return False  # the cluster decides
@@ -116,3 +144,9 @@ def make_provisioner(settings: Settings) -> Provisioner:
     if settings.rd_provisioner == "kubectl":
         return KubectlProvisioner(settings)
     return SimulatedProvisioner(settings)
+
+
+def _write_private(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)

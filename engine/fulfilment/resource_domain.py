@@ -37,8 +37,8 @@ log = logging.getLogger("seckill.resource_domain")
 
 
 
+# the schema is made by `seckill migrate`, owned by seckill_resource_domain
 SCHEMA = """
-CREATE SCHEMA IF NOT EXISTS resource_domain;
 CREATE TABLE IF NOT EXISTS resource_domain.instances (
     instance_id    BIGINT PRIMARY KEY,
     user_id        BIGINT NOT NULL,
@@ -114,7 +114,9 @@ class ResourceDomain:
         self._channel: Any = None
 
     async def run(self, stopping: asyncio.Event) -> None:
-        self.pool = await create_pg_pool(self.settings, size=2)
+        # as seckill_resource_domain: its own schema, never seckill_logs
+        self.pool = await create_pg_pool(self.settings.replace(pg_dsn=self.settings.rd_dsn()),
+                                         size=2)
         async with self.pool.acquire() as conn:
             await conn.execute(SCHEMA)
         failures = 0

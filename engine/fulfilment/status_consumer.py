@@ -19,6 +19,7 @@ import logging
 import time
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiormq
 import asyncpg
@@ -82,6 +83,23 @@ def decode_report(body: bytes, delivery_tag: int, now: float) -> Report | None:
     at = dt.datetime.fromtimestamp(event.timestamp or time.time(), dt.UTC)
     return Report(delivery_tag, event.instance_id, status, event.endpoint, event.reason, at,
                   now)
+
+
+def endpoint_ok(report: Report, domain: str) -> bool:
+    """A report may name only an https endpoint on its own instance's host under
+    `rd_domain` (or none): a forged or confused report must not hand a buyer
+    someone else's address or an attacker's."""
+    if not report.endpoint:
+        return True
+    try:
+        url = urlsplit(report.endpoint)
+        port = url.port
+    except ValueError:
+        return False
+    own = f"{report.instance_id}.{domain}".lower()
+    host = (url.hostname or "").lower()
+    return (url.scheme == "https" and "@" not in url.netloc and port in (None, 443)
+            and (host == own or host.endswith("." + own)))
 
 
 def one_per_instance(reports: list[Report]) -> tuple[list[Report], list[Report]]:
@@ -181,6 +199,13 @@ class StatusConsumer:
         self._held = []
         for tag, body in garbage:
             await self._dead_letter(tag, "bad_report", "not a status event", body=body)
+        foreign = [r for r in reports if not endpoint_ok(r, self.settings.rd_domain)]
+        for r in foreign:  # never stored, never shown to a buyer
+            await self._dead_letter(r.delivery_tag, "foreign_endpoint",
+                                    f"endpoint {r.endpoint[:200]!r} is not under "
+                                    f"{r.instance_id}.{self.settings.rd_domain}",
+                                    instance_id=r.instance_id, endpoint=r.endpoint[:200])
+        reports = [r for r in reports if r not in foreign]
         if reports:
             await self.apply(reports)
 

@@ -32,7 +32,7 @@ from engine.config import Settings, load_settings
 from engine.connections import PG_ERRORS, connect_redis, create_pg_pool
 from engine.errors import ConfigError, InvalidInput, ServiceUnavailable
 from engine.gate.auth import Forbidden, KeySet, Unauthenticated, Verifier
-from engine.gate.client import Gate, Limits, ensure_replication, validate_id
+from engine.gate.client import Gate, Limits, validate_id
 from engine.gate.clientip import ClientIp, parse_proxies
 from engine.keys import FAILED, Keys
 
@@ -277,7 +277,9 @@ class BffApp:
 
     async def _pool(self) -> Any:
         if self.pool is None:
-            self.pool = await create_pg_pool(self.settings, size=2)
+            # as seckill_bff: SELECT on the columns of an order, nothing else
+            self.pool = await create_pg_pool(self.settings.replace(
+                pg_dsn=self.settings.bff_dsn()), size=2)
         return self.pool
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
@@ -377,7 +379,6 @@ def serve(settings: Settings, *, config: str | None = None, host: str | None = N
         log.warning(NO_AUTH_WARNING, extra={"event": "bff_no_auth"})
     from granian import Granian
     from granian.constants import Interfaces, Loops
-    ensure_replication(settings)  # gate_min_replicas: refuse to start without them
     from granian.http import HTTP1Settings
     from granian.log import LogLevels
 

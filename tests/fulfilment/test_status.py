@@ -78,11 +78,13 @@ async def test_reports_apply_once_and_terminal_states_stick(settings, env, produ
     stopping = asyncio.Event()
     task = asyncio.create_task(consumer.run(stopping))
     try:
-        await publish(channel, encode_report(a, RUNNING, endpoint="https://a", timestamp=100))
-        await publish(channel, encode_report(a, RUNNING, endpoint="https://a", timestamp=100))
+        ep_a = f"https://{a}.{settings.rd_domain}"
+        await publish(channel, encode_report(a, RUNNING, endpoint=ep_a, timestamp=100))
+        await publish(channel, encode_report(a, RUNNING, endpoint=ep_a, timestamp=100))
         # b: same second, FAILED first: it wins however the two are batched
         await publish(channel, encode_report(b, FAILED, reason="no GPU", timestamp=200))
-        await publish(channel, encode_report(b, RUNNING, endpoint="https://b", timestamp=200))
+        await publish(channel, encode_report(b, RUNNING, endpoint=f"https://{b}.{settings.rd_domain}",
+                                             timestamp=200))
         await publish(channel, b"garbage")
         await publish(channel, encode_report(987654321987, RUNNING))  # unknown instance
 
@@ -104,7 +106,7 @@ async def test_reports_apply_once_and_terminal_states_stick(settings, env, produ
         stopping.set()
         await task
     r = await rows(pool, product_id)
-    assert (r[a]["status"], r[a]["endpoint"], r[a]["reason"]) == (RUNNING, "https://a", None)
+    assert (r[a]["status"], r[a]["endpoint"], r[a]["reason"]) == (RUNNING, ep_a, None)
     assert (r[b]["status"], r[b]["reason"], r[b]["endpoint"]) == (FAILED, "no GPU", None)
     assert r[c]["status"] == "PROCESSING"
     assert r[b]["compensated_at"] is not None and r[a]["compensated_at"] is None
@@ -156,7 +158,8 @@ async def test_a_report_that_overtakes_its_row_is_applied_later(settings, env, p
     task = asyncio.create_task(consumer.run(stopping))
     try:
         instance_id = product_id * 1000  # the first order log_orders will write
-        await publish(channel, encode_report(instance_id, RUNNING, endpoint="https://x"))
+        await publish(channel, encode_report(instance_id, RUNNING,
+                                             endpoint=f"https://{instance_id}.{settings.rd_domain}"))
 
         async def held() -> bool:  # seen before its row exists, and kept for later
             return any(r.instance_id == instance_id for r in consumer._held)

@@ -1,0 +1,56 @@
+"""The BFF's and the Resource Domain's own PostgreSQL roles (made by `seckill migrate`):
+each can do its job and nothing past it."""
+
+from __future__ import annotations
+
+import asyncpg
+import pytest
+
+from engine.config import role_dsn
+
+
+@pytest.fixture
+async def conn(settings):
+    c = await asyncpg.connect(settings.pg_dsn)
+    yield c
+    await c.close()
+
+
+async def test_bff_role_reads_only_the_columns_of_an_order(settings, conn, product_id):
+    await conn.execute("INSERT INTO seckill_logs (product_id, user_id, instance_id, stream_id)"
+                       " VALUES ($1, 5, $2, '1-1')", product_id, product_id * 10)
+    bff = await asyncpg.connect(settings.bff_dsn())
+    try:
+        assert await bff.fetchval("SELECT current_user") == "seckill_bff"
+        row = await bff.fetchrow(
+            "SELECT status, instance_id, endpoint, reason, compensated_at FROM seckill_logs "
+            "WHERE product_id = $1 AND user_id = 5 ORDER BY id DESC LIMIT 1", product_id)
+        assert row["instance_id"] == product_id * 10
+        for sql in ("SELECT stream_id FROM seckill_logs LIMIT 1",
+                    "SELECT * FROM products LIMIT 1",
+                    "UPDATE seckill_logs SET status = 'RUNNING' WHERE product_id = 0",
+                    "INSERT INTO seckill_logs (product_id, user_id, instance_id, stream_id) "
+                    "VALUES (1, 1, 1, '0-1')"):
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                await bff.execute(sql)
+    finally:
+        await bff.close()
+
+
+async def test_resource_domain_role_owns_its_schema_and_nothing_else(settings):
+    rd = await asyncpg.connect(settings.rd_dsn())
+    try:
+        assert await rd.fetchval("SELECT current_user") == "seckill_resource_domain"
+        await rd.execute("CREATE TABLE IF NOT EXISTS resource_domain.probe (x int)")
+        await rd.execute("INSERT INTO resource_domain.probe VALUES (1)")
+        for sql in ("SELECT count(*) FROM seckill_logs", "SELECT count(*) FROM products",
+                    "CREATE SCHEMA elsewhere"):
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                await rd.execute(sql)
+    finally:
+        await rd.close()
+
+
+def test_role_dsn_drops_the_other_users_password():
+    assert role_dsn("postgresql://postgres:pw@h1,h2:5432/db?password=x&sslmode=require",
+                    "seckill_bff") == "postgresql://seckill_bff@h1,h2:5432/db?sslmode=require"
