@@ -111,6 +111,10 @@ class Settings:
     bff_workers: int = _doc("HTTP gate worker processes (0 = CPU count).", default=0)
     bff_max_inflight: int = _doc("In-flight requests per process before 429 (0 = no cap).",
                                  default=0)
+    gate_min_replicas: int = _doc("Replicas every Redis master must have, and require of each "
+                                  "write (its min-replicas-to-write), before the BFF starts: "
+                                  "an accepted order is then on a replica, bar the last "
+                                  "min-replicas-max-lag seconds (0 = not checked).", default=0)
     bff_soldout_recheck: float = _doc("Seconds a sold-out answer is cached per process.",
                                       default=0.5)
     bff_auth: str = _doc("'jwt' (a verified bearer token names the buyer) or 'none' (the body's "
@@ -226,6 +230,7 @@ _POSITIVE = {
 _NON_NEGATIVE = {
     "workers", "metrics_port", "bff_port", "bff_workers", "bff_max_inflight", "rd_delay_ms",
     "max_clock_rollback_ms", "bff_token_cache", "bff_admin_port",
+    "gate_min_replicas",
 }
 _AT_LEAST_ONE = {"bff_user_burst", "bff_ip_burst", "bff_max_buffer"}
 _POSITIVE_FLOAT = {

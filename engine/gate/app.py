@@ -32,7 +32,7 @@ from engine.config import Settings, load_settings
 from engine.connections import PG_ERRORS, connect_redis, create_pg_pool
 from engine.errors import ConfigError, InvalidInput, ServiceUnavailable
 from engine.gate.auth import Forbidden, KeySet, Unauthenticated, Verifier
-from engine.gate.client import Gate, Limits, validate_id
+from engine.gate.client import Gate, Limits, ensure_replication, validate_id
 from engine.gate.clientip import ClientIp, parse_proxies
 from engine.keys import FAILED, Keys
 
@@ -377,6 +377,7 @@ def serve(settings: Settings, *, config: str | None = None, host: str | None = N
         load_keys(settings)  # refuse to start here, with one clear line, not in each worker
     else:
         log.warning(NO_AUTH_WARNING, extra={"event": "bff_no_auth"})
+    ensure_replication(settings)  # gate_min_replicas: refuse to start without them
     from granian import Granian
     from granian.constants import Interfaces, Loops
     from granian.http import HTTP1Settings
