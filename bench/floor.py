@@ -1,0 +1,111 @@
+"""The HTTP floor (issue 13's performance target): what serving HTTP costs at all.
+
+Granian serving a bare ASGI app that reads the request and answers a fixed 202,
+with as many workers and the same loop as the BFF, loaded by the same client
+(wrk if installed, else the bench's Python client) with the same requests. Its
+server CPU per request is the floor the BFF's own cost is measured against:
+BFF CPU per accepted purchase <= 1.15 x (floor + direct gate per call).
+
+    python -m bench.floor [--seconds 10] [--connections 64] [--workers N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+
+from .bff import HTTP_FIRST_USER, _wait, over_http_python, over_http_wrk
+from .enginerun import children, cpu_seconds, free_port
+
+BODY = b'{"status":"accepted","stream_id":"0-1","slot":1}'
+HEADERS = [(b"content-type", b"application/json")]
+
+
+async def app(scope: dict[str, Any], receive: Callable[[], Awaitable[dict[str, Any]]],
+              send: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
+    """Reads the whole request, answers a fixed 202: HTTP and ASGI, and nothing else."""
+    if scope["type"] == "lifespan":
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+    if scope["type"] != "http":
+        return
+    while (await receive()).get("more_body"):
+        pass
+    await send({"type": "http.response.start", "status": 202, "headers": HEADERS})
+    await send({"type": "http.response.body", "body": BODY})
+
+
+def serve(port: int, workers: int) -> None:
+    """Granian as `seckill bff` runs it: ASGI, uvloop, the same backlog and log level."""
+    from granian import Granian
+    from granian.constants import Interfaces, Loops
+    from granian.log import LogLevels
+
+    Granian("bench.floor:app", interface=Interfaces.ASGI, loop=Loops.uvloop,
+            address="127.0.0.1", port=port, workers=workers, log_level=LogLevels.warning,
+            backlog=2048).serve()
+
+
+async def measure_floor(*, seconds: float = 10, connections: int = 64,
+                        workers: int | None = None) -> dict[str, Any]:
+    """Requests/s, p50/p99 and server CPU per request of the floor."""
+    workers = workers or os.cpu_count() or 1
+    port = free_port()
+    log = tempfile.NamedTemporaryFile(prefix="seckill-bench-floor-", suffix=".log")
+    proc = subprocess.Popen([sys.executable, "-m", "bench.floor", "--serve", str(port),
+                             "--workers", str(workers)], stdout=log, stderr=subprocess.STDOUT)
+    wrk = shutil.which("wrk")
+
+    async def load(seconds: float, first_user: int) -> dict[str, Any]:
+        if wrk:
+            return await over_http_wrk(wrk, port, seconds, connections, first_user)
+        return await over_http_python(port, seconds, connections, first_user)
+
+    try:
+        await _wait(port, proc, log.name)
+        await load(1.0, 2 * HTTP_FIRST_USER)  # warm-up, as for the BFF
+        servers = [proc.pid, *children(proc.pid)]
+        cpu = sum(cpu_seconds(p) for p in servers)
+        result = await load(seconds, HTTP_FIRST_USER)
+        cpu = sum(cpu_seconds(p) for p in servers) - cpu
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    result["cpu_us_per_request"] = cpu / max(1, result["requests"]) * 1e6
+    return {"workers": workers, "connections": connections, **result}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.floor", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seconds", type=float, default=10)
+    p.add_argument("--connections", type=int, default=64)
+    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--serve", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.serve:
+        serve(args.serve, args.workers or os.cpu_count() or 1)
+        return 0
+    result = asyncio.run(measure_floor(seconds=args.seconds, connections=args.connections,
+                                       workers=args.workers))
+    print(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
