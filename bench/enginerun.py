@@ -199,12 +199,24 @@ class CpuWindow:
         self.start_services: dict[str, dict[int, int]] = {}
         self.start_ours: dict[int, int] = {}
         self.start_machine = 0
+        self.checked: dict[str, tuple[float, int]] = {}  # service -> (when, ticks)
 
     def start(self) -> None:
         self.t0 = time.perf_counter()
         self.start_ours = {p: cpu_ticks(p) for p in self.ours()}
         self.start_services = service_ticks(self.roots)
         self.start_machine = machine_ticks()
+
+    def ticks_so_far(self, service: str) -> int:
+        """Ticks one service has used since start(): a ceiling phase runs until its
+        service has used enough of them to be measured (verdicts.MIN_TICKS). Read
+        from /proc at most every half second, so a tight loop asking does not slow."""
+        now = time.perf_counter()
+        if now - self.checked.get(service, (0.0, 0))[0] >= 0.5:
+            ticks = ticks_between(self.start_services[service],
+                                  service_ticks({service: self.roots[service]})[service])
+            self.checked[service] = (now, ticks)
+        return self.checked[service][1]
 
     def stop(self, seconds: float | None = None, orders: int = 0) -> dict[str, Any]:
         """Ticks, busy cores and (given `orders`) CPU microseconds per order, by group;
