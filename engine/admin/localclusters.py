@@ -135,11 +135,56 @@ class LocalRedisCluster:
 
     def master_of_slot(self, slot: int) -> RedisNode:
         """The node serving `slot` now (after a failover, the promoted replica)."""
-        for start, end, master, *_ in _client(self.ports[0]).execute_command("CLUSTER SLOTS"):
+        any_node = self.running()[0].port
+        for start, end, master, *_ in _client(any_node).execute_command("CLUSTER SLOTS"):
             if int(start) <= slot <= int(end):
                 port = int(master[1])
                 return next(n for n in self.nodes if n.port == port)
         raise LocalNodeFailed(f"{self}: no node serves slot {slot}")
+
+    def node_id(self, node: RedisNode) -> str:
+        raw = _client(node.port).execute_command("CLUSTER MYID")
+        return raw.decode() if isinstance(raw, bytes) else str(raw)
+
+    def serving(self) -> list[RedisNode]:
+        """The nodes serving slots now."""
+        ports = {int(master[1]) for _, _, master, *_ in
+                 _client(self.running()[0].port).execute_command("CLUSTER SLOTS")}
+        return [n for n in self.nodes if n.port in ports]
+
+    def move_slot(self, slot: int, target: RedisNode, batch: int = 100) -> int:
+        """Reshard one slot to `target` while clients use it (IMPORTING / MIGRATING, then
+        MIGRATE its keys, then SETSLOT NODE on every master); returns the keys moved.
+        Clients meanwhile get ASK for keys already moved and MOVED afterwards."""
+        source = self.master_of_slot(slot)
+        if source is target:
+            return 0
+        src, dst = _client(source.port), _client(target.port)
+        src_id, dst_id = self.node_id(source), self.node_id(target)
+        dst.execute_command("CLUSTER SETSLOT", slot, "IMPORTING", src_id)
+        src.execute_command("CLUSTER SETSLOT", slot, "MIGRATING", dst_id)
+        moved = 0
+        while keys := src.execute_command("CLUSTER GETKEYSINSLOT", slot, batch):
+            src.execute_command("MIGRATE", HOST, target.port, "", 0, 5000, "KEYS", *keys)
+            moved += len(keys)
+        for node in self.serving():
+            _client(node.port).execute_command("CLUSTER SETSLOT", slot, "NODE", dst_id)
+        return moved
+
+    def kill_master_of(self, slot: int, timeout: float = 60.0) -> RedisNode:
+        """SIGKILL the master of `slot` and wait until its replica serves the slot."""
+        master = self.master_of_slot(slot)
+        master.kill()
+
+        def promoted() -> bool:
+            try:
+                return self.master_of_slot(slot) is not master and all(
+                    cluster_info(n.port).get("cluster_state") == "ok" for n in self.running())
+            except (redis.RedisError, OSError, LocalNodeFailed):
+                return False
+
+        wait_until(promoted, timeout, f"a replica of {master} promoted", interval=0.1)
+        return master
 
     def running(self) -> list[RedisNode]:
         return [n for n in self.nodes if n.running()]

@@ -4,14 +4,13 @@ Dead letters are written and their entries acknowledged in the same
 MULTI/EXEC as the batch's acknowledgements, so an entry is never both gone
 from the pending list and missing from the dead-letter stream. On a Redis
 Cluster a transaction cannot span slots, so each product (one hash tag, one
-slot) gets a MULTI/EXEC of its own, sent concurrently: still atomic per
+slot) gets a MULTI/EXEC of its own, one after the other: still atomic per
 product, which is all the invariant needs (an entry and its dead letter share
 the product's tag).
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections import defaultdict
 from collections.abc import Iterable
@@ -20,6 +19,7 @@ import orjson
 from redis.asyncio import Redis
 
 from engine.connections import is_cluster
+from engine.errors import ServiceUnavailable, one_line
 from engine.keys import DLQ_SUFFIX, GROUP, Keys
 from engine.pipeline.faults import FAULTS, MID_DEAD_LETTER
 from engine.pipeline.orders import DeadLetter, Entry, Order
@@ -84,7 +84,12 @@ def hash_tag(key: str | bytes) -> str:
 
 async def _settle_per_product(redis: Redis, done: list[Order], dead: list[DeadLetter],
                               worker: str, errors: Iterable[str]) -> None:
-    """One MULTI/EXEC per product (per stream), all in flight at once."""
+    """One MULTI/EXEC per product (per stream), one after the other.
+
+    Not concurrently: during a failover redis-py's cluster transactions running side by
+    side on one node failed with "got Future attached to a different loop" (a worker
+    crashed on it); and a RuntimeError the client raises while a node goes away is
+    reported as the outage it is (the batch retries; its entries stay pending)."""
     by_stream = group_ids([*done, *dead])
     errors_of: dict[str, list[str]] = defaultdict(list)
     for key in errors:
@@ -102,7 +107,12 @@ async def _settle_per_product(redis: Redis, done: list[Order], dead: list[DeadLe
             pipe.hdel(key, *ids)
         await pipe.execute()
 
-    await asyncio.gather(*(one(stream, ids) for stream, ids in by_stream.items()))
+    for stream, ids in by_stream.items():
+        try:
+            await one(stream, ids)
+        except RuntimeError as exc:
+            raise ServiceUnavailable(f"Redis Cluster: acknowledging {stream.decode()}: "
+                                     f"{one_line(exc)}") from exc
 
 
 async def touch(redis: Redis, consumer: str, items: Iterable[Order | DeadLetter]) -> None:

@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import asyncio
 import random
+import subprocess
 
+import orjson
 import pytest
 from redis.crc import key_slot
 from support import (
+    SECKILL,
     EngineProcess,
     EventTap,
     add_products,
     all_done,
     announce,
     assert_one_id_per_order,
+    engine_env,
     log_rows,
     push_orders,
     wait_for,
@@ -129,3 +133,30 @@ async def test_gate_min_replicas_is_checked_on_every_master(cluster_redis, redis
     # the shared single Redis has no replica: refused, with what to do
     with pytest.raises(ConfigError, match="0 replica.*CONFIG SET min-replicas-to-write 1"):
         await check_replication(redis, 1)
+
+
+def seckill(settings, *args: str) -> str:
+    done = subprocess.run([SECKILL, *args], env=engine_env(settings), capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+async def test_operator_commands_see_every_node(cluster_settings, cluster_redis, keys,
+                                                product_ids):
+    settings, pids = cluster_settings, product_ids[:6]
+    await add_products(settings, pids)
+    for pid in pids:
+        await asyncio.to_thread(seckill, settings, "sale", "open", "--product", str(pid),
+                                "--stock", "5")
+        await push_orders(cluster_redis, keys, pid, range(1, 4))
+    nodes = {cluster_redis.get_node_from_key(keys.stream(pid)).name for pid in pids}
+    assert len(nodes) > 1, "the sales should live on several masters"
+    stats = orjson.loads(await asyncio.to_thread(seckill, settings, "stats", "--json"))
+    by_product = {s["product"]: s for s in stats}
+    assert set(pids) <= set(by_product)
+    assert all(by_product[pid]["lag"] == 3 and by_product[pid]["stock"] == 5 for pid in pids)
+    await asyncio.to_thread(seckill, settings, "trim")
+    for pid in pids:
+        await asyncio.to_thread(seckill, settings, "dlq", "list", "--product", str(pid))
+        assert await cluster_redis.xlen(keys.stream(pid)) == 3  # nothing acknowledged yet
