@@ -11,7 +11,7 @@ LOCK := requirements.lock
 EXTRAS := .[test,bench,load,dev]
 PYTEST_ARGS ?=
 
-.PHONY: lock help venv services tools bench-tools test demo proto proto-check lint bench bench-quick bench-long bench-micro loadtest clean cluster-up cluster-down cluster-status
+.PHONY: lock help venv services tools bench-tools test demo proto proto-check lint bench bench-quick bench-long bench-micro loadtest clean cluster-up cluster-down cluster-status chaos
 
 help:
 	@echo "make demo         run the whole flow on the local services"
@@ -22,6 +22,8 @@ help:
 	@echo "make loadtest     a Locust flash-sale rehearsal, verified afterwards"
 	@echo "make proto        regenerate engine/pb from proto/ (proto-check: is it fresh?)"
 	@echo "make lint         ruff and mypy (CI runs it before the tests)"
+	@echo "make chaos        every fault against a live sale, one after another: the scoreboard"
+	@echo "                  in bench/results/chaos-<time>.md and .json (under 20 minutes)"
 	@echo "make lock         re-resolve the dependencies into requirements.lock"
 	@echo "make cluster-up   a local Redis Cluster (3 masters + 3 replicas, ports 7001-7006) and"
 	@echo "                  RabbitMQ cluster (5681-5683) beside the single services (cluster-down)"
@@ -113,6 +115,11 @@ bench-quick: venv services bench-tools
 
 bench-long: venv services bench-tools
 	@$(PY) -m bench --long
+
+# CHAOS_ARGS="--only network" runs the faults whose name contains a word (--list: names)
+CHAOS_ARGS ?=
+chaos: venv services
+	@$(PY) -m bench.chaos $(CHAOS_ARGS)
 
 bench-micro: venv services
 	@$(VENV)/bin/pytest bench/micro --benchmark-only --benchmark-json=bench/results/micro.json -p no:cacheprovider -o addopts=""

@@ -1,0 +1,351 @@
+"""The faults of the chaos suite, cheapest and most valuable first.
+
+Each `Fault` inflicts itself on a live sale (`runner.Sale`) and returns when the fault
+is over (the service is back, the killed process restarted): the recovery time is
+counted from then. Durations are shortened from the issue's (30 s outages become
+`OUTAGE_S`) so the whole suite fits in 20 minutes on two shared cores; the scoreboard's
+header says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import tempfile
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import aiormq
+import asyncpg
+
+from engine.config import to_env
+from engine.keys import EXCHANGE, GROUP, QUEUE_CREATED, RK_CREATED
+from engine.pipeline.faults import MID_DEAD_LETTER, POINTS
+
+from .runner import SECKILL, Fault, Sale, running, wait_until
+
+OUTAGE_S = 10.0  # a blackhole, a latency or a slow link lasts this long (issue: 30 s)
+LATENCY_S = 0.2  # added each way
+SLOW_LINK = 20_000  # bytes a second each way
+POISON = 20  # dead letters written around the mid-dead-letter kill
+# the engine notices a lost connection well within an outage (as tests/chaos does)
+NETWORK_QUICK: dict[str, Any] = {"publish_timeout": 2, "db_timeout": 2, "redis_timeout": 1,
+                                 "connect_timeout": 2, "retry_backoff_max": 1}
+
+
+# -- processes ----------------------------------------------------------------------
+def batch_point(point: str) -> Fault:
+    """SIGKILL a worker at one point of a batch (SECKILL_FAULT_POINT); it is respawned."""
+
+    async def inflict(sale: Sale) -> None:
+        if point == MID_DEAD_LETTER:  # the point is only reached by a dead-letter write
+            stream = sale.keys.stream(sale.product_id)
+            for _ in range(POISON):
+                await sale.redis.xadd(stream, {"uid": "not-a-user", "ts": "1"})
+        engine = sale.engine
+
+        async def killed() -> bool:
+            out = engine.output()
+            return f"fault point {point}: SIGKILL" in out and "exited with -9" in out
+
+        await wait_until(killed, 60, f"a worker killed {point}")
+        await wait_until(lambda: _workers(sale, 2), 60, "the killed worker respawned")
+
+    return Fault(f"SIGKILL {point}", inflict, start_after=0.0,
+                 env={"SECKILL_FAULT_POINT": point,
+                      "SECKILL_FAULT_DIR": tempfile.mkdtemp(prefix="seckill-chaos-points-")})
+
+
+async def _workers(sale: Sale, n: int) -> bool:
+    return len(sale.engine.children()) == n
+
+
+async def _kill_supervisor(sale: Sale) -> None:
+    """SIGKILL the supervisor alone; its workers notice (parent changed) and exit; a new
+    supervisor is started once they are gone."""
+    orphans = sale.engine.children()
+    sale.engine.proc.send_signal(signal.SIGKILL)
+    await asyncio.to_thread(sale.engine.proc.wait, 10)
+
+    async def gone() -> bool:
+        return not any(running(pid) for pid in orphans)
+
+    await wait_until(gone, 60, "the orphaned workers to exit")
+    sale.start_engine()
+    await sale.booted()
+
+
+async def _kill_host(sale: Sale) -> None:
+    """SIGKILL every process of the engine and the Resource Domain at once, restart both."""
+    assert sale.resource_domain is not None
+    for proc in (sale.engine, sale.resource_domain):
+        await asyncio.to_thread(proc.kill_all)
+    sale.start_resource_domain()
+    sale.start_engine()
+    await sale.booted()
+
+
+STOPPED_CLAIM_IDLE_MS = 3000
+
+
+async def _stop_worker(sale: Sale) -> None:
+    """SIGSTOP a worker while it holds entries, for twice claim_idle_ms (the other
+    worker's janitor reclaims them), then SIGCONT: its late work must not log or
+    provision twice."""
+    consumers = _consumers(sale.engine.output())
+    stream = sale.keys.stream(sale.product_id)
+    for _ in range(100):  # until it is caught holding a batch
+        worker = sale.engine.children()[0]
+        os.kill(worker, signal.SIGSTOP)
+        held = await _held(sale, stream, consumers.get(worker, ""))
+        if held:
+            break
+        os.kill(worker, signal.SIGCONT)
+        await asyncio.sleep(0.05)
+    else:
+        raise RuntimeError("no worker was caught holding entries")
+    try:
+        await asyncio.sleep(2 * STOPPED_CLAIM_IDLE_MS / 1000 + 2)
+        still = await _held(sale, stream, consumers[worker])
+    finally:
+        os.kill(worker, signal.SIGCONT)
+    sale.notes.append(f"the stopped worker held {held} entries; {held - still} were"
+                      " reclaimed by the other before it was continued")
+    await asyncio.sleep(2)  # its late batch runs into what the other did meanwhile
+
+
+def _consumers(output: str) -> dict[int, str]:
+    """Worker PID -> its consumer name, from the workers' boot lines."""
+    found = re.findall(r"seckill\.worker\[(\d+)\] worker \d+ booted as ([^,\s]+)", output)
+    return {int(pid): name for pid, name in found}
+
+
+async def _held(sale: Sale, stream: str, consumer: str) -> int:
+    """Entries of `stream` pending on `consumer`."""
+    info = await sale.redis.xpending(stream, GROUP)
+    for entry in info.get("consumers") or []:
+        name = entry["name"].decode() if isinstance(entry["name"], bytes) else entry["name"]
+        if name == consumer:
+            return int(entry["pending"])
+    return 0
+
+
+# -- bad input ----------------------------------------------------------------------
+def _hostile_entries(max_entry_bytes: int) -> list[dict[str, str | bytes]]:
+    """Stream entries the gate never writes: each must be dead-lettered, none logged."""
+    return [
+        {"uid": "not-a-user", "ts": "1"},
+        {"uid": "-5", "ts": "1"},
+        {"uid": "0", "ts": "1"},
+        {"uid": str(2**70), "ts": "1"},
+        {"uid": "", "ts": "1"},
+        {"ts": "1"},
+        {"uid": b"\xff\xfe\x00", "ts": "1"},
+        {"uid": "1e3", "ts": "1"},
+        {"uid": "12; DROP TABLE seckill_logs", "ts": "1"},
+        {"uid": "42", "ts": "1", "pad": "x" * (max_entry_bytes + 1)},
+    ]
+
+
+async def _bad_input(sale: Sale) -> None:
+    """Malformed and oversized entries at full rate into the sale's stream, pipelined,
+    while the buyers buy."""
+    entries = _hostile_entries(sale.settings.max_entry_bytes)
+    stream = sale.keys.stream(sale.product_id)
+    for _ in range(20):
+        pipe = sale.redis.pipeline(transaction=False)
+        for fields in entries * 10:
+            pipe.xadd(stream, fields)  # type: ignore[arg-type]
+        await pipe.execute()
+    sale.notes.append(f"{20 * 10 * len(entries)} hostile stream entries")
+
+
+# -- RabbitMQ topology (the runner's own vhost on the shared broker) ------------------
+async def _amqp(sale: Sale, action: Callable[[Any], Coroutine[Any, Any, None]]) -> None:
+    conn = await aiormq.connect(sale.settings.amqp_url)
+    try:
+        await action(await conn.channel())
+    finally:
+        await conn.close()
+
+
+async def _binding_deleted(sale: Sale) -> None:
+    """Every binding of instance.created deleted (the events come back returned and stay
+    on the stream), restored after OUTAGE_S."""
+    queues = (QUEUE_CREATED, sale.tap)
+
+    async def unbind(channel: Any) -> None:
+        for queue in queues:
+            await channel.queue_unbind(queue, EXCHANGE, routing_key=RK_CREATED)
+
+    async def bind(channel: Any) -> None:
+        for queue in queues:
+            await channel.queue_bind(queue, EXCHANGE, routing_key=RK_CREATED)
+
+    await _amqp(sale, unbind)
+    await asyncio.sleep(OUTAGE_S)
+    await _amqp(sale, bind)
+
+
+async def _queue_deleted(sale: Sale) -> None:
+    """The Resource Domain's queue deleted (with what it held), then re-declared by
+    `seckill migrate` after OUTAGE_S."""
+
+    async def delete(channel: Any) -> None:
+        await channel.queue_delete(QUEUE_CREATED)
+
+    await _amqp(sale, delete)
+    await asyncio.sleep(OUTAGE_S)
+    done = await asyncio.to_thread(subprocess.run, [SECKILL, "migrate"],
+                                   env=to_env(sale.settings), capture_output=True, text=True,
+                                   timeout=120)
+    if done.returncode:
+        raise RuntimeError(f"seckill migrate failed: {done.stderr[-1000:]}")
+
+
+# -- PostgreSQL ---------------------------------------------------------------------
+FAILING_USER = 500  # bought mid-sale
+
+
+def _constraint(sale: Sale) -> str:
+    return f"chaos_refuse_{sale.product_id}"
+
+
+async def _add_check(sale: Sale) -> None:
+    """A CHECK that refuses one order's row (user FAILING_USER of this product), added
+    before the engine starts."""
+    conn = await asyncpg.connect(sale.settings.pg_dsn, timeout=10)
+    try:
+        await conn.execute(f"ALTER TABLE seckill_logs ADD CONSTRAINT {_constraint(sale)} CHECK"
+                           f" (product_id <> {sale.product_id} OR user_id <> {FAILING_USER})"
+                           " NOT VALID")
+    finally:
+        await conn.close()
+
+
+async def _row_always_fails(sale: Sale) -> None:
+    """The refused order goes to the dead-letter stream after max_deliveries, with the
+    reason; the other orders are not held up by it. The CHECK is dropped afterwards."""
+    name = _constraint(sale)
+
+    async def dead_lettered() -> bool:
+        return bool(await sale.dead_letters())
+
+    try:
+        await wait_until(dead_lettered, 120, "the refused row dead-lettered")
+    finally:
+        conn = await asyncpg.connect(sale.settings.pg_dsn, timeout=10)
+        try:
+            await conn.execute(f"ALTER TABLE seckill_logs DROP CONSTRAINT IF EXISTS {name}")
+        finally:
+            await conn.close()
+
+
+# -- services stopped, restarted, alarmed (private nodes) -----------------------------
+PG_DOWN_S = 30.0  # "down for a while" (issue: 5 minutes; shortened for the budget)
+
+
+async def _node(sale: Sale, action: str, *args: str) -> None:
+    """Run one of the private node's blocking methods (start, stop, kill, ...)."""
+    await asyncio.to_thread(getattr(sale.node, action), *args)
+
+
+async def _rabbit_stopped(sale: Sale) -> None:
+    await _node(sale, "stop")
+    await asyncio.sleep(OUTAGE_S)
+    await _node(sale, "start")
+
+
+async def _rabbit_memory_alarm(sale: Sale) -> None:
+    """A watermark no node can stay under: every publisher is blocked until restored."""
+    await _node(sale, "ctl", "set_vm_memory_high_watermark", "0.0001")
+    try:
+        await asyncio.sleep(OUTAGE_S)
+    finally:
+        await _node(sale, "ctl", "set_vm_memory_high_watermark", "0.4")
+
+
+async def _pg_immediate(sale: Sale) -> None:
+    await _node(sale, "stop_immediately")
+    await _node(sale, "start")
+
+
+async def _pg_down(sale: Sale) -> None:
+    await _node(sale, "stop_immediately")
+    await asyncio.sleep(PG_DOWN_S)
+    await _node(sale, "start")
+
+
+async def _redis_restart(sale: Sale) -> None:
+    """Redis SIGKILLed and started again, no purchase in flight across it: with
+    appendonly yes + appendfsync always it comes back with every acknowledged write;
+    without persistence it comes back empty."""
+    async with sale.buyers:
+        await _node(sale, "kill")
+        await asyncio.sleep(1)
+        await _node(sale, "start")
+        await sale.reconnect_redis()
+
+
+REDIS_LOSS = ("Redis restarted without persistence: the stream, its pending entries, the"
+              " stock and the buyers are gone; the orders accepted but not yet logged are"
+              " lost. Prevented by appendonly yes + appendfsync always")
+
+
+# -- the network, through the fault proxy -------------------------------------------
+def network(service: str, kind: str) -> Fault:
+    """The engine's and the Resource Domain's link to `service` through a fault proxy:
+    cut (RST), blackhole, +LATENCY_S, a slow link; healed after OUTAGE_S."""
+    commands = {"cut": "cut", "blackhole": "blackhole", "latency": f"latency {LATENCY_S}",
+                "slow link": f"bandwidth {SLOW_LINK}"}
+
+    async def inflict(sale: Sale) -> None:
+        proxy = sale.proxy
+        assert proxy is not None
+        await asyncio.to_thread(proxy, commands[kind])
+        if kind != "cut":
+            await asyncio.sleep(OUTAGE_S)
+            await asyncio.to_thread(proxy, "heal")
+
+    return Fault(f"network {service}: {kind}", inflict, proxied=service,
+                 engine={**NETWORK_QUICK, "claim_idle_ms": 5000})
+
+
+def catalogue() -> list[Fault]:
+    """Every fault, in the order they run."""
+    faults = [batch_point(p) for p in POINTS]
+    faults += [
+        Fault("supervisor SIGKILL, restarted", _kill_supervisor,
+              engine={"heartbeat_timeout": 5}),
+        Fault("whole host SIGKILL, restarted", _kill_host),
+        Fault("worker SIGSTOP past claim_idle_ms, SIGCONT", _stop_worker,
+              engine={"claim_idle_ms": STOPPED_CLAIM_IDLE_MS, "heartbeat_timeout": 60}),
+        Fault("bad input: malformed and oversized stream entries", _bad_input),
+        Fault("postgresql: one row always fails (CHECK)", _row_always_fails,
+              prepare=_add_check, dead_letters_expected=1),
+        Fault("rabbitmq: binding deleted, restored", _binding_deleted),
+        Fault("rabbitmq: queue deleted, re-declared by migrate", _queue_deleted),
+    ]
+    faults += [
+        Fault("rabbitmq: stopped, started", _rabbit_stopped, private="rabbitmq",
+              engine=NETWORK_QUICK),
+        Fault("rabbitmq: memory alarm", _rabbit_memory_alarm, private="rabbitmq",
+              engine=NETWORK_QUICK),
+        Fault("postgresql: immediate shutdown, restarted", _pg_immediate,
+              private="postgresql", engine=NETWORK_QUICK),
+        Fault(f"postgresql: down {PG_DOWN_S:.0f} s", _pg_down, private="postgresql",
+              engine=NETWORK_QUICK),
+        Fault("redis: SIGKILL, restarted from its AOF (appendfsync always)", _redis_restart,
+              private="redis-aof", engine=NETWORK_QUICK),
+        Fault("redis: SIGKILL, restarted without persistence", _redis_restart,
+              private="redis", engine=NETWORK_QUICK, known_loss=REDIS_LOSS),
+    ]
+    faults += [network(service, kind) for service in ("redis", "rabbitmq", "postgresql")
+               for kind in ("cut", "blackhole", "latency", "slow link")]
+    return faults
+
+
+CHEAPEST = ("SIGKILL after_read", "SIGKILL after_log_commit", "SIGKILL after_confirms")

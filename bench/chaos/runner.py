@@ -1,0 +1,507 @@
+"""The chaos runner: one live sale per fault, scored from the ground truth.
+
+For each fault a sale of a product of its own is opened and sold through the real gate
+(`engine.gate.client.Gate`, the Lua script the BFF runs), with `seckill run` (its
+workers run the status loop) and `seckill resource-domain` running as child processes.
+The fault is inflicted while the sale is live; once it is over the runner waits for the
+stream to drain and every order to be provisioned, then reads what every place recorded
+(the accepted replies, `seckill_logs`, a tap queue bound to the exchange, the Resource
+Domain's table) and `checker.score()` counts what the fault cost.
+
+The runner owns a database, a vhost and a key prefix (`prepare()`), so it runs beside a
+demo or a test run; the tests hand it theirs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiormq
+import asyncpg
+from redis.asyncio import Redis
+
+from engine.config import Settings, to_env
+from engine.gate.client import Gate
+from engine.keys import DLQ_SUFFIX, EXCHANGE, GROUP, RK_CREATED, Keys
+from engine.pb import event_pb2
+from engine.products import gpu_product, upsert_products
+
+from .checker import Accepted, Event, Score, drained_after, read_provisioned, read_rows, score
+from .faultproxy import ProxyProcess, upstream_of, via
+
+SECKILL = str(Path(sys.executable).with_name("seckill"))
+BUY_CHUNK = 20  # purchases in flight at once
+BUY_PAUSE = 0.02  # between chunks: the sale lasts a few seconds, so a fault meets it live
+DRAIN_TIMEOUT = 180.0
+SETTLE_TIMEOUT = 90.0  # every row RUNNING or FAILED, every instance provisioned
+# Settings of every engine the runner starts: quick to notice and to recover, so a fault
+# costs seconds, not minutes (the defaults are for production, not for a 20-minute suite).
+ENGINE_QUICK: dict[str, Any] = {
+    "metrics_port": 0, "log_json": False, "log_level": "INFO", "janitor_interval": 1.0,
+    "graceful_timeout": 15,
+    "heartbeat_timeout": 10, "boot_timeout": 10, "discovery_interval": 0.2,
+    "claim_idle_ms": 5000, "batch_size": 100, "retry_backoff_max": 1,
+}
+RD_QUICK: dict[str, Any] = {"rd_delay_ms": 1, "log_json": False, "log_level": "INFO"}
+# the proxied dependency's setting and default port
+SERVICES = {"redis": ("redis_url", 6379), "rabbitmq": ("amqp_url", 5672),
+            "postgresql": ("pg_dsn", 5432)}
+
+
+class ChaosError(Exception):
+    """A fault could not be run (a process did not start, a condition never held)."""
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Proc:
+    """A `seckill` subcommand as a child process in a session of its own (so the whole
+    host can be killed at once), its output in a file for the report."""
+
+    def __init__(self, args: list[str], env: dict[str, str], name: str) -> None:
+        self.name = name
+        fd, path = tempfile.mkstemp(prefix=f"seckill-chaos-{name}-", suffix=".log")
+        self.log_path = Path(path)
+        with os.fdopen(fd, "wb") as log:
+            self.proc = subprocess.Popen([SECKILL, *args], env=env, stdout=log,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def children(self) -> list[int]:
+        try:
+            text = Path(f"/proc/{self.pid}/task/{self.pid}/children").read_text()
+        except FileNotFoundError:
+            return []
+        return [int(p) for p in text.split()]
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def kill_all(self) -> None:
+        """SIGKILL the process and every process of its session at once."""
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(10)
+
+    def stop(self, timeout: float = 30) -> None:
+        """SIGTERM (the engine drains), SIGKILL to the session if it does not exit."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill_all()
+        try:  # a worker orphaned by a fault must not outlive its fault
+            os.killpg(self.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def running(pid: int) -> bool:
+    """True while the process exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+async def wait_until(check: Callable[[], Awaitable[bool]], timeout: float, what: str,
+                     interval: float = 0.2) -> None:
+    deadline = time.monotonic() + timeout
+    while not await check():
+        if time.monotonic() > deadline:
+            raise ChaosError(f"timed out after {timeout:.0f}s waiting for {what}")
+        await asyncio.sleep(interval)
+
+
+@dataclass
+class Fault:
+    """One row of the scoreboard: what is done to the running sale, and how."""
+
+    name: str
+    inflict: Callable[[Sale], Awaitable[None]]
+    stock: int = 1000
+    engine: dict[str, Any] = field(default_factory=dict)  # engine setting overrides
+    env: dict[str, str] = field(default_factory=dict)  # extra engine environment
+    proxied: str | None = None  # a dependency reached through a fault proxy
+    start_after: float = 0.2  # share of the stock sold before the fault begins
+    known_loss: str | None = None  # what the design cannot survive, named on the board
+    prepare: Callable[[Sale], Awaitable[None]] | None = None  # before the engine starts
+    private: str | None = None  # a dependency swapped for a private node (PrivateNodes)
+    dead_letters_expected: int = 0  # accepted orders the fault rightly dead-letters
+
+
+@dataclass
+class Sale:
+    """One fault's live sale and the processes serving it."""
+
+    settings: Settings
+    fault: Fault
+    redis: Redis
+    product_id: int
+    sale_id: str = ""
+    accepted: list[Accepted] = field(default_factory=list)
+    engines: list[Proc] = field(default_factory=list)
+    resource_domain: Proc | None = None
+    proxy: ProxyProcess | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)  # the proxied URL, if any
+    notes: list[str] = field(default_factory=list)
+    tap: str = field(default_factory=lambda: f"chaos-tap-{uuid.uuid4().hex[:8]}")
+    # held by a fault that restarts Redis: no purchase is in flight across the restart,
+    # so every purchase has a reply and the accepted list is the whole truth
+    buyers: asyncio.Lock = field(default_factory=asyncio.Lock)
+    failed_buys: int = 0
+    node: Any = None  # the private node of the fault's dependency, if any
+
+    @property
+    def keys(self) -> Keys:
+        return Keys(self.settings.key_prefix)
+
+    @property
+    def engine(self) -> Proc:
+        return self.engines[-1]
+
+    def start_engine(self, workers: int = 2) -> Proc:
+        env = to_env(self.settings, **{**ENGINE_QUICK, **self.fault.engine, **self.overrides})
+        env.update(self.fault.env)
+        proc = Proc(["run", "--workers", str(workers)], env, "engine")
+        self.engines.append(proc)
+        return proc
+
+    def start_resource_domain(self) -> Proc:
+        env = to_env(self.settings, **{**RD_QUICK, "rd_metrics_port": free_port(),
+                                       **self.overrides})
+        self.resource_domain = Proc(["resource-domain"], env, "resource-domain")
+        return self.resource_domain
+
+    async def booted(self, workers: int = 2) -> None:
+        engine = self.engine
+
+        async def check() -> bool:
+            if engine.proc.poll() is not None:
+                raise ChaosError(f"the engine exited with {engine.proc.returncode}:\n"
+                                 + engine.output()[-2000:])
+            return (len(engine.children()) == workers
+                    and engine.output().count(" booted as ") >= workers)
+
+        await wait_until(check, 90, f"{workers} booted workers")
+
+    def output(self) -> str:
+        return "".join(p.output() for p in self.engines)
+
+    def stop(self) -> None:
+        for proc in [*self.engines, *([self.resource_domain] if self.resource_domain else [])]:
+            proc.stop()
+        if self.proxy is not None:
+            self.proxy.stop()
+
+    # -- the buyers ------------------------------------------------------------------
+    async def buy_all(self) -> None:
+        """Every buyer tries once, a chunk at a time, until the stock is gone (and 10%
+        more find it sold out)."""
+        gate = Gate(self.redis, self.keys)
+        users = range(1, self.fault.stock + self.fault.stock // 10 + 1)
+        for start in range(0, len(users), BUY_CHUNK):
+            chunk = users[start:start + BUY_CHUNK]
+            async with self.buyers:
+                if gate.redis is not self.redis:  # reconnected after a restart
+                    gate = Gate(self.redis, self.keys)
+                results = await asyncio.gather(*(gate.buy(self.product_id, u) for u in chunk),
+                                               return_exceptions=True)
+            for r in results:
+                if isinstance(r, BaseException):
+                    self.failed_buys += 1  # no reply: the gate refused (Redis down)
+                elif r.outcome == "accepted" and r.stream_id:
+                    self.accepted.append(Accepted(self.product_id, r.stream_id,
+                                                  self.sale_id, r.slot))
+            await asyncio.sleep(BUY_PAUSE)
+
+    async def reconnect_redis(self) -> None:
+        """A new client after Redis restarted (the old one's connections are dead)."""
+        old, self.redis = self.redis, Redis.from_url(self.settings.redis_url)
+        await old.aclose()
+
+    async def sold_at_least(self, share: float) -> bool:
+        return len(self.accepted) >= share * self.fault.stock
+
+    # -- the ground truth ------------------------------------------------------------
+    async def drained(self) -> bool:
+        """Every accepted order has its row and the group holds nothing pending or unread."""
+        stream = self.keys.stream(self.product_id)
+        if not await self.redis.exists(stream):  # Redis lost it: nothing left to drain
+            return True
+        groups = await self.redis.xinfo_groups(stream)
+        group = next((g for g in groups if _text(g["name"]) == GROUP), None)
+        if group is None or group["pending"] or group.get("lag") not in (0, None):
+            return False
+        letters = await self.dead_letters()  # an accepted order dead-lettered has no row
+        return await self._rows() >= sum(a.stream_id not in letters for a in self.accepted)
+
+    async def _rows(self) -> int:
+        conn = await asyncpg.connect(self.settings.pg_dsn, timeout=10)
+        try:
+            return int(await conn.fetchval("SELECT count(*) FROM seckill_logs"
+                                           " WHERE product_id = $1", self.product_id))
+        finally:
+            await conn.close()
+
+    async def settled(self) -> bool:
+        """Every row RUNNING or FAILED: provisioned and reported back through the loop."""
+        conn = await asyncpg.connect(self.settings.pg_dsn, timeout=10)
+        try:
+            left = await conn.fetchval("SELECT count(*) FROM seckill_logs WHERE product_id = $1"
+                                       " AND status = 'PROCESSING'", self.product_id)
+        finally:
+            await conn.close()
+        return left == 0
+
+    async def dead_letters(self) -> set[str]:
+        """Stream IDs of the sale's entries that went to the dead-letter stream."""
+        letters = await self.redis.xrange(self.keys.stream(self.product_id) + DLQ_SUFFIX)
+        return {_text(f.get(b"id", b"")) for _, f in letters}
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+# -- the tap ------------------------------------------------------------------------
+async def declare_tap(amqp_url: str, queue: str) -> None:
+    conn = await aiormq.connect(amqp_url)
+    try:
+        channel = await conn.channel()
+        await channel.queue_declare(queue, durable=True)
+        await channel.queue_bind(queue, EXCHANGE, routing_key=RK_CREATED)
+    finally:
+        await conn.close()
+
+
+async def read_tap(amqp_url: str, queue: str, orders: int, timeout: float) -> list[Event]:
+    """Every event in the tap (repeats included) once events of `orders` distinct orders
+    came and the queue is empty (or the timeout); the queue is deleted afterwards."""
+    conn = await aiormq.connect(amqp_url)
+    events: list[Event] = []
+    try:
+        channel = await conn.channel()
+        await channel.basic_qos(prefetch_count=1000)
+
+        async def on_message(message: Any) -> None:
+            event = event_pb2.Event()
+            event.ParseFromString(message.body)
+            events.append(Event(event.product_id, event.stream_id, event.instance_id))
+            await channel.basic_ack(message.delivery.delivery_tag)
+
+        consuming = await channel.basic_consume(queue, on_message)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            await asyncio.sleep(0.3)
+            distinct = len({e.key for e in events})
+            ready = (await channel.queue_declare(queue, passive=True)).message_count
+            if distinct >= orders and ready == 0:
+                break
+        await asyncio.sleep(0.5)  # deliveries already sent to us
+        await channel.basic_cancel(consuming.consumer_tag)
+        await channel.queue_delete(queue)
+    finally:
+        await conn.close()
+    return events
+
+
+# -- one fault ----------------------------------------------------------------------
+@dataclass
+class Result:
+    """One row of the scoreboard."""
+
+    fault: str
+    score: Score
+    verdict: str
+    seconds: float
+    notes: list[str]
+
+    def as_dict(self) -> dict[str, Any]:
+        s = self.score
+        return {"fault": self.fault, "accepted": s.accepted, "lost": s.lost,
+                "duplicated": s.duplicated, "oversold": s.oversold,
+                "unexpected": s.unexpected, "recovery_s": s.recovery_s,
+                "verdict": self.verdict, "provisioned_twice": s.provisioned_twice,
+                "examples": s.examples, "seconds": round(self.seconds, 1),
+                "notes": self.notes}
+
+
+class PrivateNodes:
+    """Servers of the run's own (engine.admin.localnodes) for the faults that stop,
+    restart or alarm a service: the shared ones are never touched. Each is started the
+    first time a fault asks for it and reused by the next; `destroy()` at the end."""
+
+    def __init__(self) -> None:
+        self.nodes: dict[str, Any] = {}
+
+    def node(self, kind: str) -> Any:
+        if kind not in self.nodes:
+            self.nodes[kind] = self._start(kind)
+        node = self.nodes[kind]
+        node.start()  # running and answering again, whatever the last fault did
+        return node
+
+    @staticmethod
+    def _start(kind: str) -> Any:
+        from engine.admin.localnodes import PostgresNode, RabbitNode, RedisNode
+        from engine.admin.migrate import apply_migrations
+
+        if kind == "redis-aof":
+            return RedisNode(appendonly=True, extra=("--appendfsync", "always")).start()
+        if kind == "redis":
+            return RedisNode().start()
+        if kind == "rabbitmq":
+            return RabbitNode().start()
+        if kind == "postgresql":
+            node = PostgresNode(database="seckill_chaos").start()
+            apply_migrations(node.url)
+            return node
+        raise ValueError(f"no private node of kind {kind!r}")
+
+    def settings_for(self, kind: str, settings: Settings) -> Settings:
+        node = self.node(kind)
+        if kind == "rabbitmq":
+            from engine.admin.migrate import declare_topology
+
+            asyncio.run(declare_topology(node.url))
+            return settings.replace(amqp_url=node.url)
+        if kind == "postgresql":
+            return settings.replace(pg_dsn=node.url)
+        return settings.replace(redis_url=node.url)
+
+    def destroy(self) -> None:
+        for node in self.nodes.values():
+            node.destroy()
+        self.nodes.clear()
+
+
+async def run_fault(settings: Settings, fault: Fault, say: Callable[[str], None],
+                    nodes: PrivateNodes | None = None) -> Result:
+    """Open a sale, start the engine and the Resource Domain, sell, inflict the fault,
+    wait for the recovery, and score what it cost."""
+    started = time.monotonic()
+    product_id = int.from_bytes(os.urandom(4), "big") % (8 * 10**9) + 10**9
+    if fault.private:
+        if nodes is None:
+            raise ChaosError(f"{fault.name} needs a private {fault.private} node")
+        say(f"  {fault.name}: on a private {fault.private} node")
+        settings = await asyncio.to_thread(nodes.settings_for, fault.private, settings)
+    sale = Sale(settings, fault, Redis.from_url(settings.redis_url), product_id)
+    sale.node = nodes.node(fault.private) if nodes and fault.private else None
+    try:
+        return await _run(sale, say, started)
+    finally:
+        await asyncio.to_thread(sale.stop)
+        await sale.redis.aclose()
+
+
+async def _run(sale: Sale, say: Callable[[str], None], started: float) -> Result:
+    settings, fault = sale.settings, sale.fault
+    conn = await asyncpg.connect(settings.pg_dsn, timeout=10)
+    try:
+        await upsert_products(conn, [gpu_product(sale.product_id)])
+    finally:
+        await conn.close()
+    sale.sale_id = await Gate(sale.redis, sale.keys).open_sale(sale.product_id, fault.stock)
+    await declare_tap(settings.amqp_url, sale.tap)
+    if fault.proxied:
+        setting, port = SERVICES[fault.proxied]
+        url = getattr(settings, setting)
+        sale.proxy = await asyncio.to_thread(ProxyProcess, upstream_of(url, port))
+        sale.overrides[setting] = via(url, sale.proxy.port)
+    if fault.prepare is not None:
+        await fault.prepare(sale)
+    sale.start_resource_domain()
+    sale.start_engine()
+    await sale.booted()
+    buying = asyncio.create_task(sale.buy_all())
+    try:
+        await wait_until(lambda: _sold_or_done(sale, buying), 120, "the sale under way")
+        say(f"  {fault.name}: inflicting at {len(sale.accepted)} accepted")
+        await fault.inflict(sale)
+        fault_end = time.monotonic()
+        say(f"  {fault.name}: fault over, {len(sale.accepted)} accepted; recovering")
+        await buying
+    finally:
+        if not buying.done():
+            buying.cancel()
+    recovery = await drained_after(fault_end, sale.drained, DRAIN_TIMEOUT)
+    if recovery is None:
+        sale.notes.append(f"the stream did not drain within {DRAIN_TIMEOUT:.0f}s")
+    try:
+        await wait_until(sale.settled, SETTLE_TIMEOUT, "every row RUNNING or FAILED")
+    except ChaosError as exc:
+        sale.notes.append(str(exc))
+    return await _score(sale, recovery, started)
+
+
+async def _sold_or_done(sale: Sale, buying: asyncio.Task[None]) -> bool:
+    if buying.done():
+        buying.result()  # raises what the buyers raised
+        return True
+    return await sale.sold_at_least(sale.fault.start_after)
+
+
+async def _score(sale: Sale, recovery: float | None, started: float) -> Result:
+    settings = sale.settings
+    letters = await sale.dead_letters()
+    accepted = list(sale.accepted)
+    lettered = [a for a in accepted if a.stream_id in letters]
+    if lettered and sale.fault.dead_letters_expected:
+        # the fault's own victims: in the dead-letter stream with the reason, not lost
+        accepted = [a for a in accepted if a.stream_id not in letters]
+        sale.notes.append(f"{len(lettered)} accepted order(s) dead-lettered as intended"
+                          f" (expected {sale.fault.dead_letters_expected})")
+    elif lettered:  # dead-lettered by a fault that should not: counted lost
+        sale.notes.append(f"{len(lettered)} accepted orders dead-lettered")
+    events = await read_tap(settings.amqp_url, sale.tap, len(accepted), 60)
+    conn = await asyncpg.connect(settings.pg_dsn, timeout=10)
+    try:
+        rows = await read_rows(conn, [sale.product_id])
+        provisioned = await read_provisioned(conn, [r.instance_id for r in rows])
+    finally:
+        await conn.close()
+    result = score(accepted, rows, events, {sale.product_id: sale.fault.stock}, provisioned,
+                   recovery)
+    result.accepted = len(sale.accepted)
+    unprovisioned = sum(1 for r in rows if r.instance_id not in provisioned)
+    if unprovisioned:
+        sale.notes.append(f"{unprovisioned} logged instances never provisioned")
+    if sale.failed_buys:
+        sale.notes.append(f"{sale.failed_buys} purchases refused with an error (service down)")
+    respawns = sale.output().count("respawning in")
+    if respawns:
+        sale.notes.append(f"{respawns} worker respawns")
+    if "halting: " in sale.output():
+        sale.notes.append("the supervisor halted")
+    verdict = result.verdict(sale.fault.known_loss)
+    wrong_letters = (sale.fault.dead_letters_expected
+                     and len(lettered) != sale.fault.dead_letters_expected)
+    if verdict == "pass" and (recovery is None or unprovisioned or wrong_letters):
+        verdict = "fail"
+    return Result(sale.fault.name, result, verdict, time.monotonic() - started, sale.notes)
