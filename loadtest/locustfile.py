@@ -29,6 +29,7 @@ import os
 import random
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +58,7 @@ TRIED = f"{PREFIX}loadtest:{{{PRODUCT}}}:tried"
 SIGNING_KEY = os.environ.get("SECKILL_LT_SIGNING_KEY", "")
 FIRST_USER = int(os.environ.get("SECKILL_LT_FIRST_USER", "1"))
 USERS_PER_PROCESS = 10_000_000  # with --processes, each one names its own users
-_user_ids = itertools.count(FIRST_USER)
+_user_ids: Iterator[int] | None = None  # made at the first user: see next_user
 _settings = load_settings()
 _issuer = DevIssuer(SIGNING_KEY, issuer=_settings.bff_jwt_issuer,
                     audience=_settings.bff_jwt_audience) if SIGNING_KEY else None
@@ -71,16 +72,16 @@ TIMEOUTS = (TimeoutError, socket.timeout, gevent.Timeout, RedisTimeout)
 SALE_ANSWERS = (202, 409, 410, 404, 429)
 
 
-@events.init.add_listener
-def _own_user_range(environment: Environment, **_: object) -> None:
-    """Each Locust worker process (--processes) counts its users from its own range."""
-    global _user_ids
-    if isinstance(environment.runner, WorkerRunner):
-        _user_ids = itertools.count(FIRST_USER
-                                    + environment.runner.worker_index * USERS_PER_PROCESS)
-
-
 def next_user() -> int:
+    """A user ID no other process of this run gives out: each Locust worker process
+    (--processes) counts from its own range. A worker learns its index from the master's
+    acknowledgement, after `init` but before any user starts, so it is read here."""
+    global _user_ids
+    if _user_ids is None:
+        env = _environment[0] if _environment else None
+        runner = env.runner if env is not None else None
+        index = runner.worker_index if isinstance(runner, WorkerRunner) else 0
+        _user_ids = itertools.count(FIRST_USER + index * USERS_PER_PROCESS)
     return next(_user_ids)
 
 
