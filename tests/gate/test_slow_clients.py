@@ -49,3 +49,17 @@ async def test_four_slow_bodies_do_not_stop_a_fast_buyer(settings, product_id):
     finally:
         server.stop()
         await redis.aclose()
+
+
+async def test_a_client_that_never_finishes_its_headers_is_cut_off(settings, product_id):
+    server = Bff(settings, bff_header_timeout=1)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(f"POST /api/v1/seckill/{product_id} HTTP/1.1\r\nhost: x\r\n".encode())
+        await writer.drain()  # ... and never the blank line that ends the headers
+        closed = await asyncio.wait_for(reader.read(4096), 20)
+        assert not closed.startswith(b"HTTP/1.1 2")  # refused or dropped, never served
+        assert reader.at_eof()
+        writer.close()
+    finally:
+        server.stop()
