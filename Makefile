@@ -150,3 +150,8 @@ cluster-down: venv
 
 cluster-status: venv
 	@$(PY) -m engine.admin.localclusters status
+
+# The engine on a local 3-master Redis Cluster against the single Redis, 100 sales
+# (bench/cluster.py; results in bench/results/cluster-<time>.json).
+bench-cluster: venv services
+	@$(PY) -m bench.cluster

@@ -160,3 +160,27 @@ async def test_operator_commands_see_every_node(cluster_settings, cluster_redis,
     for pid in pids:
         await asyncio.to_thread(seckill, settings, "dlq", "list", "--product", str(pid))
         assert await cluster_redis.xlen(keys.stream(pid)) == 3  # nothing acknowledged yet
+
+
+async def test_dead_letters_settle_per_product_on_the_cluster(cluster_settings, cluster_redis,
+                                                              keys, product_ids):
+    """Each product's dead letters and acknowledgements in one script call of its slot."""
+    settings, redis, pids = cluster_settings, cluster_redis, product_ids[:4]
+    await add_products(settings, pids)
+    for pid in pids:
+        await announce(redis, keys, pid)
+        await push_orders(redis, keys, pid, range(1, 6))
+        await redis.xadd(keys.stream(pid), {"uid": "not-a-number", "ts": "1"})
+    engine = EngineProcess(settings, workers=1)
+
+    async def settled() -> bool:
+        lengths = [await redis.xlen(keys.dlq(pid)) for pid in pids]
+        return lengths == [1] * len(pids) and await all_done(settings, redis, keys, pids, 20)
+
+    try:
+        await wait_for(settled, 120, "5 rows and 1 dead letter per product, nothing pending")
+    finally:
+        engine.stop()
+    for pid in pids:
+        (_, letter), = await redis.xrange(keys.dlq(pid))
+        assert letter[b"reason"] and orjson.loads(letter[b"fields"])["uid"] == "not-a-number"
