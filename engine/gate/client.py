@@ -193,9 +193,11 @@ class Gate:
         pid = validate_id("product_id", product_id)
         uid = validate_id("user_id", user_id)
         k = self.keys
+        # no address, no per-IP key (KEYS[8] nil): an empty key name would hash to slot
+        # 0 and make the call CROSSSLOT on a Redis Cluster
         reply = await self._buy(
             [*self._product_keys(pid), k.stream(pid), k.window(pid), k.user_limiter(pid, uid),
-             k.ip_limiter(pid, ip) if ip else ""],
+             *([k.ip_limiter(pid, ip)] if ip else [])],
             [uid, int(time.time()) if ts is None else ts, *self.limits])
         assert isinstance(reply, list)
         outcome = _OUTCOMES[int(reply[0])]
