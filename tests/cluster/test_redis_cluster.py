@@ -33,6 +33,7 @@ from engine.errors import ConfigError, NoFreeNodeId
 from engine.gate.client import Gate, check_replication
 from engine.keys import GROUP
 from engine.pipeline.ids import MAX_NODES, NodeLease
+from engine.process.health import SaleCollector
 
 pytestmark = pytest.mark.timeout(600)
 IP = "192.0.2.1"
@@ -184,3 +185,15 @@ async def test_dead_letters_settle_per_product_on_the_cluster(cluster_settings, 
     for pid in pids:
         (_, letter), = await redis.xrange(keys.dlq(pid))
         assert letter[b"reason"] and orjson.loads(letter[b"fields"])["uid"] == "not-a-number"
+
+
+async def test_supervisor_gauges_read_every_node(cluster_settings, cluster_redis, keys,
+                                                 product_ids):
+    pids = product_ids[:6]
+    for pid in pids:
+        await announce(cluster_redis, keys, pid)
+        await push_orders(cluster_redis, keys, pid, range(1, 3))
+    collector = SaleCollector(cluster_settings.replace(engine_id="gauges-host"))
+    lengths = {s.labels["product"]: s.value for family in collector.collect()
+               if family.name == "seckill_stream_length" for s in family.samples}
+    assert lengths == {str(pid): 2 for pid in pids}
