@@ -22,8 +22,15 @@ from urllib.parse import urlsplit
 
 from bench.env import _with_path, bench_settings
 
-from .faults import LATENCY_S, OUTAGE_S, SLOW_LINK, catalogue
-from .runner import Fault, PrivateNodes, Result, run_fault
+from .faults import (
+    LATENCY_S,
+    OUTAGE_S,
+    PG_DOWN_S,
+    SLOW_LINK,
+    STOPPED_CLAIM_IDLE_MS,
+    catalogue,
+)
+from .runner import Fault, PrivateNodes, Result, delete_tap, run_fault
 from .scoreboard import write
 
 OUT = Path(__file__).resolve().parents[1] / "results"
@@ -45,9 +52,12 @@ def header(settings_note: str) -> list[str]:
         "",
         f"Shortened for the 20-minute budget on 2 shared cores: outages (blackhole,"
         f" latency +{LATENCY_S * 1000:.0f} ms, slow link {SLOW_LINK // 1000} kB/s, binding"
-        f" or queue gone) last {OUTAGE_S:.0f} s, not 30 s; a SIGSTOPped worker stays"
-        " stopped 8 s past claim_idle_ms = 3 s. recovery_s: from the fault's end to the"
-        " stream drained. " + settings_note,
+        f" or queue gone) last {OUTAGE_S:.0f} s, not 30 s; PostgreSQL is down"
+        f" {PG_DOWN_S:.0f} s, not 5 minutes; a SIGSTOPped worker stays stopped"
+        f" {2 * STOPPED_CLAIM_IDLE_MS / 1000 + 2:.0f} s with claim_idle_ms ="
+        f" {STOPPED_CLAIM_IDLE_MS} (the engine's timeouts are shortened to match:"
+        " runner.ENGINE_QUICK, faults.NETWORK_QUICK). Each sale: 1,000 units, 1,100 buyers."
+        " recovery_s: from the fault's end to the stream drained. " + settings_note,
     ]
 
 
@@ -72,10 +82,10 @@ async def run_all(settings: Any, faults: list[Fault],
     return results, errors
 
 
-def chaos_settings() -> Any:
+def chaos_settings(vhost: str = VHOST) -> Any:
     base = bench_settings()
     return base.replace(pg_dsn=_with_path(base.pg_dsn, "/" + DB_NAME),
-                        amqp_url=_with_path(base.amqp_url, "/" + VHOST),
+                        amqp_url=_with_path(base.amqp_url, "/" + vhost),
                         key_prefix=f"chaos:{int(time.time())}:", log_json=False)
 
 
@@ -85,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="run the faults whose name contains this (repeatable)")
     parser.add_argument("--list", action="store_true", help="list the faults and exit")
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--vhost", default=VHOST, help="the run's own vhost on the shared"
+                        " broker (two runs at once must not share one)")
     args = parser.parse_args(argv)
     faults = [f for f in catalogue()
               if not args.only or any(w.lower() in f.name.lower() for w in args.only)]
@@ -92,9 +104,9 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(f.name for f in faults))
         return 0
     logging.basicConfig(level=logging.WARNING)
-    settings = chaos_settings()
-    say(f"preparing database {DB_NAME} and vhost {VHOST}")
-    prepare_chaos(settings)
+    settings = chaos_settings(args.vhost)
+    say(f"preparing database {DB_NAME} and vhost {args.vhost}")
+    prepare_chaos(settings, args.vhost)
     started = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     t0 = time.monotonic()
     nodes = PrivateNodes()
@@ -104,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         nodes.destroy()
     doc = {"started": started, "seconds": time.monotonic() - t0,
            "header": header(f"Key prefix {settings.key_prefix}, database {DB_NAME}, vhost"
-                            f" {VHOST}."),
+                            f" {args.vhost}."),
            "rows": [r.as_dict() for r in results], "errors": errors,
            "passed": sum(r.verdict == "pass" for r in results)}
     md, js = write(doc, args.out)
@@ -114,17 +126,27 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if failed or errors else 0
 
 
-def prepare_chaos(settings: Any) -> None:
+def prepare_chaos(settings: Any, vhost: str) -> None:
     """The chaos database migrated and its vhost with the topology: idempotent."""
     from engine.admin.migrate import apply_migrations, declare_topology
 
     apply_migrations(settings.pg_dsn)
     ctl = shutil.which("rabbitmqctl") or "/usr/sbin/rabbitmqctl"
-    subprocess.run([ctl, "-q", "add_vhost", VHOST], capture_output=True, timeout=60)
+    subprocess.run([ctl, "-q", "add_vhost", vhost], capture_output=True, timeout=60)
     user = urlsplit(settings.amqp_url).username or "guest"
-    subprocess.run([ctl, "-q", "set_permissions", "-p", VHOST, user, ".*", ".*", ".*"],
+    subprocess.run([ctl, "-q", "set_permissions", "-p", vhost, user, ".*", ".*", ".*"],
                    check=True, capture_output=True, timeout=60)
     asyncio.run(declare_topology(settings.amqp_url))
+    listed = subprocess.run([ctl, "-q", "list_queues", "-p", vhost, "name"], check=True,
+                            capture_output=True, text=True, timeout=60).stdout.split()
+    stale = [q for q in listed if q.startswith("chaos-tap-")]  # of a run that was killed
+    if stale:
+        asyncio.run(_delete_queues(settings.amqp_url, stale))
+
+
+async def _delete_queues(amqp_url: str, queues: list[str]) -> None:
+    for queue in queues:
+        await delete_tap(amqp_url, queue)
 
 
 if __name__ == "__main__":

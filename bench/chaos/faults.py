@@ -28,6 +28,7 @@ from engine.pipeline.faults import MID_DEAD_LETTER, POINTS
 from .runner import SECKILL, Fault, Sale, running, wait_until
 
 OUTAGE_S = 10.0  # a blackhole, a latency or a slow link lasts this long (issue: 30 s)
+LONG_SALE_S = 2 * OUTAGE_S  # a sale that outlasts an outage: orders arrive all through it
 LATENCY_S = 0.2  # added each way
 SLOW_LINK = 20_000  # bytes a second each way
 POISON = 20  # dead letters written around the mid-dead-letter kill
@@ -192,16 +193,33 @@ async def _binding_deleted(sale: Sale) -> None:
 
 async def _queue_deleted(sale: Sale) -> None:
     """The Resource Domain's queue deleted (with what it held), then re-declared by
-    `seckill migrate` after OUTAGE_S."""
+    `seckill migrate` after OUTAGE_S. The tap is unbound meanwhile, so an event finds no
+    queue and comes back returned, as in production where only that queue is bound."""
 
     async def delete(channel: Any) -> None:
+        await channel.queue_unbind(sale.tap, EXCHANGE, routing_key=RK_CREATED)
         await channel.queue_delete(QUEUE_CREATED)
+
+    async def bind_tap(channel: Any) -> None:
+        await channel.queue_bind(sale.tap, EXCHANGE, routing_key=RK_CREATED)
 
     await _amqp(sale, delete)
     await asyncio.sleep(OUTAGE_S)
-    done = await asyncio.to_thread(subprocess.run, [SECKILL, "migrate"],
-                                   env=to_env(sale.settings), capture_output=True, text=True,
-                                   timeout=120)
+    # The workers are held while the queue and the tap come back one after the other:
+    # an event published between the two would reach one and not the other (the tap is
+    # ours, the window is not the engine's).
+    workers = sale.engine.children()
+    for pid in workers:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        await asyncio.sleep(0.5)  # what was sent before the stop is routed or returned
+        done = await asyncio.to_thread(subprocess.run, [SECKILL, "migrate"],
+                                       env=to_env(sale.settings), capture_output=True,
+                                       text=True, timeout=120)
+        await _amqp(sale, bind_tap)
+    finally:
+        for pid in workers:
+            os.kill(pid, signal.SIGCONT)
     if done.returncode:
         raise RuntimeError(f"seckill migrate failed: {done.stderr[-1000:]}")
 
@@ -279,15 +297,44 @@ async def _pg_down(sale: Sale) -> None:
     await _node(sale, "start")
 
 
+BACKLOG_S = 2.0  # workers held while orders pile up in the stream before Redis dies
+
+
 async def _redis_restart(sale: Sale) -> None:
-    """Redis SIGKILLed and started again, no purchase in flight across it: with
-    appendonly yes + appendfsync always it comes back with every acknowledged write;
-    without persistence it comes back empty."""
-    async with sale.buyers:
-        await _node(sale, "kill")
-        await asyncio.sleep(1)
-        await _node(sale, "start")
-        await sale.reconnect_redis()
+    """Redis SIGKILLed with a backlog of accepted orders in the stream (the workers are
+    held with SIGSTOP for BACKLOG_S while the buyers go on), then started again, no
+    purchase in flight across it. With appendonly yes + appendfsync always it comes back
+    with every acknowledged write; without persistence it comes back empty."""
+    workers = sale.engine.children()
+    for pid in workers:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        await asyncio.sleep(BACKLOG_S)
+        async with sale.buyers:
+            backlog = await _unread(sale)
+            await _node(sale, "kill")
+            await asyncio.sleep(1)
+            await _node(sale, "start")
+            await sale.reconnect_redis()
+    finally:
+        for pid in workers:
+            os.kill(pid, signal.SIGCONT)
+    sale.notes.append(f"{backlog} accepted orders were in the stream, not yet logged, when"
+                      " Redis was killed")
+    await asyncio.sleep(5)  # what the engine says about it, for the notes
+    said = [line.split("] ", 1)[-1] for line in sale.output().splitlines()
+            if "NOGROUP" in line or "lease lost" in line or "respawning" in line]
+    if said:
+        sale.notes.append("the engine logged: " + " / ".join(dict.fromkeys(said[:4])))
+
+
+async def _unread(sale: Sale) -> int:
+    """Entries of the sale's stream not yet delivered to a worker, plus those pending."""
+    stream = sale.keys.stream(sale.product_id)
+    for group in await sale.redis.xinfo_groups(stream):
+        if group["name"] in (GROUP, GROUP.encode()):
+            return int(group.get("lag") or 0) + int(group["pending"])
+    return 0
 
 
 REDIS_LOSS = ("Redis restarted without persistence: the stream, its pending entries, the"
@@ -311,7 +358,14 @@ def network(service: str, kind: str) -> Fault:
             await asyncio.to_thread(proxy, "heal")
 
     return Fault(f"network {service}: {kind}", inflict, proxied=service,
+                 sale_s=4.0 if kind == "cut" else LONG_SALE_S,  # a cut takes no time
                  engine={**NETWORK_QUICK, "claim_idle_ms": 5000})
+
+
+def outage(name: str, inflict: Callable[[Sale], Coroutine[Any, Any, None]],
+           **kwargs: Any) -> Fault:
+    """A fault that lasts a while: the sale outlasts it (LONG_SALE_S)."""
+    return Fault(name, inflict, sale_s=LONG_SALE_S, **kwargs)
 
 
 def catalogue() -> list[Fault]:
@@ -321,27 +375,27 @@ def catalogue() -> list[Fault]:
         Fault("supervisor SIGKILL, restarted", _kill_supervisor,
               engine={"heartbeat_timeout": 5}),
         Fault("whole host SIGKILL, restarted", _kill_host),
-        Fault("worker SIGSTOP past claim_idle_ms, SIGCONT", _stop_worker,
-              engine={"claim_idle_ms": STOPPED_CLAIM_IDLE_MS, "heartbeat_timeout": 60}),
+        outage("worker SIGSTOP past claim_idle_ms, SIGCONT", _stop_worker,
+               engine={"claim_idle_ms": STOPPED_CLAIM_IDLE_MS, "heartbeat_timeout": 60}),
         Fault("bad input: malformed and oversized stream entries", _bad_input),
         Fault("postgresql: one row always fails (CHECK)", _row_always_fails,
               prepare=_add_check, dead_letters_expected=1),
-        Fault("rabbitmq: binding deleted, restored", _binding_deleted),
-        Fault("rabbitmq: queue deleted, re-declared by migrate", _queue_deleted),
+        outage("rabbitmq: binding deleted, restored", _binding_deleted),
+        outage("rabbitmq: queue deleted, re-declared by migrate", _queue_deleted),
     ]
     faults += [
-        Fault("rabbitmq: stopped, started", _rabbit_stopped, private="rabbitmq",
-              engine=NETWORK_QUICK),
-        Fault("rabbitmq: memory alarm", _rabbit_memory_alarm, private="rabbitmq",
-              engine=NETWORK_QUICK),
-        Fault("postgresql: immediate shutdown, restarted", _pg_immediate,
-              private="postgresql", engine=NETWORK_QUICK),
-        Fault(f"postgresql: down {PG_DOWN_S:.0f} s", _pg_down, private="postgresql",
-              engine=NETWORK_QUICK),
-        Fault("redis: SIGKILL, restarted from its AOF (appendfsync always)", _redis_restart,
-              private="redis-aof", engine=NETWORK_QUICK),
-        Fault("redis: SIGKILL, restarted without persistence", _redis_restart,
-              private="redis", engine=NETWORK_QUICK, known_loss=REDIS_LOSS),
+        outage("rabbitmq: stopped, started", _rabbit_stopped, private="rabbitmq",
+               engine=NETWORK_QUICK),
+        outage("rabbitmq: memory alarm", _rabbit_memory_alarm, private="rabbitmq",
+               engine=NETWORK_QUICK),
+        outage("postgresql: immediate shutdown, restarted", _pg_immediate,
+               private="postgresql", engine=NETWORK_QUICK),
+        outage(f"postgresql: down {PG_DOWN_S:.0f} s", _pg_down, private="postgresql",
+               engine=NETWORK_QUICK),
+        outage("redis: SIGKILL, restarted from its AOF (appendfsync always)", _redis_restart,
+               private="redis-aof", engine=NETWORK_QUICK),
+        outage("redis: SIGKILL, restarted without persistence", _redis_restart,
+               private="redis", engine=NETWORK_QUICK, known_loss=REDIS_LOSS),
     ]
     faults += [network(service, kind) for service in ("redis", "rabbitmq", "postgresql")
                for kind in ("cut", "blackhole", "latency", "slow link")]

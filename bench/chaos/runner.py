@@ -42,9 +42,9 @@ from .faultproxy import ProxyProcess, upstream_of, via
 
 SECKILL = str(Path(sys.executable).with_name("seckill"))
 BUY_CHUNK = 20  # purchases in flight at once
-BUY_PAUSE = 0.02  # between chunks: the sale lasts a few seconds, so a fault meets it live
 DRAIN_TIMEOUT = 180.0
-SETTLE_TIMEOUT = 90.0  # every row RUNNING or FAILED, every instance provisioned
+SETTLE_TIMEOUT = 80.0  # every row RUNNING or FAILED, every instance provisioned (a
+# Resource Domain takes over a claim left by a dead one after 60 s: STALE_CLAIM_S)
 # Settings of every engine the runner starts: quick to notice and to recover, so a fault
 # costs seconds, not minutes (the defaults are for production, not for a 20-minute suite).
 ENGINE_QUICK: dict[str, Any] = {
@@ -148,6 +148,8 @@ class Fault:
     env: dict[str, str] = field(default_factory=dict)  # extra engine environment
     proxied: str | None = None  # a dependency reached through a fault proxy
     start_after: float = 0.2  # share of the stock sold before the fault begins
+    sale_s: float = 4.0  # the buyers are paced to sell out in about this long, so a
+    # fault that lasts a while meets orders arriving all through it
     known_loss: str | None = None  # what the design cannot survive, named on the board
     prepare: Callable[[Sale], Awaitable[None]] | None = None  # before the engine starts
     private: str | None = None  # a dependency swapped for a private node (PrivateNodes)
@@ -224,6 +226,7 @@ class Sale:
         more find it sold out)."""
         gate = Gate(self.redis, self.keys)
         users = range(1, self.fault.stock + self.fault.stock // 10 + 1)
+        pause = self.fault.sale_s / (len(users) / BUY_CHUNK)
         for start in range(0, len(users), BUY_CHUNK):
             chunk = users[start:start + BUY_CHUNK]
             async with self.buyers:
@@ -237,7 +240,7 @@ class Sale:
                 elif r.outcome == "accepted" and r.stream_id:
                     self.accepted.append(Accepted(self.product_id, r.stream_id,
                                                   self.sale_id, r.slot))
-            await asyncio.sleep(BUY_PAUSE)
+            await asyncio.sleep(pause)
 
     async def reconnect_redis(self) -> None:
         """A new client after Redis restarted (the old one's connections are dead)."""
@@ -257,6 +260,9 @@ class Sale:
         group = next((g for g in groups if _text(g["name"]) == GROUP), None)
         if group is None or group["pending"] or group.get("lag") not in (0, None):
             return False
+        if group.get("lag") == 0 and await self.redis.xlen(stream) < len(self.accepted):
+            return True  # the stream lost entries (Redis without persistence): they are
+            # gone, not late; what is left was read and acknowledged after its row
         letters = await self.dead_letters()  # an accepted order dead-lettered has no row
         return await self._rows() >= sum(a.stream_id not in letters for a in self.accepted)
 
@@ -295,6 +301,21 @@ async def declare_tap(amqp_url: str, queue: str) -> None:
         channel = await conn.channel()
         await channel.queue_declare(queue, durable=True)
         await channel.queue_bind(queue, EXCHANGE, routing_key=RK_CREATED)
+    finally:
+        await conn.close()
+
+
+async def delete_tap(amqp_url: str, queue: str) -> None:
+    """A tap left bound would take every later fault's events: a binding-deleted fault
+    would then see them routed there instead of returned. Gone once the fault is scored
+    (read_tap deletes it) or abandoned (here)."""
+    try:
+        conn = await aiormq.connect(amqp_url)
+    except (aiormq.exceptions.AMQPError, OSError):
+        return  # a private broker already destroyed: its taps went with it
+    try:
+        channel = await conn.channel()
+        await channel.queue_delete(queue)
     finally:
         await conn.close()
 
@@ -418,6 +439,7 @@ async def run_fault(settings: Settings, fault: Fault, say: Callable[[str], None]
     finally:
         await asyncio.to_thread(sale.stop)
         await sale.redis.aclose()
+        await delete_tap(settings.amqp_url, sale.tap)
 
 
 async def _run(sale: Sale, say: Callable[[str], None], started: float) -> Result:
@@ -453,10 +475,16 @@ async def _run(sale: Sale, say: Callable[[str], None], started: float) -> Result
     recovery = await drained_after(fault_end, sale.drained, DRAIN_TIMEOUT)
     if recovery is None:
         sale.notes.append(f"the stream did not drain within {DRAIN_TIMEOUT:.0f}s")
+    drained_at = time.monotonic()
     try:
         await wait_until(sale.settled, SETTLE_TIMEOUT, "every row RUNNING or FAILED")
     except ChaosError as exc:
         sale.notes.append(str(exc))
+    else:
+        settled = time.monotonic() - drained_at
+        if settled > 5:
+            sale.notes.append(f"every instance provisioned and its status recorded {settled:.0f} s"
+                              " after the stream drained")
     return await _score(sale, recovery, started)
 
 
