@@ -143,12 +143,20 @@ class ResourceDomain:
             self._inbox.clear()
             self._unacked.clear()
             await channel.basic_qos(prefetch_count=self.settings.rd_prefetch)
+            # The broker cancels the consumer when the queue is deleted (an operator, a
+            # re-declare by `seckill migrate`): the channel stays open but nothing comes
+            # any more. A new session consumes again (retried until the queue is back).
+            cancelled = asyncio.Event()
+            channel.on_consumer_cancel_callbacks.add(lambda _frame: cancelled.set())
             await channel.basic_consume(QUEUE_CREATED, self._on_message)
             log.info("resource domain consuming %s", QUEUE_CREATED,
                      extra={"event": "rd_started"})
             while not stopping.is_set():
                 if conn.is_closed or channel.is_closed:
                     raise PublishFailed("resource domain channel closed")
+                if cancelled.is_set():
+                    raise PublishFailed(f"the broker cancelled the consumer of {QUEUE_CREATED}"
+                                        " (queue deleted?)")
                 try:
                     await asyncio.wait_for(self._wake.wait(), 0.2)
                 except TimeoutError:
