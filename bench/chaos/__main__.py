@@ -57,7 +57,9 @@ def header(settings_note: str) -> list[str]:
         f" {2 * STOPPED_CLAIM_IDLE_MS / 1000 + 2:.0f} s with claim_idle_ms ="
         f" {STOPPED_CLAIM_IDLE_MS} (the engine's timeouts are shortened to match:"
         " runner.ENGINE_QUICK, faults.NETWORK_QUICK). Each sale: 1,000 units, 1,100 buyers."
-        " recovery_s: from the fault's end to the stream drained. " + settings_note,
+        " recovery_s: from the fault's end (the service answers again, the process is"
+        " restarted) to the stream drained; the sale may still be selling when the fault"
+        " ends, and its rest is in it. " + settings_note,
     ]
 
 
