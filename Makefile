@@ -11,7 +11,7 @@ LOCK := requirements.lock
 EXTRAS := .[test,bench,load,dev]
 PYTEST_ARGS ?=
 
-.PHONY: lock help venv services tools bench-tools test demo proto proto-check lint bench bench-quick bench-long bench-micro loadtest clean cluster-up cluster-down cluster-status chaos
+.PHONY: lock help venv services tools bench-tools test demo proto proto-check lint bench bench-quick bench-long bench-micro loadtest clean cluster-up cluster-down cluster-status bench-cluster chaos
 
 help:
 	@echo "make demo         run the whole flow on the local services"

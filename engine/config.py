@@ -214,13 +214,6 @@ class Settings:
     def effective_workers(self) -> int:
         return self.workers or os.cpu_count() or 1
 
-    def masked(self) -> dict[str, Any]:
-        """Settings as a dict safe to print or log."""
-        out = dataclasses.asdict(self)
-        for name in ("redis_url", "amqp_url", "pg_dsn"):
-            out[name] = mask_url(out[name])
-        return out
-
 
 _POSITIVE = {
     "batch_size", "block_ms", "max_inflight_batches", "max_entry_bytes", "claim_idle_ms",
