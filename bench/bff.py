@@ -195,6 +195,28 @@ async def over_http_wrk(wrk: str, port: int, seconds: float, connections: int,
             "p50_ms": r["p50_us"] / 1000, "p99_ms": r["p99_us"] / 1000, "client": "wrk"}
 
 
+async def load_server(proc: subprocess.Popen, port: int, log_name: str, seconds: float,
+                      connections: int) -> dict[str, Any]:
+    """Load an HTTP server we started (wrk, else the Python client) after a warm-up in
+    which each of its workers opens its connections; its CPU per request is charged to
+    the server process and its children over the measured window only."""
+    wrk = shutil.which("wrk")
+
+    async def load(seconds: float, first_user: int) -> dict[str, Any]:
+        if wrk:
+            return await over_http_wrk(wrk, port, seconds, connections, first_user)
+        return await over_http_python(port, seconds, connections, first_user)
+
+    await _wait(port, proc, log_name)
+    await load(1.0, 2 * HTTP_FIRST_USER)
+    servers = [proc.pid, *children(proc.pid)]
+    cpu = sum(cpu_seconds(p) for p in servers)
+    result = await load(seconds, HTTP_FIRST_USER)
+    cpu = sum(cpu_seconds(p) for p in servers) - cpu
+    result["cpu_us_per_request"] = cpu / max(1, result["requests"]) * 1e6
+    return result
+
+
 async def measure_bff_vs_gate(settings: Settings, *, seconds: float = 10,
                               connections: int = 64) -> dict[str, Any]:
     workers = os.cpu_count() or 1
@@ -204,21 +226,8 @@ async def measure_bff_vs_gate(settings: Settings, *, seconds: float = 10,
     proc = subprocess.Popen([SECKILL, "bff", "--port", str(port), "--workers", str(workers)],
                             env=engine_env(settings, **_no_auth(settings)), stdout=log,
                             stderr=subprocess.STDOUT)
-    wrk = shutil.which("wrk")
-
-    async def load(seconds: float, first_user: int) -> dict[str, Any]:
-        if wrk:
-            return await over_http_wrk(wrk, port, seconds, connections, first_user)
-        return await over_http_python(port, seconds, connections, first_user)
-
     try:
-        await _wait(port, proc, log.name)
-        await load(1.0, 2 * HTTP_FIRST_USER)  # warm-up: each worker opens its connections
-        servers = [proc.pid, *children(proc.pid)]
-        cpu = sum(cpu_seconds(p) for p in servers)
-        http = await load(seconds, HTTP_FIRST_USER)
-        cpu = sum(cpu_seconds(p) for p in servers) - cpu
-        http["cpu_us_per_request"] = cpu / max(1, http["requests"]) * 1e6
+        http = await load_server(proc, port, log.name, seconds, connections)
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)

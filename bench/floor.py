@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -24,8 +23,8 @@ from typing import Any
 
 import orjson
 
-from .bff import HTTP_FIRST_USER, _wait, over_http_python, over_http_wrk
-from .enginerun import children, cpu_seconds, free_port
+from .bff import load_server
+from .enginerun import free_port
 
 BODY = b'{"status":"accepted","stream_id":"0-1","slot":1}'
 HEADERS = [(b"content-type", b"application/json")]
@@ -69,24 +68,11 @@ async def measure_floor(*, seconds: float = 10, connections: int = 64,
     log = tempfile.NamedTemporaryFile(prefix="seckill-bench-floor-", suffix=".log")
     proc = subprocess.Popen([sys.executable, "-m", "bench.floor", "--serve", str(port),
                              "--workers", str(workers)], stdout=log, stderr=subprocess.STDOUT)
-    wrk = shutil.which("wrk")
-
-    async def load(seconds: float, first_user: int) -> dict[str, Any]:
-        if wrk:
-            return await over_http_wrk(wrk, port, seconds, connections, first_user)
-        return await over_http_python(port, seconds, connections, first_user)
-
     try:
-        await _wait(port, proc, log.name)
-        await load(1.0, 2 * HTTP_FIRST_USER)  # warm-up, as for the BFF
-        servers = [proc.pid, *children(proc.pid)]
-        cpu = sum(cpu_seconds(p) for p in servers)
-        result = await load(seconds, HTTP_FIRST_USER)
-        cpu = sum(cpu_seconds(p) for p in servers) - cpu
+        result = await load_server(proc, port, log.name, seconds, connections)  # as the BFF
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
-    result["cpu_us_per_request"] = cpu / max(1, result["requests"]) * 1e6
     return {"workers": workers, "connections": connections, **result}
 
 

@@ -24,14 +24,16 @@ import shutil
 import socket
 import sys
 import time
+from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Self
+from typing import Generic, Self, TypeVar
 
 import redis
 
 from engine.admin import localnodes
 from engine.admin.localnodes import (
     HOST,
+    LocalNode,
     LocalNodeFailed,
     RabbitNode,
     RedisNode,
@@ -73,7 +75,42 @@ def cluster_info(port: int) -> dict[str, str]:
     return dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
 
 
-class LocalRedisCluster:
+N = TypeVar("N", bound=LocalNode)
+
+
+class _LocalCluster(ABC, Generic[N]):
+    """What every local cluster does with its nodes: stop, destroy, outlive its starter."""
+
+    nodes: list[N]
+
+    @abstractmethod
+    def start(self) -> Self:
+        """Start every node and form the cluster; return once it serves."""
+
+    def _stop_order(self) -> list[N]:
+        return list(self.nodes)
+
+    def stop(self) -> None:
+        for node in self._stop_order():
+            node.stop()
+
+    def destroy(self) -> None:
+        for node in self._stop_order():
+            node.destroy()
+
+    def detach(self) -> None:
+        """Leave the servers running when this process exits (`make cluster-up`)."""
+        for node in self.nodes:
+            localnodes._live.discard(node)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.destroy()
+
+
+class LocalRedisCluster(_LocalCluster[RedisNode]):
     """Masters and replicas of a local Redis Cluster; `start()` returns once it serves."""
 
     def __init__(self, ports: list[int] | None = None, base: Path | None = None, *,
@@ -189,30 +226,11 @@ class LocalRedisCluster:
     def running(self) -> list[RedisNode]:
         return [n for n in self.nodes if n.running()]
 
-    def stop(self) -> None:
-        for node in self.nodes:
-            node.stop()
-
-    def destroy(self) -> None:
-        for node in self.nodes:
-            node.destroy()
-
-    def detach(self) -> None:
-        """Leave the servers running when this process exits (`make cluster-up`)."""
-        for node in self.nodes:
-            localnodes._live.discard(node)
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.destroy()
-
     def __str__(self) -> str:
         return f"local Redis Cluster on ports {self.ports[0]}-{self.ports[-1]}"
 
 
-class LocalRabbitCluster:
+class LocalRabbitCluster(_LocalCluster[RabbitNode]):
     """RabbitMQ nodes with one cookie, joined into one cluster behind the first."""
 
     def __init__(self, ports: list[int] | None = None, base: Path | None = None, *,
@@ -257,23 +275,8 @@ class LocalRabbitCluster:
         """The cluster_status text of `node` (names every node it is clustered with)."""
         return node.ctl("cluster_status")
 
-    def stop(self) -> None:
-        for node in reversed(self.nodes):
-            node.stop()
-
-    def destroy(self) -> None:
-        for node in reversed(self.nodes):
-            node.destroy()
-
-    def detach(self) -> None:
-        for node in self.nodes:
-            localnodes._live.discard(node)
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.destroy()
+    def _stop_order(self) -> list[RabbitNode]:
+        return list(reversed(self.nodes))  # the joined nodes first, the seed node last
 
     def __str__(self) -> str:
         return f"local RabbitMQ cluster on AMQP ports {', '.join(map(str, self.ports))}"

@@ -6,11 +6,7 @@ import asyncio
 import datetime as dt
 import time
 
-import aiormq
-import asyncpg
-import pytest
 from prometheus_client import REGISTRY
-from redis.asyncio import Redis
 from support import wait_for
 
 from engine.fulfilment.status_consumer import (
@@ -21,22 +17,8 @@ from engine.fulfilment.status_consumer import (
 )
 from engine.gate.client import Gate
 from engine.keys import EXCHANGE, FAILED, QUEUE_STATUS, RK_STATUS, RUNNING, Keys
-from engine.pipeline.logsink import prepare_connection, write_batch
+from engine.pipeline.logsink import write_batch
 from engine.pipeline.orders import Order
-
-
-@pytest.fixture
-async def env(settings):
-    redis = Redis.from_url(settings.redis_url)
-    pool = await asyncpg.create_pool(settings.pg_dsn, min_size=1, max_size=3,
-                                     init=prepare_connection)
-    conn = await aiormq.connect(settings.amqp_url)
-    channel = await conn.channel()
-    await channel.queue_purge(QUEUE_STATUS)
-    yield redis, pool, channel
-    await conn.close()
-    await pool.close()
-    await redis.aclose()
 
 
 async def publish(channel, body: bytes) -> None:
