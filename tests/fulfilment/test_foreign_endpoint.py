@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 from support import wait_for
-from test_status import env, log_orders, publish, rows  # noqa: F401 - env is a fixture
+from test_status import log_orders, publish, rows
 
 from engine.fulfilment.status_consumer import StatusConsumer, encode_report
 from engine.gate.client import Gate
