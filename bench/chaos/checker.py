@@ -31,8 +31,20 @@ OrderKey = tuple[int, str]  # (product ID, stream entry ID): one order
 EXAMPLES = 5  # of each kind of failure, kept for the report
 
 
+class _Keyed:
+    """What names an order in every source the checker reads."""
+
+    __slots__ = ()
+    product_id: int
+    stream_id: str
+
+    @property
+    def key(self) -> OrderKey:
+        return self.product_id, self.stream_id
+
+
 @dataclass(frozen=True, slots=True)
-class Accepted:
+class Accepted(_Keyed):
     """A purchase the gate accepted."""
 
     product_id: int
@@ -40,35 +52,23 @@ class Accepted:
     sale_id: str | None = None
     slot: int | None = None
 
-    @property
-    def key(self) -> OrderKey:
-        return self.product_id, self.stream_id
-
 
 @dataclass(frozen=True, slots=True)
-class Row:
+class Row(_Keyed):
     """A `seckill_logs` row."""
 
     product_id: int
     stream_id: str
     instance_id: int
 
-    @property
-    def key(self) -> OrderKey:
-        return self.product_id, self.stream_id
-
 
 @dataclass(frozen=True, slots=True)
-class Event:
+class Event(_Keyed):
     """An INSTANCE_CREATED event the tap received (one per delivery: repeats included)."""
 
     product_id: int
     stream_id: str
     instance_id: int
-
-    @property
-    def key(self) -> OrderKey:
-        return self.product_id, self.stream_id
 
 
 @dataclass
