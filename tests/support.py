@@ -157,6 +157,13 @@ async def announce(redis: Redis, keys: Keys, pid: int) -> None:
     await redis.sadd(keys.streams, pid)
 
 
+async def open_sales(settings: Settings, redis: Any, keys: Keys, pids: list[int]) -> None:
+    """The products in the catalog and their sales announced to the engine."""
+    await add_products(settings, pids)
+    for pid in pids:
+        await announce(redis, keys, pid)
+
+
 async def add_products(settings: Settings, pids: list[int]) -> None:
     conn = await asyncpg.connect(settings.pg_dsn)
     try:

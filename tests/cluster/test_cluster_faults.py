@@ -13,11 +13,10 @@ from redis.crc import key_slot
 from support import (
     EngineProcess,
     EventTap,
-    add_products,
     all_done,
-    announce,
     assert_one_id_per_order,
     log_rows,
+    open_sales,
     push_orders,
     rows_at_least,
     wait_for,
@@ -36,9 +35,7 @@ async def test_reshard_and_failover_while_orders_flow(redis_cluster, cluster_set
     settings, redis = cluster_settings, cluster_redis
     first = random.randrange(10**9, 9 * 10**9)
     pids = list(range(first, first + SALES))
-    await add_products(settings, pids)
-    for pid in pids:
-        await announce(redis, keys, pid)
+    await open_sales(settings, redis, keys, pids)
     resharded, failed = (key_slot(keys.stream(pid).encode()) for pid in pids[:2])
     killed = None
     async with EventTap(settings.amqp_url) as tap:

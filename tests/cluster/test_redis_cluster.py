@@ -24,6 +24,7 @@ from support import (
     assert_one_id_per_order,
     engine_env,
     log_rows,
+    open_sales,
     push_orders,
     wait_for,
 )
@@ -87,9 +88,7 @@ async def test_20k_orders_across_100_sales_on_the_cluster(cluster_settings, clus
     settings, redis = cluster_settings, cluster_redis
     first = random.randrange(10**9, 9 * 10**9)
     pids = list(range(first, first + 100))
-    await add_products(settings, pids)
-    for pid in pids:
-        await announce(redis, keys, pid)
+    await open_sales(settings, redis, keys, pids)
     slots = {key_slot(keys.stream(pid).encode()) for pid in pids}
     assert len(slots) > 90  # spread over (nearly) as many slots as sales, on every master
     per_sale = 200
@@ -172,9 +171,8 @@ async def test_dead_letters_settle_per_product_on_the_cluster(cluster_settings, 
                                                               keys, product_ids):
     """Each product's dead letters and acknowledgements in one script call of its slot."""
     settings, redis, pids = cluster_settings, cluster_redis, product_ids[:4]
-    await add_products(settings, pids)
+    await open_sales(settings, redis, keys, pids)
     for pid in pids:
-        await announce(redis, keys, pid)
         await push_orders(redis, keys, pid, range(1, 6))
         await redis.xadd(keys.stream(pid), {"uid": "not-a-number", "ts": "1"})
     engine = EngineProcess(settings, workers=1)

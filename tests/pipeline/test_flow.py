@@ -16,6 +16,7 @@ from support import (
     assert_one_id_per_order,
     engine_env,
     log_rows,
+    open_sales,
     push_orders,
     wait_for,
 )
@@ -25,9 +26,7 @@ pytestmark = pytest.mark.timeout(300)
 
 async def test_50k_orders_three_products_two_workers(settings, redis, keys, product_ids):
     pids = product_ids[:3]
-    await add_products(settings, pids)
-    for pid in pids:
-        await announce(redis, keys, pid)
+    await open_sales(settings, redis, keys, pids)
     sizes = [16_667, 16_667, 16_666]
     async with EventTap(settings.amqp_url) as tap:
         engine = EngineProcess(settings, workers=2)

@@ -17,6 +17,7 @@ from support import (
     announce,
     assert_one_id_per_order,
     log_rows,
+    open_sales,
     push_orders,
     rows_at_least,
     table_locked,
@@ -34,9 +35,7 @@ pytestmark = pytest.mark.timeout(300)
 
 async def test_kill_9_a_worker_loses_nothing(settings, redis, keys, product_ids):
     pids = product_ids[:2]
-    await add_products(settings, pids)
-    for pid in pids:
-        await announce(redis, keys, pid)
+    await open_sales(settings, redis, keys, pids)
     async with EventTap(settings.amqp_url) as tap:
         engine = EngineProcess(settings, workers=2, batch_size=200, claim_idle_ms=3000)
         try:
