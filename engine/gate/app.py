@@ -88,6 +88,9 @@ class BffApp:
         self.keys = Keys(settings.key_prefix)
         self.gate: Gate | None = None
         self.pool: Any = None
+        # the first requests arrive together: one opens, the others wait for it (without
+        # the lock each opened its own pool, and a burst ran PostgreSQL out of connections)
+        self.opening = {"gate": asyncio.Lock(), "pool": asyncio.Lock()}
         self.inflight = 0
         self.sold_out: dict[int, float] = {}
         self.client_ip = ClientIp(parse_proxies(settings.bff_trusted_proxies))
@@ -271,15 +274,19 @@ class BffApp:
 
     async def _gate(self) -> Gate:
         if self.gate is None:
-            redis = await connect_redis(self.settings, max_connections=1024)
-            self.gate = Gate(redis, self.keys, coalesce=True, limits=self.limits)
+            async with self.opening["gate"]:
+                if self.gate is None:
+                    redis = await connect_redis(self.settings, max_connections=1024)
+                    self.gate = Gate(redis, self.keys, coalesce=True, limits=self.limits)
         return self.gate
 
     async def _pool(self) -> Any:
         if self.pool is None:
-            # as seckill_bff: SELECT on the columns of an order, nothing else
-            self.pool = await create_pg_pool(self.settings.replace(
-                pg_dsn=self.settings.bff_dsn()), size=2)
+            async with self.opening["pool"]:
+                if self.pool is None:
+                    # as seckill_bff: SELECT on the columns of an order, nothing else
+                    self.pool = await create_pg_pool(self.settings.replace(
+                        pg_dsn=self.settings.bff_dsn()), size=2)
         return self.pool
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:

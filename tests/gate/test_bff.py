@@ -254,3 +254,26 @@ async def test_metrics_count_by_endpoint_and_code(bff, product_id):
     assert 'seckill_bff_requests_total{code="404",endpoint="buy"} 1.0' in text
     assert "seckill_bff_request_duration_seconds_bucket" in text
     assert str(product_id) not in text
+
+
+async def test_a_burst_of_first_order_lookups_opens_one_pool(settings, gate, product_id):
+    # The first lookups of a fresh BFF arrive together; each used to open its own pool, and
+    # a burst ran PostgreSQL out of connections (503s in a rehearsal).
+    name = f"bfftest{product_id}"
+    server = Bff(settings, pg_dsn=f"{settings.pg_dsn}?application_name={name}")
+    await gate.open_sale(product_id, 5)
+    try:
+        async with httpx.AsyncClient(base_url=server.url,
+                                     limits=httpx.Limits(max_connections=100)) as client:
+            answers = await asyncio.gather(*(
+                client.get(f"/api/v1/seckill/{product_id}/users/{uid}") for uid in range(1, 81)))
+        pg = await asyncpg.connect(settings.pg_dsn)
+        try:
+            opened = await pg.fetchval("SELECT count(*) FROM pg_stat_activity "
+                                       "WHERE application_name = $1", name)
+        finally:
+            await pg.close()
+    finally:
+        server.stop()
+    assert {a.status_code for a in answers} == {404}
+    assert opened == 2  # one pool of bff pool size
