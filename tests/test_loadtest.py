@@ -24,6 +24,9 @@ from loadtest.judge import LocustReport, judge
 from loadtest.verify import tried_key, verify
 
 pytestmark = pytest.mark.timeout(240)
+# loadtest/locustfile.py's USERS_PER_PROCESS (importing the locustfile would bring in
+# gevent's monkey-patching)
+USERS_PER_PROCESS = 10_000_000
 
 
 def rehearse(settings: Settings, product_id: int, reports: Path, *args: str,
@@ -41,19 +44,28 @@ def failed_reasons(done: subprocess.CompletedProcess[str]) -> str:
                      if line.startswith("LOAD TEST FAILED: "))
 
 
-def test_short_rehearsal_with_the_engine_passes_the_verifier(settings, product_id, tmp_path):
+async def test_short_rehearsal_with_the_engine_passes_the_verifier(settings, product_id,
+                                                                   tmp_path):
     # authentication on: Locust's users log in with tokens minted from a development key
     jwks, signing_key = init_keys(tmp_path / "keys")
     env = engine_env(settings, bff_auth="jwt", bff_jwks=str(jwks))
     done = subprocess.run(
         [sys.executable, "-m", "loadtest.run", "--users", "300", "--spawn-rate", "150",
          "--run-time", "10s", "--stock", "80", "--product", str(product_id), "--engine",
-         "--bff-workers", "1", "--reports", str(tmp_path)],
+         "--bff-workers", "1", "--processes", "2", "--reports", str(tmp_path)],
         env={**env, "SECKILL_LT_SIGNING_KEY": str(signing_key)}, capture_output=True,
         text=True, timeout=200)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "verifier: all invariants hold" in done.stdout
     assert list(tmp_path.glob("*_stats.csv")) and list(tmp_path.glob("*.html"))
+    # two Locust processes drove the users: each names its own range of user IDs
+    redis = Redis.from_url(settings.redis_url)
+    try:
+        tried = {int(u) for u in await redis.smembers(tried_key(Keys(settings.key_prefix),
+                                                                 product_id))}
+    finally:
+        await redis.aclose()
+    assert len({uid // USERS_PER_PROCESS for uid in tried}) == 2, sorted(tried)[:5]
 
 
 async def test_the_verifier_reports_violations(settings, product_id):
