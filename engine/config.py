@@ -115,6 +115,13 @@ class Settings:
                                   "write (its min-replicas-to-write), before the BFF starts: "
                                   "an accepted order is then on a replica, bar the last "
                                   "min-replicas-max-lag seconds (0 = not checked).", default=0)
+    gate_wait_replicas: int = _doc("Replicas that must acknowledge an accepted purchase (WAIT on "
+                                   "the master that took it) before the BFF answers 202; fewer "
+                                   "within gate_wait_ms is a 503 'unreplicated' (the order is "
+                                   "recorded, not yet safe from a failover; 0 = no WAIT).",
+                                   default=0)
+    gate_wait_ms: int = _doc("Milliseconds WAIT gives the replicas (gate_wait_replicas) "
+                             "before the purchase is answered 503 'unreplicated'.", default=50)
     bff_soldout_recheck: float = _doc("Seconds a sold-out answer is cached per process.",
                                       default=0.5)
     bff_auth: str = _doc("'jwt' (a verified bearer token names the buyer) or 'none' (the body's "
@@ -218,12 +225,12 @@ class Settings:
 _POSITIVE = {
     "batch_size", "block_ms", "max_inflight_batches", "max_entry_bytes", "claim_idle_ms",
     "max_deliveries", "node_lease_ttl_ms", "max_boot_failures", "status_batch_size",
-    "rd_prefetch",
+    "rd_prefetch", "gate_wait_ms",
 }
 _NON_NEGATIVE = {
     "workers", "metrics_port", "bff_port", "bff_workers", "bff_max_inflight", "rd_delay_ms",
     "max_clock_rollback_ms", "bff_token_cache", "bff_admin_port",
-    "gate_min_replicas",
+    "gate_min_replicas", "gate_wait_replicas",
 }
 _AT_LEAST_ONE = {"bff_user_burst", "bff_ip_burst", "bff_max_buffer"}
 _POSITIVE_FLOAT = {
@@ -269,6 +276,10 @@ def _validate(s: Settings) -> None:
     for name in ("bff_user_rate", "bff_ip_rate"):
         if getattr(s, name) < 0:
             raise ConfigError(f"{name}: expected a number >= 0, got {getattr(s, name)!r}")
+    if s.gate_wait_replicas and s.gate_wait_ms >= s.redis_socket_timeout() * 1000:
+        raise ConfigError(f"gate_wait_ms: {s.gate_wait_ms} ms would outlast the Redis socket "
+                          f"timeout ({s.redis_socket_timeout():g} s): lower it or raise "
+                          f"redis_timeout")
     if s.bff_auth not in ("jwt", "none"):
         raise ConfigError(f"bff_auth: expected 'jwt' or 'none', got {s.bff_auth!r}")
     unknown = set(s.jwt_algorithms()) - JWT_ALGORITHMS

@@ -34,6 +34,7 @@ from engine.errors import ConfigError, InvalidInput, ServiceUnavailable
 from engine.gate.auth import Forbidden, KeySet, Unauthenticated, Verifier
 from engine.gate.client import Gate, Limits, ensure_replication, validate_id
 from engine.gate.clientip import ClientIp, parse_proxies
+from engine.gate.durable import UNREPLICATED_MESSAGE, WaitFor
 from engine.keys import FAILED, Keys
 
 log = logging.getLogger("seckill.bff")
@@ -47,7 +48,7 @@ BUY = re.compile(r"^/api/v1/seckill/([^/]+)$")
 ORDER = re.compile(r"^/api/v1/seckill/([^/]+)/users/([^/]+)$")
 MY_ORDER = re.compile(r"^/api/v1/seckill/([^/]+)/order$")
 STATUS_OF = {"accepted": 202, "duplicate": 409, "sold_out": 410, "no_sale": 404,
-             "rate_limited": 429, "not_started": 425, "ended": 410}
+             "rate_limited": 429, "not_started": 425, "ended": 410, "unreplicated": 503}
 SALE_PAGE = [(b"content-type", b"application/json"), (b"cache-control", b"public, max-age=1")]
 JSON = [(b"content-type", b"application/json")]
 Headers = list[tuple[bytes, bytes]]
@@ -221,6 +222,11 @@ class BffApp:
         elif outcome == "accepted":
             return 202, orjson.dumps({"status": "accepted", "stream_id": result.stream_id,
                                       "slot": result.slot}), []
+        elif outcome == "unreplicated":  # gate_wait_replicas: recorded, not yet safe
+            self.metrics.UNREPLICATED.inc()
+            return 503, orjson.dumps({"status": outcome, "stream_id": result.stream_id,
+                                      "message": UNREPLICATED_MESSAGE.format(product=pid),
+                                      "slot": result.slot}), []
         elif outcome == "rate_limited":
             wait = max(1, -(-result.retry_after_ms // 1000))
             return 429, orjson.dumps({"status": outcome, "limit": result.limited_by,
@@ -277,7 +283,8 @@ class BffApp:
             async with self.opening["gate"]:
                 if self.gate is None:
                     redis = await connect_redis(self.settings, max_connections=1024)
-                    self.gate = Gate(redis, self.keys, coalesce=True, limits=self.limits)
+                    self.gate = Gate(redis, self.keys, coalesce=True, limits=self.limits,
+                                     wait=WaitFor.of(self.settings))
         return self.gate
 
     async def _pool(self) -> Any:

@@ -11,9 +11,10 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError, ResponseError
@@ -21,10 +22,13 @@ from redis.exceptions import NoScriptError, ResponseError
 from engine.config import Settings
 from engine.connections import REDIS_ERRORS, connect_redis, is_cluster
 from engine.errors import ConfigError, InvalidInput, SaleStateCorrupt, ServiceUnavailable
+from engine.gate.durable import WaitFor, WaitingScript
 from engine.keys import GROUP, Keys
 
+# "unreplicated": accepted by the master, but fewer replicas than gate_wait_replicas
+# acknowledged it within gate_wait_ms (recorded, not yet safe from a failover)
 Outcome = Literal["accepted", "duplicate", "sold_out", "no_sale", "rate_limited",
-                  "not_started", "ended"]
+                  "not_started", "ended", "unreplicated"]
 RefundOutcome = Literal["refunded", "already_refunded", "sale_changed"]
 MAX_ID = 2**63 - 1
 LUA = Path(__file__).resolve().parents[2] / "lua"
@@ -34,6 +38,7 @@ _REFUNDS: dict[int, RefundOutcome] = {1: "refunded", 2: "already_refunded", 3: "
 # The error code (first word of the error reply) the scripts use for keys in a bad state;
 # Redis error replies carry their class that way, like WRONGTYPE or NOSCRIPT.
 BADSTATE = "SECKILL_BADSTATE"
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,16 +110,9 @@ class _Script:
         self._flushing: set[asyncio.Task] = set()
 
     async def __call__(self, keys: list[str], args: list[str | int]) -> object:
-        try:
-            if self.coalesce:
-                return await self._queued(keys, args)
-            return await self._evalsha(keys, args)
-        except ResponseError as exc:
-            if str(exc).startswith(BADSTATE + " "):
-                raise SaleStateCorrupt(f"Redis: {str(exc)[len(BADSTATE) + 1:]}") from exc
-            raise
-        except REDIS_ERRORS as exc:
-            raise ServiceUnavailable(f"Redis: {exc}") from exc
+        if self.coalesce:
+            return await _named_errors(self._queued(keys, args))
+        return await _named_errors(self._evalsha(keys, args))
 
     async def _evalsha(self, keys: list[str], args: list[str | int]) -> object:
         if self.sha is None:
@@ -171,16 +169,36 @@ class _Script:
         return list(await pipe.execute(raise_on_error=False))
 
 
+async def _named_errors(call: Awaitable[T]) -> T:
+    """A script call's reply, its failures as our named errors."""
+    try:
+        return await call
+    except ResponseError as exc:
+        if str(exc).startswith(BADSTATE + " "):
+            raise SaleStateCorrupt(f"Redis: {str(exc)[len(BADSTATE) + 1:]}") from exc
+        raise
+    except REDIS_ERRORS as exc:
+        raise ServiceUnavailable(f"Redis: {exc}") from exc
+
+
+def _accepted(reply: object) -> bool:
+    return isinstance(reply, list) and int(reply[0]) == 1
+
+
 class Gate:
     def __init__(self, redis: Redis, keys: Keys, *, coalesce: bool = False,
-                 limits: Limits | None = None) -> None:
+                 limits: Limits | None = None, wait: WaitFor | None = None) -> None:
         """`coalesce`: send the purchase attempts of one loop turn as one pipeline (for a
         server answering many users at once, like the BFF). `limits`: the default rate
-        limits of every attempt (a sale's own limits win)."""
+        limits of every attempt (a sale's own limits win). `wait`: replicas that must
+        acknowledge an accepted purchase (WAIT, `WaitFor.of(settings)`), else the
+        attempt is "unreplicated"; its attempts are coalesced too."""
         self.redis = redis
         self.keys = keys
         self.limits = (limits or Limits()).args()
         self._buy = _Script(redis, "seckill.lua", coalesce=coalesce)
+        self._waiting = None if wait is None else WaitingScript(
+            redis, self._buy.source, wait, wrote=_accepted)
         self._refund = _Script(redis, "refund.lua")
 
     def _product_keys(self, pid: int) -> list[str]:
@@ -195,10 +213,14 @@ class Gate:
         k = self.keys
         # no address, no per-IP key (KEYS[8] nil): an empty key name would hash to slot
         # 0 and make the call CROSSSLOT on a Redis Cluster
-        reply = await self._buy(
-            [*self._product_keys(pid), k.stream(pid), k.window(pid), k.user_limiter(pid, uid),
-             *([k.ip_limiter(pid, ip)] if ip else [])],
-            [uid, int(time.time()) if ts is None else ts, *self.limits])
+        keys = [*self._product_keys(pid), k.stream(pid), k.window(pid),
+                k.user_limiter(pid, uid), *([k.ip_limiter(pid, ip)] if ip else [])]
+        args = [uid, int(time.time()) if ts is None else ts, *self.limits]
+        acked = None
+        if self._waiting is None:
+            reply = await self._buy(keys, args)
+        else:
+            reply, acked = await _named_errors(self._waiting(keys, args))
         assert isinstance(reply, list)
         outcome = _OUTCOMES[int(reply[0])]
         if outcome == "rate_limited":
@@ -209,6 +231,8 @@ class Gate:
         if outcome != "accepted":
             return GateResult(outcome)
         stream_id = reply[1].decode() if isinstance(reply[1], bytes) else str(reply[1])
+        if self._waiting is not None and (acked or 0) < self._waiting.wait.replicas:
+            return GateResult("unreplicated", stream_id, int(reply[2]))
         return GateResult(outcome, stream_id, int(reply[2]))
 
     async def refund(self, product_id: int, user_id: int, sale_id: str, slot: int | None,
@@ -308,9 +332,12 @@ def _window_fields(window: Window, limits: Limits | None) -> dict[str, str | int
     return fields
 
 
-async def check_replication(redis: Redis, replicas: int) -> None:
+async def check_replication(redis: Redis, replicas: int, *, setting: str = "gate_min_replicas",
+                            required_per_write: bool = True) -> None:
     """Refuse (ConfigError) unless every master has `replicas` replicas attached and
-    requires as many for each write (`min-replicas-to-write`).
+    (`required_per_write`) requires as many for each write (`min-replicas-to-write`).
+    For `gate_wait_replicas` only the replicas are checked: with fewer, every accepted
+    purchase would wait out gate_wait_ms and be answered 503.
 
     With that setting a master refuses the purchase script's writes (the gate answers
     503) when its replicas fall behind by more than `min-replicas-max-lag` seconds, so
@@ -330,22 +357,28 @@ async def check_replication(redis: Redis, replicas: int) -> None:
             raise ServiceUnavailable(f"{name}: {exc}") from exc
         attached = int(info.get("connected_slaves", 0))
         required = int(_config_value(config, "min-replicas-to-write"))
-        if attached < replicas or required < replicas:
+        if attached < replicas and not required_per_write:
+            raise ConfigError(f"{setting} = {replicas}: {name} has {attached} replica(s) "
+                              f"attached; attach replicas or lower {setting}")
+        if required_per_write and (attached < replicas or required < replicas):
             raise ConfigError(
-                f"gate_min_replicas = {replicas}: {name} has {attached} replica(s) attached "
+                f"{setting} = {replicas}: {name} has {attached} replica(s) attached "
                 f"and min-replicas-to-write {required}; attach replicas and run "
                 f"CONFIG SET min-replicas-to-write {replicas} (and in its redis.conf)")
 
 
 def ensure_replication(settings: Settings) -> None:
-    """`check_replication` for the BFF's start, before it serves anyone."""
-    if settings.gate_min_replicas <= 0:
+    """`check_replication` for the BFF's start, before it serves anyone: of
+    `gate_min_replicas` and of `gate_wait_replicas`."""
+    if settings.gate_min_replicas <= 0 and settings.gate_wait_replicas <= 0:
         return
 
     async def check() -> None:
         redis = await connect_redis(settings)
         try:
             await check_replication(redis, settings.gate_min_replicas)
+            await check_replication(redis, settings.gate_wait_replicas,
+                                    setting="gate_wait_replicas", required_per_write=False)
         finally:
             await redis.aclose()
 

@@ -43,3 +43,9 @@ def render() -> bytes:
         multiprocess.MultiProcessCollector(registry)
         return generate_latest(registry)
     return generate_latest()
+
+
+# gate_wait_replicas: purchases the master took but too few replicas acknowledged in time
+UNREPLICATED = Counter("seckill_bff_unreplicated_total",
+                       "Purchases answered 503 'unreplicated': recorded by the Redis master, "
+                       "not acknowledged by gate_wait_replicas replicas within gate_wait_ms.")
