@@ -93,6 +93,12 @@ class Keys:
         return f"{self.prefix}seckill:gauge-exporter"
 
     @property
+    def state_marker(self) -> str:
+        """Written by the workers at boot; gone only if Redis lost every key
+        (engine.pipeline.statewatch)."""
+        return f"{self.prefix}seckill:state-marker"
+
+    @property
     def streams(self) -> str:
         """Set of product IDs whose order stream the engine reads."""
         return f"{self.prefix}seckill:streams"

@@ -32,6 +32,10 @@ RECLAIMED = Counter("seckill_entries_reclaimed_total",
                     "Entries claimed from idle consumers by the janitor.")
 LEASE_LOST = Counter("seckill_node_lease_lost_total",
                      "Snowflake node-ID leases lost (IDs stopped until re-acquired).")
+REDIS_STATE_LOST = Counter("seckill_redis_state_lost_total",
+                           "Times Redis was found to have lost every key (restarted"
+                           " without persistence, flushed): accepted orders not yet"
+                           " logged are gone.")
 BATCH_SIZE = Histogram("seckill_batch_entries", "Stream entries per batch.",
                        buckets=BATCH_BUCKETS)
 STAGE_SECONDS = Histogram("seckill_stage_duration_seconds", "Time spent per batch in a stage.",

@@ -45,6 +45,7 @@ from engine.pipeline.orders import DeadLetter, Entry
 from engine.pipeline.publisher import ConfirmPublisher
 from engine.pipeline.reader import StreamReader
 from engine.pipeline.settle import record_errors
+from engine.pipeline.statewatch import StateWatch
 
 log = logging.getLogger("seckill.worker")
 
@@ -111,6 +112,8 @@ class Worker:
         self.janitor = Janitor(self.redis, self.keys, self.consumer, idle_ms=s.claim_idle_ms,
                                count=s.batch_size, max_deliveries=s.max_deliveries)
         self.status = StatusConsumer(s, self.redis, self.pool)
+        self.watch = StateWatch(self.redis, self.keys, owner)
+        await self._until(deadline, self.watch.arm)
         self._inflight = asyncio.Semaphore(s.max_inflight_batches)
         log.info("worker %d booted as %s, node %d", self.slot, self.consumer,
                  self.lease.node_id, extra={"event": "worker_booted", "slot": self.slot,
@@ -311,6 +314,8 @@ class Worker:
         try:
             await self.lease.keep_alive()
         except LeaseLost as exc:
+            # a Redis that came back empty takes the lease with it: say that first
+            await self._guard("state check", self.watch.check)
             log.error("node lease lost: %s", exc, extra={"event": "lease_lost"})
             metrics.LEASE_LOST.inc()
             metrics.LEASE_HELD.set(0)
@@ -319,6 +324,7 @@ class Worker:
     async def _discovery_loop(self) -> None:
         while True:
             await asyncio.sleep(self.settings.discovery_interval)
+            await self._guard("state check", self.watch.check)
             await self._guard("discovery", self.reader.discover)
 
     async def _janitor_loop(self) -> None:
