@@ -23,7 +23,7 @@ from typing import Any
 
 import orjson
 
-from .bff import load_server
+from .bff import BFF_PIDS, Load, buy_path, load_server
 from .enginerun import free_port
 
 BODY = b'{"status":"accepted","stream_id":"0-1","slot":1}'
@@ -61,15 +61,19 @@ def serve(port: int, workers: int) -> None:
 
 
 async def measure_floor(*, seconds: float = 10, connections: int = 64,
-                        workers: int | None = None) -> dict[str, Any]:
-    """Requests/s, p50/p99 and server CPU per request of the floor."""
+                        workers: int | None = None, load: Load | None = None,
+                        warmup: Load | None = None) -> dict[str, Any]:
+    """Requests/s, p50/p99 and server CPU per request of the floor, under `load` (the
+    BFF's own requests when the suite measures both; anonymous purchases by default)."""
     workers = workers or os.cpu_count() or 1
+    load = load or Load((buy_path(BFF_PIDS[0]),), first_user=1)
+    warmup = warmup or Load((buy_path(BFF_PIDS[0]),), first_user=10**9)
     port = free_port()
     log = tempfile.NamedTemporaryFile(prefix="seckill-bench-floor-", suffix=".log")
     proc = subprocess.Popen([sys.executable, "-m", "bench.floor", "--serve", str(port),
                              "--workers", str(workers)], stdout=log, stderr=subprocess.STDOUT)
     try:
-        result = await load_server(proc, port, log.name, seconds, connections)  # as the BFF
+        result = await load_server(proc, port, log.name, seconds, connections, load, warmup)
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)

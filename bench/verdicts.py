@@ -163,3 +163,33 @@ def failures(results: Mapping[str, Any], *keys: str) -> list[str]:
     """Why runs of these phases failed, one line each."""
     return [f"{k} run {i + 1} failed ({r['failed']})" for k in keys
             for i, r in enumerate(runs_of(results, k)) if r.get("failed")]
+
+
+# Issue 13: the BFF's CPU per accepted purchase against the floor plus the gate call.
+HTTP_CPU_BOUND = 1.15
+# In the warm window every token has been verified by every worker: verifications there
+# mean the window measured cold requests too (an evicted cache, a missed worker).
+MAX_WARM_VERIFIED = 0.01
+
+
+def http_problems(run: Mapping[str, Any]) -> list[str]:
+    """Why one run of the HTTP phase cannot judge the CPU target: a measured window too
+    short for the clock, a warm window that verified tokens, a load not made by wrk (the
+    Python client competes with the servers for the cores), nothing accepted."""
+    if run.get("failed"):
+        return []
+    out = []
+    for name in ("floor", "bff"):
+        ticks = int(run.get(name, {}).get("ticks", 0))
+        if ticks < MIN_TICKS:
+            out.append(f"{name} CPU over {ticks} ticks (< {MIN_TICKS})")
+    bff = run.get("bff", {})
+    if not bff.get("accepted"):
+        out.append("the BFF accepted no purchase")
+    verified = float(bff.get("token_verifications", 0.0))
+    if verified > MAX_WARM_VERIFIED * max(1, int(bff.get("requests", 0))):
+        out.append(f"{verified:,.0f} tokens verified in the warm window of "
+                   f"{int(bff.get('requests', 0)):,} requests")
+    if run.get("client", "wrk") != "wrk":
+        out.append(f"loaded by the {run.get('client')} client, not wrk")
+    return out

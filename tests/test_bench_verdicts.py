@@ -15,13 +15,14 @@ import aiormq
 import pytest
 from support import add_products
 
-from bench import enginerun, latency
+from bench import bff, enginerun, latency
 from bench.enginerun import drain, free_port
 from bench.env import preload
 from bench.report import machine_limits, markdown, targets
 from bench.verdicts import (
     MIN_TICKS,
     NOT_JUDGED_QUICK,
+    http_problems,
     judge,
     machine_limit,
     paired,
@@ -227,6 +228,73 @@ def test_cpu_targets_need_enough_ticks() -> None:
     doc = _doc(e2_runs=[_engine(17_500.0, ticks=7)] * 3)
     t = _target(doc, "worker CPU per order")
     assert t["met"] is False and "7 ticks" in t["verdict"]
+
+
+# --- the HTTP gate's CPU against its floor (issue 13) --------------------------------
+
+
+def _http(bff_us: float, *, floor_us: float = 45.0, gate_us: float = 18.0,
+          accepted_share: float = 1.0, verified: float = 0.0, ticks: int = 800,
+          client: str = "wrk") -> dict[str, Any]:
+    """One round of the HTTP phase; the BFF spent `bff_us` per request."""
+    requests = 60_000
+
+    def side(us: float, accepted: float = 1.0) -> dict[str, Any]:
+        return {"requests": requests, "accepted": int(requests * accepted),
+                "accepted_per_second": 10_000.0 * accepted, "p50_ms": 3.0, "p99_ms": 12.0,
+                "cpu_us_per_request": us, "cpu_us_per_accepted": us / accepted,
+                "ticks": ticks}
+
+    run = {"connections": 64, "bff_workers": 2, "client": client, "ratio": 0.9,
+           "gate_direct": side(gate_us), "floor": side(floor_us),
+           "bff": {**side(bff_us, accepted_share), "token_verifications": verified},
+           "bff_cold": {**side(bff_us + 150.0), "token_verifications": float(requests)}}
+    run["cpu_ratio"] = bff.cpu_ratio(run)
+    return run
+
+
+def _http_doc(*runs: dict[str, Any]) -> dict[str, Any]:
+    doc = _doc()
+    doc["results"]["bff"] = {"runs": list(runs)}
+    doc["targets"] = targets(doc)
+    return doc
+
+
+HTTP_TARGET = "HTTP gate CPU per accepted purchase"
+
+
+def test_http_cpu_target_is_judged_on_every_round() -> None:
+    # floor 45 + gate 18 = 63 us: the bound is 72.45 us per accepted purchase
+    met = _http_doc(_http(70.0), _http(72.0), _http(66.0))
+    assert _target(met, HTTP_TARGET)["met"] is True
+    assert _target(met, HTTP_TARGET)["values"] == pytest.approx([70 / 63, 72 / 63, 66 / 63])
+    crossing = _http_doc(_http(70.0), _http(82.4), _http(66.0))  # the issue's 1.30 x
+    t = _target(crossing, HTTP_TARGET)
+    assert t["met"] is False and "crosses" in t["verdict"]
+    table = markdown(crossing)
+    assert f"| {t['target']} | 1.11 |" in table and "NO (spread crosses the bound)" in table
+    assert "Run 2: BFF 82.4 us per accepted purchase / (floor 45.0 + direct gate 18.0" in table
+    assert "HTTP floor: Granian, fixed 202" in table and "every token new" in table
+
+
+def test_http_cpu_is_per_accepted_purchase_not_per_request() -> None:
+    # half the requests refused (duplicates, 429s): the same CPU buys half the purchases
+    run = _http(60.0, accepted_share=0.5)
+    assert run["cpu_ratio"] == pytest.approx(120 / 63)
+    assert _target(_http_doc(run, run, run), HTTP_TARGET)["met"] is False
+
+
+@pytest.mark.parametrize(("broken", "reason"), [
+    ({"verified": 5_000.0}, "5,000 tokens verified in the warm window of 60,000 requests"),
+    ({"ticks": 40}, "bff CPU over 40 ticks"),
+    ({"client": "python"}, "loaded by the python client, not wrk"),
+])
+def test_http_cpu_target_refuses_a_window_that_does_not_measure_it(
+        broken: dict[str, Any], reason: str) -> None:
+    good = _http(66.0)
+    t = _target(_http_doc(good, _http(66.0, **broken), good), HTTP_TARGET)
+    assert t["met"] is False and f"bff run 2: {reason}" in t["verdict"]
+    assert http_problems(good) == []
 
 
 # --- real drains and a real latency window ------------------------------------------

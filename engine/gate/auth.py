@@ -140,6 +140,10 @@ class Verifier:
         self.keyset = keyset or KeySet(settings)
         self.cache_size = settings.bff_token_cache
         self.cache: dict[bytes, Caller] = {}
+        # imported here, as the app does: the worker's prometheus mode is set by then
+        from engine.metrics.bff import TOKENS
+
+        self.verified, self.refused = TOKENS.labels("verified"), TOKENS.labels("refused")
 
     async def caller(self, authorization: bytes | None) -> int:
         """The user ID of a valid `Authorization: Bearer` header, else Unauthenticated."""
@@ -155,7 +159,12 @@ class Verifier:
             if hit.expires > time.time():
                 return hit.user_id
             del self.cache[digest]
-        caller = await self._verify(token)
+        try:
+            caller = await self._verify(token)
+        except Unauthenticated:
+            self.refused.inc()
+            raise
+        self.verified.inc()
         self._remember(digest, caller)
         return caller.user_id
 
