@@ -11,7 +11,11 @@ own checker and Jepsen's analyses do:
 - duplicated: an order with more than one instance ID (in its row and its events), or
   provisioned more than once (one instance provisioned twice, or two for one order);
 - oversold: units sold beyond a product's stock, or one unit of a sale sold twice;
-- unexpected: a row or event for no accepted order;
+- unexpected: a row, event or stream entry for no accepted order (a stream entry the
+  BFF wrote for a hostile request is one);
+- server_errors: with the BFF in front, its answers that are a server error: any 5xx or
+  no answer at all to a hostile request, and a 500 (a bug, not a service down: 503) or
+  no answer to a buyer or a probe (None: the fault does not go through the BFF);
 - recovery_s: from the fault's end to the stream drained (None: it never drained).
 
 `score()` is a pure function of what it is given, so the counts are tested on crafted
@@ -71,6 +75,24 @@ class Event(_Keyed):
     instance_id: int
 
 
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """The BFF's answer to one request: `kind` is 'hostile', 'buyer' or 'probe'; status
+    None means no answer at all (a reset, a timeout, a crashed BFF)."""
+
+    kind: str
+    what: str
+    status: int | None
+
+    @property
+    def server_error(self) -> bool:
+        if self.status is None:
+            return True
+        if self.kind == "hostile":
+            return self.status >= 500
+        return self.status >= 500 and self.status != 503
+
+
 @dataclass
 class Score:
     """One fault's row of the scoreboard, with a few examples of each failure."""
@@ -82,11 +104,13 @@ class Score:
     unexpected: int = 0
     recovery_s: float | None = None
     provisioned_twice: int = 0  # part of `duplicated`, named apart for the report
+    server_errors: int | None = None  # the BFF's 5xx (None: the fault has no BFF)
     examples: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def clean(self) -> bool:
-        return not (self.lost or self.duplicated or self.oversold or self.unexpected)
+        return not (self.lost or self.duplicated or self.oversold or self.unexpected
+                    or self.server_errors)
 
     def verdict(self, known_loss: str | None = None) -> str:
         """'pass', 'fail', or for a fault the design cannot survive, what it lost and why
@@ -94,7 +118,7 @@ class Score:
         if self.clean:
             return "pass"
         if known_loss and self.lost and not (self.duplicated or self.oversold
-                                             or self.unexpected):
+                                             or self.unexpected or self.server_errors):
             return f"known loss: {known_loss}"
         return "fail"
 
@@ -104,9 +128,12 @@ class Score:
 
 def score(accepted: Iterable[Accepted], rows: Iterable[Row], events: Iterable[Event],
           stock: Mapping[int, int], provisioned: Mapping[int, int] | None = None,
-          recovery_s: float | None = None) -> Score:
+          recovery_s: float | None = None, *, entries: Iterable[OrderKey] | None = None,
+          answers: Iterable[Answer] | None = None) -> Score:
     """Count what the fault cost. `stock`: units on sale per product; `provisioned`:
-    how many times the Resource Domain provisioned each instance ID (None: not run)."""
+    how many times the Resource Domain provisioned each instance ID (None: not run);
+    `entries`: the order streams' entries at the end (None: not read); `answers`: the
+    BFF's answers (None: no BFF)."""
     orders = {a.key: a for a in accepted}
     row_of = {r.key: r for r in rows}
     ids_of: dict[OrderKey, set[int]] = defaultdict(set)
@@ -120,14 +147,20 @@ def score(accepted: Iterable[Accepted], rows: Iterable[Row], events: Iterable[Ev
     lost = [k for k in orders if k not in row_of or row_of[k].instance_id not in events_of[k]]
     doubled = {k for k, ids in ids_of.items() if len(ids) > 1}
     twice = _provisioned_twice(ids_of, provisioned or {})
-    unexpected = sorted({k for k in [*row_of, *events_of] if k not in orders})
+    unexpected = sorted({k for k in [*row_of, *events_of, *(entries or ())]
+                         if k not in orders})
     oversold = _oversold(orders.values(), row_of, stock)
     out.lost, out.unexpected, out.oversold = len(lost), len(unexpected), sum(oversold.values())
     out.provisioned_twice = len(twice)
+    failed = [a for a in answers or () if a.server_error]
+    out.server_errors = None if answers is None else len(failed)
     out.duplicated = len(doubled | twice)
     out.examples = {name: [_name(k) for k in sorted(keys)[:EXAMPLES]] for name, keys in (
         ("lost", lost), ("duplicated", doubled | twice), ("unexpected", unexpected),
         ("oversold", [(pid, "") for pid in oversold])) if keys}
+    if failed:
+        out.examples["server_errors"] = sorted({f"{a.status or 'no answer'} to {a.kind}"
+                                                f" {a.what}" for a in failed})[:EXAMPLES]
     return out
 
 

@@ -15,6 +15,7 @@ import re
 import signal
 import subprocess
 import tempfile
+from collections import Counter
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -25,6 +26,7 @@ from engine.config import to_env
 from engine.keys import EXCHANGE, GROUP, QUEUE_CREATED, RK_CREATED
 from engine.pipeline.faults import MID_DEAD_LETTER, POINTS
 
+from .checker import Answer
 from .runner import SECKILL, Fault, Sale, running, wait_until
 
 OUTAGE_S = 10.0  # a blackhole, a latency or a slow link lasts this long (issue: 30 s)
@@ -162,6 +164,33 @@ async def _bad_input(sale: Sale) -> None:
             pipe.xadd(stream, fields)  # type: ignore[arg-type]
         await pipe.execute()
     sale.notes.append(f"{20 * 10 * len(entries)} hostile stream entries")
+
+
+async def _hostile_bff(sale: Sale) -> None:
+    """Hostile requests at full rate at the BFF all through the sale, while the buyers
+    buy through it: every one must get a 4xx, none a stream entry."""
+    from .hostile import hammer, requests
+
+    assert sale.bff is not None
+    hostile = requests(sale.product_id, buyer=1, tokens=sale.bff.bad)
+    stop = asyncio.Event()
+    answers: list[Answer] = []
+    firing = asyncio.create_task(hammer(sale.bff.url, hostile, stop, answers))
+    try:
+        await asyncio.wait([firing, asyncio.create_task(sale.done_buying.wait())],
+                           return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stop.set()
+        await firing
+    sale.answers += answers
+    statuses = Counter(a.status for a in answers)
+    said = ", ".join(f"{status or 'no answer'} x{n}" for status, n in sorted(
+        statuses.items(), key=lambda item: item[0] or 0))
+    sale.notes.append(f"{len(answers)} hostile requests ({len(hostile)} kinds) at the BFF"
+                      f" while {len(sale.users)} buyers bought through it: {said}")
+    granted = sorted({a.what for a in answers if a.status is not None and a.status < 300})
+    if granted:  # not a purchase (the stream shows), but worth a look
+        sale.notes.append("answered 2xx: " + ", ".join(granted))
 
 
 # -- RabbitMQ topology (the runner's own vhost on the shared broker) ------------------
@@ -378,6 +407,8 @@ def catalogue() -> list[Fault]:
         outage("worker SIGSTOP past claim_idle_ms, SIGCONT", _stop_worker,
                engine={"claim_idle_ms": STOPPED_CLAIM_IDLE_MS, "heartbeat_timeout": 60}),
         Fault("bad input: malformed and oversized stream entries", _bad_input),
+        Fault("bad input: hostile IDs, bodies and tokens at the BFF", _hostile_bff,
+              bff=True, start_after=0.0),
         Fault("postgresql: one row always fails (CHECK)", _row_always_fails,
               prepare=_add_check, dead_letters_expected=1),
         outage("rabbitmq: binding deleted, restored", _binding_deleted),

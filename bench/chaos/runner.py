@@ -25,7 +25,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiormq
 import asyncpg
@@ -37,10 +37,23 @@ from engine.keys import DLQ_SUFFIX, EXCHANGE, GROUP, RK_CREATED, Keys
 from engine.pb import event_pb2
 from engine.products import gpu_product, upsert_products
 
-from .checker import Accepted, Event, Score, drained_after, read_provisioned, read_rows, score
+from .checker import (
+    Accepted,
+    Answer,
+    Event,
+    Score,
+    drained_after,
+    read_provisioned,
+    read_rows,
+    score,
+)
 from .faultproxy import ProxyProcess, upstream_of, via
 
+if TYPE_CHECKING:
+    from .bff import Bff
+
 SECKILL = str(Path(sys.executable).with_name("seckill"))
+PROBE_USERS = 50  # users past the buyers, for a fault's own purchases through the BFF
 BUY_CHUNK = 20  # purchases in flight at once
 DRAIN_TIMEOUT = 180.0
 SETTLE_TIMEOUT = 80.0  # every row RUNNING or FAILED, every instance provisioned (a
@@ -154,6 +167,7 @@ class Fault:
     prepare: Callable[[Sale], Awaitable[None]] | None = None  # before the engine starts
     private: str | None = None  # a dependency swapped for a private node (PrivateNodes)
     dead_letters_expected: int = 0  # accepted orders the fault rightly dead-letters
+    bff: bool = False  # the buyers buy over HTTP through `seckill bff` (JWT auth on)
 
 
 @dataclass
@@ -177,6 +191,9 @@ class Sale:
     buyers: asyncio.Lock = field(default_factory=asyncio.Lock)
     failed_buys: int = 0
     node: Any = None  # the private node of the fault's dependency, if any
+    done_buying: asyncio.Event = field(default_factory=asyncio.Event)
+    bff: Bff | None = None  # the fault's BFF (Fault.bff)
+    answers: list[Answer] = field(default_factory=list)  # the BFF's answers
 
     @property
     def keys(self) -> Keys:
@@ -215,20 +232,35 @@ class Sale:
         return "".join(p.output() for p in self.engines)
 
     def stop(self) -> None:
-        for proc in [*self.engines, *([self.resource_domain] if self.resource_domain else [])]:
+        procs = [*self.engines, *([self.resource_domain] if self.resource_domain else []),
+                 *([self.bff.proc] if self.bff else [])]
+        for proc in procs:
             proc.stop()
         if self.proxy is not None:
             self.proxy.stop()
 
     # -- the buyers ------------------------------------------------------------------
+    @property
+    def users(self) -> range:
+        """The buyers: the stock and 10% more, who find it sold out."""
+        return range(1, self.fault.stock + self.fault.stock // 10 + 1)
+
     async def buy_all(self) -> None:
         """Every buyer tries once, a chunk at a time, until the stock is gone (and 10%
-        more find it sold out)."""
+        more find it sold out): through the gate's client, or over HTTP via the BFF."""
+        try:
+            if self.bff is not None:
+                await self._buy_over_http(self.bff)
+            else:
+                await self._buy_through_gate()
+        finally:
+            self.done_buying.set()
+
+    async def _buy_through_gate(self) -> None:
         gate = Gate(self.redis, self.keys)
-        users = range(1, self.fault.stock + self.fault.stock // 10 + 1)
-        pause = self.fault.sale_s / (len(users) / BUY_CHUNK)
-        for start in range(0, len(users), BUY_CHUNK):
-            chunk = users[start:start + BUY_CHUNK]
+        pause = self.fault.sale_s / (len(self.users) / BUY_CHUNK)
+        for start in range(0, len(self.users), BUY_CHUNK):
+            chunk = self.users[start:start + BUY_CHUNK]
             async with self.buyers:
                 if gate.redis is not self.redis:  # reconnected after a restart
                     gate = Gate(self.redis, self.keys)
@@ -241,6 +273,23 @@ class Sale:
                     self.accepted.append(Accepted(self.product_id, r.stream_id,
                                                   self.sale_id, r.slot))
             await asyncio.sleep(pause)
+
+    async def _buy_over_http(self, bff: Bff) -> None:
+        pause = self.fault.sale_s / (len(self.users) / BUY_CHUNK)
+        async with bff.client() as client:
+            for start in range(0, len(self.users), BUY_CHUNK):
+                chunk = self.users[start:start + BUY_CHUNK]
+                async with self.buyers:
+                    replies = await asyncio.gather(*(bff.buy(client, self.product_id, u)
+                                                     for u in chunk))
+                for status, body in replies:
+                    self.answers.append(Answer("buyer", "buy", status))
+                    if status == 202:
+                        self.accepted.append(Accepted(self.product_id, body["stream_id"],
+                                                      self.sale_id, body["slot"]))
+                    elif status is None or status >= 500:
+                        self.failed_buys += 1
+                await asyncio.sleep(pause)
 
     async def reconnect_redis(self) -> None:
         """A new client after Redis restarted (the old one's connections are dead)."""
@@ -366,7 +415,8 @@ class Result:
         s = self.score
         return {"fault": self.fault, "accepted": s.accepted, "lost": s.lost,
                 "duplicated": s.duplicated, "oversold": s.oversold,
-                "unexpected": s.unexpected, "recovery_s": s.recovery_s,
+                "unexpected": s.unexpected, "bff_5xx": s.server_errors,
+                "recovery_s": s.recovery_s,
                 "verdict": self.verdict, "provisioned_twice": s.provisioned_twice,
                 "examples": s.examples, "seconds": round(self.seconds, 1),
                 "notes": self.notes}
@@ -460,6 +510,11 @@ async def _run(sale: Sale, say: Callable[[str], None], started: float) -> Result
         await fault.prepare(sale)
     sale.start_resource_domain()
     sale.start_engine()
+    if fault.bff:
+        from .bff import Bff
+
+        sale.bff = await Bff.start(settings, range(1, sale.users.stop + PROBE_USERS),
+                                   sale.overrides)
     await sale.booted()
     buying = asyncio.create_task(sale.buy_all())
     try:
@@ -514,8 +569,16 @@ async def _score(sale: Sale, recovery: float | None, started: float) -> Result:
         provisioned = await read_provisioned(conn, [r.instance_id for r in rows])
     finally:
         await conn.close()
+    bff = sale.bff
+    entries = None
+    if bff is not None:  # every entry a buyer's: none written for a hostile request
+        found = await sale.redis.xrange(sale.keys.stream(sale.product_id))
+        entries = [(sale.product_id, _text(entry_id)) for entry_id, _ in found or []]
+        if not bff.alive():
+            sale.notes.append(f"the BFF exited with {bff.proc.proc.returncode}")
+            sale.answers.append(Answer("probe", "the BFF still running", None))
     result = score(accepted, rows, events, {sale.product_id: sale.fault.stock}, provisioned,
-                   recovery)
+                   recovery, entries=entries, answers=sale.answers if bff else None)
     result.accepted = len(sale.accepted)
     unprovisioned = sum(1 for r in rows if r.instance_id not in provisioned)
     if unprovisioned:

@@ -7,13 +7,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-COLUMNS = ("fault", "accepted", "lost", "duplicated", "oversold", "unexpected", "recovery_s",
-           "verdict")
+COLUMNS = ("fault", "accepted", "lost", "duplicated", "oversold", "unexpected", "bff_5xx",
+           "recovery_s", "verdict")
 
 
-def _cell(value: Any) -> str:
-    if value is None:
-        return "never"
+def _cell(value: Any, column: str = "") -> str:
+    if value is None:  # bff_5xx: the fault has no BFF in front; recovery_s: never drained
+        return "-" if column == "bff_5xx" else "never"
     if isinstance(value, float):
         return f"{value:.1f}"
     return str(value).replace("|", "\\|")
@@ -22,7 +22,8 @@ def _cell(value: Any) -> str:
 def markdown(doc: dict[str, Any]) -> str:
     lines = [f"# Fault scoreboard {doc['started']}", "", *doc["header"], "",
              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(_cell(row[c]) for c in COLUMNS) + " |" for row in doc["rows"]]
+    lines += ["| " + " | ".join(_cell(row.get(c), c) for c in COLUMNS) + " |"
+              for row in doc["rows"]]
     notes = [(row["fault"], row["notes"], row["examples"]) for row in doc["rows"]
              if row["notes"] or row["examples"]]
     if notes:

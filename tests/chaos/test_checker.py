@@ -8,6 +8,7 @@ import asyncpg
 
 from bench.chaos.checker import (
     Accepted,
+    Answer,
     Event,
     Row,
     drained_after,
@@ -31,6 +32,44 @@ def test_a_clean_run_counts_nothing_but_the_accepted_orders():
     assert (result.accepted, result.lost, result.duplicated, result.oversold,
             result.unexpected, result.recovery_s) == (3, 0, 0, 0, 0, 1.5)
     assert result.verdict() == "pass"
+
+
+def test_the_bff_answering_4xx_to_hostile_requests_and_503_to_buyers_passes():
+    answers = [Answer("hostile", "alg=none", 401), Answer("hostile", "bad JSON", 400),
+               Answer("buyer", "buy", 202), Answer("probe", "order", 503)]
+    result = score(ORDERS, ROWS, EVENTS, STOCK, entries=[o.key for o in ORDERS],
+                   answers=answers)
+    assert (result.server_errors, result.unexpected, result.verdict()) == (0, 0, "pass")
+    assert score(ORDERS, ROWS, EVENTS, STOCK).server_errors is None  # no BFF in front
+
+
+def test_a_5xx_or_no_answer_to_a_hostile_request_fails_the_row():
+    for status in (500, 502, 503, None):
+        answers = [Answer("hostile", "body user_id > int64", status),
+                   Answer("hostile", "garbage", 401)]
+        result = score(ORDERS, ROWS, EVENTS, STOCK, answers=answers)
+        assert result.server_errors == 1, status
+        assert result.verdict() == "fail"
+        assert result.examples["server_errors"] == [
+            f"{status or 'no answer'} to hostile body user_id > int64"]
+
+
+def test_a_500_or_no_answer_to_a_buyer_fails_the_row_even_with_a_known_loss():
+    for status in (500, None):
+        result = score(ORDERS[:2], ROWS[:2], EVENTS[:2], STOCK,
+                       answers=[Answer("probe", "order lookup", status)])
+        assert result.server_errors == 1
+        assert result.verdict("Redis without persistence") == "fail"
+    known = score(ORDERS, ROWS[:2], EVENTS[:2], STOCK, answers=[Answer("probe", "buy", 404)])
+    assert known.verdict("Redis without persistence").startswith("known loss")
+
+
+def test_a_stream_entry_for_no_accepted_order_is_unexpected():
+    entries = [*(o.key for o in ORDERS), (PID, "9-9")]  # written for a hostile request
+    result = score(ORDERS, ROWS, EVENTS, STOCK, entries=entries, answers=[])
+    assert (result.unexpected, result.lost, result.server_errors) == (1, 0, 0)
+    assert result.examples["unexpected"] == [f"{PID}/9-9"]
+    assert result.verdict() == "fail"
 
 
 def test_an_order_without_a_row_is_lost():
