@@ -166,18 +166,35 @@ def run_locust(args: argparse.Namespace, host: str, env: dict[str, str],
     for stale in REPORT_FILES:  # a report left by an earlier run must not be read as ours
         Path(f"{prefix}{stale}").unlink(missing_ok=True)
     # Locust stops by itself after --run-time; the margin covers its start and stop.
+    # its own session: the worker processes it forks are waited for too (they outlive
+    # the master by up to --stop-timeout, and must not buy while the verifier reads)
+    locust = subprocess.Popen(cmd, env=dict(env, SECKILL_LT_SUMMARY=f"{prefix}_summary.json"),
+                              start_new_session=True)
     try:
-        locust = subprocess.run(cmd, env=dict(env, SECKILL_LT_SUMMARY=f"{prefix}_summary.json"),
-                                timeout=_seconds(args.run_time) + 120)
-        returncode = locust.returncode
+        returncode = locust.wait(timeout=_seconds(args.run_time) + 120)
     except subprocess.TimeoutExpired:
         returncode = -1
+    reap_group(locust.pid, timeout=15)
     locust_report = read_report(Path(f"{prefix}_summary.json"))
     counts = ("no stats" if locust_report.requests is None else
               f"{locust_report.requests} requests, {locust_report.failures} failures")
     say(f"locust exited with {returncode}: {counts}; reports: {prefix}_stats.csv, "
         f"{prefix}.html")
     return judge(returncode, locust_report, args.max_failure_ratio)
+
+
+def reap_group(pgid: int, timeout: float) -> None:
+    """Wait for every process of the group `pgid` to exit; SIGKILL what is left after
+    `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            os.killpg(pgid, 0)  # raises once the group is empty
+            time.sleep(0.1)
+        say(f"locust processes still running after {timeout:.0f} s: killed")
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def _seconds(run_time: str) -> float:
