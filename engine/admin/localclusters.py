@@ -157,14 +157,18 @@ class LocalRedisCluster(_LocalCluster[RedisNode]):
              timeout=60, what=f"{self}: redis-cli --cluster create")
 
     def ready(self) -> bool:
-        """Every node says cluster_state:ok and every master has its replicas attached."""
+        """Every node says cluster_state:ok and every master has its replicas attached
+        and synced (online)."""
         try:
             for port in self.ports:
                 if cluster_info(port).get("cluster_state") != "ok":
                     return False
                 info = _client(port).info("replication")
-                if info.get("role") == "master" and \
-                        int(info.get("connected_slaves", 0)) < self.replicas:
+                online = [i for i in range(int(info.get("connected_slaves", 0)))
+                          if info.get(f"slave{i}", {}).get("state") == "online"]
+                # a replica still syncing (wait_bgsave behind the AOF's first rewrite)
+                # acknowledges nothing: a WAIT would time out
+                if info.get("role") == "master" and len(online) < self.replicas:
                     return False
         except (redis.RedisError, OSError):
             return False
@@ -212,6 +216,20 @@ class LocalRedisCluster(_LocalCluster[RedisNode]):
         """SIGKILL the master of `slot` and wait until its replica serves the slot."""
         master = self.master_of_slot(slot)
         master.kill()
+        self.wait_promoted(slot, master, timeout)
+        return master
+
+    def replicas_of(self, master: RedisNode) -> list[RedisNode]:
+        """The running nodes replicating `master` now."""
+        found = []
+        for node in self.running():
+            info = _client(node.port).info("replication")
+            if info.get("role") == "slave" and int(info.get("master_port", 0)) == master.port:
+                found.append(node)
+        return found
+
+    def wait_promoted(self, slot: int, master: RedisNode, timeout: float = 60.0) -> None:
+        """Wait until a node other than `master` serves `slot` and the cluster is ok."""
 
         def promoted() -> bool:
             try:
@@ -221,7 +239,6 @@ class LocalRedisCluster(_LocalCluster[RedisNode]):
                 return False
 
         wait_until(promoted, timeout, f"a replica of {master} promoted", interval=0.1)
-        return master
 
     def running(self) -> list[RedisNode]:
         return [n for n in self.nodes if n.running()]
