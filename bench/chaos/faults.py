@@ -10,6 +10,7 @@ header says so.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
@@ -21,13 +22,14 @@ from typing import Any
 
 import aiormq
 import asyncpg
+import httpx
 
 from engine.config import to_env
 from engine.keys import EXCHANGE, GROUP, QUEUE_CREATED, RK_CREATED
 from engine.pipeline.faults import MID_DEAD_LETTER, POINTS
 
 from .checker import Answer
-from .runner import SECKILL, Fault, Sale, running, wait_until
+from .runner import SECKILL, Fault, Sale, free_port, running, wait_until
 
 OUTAGE_S = 10.0  # a blackhole, a latency or a slow link lasts this long (issue: 30 s)
 LONG_SALE_S = 2 * OUTAGE_S  # a sale that outlasts an outage: orders arrive all through it
@@ -342,7 +344,10 @@ async def _redis_restart(sale: Sale) -> None:
         async with sale.buyers:
             backlog = await _unread(sale)
             await _node(sale, "kill")
-            await asyncio.sleep(1)
+            if sale.bff is not None:
+                await _probe_bff(sale, "while Redis is down")
+            else:
+                await asyncio.sleep(1)
             await _node(sale, "start")
             await sale.reconnect_redis()
     finally:
@@ -352,9 +357,71 @@ async def _redis_restart(sale: Sale) -> None:
                       " Redis was killed")
     await asyncio.sleep(5)  # what the engine says about it, for the notes
     said = [line.split("] ", 1)[-1] for line in sale.output().splitlines()
-            if "NOGROUP" in line or "lease lost" in line or "respawning" in line]
+            if "NOGROUP" in line or "lease lost" in line or "respawning" in line
+            or STATE_LOST_LINE in line]
     if said:
-        sale.notes.append("the engine logged: " + " / ".join(dict.fromkeys(said[:4])))
+        sale.notes.append("the engine logged: " + " / ".join(dict.fromkeys(said[:5])))
+    lines = sale.output().count(STATE_LOST_LINE)
+    sale.notes.append(f"the engine's 'Redis lost the gate's state' line: {lines} time(s)")
+    if sale.fault.known_loss:
+        metric = await _metric(sale, "seckill_redis_state_lost_total")
+        sale.notes.append(f"seckill_redis_state_lost_total = {metric} (alert"
+                          " SeckillRedisStateLost in engine/deploy/alerts.yml fires on it)")
+    if sale.bff is not None:
+        await _probe_bff(sale, "after Redis came back")
+
+
+STATE_LOST_LINE = "Redis lost the gate's state"
+PROBES = 20  # of each kind
+
+
+async def _probe_bff(sale: Sale, when: str) -> None:
+    """Purchases by new users and order lookups by buyers, logged ones and lost ones, at
+    the BFF: each answer is recorded (a 500 or none fails the row) and tallied."""
+    bff = sale.bff
+    assert bff is not None
+    logged = await _logged(sale)
+    accepted = list(sale.buyer_of.items())
+    lookups = ([u for sid, u in accepted if sid in logged][:PROBES]
+               + [u for sid, u in accepted if sid not in logged][:PROBES])
+    newcomers = range(sale.users.stop, sale.users.stop + PROBES)
+    async with bff.client() as client:
+        buys = await asyncio.gather(*(bff.buy(client, sale.product_id, u) for u in newcomers))
+        orders = await asyncio.gather(*(bff.order(client, sale.product_id, u)
+                                        for u in lookups))
+    for what, replies in (("purchase", buys), ("order lookup", orders)):
+        sale.answers += [Answer("probe", f"{what} {when}", status) for status, _ in replies]
+        tally = Counter(f"{status or 'no answer'} {_said(body)}" for status, body in replies)
+        sale.notes.append(f"BFF, {what}s {when}: " + ", ".join(
+            f"{answer} x{n}" for answer, n in sorted(tally.items())))
+
+
+def _said(body: dict[str, Any]) -> str:
+    """The gist of a JSON answer: its status, state or error."""
+    text = str(body.get("status") or body.get("state") or body.get("error") or body)
+    return json.dumps(re.sub(r"\d+", "N", text)[:60])  # one line per kind, not per user
+
+
+async def _logged(sale: Sale) -> set[str]:
+    conn = await asyncpg.connect(sale.settings.pg_dsn, timeout=10)
+    try:
+        rows = await conn.fetch("SELECT stream_id FROM seckill_logs WHERE product_id = $1",
+                                sale.product_id)
+    finally:
+        await conn.close()
+    return {r["stream_id"] for r in rows}
+
+
+async def _metric(sale: Sale, name: str) -> str:
+    """A counter of the supervisor's /metrics (the sum over its workers)."""
+    port = sale.fault.engine.get("metrics_port")
+    try:
+        async with httpx.AsyncClient(timeout=5) as client:
+            text = (await client.get(f"http://127.0.0.1:{port}/metrics")).text
+    except httpx.HTTPError as exc:
+        return f"unreadable ({type(exc).__name__})"
+    found = re.findall(rf"^{name} ([0-9.e+]+)$", text, re.M)
+    return found[0] if found else "absent"
 
 
 async def _unread(sale: Sale) -> int:
@@ -426,7 +493,8 @@ def catalogue() -> list[Fault]:
         outage("redis: SIGKILL, restarted from its AOF (appendfsync always)", _redis_restart,
                private="redis-aof", engine=NETWORK_QUICK),
         outage("redis: SIGKILL, restarted without persistence", _redis_restart,
-               private="redis", engine=NETWORK_QUICK, known_loss=REDIS_LOSS),
+               private="redis", engine={**NETWORK_QUICK, "metrics_port": free_port()},
+               known_loss=REDIS_LOSS, bff=True),
     ]
     faults += [network(service, kind) for service in ("redis", "rabbitmq", "postgresql")
                for kind in ("cut", "blackhole", "latency", "slow link")]

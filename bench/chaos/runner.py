@@ -194,6 +194,7 @@ class Sale:
     done_buying: asyncio.Event = field(default_factory=asyncio.Event)
     bff: Bff | None = None  # the fault's BFF (Fault.bff)
     answers: list[Answer] = field(default_factory=list)  # the BFF's answers
+    buyer_of: dict[str, int] = field(default_factory=dict)  # stream ID -> user (BFF)
 
     @property
     def keys(self) -> Keys:
@@ -282,11 +283,12 @@ class Sale:
                 async with self.buyers:
                     replies = await asyncio.gather(*(bff.buy(client, self.product_id, u)
                                                      for u in chunk))
-                for status, body in replies:
+                for user, (status, body) in zip(chunk, replies, strict=True):
                     self.answers.append(Answer("buyer", "buy", status))
                     if status == 202:
                         self.accepted.append(Accepted(self.product_id, body["stream_id"],
                                                       self.sale_id, body["slot"]))
+                        self.buyer_of[body["stream_id"]] = user
                     elif status is None or status >= 500:
                         self.failed_buys += 1
                 await asyncio.sleep(pause)
