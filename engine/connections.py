@@ -19,6 +19,7 @@ import redis as sync_redis_lib
 from redis.asyncio import Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import Connection as RedisConnection
+from redis.asyncio.connection import SSLConnection
 from redis.exceptions import RedisClusterException, RedisError
 
 from engine.config import Settings, mask_url
@@ -103,9 +104,29 @@ def redis_client(settings: Settings, **kwargs: Any) -> Redis:
                               **options)
     nodes, auth = cluster_startup(settings.redis_url)
     options.pop("max_connections", None)  # per node in a cluster: its own default
-    # (the asyncio RedisCluster takes no connection_class: ResetSafeConnection is not used)
-    return cast(Redis, RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in nodes],
-                                    **auth, **options))
+    client = RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in nodes], **auth, **options)
+    _reset_safe(client)
+    return cast(Redis, client)
+
+
+def _reset_safe(client: RedisCluster) -> None:
+    """Every node of `client`, found now or later, on a ResetSafeConnection.
+
+    The asyncio RedisCluster takes no connection_class: it builds its nodes from one
+    dict of connection options, so the class is set there (and on the startup nodes,
+    built already, not yet connected). Without it a command written to a master just
+    killed raised uvloop's RuntimeError, and a worker's discovery loop died of it
+    during a failover (tests/cluster/test_cluster_faults.py).
+    """
+    safe = ResetSafeSSLConnection if _is_ssl(client) else ResetSafeConnection
+    client.nodes_manager.connection_kwargs["connection_class"] = safe
+    for node in client.nodes_manager.startup_nodes.values():
+        node.connection_class = safe
+
+
+def _is_ssl(client: RedisCluster) -> bool:
+    return issubclass(client.nodes_manager.connection_kwargs.get("connection_class", object),
+                      SSLConnection)
 
 
 def sync_redis(settings: Settings, *, timeout: float) -> sync_redis_lib.Redis:
@@ -207,16 +228,31 @@ def _why(exc: BaseException) -> str:
     return one_line(exc)
 
 
-class ResetSafeConnection(RedisConnection):
+class _ResetSafe(RedisConnection):
     """A Redis connection that fails a write to a reset connection as a connection error.
 
     Under uvloop a command written after the peer reset the connection (and before a read
     noticed it) raises RuntimeError ("the handler is closed"), not the OSError of plain
     asyncio: redis-py then passes it on as it is, and a worker took it for a bug and
     exited. Seen through the fault proxy's cut (tests/chaos/test_network_faults.py).
+
+    A connection closed under the command by another task (the cluster client closes
+    every node's connections, in use or not, when it reloads its slot map during a
+    failover) has no writer left: that is a lost connection too, not the AttributeError
+    of which a worker's janitor died (tests/cluster/test_cluster_faults.py).
     """
 
     async def _send_packed_command(self, command: Iterable[bytes]) -> None:
-        if self._writer is not None and self._writer.transport.is_closing():
+        if self._writer is None:
+            raise ConnectionResetError("Redis connection closed under the command")
+        if self._writer.transport.is_closing():
             raise ConnectionResetError("Redis connection reset by the peer")
         await super()._send_packed_command(command)
+
+
+class ResetSafeConnection(_ResetSafe):
+    """A plain TCP connection, reset-safe (see `_ResetSafe`)."""
+
+
+class ResetSafeSSLConnection(_ResetSafe, SSLConnection):
+    """A TLS connection (`rediss+cluster://`), reset-safe."""

@@ -87,7 +87,7 @@ def pid_alive(pid: int) -> bool:
     for task in tasks:
         try:
             state = (task / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (FileNotFoundError, IndexError):
+        except (FileNotFoundError, ProcessLookupError, IndexError):  # exited as we read
             continue
         if state != "Z":
             return True
