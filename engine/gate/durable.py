@@ -18,6 +18,7 @@ and TRYAGAIN replies (a reshard or failover) send those calls again, routed anew
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,7 +38,7 @@ from redis.exceptions import (
 
 from engine import backoff
 from engine.config import Settings
-from engine.connections import is_cluster
+from engine.connections import REDIS_ERRORS, is_cluster
 
 ROUNDS = 5  # sends of one call before a redirect loop is an outage
 BACKOFF_MAX = 0.5  # seconds between two rounds at most
@@ -75,17 +76,21 @@ class _Call:
 _REDIRECTS = (MovedError, AskError, TryAgainError, NoScriptError)
 
 
-class WaitingScript:
-    """A purchase script whose accepted calls are followed by WAIT on their connection.
+class RoutedScript:
+    """A script whose calls of one loop turn go to their masters, each master's down one
+    connection, followed there by WAIT when one of them wrote an order.
 
     A call resolves to `(reply, acked)`: the script's reply, and the replicas that
-    acknowledged it (None when WAIT was not needed: it wrote no order). The calls of one
-    loop turn share the round trip, as `_Script(coalesce=True)` does.
+    acknowledged it (None when no WAIT was sent: WAIT off, or it wrote no order).
+    Without WAIT it still serves the coalesced purchases on a cluster: sent this way
+    they cost the gate about half the CPU of a redis-py cluster pipeline
+    (bench/durability.py measures both).
     """
 
-    def __init__(self, redis: Redis, source: str, wait: WaitFor,
+    def __init__(self, redis: Redis, source: str, wait: WaitFor | None,
                  wrote: Callable[[object], bool]) -> None:
-        """`wrote(reply)`: whether a reply is an accepted purchase (worth a WAIT)."""
+        """`wrote(reply)`: whether a reply is an accepted purchase (worth a WAIT);
+        `wait` None: no WAIT, the calls only routed per master (acked always None)."""
         self.redis = redis
         self.source = source
         self.sha = hashlib.sha1(source.encode()).hexdigest()
@@ -93,6 +98,7 @@ class WaitingScript:
         self.wrote = wrote
         self._queue: list[_Call] = []
         self._flushing: set[asyncio.Task] = set()
+        self._reloading = asyncio.Lock()
 
     def __call__(self, keys: list[str], args: list[str | int]
                  ) -> asyncio.Future[tuple[object, int | None]]:
@@ -130,7 +136,8 @@ class WaitingScript:
             if not again:
                 return
             calls = again
-            await asyncio.sleep(backoff.delay(attempt, BACKOFF_MAX))
+            if any(not isinstance(call.error, NoScriptError) for call in again):
+                await asyncio.sleep(backoff.delay(attempt, BACKOFF_MAX))  # (a reload: at once)
         _fail(calls, None)
 
     async def _route(self, calls: list[_Call]) -> dict[str, tuple[Any, list[_Call]]]:
@@ -167,7 +174,7 @@ class WaitingScript:
                 if command[0] != "ASKING":
                     replies.append(reply)
             acked = None
-            if any(self.wrote(reply) for reply in replies):
+            if self.wait is not None and any(self.wrote(reply) for reply in replies):
                 await conn.send_command("WAIT", self.wait.replicas, self.wait.timeout_ms)
                 acked = int(cast(int, await conn.read_response()))
         except BaseException:
@@ -216,9 +223,17 @@ class WaitingScript:
             call.ask = f"{reply.host}:{reply.port}"
 
     async def _forget_layout(self) -> None:
-        """After a failed connection, a cluster client asks for the slot map again."""
-        if is_cluster(self.redis):
-            await cast(RedisCluster, self.redis).aclose()
+        """After a failed connection, the slot map again (a failover may have moved the
+        slots), once for all the batches that failed together; the connections other
+        batches are using stay open (RedisCluster.aclose would cut them too)."""
+        if not is_cluster(self.redis):
+            return
+        if self._reloading.locked():  # another batch is reloading it: use that one
+            async with self._reloading:
+                return
+        async with self._reloading:
+            with contextlib.suppress(*REDIS_ERRORS):  # still down: the next call says so
+                await cast(RedisCluster, self.redis).nodes_manager.initialize()
 
 
 async def _read(conn: Any) -> object:

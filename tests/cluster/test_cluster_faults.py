@@ -26,9 +26,10 @@ from support import (
     wait_for,
 )
 
-from engine import exits
+from engine import backoff, exits
 from engine.connections import connect_redis
-from engine.gate.client import Gate
+from engine.errors import ServiceUnavailable
+from engine.gate.client import Gate, GateResult
 from engine.gate.durable import WaitFor
 
 pytestmark = pytest.mark.timeout(600)
@@ -115,7 +116,7 @@ async def test_reshard_and_failover_while_orders_flow(redis_cluster, cluster_set
                          is doomed for pid in pids}
             gate = Gate(redis, keys, coalesce=True, wait=WaitFor(1, 500))
             for pid in pids:
-                await gate.open_sale(pid, BUYERS)
+                await gate.open_sale(pid, BUYERS + 1)
             frozen.freeze()
             results = await asyncio.gather(*(gate.buy(pid, uid) for pid in pids
                                              for uid in range(10**6, 10**6 + BUYERS)))
@@ -129,6 +130,12 @@ async def test_reshard_and_failover_while_orders_flow(redis_cluster, cluster_set
             await asyncio.to_thread(doomed.kill)
             frozen.thaw()
             await asyncio.to_thread(redis_cluster.wait_promoted, failed, doomed)
+            # the gate finds the promoted master (an attempt may fail on the dead one
+            # first); with no replica of its own yet, its purchases are unreplicated
+            pid = next(p for p in pids if on_doomed[p])
+            result = await buy_after_failover(gate, pid, 2 * 10**6)
+            assert result.outcome == "unreplicated"
+            unreplicated.add((pid, result.stream_id))
             for pid in pids:
                 must.update((pid, i) for i in await push_orders(
                     redis, keys, pid, range(2 * PER_PUSH + 1, 3 * PER_PUSH + 1),
@@ -156,6 +163,15 @@ async def test_reshard_and_failover_while_orders_flow(redis_cluster, cluster_set
     assert not crashes, errors[-4000:] or out[-4000:]
     assert exits_seen.count(exits.LEASE_LOST) <= 2, out[-4000:]
     assert "batch crashed" not in out, errors[-4000:]
+
+
+async def buy_after_failover(gate: Gate, pid: int, uid: int) -> GateResult:
+    for attempt in range(1, 6):
+        try:
+            return await gate.buy(pid, uid)
+        except ServiceUnavailable:
+            await asyncio.sleep(backoff.delay(attempt, 1.0))
+    return await gate.buy(pid, uid)
 
 
 async def processed(settings, redis, keys, pids, must: set[tuple[int, str]]) -> bool:
