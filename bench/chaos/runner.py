@@ -168,6 +168,7 @@ class Fault:
     private: str | None = None  # a dependency swapped for a private node (PrivateNodes)
     dead_letters_expected: int = 0  # accepted orders the fault rightly dead-letters
     bff: bool = False  # the buyers buy over HTTP through `seckill bff` (JWT auth on)
+    lane: str = "main"  # faults of another lane run beside this one's (bench.chaos)
 
 
 @dataclass
@@ -485,7 +486,8 @@ async def run_fault(settings: Settings, fault: Fault, say: Callable[[str], None]
         say(f"  {fault.name}: on a private {fault.private} node")
         settings = await asyncio.to_thread(nodes.settings_for, fault.private, settings)
     sale = Sale(settings, fault, Redis.from_url(settings.redis_url), product_id)
-    sale.node = nodes.node(fault.private) if nodes and fault.private else None
+    if nodes and fault.private:  # blocking: the other lane's sale goes on meanwhile
+        sale.node = await asyncio.to_thread(nodes.node, fault.private)
     try:
         return await _run(sale, say, started)
     finally:

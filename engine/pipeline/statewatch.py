@@ -26,7 +26,7 @@ log = logging.getLogger("seckill.statewatch")
 LOST = ("Redis lost the gate's state (restarted without persistence, or flushed): the"
         " sales, their stock and buyers, and the order streams are gone; accepted orders"
         " not yet logged in seckill_logs are lost, and the sales must be opened again."
-        " appendonly yes + appendfsync always prevents it (README: fault scoreboard)")
+        " appendonly yes + appendfsync always prevents it (docs/operations.md, Fault scoreboard)")
 
 
 class StateWatch:
