@@ -324,8 +324,9 @@ class HttpBench:
     of one round: direct gate, floor, BFF warm and cold."""
 
     def __init__(self, settings: Settings, directory: Path, *, tokens: int,
-                 cold_tokens: int) -> None:
+                 cold_tokens: int, profile: Path | None = None) -> None:
         self.settings = settings
+        self.profile = profile  # py-spy's collapsed stacks of the workers in the warm window
         self.workers = os.cpu_count() or 1
         self.issuer = Issuer(directory, issuer=settings.bff_jwt_issuer,
                              audience=settings.bff_jwt_audience)
@@ -368,7 +369,10 @@ class HttpBench:
             warm_s = time.perf_counter() - t0
             await load_window(proc, port, 1.0, connections, self.warmup)
             before = await verifications(admin)
+            spies = self._spy(children(proc.pid), seconds)
             hot = await load_window(proc, port, seconds, connections, self.window)
+            for spy in spies:
+                spy.wait(30)
             middle = await verifications(admin)
             cold = await load_window(proc, port, cold_seconds, connections, self.cold)
             after = await verifications(admin)
@@ -379,6 +383,19 @@ class HttpBench:
         cold["token_verifications"] = after - middle
         return {"bff": hot, "bff_cold": cold,
                 "warm_up": {"requests": sent, "seconds": warm_s}}
+
+
+    def _spy(self, workers: list[int], seconds: float) -> list[subprocess.Popen[bytes]]:
+        """py-spy on each worker over the window (with native frames: Granian's and
+        uvloop's), collapsed stacks in `profile`-<pid>.txt."""
+        if self.profile is None:
+            return []
+        spy = str(Path(sys.executable).with_name("py-spy"))
+        return [subprocess.Popen([spy, "record", "--native", "--format", "raw", "--rate", "250",
+                                  "--duration", str(max(1, round(seconds) - 1)), "--pid", str(pid),
+                                  "-o", f"{self.profile}-{pid}.txt"],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                for pid in workers]
 
 
 def cpu_ratio(run: dict[str, Any]) -> float:
@@ -429,6 +446,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, default=20_000)
     p.add_argument("--cold-tokens", type=int, default=20_000)
     p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--profile", type=Path, default=None, metavar="PREFIX",
+                   help="py-spy the BFF's workers in the warm window: PREFIX-<pid>.txt")
     args = p.parse_args(argv)
     settings = bench_settings()
     prepare(settings)
@@ -436,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
     async def rounds() -> list[dict[str, Any]]:
         with tempfile.TemporaryDirectory(prefix="seckill-bench-") as tmp:
             bench = HttpBench(settings, Path(tmp), tokens=args.tokens,
-                              cold_tokens=args.cold_tokens)
+                              cold_tokens=args.cold_tokens, profile=args.profile)
             runs = []
             for _ in range(args.rounds):
                 await reset(settings, [], quiet_wait=10.0)

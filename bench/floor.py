@@ -6,7 +6,7 @@ with as many workers and the same loop as the BFF, loaded by the same client
 server CPU per request is the floor the BFF's own cost is measured against:
 BFF CPU per accepted purchase <= 1.15 x (floor + direct gate per call).
 
-    python -m bench.floor [--seconds 10] [--connections 64] [--workers N]
+    python -m bench.floor [--seconds 10] [--connections 64] [--workers N] [--interface rsgi]
 """
 
 from __future__ import annotations
@@ -49,20 +49,35 @@ async def app(scope: dict[str, Any], receive: Callable[[], Awaitable[dict[str, A
     await send({"type": "http.response.body", "body": BODY})
 
 
-def serve(port: int, workers: int) -> None:
+class RsgiApp:
+    """The same floor over Granian's RSGI interface (for comparison: the target's floor
+    is the ASGI one)."""
+
+    async def __rsgi__(self, scope: Any, protocol: Any) -> None:
+        await protocol()
+        protocol.response_bytes(202, RSGI_HEADERS, BODY)
+
+
+RSGI_HEADERS = [("content-type", "application/json")]
+rsgi_app = RsgiApp()
+
+
+def serve(port: int, workers: int, interface: str = "asgi") -> None:
     """Granian as `seckill bff` runs it: ASGI, uvloop, the same backlog and log level."""
     from granian import Granian
     from granian.constants import Interfaces, Loops
     from granian.log import LogLevels
 
-    Granian("bench.floor:app", interface=Interfaces.ASGI, loop=Loops.uvloop,
+    target = "bench.floor:app" if interface == "asgi" else "bench.floor:rsgi_app"
+    Granian(target, interface=Interfaces(interface), loop=Loops.uvloop,
             address="127.0.0.1", port=port, workers=workers, log_level=LogLevels.warning,
             backlog=2048).serve()
 
 
 async def measure_floor(*, seconds: float = 10, connections: int = 64,
                         workers: int | None = None, load: Load | None = None,
-                        warmup: Load | None = None) -> dict[str, Any]:
+                        warmup: Load | None = None, interface: str = "asgi"
+                        ) -> dict[str, Any]:
     """Requests/s, p50/p99 and server CPU per request of the floor, under `load` (the
     BFF's own requests when the suite measures both; anonymous purchases by default)."""
     workers = workers or os.cpu_count() or 1
@@ -71,13 +86,14 @@ async def measure_floor(*, seconds: float = 10, connections: int = 64,
     port = free_port()
     log = tempfile.NamedTemporaryFile(prefix="seckill-bench-floor-", suffix=".log")
     proc = subprocess.Popen([sys.executable, "-m", "bench.floor", "--serve", str(port),
-                             "--workers", str(workers)], stdout=log, stderr=subprocess.STDOUT)
+                             "--workers", str(workers), "--interface", interface],
+                            stdout=log, stderr=subprocess.STDOUT)
     try:
         result = await load_server(proc, port, log.name, seconds, connections, load, warmup)
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
-    return {"workers": workers, "connections": connections, **result}
+    return {"workers": workers, "connections": connections, "interface": interface, **result}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,13 +102,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=10)
     p.add_argument("--connections", type=int, default=64)
     p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--interface", choices=("asgi", "rsgi"), default="asgi")
     p.add_argument("--serve", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.serve:
-        serve(args.serve, args.workers or os.cpu_count() or 1)
+        serve(args.serve, args.workers or os.cpu_count() or 1, args.interface)
         return 0
     result = asyncio.run(measure_floor(seconds=args.seconds, connections=args.connections,
-                                       workers=args.workers))
+                                       workers=args.workers, interface=args.interface))
     print(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
     return 0
 

@@ -124,6 +124,9 @@ class Settings:
                              "before the purchase is answered 503 'unreplicated'.", default=50)
     bff_soldout_recheck: float = _doc("Seconds a sold-out answer is cached per process.",
                                       default=0.5)
+    bff_interface: str = _doc("How Granian calls the BFF: 'rsgi' (its own interface: one call "
+                              "answers a request) or 'asgi' (as any ASGI server would).",
+                              default="rsgi")
     bff_auth: str = _doc("'jwt' (a verified bearer token names the buyer) or 'none' (the body's "
                          "user_id does: demos and tests only; logged as a warning).",
                          default="jwt")
@@ -280,6 +283,8 @@ def _validate(s: Settings) -> None:
         raise ConfigError(f"gate_wait_ms: {s.gate_wait_ms} ms would outlast the Redis socket "
                           f"timeout ({s.redis_socket_timeout():g} s): lower it or raise "
                           f"redis_timeout")
+    if s.bff_interface not in ("rsgi", "asgi"):
+        raise ConfigError(f"bff_interface: expected 'rsgi' or 'asgi', got {s.bff_interface!r}")
     if s.bff_auth not in ("jwt", "none"):
         raise ConfigError(f"bff_auth: expected 'jwt' or 'none', got {s.bff_auth!r}")
     unknown = set(s.jwt_algorithms()) - JWT_ALGORITHMS

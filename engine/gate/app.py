@@ -1,4 +1,4 @@
-"""`seckill bff`: the HTTP gate, a bare ASGI application served by Granian.
+"""`seckill bff`: the HTTP gate, a bare RSGI and ASGI application served by Granian.
 
 One gate call per purchase attempt and nothing else on the hot path: input
 is validated before Redis is touched, a sale known to be sold out is
@@ -12,6 +12,10 @@ retry, anything else a 500, and the error is logged, never swallowed.
 The buyer is the `sub` of a verified bearer token (engine.gate.auth); a bad
 token is refused before the body is read and before Redis is touched. With
 `bff_auth = "none"` (demos, tests) the body's `user_id` names the buyer.
+
+Granian serves it over RSGI (`bff_interface`); the same object is an ASGI
+application for any other server (engine.gate.request reads a request from
+either).
 """
 
 from __future__ import annotations
@@ -19,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import re
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
@@ -35,6 +38,7 @@ from engine.gate.auth import Forbidden, KeySet, Unauthenticated, Verifier
 from engine.gate.client import Gate, Limits, ensure_replication, validate_id
 from engine.gate.clientip import ClientIp, parse_proxies
 from engine.gate.durable import UNREPLICATED_MESSAGE, WaitFor
+from engine.gate.request import AsgiRequest, BodyDeadlines, BodyTimeout, Request, RsgiRequest
 from engine.keys import FAILED, Keys
 
 log = logging.getLogger("seckill.bff")
@@ -44,15 +48,14 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 MAX_BODY = 1024
-BUY = re.compile(r"^/api/v1/seckill/([^/]+)$")
-ORDER = re.compile(r"^/api/v1/seckill/([^/]+)/users/([^/]+)$")
-MY_ORDER = re.compile(r"^/api/v1/seckill/([^/]+)/order$")
+PREFIX = "/api/v1/seckill/"
 STATUS_OF = {"accepted": 202, "duplicate": 409, "sold_out": 410, "no_sale": 404,
              "rate_limited": 429, "not_started": 425, "ended": 410, "unreplicated": 503}
-SALE_PAGE = [(b"content-type", b"application/json"), (b"cache-control", b"public, max-age=1")]
-JSON = [(b"content-type", b"application/json")]
-Headers = list[tuple[bytes, bytes]]
-CHALLENGE = b'Bearer realm="seckill"'
+Headers = list[tuple[str, str]]  # beyond the content type: as RSGI takes them
+SALE_PAGE: Headers = [("cache-control", "public, max-age=1")]
+JSON: Headers = [("content-type", "application/json")]
+ASGI_JSON = [(b"content-type", b"application/json")]
+CHALLENGE = 'Bearer realm="seckill"'
 NO_AUTH_WARNING = ("bff_auth = 'none': no token is checked, the body's user_id names the "
                    "buyer, so anyone can buy and read orders for anyone")
 # what a failed or unreachable service raises, beyond our own ServiceUnavailable
@@ -76,13 +79,14 @@ class HttpError(Exception):
 def _challenge(exc: Unauthenticated) -> Headers:
     """RFC 6750: what the client must send, and why this token was refused."""
     why = str(exc).replace("\\", "").replace('"', "'")[:200]
-    return [(b"www-authenticate",
-             CHALLENGE + b', error="invalid_token", error_description="'
-             + why.encode("ascii", "replace") + b'"')]
+    why = why.encode("ascii", "replace").decode("ascii")
+    return [("www-authenticate",
+             CHALLENGE + ', error="invalid_token", error_description="' + why + '"')]
 
 
 class BffApp:
-    """The ASGI application of one process; connections are opened on first use."""
+    """The RSGI and ASGI application of one process; connections are opened on first
+    use."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -93,6 +97,7 @@ class BffApp:
         # the lock each opened its own pool, and a burst ran PostgreSQL out of connections)
         self.opening = {"gate": asyncio.Lock(), "pool": asyncio.Lock()}
         self.inflight = 0
+        self.deadlines = BodyDeadlines(settings.bff_body_timeout)
         self.sold_out: dict[int, float] = {}
         self.client_ip = ClientIp(parse_proxies(settings.bff_trusted_proxies))
         self.limits = Limits(settings.bff_user_rate, settings.bff_user_burst,
@@ -111,43 +116,58 @@ class BffApp:
         if scope["type"] != "http":
             return
         started = time.perf_counter()
-        endpoint, status, body, extra = await self._dispatch(scope, receive)
-        headers = self._headers(endpoint)
+        endpoint, status, body, extra = await self._dispatch(AsgiRequest(scope, receive))
+        headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in extra]
         await send({"type": "http.response.start", "status": status,
-                    "headers": headers + extra if extra else headers})
+                    "headers": ASGI_JSON + headers if headers else ASGI_JSON})
         await send({"type": "http.response.body", "body": body})
         self.metrics.observe(endpoint, status, time.perf_counter() - started)
 
-    def _headers(self, endpoint: str) -> Headers:
-        return JSON
+    async def __rsgi__(self, scope: Any, protocol: Any) -> None:
+        """Granian's RSGI: one call answers, headers are read from Rust on demand."""
+        if scope.proto != "http":
+            return
+        started = time.perf_counter()
+        endpoint, status, body, extra = await self._dispatch(RsgiRequest(scope, protocol))
+        protocol.response_bytes(status, JSON + extra if extra else JSON, body)
+        self.metrics.observe(endpoint, status, time.perf_counter() - started)
 
-    async def _dispatch(self, scope: Scope, receive: Receive) -> tuple[str, int, bytes, Headers]:
-        path, method = scope["path"], scope["method"]
-        buy, order, mine = BUY.match(path), ORDER.match(path), MY_ORDER.match(path)
-        endpoint = "buy" if buy else "order" if order or mine else path.strip("/") or "other"
+    def __rsgi_init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        """RSGI's start of a worker (its loop not running yet): the JWKS refresh."""
+        if self.verifier is not None:
+            self.verifier.keyset.start(loop)
+
+    def __rsgi_del__(self, loop: asyncio.AbstractEventLoop) -> None:
+        """RSGI's end of a worker (its loop stopped): close what was opened."""
+        loop.run_until_complete(self._close())
+
+    async def _dispatch(self, request: Request) -> tuple[str, int, bytes, Headers]:
+        path, method = request.path, request.method
+        kind, ids = _route(path)
+        endpoint = "order" if kind == "mine" else kind or path.strip("/")
         if endpoint not in ("buy", "order", "healthz"):  # /metrics: the admin port only
             endpoint = "other"
         try:
-            if buy is not None and method == "GET":
-                return "sale", 200, await self.sale(buy.group(1)), SALE_PAGE[1:]
-            if buy is not None:
+            if kind == "buy" and method == "GET":
+                return "sale", 200, await self.sale(ids[0]), SALE_PAGE
+            if kind == "buy":
                 _allow(method, "POST")
-                pid = validate_id("product_id", buy.group(1))
-                caller = await self._caller(scope)
+                pid = validate_id("product_id", ids[0])
+                caller = await self._caller(request)
                 # the body is read before a request counts as in flight: a client still
                 # sending it holds no slot, and is cut off at bff_body_timeout
-                body = await self._read_body(receive)
-                return endpoint, *await self._guarded(self.buy(pid, caller, body, scope))
-            if order is not None:
+                body = await self._read_body(request)
+                return endpoint, *await self._guarded(self.buy(pid, caller, body, request))
+            if kind == "order":
                 _allow(method, "GET")
-                caller = await self._caller(scope)
-                return endpoint, *await self.order(order.group(1), order.group(2), caller), []
-            if mine is not None:
+                caller = await self._caller(request)
+                return endpoint, *await self.order(ids[0], ids[1], caller), []
+            if kind == "mine":
                 _allow(method, "GET")
-                caller = await self._caller(scope)
+                caller = await self._caller(request)
                 if caller is None:
                     raise InvalidInput("bff_auth = 'none': no caller; use .../users/{user_id}")
-                return endpoint, *await self.order(mine.group(1), str(caller), caller), []
+                return endpoint, *await self.order(ids[0], str(caller), caller), []
             if endpoint == "healthz":
                 return endpoint, 200, self._health(), []
             raise HttpError(404, f"no such path: {path}")
@@ -171,11 +191,11 @@ class BffApp:
             return orjson.dumps({"status": "ok", "auth": "none", "warning": NO_AUTH_WARNING})
         return b'{"status":"ok","auth":"jwt"}'
 
-    async def _caller(self, scope: Scope) -> int | None:
+    async def _caller(self, request: Request) -> int | None:
         """The verified user ID of the request (None when bff_auth = 'none')."""
         if self.verifier is None:
             return None
-        return await self.verifier.caller(_header(scope, b"authorization"))
+        return await self.verifier.caller(request.header("authorization"))
 
     async def _guarded(self, work: Awaitable[tuple[int, bytes, Headers]]
                        ) -> tuple[int, bytes, Headers]:
@@ -189,32 +209,24 @@ class BffApp:
         finally:
             self.inflight -= 1
 
-    async def _read_body(self, receive: Receive) -> bytes:
+    async def _read_body(self, request: Request) -> bytes:
         """The whole request body, within bff_body_timeout (408 past it) and MAX_BODY."""
-        body = b""
         try:
-            async with asyncio.timeout(self.settings.bff_body_timeout):
-                while True:
-                    message = await receive()
-                    body += message.get("body", b"")
-                    if len(body) > MAX_BODY:
-                        raise InvalidInput(f"body larger than {MAX_BODY} bytes")
-                    if not message.get("more_body"):
-                        return body
-        except TimeoutError:
+            return await self.deadlines.read(request, MAX_BODY)
+        except BodyTimeout:
             raise HttpError(408, "request body not received in time",
-                            [(b"connection", b"close")]) from None
+                            [("connection", "close")]) from None
 
-    async def buy(self, pid: int, caller: int | None, body: bytes, scope: Scope
+    async def buy(self, pid: int, caller: int | None, body: bytes, request: Request
                   ) -> tuple[int, bytes, Headers]:
-        body_uid = _user_id(scope, body, required=caller is None)
+        body_uid = _user_id(request, body, required=caller is None)
         if caller is not None and body_uid is not None and body_uid != caller:
             raise Forbidden(f"user_id {body_uid} is not the token's user")
         user_id = caller if caller is not None else body_uid
         assert user_id is not None
         if self.sold_out.get(pid, 0.0) > time.monotonic():
             return 410, b'{"status":"sold_out"}', []
-        ip = self.client_ip.of(_peer(scope), _header(scope, b"x-forwarded-for"))
+        ip = self.client_ip.of(request.peer(), request.header("x-forwarded-for"))
         result = await (await self._gate()).buy(pid, user_id, ip=ip)
         outcome = result.outcome
         if outcome == "sold_out":
@@ -231,7 +243,7 @@ class BffApp:
             wait = max(1, -(-result.retry_after_ms // 1000))
             return 429, orjson.dumps({"status": outcome, "limit": result.limited_by,
                                       "retry_after_ms": result.retry_after_ms}), [
-                (b"retry-after", str(wait).encode())]
+                ("retry-after", str(wait))]
         elif outcome == "not_started":
             return 425, orjson.dumps({"status": outcome, "start": _iso(result.at_ms),
                                       "start_ms": result.at_ms}), []
@@ -304,26 +316,34 @@ class BffApp:
                     self.verifier.keyset.start()
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
-                if self.verifier is not None:
-                    await self.verifier.keyset.stop()
-                if self.gate is not None:
-                    await self.gate.redis.aclose()
-                if self.pool is not None:
-                    await self.pool.close()
+                await self._close()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
+    async def _close(self) -> None:
+        if self.verifier is not None:
+            await self.verifier.keyset.stop()
+        if self.gate is not None:
+            await self.gate.redis.aclose()
+        if self.pool is not None:
+            await self.pool.close()
 
-def _peer(scope: Scope) -> str | None:
-    client = scope.get("client")
-    return str(client[0]) if client else None
 
-
-def _header(scope: Scope, name: bytes) -> bytes | None:
-    for key, value in scope["headers"]:
-        if key == name:
-            return bytes(value)
-    return None
+def _route(path: str) -> tuple[str, list[str]]:
+    """("buy", [pid]) for /api/v1/seckill/{pid}, ("order", [pid, uid]) for
+    .../{pid}/users/{uid}, ("mine", [pid]) for .../{pid}/order, else ("", [])."""
+    if not path.startswith(PREFIX):
+        return "", []
+    parts = path[len(PREFIX):].split("/")
+    if not all(parts):
+        return "", []
+    if len(parts) == 1:
+        return "buy", parts
+    if len(parts) == 3 and parts[1] == "users":
+        return "order", [parts[0], parts[2]]
+    if len(parts) == 2 and parts[1] == "order":
+        return "mine", parts[:1]
+    return "", []
 
 
 def _iso(ms: int | None) -> str | None:
@@ -342,14 +362,13 @@ def _error(exc: Exception) -> bytes:
     return orjson.dumps({"error": str(exc)})
 
 
-def _user_id(scope: Scope, body: bytes, *, required: bool) -> int | None:
+def _user_id(request: Request, body: bytes, *, required: bool) -> int | None:
     """The body's user_id: required without authentication, optional (an empty body)
     with it."""
     if not body and not required:
         return None
-    headers = dict(scope.get("headers") or [])
-    ctype = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
-    if ctype != b"application/json":
+    ctype = (request.header("content-type") or "").split(";")[0].strip().lower()
+    if ctype != "application/json":
         raise InvalidInput("expected Content-Type: application/json")
     try:
         data = orjson.loads(body)
@@ -403,7 +422,8 @@ def serve(settings: Settings, *, config: str | None = None, host: str | None = N
     http1 = HTTP1Settings(header_read_timeout=round(settings.bff_header_timeout * 1000),
                           keep_alive=settings.bff_keep_alive,
                           max_buffer_size=settings.bff_max_buffer)
-    Granian("engine.gate.app:create_app", factory=True, interface=Interfaces.ASGI,
+    Granian("engine.gate.app:create_app", factory=True,
+            interface=Interfaces(settings.bff_interface),
             loop=Loops.uvloop, http1_settings=http1,
             address=host or settings.bff_host, port=port or settings.bff_port,
             workers=workers or settings.bff_workers or os.cpu_count() or 1,

@@ -115,9 +115,11 @@ class KeySet:
         if time.monotonic() - self.loaded_at >= self.min_refresh:
             await self.refresh()
 
-    def start(self) -> None:
+    def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """Refresh a URL's keys in the background, on `loop` (default: the running one)."""
         if is_url(self.source) and self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._refresh_forever())
+            loop = loop or asyncio.get_running_loop()
+            self._task = loop.create_task(self._refresh_forever())
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -145,10 +147,12 @@ class Verifier:
 
         self.verified, self.refused = TOKENS.labels("verified"), TOKENS.labels("refused")
 
-    async def caller(self, authorization: bytes | None) -> int:
+    async def caller(self, authorization: str | bytes | None) -> int:
         """The user ID of a valid `Authorization: Bearer` header, else Unauthenticated."""
         if not authorization:
             raise Unauthenticated("a bearer token is required")
+        if isinstance(authorization, str):  # RSGI gives str, ASGI bytes
+            authorization = authorization.encode("latin-1")
         scheme, _, token = authorization.partition(b" ")
         token = token.strip()
         if scheme.lower() != b"bearer" or not token:

@@ -42,11 +42,13 @@ class ClientIp:
             return False
         return any(ip in net for net in self.proxies)
 
-    def of(self, peer: str | None, forwarded_for: bytes | None) -> str | None:
+    def of(self, peer: str | None, forwarded_for: str | bytes | None) -> str | None:
         """The client address of a request from `peer` carrying `forwarded_for`."""
         if not self.proxies or not forwarded_for or peer is None or not self._trusted(peer):
             return peer
-        hops = [h.strip() for h in forwarded_for.decode("latin-1").split(",")]
+        if isinstance(forwarded_for, bytes):
+            forwarded_for = forwarded_for.decode("latin-1")
+        hops = [h.strip() for h in forwarded_for.split(",")]
         for hop in reversed(hops):
             if not self._trusted(hop):
                 try:

@@ -66,9 +66,9 @@ def auth_settings(settings, issuer) -> Settings:
     return settings.replace(bff_auth="jwt", bff_jwks=str(issuer.jwks))
 
 
-@pytest.fixture
-def bff(auth_settings):
-    server = Bff(auth_settings)
+@pytest.fixture(params=["rsgi", "asgi"])
+def bff(auth_settings, request):
+    server = Bff(auth_settings, bff_interface=request.param)
     yield server
     server.stop()
 

@@ -43,9 +43,10 @@ class Bff:
         stop_process(self.proc, 15)
 
 
-@pytest.fixture
-def bff(settings):
-    server = Bff(settings, bff_soldout_recheck=0.3)
+@pytest.fixture(params=["rsgi", "asgi"])
+def bff(settings, request):
+    """The BFF as `seckill bff` serves it (RSGI), and as an ASGI server would."""
+    server = Bff(settings, bff_soldout_recheck=0.3, bff_interface=request.param)
     yield server
     server.stop()
 

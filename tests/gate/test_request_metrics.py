@@ -1,0 +1,46 @@
+"""The BFF's request metrics, written once per event-loop turn (engine.metrics.bff.Pending),
+read back exactly as if each request had been observed on its own."""
+
+from __future__ import annotations
+
+import asyncio
+
+from prometheus_client import REGISTRY, CollectorRegistry, Histogram
+from pytest import approx
+
+from engine.metrics import bff
+
+# 0.0005 and 1 sit on bucket bounds (a value counts in the bucket it is <= to), 2.0 is
+# past the last one
+VALUES = [0.0004, 0.0005, 0.0007, 0.003, 0.3, 1.0, 2.0]
+
+
+def _sample(name: str, **labels: str) -> float | None:
+    return REGISTRY.get_sample_value(name, labels)
+
+
+async def test_a_turns_requests_count_as_if_observed_one_by_one() -> None:
+    endpoint = f"test-{id(VALUES)}"
+    for value in VALUES:
+        bff.observe(endpoint, 202, value)
+    bff.observe(endpoint, 409, 0.001)
+    assert _sample("seckill_bff_requests_total", endpoint=endpoint, code="202") is None
+    await asyncio.sleep(0)  # the end of the turn
+    assert _sample("seckill_bff_requests_total", endpoint=endpoint, code="202") == len(VALUES)
+    assert _sample("seckill_bff_requests_total", endpoint=endpoint, code="409") == 1
+
+    one_by_one = CollectorRegistry()
+    reference = Histogram("ref", "one by one", buckets=bff.BUCKETS, registry=one_by_one)
+    for value in [*VALUES, 0.001]:
+        reference.observe(value)
+    for le in [*(str(float(b)) for b in bff.BUCKETS), "+Inf"]:
+        expected = one_by_one.get_sample_value("ref_bucket", {"le": le})
+        got = _sample("seckill_bff_request_duration_seconds_bucket", endpoint=endpoint, le=le)
+        assert got == expected, le
+    assert _sample("seckill_bff_request_duration_seconds_sum", endpoint=endpoint) == approx(
+        one_by_one.get_sample_value("ref_sum", {}))
+
+    bff.observe(endpoint, 202, 0.01)  # the next turn is written at its own end
+    await asyncio.sleep(0)
+    assert _sample("seckill_bff_requests_total", endpoint=endpoint, code="202") == \
+        len(VALUES) + 1
