@@ -26,6 +26,9 @@ SCHEMAS: dict[str, Any] = {
     "Error": ERROR,
     "Accepted": _status("accepted", stream_id={"type": "string"}, slot={"type": "integer"}),
     "Duplicate": _status("duplicate"),
+    # gate_wait_replicas: recorded by the master, not acknowledged by a replica in time
+    "Unreplicated": _status("unreplicated", stream_id={"type": "string"},
+                            slot={"type": "integer"}, message={"type": "string"}),
     "Gone": _status("sold_out", "ended"),
     "NoSale": _status("no_sale"),
     "NotStarted": _status("not_started", start={"type": "string", "format": "date-time"},
@@ -101,6 +104,10 @@ def document() -> dict[str, Any]:
                         "429": _json({"oneOf": [_ref("RateLimited"), ERROR]},
                                      "over a rate limit, or shed", headers=RETRY),
                         **COMMON,
+                        "503": _json({"oneOf": [_ref("Unreplicated"), ERROR]},
+                                     "a service is down (try again), or the order is "
+                                     "recorded but no replica acknowledged it in time "
+                                     "(look the order up; do not buy again)"),
                     },
                 },
                 "get": {
