@@ -46,6 +46,9 @@ def test_file_then_environment_then_overrides(tmp_path):
     ({"SECKILL_LOG_JSON": "maybe"}, "SECKILL_LOG_JSON: expected true or false"),
     ({"SECKILL_AMQP_URL": "http://u:pw@h/"}, "amqp_url: expected a URL starting with amqp://"),
     ({"SECKILL_RD_FAILURE_RATE": "2"}, "rd_failure_rate: expected 0..1"),
+    ({"SECKILL_GATE_WAIT_REPLICAS": "1", "SECKILL_GATE_WAIT_MS": "60000"},
+     "gate_wait_ms: 60000 ms would outlast the Redis socket timeout"),
+    ({"SECKILL_GATE_WAIT_MS": "0"}, "gate_wait_ms: expected a positive integer"),
 ])
 def test_bad_values_name_the_setting(env, message):
     with pytest.raises(ConfigError) as err:
