@@ -12,9 +12,10 @@ import time
 import httpx
 import pytest
 from gate.test_bff import Bff
+from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 
-from engine.errors import ConfigError
+from engine.errors import ConfigError, ServiceUnavailable
 from engine.gate.client import Gate, check_replication
 from engine.gate.durable import WaitFor
 from engine.keys import Keys
@@ -119,3 +120,38 @@ async def test_single_redis_without_replicas_answers_unreplicated(settings, prod
         assert (await gate.buy(product_id, 1)).outcome == "duplicate"
     finally:
         await redis.aclose()
+
+
+async def test_purchases_follow_a_slot_moving_to_another_master(
+        redis_cluster, cluster_redis, keys, product_id):
+    """Mid-migration the old master answers ASK (the keys are gone from it) and the new
+    one, after ASKING, TRYAGAIN (the attempt's rate-limiter keys exist nowhere yet): the
+    attempt is sent again a few times, then fails as a 503 would, in well under a second.
+    Once the slot has moved the old master answers MOVED: the attempt goes to the new
+    master and WAIT follows it there (its replica acknowledges: accepted)."""
+    gate = Gate(cluster_redis, keys, coalesce=True, wait=WaitFor(1, 2000))
+    await gate.open_sale(product_id, 10)
+    assert (await gate.buy(product_id, 1)).outcome == "accepted"  # the slot map cached
+    slot = cluster_redis.keyslot(keys.stream(product_id))
+    source = redis_cluster.master_of_slot(slot)
+    target = next(n for n in redis_cluster.serving() if n is not source)
+    src, dst = (SyncRedis(port=n.port, socket_timeout=5) for n in (source, target))
+    try:
+        dst.execute_command("CLUSTER SETSLOT", slot, "IMPORTING", redis_cluster.node_id(source))
+        src.execute_command("CLUSTER SETSLOT", slot, "MIGRATING", redis_cluster.node_id(target))
+        while moving := src.execute_command("CLUSTER GETKEYSINSLOT", slot, 100):
+            src.execute_command("MIGRATE", "127.0.0.1", target.port, "", 0, 5000,
+                                "KEYS", *moving)
+        with pytest.raises(ServiceUnavailable, match="TRYAGAIN|ASK|[0-9]+ 127"):
+            await gate.buy(product_id, 2)
+        for node in redis_cluster.serving():
+            SyncRedis(port=node.port, socket_timeout=5).execute_command(
+                "CLUSTER SETSLOT", slot, "NODE", redis_cluster.node_id(target))
+        moved = await gate.buy(product_id, 2)  # MOVED: the cached map still names the source
+    finally:
+        src.close()
+        dst.close()
+    assert moved.outcome == "accepted"
+    assert redis_cluster.master_of_slot(slot) is target
+    assert (await gate.buy(product_id, 2)).outcome == "duplicate"
+    assert (await gate.sale_state(product_id)).buyers == 2
