@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import json
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -73,18 +74,30 @@ async def preload(settings: Settings, pids: list[int], per_sale: int) -> None:
         await conn.close()
 
 
+def profile_workers(engine: Engine, out: Path) -> subprocess.Popen[bytes]:
+    """py-spy sampling the workers (collapsed stacks) until stopped: where their CPU goes."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen([str(Path(sys.executable).with_name("py-spy")), "record",
+                             "--subprocesses", "--format", "raw", "--rate", "200",
+                             "--pid", str(engine.proc.pid), "-o", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 async def run_once(settings: Settings, pids: list[int], total: int,
-                   timeout: float) -> dict[str, Any]:
+                   timeout: float, profile: Path | None = None) -> dict[str, Any]:
     redis = await connect_redis(settings)
     keys = Keys(settings.key_prefix)
     engine = Engine(settings, WORKERS)
+    spy = None
     try:
         deadline = time.monotonic() + timeout
         while (await group_counts(redis, keys, pids))[0] == 0:
             if time.monotonic() > deadline or engine.proc.poll() is not None:
                 return {"failed": "the engine never read"}
             await asyncio.sleep(0.005)
-        t0, cpu0 = time.perf_counter(), engine.cpu()
+        if profile is not None:
+            spy = profile_workers(engine, profile)
+        t0, cpu0, workers = time.perf_counter(), engine.cpu(), engine.worker_pids()
         done = 0
         while done < total:
             if time.monotonic() > deadline or engine.proc.poll() is not None:
@@ -92,7 +105,14 @@ async def run_once(settings: Settings, pids: list[int], total: int,
             await asyncio.sleep(0.1)
             done = (await group_counts(redis, keys, pids))[1]
         seconds, cpu = time.perf_counter() - t0, engine.cpu() - cpu0
+        if engine.worker_pids() != workers:
+            # a respawned worker's CPU is lost with the dead one: the figure would flatter
+            return {"failed": f"a worker died during the run (workers {workers}, then "
+                              f"{engine.worker_pids()})"}
     finally:
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)
+            spy.wait(30)
         engine.stop()
         await redis.aclose()
     conn = await asyncpg.connect(settings.pg_dsn, timeout=10)
@@ -106,7 +126,7 @@ async def run_once(settings: Settings, pids: list[int], total: int,
 
 
 async def phase(base: Settings, redis_url: str, name: str, sales: int,
-                per_sale: int) -> dict[str, Any]:
+                per_sale: int, profile: Path | None = None) -> dict[str, Any]:
     """One drain with its own database, vhost and key prefix; both removed afterwards."""
     tag = f"{name}_{uuid.uuid4().hex[:6]}"
     dsn = _with_path(base.pg_dsn, f"/seckill_bench_{tag}")
@@ -126,7 +146,7 @@ async def phase(base: Settings, redis_url: str, name: str, sales: int,
         print(f"{name}: preloading {sales * per_sale:,} orders in {sales} sales", flush=True)
         await preload(settings, pids, per_sale)
         result = await run_once(settings, pids, sales * per_sale,
-                                timeout=120 + sales * per_sale / 500)
+                                timeout=120 + sales * per_sale / 500, profile=profile)
         print(f"{name}: {json.dumps(result)}", flush=True)
         return result
     finally:
