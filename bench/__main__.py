@@ -24,7 +24,9 @@ from typing import Any
 
 import orjson
 
-from . import bff, ceilings, latency, naive
+from engine.admin.localclusters import LocalRedisCluster
+
+from . import bff, ceilings, cluster, latency, naive
 from .enginerun import drain, free_port
 from .env import VHOST, bench_settings, machine, preload, prepare, reset
 from .report import markdown, plots, targets
@@ -50,6 +52,7 @@ SIZES = {  # quick, full, long
     # buys 8 products with each warm token (bench/bff.py), the cold one 1 per token
     "bff_tokens": (10_000, 20_000, 20_000),
     "bff_cold_tokens": (12_000, 20_000, 20_000),
+    "cluster": (10_000, 60_000, 60_000),  # per run of each cluster phase (bench/cluster.py)
 }
 ROUNDS = (1, 3, 3)  # quick, full, long; a quick run is never judged
 MODES = ("quick", "full", "long")
@@ -83,6 +86,7 @@ class Suite:
         self.settings = bench_settings()
         self.results: dict[str, Any] = {}
         self.pid = [990_000_010]
+        self.cluster: LocalRedisCluster | None = None
         self.tmp = tempfile.TemporaryDirectory(prefix="seckill-bench-")
         self._http: bff.HttpBench | None = None
 
@@ -170,6 +174,8 @@ class Suite:
         await self.phase("bff", f"{tag} HTTP gate (JWT on) vs its floor and the gate called "
                          "directly, 64 connections", bff_run)
 
+        await self.cluster_phases(tag)
+
         if n := self.n("soak"):
             await self.phase("soak", f"{tag} soak: {n:,} orders through 2 workers",
                              lambda: self.drained(self.pid, n, 2, "soak acked"))
@@ -183,6 +189,20 @@ class Suite:
                                        cold_tokens=self.n("bff_cold_tokens"))
         return self._http
 
+    async def cluster_phases(self, tag: str) -> None:
+        """The engine on a local 3-master Redis Cluster (with replicas; started once per
+        suite): 100 sales against the single Redis, and 1 sale against 1,000 sales."""
+        if self.cluster is None:
+            self.cluster = LocalRedisCluster().start()
+        s, n, url = self.settings, self.n("cluster"), self.cluster.url
+        for key, redis_url, sales in (("cluster_single_100", s.redis_url, 100),
+                                      ("cluster_100", url, 100), ("cluster_scale_1", url, 1),
+                                      ("cluster_scale_1000", url, 1000)):
+            where = "Redis Cluster" if redis_url == url else "single Redis"
+            await self.phase(key, f"{tag} {where}: {n:,} orders over {sales} sales, 2 workers",
+                             lambda u=redis_url, k=sales, key=key: cluster.suite_run(
+                                 s, u, k, n // k, key))
+
     def _capacity(self) -> float:
         """This round's 2-worker throughput, or the last one measured if it failed."""
         for run in reversed(self.results.get("engine_2w", {}).get("runs", [])):
@@ -193,8 +213,12 @@ class Suite:
 
 async def run_suite(size: int, rounds: int) -> dict[str, Any]:
     suite = Suite(size)
-    for number in range(rounds):
-        await suite.round(number, rounds)
+    try:
+        for number in range(rounds):
+            await suite.round(number, rounds)
+    finally:
+        if suite.cluster is not None:
+            suite.cluster.destroy()
     await reset(suite.settings, [])
     suite.tmp.cleanup()
     return suite.results

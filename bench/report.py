@@ -93,12 +93,33 @@ def targets(doc: dict[str, Any]) -> list[dict[str, Any]]:
         rows.append(("HTTP gate p99 at 64 connections, ms",
                      [run["bff"]["p99_ms"] for run in runs_of(r, "bff") if not run.get("failed")],
                      "<=", 20.0, failures(r, "bff")))
+    rows += cluster_targets(r)
     if "soak" in r:
         growth = [run["rss_end_mb"] / run["rss_start_mb"] - 1 for run in runs_of(r, "soak")
                   if not run.get("failed") and run.get("rss_start_mb")]
         rows.append(("RSS growth over the soak", growth, "<=", 0.05, failures(r, "soak")))
     return [{"target": name, **judge(values, op, bound, judged=judged, problems=problems)}
             for name, values, op, bound, problems in rows]
+
+
+def cluster_targets(r: dict[str, Any]) -> list[tuple[str, list[float], str, float, list[str]]]:
+    """The Redis Cluster phases (bench/cluster.py), when they ran: the cluster's worker
+    CPU per order against the single Redis's with 100 sales, and the cost target of
+    1,000 sales against 1 sale, on the cluster."""
+    if "cluster_100" not in r and "cluster_scale_1000" not in r:
+        return []
+
+    def problems(*keys: str) -> list[str]:
+        return failures(r, *keys) + [p for k in keys for p in tick_problems(r, k, ("workers",))]
+    cpu = "cpu_us_per_order"
+    return [
+        ("Redis Cluster / single Redis, worker CPU per order (100 sales)",
+         paired(field(r, "cluster_100", cpu), field(r, "cluster_single_100", cpu)), "<=", 1.5,
+         problems("cluster_100", "cluster_single_100")),
+        ("Redis Cluster: CPU per order, 1000 sales / 1 sale",
+         paired(field(r, "cluster_scale_1000", cpu), field(r, "cluster_scale_1", cpu)), "<=",
+         1.5, problems("cluster_scale_1", "cluster_scale_1000")),
+    ]
 
 
 def _present(values: list[float | None]) -> list[float]:
@@ -144,6 +165,10 @@ LABELS = [
     ("scale_100", "scale: 100 open sales, 2 workers"),
     ("scale_1000", "scale: 1,000 open sales, 2 workers"),
     ("soak", "soak, 2 workers"),
+    ("cluster_single_100", "single Redis (cluster phase): 100 sales, 2 workers"),
+    ("cluster_100", "Redis Cluster, 3 masters: 100 sales, 2 workers"),
+    ("cluster_scale_1", "Redis Cluster: 1 sale, 2 workers"),
+    ("cluster_scale_1000", "Redis Cluster: 1,000 sales, 2 workers"),
 ]
 GROUPS = ("workers", *SERVICES)
 
@@ -174,7 +199,7 @@ def markdown(doc: dict[str, Any]) -> str:
         orders = _median(runs, "processed") or _median(runs, "orders") or 0
         cpu = _spread_cell(field(r, key, "cpu_us_per_order"), ".1f")
         ticks = _median(runs, "ticks", "workers") if "engine" in key or "scale" in key \
-            or key == "soak" else None
+            or key == "soak" or key.startswith("cluster") else None
         rss = _median(runs, "peak_rss_mb")
         dead = _median(runs, "dead_letters")
         lines.append(f"| {label} | {len(runs)} | {orders:,.0f} | "
@@ -197,6 +222,7 @@ def markdown(doc: dict[str, Any]) -> str:
             lines.append(f"| {kind} durable queue | {q[0][kind]['per_second']:,.0f} |")
     lines += _latency_tables(r)
     lines += _bff_table(r)
+    lines += _cluster_table(r)
     lines += ["", "A target is met only when every run is on the right side of its bound.", "",
               "| target | median | spread (min-max) | runs | bound | met |",
               "|---|---:|---:|---:|---:|---|"]
@@ -302,6 +328,19 @@ def _latency_tables(r: dict[str, Any]) -> list[str]:
                 cells.append("" if p50 is None or p99 is None else f"{p50:.1f} / {p99:.1f}")
             batches = _median(runs, "stages", "log", "batches") or 0
             lines.append(f"| {key[-2:]}% of capacity | {batches:,.0f} | {' | '.join(cells)} |")
+    return lines
+
+
+def _cluster_table(r: dict[str, Any]) -> list[str]:
+    """Redis Cluster against the single Redis, 100 sales, paired by round."""
+    if "cluster_100" not in r:
+        return []
+    rows = [("orders/s", "per_second"), ("worker CPU us per order", "cpu_us_per_order")]
+    lines = ["", "| Redis Cluster / single Redis, 100 sales, same round (median (min-max)) "
+             "| ratio |", "|---|---:|"]
+    for label, name in rows:
+        ratios = paired(field(r, "cluster_100", name), field(r, "cluster_single_100", name))
+        lines.append(f"| {label} | {_spread_cell(list(ratios), '.2f')} |")
     return lines
 
 
