@@ -47,10 +47,12 @@ def say(text: str) -> None:
 def header(settings_note: str) -> list[str]:
     return [
         "Each fault runs against a live sale sold through the gate's Lua script (the"
-        " `Gate` client the BFF uses), with `seckill run` (2 workers, status loop) and"
-        " `seckill resource-domain` running; counted by bench/chaos/checker.py from the"
-        " accepted replies, `seckill_logs`, a tap queue on the exchange and the Resource"
-        " Domain's table.",
+        " `Gate` client the BFF uses; in the rows with a bff_5xx count, over HTTP through"
+        " the real `seckill bff` with JWT auth on), with `seckill run` (2 workers, status"
+        " loop) and `seckill resource-domain` running; counted by bench/chaos/checker.py"
+        " from the accepted replies, `seckill_logs`, a tap queue on the exchange, the"
+        " Resource Domain's table and, behind the BFF, the order stream and the BFF's"
+        " answers.",
         "",
         f"Outages last as the issue asks: RabbitMQ stopped {OUTAGE_S:.0f} s, a memory alarm"
         f" {OUTAGE_S:.0f} s, and per dependency a blackhole, +{LATENCY_S * 1000:.0f} ms each"
