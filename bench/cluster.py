@@ -9,7 +9,10 @@ the rows written; then the cluster/single ratios. Written to
 bench/results/cluster-<time>.json and printed.
 
 Wall times on a shared machine vary with whatever else runs; the CPU per order is the
-steadier figure. Not yet a phase of `make bench` (bench/__main__.py).
+steadier figure. `make bench` runs the same drains as phases of every round
+(`suite_run`: the suite's database and vhost, a key prefix per run), judged in
+bench/report.py. `profile=` on run_once samples the workers with py-spy (collapsed
+stacks), as was done to find where the cluster's CPU went (docs/performance.md).
 """
 
 from __future__ import annotations
