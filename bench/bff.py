@@ -31,7 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -311,12 +311,33 @@ async def load_window(proc: subprocess.Popen, port: int, seconds: float, connect
 
 
 async def load_server(proc: subprocess.Popen, port: int, log_name: str, seconds: float,
-                      connections: int, load: Load, warmup: Load) -> dict[str, Any]:
+                      connections: int, load: Load, warmup: Load,
+                      profile: Path | None = None) -> dict[str, Any]:
     """Load an HTTP server we started after a 1 s warm-up load (`warmup`: its own
-    buyers) in which each of its workers opens its connections."""
+    buyers) in which each of its workers opens its connections; with `profile`, py-spy
+    samples its workers over the window."""
     await wait_listening(port, proc, log_name)
     await load_window(proc, port, 1.0, connections, warmup)
-    return await load_window(proc, port, seconds, connections, load)
+    spies = spy_on(children(proc.pid), seconds, profile)
+    try:
+        return await load_window(proc, port, seconds, connections, load)
+    finally:
+        for spy in spies:
+            spy.wait(30)
+
+
+def spy_on(workers: list[int], seconds: float, profile: Path | None
+           ) -> list[subprocess.Popen[bytes]]:
+    """py-spy on each worker for about `seconds` (with native frames: Granian's and
+    uvloop's), collapsed stacks in `profile`-<pid>.txt; none without `profile`."""
+    if profile is None:
+        return []
+    spy = str(Path(sys.executable).with_name("py-spy"))
+    return [subprocess.Popen([spy, "record", "--native", "--format", "raw", "--rate", "250",
+                              "--duration", str(max(1, round(seconds) - 1)), "--pid", str(pid),
+                              "-o", f"{profile}-{pid}.txt"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            for pid in workers]
 
 
 class HttpBench:
@@ -342,8 +363,11 @@ class HttpBench:
         from .floor import measure_floor
 
         gate = await direct(self.settings, seconds, connections, processes=self.workers)
-        floor = await measure_floor(seconds=seconds, connections=connections,
-                                    workers=self.workers, load=self.window, warmup=self.warmup)
+        floor = await measure_floor(
+            seconds=seconds, connections=connections, workers=self.workers, load=self.window,
+            warmup=self.warmup,
+            profile=None if self.profile is None else self.profile.with_name(
+                self.profile.name + "-floor"))
         bff = await self.bff(seconds, cold_seconds, connections)
         out = {"connections": connections, "bff_workers": self.workers, "gate_direct": gate,
                "floor": floor, **bff, "client": bff["bff"]["client"],
@@ -369,7 +393,7 @@ class HttpBench:
             warm_s = time.perf_counter() - t0
             await load_window(proc, port, 1.0, connections, self.warmup)
             before = await verifications(admin)
-            spies = self._spy(children(proc.pid), seconds)
+            spies = spy_on(children(proc.pid), seconds, self.profile)
             hot = await load_window(proc, port, seconds, connections, self.window)
             for spy in spies:
                 spy.wait(30)
@@ -385,17 +409,48 @@ class HttpBench:
                 "warm_up": {"requests": sent, "seconds": warm_s}}
 
 
-    def _spy(self, workers: list[int], seconds: float) -> list[subprocess.Popen[bytes]]:
-        """py-spy on each worker over the window (with native frames: Granian's and
-        uvloop's), collapsed stacks in `profile`-<pid>.txt."""
-        if self.profile is None:
-            return []
-        spy = str(Path(sys.executable).with_name("py-spy"))
-        return [subprocess.Popen([spy, "record", "--native", "--format", "raw", "--rate", "250",
-                                  "--duration", str(max(1, round(seconds) - 1)), "--pid", str(pid),
-                                  "-o", f"{self.profile}-{pid}.txt"],
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                for pid in workers]
+
+# Where a worker's samples went: the first rule a stack matches (py-spy --native's
+# collapsed stacks, "frame;frame;... count", outermost first, the leaf last).
+def _has(*marks: str) -> Callable[[str, str], bool]:
+    return lambda stack, leaf: any(mark in stack for mark in marks)
+
+
+def _native_call_from_handler(stack: str, leaf: str) -> bool:
+    return "BffApp." in stack and ".py:" not in leaf
+
+
+PROFILE_RULES: tuple[tuple[str, Callable[[str, str], bool]], ...] = (
+    ("metrics (engine/metrics, prometheus_client)", _has("metrics/bff.py",
+                                                         "prometheus_client")),
+    ("token check (a cache hit)", _has("Verifier.caller")),
+    ("gate call: redis-py pipeline, packing and reply parsing", _has("_Script._flush",
+                                                                      "redis/")),
+    ("gate call: Gate.buy, keys and arguments", _has("Gate.buy", "_Script.")),
+    ("handler's calls into Granian (reading the body, answering)",
+     _native_call_from_handler),
+    ("BFF's own Python: routing, body, validation, answer", _has("BffApp.")),
+    ("the worker's event loop: epoll, callbacks, wake-ups", _has("run_forever")),
+    ("Granian's runtime thread: spinning, futex, GIL hand-offs", _has("")),
+)
+
+
+def profile_summary(paths: list[Path]) -> list[tuple[str, float]]:
+    """Share of the samples in each PROFILE_RULES category, over all `paths`."""
+    counts = dict.fromkeys((name for name, _ in PROFILE_RULES), 0)
+    total = 0
+    for path in paths:
+        for line in path.read_text().splitlines():
+            stack, _, n = line.rpartition(" ")
+            if not n.isdigit():
+                continue
+            total += int(n)
+            leaf = stack.rsplit(";", 1)[-1]
+            for name, matches in PROFILE_RULES:
+                if matches(stack, leaf):
+                    counts[name] += int(n)
+                    break
+    return [(name, count / max(1, total)) for name, count in counts.items()]
 
 
 def cpu_ratio(run: dict[str, Any]) -> float:
@@ -466,6 +521,12 @@ def main(argv: list[str] | None = None) -> int:
     for run in asyncio.run(rounds()):
         print(orjson.dumps(run, option=orjson.OPT_INDENT_2).decode())
         print(headline(run))
+    if args.profile is not None:
+        for who, pattern in (("BFF", "-[0-9]*.txt"), ("floor", "-floor-*.txt")):
+            spied = sorted(args.profile.parent.glob(args.profile.name + pattern))
+            print(f"profile of the {who}'s workers in the window ({len(spied)} files):")
+            for name, share in profile_summary(spied):
+                print(f"  {share:6.1%}  {name}")
     return 0
 
 

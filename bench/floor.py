@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -63,21 +64,23 @@ rsgi_app = RsgiApp()
 
 
 def serve(port: int, workers: int, interface: str = "asgi") -> None:
-    """Granian as `seckill bff` runs it: ASGI, uvloop, the same backlog and log level."""
+    """Granian as `seckill bff` runs it (engine.gate.app.granian_options: uvloop, its HTTP
+    mode and limits, backlog and log level), with the ASGI floor app."""
     from granian import Granian
-    from granian.constants import Interfaces, Loops
-    from granian.log import LogLevels
+    from granian.constants import Interfaces
+
+    from engine.config import load_settings
+    from engine.gate.app import granian_options
 
     target = "bench.floor:app" if interface == "asgi" else "bench.floor:rsgi_app"
-    Granian(target, interface=Interfaces(interface), loop=Loops.uvloop,
-            address="127.0.0.1", port=port, workers=workers, log_level=LogLevels.warning,
-            backlog=2048).serve()
+    Granian(target, interface=Interfaces(interface), address="127.0.0.1", port=port,
+            workers=workers, **granian_options(load_settings())).serve()
 
 
 async def measure_floor(*, seconds: float = 10, connections: int = 64,
                         workers: int | None = None, load: Load | None = None,
-                        warmup: Load | None = None, interface: str = "asgi"
-                        ) -> dict[str, Any]:
+                        warmup: Load | None = None, interface: str = "asgi",
+                        profile: Path | None = None) -> dict[str, Any]:
     """Requests/s, p50/p99 and server CPU per request of the floor, under `load` (the
     BFF's own requests when the suite measures both; anonymous purchases by default)."""
     workers = workers or os.cpu_count() or 1
@@ -89,7 +92,8 @@ async def measure_floor(*, seconds: float = 10, connections: int = 64,
                              "--workers", str(workers), "--interface", interface],
                             stdout=log, stderr=subprocess.STDOUT)
     try:
-        result = await load_server(proc, port, log.name, seconds, connections, load, warmup)
+        result = await load_server(proc, port, log.name, seconds, connections, load, warmup,
+                                   profile)
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)

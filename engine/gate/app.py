@@ -157,7 +157,14 @@ class BffApp:
                 # the body is read before a request counts as in flight: a client still
                 # sending it holds no slot, and is cut off at bff_body_timeout
                 body = await self._read_body(request)
-                return endpoint, *await self._guarded(self.buy(pid, caller, body, request))
+                cap = self.settings.bff_max_inflight
+                if cap and self.inflight >= cap:
+                    raise HttpError(429, "too many requests in flight, try again")
+                self.inflight += 1
+                try:
+                    return endpoint, *await self.buy(pid, caller, body, request)
+                finally:
+                    self.inflight -= 1
             if kind == "order":
                 _allow(method, "GET")
                 caller = await self._caller(request)
@@ -197,18 +204,6 @@ class BffApp:
             return None
         return await self.verifier.caller(request.header("authorization"))
 
-    async def _guarded(self, work: Awaitable[tuple[int, bytes, Headers]]
-                       ) -> tuple[int, bytes, Headers]:
-        cap = self.settings.bff_max_inflight
-        if cap and self.inflight >= cap:
-            work.close()  # type: ignore[attr-defined]
-            raise HttpError(429, "too many requests in flight, try again")
-        self.inflight += 1
-        try:
-            return await work
-        finally:
-            self.inflight -= 1
-
     async def _read_body(self, request: Request) -> bytes:
         """The whole request body, within bff_body_timeout (408 past it) and MAX_BODY."""
         try:
@@ -224,10 +219,11 @@ class BffApp:
             raise Forbidden(f"user_id {body_uid} is not the token's user")
         user_id = caller if caller is not None else body_uid
         assert user_id is not None
-        if self.sold_out.get(pid, 0.0) > time.monotonic():
+        if self.sold_out and self.sold_out.get(pid, 0.0) > time.monotonic():
             return 410, b'{"status":"sold_out"}', []
         ip = self.client_ip.of(request.peer(), request.header("x-forwarded-for"))
-        result = await (await self._gate()).buy(pid, user_id, ip=ip)
+        gate = self.gate if self.gate is not None else await self._gate()
+        result = await gate.buy(pid, user_id, ip=ip)
         outcome = result.outcome
         if outcome == "sold_out":
             self.sold_out[pid] = time.monotonic() + self.settings.bff_soldout_recheck
@@ -412,20 +408,28 @@ def serve(settings: Settings, *, config: str | None = None, host: str | None = N
         log.warning(NO_AUTH_WARNING, extra={"event": "bff_no_auth"})
     ensure_replication(settings)  # gate_min_replicas: refuse to start without them
     from granian import Granian
-    from granian.constants import Interfaces, Loops
-    from granian.http import HTTP1Settings
-    from granian.log import LogLevels
+    from granian.constants import Interfaces
 
     from engine.gate.admin import start_admin
 
     start_admin(settings)
+    Granian("engine.gate.app:create_app", factory=True,
+            interface=Interfaces(settings.bff_interface),
+            address=host or settings.bff_host, port=port or settings.bff_port,
+            workers=workers or settings.bff_workers or os.cpu_count() or 1,
+            **granian_options(settings)).serve()
+    return 0
+
+
+def granian_options(settings: Settings) -> dict[str, Any]:
+    """How Granian serves the BFF, bar the interface; bench/floor.py serves its floor
+    with the same: uvloop, the header, keep-alive and buffer limits, the backlog."""
+    from granian.constants import Loops
+    from granian.http import HTTP1Settings
+    from granian.log import LogLevels
+
     http1 = HTTP1Settings(header_read_timeout=round(settings.bff_header_timeout * 1000),
                           keep_alive=settings.bff_keep_alive,
                           max_buffer_size=settings.bff_max_buffer)
-    Granian("engine.gate.app:create_app", factory=True,
-            interface=Interfaces(settings.bff_interface),
-            loop=Loops.uvloop, http1_settings=http1,
-            address=host or settings.bff_host, port=port or settings.bff_port,
-            workers=workers or settings.bff_workers or os.cpu_count() or 1,
-            log_level=LogLevels.warning, backlog=2048).serve()
-    return 0
+    return {"loop": Loops.uvloop, "http1_settings": http1, "log_level": LogLevels.warning,
+            "backlog": 2048}

@@ -78,9 +78,9 @@ class RsgiRequest:
         return None if value is None else str(value)
 
     def peer(self) -> str | None:
-        client = str(self.scope.client or "")  # "host:port", "[v6]:port" or empty
-        host = client.rsplit(":", 1)[0] if ":" in client else client
-        return host.strip("[]") or None
+        client = self.scope.client or ""  # "host:port", "[v6]:port" or empty
+        host, colon, _ = client.rpartition(":")
+        return (host if colon else client).strip("[]") or None
 
     async def read(self, limit: int) -> bytes:
         body = bytes(await self.protocol())  # Granian bounds it by bff_max_buffer
@@ -108,13 +108,19 @@ class BodyDeadlines:
         self.reading: dict[asyncio.Task[Any], float] = {}
         self.expired: set[asyncio.Task[Any]] = set()
         self.timer: asyncio.TimerHandle | None = None
+        # the worker's one loop: current_task(loop) skips the running-loop lookup, which
+        # on Python 3.11 makes a getpid() system call each time
+        self.loop: asyncio.AbstractEventLoop | None = None
 
     async def read(self, request: Request, limit: int) -> bytes:
-        task = asyncio.current_task()
+        loop = self.loop
+        if loop is None:
+            loop = self.loop = asyncio.get_running_loop()
+        task = asyncio.current_task(loop)
         assert task is not None
         self.reading[task] = time.monotonic() + self.seconds
         if self.timer is None:
-            self.timer = asyncio.get_running_loop().call_later(self.tick, self._sweep)
+            self.timer = loop.call_later(self.tick, self._sweep)
         try:
             return await request.read(limit)
         except asyncio.CancelledError:
@@ -134,5 +140,5 @@ class BodyDeadlines:
             del self.reading[task]
             self.expired.add(task)
             task.cancel()
-        self.timer = (asyncio.get_running_loop().call_later(self.tick, self._sweep)
-                      if self.reading else None)
+        self.timer = self.loop.call_later(self.tick, self._sweep) \
+            if self.reading and self.loop is not None else None
