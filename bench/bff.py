@@ -332,6 +332,12 @@ def spy_on(workers: list[int], seconds: float, profile: Path | None
     uvloop's), collapsed stacks in `profile`-<pid>.txt; none without `profile`."""
     if profile is None:
         return []
+    if profile.suffix == ".perf":  # perf: every thread, by library, barely slowed down
+        return [subprocess.Popen(["perf", "record", "-F", "999", "-g", "-o",
+                                  f"{profile}-{workers[0]}.data", "-p",
+                                  ",".join(map(str, workers)), "--", "sleep",
+                                  str(max(1, round(seconds) - 1))],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
     spy = str(Path(sys.executable).with_name("py-spy"))
     return [subprocess.Popen([spy, "record", "--native", "--format", "raw", "--rate", "250",
                               "--duration", str(max(1, round(seconds) - 1)), "--pid", str(pid),
@@ -367,7 +373,7 @@ class HttpBench:
             seconds=seconds, connections=connections, workers=self.workers, load=self.window,
             warmup=self.warmup,
             profile=None if self.profile is None else self.profile.with_name(
-                self.profile.name + "-floor"))
+                self.profile.stem + "-floor" + self.profile.suffix))
         bff = await self.bff(seconds, cold_seconds, connections)
         out = {"connections": connections, "bff_workers": self.workers, "gate_direct": gate,
                "floor": floor, **bff, "client": bff["bff"]["client"],
@@ -502,7 +508,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cold-tokens", type=int, default=20_000)
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--profile", type=Path, default=None, metavar="PREFIX",
-                   help="py-spy the BFF's workers in the warm window: PREFIX-<pid>.txt")
+                   help="py-spy the BFF's and the floor's workers in the window: "
+                        "PREFIX-<pid>.txt; a PREFIX ending in .perf: perf record, "
+                        "PREFIX-<pid>.data")
     args = p.parse_args(argv)
     settings = bench_settings()
     prepare(settings)
@@ -521,9 +529,10 @@ def main(argv: list[str] | None = None) -> int:
     for run in asyncio.run(rounds()):
         print(orjson.dumps(run, option=orjson.OPT_INDENT_2).decode())
         print(headline(run))
-    if args.profile is not None:
-        for who, pattern in (("BFF", "-[0-9]*.txt"), ("floor", "-floor-*.txt")):
-            spied = sorted(args.profile.parent.glob(args.profile.name + pattern))
+    if args.profile is not None and args.profile.suffix != ".perf":
+        for who, prefix in (("BFF", args.profile.name + "-[0-9]"),
+                            ("floor", args.profile.stem + "-floor" + args.profile.suffix + "-")):
+            spied = sorted(args.profile.parent.glob(prefix + "*.txt"))
             print(f"profile of the {who}'s workers in the window ({len(spied)} files):")
             for name, share in profile_summary(spied):
                 print(f"  {share:6.1%}  {name}")
