@@ -25,6 +25,23 @@ def _handler(openapi: bytes) -> type[BaseHTTPRequestHandler]:
 
     class Admin(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            self._get(body=True)
+
+        def do_HEAD(self) -> None:  # noqa: N802
+            self._get(body=False)
+
+        def _not_allowed(self) -> None:
+            """Every path here is read-only: 405 with its Allow header (a POST answered
+            200 would tell a client its write went through)."""
+            self.send_body = True
+            self._answer(405, orjson.dumps({"error": f"method {self.command} not allowed "
+                                            "here; use GET or HEAD"}),
+                         "application/json", [("allow", "GET, HEAD")])
+
+        do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed  # noqa: N815
+
+        def _get(self, *, body: bool) -> None:
+            self.send_body = body
             path = self.path.split("?", 1)[0]
             if path == "/metrics":
                 self._answer(200, bffmetrics.render(), bffmetrics.CONTENT_TYPE)
@@ -36,12 +53,18 @@ def _handler(openapi: bytes) -> type[BaseHTTPRequestHandler]:
                 self._answer(404, orjson.dumps({"error": f"no such path: {path}"}),
                              "application/json")
 
-        def _answer(self, status: int, body: bytes, ctype: str) -> None:
+        send_body = True
+
+        def _answer(self, status: int, body: bytes, ctype: str,
+                    headers: list[tuple[str, str]] | None = None) -> None:
             self.send_response(status)
             self.send_header("content-type", ctype)
             self.send_header("content-length", str(len(body)))
+            for name, value in headers or []:
+                self.send_header(name, value)
             self.end_headers()
-            self.wfile.write(body)
+            if self.send_body:
+                self.wfile.write(body)
 
         def log_message(self, *args: object) -> None:
             pass

@@ -151,7 +151,7 @@ class BffApp:
             if kind == "buy" and method == "GET":
                 return "sale", 200, await self.sale(ids[0]), SALE_PAGE
             if kind == "buy":
-                _allow(method, "POST")
+                _allow(method, "GET", "POST")
                 pid = validate_id("product_id", ids[0])
                 caller = await self._caller(request)
                 # the body is read before a request counts as in flight: a client still
@@ -176,6 +176,7 @@ class BffApp:
                     raise InvalidInput("bff_auth = 'none': no caller; use .../users/{user_id}")
                 return endpoint, *await self.order(ids[0], str(caller), caller), []
             if endpoint == "healthz":
+                _allow(method, "GET", "HEAD")
                 return endpoint, 200, self._health(), []
             raise HttpError(404, f"no such path: {path}")
         except HttpError as exc:
@@ -349,9 +350,11 @@ def _iso(ms: int | None) -> str | None:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms // 1000)) + f".{ms % 1000:03d}Z"
 
 
-def _allow(method: str, allowed: str) -> None:
-    if method != allowed:
-        raise HttpError(405, f"method {method} not allowed here; use {allowed}")
+def _allow(method: str, *allowed: str) -> None:
+    """405 for a method the path does not take, with the Allow header RFC 9110 asks."""
+    if method not in allowed:
+        raise HttpError(405, f"method {method} not allowed here; use {' or '.join(allowed)}",
+                        [("allow", ", ".join(allowed))])
 
 
 def _error(exc: Exception) -> bytes:

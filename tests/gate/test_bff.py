@@ -96,6 +96,22 @@ async def test_other_4xx(bff):
         assert (await client.post("/api/v1/seckill/5/users/1")).status_code == 405
         assert (await client.get("/nope")).status_code == 404
         assert (await client.get("/api/v1/seckill/5/users/0")).status_code == 400
+        put = await client.put("/api/v1/seckill/5")
+        assert put.headers["allow"] == "GET, POST"
+
+
+async def test_healthz_takes_get_and_head_only_on_both_ports(bff):
+    """A write to /healthz is refused (405 with Allow), on the public and admin ports."""
+    async with httpx.AsyncClient() as client:
+        for url in (bff.url, bff.admin_url):
+            assert (await client.get(url + "/healthz")).json()["status"] == "ok"
+            head = await client.head(url + "/healthz")
+            assert head.status_code == 200 and head.content == b""
+            for method in ("POST", "PUT", "DELETE", "PATCH"):
+                r = await client.request(method, url + "/healthz", content=b"{}")
+                assert r.status_code == 405, (url, method, r.status_code)
+                assert r.headers["allow"] == "GET, HEAD"
+                assert "not allowed" in r.json()["error"]
 
 
 async def post_after_the_flag(client: httpx.AsyncClient, path: str, user: int,
