@@ -172,14 +172,19 @@ async def add_products(settings: Settings, pids: list[int]) -> None:
         await conn.close()
 
 
-async def log_rows(settings: Settings, pids: list[int]) -> list[asyncpg.Record]:
-    conn = await asyncpg.connect(settings.pg_dsn)
+async def pg_fetch(dsn: str, query: str, *args: Any) -> list[asyncpg.Record]:
+    """One query on a connection of its own (closed after it)."""
+    conn = await asyncpg.connect(dsn)
     try:
-        return await conn.fetch(
-            "SELECT product_id, user_id, instance_id, stream_id, sale_id, slot, status"
-            " FROM seckill_logs WHERE product_id = ANY($1::bigint[])", pids)
+        return await conn.fetch(query, *args)
     finally:
         await conn.close()
+
+
+async def log_rows(settings: Settings, pids: list[int]) -> list[asyncpg.Record]:
+    return await pg_fetch(
+        settings.pg_dsn, "SELECT product_id, user_id, instance_id, stream_id, sale_id, slot,"
+        " status FROM seckill_logs WHERE product_id = ANY($1::bigint[])", pids)
 
 
 async def pending_count(redis: Redis, keys: Keys, pids: list[int]) -> int:

@@ -23,6 +23,7 @@ from support import (
     add_products,
     engine_env,
     free_port,
+    pg_fetch,
     purge_queues,
     stop_process,
     wait_for,
@@ -93,23 +94,16 @@ async def publish_created(amqp_url: str, event: event_pb2.Event) -> None:
 
 
 async def statuses(settings, pid) -> dict[str, int]:
-    conn = await asyncpg.connect(settings.pg_dsn)
-    try:
-        rows = await conn.fetch("SELECT status, count(*) FROM seckill_logs WHERE product_id = $1"
-                                " GROUP BY status", pid)
-    finally:
-        await conn.close()
+    rows = await pg_fetch(settings.pg_dsn, "SELECT status, count(*) FROM seckill_logs"
+                          " WHERE product_id = $1 GROUP BY status", pid)
     return {r[0]: r[1] for r in rows}
 
 
 async def provisioned(settings, pid) -> list[asyncpg.Record]:
-    conn = await asyncpg.connect(settings.pg_dsn)
-    try:
-        return await conn.fetch(
-            "SELECT i.instance_id, i.attempts, i.status FROM resource_domain.instances i JOIN"
-            " seckill_logs l USING (instance_id) WHERE l.product_id = $1", pid)
-    finally:
-        await conn.close()
+    return await pg_fetch(
+        settings.pg_dsn, "SELECT i.instance_id, i.attempts, i.status FROM"
+        " resource_domain.instances i JOIN seckill_logs l USING (instance_id)"
+        " WHERE l.product_id = $1", pid)
 
 
 async def buy_all(gate: Gate, pid: int, users: range) -> int:

@@ -10,7 +10,7 @@ import asyncpg
 import httpx
 import pytest
 from redis.asyncio import Redis
-from support import SECKILL, engine_env, free_port, stop_process
+from support import SECKILL, engine_env, free_port, pg_fetch, stop_process
 
 from engine.gate.client import Gate
 from engine.keys import Keys
@@ -284,12 +284,8 @@ async def test_a_burst_of_first_order_lookups_opens_one_pool(settings, gate, pro
                                      limits=httpx.Limits(max_connections=100)) as client:
             answers = await asyncio.gather(*(
                 client.get(f"/api/v1/seckill/{product_id}/users/{uid}") for uid in range(1, 81)))
-        pg = await asyncpg.connect(settings.pg_dsn)
-        try:
-            opened = await pg.fetchval("SELECT count(*) FROM pg_stat_activity "
-                                       "WHERE application_name = $1", name)
-        finally:
-            await pg.close()
+        [(opened,)] = await pg_fetch(settings.pg_dsn, "SELECT count(*) FROM pg_stat_activity"
+                                     " WHERE application_name = $1", name)
     finally:
         server.stop()
     assert {a.status_code for a in answers} == {404}
