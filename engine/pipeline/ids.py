@@ -129,11 +129,17 @@ class Snowflake:
 
 # compare-and-PEXPIRE / compare-and-DEL: only the owner may touch its lease
 RENEW = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
+local holder = redis.call('GET', KEYS[1])
+if holder == ARGV[1] then
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+elseif not holder then
+  return -1
 end
 return 0
 """
+# why renewing failed, by RENEW's answer: a lease that is gone is not one somebody took
+LOST_WHY = {-1: "lease key gone (expired, or Redis lost its state)",
+            0: "lease taken by someone else"}
 RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('DEL', KEYS[1])
@@ -170,6 +176,7 @@ class NodeLease:
         self._clock = clock
         self._valid_until = 0.0
         self._lost = False
+        self.lost_why = "lease released"
 
     @property
     def key(self) -> str:
@@ -196,9 +203,10 @@ class NodeLease:
 
     async def renew(self) -> bool:
         sent = self._clock()
-        ok = await self.redis.eval(RENEW, 1, self.key, self.owner, self.ttl_ms)
-        if int(ok) != 1:
+        ok = int(await self.redis.eval(RENEW, 1, self.key, self.owner, self.ttl_ms))
+        if ok != 1:
             self._lost = True
+            self.lost_why = LOST_WHY.get(ok, LOST_WHY[0])
             return False
         self._valid_until = sent + self.ttl_ms / 1000 - self.margin
         return True
@@ -216,7 +224,7 @@ class NodeLease:
 
     def check(self) -> None:
         if self._lost:
-            raise LeaseLost(f"node {self.node_id}: lease taken by someone else or released")
+            raise LeaseLost(f"node {self.node_id}: {self.lost_why}")
         if self._clock() >= self._valid_until:
             raise LeaseLost(f"node {self.node_id}: lease not renewed in time")
 
@@ -227,7 +235,7 @@ class NodeLease:
             await asyncio.sleep(interval)
             try:
                 if not await self.renew():
-                    raise LeaseLost(f"node {self.node_id}: lease taken by someone else")
+                    raise LeaseLost(f"node {self.node_id}: {self.lost_why}")
             except (RedisError, RedisClusterException) as exc:
                 # check() starts failing by itself once the lease could have expired
                 log.warning("renewing node %d failed: %s", self.node_id, exc)

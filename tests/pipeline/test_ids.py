@@ -189,6 +189,20 @@ async def test_renew_after_the_key_was_stolen(settings, redis):
         await asyncio.wait_for(lease.keep_alive(interval=0.01), 5)
 
 
+async def test_renew_after_the_key_vanished_says_so(settings, redis):
+    # Redis lost its state (or the key expired): nobody took it, and the error says that
+    keys = Keys(settings.key_prefix)
+    lease = NodeLease(redis, keys, owner="me", ttl_ms=10_000)
+    node = await lease.acquire()
+    await redis.delete(keys.node(node))
+    assert not await lease.renew()
+    with pytest.raises(LeaseLost, match="lease key gone") as lost:
+        lease.check()
+    assert "someone else" not in str(lost.value)
+    with pytest.raises(LeaseLost, match="lease key gone"):
+        await asyncio.wait_for(lease.keep_alive(interval=0.01), 5)
+
+
 async def _leased(redis, settings, clock: FakeClock, **kw) -> Snowflake:
     """A generator on a real 10 s lease (valid for 9.5 s) that runs on `clock`."""
     lease = NodeLease(redis, Keys(settings.key_prefix), owner="me", ttl_ms=10_000,
