@@ -197,9 +197,9 @@ class Gate:
         self.keys = keys
         self.limits = (limits or Limits()).args()
         self._buy = _Script(redis, "seckill.lua", coalesce=coalesce)
-        # per master, one connection each (WAIT must follow the purchases on theirs; on a
-        # cluster cheaper than a cluster pipeline even without it)
-        routed = wait is not None or (coalesce and is_cluster(redis))
+        # per master, one connection each (WAIT must follow the purchases on theirs;
+        # without it still cheaper than a redis-py pipeline, on one Redis or a cluster)
+        routed = wait is not None or coalesce
         self._routed = RoutedScript(redis, self._buy.source, wait,
                                      wrote=_accepted) if routed else None
         self._refund = _Script(redis, "refund.lua")

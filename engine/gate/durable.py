@@ -101,6 +101,9 @@ class RoutedScript:
         self.wrote = wrote
         self._queue: list[_Call] = []
         self._flushing: set[asyncio.Task] = set()
+        self._scheduled = False  # a flush of the queue is due this loop turn
+        # one Redis, no WAIT: one batch on the wire at a time (see `_flush_queue`)
+        self._in_flight = 1 if wait is None and not is_cluster(redis) else 0
         self._reloading = asyncio.Lock()
 
     def __call__(self, keys: list[str], args: list[str | int]
@@ -108,15 +111,35 @@ class RoutedScript:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[tuple[object, int | None]] = loop.create_future()
         self._queue.append(_Call(keys, args, future))
-        if len(self._queue) == 1:  # the first of this turn: send after the others queued
+        if not self._scheduled and not self._busy():  # send after the others of this turn
+            self._scheduled = True
             loop.call_soon(self._flush_queue)
         return future
 
+    def _busy(self) -> bool:
+        return 0 < self._in_flight <= len(self._flushing)
+
     def _flush_queue(self) -> None:
+        """Send the queued calls as one batch.
+
+        On one Redis without WAIT, the calls made while a batch is on the wire wait for
+        its replies (at most one round trip) and go as the next batch: under load the
+        batches grow instead of multiplying, and each call shares more of the cost of a
+        send (connection checkout, syscalls, a task). With a cluster or WAIT, batches go
+        at once: one slow master or a WAIT must not hold up the others."""
+        self._scheduled = False
+        if not self._queue:
+            return
         batch, self._queue = self._queue, []
         task = asyncio.ensure_future(self._send(batch))
         self._flushing.add(task)
-        task.add_done_callback(self._flushing.discard)
+        task.add_done_callback(self._sent)
+
+    def _sent(self, task: asyncio.Task) -> None:
+        self._flushing.discard(task)
+        if self._queue and not self._scheduled and not self._busy():
+            self._scheduled = True
+            task.get_loop().call_soon(self._flush_queue)
 
     async def _send(self, calls: list[_Call]) -> None:
         """Every call to its master, again while redirected, at most ROUNDS times."""
@@ -127,9 +150,7 @@ class RoutedScript:
             except BaseException as exc:  # noqa: BLE001 - every caller gets the failure
                 _fail(calls, exc)
                 return
-            sent = await asyncio.gather(*(self._on_one_connection(node, group)
-                                          for node, group in groups.values()),
-                                        return_exceptions=True)
+            sent = await self._on_connections(groups)
             for (node, group), outcome in zip(groups.values(), sent, strict=True):
                 if isinstance(outcome, BaseException):  # the connection failed: ran or not
                     _fail(group, outcome)
@@ -142,6 +163,20 @@ class RoutedScript:
             if any(not isinstance(call.error, NoScriptError) for call in again):
                 await asyncio.sleep(backoff.delay(attempt, BACKOFF_MAX))  # (a reload: at once)
         _fail(calls, None)
+
+    async def _on_connections(self, groups: dict[str, tuple[Any, list[_Call]]]
+                              ) -> list[Any]:
+        """Each group down its connection: (replies, acked) or the exception, per group
+        (one group, the single Redis's: without a gather and its task)."""
+        if len(groups) == 1:
+            ((node, group),) = groups.values()
+            try:
+                return [await self._on_one_connection(node, group)]
+            except Exception as exc:  # noqa: BLE001 - as gather's return_exceptions
+                return [exc]
+        return await asyncio.gather(*(self._on_one_connection(node, group)
+                                      for node, group in groups.values()),
+                                    return_exceptions=True)
 
     async def _route(self, calls: list[_Call]) -> dict[str, tuple[Any, list[_Call]]]:
         """The calls grouped by the master that owns their keys' slot (one group on a
