@@ -101,9 +101,6 @@ class RoutedScript:
         self.wrote = wrote
         self._queue: list[_Call] = []
         self._flushing: set[asyncio.Task] = set()
-        self._scheduled = False  # a flush of the queue is due this loop turn
-        # one Redis, no WAIT: one batch on the wire at a time (see `_flush_queue`)
-        self._in_flight = 1 if wait is None and not is_cluster(redis) else 0
         self._reloading = asyncio.Lock()
 
     def __call__(self, keys: list[str], args: list[str | int]
@@ -111,35 +108,15 @@ class RoutedScript:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[tuple[object, int | None]] = loop.create_future()
         self._queue.append(_Call(keys, args, future))
-        if not self._scheduled and not self._busy():  # send after the others of this turn
-            self._scheduled = True
+        if len(self._queue) == 1:  # the first of this turn: send after the others queued
             loop.call_soon(self._flush_queue)
         return future
 
-    def _busy(self) -> bool:
-        return 0 < self._in_flight <= len(self._flushing)
-
     def _flush_queue(self) -> None:
-        """Send the queued calls as one batch.
-
-        On one Redis without WAIT, the calls made while a batch is on the wire wait for
-        its replies (at most one round trip) and go as the next batch: under load the
-        batches grow instead of multiplying, and each call shares more of the cost of a
-        send (connection checkout, syscalls, a task). With a cluster or WAIT, batches go
-        at once: one slow master or a WAIT must not hold up the others."""
-        self._scheduled = False
-        if not self._queue:
-            return
         batch, self._queue = self._queue, []
         task = asyncio.ensure_future(self._send(batch))
         self._flushing.add(task)
-        task.add_done_callback(self._sent)
-
-    def _sent(self, task: asyncio.Task) -> None:
-        self._flushing.discard(task)
-        if self._queue and not self._scheduled and not self._busy():
-            self._scheduled = True
-            task.get_loop().call_soon(self._flush_queue)
+        task.add_done_callback(self._flushing.discard)
 
     async def _send(self, calls: list[_Call]) -> None:
         """Every call to its master, again while redirected, at most ROUNDS times."""
