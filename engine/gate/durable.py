@@ -85,7 +85,8 @@ class RoutedScript:
 
     A call resolves to `(reply, acked)`: the script's reply, and the replicas that
     acknowledged it (None when no WAIT was sent: WAIT off, or it wrote no order).
-    Without WAIT it still serves the coalesced purchases on a cluster: sent this way
+    Without WAIT it still serves the coalesced purchases, on one Redis (cheaper than a
+    redis-py pipeline, see docs/performance.md) and on a cluster: sent this way
     they cost the gate less CPU than as a redis-py cluster pipeline (46 against 84 us a
     purchase in bench/durability.py's run of 2026-11-30, which measures both).
     """
