@@ -431,7 +431,7 @@ PROFILE_RULES: tuple[tuple[str, Callable[[str, str], bool]], ...] = (
                                                          "prometheus_client")),
     ("token check (a cache hit)", _has("Verifier.caller")),
     ("gate call: sending on the connection, packing and reply parsing",
-     _has("_Script._flush", "RoutedScript.", "redis/")),
+     _has("RoutedScript.", "redis/")),
     ("gate call: Gate.buy, keys and arguments", _has("Gate.buy", "_Script.")),
     ("handler's calls into Granian (reading the body, answering)",
      _native_call_from_handler),

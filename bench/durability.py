@@ -12,9 +12,9 @@ turn coalesced, `CONCURRENCY` buyers at once, every attempt a new buyer of one o
 - `wait`: `gate_wait_replicas = 1`, `gate_wait_ms = WAIT_MS` (WAIT after the accepted
   purchases of a batch, on their connection: a 202 only once a replica has them);
 - `wait_5ms`: the same with 5 ms: how many purchases a tight timeout turns into 503s
-  (unreplicated) when the replicas are merely busy;
-- `pipeline`: a reference, no setting, the attempts sent as a redis-py cluster pipeline
-  (the gate's path on a cluster before the per-master one).
+  (unreplicated) when the replicas are merely busy.
+(Until the gate's redis-py cluster pipeline was removed, a `pipeline` mode measured it:
+0.64 of `none`'s rate in bench/results/durability-20261130-074429.json.)
 
 Each round runs the three modes in turn for `SECONDS` each; the result per mode is the
 median over the rounds of purchases per second, of the gate's CPU per purchase (this
@@ -47,7 +47,7 @@ from engine.gate.durable import WaitFor
 from engine.keys import Keys
 
 RESULTS = Path(__file__).resolve().parent / "results"
-MODES = ("none", "min_replicas", "wait", "wait_5ms", "pipeline")
+MODES = ("none", "min_replicas", "wait", "wait_5ms")
 PRODUCTS = 30
 CONCURRENCY = 64
 SECONDS = 4.0
@@ -102,9 +102,7 @@ async def run(settings: Settings, cluster: LocalRedisCluster, rounds: int, secon
     gates = {"none": Gate(client, keys, coalesce=True),
              "min_replicas": Gate(client, keys, coalesce=True),
              "wait": Gate(client, keys, coalesce=True, wait=WaitFor(1, WAIT_MS)),
-             "wait_5ms": Gate(client, keys, coalesce=True, wait=WaitFor(1, 5)),
-             "pipeline": Gate(client, keys, coalesce=True)}
-    gates["pipeline"]._routed = None  # the redis-py cluster pipeline (_Script)
+             "wait_5ms": Gate(client, keys, coalesce=True, wait=WaitFor(1, 5))}
     for pid in pids:
         await gates["none"].open_sale(pid, 2**31 - 1)
     await window(gates["none"], pids, 1, 1.0, concurrency)  # warm the connections up

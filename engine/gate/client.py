@@ -94,24 +94,16 @@ def validate_id(name: str, value: object) -> int:
 class _Script:
     """A Lua script called by EVALSHA, loaded once, reloaded after SCRIPT FLUSH.
 
-    With `coalesce`, the calls made in one turn of the event loop go to Redis as one
-    pipeline: redis-py spends about 100 us of CPU on each command it sends alone
-    (connection checkout, retry and timeout scopes, parsing), a fraction of that on
-    each command of a pipeline. Every call is still its own EVALSHA, atomic in Redis,
-    in the order the calls were made.
+    One call, one command: the purchases of a busy server are coalesced by RoutedScript
+    (engine/gate/durable.py) instead.
     """
 
-    def __init__(self, redis: Redis, name: str, *, coalesce: bool = False) -> None:
+    def __init__(self, redis: Redis, name: str) -> None:
         self.redis = redis
         self.source = (LUA / name).read_text()
         self.sha: str | None = None
-        self.coalesce = coalesce
-        self._queue: list[tuple[list[str], list[str | int], asyncio.Future]] = []
-        self._flushing: set[asyncio.Task] = set()
 
     async def __call__(self, keys: list[str], args: list[str | int]) -> object:
-        if self.coalesce:
-            return await _named_errors(self._queued(keys, args))
         return await _named_errors(self._evalsha(keys, args))
 
     async def _evalsha(self, keys: list[str], args: list[str | int]) -> object:
@@ -122,51 +114,6 @@ class _Script:
         except NoScriptError:
             self.sha = await self.redis.script_load(self.source)
             return await self.redis.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)
-
-    def _queued(self, keys: list[str], args: list[str | int]) -> asyncio.Future:
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        self._queue.append((keys, args, future))
-        if len(self._queue) == 1:  # the first of this turn: flush after the others queued
-            loop.call_soon(self._flush_queue)
-        return future
-
-    def _flush_queue(self) -> None:
-        batch, self._queue = self._queue, []
-        task = asyncio.ensure_future(self._flush(batch))
-        self._flushing.add(task)
-        task.add_done_callback(self._flushing.discard)
-
-    async def _flush(self, batch: list[tuple[list[str], list[str | int], asyncio.Future]]) -> None:
-        try:
-            if self.sha is None:
-                self.sha = await self.redis.script_load(self.source)
-            replies = await self._pipelined(batch)
-            again = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
-            if again:  # SCRIPT FLUSH: only those calls did not run
-                self.sha = await self.redis.script_load(self.source)
-                for i, reply in zip(again, await self._pipelined([batch[i] for i in again]),
-                                    strict=True):
-                    replies[i] = reply
-        except BaseException as exc:  # noqa: BLE001 - every caller gets the failure
-            for _, _, future in batch:
-                if not future.done():
-                    future.set_exception(exc)
-            return
-        for (_, _, future), reply in zip(batch, replies, strict=True):
-            if future.done():  # its request went away
-                continue
-            if isinstance(reply, Exception):
-                future.set_exception(reply)
-            else:
-                future.set_result(reply)
-
-    async def _pipelined(self, batch: list[tuple[list[str], list[str | int], asyncio.Future]]
-                         ) -> list[object]:
-        pipe = self.redis.pipeline(transaction=False)
-        for keys, args, _ in batch:
-            pipe.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)
-        return list(await pipe.execute(raise_on_error=False))
 
 
 async def _named_errors(call: Awaitable[T]) -> T:
@@ -188,15 +135,16 @@ def _accepted(reply: object) -> bool:
 class Gate:
     def __init__(self, redis: Redis, keys: Keys, *, coalesce: bool = False,
                  limits: Limits | None = None, wait: WaitFor | None = None) -> None:
-        """`coalesce`: send the purchase attempts of one loop turn as one pipeline (for a
-        server answering many users at once, like the BFF). `limits`: the default rate
+        """`coalesce`: send the purchase attempts of one loop turn together, per master
+        down one connection (RoutedScript; for a server answering many users at once,
+        like the BFF). `limits`: the default rate
         limits of every attempt (a sale's own limits win). `wait`: replicas that must
         acknowledge an accepted purchase (WAIT, `WaitFor.of(settings)`), else the
         attempt is "unreplicated"; its attempts are coalesced too."""
         self.redis = redis
         self.keys = keys
         self.limits = (limits or Limits()).args()
-        self._buy = _Script(redis, "seckill.lua", coalesce=coalesce)
+        self._buy = _Script(redis, "seckill.lua")
         # per master, one connection each (WAIT must follow the purchases on theirs;
         # without it still cheaper than a redis-py pipeline, on one Redis or a cluster)
         routed = wait is not None or coalesce
