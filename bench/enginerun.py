@@ -21,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -91,33 +91,37 @@ def _processes() -> dict[int, tuple[str, int]]:
     return out
 
 
-def _listening_inodes(port: int) -> set[str]:
-    inodes = set()
+def tcp_rows() -> Iterator[list[str]]:
+    """The fields of every row of this machine's TCP tables (IPv4 and IPv6)."""
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
             lines = Path(table).read_text().splitlines()[1:]
         except OSError:
             continue
         for line in lines:
-            cols = line.split()
-            if cols[3] == "0A" and int(cols[1].rsplit(":", 1)[1], 16) == port:
-                inodes.add(cols[9])
-    return inodes
+            yield line.split()
 
 
-def _holds(pid: int, inodes: set[str]) -> bool:
+def socket_inodes(pid: int) -> set[int]:
+    """The inodes of the sockets process `pid` holds open (none if it is gone)."""
+    out: set[int] = set()
     try:
-        fds = list(Path(f"/proc/{pid}/fd").iterdir())
+        fds = os.listdir(f"/proc/{pid}/fd")
     except OSError:
-        return False
+        return out
     for fd in fds:
         try:
-            link = os.readlink(fd)
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
         except OSError:
             continue
-        if link.startswith("socket:[") and link[8:-1] in inodes:
-            return True
-    return False
+        if link.startswith("socket:["):
+            out.add(int(link[8:-1]))
+    return out
+
+
+def _listening_inodes(port: int) -> set[int]:
+    return {int(cols[9]) for cols in tcp_rows()
+            if cols[3] == "0A" and int(cols[1].rsplit(":", 1)[1], 16) == port}
 
 
 def service_ports(settings: Settings) -> dict[str, int]:
@@ -139,7 +143,7 @@ def service_roots(settings: Settings) -> dict[str, int]:
     for svc, port in service_ports(settings).items():
         inodes = _listening_inodes(port)
         owner = next((pid for pid, (comm, _) in procs.items()
-                      if comm in SERVICE_COMMANDS[svc] and inodes and _holds(pid, inodes)), None)
+                      if comm in SERVICE_COMMANDS[svc] and inodes & socket_inodes(pid)), None)
         if owner is None:
             raise RuntimeError(f"no {svc} process listening on port {port} on this machine: "
                                "its CPU cannot be measured")

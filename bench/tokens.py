@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
-import os
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -28,6 +27,8 @@ from pathlib import Path
 
 from engine.errors import ServiceUnavailable
 from engine.gate.devkeys import DevIssuer, init_keys
+
+from .enginerun import socket_inodes, tcp_rows
 
 TTL = 4 * 3600  # longer than any run of the suite
 WARM_PATH = "/api/v1/seckill/{pid}/users/1"  # no token names user 1: always 403
@@ -83,36 +84,14 @@ def _mint_range(job: tuple[str, str, str, int, int]) -> bytes:
 
 # --- which worker holds a connection -------------------------------------------------
 
-def _socket_inodes(pid: int) -> set[int]:
-    out: set[int] = set()
-    try:
-        fds = os.listdir(f"/proc/{pid}/fd")
-    except FileNotFoundError:
-        return out
-    for fd in fds:
-        try:
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            out.add(int(target[8:-1]))
-    return out
-
-
 def _accepted_inodes(server_port: int) -> dict[int, int]:
     """client port -> inode of the server's accepted socket, for connections to
     `server_port` on this machine (IPv4 and IPv6 tables)."""
     out: dict[int, int] = {}
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            rows = Path(table).read_text().splitlines()[1:]
-        except FileNotFoundError:
-            continue
-        for row in rows:
-            f = row.split()
-            local, remote, inode = f[1], f[2], int(f[9])
-            if int(local.rsplit(":", 1)[1], 16) == server_port and inode:
-                out[int(remote.rsplit(":", 1)[1], 16)] = inode
+    for f in tcp_rows():
+        local, remote, inode = f[1], f[2], int(f[9])
+        if int(local.rsplit(":", 1)[1], 16) == server_port and inode:
+            out[int(remote.rsplit(":", 1)[1], 16)] = inode
     return out
 
 
@@ -122,7 +101,7 @@ def worker_of(server_port: int, client_port: int, workers: list[int]) -> int | N
     if inode is None:
         return None
     for pid in workers:
-        if inode in _socket_inodes(pid):
+        if inode in socket_inodes(pid):
             return pid
     return None
 
