@@ -88,7 +88,7 @@ class RoutedScript:
     Without WAIT it still serves the coalesced purchases, on one Redis (cheaper than a
     redis-py pipeline, see docs/performance.md) and on a cluster: sent this way
     they cost the gate less CPU than as a redis-py cluster pipeline (46 against 84 us a
-    purchase in bench/durability.py's run of 2026-11-30, which measures both).
+    purchase: bench/results/durability-20261130-074429.json, before that path was removed).
     """
 
     def __init__(self, redis: Redis, source: str, wait: WaitFor | None,

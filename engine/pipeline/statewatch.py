@@ -4,12 +4,12 @@ Without `appendonly yes` a Redis restart comes back empty: the sales, their stoc
 buyers, the order streams with the accepted orders not yet logged, the consumer group.
 Nothing in a read says so: a stream that is gone reads as an idle one, and the reader
 recreates a missing group empty. So a worker writes a marker key at boot (SET NX) and
-checks it on every discovery pass (one EXISTS). Gone means every key went with it: the
-first worker to notice writes the marker again (SET NX, so one loss is noticed once
-across the workers, not once per read or per worker), logs one ERROR line saying what
-was lost and what prevents it, and counts it in seckill_redis_state_lost_total, which
-the SeckillRedisStateLost alert watches. The engine itself carries on: it reads the
-sales opened from then on.
+checks it on every discovery pass (SET NX: it writes only when the marker is gone).
+Gone means every key went with it: the first worker to notice writes the marker again
+(so one loss is noticed once across the workers, not once per read or per worker),
+logs one ERROR line saying what was lost and what prevents it, and counts it in
+seckill_redis_state_lost_total, which the SeckillRedisStateLost alert watches. The
+engine itself carries on: it reads the sales opened from then on.
 """
 
 from __future__ import annotations
@@ -44,10 +44,8 @@ class StateWatch:
     async def check(self) -> bool:
         """True when the marker was gone and this worker is the first to notice: the
         loss is logged and counted here, once."""
-        if await self.redis.exists(self.key):
-            return False
         if not await self.redis.set(self.key, self.owner, nx=True):
-            return False  # another worker noticed first and said so
+            return False  # still there (or another worker noticed first and said so)
         log.error(LOST, extra={"event": "redis_state_lost"})
         metrics.REDIS_STATE_LOST.inc()
         return True
