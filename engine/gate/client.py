@@ -14,7 +14,7 @@ import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Literal, NamedTuple, TypeVar
 
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError, ResponseError
@@ -23,6 +23,7 @@ from engine.config import Settings
 from engine.connections import REDIS_ERRORS, connect_redis, is_cluster
 from engine.errors import ConfigError, InvalidInput, SaleStateCorrupt, ServiceUnavailable
 from engine.gate.durable import RoutedScript, WaitFor
+from engine.gate.pipe import ScriptPipe
 from engine.keys import GROUP, Keys
 
 # "unreplicated": accepted by the master, but fewer replicas than gate_wait_replicas
@@ -41,8 +42,10 @@ BADSTATE = "SECKILL_BADSTATE"
 T = TypeVar("T")
 
 
-@dataclass(frozen=True, slots=True)
-class GateResult:
+class GateResult(NamedTuple):
+    """One attempt's answer (a named tuple: made per purchase, it costs a third of a
+    frozen dataclass)."""
+
     outcome: Outcome
     stream_id: str | None = None
     slot: int | None = None
@@ -120,12 +123,23 @@ async def _named_errors(call: Awaitable[T]) -> T:
     """A script call's reply, its failures as our named errors."""
     try:
         return await call
-    except ResponseError as exc:
-        if str(exc).startswith(BADSTATE + " "):
-            raise SaleStateCorrupt(f"Redis: {str(exc)[len(BADSTATE) + 1:]}") from exc
-        raise
     except REDIS_ERRORS as exc:
-        raise ServiceUnavailable(f"Redis: {exc}") from exc
+        named = _named(exc)
+        if named is exc:
+            raise
+        raise named from exc
+
+
+def _named(exc: BaseException) -> BaseException:
+    """What a failed script call raises: a bad sale state or an unreachable Redis as our
+    named errors, any other error reply as it is."""
+    if isinstance(exc, ResponseError):
+        if str(exc).startswith(BADSTATE + " "):
+            return SaleStateCorrupt(f"Redis: {str(exc)[len(BADSTATE) + 1:]}")
+        return exc
+    if isinstance(exc, ServiceUnavailable):
+        return exc
+    return ServiceUnavailable(f"Redis: {exc}")
 
 
 def _accepted(reply: object) -> bool:
@@ -147,10 +161,18 @@ class Gate:
         self._buy = _Script(redis, "seckill.lua")
         # per master, one connection each (WAIT must follow the purchases on theirs;
         # without it still cheaper than a redis-py pipeline, on one Redis or a cluster)
-        routed = wait is not None or coalesce
-        self._routed = RoutedScript(redis, self._buy.source, wait,
-                                     wrote=_accepted) if routed else None
+        self._routed: RoutedScript | ScriptPipe | None = None
+        if coalesce and wait is None and not is_cluster(redis):
+            self._routed = ScriptPipe(redis, self._buy.source)
+        elif coalesce or wait is not None:
+            self._routed = RoutedScript(redis, self._buy.source, wait, wrote=_accepted)
         self._refund = _Script(redis, "refund.lua")
+
+    async def close(self) -> None:
+        """Close the gate's own connection (the coalesced purchases'); the Redis client
+        passed in is the caller's to close."""
+        if isinstance(self._routed, ScriptPipe):
+            await self._routed.close()
 
     def _product_keys(self, pid: int) -> list[str]:
         k = self.keys
@@ -171,7 +193,13 @@ class Gate:
         if self._routed is None:
             reply = await self._buy(keys, args)
         else:
-            reply, acked = await _named_errors(self._routed(keys, args))
+            try:  # (the call's future awaited here: no coroutine of _named_errors around it)
+                reply, acked = await self._routed(keys, args)
+            except REDIS_ERRORS as exc:
+                named = _named(exc)
+                if named is exc:
+                    raise
+                raise named from exc
         assert isinstance(reply, list)
         outcome = _OUTCOMES[int(reply[0])]
         if outcome == "rate_limited":

@@ -53,7 +53,10 @@ class AsgiRequest:
         client = self.scope.get("client")
         return str(client[0]) if client else None
 
-    async def read(self, limit: int) -> bytes:
+    def body(self, limit: int) -> Awaitable[bytes]:
+        return self._read(limit)
+
+    async def _read(self, limit: int) -> bytes:
         body = b""
         while True:
             message = await self.receive()
@@ -82,11 +85,10 @@ class RsgiRequest:
         host, colon, _ = client.rpartition(":")
         return (host if colon else client).strip("[]") or None
 
-    async def read(self, limit: int) -> bytes:
-        body = bytes(await self.protocol())  # Granian bounds it by bff_max_buffer
-        if len(body) > limit:
-            raise BodyTooLarge(f"body larger than {limit} bytes")
-        return body
+    def body(self, limit: int) -> Awaitable[bytes]:
+        """Granian's own awaitable (no coroutine of ours around it): it bounds the body
+        by bff_max_buffer, BodyDeadlines.read by `limit`."""
+        return self.protocol()  # type: ignore[no-any-return]
 
 
 Request = AsgiRequest | RsgiRequest
@@ -113,6 +115,7 @@ class BodyDeadlines:
         self.loop: asyncio.AbstractEventLoop | None = None
 
     async def read(self, request: Request, limit: int) -> bytes:
+        """`request`'s whole body, BodyTooLarge past `limit` bytes."""
         loop = self.loop
         if loop is None:
             loop = self.loop = asyncio.get_running_loop()
@@ -122,7 +125,7 @@ class BodyDeadlines:
         if self.timer is None:
             self.timer = loop.call_later(self.tick, self._sweep)
         try:
-            return await request.read(limit)
+            body = await request.body(limit)
         except asyncio.CancelledError:
             if task not in self.expired:
                 raise
@@ -132,6 +135,9 @@ class BodyDeadlines:
         finally:
             self.reading.pop(task, None)
             self.expired.discard(task)
+        if len(body) > limit:
+            raise BodyTooLarge(f"body larger than {limit} bytes")
+        return bytes(body)
 
     def _sweep(self) -> None:
         now = time.monotonic()
