@@ -51,9 +51,12 @@ from .tokens import Issuer, TokenFile, warm
 
 SECKILL = str(Path(sys.executable).with_name("seckill"))
 PID = 990_000_020  # the direct gate's sale
-PRODUCTS = 8  # the BFF's window: each token buys each of these products in turn
-BFF_PIDS = tuple(PID + 1 + i for i in range(PRODUCTS))
-WARMUP_PID = PID + 1 + PRODUCTS  # the connections' warm-up load, apart from the window
+# A round's measured time per server, in this many windows that alternate direct gate,
+# floor, BFF: a slow spell of the shared machine lands on all three, not on one of them
+SLICES = 3
+PRODUCTS = 8  # a BFF window's: each token buys each of these products in turn
+BFF_PIDS = tuple(PID + 1 + i for i in range(PRODUCTS * SLICES))  # the windows' in turn
+WARMUP_PID = PID + 1 + PRODUCTS * SLICES  # the connections' warm-up load, apart
 COLD_PID = WARMUP_PID + 1
 WARM_FIRST_USER = 10**12  # far above the direct gate's users
 COLD_FIRST_USER = 2 * 10**12
@@ -215,23 +218,66 @@ async def open_sales(settings: Settings, pids: list[int]) -> None:
         await redis.aclose()
 
 
+class DirectGate:
+    """The gate called from `processes` Python processes, `connections` concurrent calls
+    in all; the processes are started once and measure one window per `window` call."""
+
+    def __init__(self, settings: Settings, connections: int, processes: int) -> None:
+        self.settings, self.processes = settings, processes
+        self.share = max(1, connections // processes)
+        self.pool = ProcessPoolExecutor(processes,
+                                        mp_context=multiprocessing.get_context("spawn"))
+
+    async def window(self, seconds: float) -> dict[str, Any]:
+        await open_sales(self.settings, [PID])  # its buyers gone: the same users again
+        jobs = [(self.settings, seconds, self.share, 1 + i * 10**9)
+                for i in range(self.processes)]
+        loop = asyncio.get_running_loop()
+        parts = await asyncio.gather(*(loop.run_in_executor(self.pool, _direct_process, job)
+                                       for job in jobs))
+        latencies = [x for lat, _, _, _ in parts for x in lat]
+        accepted = sum(a for _, a, _, _ in parts)
+        took = max(t for _, _, t, _ in parts)
+        cpu = sum(c for _, _, _, c in parts)
+        return {**_summary(latencies, accepted, took), "processes": self.processes,
+                "seconds": took, "cpu_us_per_request": cpu / max(1, len(latencies)) * 1e6,
+                "ticks": round(cpu * TICK)}
+
+    def close(self) -> None:
+        self.pool.shutdown()
+
+
 async def direct(settings: Settings, seconds: float, connections: int,
                  processes: int = 1) -> dict[str, Any]:
     """The gate from `processes` Python processes, `connections` concurrent calls in all."""
-    await open_sales(settings, [PID])
-    share = max(1, connections // processes)
-    jobs = [(settings, seconds, share, 1 + i * 10**9) for i in range(processes)]
-    loop = asyncio.get_running_loop()
-    with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
-        parts = await asyncio.gather(*(loop.run_in_executor(pool, _direct_process, job)
-                                       for job in jobs))
-    latencies = [x for lat, _, _, _ in parts for x in lat]
-    accepted = sum(a for _, a, _, _ in parts)
-    took = max(t for _, _, t, _ in parts)
-    cpu = sum(c for _, _, _, c in parts)
-    return {**_summary(latencies, accepted, took), "processes": processes,
-            "cpu_us_per_request": cpu / max(1, len(latencies)) * 1e6,
-            "ticks": round(cpu * TICK)}
+    gate = DirectGate(settings, connections, processes)
+    try:
+        return await gate.window(seconds)
+    finally:
+        gate.close()
+
+
+def merge_windows(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One server's alternated windows as one: counts and CPU summed, rates over their
+    summed time, the worst window's latencies (each window is kept under "windows")."""
+    total = {key: sum(p.get(key, 0) for p in parts)
+             for key in ("requests", "accepted", "errors", "ticks", "seconds")}
+    seconds = total["seconds"] or 1.0
+    out = {**parts[0], **total,
+           "accepted_per_second": total["accepted"] / seconds,
+           "requests_per_second": total["requests"] / seconds,
+           "p50_ms": max(p["p50_ms"] for p in parts), "p99_ms": max(p["p99_ms"] for p in parts),
+           "windows": [{k: p[k] for k in ("requests", "accepted", "ticks", "p99_ms",
+                                          "cpu_us_per_request") if k in p} for p in parts]}
+    if "tokens_exhausted" in parts[0]:
+        out["tokens_exhausted"] = any(p.get("tokens_exhausted") for p in parts)
+    cpu_us = total["ticks"] / TICK * 1e6
+    if "processes" in parts[0]:  # the direct gate: its CPU clock is the process's own
+        cpu_us = sum(p["cpu_us_per_request"] * p["requests"] for p in parts)
+    else:
+        out["cpu_us_per_accepted"] = cpu_us / max(1, total["accepted"])
+    out["cpu_us_per_request"] = cpu_us / max(1, total["requests"])
+    return out
 
 
 async def over_http_python(port: int, seconds: float, connections: int,
@@ -265,7 +311,8 @@ async def over_http_python(port: int, seconds: float, connections: int,
 
     start = time.perf_counter()
     await asyncio.gather(*(one() for _ in range(connections)))
-    return {**_summary(latencies, accepted, time.perf_counter() - start), "client": "python"}
+    took = time.perf_counter() - start
+    return {**_summary(latencies, accepted, took), "seconds": took, "client": "python"}
 
 
 async def over_http_wrk(wrk: str, port: int, seconds: float, connections: int,
@@ -286,6 +333,7 @@ async def over_http_wrk(wrk: str, port: int, seconds: float, connections: int,
         raise RuntimeError(f"wrk failed ({proc.returncode}): {err.decode()[-500:]}")
     r = orjson.loads(line)
     return {"requests": r["requests"], "accepted": r["accepted"], "errors": r["errors"],
+            "seconds": r["seconds"],
             "accepted_per_second": r["accepted"] / r["seconds"],
             "requests_per_second": r["requests"] / r["seconds"],
             "p50_ms": r["p50_us"] / 1000, "p99_ms": r["p99_us"] / 1000, "client": "wrk",
@@ -326,22 +374,22 @@ async def load_server(proc: subprocess.Popen, port: int, log_name: str, seconds:
             spy.wait(30)
 
 
-def spy_on(workers: list[int], seconds: float, profile: Path | None
+def spy_on(workers: list[int], seconds: float, profile: Path | None, tag: str = ""
            ) -> list[subprocess.Popen[bytes]]:
     """py-spy on each worker for about `seconds` (with native frames: Granian's and
-    uvloop's), collapsed stacks in `profile`-<pid>.txt; none without `profile`."""
+    uvloop's), collapsed stacks in `profile`-<pid>`tag`.txt; none without `profile`."""
     if profile is None:
         return []
     if profile.suffix == ".perf":  # perf: every thread, by library, barely slowed down
         return [subprocess.Popen(["perf", "record", "-F", "999", "-g", "-o",
-                                  f"{profile}-{workers[0]}.data", "-p",
+                                  f"{profile}-{workers[0]}{tag}.data", "-p",
                                   ",".join(map(str, workers)), "--", "sleep",
                                   str(max(1, round(seconds) - 1))],
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
     spy = str(Path(sys.executable).with_name("py-spy"))
     return [subprocess.Popen([spy, "record", "--native", "--format", "raw", "--rate", "250",
                               "--duration", str(max(1, round(seconds) - 1)), "--pid", str(pid),
-                              "-o", f"{profile}-{pid}.txt"],
+                              "-o", f"{profile}-{pid}{tag}.txt"],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             for pid in workers]
 
@@ -359,32 +407,70 @@ class HttpBench:
                              audience=settings.bff_jwt_audience)
         self.warm_tokens = self.issuer.mint("warm", WARM_FIRST_USER, tokens, self.workers)
         self.cold_tokens = self.issuer.mint("cold", COLD_FIRST_USER, cold_tokens, self.workers)
-        paths = tuple(buy_path(pid) for pid in BFF_PIDS)
-        self.window = Load(paths, self.warm_tokens)
+        self.windows = [Load(tuple(buy_path(pid) for pid in BFF_PIDS[j::SLICES]),
+                             self.warm_tokens) for j in range(SLICES)]
         self.warmup = Load((buy_path(WARMUP_PID),), self.warm_tokens)
         self.cold = Load((buy_path(COLD_PID),), self.cold_tokens)
 
     async def measure(self, *, seconds: float, cold_seconds: float,
                       connections: int = 64) -> dict[str, Any]:
-        from .floor import measure_floor
+        """The round: both servers started and warmed, then SLICES windows each of the
+        direct gate, the floor and the BFF in turn (`seconds` per server in all), then
+        the BFF's cold window."""
+        from .floor import start_floor
 
-        gate = await direct(self.settings, seconds, connections, processes=self.workers)
-        floor = await measure_floor(
-            seconds=seconds, connections=connections, workers=self.workers, load=self.window,
-            warmup=self.warmup,
-            profile=None if self.profile is None else self.profile.with_name(
-                self.profile.stem + "-floor" + self.profile.suffix))
-        bff = await self.bff(seconds, cold_seconds, connections)
-        out = {"connections": connections, "bff_workers": self.workers, "gate_direct": gate,
-               "floor": floor, **bff, "client": bff["bff"]["client"],
-               "ratio": bff["bff"]["accepted_per_second"] / gate["accepted_per_second"]}
+        await open_sales(self.settings, [*BFF_PIDS, WARMUP_PID, COLD_PID])
+        gate = DirectGate(self.settings, connections, self.workers)
+        floor, floor_port, floor_log = start_floor(self.workers)
+        bff, bff_port, admin, bff_log = self.start_bff()
+        try:
+            await wait_listening(floor_port, floor, floor_log.name)
+            await load_window(floor, floor_port, 1.0, connections, self.warmup)
+            await wait_listening(bff_port, bff, bff_log.name)
+            t0 = time.perf_counter()
+            sent = await warm(bff_port, children(bff.pid), self.warm_tokens, WARMUP_PID)
+            warm_s = time.perf_counter() - t0
+            await load_window(bff, bff_port, 1.0, connections, self.warmup)
+            before = await verifications(admin)
+            parts: dict[str, list[dict[str, Any]]] = {"gate_direct": [], "floor": [], "bff": []}
+            share = seconds / SLICES
+            for j, load in enumerate(self.windows):
+                parts["gate_direct"].append(await gate.window(share))
+                parts["floor"].append(await self.window(floor, floor_port, share, connections,
+                                                        load, f"-floor{self.profile_suffix}",
+                                                        j))
+                parts["bff"].append(await self.window(bff, bff_port, share, connections, load,
+                                                      "", j))
+            middle = await verifications(admin)
+            cold = await load_window(bff, bff_port, cold_seconds, connections, self.cold)
+            after = await verifications(admin)
+        finally:
+            gate.close()
+            for proc in (floor, bff):
+                proc.send_signal(signal.SIGTERM)
+            for proc in (floor, bff):
+                proc.wait(30)
+            floor_log.close()
+            bff_log.close()
+        hot = merge_windows(parts["bff"])
+        hot["token_verifications"] = middle - before
+        cold["token_verifications"] = after - middle
+        out = {"connections": connections, "bff_workers": self.workers, "slices": SLICES,
+               "gate_direct": merge_windows(parts["gate_direct"]),
+               "floor": {"workers": self.workers, "connections": connections,
+                         "interface": "asgi", **merge_windows(parts["floor"])},
+               "bff": hot, "bff_cold": cold, "warm_up": {"requests": sent, "seconds": warm_s},
+               "client": hot["client"]}
+        out["ratio"] = hot["accepted_per_second"] / out["gate_direct"]["accepted_per_second"]
         out["cpu_ratio"] = cpu_ratio(out)
         return out
 
-    async def bff(self, seconds: float, cold_seconds: float, connections: int
-                  ) -> dict[str, Any]:
-        """The BFF with JWT on: warm tokens' window, then a window of new tokens."""
-        await open_sales(self.settings, [*BFF_PIDS, WARMUP_PID, COLD_PID])
+    @property
+    def profile_suffix(self) -> str:
+        return "" if self.profile is None else self.profile.suffix
+
+    def start_bff(self) -> tuple[subprocess.Popen, int, int, Any]:
+        """`seckill bff` with JWT on, N workers: (process, port, admin port, log)."""
         port, admin = free_port(), free_port()
         log = tempfile.NamedTemporaryFile(prefix="seckill-bench-bff-", suffix=".log")
         env = engine_env(self.settings, bff_auth="jwt", bff_jwks=str(self.issuer.jwks),
@@ -392,28 +478,20 @@ class HttpBench:
         proc = subprocess.Popen([SECKILL, "bff", "--port", str(port), "--workers",
                                  str(self.workers)], env=env, stdout=log,
                                 stderr=subprocess.STDOUT)
+        return proc, port, admin, log
+
+    async def window(self, proc: subprocess.Popen, port: int, seconds: float,
+                     connections: int, load: Load, who: str, index: int) -> dict[str, Any]:
+        """One measured window; with a profile, py-spy (or perf) on the server's workers
+        over it: PREFIX`who`-<pid>-s`index`.txt."""
+        profile = None if self.profile is None else self.profile.with_name(
+            self.profile.stem + who.removesuffix(self.profile.suffix) + self.profile.suffix)
+        spies = spy_on(children(proc.pid), seconds, profile, f"-s{index}")
         try:
-            await wait_listening(port, proc, log.name)
-            t0 = time.perf_counter()
-            sent = await warm(port, children(proc.pid), self.warm_tokens, WARMUP_PID)
-            warm_s = time.perf_counter() - t0
-            await load_window(proc, port, 1.0, connections, self.warmup)
-            before = await verifications(admin)
-            spies = spy_on(children(proc.pid), seconds, self.profile)
-            hot = await load_window(proc, port, seconds, connections, self.window)
+            return await load_window(proc, port, seconds, connections, load)
+        finally:
             for spy in spies:
                 spy.wait(30)
-            middle = await verifications(admin)
-            cold = await load_window(proc, port, cold_seconds, connections, self.cold)
-            after = await verifications(admin)
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(30)
-        hot["token_verifications"] = middle - before
-        cold["token_verifications"] = after - middle
-        return {"bff": hot, "bff_cold": cold,
-                "warm_up": {"requests": sent, "seconds": warm_s}}
-
 
 
 # Where a worker's samples went: the first rule a stack matches (py-spy --native's

@@ -77,6 +77,17 @@ def serve(port: int, workers: int, interface: str = "asgi") -> None:
             workers=workers, **granian_options(load_settings())).serve()
 
 
+def start_floor(workers: int, interface: str = "asgi"
+                ) -> tuple[subprocess.Popen, int, Any]:
+    """The floor server, started: (process, port, log file)."""
+    port = free_port()
+    log = tempfile.NamedTemporaryFile(prefix="seckill-bench-floor-", suffix=".log")
+    proc = subprocess.Popen([sys.executable, "-m", "bench.floor", "--serve", str(port),
+                             "--workers", str(workers), "--interface", interface],
+                            stdout=log, stderr=subprocess.STDOUT)
+    return proc, port, log
+
+
 async def measure_floor(*, seconds: float = 10, connections: int = 64,
                         workers: int | None = None, load: Load | None = None,
                         warmup: Load | None = None, interface: str = "asgi",
@@ -86,11 +97,7 @@ async def measure_floor(*, seconds: float = 10, connections: int = 64,
     workers = workers or os.cpu_count() or 1
     load = load or Load((buy_path(BFF_PIDS[0]),), first_user=1)
     warmup = warmup or Load((buy_path(BFF_PIDS[0]),), first_user=10**9)
-    port = free_port()
-    log = tempfile.NamedTemporaryFile(prefix="seckill-bench-floor-", suffix=".log")
-    proc = subprocess.Popen([sys.executable, "-m", "bench.floor", "--serve", str(port),
-                             "--workers", str(workers), "--interface", interface],
-                            stdout=log, stderr=subprocess.STDOUT)
+    proc, port, log = start_floor(workers, interface)
     try:
         result = await load_server(proc, port, log.name, seconds, connections, load, warmup,
                                    profile)

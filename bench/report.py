@@ -382,7 +382,8 @@ def _bff_table(r: dict[str, Any]) -> list[str]:
         lines.append(f"Run {i + 1}: BFF {run['bff']['cpu_us_per_accepted']:.1f} us per accepted "
                      f"purchase / (floor {run['floor']['cpu_us_per_request']:.1f} + direct gate "
                      f"{run['gate_direct']['cpu_us_per_request']:.1f} = {base:.1f} us) = "
-                     f"{run['cpu_ratio']:.2f} (target <= {HTTP_CPU_BOUND}); the BFF's own "
+                     f"{run['cpu_ratio']:.2f} (target <= {HTTP_CPU_BOUND}; "
+                     f"{run.get('slices', 1)} alternating windows per server); the BFF's own "
                      f"{run['bff']['cpu_us_per_accepted'] - base:.1f} us; a new token costs "
                      f"{cold:.0f} us more.")
     return lines

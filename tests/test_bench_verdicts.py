@@ -297,6 +297,34 @@ def test_http_cpu_target_refuses_a_window_that_does_not_measure_it(
     assert http_problems(good) == []
 
 
+def test_alternated_windows_merge_into_one_per_server() -> None:
+    """bench/bff.py measures each server in SLICES windows in turn; their CPU per request
+    is the total CPU over the total requests (a slow window weighs its share, no more),
+    latency the worst window's."""
+    def window(requests: int, ticks: int, p99: float, accepted: int | None = None
+               ) -> dict[str, Any]:
+        done = requests if accepted is None else accepted
+        return {"requests": requests, "accepted": done, "errors": 0, "seconds": 2.0,
+                "ticks": ticks, "p50_ms": 1.0, "p99_ms": p99, "client": "wrk",
+                "tokens_exhausted": False,
+                "cpu_us_per_request": ticks / enginerun.TICK * 1e6 / requests}
+
+    merged = bff.merge_windows([window(30_000, 200, 8.0), window(10_000, 100, 20.0),
+                                window(20_000, 150, 9.0, accepted=10_000)])
+    per_tick = 1e6 / enginerun.TICK
+    assert merged["requests"] == 60_000 and merged["accepted"] == 50_000
+    assert merged["ticks"] == 450 and merged["seconds"] == 6.0
+    assert merged["cpu_us_per_request"] == pytest.approx(450 * per_tick / 60_000)
+    assert merged["cpu_us_per_accepted"] == pytest.approx(450 * per_tick / 50_000)
+    assert merged["accepted_per_second"] == pytest.approx(50_000 / 6.0)
+    assert merged["p99_ms"] == 20.0 and len(merged["windows"]) == 3
+    # the direct gate: CPU from its processes' own clocks, per call
+    direct = [{"requests": 1000, "accepted": 1000, "seconds": 2.0, "ticks": 1,
+               "p50_ms": 1.0, "p99_ms": 2.0, "processes": 2, "cpu_us_per_request": us}
+              for us in (10.0, 14.0)]
+    assert bff.merge_windows(direct)["cpu_us_per_request"] == pytest.approx(12.0)
+
+
 # --- real drains and a real latency window ------------------------------------------
 
 

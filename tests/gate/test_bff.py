@@ -265,10 +265,13 @@ async def test_metrics_count_by_endpoint_and_code(bff, product_id):
         await client.post(f"/api/v1/seckill/{product_id}", json={"user_id": 1})
         assert (await client.get("/metrics")).status_code == 404  # not on the public port
         assert (await client.get("/openapi.json")).status_code == 404
-        text = (await client.get(bff.admin_url + "/metrics")).text
+        counted = 'seckill_bff_requests_total{code="404",endpoint="buy"} 1.0'
+        deadline = time.monotonic() + 5  # written every FLUSH_EVERY seconds
+        while counted not in (text := (await client.get(bff.admin_url + "/metrics")).text):
+            assert time.monotonic() < deadline, text[-2000:]
+            await asyncio.sleep(0.05)
         assert (await client.get(bff.admin_url + "/healthz")).status_code == 200
         assert (await client.get(bff.admin_url + "/openapi.json")).json()["openapi"] == "3.1.0"
-    assert 'seckill_bff_requests_total{code="404",endpoint="buy"} 1.0' in text
     assert "seckill_bff_request_duration_seconds_bucket" in text
     assert str(product_id) not in text
 

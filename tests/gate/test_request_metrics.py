@@ -1,9 +1,11 @@
-"""The BFF's request metrics, written once per event-loop turn (engine.metrics.bff.Pending),
-read back exactly as if each request had been observed on its own."""
+"""The BFF's request metrics, written together every FLUSH_EVERY seconds
+(engine.metrics.bff.Pending), read back exactly as if each request had been observed on
+its own."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 
 from prometheus_client import REGISTRY, CollectorRegistry, Histogram
 from pytest import approx
@@ -19,14 +21,22 @@ def _sample(name: str, **labels: str) -> float | None:
     return REGISTRY.get_sample_value(name, labels)
 
 
-async def test_a_turns_requests_count_as_if_observed_one_by_one() -> None:
+async def _written(endpoint: str, code: str, count: int) -> None:
+    """Wait (at most 5 s) for the flush that makes the count `count`."""
+    deadline = time.monotonic() + 5
+    while _sample("seckill_bff_requests_total", endpoint=endpoint, code=code) != count:
+        assert time.monotonic() < deadline, "the request metrics were never written"
+        await asyncio.sleep(bff.FLUSH_EVERY / 4)
+
+
+async def test_requests_count_as_if_observed_one_by_one() -> None:
     endpoint = f"test-{id(VALUES)}"
     for value in VALUES:
         bff.observe(endpoint, 202, value)
     bff.observe(endpoint, 409, 0.001)
+    await asyncio.sleep(0)  # the end of the turn: not written yet
     assert _sample("seckill_bff_requests_total", endpoint=endpoint, code="202") is None
-    await asyncio.sleep(0)  # the end of the turn
-    assert _sample("seckill_bff_requests_total", endpoint=endpoint, code="202") == len(VALUES)
+    await _written(endpoint, "202", len(VALUES))
     assert _sample("seckill_bff_requests_total", endpoint=endpoint, code="409") == 1
 
     one_by_one = CollectorRegistry()
@@ -40,7 +50,5 @@ async def test_a_turns_requests_count_as_if_observed_one_by_one() -> None:
     assert _sample("seckill_bff_request_duration_seconds_sum", endpoint=endpoint) == approx(
         one_by_one.get_sample_value("ref_sum", {}))
 
-    bff.observe(endpoint, 202, 0.01)  # the next turn is written at its own end
-    await asyncio.sleep(0)
-    assert _sample("seckill_bff_requests_total", endpoint=endpoint, code="202") == \
-        len(VALUES) + 1
+    bff.observe(endpoint, 202, 0.01)  # the next ones at the next flush
+    await _written(endpoint, "202", len(VALUES) + 1)
