@@ -46,7 +46,9 @@ SIZES = {  # quick, full, long
     "latency_s": (5.0, 12.0, 12.0),
     "scale": (15_000, 60_000, 60_000),
     "soak": (0, 0, 1_000_000),  # per round: three 1,000,000-order soaks
-    "bff_s": (3.0, 6.0, 6.0),
+    # per server, in bff_slices windows that alternate direct gate, floor and BFF
+    "bff_s": (2.0, 12.0, 12.0),
+    "bff_slices": (2, 6, 6),
     "bff_cold_s": (2.0, 3.0, 3.0),  # every token new to the BFF: the cold cost apart
     # buyers with a minted token, once per run (about 0.3 ms each on 2 cores): the window
     # buys 8 products with each warm token (bench/bff.py), the cold one 1 per token
@@ -186,7 +188,8 @@ class Suite:
             say(f"    minting {self.n('bff_tokens') + self.n('bff_cold_tokens'):,} tokens")
             self._http = bff.HttpBench(self.settings, Path(self.tmp.name),
                                        tokens=self.n("bff_tokens"),
-                                       cold_tokens=self.n("bff_cold_tokens"))
+                                       cold_tokens=self.n("bff_cold_tokens"),
+                                       slices=self.n("bff_slices"))
         return self._http
 
     async def cluster_phases(self, tag: str) -> None:

@@ -51,12 +51,13 @@ from .tokens import Issuer, TokenFile, warm
 
 SECKILL = str(Path(sys.executable).with_name("seckill"))
 PID = 990_000_020  # the direct gate's sale
-# A round's measured time per server, in this many windows that alternate direct gate,
-# floor, BFF: a slow spell of the shared machine lands on all three, not on one of them
-SLICES = 3
-PRODUCTS = 8  # a BFF window's: each token buys each of these products in turn
-BFF_PIDS = tuple(PID + 1 + i for i in range(PRODUCTS * SLICES))  # the windows' in turn
-WARMUP_PID = PID + 1 + PRODUCTS * SLICES  # the connections' warm-up load, apart
+# A round's measured time per server is cut into windows that alternate direct gate,
+# floor, BFF (`slices` of each, at most MAX_SLICES): a slow spell of the shared machine
+# lands on all three, not on one of them
+MAX_SLICES = 6
+PRODUCTS = 8  # a BFF window's at least: each token buys each of them in turn
+BFF_PIDS = tuple(PID + 1 + i for i in range(PRODUCTS * MAX_SLICES))  # windows' in turn
+WARMUP_PID = PID + 1 + PRODUCTS * MAX_SLICES  # the connections' warm-up load, apart
 COLD_PID = WARMUP_PID + 1
 WARM_FIRST_USER = 10**12  # far above the direct gate's users
 COLD_FIRST_USER = 2 * 10**12
@@ -399,7 +400,7 @@ class HttpBench:
     of one round: direct gate, floor, BFF warm and cold."""
 
     def __init__(self, settings: Settings, directory: Path, *, tokens: int,
-                 cold_tokens: int, profile: Path | None = None) -> None:
+                 cold_tokens: int, profile: Path | None = None, slices: int = 3) -> None:
         self.settings = settings
         self.profile = profile  # py-spy's collapsed stacks of the workers in the warm window
         self.workers = os.cpu_count() or 1
@@ -407,14 +408,17 @@ class HttpBench:
                              audience=settings.bff_jwt_audience)
         self.warm_tokens = self.issuer.mint("warm", WARM_FIRST_USER, tokens, self.workers)
         self.cold_tokens = self.issuer.mint("cold", COLD_FIRST_USER, cold_tokens, self.workers)
-        self.windows = [Load(tuple(buy_path(pid) for pid in BFF_PIDS[j::SLICES]),
-                             self.warm_tokens) for j in range(SLICES)]
+        if not 1 <= slices <= MAX_SLICES:
+            raise ValueError(f"slices: 1 to {MAX_SLICES}, got {slices}")
+        self.slices = slices
+        self.windows = [Load(tuple(buy_path(pid) for pid in BFF_PIDS[j::slices]),
+                             self.warm_tokens) for j in range(slices)]
         self.warmup = Load((buy_path(WARMUP_PID),), self.warm_tokens)
         self.cold = Load((buy_path(COLD_PID),), self.cold_tokens)
 
     async def measure(self, *, seconds: float, cold_seconds: float,
                       connections: int = 64) -> dict[str, Any]:
-        """The round: both servers started and warmed, then SLICES windows each of the
+        """The round: both servers started and warmed, then `slices` windows each of the
         direct gate, the floor and the BFF in turn (`seconds` per server in all), then
         the BFF's cold window."""
         from .floor import start_floor
@@ -433,7 +437,7 @@ class HttpBench:
             await load_window(bff, bff_port, 1.0, connections, self.warmup)
             before = await verifications(admin)
             parts: dict[str, list[dict[str, Any]]] = {"gate_direct": [], "floor": [], "bff": []}
-            share = seconds / SLICES
+            share = seconds / self.slices
             for j, load in enumerate(self.windows):
                 parts["gate_direct"].append(await gate.window(share))
                 parts["floor"].append(await self.window(floor, floor_port, share, connections,
@@ -455,7 +459,7 @@ class HttpBench:
         hot = merge_windows(parts["bff"])
         hot["token_verifications"] = middle - before
         cold["token_verifications"] = after - middle
-        out = {"connections": connections, "bff_workers": self.workers, "slices": SLICES,
+        out = {"connections": connections, "bff_workers": self.workers, "slices": self.slices,
                "gate_direct": merge_windows(parts["gate_direct"]),
                "floor": {"workers": self.workers, "connections": connections,
                          "interface": "asgi", **merge_windows(parts["floor"])},
@@ -585,6 +589,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, default=20_000)
     p.add_argument("--cold-tokens", type=int, default=20_000)
     p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--slices", type=int, default=3,
+                   help="windows per server, alternated (--seconds is their total)")
     p.add_argument("--profile", type=Path, default=None, metavar="PREFIX",
                    help="py-spy the BFF's and the floor's workers in the window: "
                         "PREFIX-<pid>.txt; a PREFIX ending in .perf: perf record, "
@@ -596,7 +602,8 @@ def main(argv: list[str] | None = None) -> int:
     async def rounds() -> list[dict[str, Any]]:
         with tempfile.TemporaryDirectory(prefix="seckill-bench-") as tmp:
             bench = HttpBench(settings, Path(tmp), tokens=args.tokens,
-                              cold_tokens=args.cold_tokens, profile=args.profile)
+                              cold_tokens=args.cold_tokens, profile=args.profile,
+                              slices=args.slices)
             runs = []
             for _ in range(args.rounds):
                 await reset(settings, [], quiet_wait=10.0)

@@ -226,7 +226,7 @@ class BffApp:
         if self.client_ip.proxies:  # (else X-Forwarded-For is not even looked at)
             ip = self.client_ip.of(ip, request.header("x-forwarded-for"))
         gate = self.gate if self.gate is not None else await self._gate()
-        result = await gate.buy(pid, user_id, ip=ip)
+        result = await gate.attempt(pid, user_id, ip=ip)  # (both IDs validated above)
         outcome = result.outcome
         if outcome == "sold_out":
             self.sold_out[pid] = time.monotonic() + self.settings.bff_soldout_recheck

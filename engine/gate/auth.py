@@ -237,8 +237,13 @@ def _bearer(authorization: str | bytes | None) -> bytes:
     bytes), else Unauthenticated."""
     if not authorization:
         raise Unauthenticated("a bearer token is required")
-    if isinstance(authorization, str):
-        authorization = authorization.encode("latin-1")
+    if isinstance(authorization, str):  # (RSGI: the usual "Bearer <token>" at once)
+        try:
+            if authorization.startswith("Bearer ") and authorization[7:8] not in (" ", ""):
+                return authorization[7:].rstrip().encode("latin-1")
+            authorization = authorization.encode("latin-1")
+        except UnicodeEncodeError:
+            raise Unauthenticated("malformed token") from None
     scheme, _, token = authorization.partition(b" ")
     token = token.strip()
     if scheme.lower() != b"bearer" or not token:

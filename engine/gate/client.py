@@ -181,8 +181,13 @@ class Gate:
     async def buy(self, product_id: int, user_id: int, ts: int | None = None,
                   ip: str | None = None) -> GateResult:
         """One attempt by `user_id`, from client address `ip` when known (per-IP limit)."""
-        pid = validate_id("product_id", product_id)
-        uid = validate_id("user_id", user_id)
+        return await self.attempt(validate_id("product_id", product_id),
+                                  validate_id("user_id", user_id), ts, ip)
+
+    async def attempt(self, pid: int, uid: int, ts: int | None = None,
+                      ip: str | None = None) -> GateResult:
+        """`buy` with IDs its caller has validated already (`validate_id`): the BFF's,
+        which checked them before reading the body and pays for that once."""
         k = self.keys
         # no address, no per-IP key (KEYS[8] nil): an empty key name would hash to slot
         # 0 and make the call CROSSSLOT on a Redis Cluster

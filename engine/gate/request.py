@@ -82,8 +82,13 @@ class RsgiRequest:
 
     def peer(self) -> str | None:
         client = self.scope.client or ""  # "host:port", "[v6]:port" or empty
-        host, colon, _ = client.rpartition(":")
-        return (host if colon else client).strip("[]") or None
+        host = _PEERS.get(client)
+        if host is None:  # a new connection: parsed once, while it is kept alive
+            if len(_PEERS) >= PEERS_KEPT:
+                _PEERS.clear()
+            address, colon, _ = client.rpartition(":")
+            host = _PEERS[client] = (address if colon else client).strip("[]")
+        return host or None
 
     def body(self, limit: int) -> Awaitable[bytes]:
         """Granian's own awaitable (no coroutine of ours around it): it bounds the body
@@ -92,6 +97,8 @@ class RsgiRequest:
 
 
 Request = AsgiRequest | RsgiRequest
+PEERS_KEPT = 4096  # peer addresses parsed, by Granian's "host:port" (one per connection)
+_PEERS: dict[str, str] = {}
 
 
 class BodyDeadlines:

@@ -301,6 +301,25 @@ async def test_cached_tokens_skip_the_signature_but_never_outlive_exp(issuer, se
     assert len(verifier.cache) == 2
 
 
+async def test_a_header_spelt_any_way_hits_the_same_cache_entry(issuer, settings):
+    """RSGI hands headers over as str (a fast path), ASGI as bytes: the same token,
+    however the header is spelt, is one cache entry; a header that is no bearer token,
+    or not even latin-1, is refused as unauthenticated, never an error of ours."""
+    keyset = KeySet(settings.replace(bff_jwks=str(issuer.jwks)))
+    keyset.load()
+    verifier = Verifier(settings, keyset)
+    token = issuer.token(7)
+    assert await verifier.caller(f"Bearer {token}") == 7
+    for header in (f"Bearer {token}", f"Bearer {token}  ", f"bearer {token}",
+                   f"Bearer   {token}", f"BEARER {token}".encode(), f"Bearer {token}".encode()):
+        assert verifier.cached(header) == 7, header
+    assert len(verifier.cache) == 1
+    for header in ("", "Bearer", "Bearer ", "Basic abc", "Bearer \u20ac" + token, None):
+        assert verifier.cached(header) is None
+        with pytest.raises(Unauthenticated):
+            await verifier.caller(header)
+
+
 async def test_hs256_only_when_configured_and_only_with_a_secret_key(issuer, tmp_path, settings):
     secret = b"s" * 32
     oct_key = {"kty": "oct", "kid": "shared", "k": jwt.utils.base64url_encode(secret).decode()}
