@@ -473,12 +473,15 @@ class HttpBench:
     def profile_suffix(self) -> str:
         return "" if self.profile is None else self.profile.suffix
 
-    def start_bff(self) -> tuple[subprocess.Popen, int, int, Any]:
-        """`seckill bff` with JWT on, N workers: (process, port, admin port, log)."""
+    def start_bff(self, overrides: dict[str, str] | None = None
+                  ) -> tuple[subprocess.Popen, int, int, Any]:
+        """`seckill bff` with JWT on, N workers, `overrides` in its environment:
+        (process, port, admin port, log)."""
         port, admin = free_port(), free_port()
         log = tempfile.NamedTemporaryFile(prefix="seckill-bench-bff-", suffix=".log")
         env = engine_env(self.settings, bff_auth="jwt", bff_jwks=str(self.issuer.jwks),
                          bff_admin_port=admin)
+        env.update(overrides or {})
         proc = subprocess.Popen([SECKILL, "bff", "--port", str(port), "--workers",
                                  str(self.workers)], env=env, stdout=log,
                                 stderr=subprocess.STDOUT)
