@@ -54,7 +54,7 @@ SIZES = {  # quick, full, long
     # buys 8 products with each warm token (bench/bff.py), the cold one 1 per token
     "bff_tokens": (10_000, 20_000, 20_000),
     "bff_cold_tokens": (12_000, 20_000, 20_000),
-    "cluster": (10_000, 60_000, 60_000),  # per run of each cluster phase (bench/cluster.py)
+    "cluster": (10_000, 90_000, 90_000),  # per run of each cluster phase (bench/cluster.py)
 }
 ROUNDS = (1, 3, 3)  # quick, full, long; a quick run is never judged
 MODES = ("quick", "full", "long")
