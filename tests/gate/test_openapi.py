@@ -8,6 +8,7 @@ import asyncio
 import random
 import uuid
 
+import httpx
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
@@ -75,7 +76,13 @@ def test_the_public_api_answers_as_documented(fuzzed, case):
 
 
 async def test_the_sale_invariants_hold_after_the_fuzzing(fuzzed):
-    s, _, _ = fuzzed
+    s, server, auth = fuzzed
+    # the fuzzer buys for the token's user only when it happens to send the token with an
+    # empty body or the user's own ID (about 1 run in 8 it did not): one purchase here,
+    # so the last check always has a buyer to find (409: the fuzzer bought already)
+    async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
+        r = await client.post(f"/api/v1/seckill/{PID}", json={}, headers=auth)
+    assert r.status_code in (202, 409), r.text
     redis = Redis.from_url(s.redis_url)
     keys = Keys(s.key_prefix)
     try:
