@@ -248,16 +248,6 @@ class DirectGate:
         self.pool.shutdown()
 
 
-async def direct(settings: Settings, seconds: float, connections: int,
-                 processes: int = 1) -> dict[str, Any]:
-    """The gate from `processes` Python processes, `connections` concurrent calls in all."""
-    gate = DirectGate(settings, connections, processes)
-    try:
-        return await gate.window(seconds)
-    finally:
-        gate.close()
-
-
 def merge_windows(parts: list[dict[str, Any]]) -> dict[str, Any]:
     """One server's alternated windows as one: counts and CPU summed, rates over their
     summed time, the worst window's latencies (each window is kept under "windows")."""

@@ -14,7 +14,7 @@ import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, NamedTuple, TypeVar
+from typing import Literal, NamedTuple, NoReturn, TypeVar
 
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError, ResponseError
@@ -97,8 +97,9 @@ def validate_id(name: str, value: object) -> int:
 class _Script:
     """A Lua script called by EVALSHA, loaded once, reloaded after SCRIPT FLUSH.
 
-    One call, one command: the purchases of a busy server are coalesced by RoutedScript
-    (engine/gate/durable.py) instead.
+    One call, one command: the purchases of a busy server are coalesced by ScriptPipe
+    (engine/gate/pipe.py, a single Redis) or RoutedScript (engine/gate/durable.py, a
+    cluster or WAIT) instead.
     """
 
     def __init__(self, redis: Redis, name: str) -> None:
@@ -124,22 +125,17 @@ async def _named_errors(call: Awaitable[T]) -> T:
     try:
         return await call
     except REDIS_ERRORS as exc:
-        named = _named(exc)
-        if named is exc:
-            raise
-        raise named from exc
+        _raise_named(exc)
 
 
-def _named(exc: BaseException) -> BaseException:
-    """What a failed script call raises: a bad sale state or an unreachable Redis as our
-    named errors, any other error reply as it is."""
-    if isinstance(exc, ResponseError):
-        if str(exc).startswith(BADSTATE + " "):
-            return SaleStateCorrupt(f"Redis: {str(exc)[len(BADSTATE) + 1:]}")
-        return exc
-    if isinstance(exc, ServiceUnavailable):
-        return exc
-    return ServiceUnavailable(f"Redis: {exc}")
+def _raise_named(exc: BaseException) -> NoReturn:
+    """Raise what a failed script call stands for: a bad sale state or an unreachable
+    Redis as our named errors, any other error reply as it is."""
+    if not isinstance(exc, ResponseError):
+        raise ServiceUnavailable(f"Redis: {exc}") from exc
+    if str(exc).startswith(BADSTATE + " "):
+        raise SaleStateCorrupt(f"Redis: {str(exc)[len(BADSTATE) + 1:]}") from exc
+    raise exc
 
 
 def _accepted(reply: object) -> bool:
@@ -149,9 +145,10 @@ def _accepted(reply: object) -> bool:
 class Gate:
     def __init__(self, redis: Redis, keys: Keys, *, coalesce: bool = False,
                  limits: Limits | None = None, wait: WaitFor | None = None) -> None:
-        """`coalesce`: send the purchase attempts of one loop turn together, per master
-        down one connection (RoutedScript; for a server answering many users at once,
-        like the BFF). `limits`: the default rate
+        """`coalesce`: send the purchase attempts of one loop turn together (for a server
+        answering many users at once, like the BFF): down one connection of the gate's
+        own on a single Redis (ScriptPipe), per master on a cluster (RoutedScript).
+        `limits`: the default rate
         limits of every attempt (a sale's own limits win). `wait`: replicas that must
         acknowledge an accepted purchase (WAIT, `WaitFor.of(settings)`), else the
         attempt is "unreplicated"; its attempts are coalesced too."""
@@ -159,8 +156,7 @@ class Gate:
         self.keys = keys
         self.limits = (limits or Limits()).args()
         self._buy = _Script(redis, "seckill.lua")
-        # per master, one connection each (WAIT must follow the purchases on theirs;
-        # without it still cheaper than a redis-py pipeline, on one Redis or a cluster)
+        # WAIT must follow the purchases on their own connection, per master: RoutedScript
         self._routed: RoutedScript | ScriptPipe | None = None
         if coalesce and wait is None and not is_cluster(redis):
             self._routed = ScriptPipe(redis, self._buy.source)
@@ -201,10 +197,7 @@ class Gate:
             try:  # (the call's future awaited here: no coroutine of _named_errors around it)
                 reply, acked = await self._routed(keys, args)
             except REDIS_ERRORS as exc:
-                named = _named(exc)
-                if named is exc:
-                    raise
-                raise named from exc
+                _raise_named(exc)
         assert isinstance(reply, list)
         outcome = _OUTCOMES[int(reply[0])]
         if outcome == "rate_limited":

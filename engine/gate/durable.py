@@ -85,10 +85,10 @@ class RoutedScript:
 
     A call resolves to `(reply, acked)`: the script's reply, and the replicas that
     acknowledged it (None when no WAIT was sent: WAIT off, or it wrote no order).
-    Without WAIT it still serves the coalesced purchases, on one Redis (cheaper than a
-    redis-py pipeline, see docs/performance.md) and on a cluster: sent this way
-    they cost the gate less CPU than as a redis-py cluster pipeline (46 against 84 us a
-    purchase: bench/results/durability-20261130-074429.json, before that path was removed).
+    Without WAIT it still serves the coalesced purchases on a cluster (a single Redis's
+    go through ScriptPipe, engine/gate/pipe.py): sent this way they cost the gate less
+    CPU than as a redis-py cluster pipeline (46 against 84 us a purchase:
+    bench/results/durability-20261130-074429.json, before that path was removed).
     """
 
     def __init__(self, redis: Redis, source: str, wait: WaitFor | None,

@@ -3,10 +3,11 @@
 A busy BFF sends the purchase attempts of one loop turn together (engine.gate.client
 `Gate(coalesce=True)`). Through redis-py each such batch cost a pool checkout, a task
 for the send's timeout, and a timeout context, an encoder pass and a parser call per
-reply: about 130 us of CPU a batch and 26 a call, against 55 and 10 here (the
-ScriptPipe section of docs/performance.md). The BFF's batches are small (a handful
-of calls, where a client calling the gate in a loop sends thirty-two at once), so the
-cost of a batch was most of what a purchase cost the BFF above the gate itself.
+reply: 135 us of CPU a batch and 40 a call, against 60 and 13 here
+(`python -m bench.gatebatch`, bench/results/gatebatch-20261130-114637.json). The BFF's
+batches are small (a handful of calls, where a client calling the gate in a loop sends
+thirty-two at once), so the cost of a batch was most of what a purchase cost the BFF
+above the gate itself.
 
 One connection per process carries every batch: the EVALSHAs of a turn packed by
 hiredis and written at once, the replies parsed by hiredis as they arrive and handed

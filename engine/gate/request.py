@@ -53,10 +53,7 @@ class AsgiRequest:
         client = self.scope.get("client")
         return str(client[0]) if client else None
 
-    def body(self, limit: int) -> Awaitable[bytes]:
-        return self._read(limit)
-
-    async def _read(self, limit: int) -> bytes:
+    async def body(self, limit: int) -> bytes:
         body = b""
         while True:
             message = await self.receive()

@@ -50,23 +50,23 @@ class Pending:
 
     def __init__(self) -> None:
         # (endpoint, status) -> [requests, seconds, per-bucket counts]
-        self.turn: dict[tuple[str, int], list[Any]] = {}
+        self.window: dict[tuple[str, int], list[Any]] = {}
         self.children: dict[tuple[str, int], tuple[Any, Any]] = {}
 
     def observe(self, endpoint: str, status: int, seconds: float) -> None:
         key = (endpoint, status)
-        entry = self.turn.get(key)
+        entry = self.window.get(key)
         if entry is None:
-            if not self.turn:
+            if not self.window:
                 asyncio.get_running_loop().call_later(FLUSH_EVERY, self.flush)
-            entry = self.turn[key] = [0, 0.0, [0] * len(BOUNDS)]
+            entry = self.window[key] = [0, 0.0, [0] * len(BOUNDS)]
         entry[0] += 1
         entry[1] += seconds
         entry[2][bisect_left(BOUNDS, seconds)] += 1
 
     def flush(self) -> None:
-        turn, self.turn = self.turn, {}
-        for key, (count, seconds, buckets) in turn.items():
+        window, self.window = self.window, {}
+        for key, (count, seconds, buckets) in window.items():
             pair = self.children.get(key)
             if pair is None:
                 pair = self.children[key] = (REQUESTS.labels(key[0], str(key[1])),
