@@ -146,8 +146,10 @@ async def test_stats_count_only_the_open_sale(settings, redis, product_id):
 
 def test_stats_watch_redraws_until_interrupted(settings):
     with tempfile.TemporaryFile() as out:
+        # A runner started in the background inherits SIGINT ignored, and Python keeps an
+        # ignored SIGINT ignored: give the child the default a terminal's Ctrl-C would meet.
         proc = subprocess.Popen([SECKILL, "stats", "--watch", "0.3"], env=engine_env(settings),
-                                stdout=out, stderr=subprocess.PIPE)
+                                stdout=out, stderr=subprocess.PIPE, preexec_fn=_default_sigint)
         deadline = time.monotonic() + 20
         try:
             while _redraws(out) < 2 and time.monotonic() < deadline and proc.poll() is None:
@@ -163,6 +165,10 @@ def test_stats_json_is_one_array_per_sample(settings):
     done = seckill(settings, "stats", "--json")
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == []  # this test's prefix has no sales
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _redraws(out) -> int:
