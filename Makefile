@@ -17,8 +17,10 @@ help:
 	@echo "make demo         run the whole flow on the local services"
 	@echo "make test         the test suite against the real services"
 	@echo "make bench        the benchmark suite: 3 alternating rounds, targets judged on their"
-	@echo "                  spread (about 15 minutes; bench-quick: one round, not judged, under"
-	@echo "                  4 minutes; bench-long: a 1,000,000-order soak per round; bench-micro)"
+	@echo "                  spread (about 10 minutes; bench-quick: one round, not judged, under"
+	@echo "                  4 minutes; bench-long: a 1,000,000-order soak per round; bench-micro:"
+	@echo "                  pytest-benchmark; bench-cluster: one Redis Cluster drain against the"
+	@echo "                  single Redis)"
 	@echo "make loadtest     a Locust flash-sale rehearsal, verified afterwards"
 	@echo "make proto        regenerate engine/pb from proto/ (proto-check: is it fresh?)"
 	@echo "make lint         ruff and mypy (CI runs it before the tests)"
@@ -26,7 +28,9 @@ help:
 	@echo "                  in bench/results/chaos-<time>.md and .json (under 20 minutes)"
 	@echo "make lock         re-resolve the dependencies into requirements.lock"
 	@echo "make cluster-up   a local Redis Cluster (3 masters + 3 replicas, ports 7001-7006) and"
-	@echo "                  RabbitMQ cluster (5681-5683) beside the single services (cluster-down)"
+	@echo "                  RabbitMQ cluster (5681-5683) beside the single services"
+	@echo "                  (cluster-status, cluster-down)"
+	@echo "make clean        remove .venv and the build files"
 
 venv: $(STAMP)
 

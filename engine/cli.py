@@ -234,8 +234,10 @@ def _sale_open(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stock", type=_positive, required=True, help="units for sale")
     p.add_argument("--clear-buyers", action="store_true",
                    help="forget who bought in earlier sales of this product")
-    p.add_argument("--start-at", help="ISO 8601 or unix seconds: 425 before (default: now)")
-    p.add_argument("--end-at", help="ISO 8601 or unix seconds: 410 ended from then on")
+    p.add_argument("--start-at", help="ISO 8601 or unix seconds; before it a purchase is "
+                   "425 not started (default: now)")
+    p.add_argument("--end-at", help="ISO 8601 or unix seconds; from then on a purchase is "
+                   "410 ended (default: no end)")
     p.add_argument("--user-rate", type=float, help="attempts/s per user (bff_user_rate)")
     p.add_argument("--user-burst", type=_positive, help="burst per user (bff_user_burst)")
     p.add_argument("--ip-rate", type=float, help="attempts/s per client IP (bff_ip_rate)")
@@ -253,14 +255,17 @@ def _buy(p: argparse.ArgumentParser) -> None:
 
 def _run(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=_positive, default=None,
-                   help="worker processes (default: settings.workers, 0 = CPU count)")
+                   help="worker processes (default: the workers setting, whose 0 means "
+                   "one per CPU)")
 
 
 def _bff(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--host", default=None, help="address (default: settings.bff_host)")
-    p.add_argument("--port", type=_positive, default=None, help="port (default: bff_port)")
+    p.add_argument("--host", default=None, help="address (default: the bff_host setting)")
+    p.add_argument("--port", type=_positive, default=None,
+                   help="port (default: the bff_port setting)")
     p.add_argument("--workers", type=_positive, default=None,
-                   help="processes (default: settings.bff_workers, 0 = CPU count)")
+                   help="processes (default: the bff_workers setting, whose 0 means "
+                   "one per CPU)")
 
 
 def _stats(p: argparse.ArgumentParser) -> None:
@@ -270,10 +275,13 @@ def _stats(p: argparse.ArgumentParser) -> None:
 
 def _dlq(p: argparse.ArgumentParser) -> None:
     _product_only(p)
-    p.add_argument("ids", nargs="*", help="dead-letter entry IDs (list ignores them)")
-    p.add_argument("--all", action="store_true", help="every dead letter of the product")
-    p.add_argument("--reason", help="only dead letters with this reason")
-    p.add_argument("--limit", type=_positive, default=20, help="list: newest N (default 20)")
+    p.add_argument("ids", nargs="*",
+                   help="dead-letter entry IDs (show, replay, drop; list ignores them)")
+    p.add_argument("--all", action="store_true",
+                   help="show, replay, drop: every dead letter of the product (list ignores it)")
+    p.add_argument("--reason", help="only dead letters with this reason (list: among its newest N)")
+    p.add_argument("--limit", type=_positive, default=20,
+                   help="list: the newest N (default 20; the others ignore it)")
 
 
 def _trim(p: argparse.ArgumentParser) -> None:
@@ -283,7 +291,9 @@ def _trim(p: argparse.ArgumentParser) -> None:
 def _keys_init(p: argparse.ArgumentParser) -> None:
     from engine.gate.devkeys import DEFAULT_DIR
 
-    p.add_argument("--dir", default=DEFAULT_DIR, help=f"where (default {DEFAULT_DIR})")
+    p.add_argument("--dir", default=DEFAULT_DIR,
+                   help=f"directory of the JWKS, the private key in its private/ "
+                   f"(default {DEFAULT_DIR})")
     p.add_argument("--force", action="store_true", help="replace an existing key pair")
 
 
@@ -301,16 +311,19 @@ def _nothing(p: argparse.ArgumentParser) -> None:
 
 
 COMMANDS = [
-    (("migrate",), "apply db/ migrations and declare the RabbitMQ topology (idempotent)",
+    (("migrate",), "apply the database migrations (dbmate) and declare the RabbitMQ topology "
+     "(idempotent)",
      _nothing, cmd_migrate),
     (("product", "add"), "add or update a product", _add_product, cmd_product_add),
     (("sale", "open"), "open a sale: stock, sale ID, stream and consumer group", _sale_open,
      cmd_sale_open),
     (("sale", "close"), "stop selling (the engine still drains the backlog)", _product_only,
      cmd_sale_close),
-    (("buy",), "one purchase attempt through the gate", _buy, cmd_buy),
+    (("buy",), "one purchase attempt through the Lua gate in Redis (no HTTP, no token); exit 1 "
+     "unless accepted", _buy, cmd_buy),
     (("run",), "the engine: pre-fork supervisor and workers", _run, cmd_run),
-    (("bff",), "the HTTP gate (Granian, ASGI)", _bff, cmd_bff),
+    (("bff",), "the HTTP gate (the BFF) on Granian, over RSGI unless bff_interface is "
+     "asgi", _bff, cmd_bff),
     (("stats",), "per-sale stock, orders, lag, pending, dead letters, statuses", _stats,
      cmd_stats),
     (("dlq", "list"), "dead letters of a product, newest first", _dlq, cmd_dlq),
@@ -320,11 +333,13 @@ COMMANDS = [
     (("dlq", "drop"), "delete dead letters", _dlq, cmd_dlq),
     (("trim",), "remove stream entries the consumer group has acknowledged (cron-safe)",
      _trim, cmd_trim),
-    (("keys", "init"), "a development JWKS for the BFF, its private half kept apart",
+    (("keys", "init"), "a development JWKS for the BFF, its private half kept apart (an "
+     "existing pair is kept)",
      _keys_init, cmd_keys_init),
     (("token",), "print a bearer token for a user, signed with the development key", _token,
      cmd_token),
-    (("resource-domain",), "the reference Resource Domain (simulated provisioning)", _nothing,
+    (("resource-domain",), "the reference Resource Domain (simulated provisioning unless "
+     "rd_provisioner is kubectl)", _nothing,
      cmd_resource_domain),
 ]
 

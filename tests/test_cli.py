@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 import uuid
@@ -12,9 +13,9 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 from redis.asyncio import Redis
-from support import SECKILL, engine_env
+from support import SECKILL, engine_env, wait_for
 
-from engine.demo import check
+from engine.demo import ATTEMPTS, check, pace_line, tree_cpu_seconds
 from engine.gate.client import Gate
 from engine.keys import Keys
 
@@ -143,6 +144,33 @@ def test_demo_runs_the_whole_flow(settings, fresh_queues):
                           text=True, timeout=240, env=engine_env(settings, rd_metrics_port=0))
     assert done.returncode == 0, done.stdout + done.stderr
     assert "invariants hold" in done.stdout and "RUNNING" in done.stdout
+    assert "client-paced" in done.stdout and "make bench" in done.stdout
+
+
+def test_demo_says_its_burst_is_client_paced():
+    line = pace_line(10.0, 9.0, 0.5)
+    assert line.startswith(f"client-paced: {ATTEMPTS} attempts in 10.00 s through one httpx")
+    assert "the client 9.0 s, the HTTP gate 0.5 s (100 us an attempt)" in line
+    assert "the HTTP gate" not in pace_line(10.0, 9.0, None)
+
+
+async def test_demo_counts_the_cpu_of_a_process_and_its_children():
+    # the BFF's CPU is its Granian workers': a parent that only waits for a child that
+    # burns 0.5 s of CPU, then lives on (counted while running, not only once reaped)
+    busy = ("import time\nt = time.process_time()\nwhile time.process_time() - t < 0.5: pass"
+            "\ntime.sleep(60)")
+    parent = subprocess.Popen([sys.executable, "-c", "import subprocess, sys; "
+                               f"subprocess.run([sys.executable, '-c', {busy!r}])"],
+                              start_new_session=True)
+
+    async def counted() -> bool:
+        return (tree_cpu_seconds(parent.pid) or 0.0) >= 0.45
+
+    try:
+        await wait_for(counted, 30, "the child's CPU counted in its parent's tree")
+    finally:
+        os.killpg(parent.pid, signal.SIGKILL)
+        parent.wait(30)
 
 
 def test_demo_invariants_allow_failed_units_sold_again():
