@@ -93,6 +93,8 @@ def test_hops_are_read_across_lines_from_the_right():
     assert ip.of("10.1.1.1", []) == "10.1.1.1"
     assert ip.of("8.8.8.8", ["2.2.2.2"]) == "8.8.8.8"  # untrusted peer: header ignored
     assert ip.of("10.1.1.1", ["2001:DB8:0::1"]) == "2001:db8::1"
+    longest = "ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255"  # still an address
+    assert ip.of("10.1.1.1", [longest]) == "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"
 
 
 @pytest.mark.parametrize("hop", ["fe80::1%eth0", "fe80::1%" + "A" * 40_000, "1.2.3.4:80",
