@@ -137,6 +137,9 @@ class Settings:
                                    default="RS256,ES256,EdDSA")
     bff_jwt_issuer: str = _doc("Required `iss` of every token.", default="seckill-dev")
     bff_jwt_audience: str = _doc("Required `aud` of every token.", default="seckill-gate")
+    bff_jwt_max_ttl: float = _doc("Longest lifetime in seconds a token may claim: exp - iat, or "
+                                  "exp - now without iat (a longer one is refused).",
+                                  default=86400.0)
     bff_jwks_refresh: float = _doc("Seconds between background refreshes of a JWKS URL.",
                                    default=300.0)
     bff_jwks_min_refresh: float = _doc("Least seconds between two refreshes caused by a token "

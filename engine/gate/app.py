@@ -224,7 +224,7 @@ class BffApp:
             return 410, b'{"status":"sold_out"}', []
         ip = request.peer()
         if self.client_ip.proxies:  # (else X-Forwarded-For is not even looked at)
-            ip = self.client_ip.of(ip, request.header("x-forwarded-for"))
+            ip = self.client_ip.of(ip, request.header_lines("x-forwarded-for"))
         gate = self.gate if self.gate is not None else await self._gate()
         result = await gate.attempt(pid, user_id, ip=ip)  # (both IDs validated above)
         outcome = result.outcome

@@ -5,10 +5,20 @@ header only picks among them, and the key its `kid` names must be of that
 algorithm's family, so `alg=none` and algorithm confusion (an RSA public key
 used as an HMAC secret) are refused before any signature is checked.
 
+A token's header and payload are parsed here, refusing a key written twice:
+json.loads keeps the last of two `sub`s or `alg`s where another parser may keep
+the first, and a token must mean one thing to every reader. Its lifetime is
+capped (`bff_jwt_max_ttl`: a stolen token is not good for years), and its `sub`
+must be the one decimal spelling of a user ID ("007" is not user 7).
+
 A verified token is remembered per process under a hash of it (bounded, and
 never past its `exp`), so a buyer who retries costs a dictionary lookup, not a
-signature check. Keys come from a JWKS file or URL; a URL is refreshed in the
-background, and a token with an unknown `kid` causes at most one refresh per
+signature check. The cache forgets its oldest entry first, in constant time: a
+sale with more buyers than the cache holds fills it with no attacker, and each
+new token then must not pay for a scan of the whole cache.
+
+Keys come from a JWKS file or URL; a URL is refreshed in the background, and
+a token with an unknown `kid` causes at most one refresh per
 `bff_jwks_min_refresh` seconds (a flood of made-up kids cannot hammer the
 issuer).
 """
@@ -21,10 +31,12 @@ import json
 import logging
 import time
 import urllib.request
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
 import jwt
+from jwt.utils import base64url_decode
 
 from engine.config import Settings, mask_url
 from engine.errors import ConfigError, ServiceUnavailable, UsageError
@@ -140,8 +152,10 @@ class Verifier:
         self.issuer = settings.bff_jwt_issuer
         self.audience = settings.bff_jwt_audience
         self.keyset = keyset or KeySet(settings)
+        self.max_ttl = settings.bff_jwt_max_ttl
         self.cache_size = settings.bff_token_cache
-        self.cache: dict[bytes, Caller] = {}
+        self.cache: OrderedDict[bytes, Caller] = OrderedDict()
+        self.decoder = _StrictJwt()
         # imported here, as the app does: the worker's prometheus mode is set by then
         from engine.metrics.bff import TOKENS
 
@@ -181,19 +195,12 @@ class Verifier:
     def _remember(self, digest: bytes, caller: Caller) -> None:
         if not self.cache_size:
             return
-        if len(self.cache) >= self.cache_size:
-            now = time.time()
-            for key in [k for k, c in self.cache.items() if c.expires <= now]:
-                del self.cache[key]
-            while len(self.cache) >= self.cache_size:  # oldest first
-                del self.cache[next(iter(self.cache))]
+        while len(self.cache) >= self.cache_size:
+            self.cache.popitem(last=False)  # the oldest: a token expires or is retried soon
         self.cache[digest] = caller
 
     async def _verify(self, token: bytes) -> Caller:
-        try:
-            header = jwt.get_unverified_header(token)
-        except jwt.PyJWTError:
-            raise Unauthenticated("malformed token") from None
+        header = _header(token)
         alg = header.get("alg")
         if alg not in self.algorithms:
             raise Unauthenticated(f"algorithm {str(alg)[:20]!r} is not accepted")
@@ -201,17 +208,24 @@ class Verifier:
         if key.key_type != KEY_TYPE[alg] or key._jwk_data.get("alg", alg) != alg:
             raise Unauthenticated("the token's algorithm does not match its key")
         try:
-            claims = jwt.decode(token, key.key, algorithms=[alg], audience=self.audience,
-                                issuer=self.issuer, options={"require": REQUIRED_CLAIMS})
+            claims = self.decoder.decode(token, key.key, algorithms=[alg],
+                                         audience=self.audience, issuer=self.issuer,
+                                         options={"require": REQUIRED_CLAIMS})
         except jwt.ExpiredSignatureError:
             raise Unauthenticated("token expired") from None
         except jwt.PyJWTError as exc:
             raise Unauthenticated(f"invalid token: {exc}") from None
-        try:
-            uid = validate_id("sub", claims["sub"])
-        except UsageError:
-            raise Unauthenticated("sub: expected a positive 64-bit integer") from None
-        return Caller(uid, float(claims["exp"]))
+        return Caller(_user_id(claims["sub"]), self._expiry(claims))
+
+    def _expiry(self, claims: dict[str, Any]) -> float:
+        """`exp`, once the token's lifetime is within bff_jwt_max_ttl. Compared before
+        any arithmetic: an exp of 10**400 is a valid JSON integer that no float holds."""
+        exp, iat = claims["exp"], claims.get("iat")
+        if not _number(exp) or (iat is not None and not _number(iat)):
+            raise Unauthenticated("exp and iat: expected numbers of seconds")
+        if exp > time.time() + self.max_ttl or (iat is not None and exp - self.max_ttl > iat):
+            raise Unauthenticated(f"token lifetime over {self.max_ttl:g} s is not accepted")
+        return float(exp)
 
     async def _key(self, kid: Any) -> jwt.PyJWK:
         kid = "" if kid is None else str(kid)
@@ -249,6 +263,60 @@ def _bearer(authorization: str | bytes | None) -> bytes:
     if scheme.lower() != b"bearer" or not token:
         raise Unauthenticated("expected Authorization: Bearer <token>")
     return token
+
+
+class _StrictJwt(jwt.PyJWT):
+    """PyJWT's checks, with the payload parsed once, by `_json_object`."""
+
+    def _decode_payload(self, decoded: dict[str, Any]) -> dict[str, Any]:
+        return _json_object(decoded["payload"], "payload")
+
+
+def _json_object(raw: bytes, part: str) -> dict[str, Any]:
+    """A token's header or payload: one JSON object whose keys each appear once."""
+    try:  # (what _unique and _no_constant raise, a DecodeError, passes through)
+        value = json.loads(raw, object_pairs_hook=_unique, parse_constant=_no_constant)
+    except (ValueError, RecursionError):
+        raise jwt.DecodeError(f"the {part} is not JSON") from None
+    if not isinstance(value, dict):
+        raise jwt.DecodeError(f"the {part} is not a JSON object")
+    return value
+
+
+def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        names = [k for k, _ in pairs]
+        twice = next(k for k in out if names.count(k) > 1)
+        raise jwt.DecodeError(f"key {twice[:40]!r} appears twice")
+    return out
+
+
+def _no_constant(name: str) -> None:
+    raise jwt.DecodeError(f"{name} is not a number JSON allows")
+
+
+def _header(token: bytes) -> dict[str, Any]:
+    """The token's unverified header (PyJWT parses it again, strictly, to verify)."""
+    try:
+        return _json_object(base64url_decode(token.partition(b".")[0]), "header")
+    except (ValueError, jwt.PyJWTError) as exc:  # (binascii.Error is a ValueError)
+        raise Unauthenticated(f"malformed token: {exc}"[:120]) from None
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _user_id(sub: Any) -> int:
+    """The user ID a `sub` names, written as a positive decimal without leading zeros
+    or signs: one user, one spelling."""
+    if isinstance(sub, str) and sub.isascii() and sub.isdigit() and sub[0] != "0":
+        try:
+            return validate_id("sub", sub)
+        except UsageError:
+            pass
+    raise Unauthenticated("sub: expected a positive 64-bit integer in decimal")
 
 
 def _digest(token: bytes) -> bytes:

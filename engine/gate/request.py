@@ -49,6 +49,11 @@ class AsgiRequest:
                 return bytes(value).decode("latin-1")
         return None
 
+    def header_lines(self, name: str) -> list[str]:
+        """Every line of a header, in the order received."""
+        key = name.encode("latin-1")
+        return [bytes(v).decode("latin-1") for k, v in self.scope["headers"] if k == key]
+
     def peer(self) -> str | None:
         client = self.scope.get("client")
         return str(client[0]) if client else None
@@ -76,6 +81,10 @@ class RsgiRequest:
     def header(self, name: str) -> str | None:
         value = self.scope.headers.get(name)
         return None if value is None else str(value)
+
+    def header_lines(self, name: str) -> list[str]:
+        """Every line of a header, in the order received."""
+        return [str(v) for v in self.scope.headers.get_all(name)]
 
     def peer(self) -> str | None:
         client = self.scope.client or ""  # "host:port", "[v6]:port" or empty

@@ -344,3 +344,125 @@ async def test_hs256_only_when_configured_and_only_with_a_secret_key(issuer, tmp
     # HS256 is allowed now, but the kid names an RSA key: still no confusion
     with pytest.raises(Unauthenticated, match="does not match its key"):
         await both.caller(confused.encode())
+
+
+# -- issue 21: a token means one thing, for a bounded time ------------------------------
+
+
+def _raw_token(issuer: Issuer, header: str, payload: str) -> str:
+    """A token signed with the issuer's key over JSON text as given (PyJWT would never
+    write a key twice)."""
+    from jwt.algorithms import RSAAlgorithm
+
+    def b64(raw: bytes) -> str:
+        return jwt.utils.base64url_encode(raw).decode()
+
+    signing = f"{b64(header.encode())}.{b64(payload.encode())}"
+    signature = RSAAlgorithm(RSAAlgorithm.SHA256).sign(signing.encode(), issuer.key)
+    return f"{signing}.{b64(signature)}"
+
+
+def one_meaning_tokens(issuer: Issuer) -> dict[str, str]:
+    """Tokens validly signed by our own issuer that must still be refused."""
+    now = int(time.time())
+    claims = json.dumps(issuer.claims(5))
+    header = json.dumps({"alg": "RS256", "typ": "JWT", "kid": issuer.kid})
+    return {
+        "sub twice": _raw_token(issuer, header, '{"sub": "6", ' + claims[1:]),
+        "alg twice": _raw_token(issuer, '{"alg": "HS256", ' + header[1:], claims),
+        "kid twice": _raw_token(issuer, '{"kid": "other", ' + header[1:], claims),
+        "exp 2^62": issuer.signed(issuer.claims(5, exp=2**62, iat=now)),
+        "exp 1e300": issuer.signed(issuer.claims(5, exp=1e300)),
+        "exp 10^400": issuer.signed(issuer.claims(5, exp=10**400)),
+        "exp as text": issuer.signed(issuer.claims(5, exp=str(now + 60))),
+        "25 hours from iat": issuer.signed(issuer.claims(5, iat=now, exp=now + 25 * 3600)),
+        "25 hours, no iat": issuer.signed(issuer.claims(5, exp=now + 25 * 3600)),
+        "sub 007": issuer.signed(issuer.claims(5, sub="005")),
+        "sub +5": issuer.signed(issuer.claims(5, sub="+5")),
+        "sub ' 5'": issuer.signed(issuer.claims(5, sub=" 5")),
+        "sub 5.0": issuer.signed(issuer.claims(5, sub="5.0")),
+        "sub 0": issuer.signed(issuer.claims(5, sub="0")),
+    }
+
+
+async def test_tokens_with_two_meanings_or_no_end_are_401(bff, gate, issuer, product_id):
+    await gate.open_sale(product_id, 5)
+    stream = gate.keys.stream(product_id)
+    async with httpx.AsyncClient(base_url=bff.url) as client:
+        for name, token in one_meaning_tokens(issuer).items():
+            r = await client.post(f"/api/v1/seckill/{product_id}", headers=bearer(token))
+            assert r.status_code == 401, (name, r.status_code, r.text)
+            assert r.json()["error"], name
+        assert await gate.redis.xlen(stream) == 0
+        # a token just within bff_jwt_max_ttl (24 h by default) is taken
+        now = int(time.time())
+        token = issuer.signed(issuer.claims(5, iat=now, exp=now + 23 * 3600))
+        r = await client.post(f"/api/v1/seckill/{product_id}", headers=bearer(token))
+        assert r.status_code == 202, r.text
+
+
+@pytest.fixture
+def verifier(issuer, settings) -> Verifier:
+    s = settings.replace(bff_jwks=str(issuer.jwks), bff_jwt_max_ttl=60.0)
+    keyset = KeySet(s)
+    keyset.load()
+    return Verifier(s, keyset)
+
+
+async def test_why_a_token_with_two_meanings_is_refused(verifier, issuer):
+    tokens = one_meaning_tokens(issuer)
+    for name in ("sub twice", "kid twice"):
+        with pytest.raises(Unauthenticated, match="appears twice"):
+            await verifier.caller(f"Bearer {tokens[name]}")
+    with pytest.raises(Unauthenticated, match="malformed token: key 'alg' appears twice"):
+        await verifier.caller(f"Bearer {tokens['alg twice']}")
+    for name in ("sub 007", "sub +5", "sub ' 5'", "sub 5.0", "sub 0"):
+        with pytest.raises(Unauthenticated, match="sub: expected a positive"):
+            await verifier.caller(f"Bearer {tokens[name]}")
+    nan = _raw_token(issuer, json.dumps({"alg": "RS256", "kid": issuer.kid}),
+                     json.dumps(issuer.claims(5))[:-1] + ', "iat": NaN}')
+    with pytest.raises(Unauthenticated, match="NaN is not a number JSON allows"):
+        await verifier.caller(f"Bearer {nan}")
+    assert verifier.cache == {}
+
+
+async def test_lifetime_is_capped_by_bff_jwt_max_ttl(verifier, issuer):
+    now = int(time.time())
+
+    async def user(**claims: object) -> int:
+        return await verifier.caller(f"Bearer {issuer.signed(issuer.claims(5, **claims))}")
+
+    assert await user(iat=now, exp=now + 59) == 5
+    assert await user(exp=now + 30.5) == 5  # a NumericDate may have a fraction
+    for claims in ({"iat": now, "exp": now + 61}, {"exp": now + 61},
+                   {"iat": now - 100, "exp": now + 30}, {"exp": 2**62}, {"exp": 1e300},
+                   {"exp": 10**400, "iat": 1.5}, {"exp": now + 30, "iat": -(10**400)}):
+        with pytest.raises(Unauthenticated, match="token lifetime over 60 s"):
+            await user(**claims)
+    for claims in ({"exp": str(now + 30)}, {"exp": now + 30, "iat": str(now)}):
+        with pytest.raises(Unauthenticated, match="expected numbers of seconds"):
+            await user(**claims)
+
+
+async def test_a_full_token_cache_evicts_in_constant_time(verifier, settings):
+    """Once full, every new token evicted by a scan of the whole cache: 2 ms per insert
+    at 100,000 entries. It must cost what an insert into an empty cache costs."""
+    from engine.gate.auth import Caller
+
+    size, batch = 100_000, 1_000
+    cache = Verifier(settings.replace(bff_token_cache=size), verifier.keyset)
+    caller, keys = Caller(1, time.time() + 3600), iter(range(10**9))
+
+    def per_insert() -> float:
+        started = time.perf_counter()
+        for _ in range(batch):
+            cache._remember(next(keys).to_bytes(16, "big"), caller)
+        return (time.perf_counter() - started) / batch
+
+    empty = min(per_insert() for _ in range(3))
+    while len(cache.cache) < size:
+        cache._remember(next(keys).to_bytes(16, "big"), caller)
+    first = next(iter(cache.cache))
+    full = min(per_insert() for _ in range(3))
+    assert len(cache.cache) == size and first not in cache.cache  # the oldest went
+    assert full < 10 * empty, (full, empty)

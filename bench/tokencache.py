@@ -1,0 +1,153 @@
+"""`python -m bench.tokencache [--baseline DIR]`: what a new token costs once the cache is full.
+
+The BFF remembers verified tokens per process (`bff_token_cache`, 100,000 by
+default). A sale with more buyers than that fills the cache with no attacker,
+and from then on every new token also pays for making room. This measures,
+with the cache empty and with it full:
+
+- `insert`: one entry added to the cache (Verifier._remember), alone;
+- `new token`: a whole first request's verification (Verifier.caller of a token
+  never seen: header, key, RS256 signature, claims, cache).
+
+Each tree is measured in a process of its own whose PYTHONPATH is that tree, so
+`--baseline /path/to/another/checkout` runs the same measurement on that
+checkout's engine (this file is run by path there: it imports nothing of the
+bench package). Every figure is this process's CPU time, not wall time, and the
+least of `--rounds` rounds: the machine may be shared. Written to
+bench/results/tokencache-<time>.json and .md; read it as ratios, full against
+empty and this tree against the baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+HERE = Path(__file__).resolve().parent.parent
+STATES = ("empty", "full")
+
+
+def _measure(size: int, inserts: int, tokens: int, rounds: int) -> dict[str, Any]:
+    """In the child: the costs of the engine found on this process's path, in us."""
+    from engine.config import Settings
+    from engine.gate.auth import Caller, KeySet, Verifier
+    from engine.gate.devkeys import DevIssuer, init_keys
+
+    base = Settings()
+    directory = Path(tempfile.mkdtemp(prefix="seckill-tokencache-"))
+    jwks, private = init_keys(directory)
+    settings = base.replace(bff_jwks=str(jwks), bff_token_cache=size)
+    issuer = DevIssuer(private, issuer=base.bff_jwt_issuer, audience=base.bff_jwt_audience)
+    keyset = KeySet(settings)
+    keyset.load()
+    caller = Caller(1, time.time() + 3600)
+    digests = iter(range(1, 1 << 62))
+    users = iter(range(1, 1 << 62))
+
+    def fresh(full: bool) -> Verifier:
+        verifier = Verifier(settings, keyset)
+        while full and len(verifier.cache) < size:
+            verifier._remember(next(digests).to_bytes(16, "big"), caller)
+        return verifier
+
+    def insert_us(verifier: Verifier) -> float:
+        started = time.process_time()
+        for _ in range(inserts):
+            verifier._remember(next(digests).to_bytes(16, "big"), caller)
+        return (time.process_time() - started) / inserts * 1e6
+
+    async def new_token_us(verifier: Verifier) -> float:
+        headers = [f"Bearer {issuer.token(next(users), 3600)}" for _ in range(tokens)]
+        started = time.process_time()
+        for header in headers:
+            await verifier.caller(header)
+        return (time.process_time() - started) / tokens * 1e6
+
+    out: dict[str, Any] = {"insert_us": {}, "new_token_us": {}}
+    for state in STATES:
+        full = state == "full"
+        out["insert_us"][state] = min(insert_us(fresh(full)) for _ in range(rounds))
+        out["new_token_us"][state] = min(asyncio.run(new_token_us(fresh(full)))
+                                         for _ in range(rounds))
+    out["cache_size_after"] = len(fresh(True).cache)
+    return out
+
+
+def measure_tree(tree: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """The costs of the engine in `tree`, measured in a process of its own."""
+    params = json.dumps({"size": args.size, "inserts": args.inserts, "tokens": args.tokens,
+                         "rounds": args.rounds})
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    done = subprocess.run([sys.executable, __file__, "--child", params], env=env,
+                          capture_output=True, text=True, timeout=600, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"measuring {tree} failed:\n{done.stderr[-2000:]}")
+    result: dict[str, Any] = json.loads(done.stdout)
+    return result
+
+
+def table(doc: dict[str, Any]) -> str:
+    size = f"{doc['size']:,}"
+    lines = [f"| tree | insert, empty (us) | insert, {size} full (us) | full / empty | "
+             f"new token, empty (us) | new token, full (us) | full / empty |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, r in doc["trees"].items():
+        ins, tok = r["insert_us"], r["new_token_us"]
+        lines.append(f"| {name} | {ins['empty']:.2f} | {ins['full']:.2f} | "
+                     f"{ins['full'] / ins['empty']:.1f}x | {tok['empty']:.0f} | "
+                     f"{tok['full']:.0f} | {tok['full'] / tok['empty']:.2f}x |")
+    if "baseline" in doc["trees"]:
+        b, t = doc["trees"]["baseline"], doc["trees"]["this tree"]
+        insert = b["insert_us"]["full"] / t["insert_us"]["full"]
+        token = b["new_token_us"]["full"] / t["new_token_us"]["full"]
+        empty = t["new_token_us"]["empty"] / b["new_token_us"]["empty"]
+        lines += ["", f"Cache full: an insert costs {insert:,.0f}x less in this tree than in "
+                  f"the baseline, a new token {token:.1f}x less. Cache empty: a new token "
+                  f"costs {empty:.2f}x the baseline's."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.tokencache", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--baseline", type=Path, help="another checkout to measure the same way")
+    p.add_argument("--size", type=int, default=100_000, help="bff_token_cache")
+    p.add_argument("--inserts", type=int, default=500, help="inserts timed per round")
+    p.add_argument("--tokens", type=int, default=200, help="new tokens timed per round")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        print(json.dumps(_measure(**json.loads(args.child))))
+        return 0
+    trees = {"this tree": HERE}
+    if args.baseline:
+        trees["baseline"] = args.baseline.resolve()
+    doc: dict[str, Any] = {"size": args.size, "inserts": args.inserts, "tokens": args.tokens,
+                           "rounds": args.rounds, "trees": {}, "paths": {}}
+    for name, tree in trees.items():
+        print(f"measuring {name} ({tree}) ...", flush=True)
+        doc["trees"][name] = measure_tree(tree, args)
+        doc["paths"][name] = str(tree)
+    RESULTS.mkdir(exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    path = RESULTS / f"tokencache-{stamp}.json"
+    path.write_text(json.dumps(doc, indent=2))
+    text = table(doc)
+    path.with_suffix(".md").write_text(text + "\n")
+    print(text)
+    print(f"written: {path} and .md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
