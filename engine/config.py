@@ -246,7 +246,10 @@ class Settings:
     bff_user_burst: int = _doc("Attempts one user may make at once before the rate applies.",
                                check=at_least(1), default=5)
     bff_ip_rate: float = _doc("Purchase attempts per second from one client IP on a product "
-                              "(0 = no limit; `sale open --ip-rate` overrides).",
+                              "(0 = no limit, the default: behind a proxy missing from "
+                              "bff_trusted_proxies all buyers share its address, and NAT "
+                              "puts many behind one; bff_user_rate limits by identity; "
+                              "`sale open --ip-rate` overrides).",
                               check=non_negative, default=0.0)
     bff_ip_burst: int = _doc("Attempts one client IP may make at once.",
                              check=at_least(1), default=100)
