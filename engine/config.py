@@ -13,7 +13,7 @@ import os
 import socket
 import tomllib
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -24,10 +24,87 @@ from engine.errors import ConfigError
 ENV_PREFIX = "SECKILL_"
 CONFIG_ENV = "SECKILL_CONFIG"
 JWT_ALGORITHMS = frozenset({"RS256", "ES256", "EdDSA", "HS256"})
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
-def _doc(text: str, **kw: Any) -> Any:
-    return field(metadata={"doc": text}, **kw)
+Check = Callable[[str, Any, str], None]
+"""A setting's validator: (name, value, declared type) -> None, or ConfigError."""
+
+
+def _doc(text: str, *, check: Check | tuple[Check, ...] = (), **kw: Any) -> Any:
+    """A setting: its help text, its default and the checks its value must pass."""
+    checks = check if isinstance(check, tuple) else (check,)
+    return field(metadata={"doc": text, "checks": checks}, **kw)
+
+
+def _noun(kind: str) -> tuple[str, str]:
+    return ("an", "integer") if kind in (int, "int") else ("a", "number")
+
+
+def _fail(name: str, expected: str, got: Any) -> ConfigError:
+    return ConfigError(f"{name}: expected {expected}, got {got!r}")
+
+
+def positive(name: str, value: Any, kind: str) -> None:
+    if value <= 0:
+        raise _fail(name, f"a positive {_noun(kind)[1]}", value)
+
+
+def at_least(least: int) -> Check:
+    def check(name: str, value: Any, kind: str) -> None:
+        if value < least:
+            article, noun = _noun(kind)
+            raise _fail(name, f"{article} {noun} >= {least}", value)
+    return check
+
+
+non_negative = at_least(0)
+
+
+def fraction(name: str, value: Any, kind: str) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise _fail(name, "0..1", value)
+
+
+def _either(choices: Iterable[str]) -> str:
+    *most, last = choices
+    return f"{', '.join(most)} or {last}" if most else last
+
+
+def one_of(*choices: str) -> Check:
+    def check(name: str, value: Any, kind: str) -> None:
+        if value not in choices:
+            raise _fail(name, _either(repr(c) for c in choices), value)
+    return check
+
+
+def level_name(name: str, value: Any, kind: str) -> None:
+    """Any case: `info` is what people type."""
+    if value.upper() not in LOG_LEVELS:
+        raise _fail(name, _either(LOG_LEVELS), value)
+
+
+def some_of(choices: frozenset[str]) -> Check:
+    """A comma-separated list, not empty, of known names."""
+    def check(name: str, value: Any, kind: str) -> None:
+        given = {item.strip() for item in value.split(",") if item.strip()}
+        if not given or given - choices:
+            raise _fail(name, f"some of {', '.join(sorted(choices))}", value)
+    return check
+
+
+def url_with_schemes(*schemes: str) -> Check:
+    def check(name: str, value: Any, kind: str) -> None:
+        if urlsplit(value).scheme not in schemes:
+            raise _fail(name, f"a URL starting with {' or '.join(s + '://' for s in schemes)}",
+                        mask_url(value))
+    return check
+
+
+def retried(name: str, value: Any, kind: str) -> None:
+    """One delivery is no retry: an entry would be dead-lettered on its first failure."""
+    if value < 2:
+        raise ConfigError(f"{name}: expected at least 2 (one retry)")
 
 
 BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
@@ -51,127 +128,155 @@ class Settings:
     # -- services ---------------------------------------------------------
     redis_url: str = _doc("Redis URL of the gate and the order streams; a Redis Cluster is "
                           "redis+cluster://host:port,host:port/0 (any of its masters).",
+                          check=url_with_schemes("redis", "rediss", "unix", "redis+cluster",
+                                                 "rediss+cluster"),
                           default="redis://127.0.0.1:6379/0")
     amqp_url: str = _doc("RabbitMQ URL (vhost in the path).",
+                         check=url_with_schemes("amqp", "amqps"),
                          default="amqp://guest:guest@127.0.0.1:5672/")
     pg_dsn: str = _doc("PostgreSQL DSN of seckill_logs and products.",
+                       check=url_with_schemes("postgresql", "postgres"),
                        default="postgresql://postgres@127.0.0.1:5432/postgres")
     key_prefix: str = _doc("Prefix of every Redis key; isolates tests and tenants.", default="")
     connect_timeout: float = _doc("Seconds to wait for a service to accept a connection.",
-                                  default=5.0)
+                                  check=positive, default=5.0)
     redis_timeout: float = _doc("Seconds a Redis reply may take beyond a read's BLOCK time "
-                                "before the connection is dropped as dead.", default=5.0)
+                                "before the connection is dropped as dead.",
+                                check=positive, default=5.0)
 
     # -- engine ------------------------------------------------------------
     engine_id: str = _doc("Names this engine host's stream consumers `<engine_id>-<slot>`; "
                           "two hosts must never share one ('' = the hostname and the "
                           "kernel's boot ID: unique per machine and boot; set it in "
                           "containers that share a kernel and a hostname).", default="")
-    workers: int = _doc("Worker processes of `seckill run` (0 = CPU count).", default=0)
-    batch_size: int = _doc("Entries per stream read by XREADGROUP COUNT.", default=1000)
+    workers: int = _doc("Worker processes of `seckill run` (0 = CPU count).",
+                        check=non_negative, default=0)
+    batch_size: int = _doc("Entries per stream read by XREADGROUP COUNT.",
+                           check=positive, default=1000)
     block_ms: int = _doc("XREADGROUP BLOCK milliseconds when the streams are idle.",
-                         default=200)
+                         check=positive, default=200)
     max_inflight_batches: int = _doc("Batches a worker holds at once (bounds memory).",
-                                     default=4)
+                                     check=positive, default=4)
     publish_timeout: float = _doc("Seconds to wait for a batch's publisher confirms.",
-                                  default=10.0)
-    db_timeout: float = _doc("Seconds a batch's database transaction may take.", default=10.0)
+                                  check=positive, default=10.0)
+    db_timeout: float = _doc("Seconds a batch's database transaction may take.",
+                             check=positive, default=10.0)
     max_entry_bytes: int = _doc("Largest stream entry accepted; bigger ones are dead-lettered.",
-                                default=4096)
+                                check=positive, default=4096)
     claim_idle_ms: int = _doc("Idle time after which the janitor reclaims an entry.",
-                              default=60_000)
-    max_deliveries: int = _doc("Deliveries after which an entry is dead-lettered.", default=5)
-    janitor_interval: float = _doc("Seconds between janitor passes.", default=5.0)
+                              check=positive, default=60_000)
+    max_deliveries: int = _doc("Deliveries after which an entry is dead-lettered.",
+                               check=(positive, retried), default=5)
+    janitor_interval: float = _doc("Seconds between janitor passes.",
+                                   check=positive, default=5.0)
     discovery_interval: float = _doc("Seconds between checks for newly opened sales.",
-                                     default=0.5)
+                                     check=positive, default=0.5)
     product_cache_ttl: float = _doc("Seconds a product row stays in a worker's cache.",
-                                    default=30.0)
-    retry_backoff_max: float = _doc("Longest pause between reconnection attempts.", default=5.0)
-    node_lease_ttl_ms: int = _doc("TTL of a worker's snowflake node-ID lease.", default=10_000)
-    max_clock_rollback_ms: int = _doc("Clock rollback waited out before IDs fail.", default=2_000)
+                                    check=positive, default=30.0)
+    retry_backoff_max: float = _doc("Longest pause between reconnection attempts.",
+                                    check=positive, default=5.0)
+    node_lease_ttl_ms: int = _doc("TTL of a worker's snowflake node-ID lease.",
+                                  check=positive, default=10_000)
+    max_clock_rollback_ms: int = _doc("Clock rollback waited out before IDs fail.",
+                                      check=non_negative, default=2_000)
 
     # -- supervisor --------------------------------------------------------
     heartbeat_timeout: float = _doc("Seconds of worker silence before it is killed.",
-                                    default=30.0)
-    graceful_timeout: float = _doc("Seconds workers get to drain on SIGTERM.", default=30.0)
+                                    check=positive, default=30.0)
+    graceful_timeout: float = _doc("Seconds workers get to drain on SIGTERM.",
+                                   check=positive, default=30.0)
     boot_timeout: float = _doc("Seconds a worker may take to connect to every service.",
-                               default=30.0)
+                               check=positive, default=30.0)
     max_boot_failures: int = _doc("Consecutive boot failures that stop the supervisor.",
-                                  default=3)
+                                  check=positive, default=3)
     metrics_host: str = _doc("Address of the supervisor's /metrics and /healthz.",
                              default="127.0.0.1")
-    metrics_port: int = _doc("Port of the supervisor's /metrics (0 = disabled).", default=9108)
+    metrics_port: int = _doc("Port of the supervisor's /metrics (0 = disabled).",
+                             check=non_negative, default=9108)
     metrics_dir: str = _doc("prometheus multiprocess directory ('' = a private temp dir).",
                             default="")
     pid_file: str = _doc("Where the supervisor writes its PID ('' = nowhere).", default="")
 
     # -- HTTP gate -----------------------------------------------------------
     bff_host: str = _doc("Address the HTTP gate listens on.", default="127.0.0.1")
-    bff_port: int = _doc("Port of the HTTP gate.", default=8080)
-    bff_workers: int = _doc("HTTP gate worker processes (0 = CPU count).", default=0)
+    bff_port: int = _doc("Port of the HTTP gate.",
+                         check=non_negative, default=8080)
+    bff_workers: int = _doc("HTTP gate worker processes (0 = CPU count).",
+                            check=non_negative, default=0)
     bff_max_inflight: int = _doc("In-flight requests per process before 429 (0 = no cap).",
-                                 default=0)
+                                 check=non_negative, default=0)
     gate_min_replicas: int = _doc("Replicas every Redis master must have, and require of each "
                                   "write (its min-replicas-to-write), before the BFF starts: "
                                   "an accepted order is then on a replica, bar the last "
-                                  "min-replicas-max-lag seconds (0 = not checked).", default=0)
+                                  "min-replicas-max-lag seconds (0 = not checked).",
+                                  check=non_negative, default=0)
     gate_wait_replicas: int = _doc("Replicas that must acknowledge an accepted purchase (WAIT on "
                                    "the master that took it) before the BFF answers 202; fewer "
                                    "within gate_wait_ms is a 503 'unreplicated' (the order is "
                                    "recorded, not yet safe from a failover; 0 = no WAIT).",
-                                   default=0)
+                                   check=non_negative, default=0)
     gate_wait_ms: int = _doc("Milliseconds WAIT gives the replicas (gate_wait_replicas) "
-                             "before the purchase is answered 503 'unreplicated'.", default=50)
+                             "before the purchase is answered 503 'unreplicated'.",
+                             check=positive, default=50)
     bff_soldout_recheck: float = _doc("Seconds a sold-out answer is cached per process.",
-                                      default=0.5)
+                                      check=positive, default=0.5)
     bff_interface: str = _doc("How Granian calls the BFF: 'rsgi' (its own interface: one call "
                               "answers a request) or 'asgi' (as any ASGI server would).",
-                              default="rsgi")
+                              check=one_of("rsgi", "asgi"), default="rsgi")
     bff_auth: str = _doc("'jwt' (a verified bearer token names the buyer) or 'none' (the body's "
                          "user_id does: demos and tests only; logged as a warning).",
-                         default="jwt")
+                         check=one_of("jwt", "none"), default="jwt")
     bff_jwks: str = _doc("JWKS of the token issuer: a file path or an http(s) URL ('' = none: "
                          "the BFF refuses to start unless bff_auth = 'none').", default="")
     bff_jwt_algorithms: str = _doc("Accepted signature algorithms, comma-separated, of RS256, "
                                    "ES256, EdDSA and HS256 (HS256 only when listed here).",
-                                   default="RS256,ES256,EdDSA")
+                                   check=some_of(JWT_ALGORITHMS), default="RS256,ES256,EdDSA")
     bff_jwt_issuer: str = _doc("Required `iss` of every token.", default="seckill-dev")
     bff_jwt_audience: str = _doc("Required `aud` of every token.", default="seckill-gate")
     bff_jwt_max_ttl: float = _doc("Longest lifetime in seconds a token may claim: exp - iat, or "
                                   "exp - now without iat (a longer one is refused).",
                                   default=86400.0)
     bff_jwks_refresh: float = _doc("Seconds between background refreshes of a JWKS URL.",
-                                   default=300.0)
+                                   check=positive, default=300.0)
     bff_jwks_min_refresh: float = _doc("Least seconds between two refreshes caused by a token "
-                                       "with an unknown kid.", default=10.0)
+                                       "with an unknown kid.",
+                                       check=positive, default=10.0)
     bff_token_cache: int = _doc("Verified tokens remembered per process (0 = verify each time).",
-                                default=100_000)
+                                check=non_negative, default=100_000)
     bff_user_rate: float = _doc("Purchase attempts per second one user may make on a product "
                                 "(0 = no limit; `sale open --user-rate` overrides).",
-                                default=2.0)
+                                check=non_negative, default=2.0)
     bff_user_burst: int = _doc("Attempts one user may make at once before the rate applies.",
-                               default=5)
+                               check=at_least(1), default=5)
     bff_ip_rate: float = _doc("Purchase attempts per second from one client IP on a product "
-                              "(0 = no limit; `sale open --ip-rate` overrides).", default=0.0)
-    bff_ip_burst: int = _doc("Attempts one client IP may make at once.", default=100)
+                              "(0 = no limit, the default: behind a proxy missing from "
+                              "bff_trusted_proxies all buyers share its address, and NAT "
+                              "puts many behind one; bff_user_rate limits by identity; "
+                              "`sale open --ip-rate` overrides).",
+                              check=non_negative, default=0.0)
+    bff_ip_burst: int = _doc("Attempts one client IP may make at once.",
+                             check=at_least(1), default=100)
     bff_trusted_proxies: str = _doc("Comma-separated addresses or CIDRs of proxies whose "
                                     "X-Forwarded-For names the client ('' = trust none).",
                                     default="")
     bff_body_timeout: float = _doc("Seconds a client has to send a purchase's body (408 "
-                                   "after; it holds no in-flight slot meanwhile).", default=5.0)
+                                   "after; it holds no in-flight slot meanwhile).",
+                                   check=positive, default=5.0)
     bff_header_timeout: float = _doc("Seconds a client has to send its request headers.",
-                                     default=5.0)
+                                     check=positive, default=5.0)
     bff_keep_alive: bool = _doc("Keep HTTP/1.1 connections open between requests.",
                                 default=True)
     bff_max_buffer: int = _doc("Largest HTTP/1 read buffer per connection in bytes (bounds "
-                               "the request head).", default=65536)
+                               "the request head).",
+                               check=at_least(1), default=65536)
     bff_order_timeout: float = _doc("Seconds an order lookup may wait for a database "
-                                    "connection and its query (503 after).", default=2.0)
+                                    "connection and its query (503 after).",
+                                    check=positive, default=2.0)
     bff_pg_dsn: str = _doc("PostgreSQL DSN of the BFF's order lookups ('' = pg_dsn as role "
                            "seckill_bff, without pg_dsn's password).", default="")
     bff_admin_port: int = _doc("Port of the BFF's /metrics, /openapi.json and /healthz, on "
                                "metrics_host (0 = disabled; the public port has no /metrics).",
-                               default=9110)
+                               check=non_negative, default=9110)
 
     # -- resource domain -----------------------------------------------------
     rd_output_dir: str = _doc("Where the reference Resource Domain writes manifests, made "
@@ -180,26 +285,33 @@ class Settings:
     rd_pg_dsn: str = _doc("PostgreSQL DSN of the Resource Domain ('' = pg_dsn as role "
                           "seckill_resource_domain, without pg_dsn's password).", default="")
     rd_domain: str = _doc("DNS suffix of instance endpoints.", default="gpu.example.internal")
-    rd_delay_ms: int = _doc("Simulated provisioning delay in milliseconds.", default=50)
-    rd_failure_rate: float = _doc("Share of provisionings that fail (0..1).", default=0.0)
+    rd_delay_ms: int = _doc("Simulated provisioning delay in milliseconds.",
+                            check=non_negative, default=50)
+    rd_failure_rate: float = _doc("Share of provisionings that fail (0..1).",
+                                  check=fraction, default=0.0)
     rd_seed: int = _doc("Seed of the simulated failures (-1 = random).", default=-1)
-    rd_prefetch: int = _doc("Unacknowledged events the Resource Domain holds.", default=200)
+    rd_prefetch: int = _doc("Unacknowledged events the Resource Domain holds.",
+                            check=positive, default=200)
     rd_provisioner: str = _doc("How instances are provisioned: 'simulated' (manifests only) or "
                                "'kubectl' (apply them to the current cluster).",
-                               default="simulated")
+                               check=one_of("simulated", "kubectl"), default="simulated")
     rd_metrics_port: int = _doc("Port of the Resource Domain's /metrics, on metrics_host "
                                 "(0 = disabled).", default=9109)
     status_batch_size: int = _doc("Status reports applied per database round trip.",
-                                  default=500)
+                                  check=positive, default=500)
     status_unknown_retry: float = _doc("Seconds an update for an unknown instance is retried.",
-                                       default=30.0)
+                                       check=positive, default=30.0)
 
     # -- logging -------------------------------------------------------------
-    log_level: str = _doc("DEBUG, INFO, WARNING or ERROR.", default="INFO")
+    log_level: str = _doc("DEBUG, INFO, WARNING or ERROR.",
+                          check=level_name, default="INFO")
     log_json: bool = _doc("JSON log lines (true) or plain text (false).", default=True)
 
     def __post_init__(self) -> None:
-        _validate(self)
+        for f in fields(self):
+            for check in f.metadata.get("checks", ()):
+                check(f.name, getattr(self, f.name), f.type)
+        _check_together(self)
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
@@ -228,75 +340,12 @@ class Settings:
         return self.workers or os.cpu_count() or 1
 
 
-_POSITIVE = {
-    "batch_size", "block_ms", "max_inflight_batches", "max_entry_bytes", "claim_idle_ms",
-    "max_deliveries", "node_lease_ttl_ms", "max_boot_failures", "status_batch_size",
-    "rd_prefetch", "gate_wait_ms",
-}
-_NON_NEGATIVE = {
-    "workers", "metrics_port", "bff_port", "bff_workers", "bff_max_inflight", "rd_delay_ms",
-    "max_clock_rollback_ms", "bff_token_cache", "bff_admin_port",
-    "gate_min_replicas", "gate_wait_replicas",
-}
-_AT_LEAST_ONE = {"bff_user_burst", "bff_ip_burst", "bff_max_buffer"}
-_POSITIVE_FLOAT = {
-    "connect_timeout", "redis_timeout", "publish_timeout", "db_timeout", "janitor_interval",
-    "discovery_interval", "product_cache_ttl", "retry_backoff_max", "heartbeat_timeout",
-    "graceful_timeout", "boot_timeout", "bff_soldout_recheck", "status_unknown_retry",
-    "bff_jwks_refresh", "bff_jwks_min_refresh", "bff_body_timeout", "bff_header_timeout",
-    "bff_order_timeout",
-}
-_SCHEMES = {
-    "redis_url": ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster"),
-    "amqp_url": ("amqp", "amqps"),
-    "pg_dsn": ("postgresql", "postgres"),
-}
-
-
-def _validate(s: Settings) -> None:
-    for name in _POSITIVE:
-        if getattr(s, name) <= 0:
-            raise ConfigError(f"{name}: expected a positive integer, got {getattr(s, name)!r}")
-    for name in _NON_NEGATIVE:
-        if getattr(s, name) < 0:
-            raise ConfigError(f"{name}: expected an integer >= 0, got {getattr(s, name)!r}")
-    for name in _POSITIVE_FLOAT:
-        if getattr(s, name) <= 0:
-            raise ConfigError(f"{name}: expected a positive number, got {getattr(s, name)!r}")
-    for name, schemes in _SCHEMES.items():
-        scheme = urlsplit(getattr(s, name)).scheme
-        if scheme not in schemes:
-            raise ConfigError(
-                f"{name}: expected a URL starting with {' or '.join(s + '://' for s in schemes)},"
-                f" got {mask_url(getattr(s, name))!r}")
-    if not 0.0 <= s.rd_failure_rate <= 1.0:
-        raise ConfigError(f"rd_failure_rate: expected 0..1, got {s.rd_failure_rate!r}")
-    if s.rd_provisioner not in ("simulated", "kubectl"):
-        raise ConfigError(f"rd_provisioner: expected 'simulated' or 'kubectl', "
-                          f"got {s.rd_provisioner!r}")
-    if s.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-        raise ConfigError(f"log_level: expected DEBUG, INFO, WARNING or ERROR, got {s.log_level!r}")
-    for name in _AT_LEAST_ONE:
-        if getattr(s, name) < 1:
-            raise ConfigError(f"{name}: expected an integer >= 1, got {getattr(s, name)!r}")
-    for name in ("bff_user_rate", "bff_ip_rate"):
-        if getattr(s, name) < 0:
-            raise ConfigError(f"{name}: expected a number >= 0, got {getattr(s, name)!r}")
+def _check_together(s: Settings) -> None:
+    """The checks that need two settings; each setting's own ran before."""
     if s.gate_wait_replicas and s.gate_wait_ms >= s.redis_socket_timeout() * 1000:
         raise ConfigError(f"gate_wait_ms: {s.gate_wait_ms} ms would outlast the Redis socket "
                           f"timeout ({s.redis_socket_timeout():g} s): lower it or raise "
                           f"redis_timeout")
-    if s.bff_interface not in ("rsgi", "asgi"):
-        raise ConfigError(f"bff_interface: expected 'rsgi' or 'asgi', got {s.bff_interface!r}")
-    if s.bff_auth not in ("jwt", "none"):
-        raise ConfigError(f"bff_auth: expected 'jwt' or 'none', got {s.bff_auth!r}")
-    unknown = set(s.jwt_algorithms()) - JWT_ALGORITHMS
-    if unknown or not s.jwt_algorithms():
-        known = ", ".join(sorted(JWT_ALGORITHMS))
-        raise ConfigError(f"bff_jwt_algorithms: expected some of {known}, "
-                          f"got {s.bff_jwt_algorithms!r}")
-    if s.max_deliveries < 2:
-        raise ConfigError("max_deliveries: expected at least 2 (one retry)")
 
 
 BFF_ROLE = "seckill_bff"

@@ -43,6 +43,7 @@ from redis.exceptions import TimeoutError as RedisTimeout
 
 from engine.config import load_settings
 from engine.gate.devkeys import DevIssuer
+from engine.resources import lua_script
 
 PRODUCT = int(os.environ.get("SECKILL_LT_PRODUCT", "1001"))
 DOUBLE_CLICK = float(os.environ.get("SECKILL_LT_DOUBLE_CLICK", "0.1"))
@@ -191,8 +192,7 @@ class GateDirectUser(User):
     weight = 1
 
     def on_start(self) -> None:
-        root = Path(__file__).resolve().parent.parent
-        self.script = _redis.register_script((root / "lua" / "seckill.lua").read_text())
+        self.script = _redis.register_script(lua_script("seckill.lua"))
         k = f"{{{PRODUCT}}}"
         self.keys = [f"{PREFIX}seckill:{k}:stock", f"{PREFIX}seckill:{k}:sale",
                      f"{PREFIX}seckill:{k}:buyers", f"{PREFIX}seckill:{k}:free-slots",

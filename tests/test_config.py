@@ -95,3 +95,38 @@ def test_to_env_round_trips_for_child_processes():
     env = to_env(s, base={"PATH": "/bin", "SECKILL_WORKERS": "99"}, workers=3)
     assert env["PATH"] == "/bin" and env["SECKILL_WORKERS"] == "3"
     assert load_settings(env=env) == s.replace(workers=3)
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"workers": -1}, "workers: expected an integer >= 0, got -1"),
+    ({"bff_user_rate": -0.5}, "bff_user_rate: expected a number >= 0, got -0.5"),
+    ({"bff_ip_burst": 0}, "bff_ip_burst: expected an integer >= 1, got 0"),
+    ({"connect_timeout": 0.0}, "connect_timeout: expected a positive number, got 0.0"),
+    ({"max_deliveries": 0}, "max_deliveries: expected a positive integer, got 0"),
+    ({"max_deliveries": 1}, "max_deliveries: expected at least 2 (one retry)"),
+    ({"redis_url": "http://h/"}, "redis_url: expected a URL starting with redis:// or "
+                                 "rediss:// or unix:// or redis+cluster:// or rediss+cluster://"),
+    ({"pg_dsn": "mysql://u:pw@h/db"}, "pg_dsn: expected a URL starting with postgresql:// or "
+                                      "postgres://, got 'mysql://u:***@h/db'"),
+    ({"rd_provisioner": "helm"}, "rd_provisioner: expected 'simulated' or 'kubectl', "
+                                 "got 'helm'"),
+    ({"bff_interface": "wsgi"}, "bff_interface: expected 'rsgi' or 'asgi', got 'wsgi'"),
+    ({"bff_auth": "basic"}, "bff_auth: expected 'jwt' or 'none', got 'basic'"),
+    ({"log_level": "loud"}, "log_level: expected DEBUG, INFO, WARNING or ERROR, got 'loud'"),
+    ({"bff_jwt_algorithms": "RS256,none"},
+     "bff_jwt_algorithms: expected some of ES256, EdDSA, HS256, RS256, got 'RS256,none'"),
+    ({"bff_jwt_algorithms": " , "}, "bff_jwt_algorithms: expected some of"),
+])
+def test_each_setting_checks_its_own_value(change, message):
+    """Every kind of check, with the message it gives (the validators sit with the fields)."""
+    with pytest.raises(ConfigError) as err:
+        Settings(**change)
+    assert message in str(err.value)
+    assert "pw" not in str(err.value)
+
+
+def test_checks_accept_the_edges():
+    s = Settings(workers=0, bff_user_rate=0.0, bff_ip_burst=1, max_deliveries=2,
+                 log_level="debug", rd_failure_rate=1.0, bff_jwt_algorithms=" HS256 ,",
+                 redis_url="rediss+cluster://a:1,b:2/0")
+    assert s.max_deliveries == 2

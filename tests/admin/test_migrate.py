@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
 
 import aiormq
 import asyncpg
@@ -116,6 +117,6 @@ async def test_unreachable_services_fail_clearly_with_passwords_masked():
 
 
 def test_the_password_never_reaches_dbmates_command_line():
-    cmd, env = dbmate_invocation("postgresql://postgres:s3cret@127.0.0.1:5432/x")
+    cmd, env = dbmate_invocation("postgresql://postgres:s3cret@127.0.0.1:5432/x", Path("/m"))
     assert not any("s3cret" in part or "://" in part for part in cmd)
     assert env["DATABASE_URL"] == "postgres://postgres:s3cret@127.0.0.1:5432/x?sslmode=disable"

@@ -3,10 +3,12 @@ each can do its job and nothing past it."""
 
 from __future__ import annotations
 
+from urllib.parse import urlsplit, urlunsplit
+
 import asyncpg
 import pytest
 
-from engine.config import role_dsn
+from engine.config import BFF_ROLE, RD_ROLE, role_dsn
 
 
 @pytest.fixture
@@ -49,6 +51,52 @@ async def test_resource_domain_role_owns_its_schema_and_nothing_else(settings):
                 await rd.execute(sql)
     finally:
         await rd.close()
+
+
+def _database(dsn: str, name: str) -> str:
+    return urlunsplit(urlsplit(dsn)._replace(path=f"/{name}"))
+
+
+@pytest.mark.parametrize("role", [BFF_ROLE, RD_ROLE])
+async def test_the_roles_reach_no_other_database(settings, conn, role):
+    """PUBLIC's CONNECT is gone from seckill's database (the roles have theirs by name) and
+    from the cluster's own ones, so these logins open nothing else there."""
+    with pytest.raises(asyncpg.InsufficientPrivilegeError, match="permission denied for data"):
+        await asyncpg.connect(role_dsn(_database(settings.pg_dsn, "template1"), role))
+    for db in ("postgres", "template1", await conn.fetchval("SELECT current_database()")):
+        for privilege in ("CONNECT", "TEMPORARY"):
+            assert not await conn.fetchval("SELECT has_database_privilege('public', $1, $2)",
+                                           db, privilege), (db, privilege)
+
+
+@pytest.mark.parametrize("role", [BFF_ROLE, RD_ROLE])
+async def test_the_roles_cannot_create_temp_tables(settings, role):
+    """Only the engine stages rows in a temp table (tests/admin/test_migrate.py)."""
+    other = await asyncpg.connect(role_dsn(settings.pg_dsn, role))
+    try:
+        with pytest.raises(asyncpg.InsufficientPrivilegeError, match="temporary tables"):
+            await other.execute("CREATE TEMP TABLE t (x int)")
+    finally:
+        await other.close()
+
+
+@pytest.mark.parametrize("role,timeout", [(BFF_ROLE, "5s"), (RD_ROLE, "30s"),
+                                          ("seckill_engine", "1min")])
+async def test_each_role_has_a_statement_timeout(settings, role, timeout):
+    login = await asyncpg.connect(role_dsn(settings.pg_dsn, role))
+    try:
+        assert await login.fetchval("SHOW statement_timeout") == timeout
+    finally:
+        await login.close()
+
+
+async def test_a_runaway_bff_query_is_cancelled(settings):
+    bff = await asyncpg.connect(settings.bff_dsn())
+    try:
+        with pytest.raises(asyncpg.QueryCanceledError, match="statement timeout"):
+            await bff.execute("SELECT pg_sleep(8)")
+    finally:
+        await bff.close()
 
 
 def test_role_dsn_drops_the_other_users_password():
