@@ -235,7 +235,7 @@ class Settings:
     bff_jwt_audience: str = _doc("Required `aud` of every token.", default="seckill-gate")
     bff_jwt_max_ttl: float = _doc("Longest lifetime in seconds a token may claim: exp - iat, or "
                                   "exp - now without iat (a longer one is refused).",
-                                  default=86400.0)
+                                  check=positive, default=86400.0)
     bff_jwks_refresh: float = _doc("Seconds between background refreshes of a JWKS URL.",
                                    check=positive, default=300.0)
     bff_jwks_min_refresh: float = _doc("Least seconds between two refreshes caused by a token "
