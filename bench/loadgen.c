@@ -356,6 +356,8 @@ int main(int argc, char **argv) {
     struct epoll_event events[512];
     struct timespec cpu0;
     clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &cpu0);
+    struct timespec wall;
+    clock_gettime(CLOCK_REALTIME, &wall);
     t0 = now_ns();
     long next = 0, answered = 0;
     uint64_t last_progress = 0, last_sweep = 0, timeout_ns = (uint64_t)(opt.timeout_s * 1e9);
@@ -421,8 +423,9 @@ int main(int argc, char **argv) {
     printf("{\"attempts\": %ld, \"answered\": %ld, \"first_presses\": %ld, \"users\": %ld, "
            "\"bots\": %ld, \"seconds\": %.6f, \"generator_cpu_s\": %.6f, \"max_behind_ms\": %.3f, "
            "\"connect_errors\": %ld, \"closed_in_flight\": %ld, \"bad_responses\": %ld, "
-           "\"timeouts\": %ld, \"record_bytes\": %zu}\n",
+           "\"timeouts\": %ld, \"record_bytes\": %zu, \"start_unix_ns\": %llu}\n",
            opt.count, answered, opt.first, users, bots, elapsed / 1e9, cpu, max_lag / 1e6,
-           connect_errors, closed_in_flight, bad_responses, timeouts, sizeof(struct rec));
+           connect_errors, closed_in_flight, bad_responses, timeouts, sizeof(struct rec),
+           (unsigned long long)wall.tv_sec * 1000000000ull + (unsigned long long)wall.tv_nsec);
     return 0;
 }
