@@ -58,9 +58,9 @@ static struct {
     const char *host, *tokens_path, *out_path, *mode;
     int port, connections;
     long product, count, first;
-    double rate, retry_share, timeout_s;
+    double rate, retry_share, timeout_s, give_up_s;
     unsigned long long seed;
-} opt = {"127.0.0.1", NULL, NULL, "buy", 0, 256, 0, 0, -1, 0, 0.2, 10.0, 1};
+} opt = {"127.0.0.1", NULL, NULL, "buy", 0, 256, 0, 0, -1, 0, 0.2, 10.0, 0, 1};
 
 static char **tokens;
 static size_t *token_len;
@@ -102,7 +102,8 @@ static void usage(void) {
             "usage: loadgen --port P --tokens FILE --product ID --rate PER_S --count N "
             "--out FILE\n"
             "       [--host 127.0.0.1] [--first N (default: every user once)] [--mode buy|look]\n"
-            "       [--retry-share 0.2] [--connections 256] [--timeout 10] [--seed 1]\n");
+            "       [--retry-share 0.2] [--connections 256] [--timeout 10] [--seed 1]\n"
+            "       [--give-up-behind SECONDS (default 0: never)]\n");
     exit(2);
 }
 
@@ -123,6 +124,7 @@ static void parse_args(int argc, char **argv) {
         else if (!strcmp(a, "--retry-share")) opt.retry_share = atof(v);
         else if (!strcmp(a, "--connections")) opt.connections = atoi(v);
         else if (!strcmp(a, "--timeout")) opt.timeout_s = atof(v);
+        else if (!strcmp(a, "--give-up-behind")) opt.give_up_s = atof(v);
         else if (!strcmp(a, "--seed")) opt.seed = strtoull(v, NULL, 10);
         else usage();
     }
@@ -384,7 +386,8 @@ int main(int argc, char **argv) {
     t0 = now_ns();
     long next = 0;
     uint64_t last_progress = 0, last_sweep = 0, timeout_ns = (uint64_t)(opt.timeout_s * 1e9);
-    uint64_t max_lag = 0;
+    uint64_t max_lag = 0, give_up_ns = (uint64_t)(opt.give_up_s * 1e9);
+    long not_sent = 0;
     for (;;) {
         uint64_t now = now_ns() - t0;
         if (now - last_sweep >= 100000000ull) { /* every 0.1 s: reopen, time out */
@@ -404,6 +407,13 @@ int main(int argc, char **argv) {
             uint64_t lag = now - recs[next].due_ns;
             if (lag > max_lag) max_lag = lag;
             send_attempt(c, next++);
+        }
+        /* a server that answers far slower than the schedule has not held the rate: past
+         * --give-up-behind, the attempts still to send are dropped (recorded as never sent)
+         * so that a broken rate costs seconds, not minutes */
+        if (give_up_ns && next < opt.count && recs[next].due_ns + give_up_ns < now) {
+            not_sent = opt.count - next;
+            next = opt.count;
         }
         if (next >= opt.count && !n_busy) break;
         if (now - last_progress >= 1000000000ull) {
@@ -442,9 +452,10 @@ int main(int argc, char **argv) {
     printf("{\"attempts\": %ld, \"answered\": %ld, \"first_presses\": %ld, \"users\": %ld, "
            "\"bots\": %ld, \"seconds\": %.6f, \"generator_cpu_s\": %.6f, \"max_behind_ms\": %.3f, "
            "\"connect_errors\": %ld, \"closed_in_flight\": %ld, \"bad_responses\": %ld, "
-           "\"timeouts\": %ld, \"record_bytes\": %zu, \"start_unix_ns\": %llu}\n",
+           "\"timeouts\": %ld, \"not_sent\": %ld, \"record_bytes\": %zu, "
+           "\"start_unix_ns\": %llu}\n",
            opt.count, answered, opt.first, users, bots, elapsed / 1e9, cpu, max_lag / 1e6,
-           connect_errors, closed_in_flight, bad_responses, timeouts, sizeof(struct rec),
+           connect_errors, closed_in_flight, bad_responses, timeouts, not_sent, sizeof(struct rec),
            (unsigned long long)wall.tv_sec * 1000000000ull + (unsigned long long)wall.tv_nsec);
     return 0;
 }
