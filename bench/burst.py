@@ -3,10 +3,11 @@
 "100,000 people press Buy at 10:00 for 5,000 GPU instances: how many attempts a second
 does one box answer, how fast, when is it sold out, and when is every instance running?"
 The real processes run on this machine's services: `seckill bff` (JWT on), `seckill run`
-and `seckill resource-domain` (simulated provisioning), on a key prefix, vhost queue
-names and database rows of their own. bench/loadgen.c, an open-loop generator in C,
-sends the attempts on a schedule (see its header for why), after a pre-sale phase in
-which a share of the users loads the sale page with their token.
+and `seckill resource-domain` (simulated provisioning), in the bench suite's database and
+vhost (bench/env.py: a demo on the defaults is not disturbed), on a key prefix of their
+own. bench/loadgen.c, an open-loop generator in C, sends the attempts on a schedule (see
+its header for why), after a pre-sale phase in which a share of the users loads the sale
+page with their token.
 
 Each offered rate is its own sale. Times come from the generator's records (when each
 attempt was due, sent and answered) and from seckill_logs (when each order was logged,
@@ -56,7 +57,7 @@ import jwt
 import numpy as np
 from redis.asyncio import Redis
 
-from engine.config import Settings, load_settings
+from engine.config import Settings
 from engine.gate.auth import read_jwks
 from engine.gate.client import Gate, Window
 from engine.keys import Keys
@@ -75,6 +76,7 @@ from .enginerun import (
     service_ticks,
     ticks_between,
 )
+from .env import bench_settings, prepare
 from .floor import start_floor
 from .tokens import Issuer, TokenFile
 from .verdicts import judge, paired
@@ -961,7 +963,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.sweep_only:
         changes.update(sweep_only=True, judged=False)
     scenario = replace(scenario, **changes)
-    doc = asyncio.run(Burst(load_settings(), scenario, args.out).run())
+    settings = bench_settings()
+    prepare(settings)
+    doc = asyncio.run(Burst(settings, scenario, args.out).run())
     stamp = time.strftime("%Y%m%d-%H%M%S")
     args.out.mkdir(parents=True, exist_ok=True)
     base = args.out / f"burst-{stamp}{'-quick' if args.quick else ''}"

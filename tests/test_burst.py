@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,11 @@ from bench.burst import (
     breaking_point,
     capacities,
     held,
+    markdown,
+    plot,
     sale_times,
+    summarize,
+    timeline,
     token_cost,
     verdicts,
 )
@@ -134,6 +138,51 @@ def test_sale_times_and_token_cost():
     assert nothing["sold_out"] is None and nothing["sold_out_to_last_running"] is None
     cost = token_cost(1000, 60.0, 0.5)
     assert cost["cpu_s"] == pytest.approx(0.06) and cost["share_of_bff"] == pytest.approx(0.12)
+
+
+def made_up_sale(label: str, rate: int, *, late_ms: float, bff_cores: float) -> SaleRun:
+    """A sale of 1,000 attempts, 10 of them accepted, each answered `late_ms` after due."""
+    recs = np.zeros(1000, dtype=RECORD)
+    recs["due"] = np.arange(1000) * 1_000_000
+    recs["sent"] = recs["due"] + 1000
+    recs["done"] = recs["due"] + int(late_ms * 1e6)
+    recs["status"] = 410
+    recs["status"][:10] = 202
+    recs["user"] = np.arange(1000)
+    run = SaleRun(label, rate, 1000, 0.8, generator={"connect_errors": 0})
+    summarize(recs, run)
+    logged, running = np.array([0.05, 0.2]), np.array([0.5, 1.2])
+    run.times_s = sale_times(recs, logged, running)
+    run.timeline = timeline(recs, logged, running, 10)
+    run.cpu_us_per_answered = {"bff": 40.0, "redis": 5.0, "server": 45.0, "generator": 3.0}
+    run.cores_busy = {"bff": bff_cores, "redis": 0.1, "generator": 0.05, "other": 0.0}
+    run.breaks = breaking_point(run.cores_busy, capacities(Scenario(), 2), 2)
+    run.tokens = token_cost(200, 60.0, 0.1)
+    run.held = held(run)
+    return run
+
+
+def test_the_report_names_the_failed_target_and_the_part_that_broke(tmp_path: Path):
+    runs = [made_up_sale("sweep 10000", 10_000, late_ms=5, bff_cores=1.0),
+            made_up_sale("sweep 20000", 20_000, late_ms=400, bff_cores=1.95),
+            made_up_sale("headline", 10_000, late_ms=5, bff_cores=1.0)]
+    runs += [made_up_sale(f"75% #{i}", 7_500, late_ms=ms, bff_cores=0.8)
+             for i, ms in ((1, 5), (2, 60), (3, 5))]
+    floors = [{"rate": 7_500, "interface": "rsgi", "requests": 1000, "no_answer": 0,
+               "cpu_us_per_request": 40.0, "generator_us_per_request": 3.0,
+               "latency_ms": {"p99": 1.0}, "generator": {"max_behind_ms": 0.1}}] * 3
+    repeats = [asdict(r) for r in runs[3:]]
+    doc = {"scenario": asdict(Scenario()), "machine_cores": 2, "seconds": 1.0,
+           "verify_us": 60.0, "runs": [asdict(r) for r in runs], "floors": floors,
+           "highest_held_rate": 10_000,
+           "verdicts": verdicts(repeats, floors, judged=True, held_rate=10_000, rd_delay_ms=0)}
+    text = markdown(doc)
+    assert "| edge p99 at 75% of the highest rate held <= 50 ms | 5.00, 60.00, 5.00 | NO" in text
+    assert "| server CPU per answered attempt / floor CPU per request <= 1.3 |" \
+           " 1.12, 1.12, 1.12 | yes |" in text
+    assert "At 20,000/s, the first offered rate that did not hold, bff breaks first" in text
+    plot(doc, tmp_path / "burst.png")
+    assert (tmp_path / "burst.png").stat().st_size > 10_000
 
 
 async def delete_one_running_row(settings: Settings, pid: int, sale: str) -> None:
