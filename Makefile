@@ -11,7 +11,7 @@ LOCK := requirements.lock
 EXTRAS := .[test,bench,load,dev]
 PYTEST_ARGS ?=
 
-.PHONY: lock help venv services tools bench-tools test demo proto proto-check lint bench bench-quick bench-long bench-micro loadtest clean cluster-up cluster-down cluster-status bench-cluster chaos
+.PHONY: lock help venv services tools bench-tools test demo proto proto-check lint bench bench-quick bench-long bench-micro loadtest clean cluster-up cluster-down cluster-status bench-cluster chaos burst burst-quick burst-tools
 
 help:
 	@echo "make demo         run the whole flow on the local services"
@@ -22,6 +22,10 @@ help:
 	@echo "                  pytest-benchmark; bench-cluster: one Redis Cluster drain against the"
 	@echo "                  single Redis)"
 	@echo "make loadtest     a Locust flash-sale rehearsal, verified afterwards"
+	@echo "make burst        one sale end to end at rising offered rates, then 1,000,000 attempts"
+	@echo "                  at the highest that held, 3 judged rounds at 75% of it against the"
+	@echo "                  HTTP floor, and everyone cold: bench/results/burst-<time>.md, .json,"
+	@echo "                  .png (under 10 minutes; burst-quick: a small sale, judges nothing)"
 	@echo "make proto        regenerate engine/pb from proto/ (proto-check: is it fresh?)"
 	@echo "make lint         ruff and mypy (CI runs it before the tests)"
 	@echo "make chaos        every fault against a live sale, one after another: the scoreboard"
@@ -119,6 +123,16 @@ bench-quick: venv services bench-tools
 
 bench-long: venv services bench-tools
 	@$(PY) -m bench --long
+
+# The burst's load generator is C (bench/loadgen.c), built by bench/burst.py with cc.
+burst-tools:
+	$(call apt_tool,cc,gcc libc6-dev,bench/burst.py cannot build its load generator)
+
+burst: venv services burst-tools
+	@$(PY) -m bench.burst
+
+burst-quick: venv services burst-tools
+	@$(PY) -m bench.burst --quick
 
 # CHAOS_ARGS="--only network" runs the faults whose name contains a word (--list: names)
 CHAOS_ARGS ?=
