@@ -27,19 +27,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .bff import (
-    BFF_PIDS,
-    WARMUP_PID,
-    HttpBench,
-    Load,
-    buy_path,
-    load_window,
-    merge_windows,
-    open_sales,
-    wait_listening,
-)
-from .enginerun import children
+from engine.testing.processes import children
+
+from .bff import BFF_PIDS, WARMUP_PID, HttpBench, merge_windows, open_sales
 from .env import bench_settings, prepare, reset
+from .httpload import Load, buy_path, load_window, wait_listening
 from .tokens import warm
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -61,12 +53,12 @@ async def run(settings: Any, variants: list[dict[str, str]], rounds: int, second
         await open_sales(settings, [*products, WARMUP_PID])
         servers = []
         for overrides in variants:
-            proc, port, _, log = bench.start_bff(overrides)
-            servers.append((proc, port, log))
+            server, port, _ = bench.start_bff(overrides)
+            servers.append((server.proc, port, server.log_path))
         windows: list[list[dict[str, Any]]] = [[], []]
         try:
             for proc, port, log in servers:
-                await wait_listening(port, proc, log.name)
+                await wait_listening(port, proc, str(log))
                 await warm(port, children(proc.pid), bench.warm_tokens, WARMUP_PID)
                 await load_window(proc, port, 1.0, CONNECTIONS, bench.warmup)
             used = 0
@@ -87,7 +79,7 @@ async def run(settings: Any, variants: list[dict[str, str]], rounds: int, second
                 proc.send_signal(signal.SIGTERM)
             for proc, _, log in servers:
                 proc.wait(30)
-                log.close()
+                log.unlink(missing_ok=True)
     merged = [merge_windows(w) for w in windows]
     return {"variants": variants, "rounds": rounds, "seconds": seconds, "a": merged[0],
             "b": merged[1],

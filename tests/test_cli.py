@@ -12,11 +12,11 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 from redis.asyncio import Redis
-from support import SECKILL, engine_env
 
 from engine.demo import check
 from engine.gate.client import Gate
 from engine.keys import Keys
+from engine.testing.processes import SECKILL, engine_env
 
 
 def seckill(settings, *args: str, **env: str) -> subprocess.CompletedProcess:

@@ -1,4 +1,4 @@
-"""The checker's counts on crafted ground truth: each kind of failure moves its count."""
+"""The invariant checker on crafted ground truth: each kind of failure moves its count."""
 
 from __future__ import annotations
 
@@ -6,17 +6,17 @@ import time
 
 import asyncpg
 
-from bench.chaos.checker import (
+from engine.fulfilment.resource_domain import SCHEMA as RD_SCHEMA
+from engine.testing.invariants import (
     Accepted,
     Answer,
     Event,
     Row,
-    drained_after,
     read_provisioned,
     read_rows,
     score,
 )
-from engine.fulfilment.resource_domain import SCHEMA as RD_SCHEMA
+from engine.testing.waits import seconds_until
 
 PID = 7
 STOCK = {PID: 3}
@@ -134,13 +134,13 @@ async def test_recovery_is_timed_from_the_fault_end_and_none_if_never_drained():
         return next(checks)
 
     fault_end = time.monotonic()
-    seconds = await drained_after(fault_end, drains, timeout=30, interval=0.05)
+    seconds = await seconds_until(fault_end, drains, timeout=30, interval=0.05)
     assert seconds is not None and seconds >= 0.1
 
     async def never() -> bool:
         return False
 
-    assert await drained_after(time.monotonic(), never, timeout=0.2, interval=0.05) is None
+    assert await seconds_until(time.monotonic(), never, timeout=0.2, interval=0.05) is None
 
 
 async def test_rows_and_provisionings_are_read_from_postgresql(settings, product_id):
