@@ -32,6 +32,7 @@ from engine.testing.bff import wait_healthy
 from engine.testing.ports import free_port
 from engine.testing.processes import SeckillProcess
 from engine.testing.taps import EventTap
+from engine.testing.waits import seconds_until
 
 from .judge import MAX_FAILURE_RATIO, RehearsalFailed, judge, read_report
 from .verify import report, tried_key, verify
@@ -71,18 +72,18 @@ async def declare_tap(settings: Settings) -> str:
 
 
 async def drained(settings: Settings, pid: int, timeout: float) -> bool:
+    """Whether the engine read and acknowledged every order within `timeout` seconds."""
     redis = Redis.from_url(settings.redis_url, socket_timeout=10, socket_connect_timeout=10)
-    deadline = time.monotonic() + timeout
+
+    async def empty() -> bool:
+        groups = await redis.xinfo_groups(Keys(settings.key_prefix).stream(pid))
+        g = next(g for g in groups if g["name"] in (GROUP, GROUP.encode()))
+        return int(g["pending"]) == 0 and int(g["lag"] or 0) == 0
+
     try:
-        while time.monotonic() < deadline:
-            groups = await redis.xinfo_groups(Keys(settings.key_prefix).stream(pid))
-            g = next(g for g in groups if g["name"] in (GROUP, GROUP.encode()))
-            if int(g["pending"]) == 0 and int(g["lag"] or 0) == 0:
-                return True
-            await asyncio.sleep(0.25)
+        return await seconds_until(time.monotonic(), empty, timeout, interval=0.25) is not None
     finally:
         await redis.aclose()
-    return False
 
 
 def bff_env(env: dict[str, str]) -> dict[str, str]:
