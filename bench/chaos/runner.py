@@ -152,8 +152,7 @@ class Sale:
             if engine.proc.poll() is not None:
                 raise ChaosError(f"the engine exited with {engine.proc.returncode}:\n"
                                  + engine.output()[-2000:])
-            return (len(engine.children()) == workers
-                    and engine.output().count(" booted as ") >= workers)
+            return await engine.booted(workers)
 
         await wait_for(check, 90, f"{workers} booted workers")
 
