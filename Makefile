@@ -156,18 +156,18 @@ loadtest: venv services
 	  SECKILL_LT_SIGNING_KEY=.seckill/keys/private/signing-key.json \
 	  $(PY) -m loadtest.run $(LOADTEST_ARGS)
 
-# Local clusters beside the single services (engine/admin/localclusters.py): Redis Cluster
+# Local clusters beside the single services (engine/testing/clusters.py): Redis Cluster
 # on 7001-7006, RabbitMQ nodes on 5681-5683 (distribution ports 25681-25683), in
 # /tmp/seckill-clusters. CLUSTER_ARGS=--no-rabbitmq for the Redis Cluster alone.
 CLUSTER_ARGS ?=
 cluster-up: venv
-	@$(PY) -m engine.admin.localclusters up $(CLUSTER_ARGS)
+	@$(PY) -m engine.testing.clusters up $(CLUSTER_ARGS)
 
 cluster-down: venv
-	@$(PY) -m engine.admin.localclusters down
+	@$(PY) -m engine.testing.clusters down
 
 cluster-status: venv
-	@$(PY) -m engine.admin.localclusters status
+	@$(PY) -m engine.testing.clusters status
 
 # The engine on a local 3-master Redis Cluster against the single Redis, 100 sales
 # (bench/cluster.py; results in bench/results/cluster-<time>.json).

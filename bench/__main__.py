@@ -24,10 +24,11 @@ from typing import Any
 
 import orjson
 
-from engine.admin.localclusters import LocalRedisCluster
+from engine.testing.clusters import LocalRedisCluster
+from engine.testing.ports import free_port
 
 from . import bff, ceilings, cluster, latency, naive
-from .enginerun import drain, free_port
+from .enginerun import drain
 from .env import VHOST, bench_settings, machine, preload, prepare, reset
 from .report import markdown, plots, targets
 

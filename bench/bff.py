@@ -25,15 +25,13 @@ import asyncio
 import itertools
 import multiprocessing
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,11 +43,14 @@ from engine.config import Settings
 from engine.connections import connect_redis
 from engine.gate.client import Gate, Limits
 from engine.keys import Keys
+from engine.testing.ports import free_port
+from engine.testing.processes import SeckillProcess, children
 
-from .enginerun import TICK, children, cpu_ticks, engine_env, free_port
-from .tokens import Issuer, TokenFile, warm
+from .enginerun import TICK, engine_env
+from .floor import start_floor
+from .httpload import Load, buy_path, load_window, spy_on, summary, wait_listening
+from .tokens import Issuer, warm
 
-SECKILL = str(Path(sys.executable).with_name("seckill"))
 PID = 990_000_020  # the direct gate's sale
 # A round's measured time per server is cut into windows that alternate direct gate,
 # floor, BFF (`slices` of each, at most MAX_SLICES): a slow spell of the shared machine
@@ -62,114 +63,6 @@ COLD_PID = WARMUP_PID + 1
 WARM_FIRST_USER = 10**12  # far above the direct gate's users
 COLD_FIRST_USER = 2 * 10**12
 CLIENT_IP = "127.0.0.1"  # what the BFF passes the gate for wrk's requests
-
-# wrk: POSTs of a purchase, every one by a new buyer. With a token file, request i
-# sends token i mod N with its user's ID in the body, on product path i div N (then
-# stops: a repeated pair would be a duplicate, not a purchase); without one, user IDs
-# counted from @FIRST@ on the first path. The summary is one JSON line, latencies in
-# microseconds.
-WRK_SCRIPT = """
-local threads = {}
-function setup(thread)
-  table.insert(threads, thread)
-end
-function init(args)
-  accepted, exhausted, sent = 0, 0, 0
-  users, auth = {}, {}
-  local file = "@TOKENS@"
-  if file ~= "" then
-    for line in io.lines(file) do
-      local sp = line:find(" ")
-      users[#users + 1] = line:sub(1, sp - 1)
-      auth[#auth + 1] = "Bearer " .. line:sub(sp + 1)
-    end
-  end
-  paths = {@PATHS@}
-end
-function request()
-  if #users == 0 then
-    sent = sent + 1
-    return wrk.format("POST", paths[1], {["Content-Type"] = "application/json"},
-                      '{"user_id": ' .. (@FIRST@ + sent) .. '}')
-  end
-  local path = paths[math.floor(sent / #users) + 1]
-  if path == nil then
-    exhausted = 1
-    wrk.thread:stop()
-    path = paths[1]
-  end
-  local i = sent % #users + 1
-  sent = sent + 1
-  return wrk.format("POST", path, {["Content-Type"] = "application/json",
-                                   ["Authorization"] = auth[i]},
-                    '{"user_id": ' .. users[i] .. '}')
-end
-function response(status, headers, body)
-  if status == 202 then accepted = accepted + 1 end
-end
-function done(summary, latency, requests)
-  local total, out = 0, 0
-  for _, t in ipairs(threads) do
-    total = total + t:get("accepted")
-    out = out + t:get("exhausted")
-  end
-  io.write(string.format(
-    '{"requests": %d, "accepted": %d, "seconds": %f, "errors": %d, '
-    .. '"p50_us": %d, "p99_us": %d, "exhausted": %d}\\n',
-    summary.requests, total, summary.duration / 1e6,
-    summary.errors.connect + summary.errors.read + summary.errors.write
-      + summary.errors.status + summary.errors.timeout,
-    latency:percentile(50), latency:percentile(99), out))
-end
-"""
-
-
-@dataclass(frozen=True)
-class Load:
-    """The requests of one window (see WRK_SCRIPT): with `tokens`, each token on each
-    of `paths` in turn; without, users counted from `first_user` on paths[0]."""
-
-    paths: tuple[str, ...]
-    tokens: TokenFile | None = None
-    first_user: int = 0
-
-    def wrk_script(self) -> str:
-        return (WRK_SCRIPT.replace("@TOKENS@", str(self.tokens.path) if self.tokens else "")
-                .replace("@PATHS@", ", ".join(f'"{p}"' for p in self.paths))
-                .replace("@FIRST@", str(self.first_user)))
-
-    def requests(self) -> Iterator[bytes]:
-        """The same requests as whole HTTP/1.1 messages, for the Python client."""
-        if self.tokens is None:
-            for user in itertools.count(self.first_user + 1):
-                yield _post(self.paths[0], b'{"user_id": %d}' % user, b"")
-            return
-        lines = self.tokens.lines()
-        for path in self.paths:
-            for user, token in lines:
-                yield _post(path, b'{"user_id": %d}' % user,
-                            b"Authorization: Bearer " + token + b"\r\n")
-
-
-def _post(path: str, body: bytes, extra: bytes) -> bytes:
-    return (b"POST " + path.encode() + b" HTTP/1.1\r\nHost: bench\r\n" + extra
-            + b"Content-Type: application/json\r\nContent-Length: "
-            + str(len(body)).encode() + b"\r\n\r\n" + body)
-
-
-def buy_path(pid: int) -> str:
-    return f"/api/v1/seckill/{pid}"
-
-
-def _summary(latencies: list[float], accepted: int, seconds: float) -> dict[str, Any]:
-    latencies.sort()
-    n = len(latencies) or 1
-    return {"requests": len(latencies), "accepted": accepted,
-            "accepted_per_second": accepted / seconds,
-            "requests_per_second": len(latencies) / seconds,
-            "p50_ms": latencies[n // 2] * 1000 if latencies else 0.0,
-            "p99_ms": latencies[min(n - 1, int(n * 0.99))] * 1000 if latencies else 0.0}
-
 
 def bff_limits(settings: Settings) -> Limits:
     return Limits(settings.bff_user_rate, settings.bff_user_burst, settings.bff_ip_rate,
@@ -240,7 +133,7 @@ class DirectGate:
         accepted = sum(a for _, a, _, _ in parts)
         took = max(t for _, _, t, _ in parts)
         cpu = sum(c for _, _, _, c in parts)
-        return {**_summary(latencies, accepted, took), "processes": self.processes,
+        return {**summary(latencies, accepted, took), "processes": self.processes,
                 "seconds": took, "cpu_us_per_request": cpu / max(1, len(latencies)) * 1e6,
                 "ticks": round(cpu * TICK)}
 
@@ -271,120 +164,6 @@ def merge_windows(parts: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-async def over_http_python(port: int, seconds: float, connections: int,
-                           load: Load) -> dict[str, Any]:
-    """The fallback client: keep-alive HTTP/1.1 on raw asyncio streams."""
-    requests = load.requests()
-    latencies: list[float] = []
-    accepted = 0
-    end = time.perf_counter() + seconds
-
-    async def one() -> None:
-        nonlocal accepted
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        try:
-            while time.perf_counter() < end:
-                request = next(requests, None)
-                if request is None:
-                    return
-                t0 = time.perf_counter()
-                writer.write(request)
-                status_line = await reader.readline()
-                length = 0
-                while (line := await reader.readline()) not in (b"\r\n", b""):
-                    if line.lower().startswith(b"content-length:"):
-                        length = int(line.split(b":")[1])
-                await reader.readexactly(length)
-                latencies.append(time.perf_counter() - t0)
-                accepted += status_line.split(b" ")[1] == b"202"
-        finally:
-            writer.close()
-
-    start = time.perf_counter()
-    await asyncio.gather(*(one() for _ in range(connections)))
-    took = time.perf_counter() - start
-    return {**_summary(latencies, accepted, took), "seconds": took, "client": "python"}
-
-
-async def over_http_wrk(wrk: str, port: int, seconds: float, connections: int,
-                        load: Load) -> dict[str, Any]:
-    """wrk, one thread, `connections` keep-alive connections, a new buyer per request."""
-    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
-        f.write(load.wrk_script())
-    try:
-        proc = await asyncio.create_subprocess_exec(
-            wrk, "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--timeout", "5s",
-            "-s", f.name, f"http://127.0.0.1:{port}", stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE)
-        out, err = await proc.communicate()
-    finally:
-        os.unlink(f.name)
-    line = next((raw for raw in out.splitlines() if raw.startswith(b"{")), None)
-    if proc.returncode != 0 or line is None:
-        raise RuntimeError(f"wrk failed ({proc.returncode}): {err.decode()[-500:]}")
-    r = orjson.loads(line)
-    return {"requests": r["requests"], "accepted": r["accepted"], "errors": r["errors"],
-            "seconds": r["seconds"],
-            "accepted_per_second": r["accepted"] / r["seconds"],
-            "requests_per_second": r["requests"] / r["seconds"],
-            "p50_ms": r["p50_us"] / 1000, "p99_ms": r["p99_us"] / 1000, "client": "wrk",
-            "tokens_exhausted": bool(r["exhausted"])}
-
-
-async def load_window(proc: subprocess.Popen, port: int, seconds: float, connections: int,
-                      load: Load) -> dict[str, Any]:
-    """One measured window on a server we started: its CPU (the server process and its
-    children) per request and per accepted request, with the clock ticks behind it."""
-    wrk = shutil.which("wrk")
-    servers = [proc.pid, *children(proc.pid)]
-    ticks = sum(cpu_ticks(p) for p in servers)
-    if wrk:
-        result = await over_http_wrk(wrk, port, seconds, connections, load)
-    else:
-        result = await over_http_python(port, seconds, connections, load)
-    ticks = sum(cpu_ticks(p) for p in servers) - ticks
-    cpu_us = ticks / TICK * 1e6
-    return {**result, "ticks": ticks,
-            "cpu_us_per_request": cpu_us / max(1, result["requests"]),
-            "cpu_us_per_accepted": cpu_us / max(1, result["accepted"])}
-
-
-async def load_server(proc: subprocess.Popen, port: int, log_name: str, seconds: float,
-                      connections: int, load: Load, warmup: Load,
-                      profile: Path | None = None) -> dict[str, Any]:
-    """Load an HTTP server we started after a 1 s warm-up load (`warmup`: its own
-    buyers) in which each of its workers opens its connections; with `profile`, py-spy
-    samples its workers over the window."""
-    await wait_listening(port, proc, log_name)
-    await load_window(proc, port, 1.0, connections, warmup)
-    spies = spy_on(children(proc.pid), seconds, profile)
-    try:
-        return await load_window(proc, port, seconds, connections, load)
-    finally:
-        for spy in spies:
-            spy.wait(30)
-
-
-def spy_on(workers: list[int], seconds: float, profile: Path | None, tag: str = ""
-           ) -> list[subprocess.Popen[bytes]]:
-    """py-spy on each worker for about `seconds` (with native frames: Granian's and
-    uvloop's), collapsed stacks in `profile`-<pid>`tag`.txt; none without `profile`."""
-    if profile is None:
-        return []
-    if profile.suffix == ".perf":  # perf: every thread, by library, barely slowed down
-        return [subprocess.Popen(["perf", "record", "-F", "999", "-g", "-o",
-                                  f"{profile}-{workers[0]}{tag}.data", "-p",
-                                  ",".join(map(str, workers)), "--", "sleep",
-                                  str(max(1, round(seconds) - 1))],
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
-    spy = str(Path(sys.executable).with_name("py-spy"))
-    return [subprocess.Popen([spy, "record", "--native", "--format", "raw", "--rate", "250",
-                              "--duration", str(max(1, round(seconds) - 1)), "--pid", str(pid),
-                              "-o", f"{profile}-{pid}{tag}.txt"],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            for pid in workers]
-
-
 class HttpBench:
     """The tokens of a suite run (minted once, reused by every round) and the measurement
     of one round: direct gate, floor, BFF warm and cold."""
@@ -411,16 +190,15 @@ class HttpBench:
         """The round: both servers started and warmed, then `slices` windows each of the
         direct gate, the floor and the BFF in turn (`seconds` per server in all), then
         the BFF's cold window."""
-        from .floor import start_floor
-
         await open_sales(self.settings, [*BFF_PIDS, WARMUP_PID, COLD_PID])
         gate = DirectGate(self.settings, connections, self.workers)
         floor, floor_port, floor_log = start_floor(self.workers)
-        bff, bff_port, admin, bff_log = self.start_bff()
+        server, bff_port, admin = self.start_bff()
+        bff = server.proc
         try:
             await wait_listening(floor_port, floor, floor_log.name)
             await load_window(floor, floor_port, 1.0, connections, self.warmup)
-            await wait_listening(bff_port, bff, bff_log.name)
+            await wait_listening(bff_port, bff, str(server.log_path))
             t0 = time.perf_counter()
             sent = await warm(bff_port, children(bff.pid), self.warm_tokens, WARMUP_PID)
             warm_s = time.perf_counter() - t0
@@ -445,7 +223,7 @@ class HttpBench:
             for proc in (floor, bff):
                 proc.wait(30)
             floor_log.close()
-            bff_log.close()
+            server.log_path.unlink(missing_ok=True)
         hot = merge_windows(parts["bff"])
         hot["token_verifications"] = middle - before
         cold["token_verifications"] = after - middle
@@ -464,18 +242,16 @@ class HttpBench:
         return "" if self.profile is None else self.profile.suffix
 
     def start_bff(self, overrides: dict[str, str] | None = None
-                  ) -> tuple[subprocess.Popen, int, int, Any]:
+                  ) -> tuple[SeckillProcess, int, int]:
         """`seckill bff` with JWT on, N workers, `overrides` in its environment:
-        (process, port, admin port, log)."""
+        (process, port, admin port); not waited for (wait_listening)."""
         port, admin = free_port(), free_port()
-        log = tempfile.NamedTemporaryFile(prefix="seckill-bench-bff-", suffix=".log")
         env = engine_env(self.settings, bff_auth="jwt", bff_jwks=str(self.issuer.jwks),
                          bff_admin_port=admin)
         env.update(overrides or {})
-        proc = subprocess.Popen([SECKILL, "bff", "--port", str(port), "--workers",
-                                 str(self.workers)], env=env, stdout=log,
-                                stderr=subprocess.STDOUT)
-        return proc, port, admin, log
+        process = SeckillProcess(["bff", "--port", str(port), "--workers", str(self.workers)],
+                                 env, "bench-bff")
+        return process, port, admin
 
     async def window(self, proc: subprocess.Popen, port: int, seconds: float,
                      connections: int, load: Load, who: str, index: int) -> dict[str, Any]:
@@ -552,20 +328,6 @@ async def verifications(admin_port: int) -> float:
         writer.close()
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                if line.startswith("seckill_bff_token_verifications_total{"))
-
-
-async def wait_listening(port: int, proc: subprocess.Popen, log: str) -> None:
-    for _ in range(300):
-        if proc.poll() is not None:
-            break
-        try:
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.close()
-            return
-        except OSError:
-            await asyncio.sleep(0.1)
-    tail = Path(log).read_text(errors="replace")[-500:].strip()
-    raise RuntimeError(f"the server did not start (exit {proc.poll()}): {tail}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,12 +35,12 @@ from redis.asyncio import Redis
 
 from bench.enginerun import TICK, Engine, group_counts
 from bench.env import purge_queues
-from engine.admin.localclusters import LocalRedisCluster
 from engine.admin.migrate import apply_migrations, declare_topology
 from engine.config import Settings, load_settings
 from engine.connections import connect_redis
 from engine.keys import GROUP, Keys
 from engine.products import gpu_product, upsert_products
+from engine.testing.clusters import LocalRedisCluster
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SALES = 100

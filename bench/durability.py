@@ -39,12 +39,12 @@ from typing import Any
 import redis
 import uvloop
 
-from engine.admin.localclusters import LocalRedisCluster
 from engine.config import Settings, load_settings
 from engine.connections import connect_redis
 from engine.gate.client import Gate
 from engine.gate.durable import WaitFor
 from engine.keys import Keys
+from engine.testing.clusters import LocalRedisCluster
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODES = ("none", "min_replicas", "wait", "wait_5ms")

@@ -15,11 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -32,29 +27,17 @@ from redis.asyncio import Redis
 
 from engine.config import Settings, to_env
 from engine.keys import GROUP, QUEUE_CREATED, Keys
+from engine.testing.processes import SeckillProcess
 
 from .verdicts import rate, settle
 
-SECKILL = str(Path(sys.executable).with_name("seckill"))
 TICK = os.sysconf("SC_CLK_TCK")
 
 
 def engine_env(settings: Settings, **overrides: Any) -> dict[str, str]:
+    """A measured child's environment: JSON logs at WARNING, none of the harness's
+    quick test timings (the figures are for the production defaults)."""
     return to_env(settings, **{"log_json": True, "log_level": "WARNING", **overrides})
-
-
-def children(pid: int) -> list[int]:
-    try:
-        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except FileNotFoundError:
-        return []
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def cpu_ticks(pid: int) -> int:
@@ -250,27 +233,26 @@ def rss_mb(pid: int, field: str = "VmRSS") -> float:
 
 
 class Engine:
+    """`seckill run` measured: its workers' CPU; its log removed once it stopped."""
+
     def __init__(self, settings: Settings, workers: int, **overrides: Any) -> None:
-        self.log = tempfile.NamedTemporaryFile(prefix="seckill-bench-", suffix=".log")
-        self.proc = subprocess.Popen([SECKILL, "run", "--workers", str(workers)],
-                                     env=engine_env(settings, **overrides),
-                                     stdout=self.log, stderr=subprocess.STDOUT)
+        self.process = SeckillProcess(["run", "--workers", str(workers)],
+                                      engine_env(settings, **overrides), "bench-engine")
+        self.proc = self.process.proc
         self.workers = workers
 
     def worker_pids(self) -> list[int]:
-        return children(self.proc.pid)
+        return self.process.children()
 
     def cpu(self) -> float:
         return sum(cpu_seconds(p) for p in self.worker_pids())
 
+    def output(self) -> str:
+        return self.process.output()
+
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        self.process.stop(60)
+        self.process.log_path.unlink(missing_ok=True)
 
 
 async def group_counts(redis: Redis, keys: Keys, pids: list[int]) -> tuple[int, int]:
@@ -437,7 +419,7 @@ class _PhaseFailed(Exception):
 
 def _problem(engine: Engine, deadline: float) -> str | None:
     if engine.proc.poll() is not None:
-        err = Path(engine.log.name).read_text(errors="replace")
+        err = engine.output()
         return f"the engine exited with {engine.proc.returncode}: {err[-500:]}"
     if time.monotonic() > deadline:
         return "drain timed out"

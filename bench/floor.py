@@ -24,11 +24,13 @@ from typing import Any
 
 import orjson
 
-from .bff import BFF_PIDS, Load, buy_path, load_server
-from .enginerun import free_port
+from engine.testing.ports import free_port
+
+from .httpload import Load, buy_path, load_server
 
 BODY = b'{"status":"accepted","stream_id":"0-1","slot":1}'
 HEADERS = [(b"content-type", b"application/json")]
+PATH = buy_path(1)  # any purchase: the floor answers every request alike
 
 
 async def app(scope: dict[str, Any], receive: Callable[[], Awaitable[dict[str, Any]]],
@@ -95,8 +97,8 @@ async def measure_floor(*, seconds: float = 10, connections: int = 64,
     """Requests/s, p50/p99 and server CPU per request of the floor, under `load` (the
     BFF's own requests when the suite measures both; anonymous purchases by default)."""
     workers = workers or os.cpu_count() or 1
-    load = load or Load((buy_path(BFF_PIDS[0]),), first_user=1)
-    warmup = warmup or Load((buy_path(BFF_PIDS[0]),), first_user=10**9)
+    load = load or Load((PATH,), first_user=1)
+    warmup = warmup or Load((PATH,), first_user=10**9)
     proc, port, log = start_floor(workers, interface)
     try:
         result = await load_server(proc, port, log.name, seconds, connections, load, warmup,

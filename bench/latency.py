@@ -19,8 +19,9 @@ from redis.asyncio import Redis
 
 from engine.config import Settings
 from engine.keys import GROUP, Keys
+from engine.testing.ports import free_port
 
-from .enginerun import Engine, acked, free_port
+from .enginerun import Engine, acked
 from .env import bench_settings, prepare, reset
 
 METRIC = "seckill_order_latency_seconds_bucket"

@@ -97,3 +97,18 @@ def one_line(exc: BaseException, *, typed: bool = False) -> str:
     if not text:
         return name
     return f"{name}: {text}" if typed else text
+
+
+# -- the test harness (engine.testing) -------------------------------------
+
+
+class HarnessError(SeckillError):
+    """The test harness could not do what a test, the bench or the chaos suite asked."""
+
+
+class WaitTimedOut(HarnessError):
+    """A condition the harness waited for did not hold by its deadline."""
+
+
+class ChildFailed(HarnessError):
+    """A child process the harness started exited, or never answered, while starting."""

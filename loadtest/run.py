@@ -14,23 +14,25 @@ import argparse
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
-import uuid
 from pathlib import Path
 
-import aiormq
 from redis.asyncio import Redis
 
 from engine.admin.migrate import migrate
 from engine.config import Settings, load_settings
 from engine.connections import connect_pg, connect_redis
+from engine.errors import ChildFailed
 from engine.gate.client import Gate
-from engine.keys import EXCHANGE, GROUP, RK_CREATED, Keys
+from engine.keys import GROUP, Keys
 from engine.products import Product, upsert_product
+from engine.testing.bff import wait_healthy
+from engine.testing.ports import free_port
+from engine.testing.processes import SeckillProcess
+from engine.testing.taps import EventTap
+from engine.testing.waits import seconds_until
 
 from .judge import MAX_FAILURE_RATIO, RehearsalFailed, judge, read_report
 from .verify import report, tried_key, verify
@@ -39,16 +41,11 @@ HERE = Path(__file__).resolve().parent
 REPORT_FILES = ("_summary.json", "_stats.csv", "_failures.csv", "_exceptions.csv",
                 "_stats_history.csv")
 BIN = Path(sys.executable).parent
+TAP_EXPIRES_MS = 3_600_000  # a tap the verifier never read is gone after an hour
 
 
 def say(text: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def open_sale(settings: Settings, pid: int, stock: int) -> str:
@@ -69,45 +66,24 @@ async def open_sale(settings: Settings, pid: int, stock: int) -> str:
 
 
 async def declare_tap(settings: Settings) -> str:
-    queue = f"loadtest-tap-{uuid.uuid4().hex[:8]}"
-    conn = await aiormq.connect(settings.amqp_url)
-    try:
-        channel = await conn.channel()
-        await channel.queue_declare(queue, durable=True, arguments={"x-expires": 3_600_000})
-        await channel.queue_bind(queue, EXCHANGE, routing_key=RK_CREATED)
-    finally:
-        await conn.close()
-    return queue
+    """A tap bound before the run, for the verifier: its queue's name."""
+    tap = EventTap(settings.amqp_url, prefix="loadtest-tap", expires_ms=TAP_EXPIRES_MS)
+    return (await tap.declare()).queue
 
 
 async def drained(settings: Settings, pid: int, timeout: float) -> bool:
+    """Whether the engine read and acknowledged every order within `timeout` seconds."""
     redis = Redis.from_url(settings.redis_url, socket_timeout=10, socket_connect_timeout=10)
-    deadline = time.monotonic() + timeout
+
+    async def empty() -> bool:
+        groups = await redis.xinfo_groups(Keys(settings.key_prefix).stream(pid))
+        g = next(g for g in groups if g["name"] in (GROUP, GROUP.encode()))
+        return int(g["pending"]) == 0 and int(g["lag"] or 0) == 0
+
     try:
-        while time.monotonic() < deadline:
-            groups = await redis.xinfo_groups(Keys(settings.key_prefix).stream(pid))
-            g = next(g for g in groups if g["name"] in (GROUP, GROUP.encode()))
-            if int(g["pending"]) == 0 and int(g["lag"] or 0) == 0:
-                return True
-            await asyncio.sleep(0.25)
+        return await seconds_until(time.monotonic(), empty, timeout, interval=0.25) is not None
     finally:
         await redis.aclose()
-    return False
-
-
-def start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-    return subprocess.Popen(cmd, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
-
-
-def wait_http(url: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(url, timeout=1)
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise RehearsalFailed(f"the BFF did not answer {url} within {timeout:.0f} s")
 
 
 def bff_env(env: dict[str, str]) -> dict[str, str]:
@@ -116,15 +92,6 @@ def bff_env(env: dict[str, str]) -> dict[str, str]:
     if env.get("SECKILL_LT_SIGNING_KEY"):
         return env
     return dict(env, SECKILL_BFF_AUTH="none")
-
-
-def stop(proc: subprocess.Popen | None) -> None:
-    if proc is not None and proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -226,13 +193,16 @@ def main(argv: list[str] | None = None) -> int:
     bff = engine = None
     try:
         if args.host is None:
-            bff = start([str(BIN / "seckill"), "bff", "--port", host.rsplit(":", 1)[1],
-                         "--workers", str(args.bff_workers)], bff_env(env),
-                        args.reports / f"{stamp}-bff.log")
+            bff = SeckillProcess(["bff", "--port", host.rsplit(":", 1)[1], "--workers",
+                                  str(args.bff_workers)], bff_env(env), "bff",
+                                 log_path=args.reports / f"{stamp}-bff.log")
         if args.engine:
-            engine = start([str(BIN / "seckill"), "run", "--workers", "2"], env,
-                           args.reports / f"{stamp}-engine.log")
-        wait_http(f"{host.rstrip('/')}/healthz")
+            engine = SeckillProcess(["run", "--workers", "2"], env, "engine",
+                                    log_path=args.reports / f"{stamp}-engine.log")
+        try:
+            wait_healthy(host, 30, bff)
+        except ChildFailed as exc:
+            raise RehearsalFailed(str(exc)) from None
         failed = run_locust(args, host, env, args.reports / stamp)
         if args.engine and not asyncio.run(drained(settings, args.product, 60)):
             failed.append("the engine did not drain in 60 s")
@@ -242,8 +212,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"LOAD TEST FAILED: {exc} (the verifier did not run)")
         return 1
     finally:
-        stop(bff)
-        stop(engine)
+        for child in (bff, engine):
+            if child is not None:
+                child.stop()
     verdict = report(problems)
     for reason in failed:
         print(f"LOAD TEST FAILED: {reason}")

@@ -1,7 +1,7 @@
 """Fixtures for tests against a Redis Cluster: one of the session's own, started here.
 
 `redis_cluster` forms a 3-master Redis Cluster with one replica each on free ports
-(engine.admin.localclusters, under localnodes.BASE, so a killed session's servers are
+(engine.testing.clusters, under engine.testing.nodes.BASE, so a killed session's servers are
 reaped by the next), once per session and only when a test asks. Without redis-server
 the tests skip with the exact command that installs it. `rabbit_cluster` does the same
 for three RabbitMQ nodes joined into one cluster, its topology declared.
@@ -16,10 +16,10 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 from redis.asyncio import Redis
 
-from engine.admin.localclusters import LocalRabbitCluster, LocalRedisCluster
-from engine.admin.localnodes import LocalNodeFailed, rabbit_bin
 from engine.config import Settings
 from engine.connections import connect_redis
+from engine.testing.clusters import LocalRabbitCluster, LocalRedisCluster
+from engine.testing.nodes import LocalNodeFailed, rabbit_bin
 
 INSTALL = "apt-get install -y redis-server redis-tools"
 RABBIT_INSTALL = "apt-get install -y rabbitmq-server"

@@ -4,7 +4,7 @@ The shared Redis, RabbitMQ and PostgreSQL may serve a demo or another run at the
 same time, so no test stops, restarts or pauses them. A test that needs to asks
 for `private_redis`, `private_rabbitmq` or `private_postgres` (or settings
 pointing at them): a server started on a port and in a directory of its own
-(engine.admin.localnodes), once per session and only when the first test
+(engine.testing.nodes), once per session and only when the first test
 asks. Each test gets it running and answering, whatever the previous test did
 to it (stopped, killed, frozen, its broker app stopped).
 """
@@ -19,7 +19,9 @@ import pytest
 from redis.asyncio import Redis
 from support import purge_queues
 
-from engine.admin.localnodes import (
+from engine.config import Settings
+from engine.keys import QUEUE_CREATED, QUEUE_STATUS
+from engine.testing.nodes import (
     LocalNode,
     PostgresNode,
     RabbitNode,
@@ -27,8 +29,6 @@ from engine.admin.localnodes import (
     destroy_all,
     reap_orphans,
 )
-from engine.config import Settings
-from engine.keys import QUEUE_CREATED, QUEUE_STATUS
 
 PRIVATE_DATABASE = "seckill_test"
 

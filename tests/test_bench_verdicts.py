@@ -16,7 +16,7 @@ import pytest
 from support import add_products
 
 from bench import bff, enginerun, latency
-from bench.enginerun import drain, free_port
+from bench.enginerun import drain
 from bench.env import preload
 from bench.report import machine_limits, markdown, targets
 from bench.verdicts import (
@@ -33,6 +33,7 @@ from bench.verdicts import (
 )
 from engine.config import Settings
 from engine.keys import EXCHANGE, RK_CREATED
+from engine.testing.ports import free_port
 
 # --- judging a target from its runs -------------------------------------------------
 

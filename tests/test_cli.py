@@ -13,11 +13,12 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 from redis.asyncio import Redis
-from support import SECKILL, engine_env, wait_for
 
 from engine.demo import ATTEMPTS, check, pace_line, tree_cpu_seconds
 from engine.gate.client import Gate
 from engine.keys import Keys
+from engine.testing.processes import SECKILL, engine_env
+from engine.testing.waits import wait_for
 
 
 def seckill(settings, *args: str, **env: str) -> subprocess.CompletedProcess:

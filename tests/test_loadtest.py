@@ -14,12 +14,13 @@ from pathlib import Path
 
 import pytest
 from redis.asyncio import Redis
-from support import SECKILL, engine_env, free_port, stop_process
 
 from engine.config import Settings
 from engine.gate.client import Gate
 from engine.gate.devkeys import init_keys
 from engine.keys import Keys
+from engine.testing.ports import free_port
+from engine.testing.processes import SECKILL, engine_env, stop_process
 from loadtest.judge import LocustReport, judge
 from loadtest.verify import tried_key, verify
 

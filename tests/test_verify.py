@@ -26,13 +26,15 @@ import aiormq
 import asyncpg
 import pytest
 from redis.asyncio import Redis
-from support import EngineProcess, add_products, all_done, wait_for
+from support import add_products, all_done
 
 from engine.admin.migrate import apply_migrations
 from engine.config import Settings
 from engine.gate.client import Gate
 from engine.keys import EXCHANGE, RK_CREATED, Keys
 from engine.pb import event_pb2
+from engine.testing.processes import EngineProcess
+from engine.testing.waits import wait_for
 from loadtest.run import declare_tap
 from loadtest.verify import tried_key, verify
 

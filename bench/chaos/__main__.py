@@ -21,6 +21,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from bench.env import _with_path, bench_settings
+from engine.testing.taps import EventTap
 
 from .faults import (
     BESIDE,
@@ -32,7 +33,7 @@ from .faults import (
     TOPOLOGY_S,
     catalogue,
 )
-from .runner import Fault, PrivateNodes, Result, delete_tap, run_fault
+from .runner import TAP_PREFIX, Fault, PrivateNodes, Result, run_fault
 from .scoreboard import write
 
 OUT = Path(__file__).resolve().parents[1] / "results"
@@ -49,7 +50,7 @@ def header(settings_note: str) -> list[str]:
         "Each fault runs against a live sale sold through the gate's Lua script (the"
         " `Gate` client the BFF uses; in the rows with a bff_5xx count, over HTTP through"
         " the real `seckill bff` with JWT auth on), with `seckill run` (2 workers, status"
-        " loop) and `seckill resource-domain` running; counted by bench/chaos/checker.py"
+        " loop) and `seckill resource-domain` running; counted by engine/testing/invariants.py"
         " from the accepted replies, `seckill_logs`, a tap queue on the exchange, the"
         " Resource Domain's table and, behind the BFF, the order stream and the BFF's"
         " answers.",
@@ -176,14 +177,14 @@ def prepare_chaos(settings: Any, vhost: str) -> None:
     asyncio.run(declare_topology(settings.amqp_url))
     listed = subprocess.run([ctl, "-q", "list_queues", "-p", vhost, "name"], check=True,
                             capture_output=True, text=True, timeout=60).stdout.split()
-    stale = [q for q in listed if q.startswith("chaos-tap-")]  # of a run that was killed
+    stale = [q for q in listed if q.startswith(TAP_PREFIX + "-")]  # of a run that was killed
     if stale:
         asyncio.run(_delete_queues(settings.amqp_url, stale))
 
 
 async def _delete_queues(amqp_url: str, queues: list[str]) -> None:
     for queue in queues:
-        await delete_tap(amqp_url, queue)
+        await EventTap(amqp_url, queue=queue).delete()
 
 
 if __name__ == "__main__":

@@ -11,25 +11,24 @@ import asyncio
 import contextlib
 import json
 import tempfile
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from engine.config import Settings, to_env
+from engine.config import Settings
 from engine.gate.devkeys import DevIssuer, init_keys
+from engine.testing import bff
 
 from .hostile import Tokens
-from .runner import Proc, free_port
 
 TOKEN_TTL = 3600
-START_TIMEOUT = 30.0
 
 
 class Bff:
-    """One `seckill bff` process (one worker) on a free port, and its issuer."""
+    """One `seckill bff` process (one worker), the tokens of its buyers, and their
+    purchases and order lookups over HTTP."""
 
     def __init__(self, settings: Settings, users: range, overrides: dict[str, Any]) -> None:
         keys = Path(tempfile.mkdtemp(prefix="seckill-chaos-keys-"))
@@ -39,30 +38,15 @@ class Bff:
         self.tokens = {u: issuer.token(u, TOKEN_TTL) for u in users}
         self.bad = Tokens(str(private), str(self.jwks), settings.bff_jwt_issuer,
                           settings.bff_jwt_audience)
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = to_env(settings, **{"bff_auth": "jwt", "bff_jwks": str(self.jwks),
-                                  "bff_admin_port": 0, "log_json": False,
-                                  "metrics_port": 0, **overrides})
-        self.proc = Proc(["bff", "--port", str(self.port), "--workers", "1"], env, "bff")
+        self.server = bff.Bff(settings, bff_auth="jwt", bff_jwks=str(self.jwks),
+                              log_json=False, metrics_port=0, **overrides)
+        self.url = self.server.url
 
     @classmethod
     async def start(cls, settings: Settings, users: range,
                     overrides: dict[str, Any]) -> Bff:
         """Started and answering /healthz (minting the tokens takes a second or two)."""
-        bff = await asyncio.to_thread(cls, settings, users, overrides)
-        deadline = time.monotonic() + START_TIMEOUT
-        async with bff.client() as client:
-            while True:
-                try:
-                    if (await client.get("/healthz")).status_code == 200:
-                        return bff
-                except httpx.HTTPError:
-                    pass
-                if bff.proc.proc.poll() is not None or time.monotonic() > deadline:
-                    bff.proc.stop()
-                    raise RuntimeError("the BFF did not start:\n" + bff.proc.output()[-2000:])
-                await asyncio.sleep(0.2)
+        return await asyncio.to_thread(cls, settings, users, overrides)
 
     @contextlib.asynccontextmanager
     async def client(self) -> AsyncIterator[httpx.AsyncClient]:
@@ -71,7 +55,10 @@ class Bff:
             yield client
 
     def alive(self) -> bool:
-        return self.proc.proc.poll() is None
+        return self.server.alive()
+
+    def stop(self) -> None:
+        self.server.stop()
 
     async def buy(self, client: httpx.AsyncClient, pid: int,
                   user: int) -> tuple[int | None, dict[str, Any]]:

@@ -27,9 +27,12 @@ import httpx
 from engine.config import to_env
 from engine.keys import EXCHANGE, GROUP, QUEUE_CREATED, RK_CREATED
 from engine.pipeline.faults import MID_DEAD_LETTER, POINTS
+from engine.testing.invariants import Answer
+from engine.testing.ports import free_port
+from engine.testing.processes import SECKILL, pid_alive
+from engine.testing.waits import wait_for
 
-from .checker import Answer
-from .runner import SECKILL, Fault, Sale, free_port, running, wait_until
+from .runner import Fault, Sale
 
 OUTAGE_S = 30.0  # RabbitMQ stopped, a memory alarm, a blackhole, +latency, a slow link
 TOPOLOGY_S = 10.0  # a binding or the queue gone (the issue gives no length)
@@ -59,8 +62,8 @@ def batch_point(point: str) -> Fault:
             out = engine.output()
             return f"fault point {point}: SIGKILL" in out and "exited with -9" in out
 
-        await wait_until(killed, 60, f"a worker killed {point}")
-        await wait_until(lambda: _workers(sale, 2), 60, "the killed worker respawned")
+        await wait_for(killed, 60, f"a worker killed {point}")
+        await wait_for(lambda: _workers(sale, 2), 60, "the killed worker respawned")
 
     return Fault(f"SIGKILL {point}", inflict, start_after=0.0,
                  env={"SECKILL_FAULT_POINT": point,
@@ -79,9 +82,9 @@ async def _kill_supervisor(sale: Sale) -> None:
     await asyncio.to_thread(sale.engine.proc.wait, 10)
 
     async def gone() -> bool:
-        return not any(running(pid) for pid in orphans)
+        return not any(pid_alive(pid) for pid in orphans)
 
-    await wait_until(gone, 60, "the orphaned workers to exit")
+    await wait_for(gone, 60, "the orphaned workers to exit")
     sale.start_engine()
     await sale.booted()
 
@@ -210,7 +213,7 @@ async def _amqp(sale: Sale, action: Callable[[Any], Coroutine[Any, Any, None]]) 
 async def _binding_deleted(sale: Sale) -> None:
     """Every binding of instance.created deleted (the events come back returned and stay
     on the stream), restored after TOPOLOGY_S."""
-    queues = (QUEUE_CREATED, sale.tap)
+    queues = (QUEUE_CREATED, sale.tap_queue)
 
     async def unbind(channel: Any) -> None:
         for queue in queues:
@@ -231,11 +234,11 @@ async def _queue_deleted(sale: Sale) -> None:
     queue and comes back returned, as in production where only that queue is bound."""
 
     async def delete(channel: Any) -> None:
-        await channel.queue_unbind(sale.tap, EXCHANGE, routing_key=RK_CREATED)
+        await channel.queue_unbind(sale.tap_queue, EXCHANGE, routing_key=RK_CREATED)
         await channel.queue_delete(QUEUE_CREATED)
 
     async def bind_tap(channel: Any) -> None:
-        await channel.queue_bind(sale.tap, EXCHANGE, routing_key=RK_CREATED)
+        await channel.queue_bind(sale.tap_queue, EXCHANGE, routing_key=RK_CREATED)
 
     await _amqp(sale, delete)
     await asyncio.sleep(TOPOLOGY_S)
@@ -287,7 +290,7 @@ async def _row_always_fails(sale: Sale) -> None:
         return bool(await sale.dead_letters())
 
     try:
-        await wait_until(dead_lettered, 120, "the refused row dead-lettered")
+        await wait_for(dead_lettered, 120, "the refused row dead-lettered")
     finally:
         conn = await asyncpg.connect(sale.settings.pg_dsn, timeout=10)
         try:

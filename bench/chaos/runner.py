@@ -6,7 +6,7 @@ workers run the status loop) and `seckill resource-domain` running as child proc
 The fault is inflicted while the sale is live; once it is over the runner waits for the
 stream to drain and every order to be provisioned, then reads what every place recorded
 (the accepted replies, `seckill_logs`, a tap queue bound to the exchange, the Resource
-Domain's table) and `checker.score()` counts what the fault cost.
+Domain's table) and `engine.testing.invariants.score()` counts what the fault cost.
 
 The runner owns a database, a vhost and a key prefix (`prepare()`), so it runs beside a
 demo or a test run; the tests hand it theirs.
@@ -16,43 +16,36 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
-import subprocess
-import sys
-import tempfile
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import aiormq
 import asyncpg
 from redis.asyncio import Redis
 
 from engine.config import Settings, to_env
+from engine.errors import HarnessError, WaitTimedOut
 from engine.gate.client import Gate
-from engine.keys import DLQ_SUFFIX, EXCHANGE, GROUP, RK_CREATED, Keys
-from engine.pb import event_pb2
+from engine.keys import DLQ_SUFFIX, GROUP, Keys
 from engine.products import gpu_product, upsert_products
-
-from .checker import (
+from engine.testing.faultproxy import ProxyProcess, upstream_of, via
+from engine.testing.invariants import (
     Accepted,
     Answer,
     Event,
     Score,
-    drained_after,
     read_provisioned,
     read_rows,
     score,
 )
-from .faultproxy import ProxyProcess, upstream_of, via
+from engine.testing.ports import free_port
+from engine.testing.processes import SeckillProcess, engine_env
+from engine.testing.taps import EventTap, collect_orders
+from engine.testing.waits import seconds_until, wait_for
 
-if TYPE_CHECKING:
-    from .bff import Bff
+from .bff import Bff
 
-SECKILL = str(Path(sys.executable).with_name("seckill"))
 PROBE_USERS = 50  # users past the buyers, for a fault's own purchases through the BFF
 BUY_CHUNK = 20  # purchases in flight at once
 DRAIN_TIMEOUT = 180.0
@@ -60,94 +53,18 @@ SETTLE_TIMEOUT = 80.0  # every row RUNNING or FAILED, every instance provisioned
 # Resource Domain takes over a claim left by a dead one after 60 s: STALE_CLAIM_S)
 # Settings of every engine the runner starts: quick to notice and to recover, so a fault
 # costs seconds, not minutes (the defaults are for production, not for a 20-minute suite).
-ENGINE_QUICK: dict[str, Any] = {
-    "metrics_port": 0, "log_json": False, "log_level": "INFO", "janitor_interval": 1.0,
-    "graceful_timeout": 15,
-    "heartbeat_timeout": 10, "boot_timeout": 10, "discovery_interval": 0.2,
-    "claim_idle_ms": 5000, "batch_size": 100, "retry_backoff_max": 1,
-}
+# engine_env's QUICK timings, and these:
+ENGINE_QUICK: dict[str, Any] = {"log_level": "INFO", "claim_idle_ms": 5000, "batch_size": 100,
+                                "retry_backoff_max": 1}
 RD_QUICK: dict[str, Any] = {"rd_delay_ms": 1, "log_json": False, "log_level": "INFO"}
 # the proxied dependency's setting and default port
 SERVICES = {"redis": ("redis_url", 6379), "rabbitmq": ("amqp_url", 5672),
             "postgresql": ("pg_dsn", 5432)}
+TAP_PREFIX = "chaos-tap"  # a tap left by a run that was killed is found by its name
 
 
-class ChaosError(Exception):
+class ChaosError(HarnessError):
     """A fault could not be run (a process did not start, a condition never held)."""
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class Proc:
-    """A `seckill` subcommand as a child process in a session of its own (so the whole
-    host can be killed at once), its output in a file for the report."""
-
-    def __init__(self, args: list[str], env: dict[str, str], name: str) -> None:
-        self.name = name
-        fd, path = tempfile.mkstemp(prefix=f"seckill-chaos-{name}-", suffix=".log")
-        self.log_path = Path(path)
-        with os.fdopen(fd, "wb") as log:
-            self.proc = subprocess.Popen([SECKILL, *args], env=env, stdout=log,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def children(self) -> list[int]:
-        try:
-            text = Path(f"/proc/{self.pid}/task/{self.pid}/children").read_text()
-        except FileNotFoundError:
-            return []
-        return [int(p) for p in text.split()]
-
-    def output(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def kill_all(self) -> None:
-        """SIGKILL the process and every process of its session at once."""
-        try:
-            os.killpg(self.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.proc.wait(10)
-
-    def stop(self, timeout: float = 30) -> None:
-        """SIGTERM (the engine drains), SIGKILL to the session if it does not exit."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.kill_all()
-        try:  # a worker orphaned by a fault must not outlive its fault
-            os.killpg(self.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-
-
-def running(pid: int) -> bool:
-    """True while the process exists and is not a zombie."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
-async def wait_until(check: Callable[[], Awaitable[bool]], timeout: float, what: str,
-                     interval: float = 0.2) -> None:
-    deadline = time.monotonic() + timeout
-    while not await check():
-        if time.monotonic() > deadline:
-            raise ChaosError(f"timed out after {timeout:.0f}s waiting for {what}")
-        await asyncio.sleep(interval)
 
 
 @dataclass
@@ -181,12 +98,12 @@ class Sale:
     product_id: int
     sale_id: str = ""
     accepted: list[Accepted] = field(default_factory=list)
-    engines: list[Proc] = field(default_factory=list)
-    resource_domain: Proc | None = None
+    engines: list[SeckillProcess] = field(default_factory=list)
+    resource_domain: SeckillProcess | None = None
     proxy: ProxyProcess | None = None
     overrides: dict[str, Any] = field(default_factory=dict)  # the proxied URL, if any
     notes: list[str] = field(default_factory=list)
-    tap: str = field(default_factory=lambda: f"chaos-tap-{uuid.uuid4().hex[:8]}")
+    tap: EventTap | None = None  # bound to the exchange before the engine starts
     # held by a fault that restarts Redis: no purchase is in flight across the restart,
     # so every purchase has a reply and the accepted list is the whole truth
     buyers: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -202,20 +119,30 @@ class Sale:
         return Keys(self.settings.key_prefix)
 
     @property
-    def engine(self) -> Proc:
+    def tap_queue(self) -> str:
+        """The name of the sale's tap queue (a fault may unbind and bind it again)."""
+        if self.tap is None:
+            raise ChaosError("the sale's tap is not declared yet")
+        return self.tap.queue
+
+    @property
+    def engine(self) -> SeckillProcess:
         return self.engines[-1]
 
-    def start_engine(self, workers: int = 2) -> Proc:
-        env = to_env(self.settings, **{**ENGINE_QUICK, **self.fault.engine, **self.overrides})
+    def start_engine(self, workers: int = 2) -> SeckillProcess:
+        env = engine_env(self.settings,
+                         **{**ENGINE_QUICK, **self.fault.engine, **self.overrides})
         env.update(self.fault.env)
-        proc = Proc(["run", "--workers", str(workers)], env, "engine")
+        proc = SeckillProcess(["run", "--workers", str(workers)], env, "chaos-engine",
+                              session=True)
         self.engines.append(proc)
         return proc
 
-    def start_resource_domain(self) -> Proc:
+    def start_resource_domain(self) -> SeckillProcess:
         env = to_env(self.settings, **{**RD_QUICK, "rd_metrics_port": free_port(),
                                        **self.overrides})
-        self.resource_domain = Proc(["resource-domain"], env, "resource-domain")
+        self.resource_domain = SeckillProcess(["resource-domain"], env,
+                                              "chaos-resource-domain", session=True)
         return self.resource_domain
 
     async def booted(self, workers: int = 2) -> None:
@@ -225,19 +152,18 @@ class Sale:
             if engine.proc.poll() is not None:
                 raise ChaosError(f"the engine exited with {engine.proc.returncode}:\n"
                                  + engine.output()[-2000:])
-            return (len(engine.children()) == workers
-                    and engine.output().count(" booted as ") >= workers)
+            return await engine.booted(workers)
 
-        await wait_until(check, 90, f"{workers} booted workers")
+        await wait_for(check, 90, f"{workers} booted workers")
 
     def output(self) -> str:
         return "".join(p.output() for p in self.engines)
 
     def stop(self) -> None:
-        procs = [*self.engines, *([self.resource_domain] if self.resource_domain else []),
-                 *([self.bff.proc] if self.bff else [])]
-        for proc in procs:
+        for proc in [*self.engines, *([self.resource_domain] if self.resource_domain else [])]:
             proc.stop()
+        if self.bff is not None:
+            self.bff.stop()
         if self.proxy is not None:
             self.proxy.stop()
 
@@ -346,63 +272,6 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-# -- the tap ------------------------------------------------------------------------
-async def declare_tap(amqp_url: str, queue: str) -> None:
-    conn = await aiormq.connect(amqp_url)
-    try:
-        channel = await conn.channel()
-        await channel.queue_declare(queue, durable=True)
-        await channel.queue_bind(queue, EXCHANGE, routing_key=RK_CREATED)
-    finally:
-        await conn.close()
-
-
-async def delete_tap(amqp_url: str, queue: str) -> None:
-    """A tap left bound would take every later fault's events: a binding-deleted fault
-    would then see them routed there instead of returned. Gone once the fault is scored
-    (read_tap deletes it) or abandoned (here)."""
-    try:
-        conn = await aiormq.connect(amqp_url)
-    except (aiormq.exceptions.AMQPError, OSError):
-        return  # a private broker already destroyed: its taps went with it
-    try:
-        channel = await conn.channel()
-        await channel.queue_delete(queue)
-    finally:
-        await conn.close()
-
-
-async def read_tap(amqp_url: str, queue: str, orders: int, timeout: float) -> list[Event]:
-    """Every event in the tap (repeats included) once events of `orders` distinct orders
-    came and the queue is empty (or the timeout); the queue is deleted afterwards."""
-    conn = await aiormq.connect(amqp_url)
-    events: list[Event] = []
-    try:
-        channel = await conn.channel()
-        await channel.basic_qos(prefetch_count=1000)
-
-        async def on_message(message: Any) -> None:
-            event = event_pb2.Event()
-            event.ParseFromString(message.body)
-            events.append(Event(event.product_id, event.stream_id, event.instance_id))
-            await channel.basic_ack(message.delivery.delivery_tag)
-
-        consuming = await channel.basic_consume(queue, on_message)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            await asyncio.sleep(0.3)
-            distinct = len({e.key for e in events})
-            ready = (await channel.queue_declare(queue, passive=True)).message_count
-            if distinct >= orders and ready == 0:
-                break
-        await asyncio.sleep(0.5)  # deliveries already sent to us
-        await channel.basic_cancel(consuming.consumer_tag)
-        await channel.queue_delete(queue)
-    finally:
-        await conn.close()
-    return events
-
-
 # -- one fault ----------------------------------------------------------------------
 @dataclass
 class Result:
@@ -426,7 +295,7 @@ class Result:
 
 
 class PrivateNodes:
-    """Servers of the run's own (engine.admin.localnodes) for the faults that stop,
+    """Servers of the run's own (engine.testing.nodes) for the faults that stop,
     restart or alarm a service: the shared ones are never touched. Each is started the
     first time a fault asks for it and reused by the next; `destroy()` at the end."""
 
@@ -442,8 +311,8 @@ class PrivateNodes:
 
     @staticmethod
     def _start(kind: str) -> Any:
-        from engine.admin.localnodes import PostgresNode, RabbitNode, RedisNode
         from engine.admin.migrate import apply_migrations
+        from engine.testing.nodes import PostgresNode, RabbitNode, RedisNode
 
         if kind == "redis-aof":
             return RedisNode(appendonly=True, extra=("--appendfsync", "always")).start()
@@ -493,7 +362,8 @@ async def run_fault(settings: Settings, fault: Fault, say: Callable[[str], None]
     finally:
         await asyncio.to_thread(sale.stop)
         await sale.redis.aclose()
-        await delete_tap(settings.amqp_url, sale.tap)
+        if sale.tap is not None:
+            await sale.tap.delete()
 
 
 async def _run(sale: Sale, say: Callable[[str], None], started: float) -> Result:
@@ -504,7 +374,7 @@ async def _run(sale: Sale, say: Callable[[str], None], started: float) -> Result
     finally:
         await conn.close()
     sale.sale_id = await Gate(sale.redis, sale.keys).open_sale(sale.product_id, fault.stock)
-    await declare_tap(settings.amqp_url, sale.tap)
+    sale.tap = await EventTap(settings.amqp_url, prefix=TAP_PREFIX).declare()
     if fault.proxied:
         setting, port = SERVICES[fault.proxied]
         url = getattr(settings, setting)
@@ -515,14 +385,12 @@ async def _run(sale: Sale, say: Callable[[str], None], started: float) -> Result
     sale.start_resource_domain()
     sale.start_engine()
     if fault.bff:
-        from .bff import Bff
-
         sale.bff = await Bff.start(settings, range(1, sale.users.stop + PROBE_USERS),
                                    sale.overrides)
     await sale.booted()
     buying = asyncio.create_task(sale.buy_all())
     try:
-        await wait_until(lambda: _sold_or_done(sale, buying), 120, "the sale under way")
+        await wait_for(lambda: _sold_or_done(sale, buying), 120, "the sale under way")
         say(f"  {fault.name}: inflicting at {len(sale.accepted)} accepted")
         await fault.inflict(sale)
         fault_end = time.monotonic()
@@ -531,13 +399,13 @@ async def _run(sale: Sale, say: Callable[[str], None], started: float) -> Result
     finally:
         if not buying.done():
             buying.cancel()
-    recovery = await drained_after(fault_end, sale.drained, DRAIN_TIMEOUT)
+    recovery = await seconds_until(fault_end, sale.drained, DRAIN_TIMEOUT)
     if recovery is None:
         sale.notes.append(f"the stream did not drain within {DRAIN_TIMEOUT:.0f}s")
     drained_at = time.monotonic()
     try:
-        await wait_until(sale.settled, SETTLE_TIMEOUT, "every row RUNNING or FAILED")
-    except ChaosError as exc:
+        await wait_for(sale.settled, SETTLE_TIMEOUT, "every row RUNNING or FAILED")
+    except WaitTimedOut as exc:
         sale.notes.append(str(exc))
     else:
         settled = time.monotonic() - drained_at
@@ -566,7 +434,9 @@ async def _score(sale: Sale, recovery: float | None, started: float) -> Result:
                           f" (expected {sale.fault.dead_letters_expected})")
     elif lettered:  # dead-lettered by a fault that should not: counted lost
         sale.notes.append(f"{len(lettered)} accepted orders dead-lettered")
-    events = await read_tap(settings.amqp_url, sale.tap, len(accepted), 60)
+    assert sale.tap is not None
+    events = [Event.of(e) for e in await collect_orders(sale.tap, len(accepted), 60)]
+    await sale.tap.delete()
     conn = await asyncpg.connect(settings.pg_dsn, timeout=10)
     try:
         rows = await read_rows(conn, [sale.product_id])
@@ -579,7 +449,7 @@ async def _score(sale: Sale, recovery: float | None, started: float) -> Result:
         found = await sale.redis.xrange(sale.keys.stream(sale.product_id))
         entries = [(sale.product_id, _text(entry_id)) for entry_id, _ in found or []]
         if not bff.alive():
-            sale.notes.append(f"the BFF exited with {bff.proc.proc.returncode}")
+            sale.notes.append(f"the BFF exited with {bff.server.process.proc.returncode}")
             sale.answers.append(Answer("probe", "the BFF still running", None))
     result = score(accepted, rows, events, {sale.product_id: sale.fault.stock}, provisioned,
                    recovery, entries=entries, answers=sale.answers if bff else None)

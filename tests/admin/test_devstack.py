@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
-from support import free_port
 
 from engine.admin import devstack
 from engine.admin.devstack import (
@@ -28,6 +27,7 @@ from engine.admin.devstack import (
     start_command,
     trust_local_tcp,
 )
+from engine.testing.ports import free_port
 
 
 def _untouchable() -> Host:

@@ -6,9 +6,11 @@ import json
 import subprocess
 
 import pytest
-from support import SECKILL, EngineProcess, add_products, announce, engine_env, log_rows, wait_for
+from support import add_products, announce, log_rows
 
 from engine.keys import Keys
+from engine.testing.processes import SECKILL, EngineProcess, engine_env
+from engine.testing.waits import wait_for
 
 pytestmark = pytest.mark.timeout(120)
 

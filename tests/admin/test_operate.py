@@ -13,17 +13,7 @@ import asyncpg
 import pytest
 from redis import Redis as SyncRedis
 from redis.asyncio import Redis
-from support import (
-    SECKILL,
-    EngineProcess,
-    add_products,
-    announce,
-    engine_env,
-    log_rows,
-    pending_count,
-    push_orders,
-    wait_for,
-)
+from support import add_products, announce, log_rows, pending_count, push_orders
 
 from engine.admin.stats import collect
 from engine.admin.trim import trim_stream
@@ -31,6 +21,8 @@ from engine.gate.client import Gate
 from engine.keys import GROUP, Keys
 from engine.pipeline.logsink import prepare_connection, write_batch
 from engine.pipeline.orders import Order
+from engine.testing.processes import SECKILL, EngineProcess, engine_env
+from engine.testing.waits import wait_for
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -10,10 +10,10 @@ from urllib.parse import urlsplit
 import asyncpg
 import pytest
 
-from engine.admin.localnodes import PostgresNode, free_port
 from engine.admin.migrate import apply_migrations, pg_hosts, single_host, writable_dsn
 from engine.connections import create_pg_pool
 from engine.errors import ServiceUnavailable
+from engine.testing.nodes import PostgresNode, free_port
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -20,8 +20,8 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeout
 
-from bench.chaos.faultproxy import ControlError, FaultProxy, ProxyProcess, upstream_of, via
 from engine.connections import PG_ERRORS
+from engine.testing.faultproxy import ControlError, FaultProxy, ProxyProcess, upstream_of, via
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -10,22 +10,14 @@ import uvloop
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from support import (
-    EngineProcess,
-    EventTap,
-    add_products,
-    all_done,
-    announce,
-    assert_one_id_per_order,
-    collect_orders,
-    log_rows,
-    push_orders,
-    rows_at_least,
-    wait_for,
-)
+from support import add_products, all_done, announce, log_rows, push_orders, rows_at_least
 
-from bench.chaos.faultproxy import FaultProxy, ProxyProcess, upstream_of, via
 from engine.connections import connect_redis
+from engine.testing.faultproxy import FaultProxy, ProxyProcess, upstream_of, via
+from engine.testing.invariants import assert_one_id_per_order
+from engine.testing.processes import EngineProcess
+from engine.testing.taps import EventTap, collect_orders
+from engine.testing.waits import wait_for
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -13,24 +13,17 @@ import pytest
 import uvloop
 from redis.crc import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
-from support import (
-    EngineProcess,
-    EventTap,
-    assert_one_id_per_order,
-    collect_orders,
-    log_rows,
-    open_sales,
-    pending_count,
-    push_orders,
-    rows_at_least,
-    wait_for,
-)
+from support import log_rows, open_sales, pending_count, push_orders, rows_at_least
 
 from engine import backoff, exits
 from engine.connections import connect_redis
 from engine.errors import ServiceUnavailable
 from engine.gate.client import Gate, GateResult
 from engine.gate.durable import WaitFor
+from engine.testing.invariants import assert_one_id_per_order
+from engine.testing.processes import EngineProcess
+from engine.testing.taps import EventTap, collect_orders
+from engine.testing.waits import wait_for
 
 pytestmark = pytest.mark.timeout(600)
 

@@ -18,9 +18,9 @@ from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 from redis.crc import key_slot
 
-from engine.admin.localclusters import LocalRedisCluster
 from engine.keys import Keys
 from engine.pipeline.reader import DEEP_PER_STREAM, StreamReader, ensure_group
+from engine.testing.clusters import LocalRedisCluster
 
 pytestmark = pytest.mark.timeout(120)
 SALES = 200

@@ -11,7 +11,6 @@ import time
 
 import httpx
 import pytest
-from gate.test_bff import Bff
 from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 
@@ -19,6 +18,7 @@ from engine.errors import ConfigError, ServiceUnavailable
 from engine.gate.client import Gate, check_replication
 from engine.gate.durable import WaitFor
 from engine.keys import Keys
+from engine.testing.bff import Bff
 
 pytestmark = pytest.mark.timeout(120)
 WAIT_MS = 300

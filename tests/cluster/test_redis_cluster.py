@@ -14,20 +14,7 @@ import subprocess
 import orjson
 import pytest
 from redis.crc import key_slot
-from support import (
-    SECKILL,
-    EngineProcess,
-    EventTap,
-    add_products,
-    all_done,
-    announce,
-    assert_one_id_per_order,
-    engine_env,
-    log_rows,
-    open_sales,
-    push_orders,
-    wait_for,
-)
+from support import add_products, all_done, announce, log_rows, open_sales, push_orders
 
 from engine.connections import cluster_startup, is_cluster
 from engine.errors import ConfigError, NoFreeNodeId
@@ -35,6 +22,10 @@ from engine.gate.client import Gate, check_replication
 from engine.keys import GROUP
 from engine.pipeline.ids import MAX_NODES, NodeLease
 from engine.process.health import SaleCollector
+from engine.testing.invariants import assert_one_id_per_order
+from engine.testing.processes import SECKILL, EngineProcess, engine_env
+from engine.testing.taps import EventTap
+from engine.testing.waits import wait_for
 
 pytestmark = pytest.mark.timeout(600)
 IP = "192.0.2.1"

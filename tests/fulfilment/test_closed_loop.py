@@ -17,23 +17,16 @@ import asyncpg
 import httpx
 import pytest
 from redis.asyncio import Redis
-from support import (
-    SECKILL,
-    EngineProcess,
-    add_products,
-    engine_env,
-    free_port,
-    pg_fetch,
-    purge_queues,
-    stop_process,
-    wait_for,
-)
+from support import add_products, pg_fetch, purge_queues
 
 from engine.config import Settings
 from engine.fulfilment.provisioning import SimulatedProvisioner, manifests, to_yaml
 from engine.gate.client import Gate
 from engine.keys import EXCHANGE, QUEUE_STATUS, RK_CREATED, Keys
 from engine.pb import event_pb2
+from engine.testing.ports import free_port
+from engine.testing.processes import SECKILL, EngineProcess, engine_env, stop_process
+from engine.testing.waits import wait_for
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -14,13 +14,13 @@ import time
 import asyncpg
 import pytest
 from prometheus_client import REGISTRY
-from support import wait_for
 
 from engine.fulfilment.status_consumer import StatusConsumer, encode_report
 from engine.gate.client import Gate
 from engine.keys import EXCHANGE, FAILED, RK_STATUS, Keys
 from engine.pipeline.logsink import write_batch
 from engine.pipeline.orders import Order
+from engine.testing.waits import wait_for
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -6,12 +6,12 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from support import wait_for
 from test_status import log_orders, publish, rows
 
 from engine.fulfilment.status_consumer import StatusConsumer, encode_report
 from engine.gate.client import Gate
 from engine.keys import RUNNING, Keys
+from engine.testing.waits import wait_for
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -7,7 +7,6 @@ import datetime as dt
 import time
 
 from prometheus_client import REGISTRY
-from support import wait_for
 
 from engine.fulfilment.status_consumer import (
     Report,
@@ -19,6 +18,7 @@ from engine.gate.client import Gate
 from engine.keys import EXCHANGE, FAILED, QUEUE_STATUS, RK_STATUS, RUNNING, Keys
 from engine.pipeline.logsink import write_batch
 from engine.pipeline.orders import Order
+from engine.testing.waits import wait_for
 
 
 async def publish(channel, body: bytes) -> None:

@@ -20,14 +20,15 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 from redis.asyncio import Redis
-from support import SECKILL, engine_env, free_port
-from test_bff import Bff
 
 from engine.config import Settings
 from engine.gate.auth import KeySet, Unauthenticated, Verifier
 from engine.gate.client import Gate
 from engine.gate.devkeys import init_keys, mint_token
 from engine.keys import Keys
+from engine.testing.bff import Bff
+from engine.testing.ports import free_port
+from engine.testing.processes import SECKILL, engine_env
 
 pytestmark = pytest.mark.timeout(120)
 

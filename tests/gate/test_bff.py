@@ -3,44 +3,22 @@
 from __future__ import annotations
 
 import asyncio
-import subprocess
 import time
 
 import asyncpg
 import httpx
 import pytest
 from redis.asyncio import Redis
-from support import SECKILL, engine_env, free_port, pg_fetch, stop_process
+from support import pg_fetch
 
 from engine.gate.client import Gate
 from engine.keys import Keys
 from engine.pipeline.logsink import prepare_connection, write_batch
 from engine.pipeline.orders import Order
+from engine.testing.bff import Bff
+from engine.testing.ports import free_port
 
 pytestmark = pytest.mark.timeout(120)
-
-
-class Bff:
-    def __init__(self, settings, **overrides) -> None:
-        self.port, self.admin_port = free_port(), free_port()
-        self.proc = subprocess.Popen([SECKILL, "bff", "--port", str(self.port), "--workers", "1"],
-                                     env=engine_env(settings, **{
-                                         "bff_admin_port": self.admin_port, **overrides}),
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.admin_url = f"http://127.0.0.1:{self.admin_port}"
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.1)
-        self.stop()
-        raise RuntimeError("the BFF did not start")
-
-    def stop(self) -> None:
-        stop_process(self.proc, 15)
 
 
 @pytest.fixture(params=["rsgi", "asgi"])

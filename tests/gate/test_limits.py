@@ -13,12 +13,14 @@ import time
 import httpx
 import pytest
 from redis.asyncio import Redis
-from support import SECKILL, add_products, engine_env, free_port
-from test_bff import Bff
+from support import add_products
 
 from engine.gate.client import Gate, Limits, Window
 from engine.gate.clientip import ClientIp, parse_proxies
 from engine.keys import Keys
+from engine.testing.bff import Bff
+from engine.testing.ports import free_port
+from engine.testing.processes import SECKILL, engine_env
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -20,12 +20,12 @@ from schemathesis.specs.openapi.checks import (
     response_schema_conformance,
     status_code_conformance,
 )
-from test_bff import Bff
 
 from engine.gate.client import Gate
 from engine.gate.devkeys import DevIssuer, init_keys
 from engine.gate.openapi import document
 from engine.keys import Keys
+from engine.testing.bff import Bff
 
 pytestmark = pytest.mark.timeout(600)
 

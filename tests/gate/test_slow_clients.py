@@ -8,10 +8,10 @@ import asyncio
 import httpx
 import pytest
 from redis.asyncio import Redis
-from test_bff import Bff
 
 from engine.gate.client import Gate
 from engine.keys import Keys
+from engine.testing.bff import Bff
 
 pytestmark = pytest.mark.timeout(120)
 

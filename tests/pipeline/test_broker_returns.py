@@ -12,7 +12,6 @@ from typing import Any
 import aiormq
 import pytest
 from support import (
-    EngineProcess,
     add_products,
     all_done,
     announce,
@@ -20,11 +19,12 @@ from support import (
     pending_count,
     push_orders,
     row_count,
-    wait_for,
 )
 
 from engine.keys import EXCHANGE, QUEUE_CREATED, RK_CREATED
 from engine.pb import event_pb2
+from engine.testing.processes import EngineProcess
+from engine.testing.waits import wait_for
 
 pytestmark = pytest.mark.timeout(300)
 

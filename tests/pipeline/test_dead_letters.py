@@ -7,7 +7,6 @@ import re
 import orjson
 import pytest
 from support import (
-    EngineProcess,
     add_products,
     all_done,
     announce,
@@ -15,7 +14,6 @@ from support import (
     pending_count,
     push_orders,
     table_locked,
-    wait_for,
 )
 
 from engine.keys import GROUP
@@ -23,6 +21,8 @@ from engine.pipeline.orders import Entry
 from engine.pipeline.reader import delivery_counts
 from engine.pipeline.settle import record_errors
 from engine.process.worker import consumer_name
+from engine.testing.processes import EngineProcess
+from engine.testing.waits import wait_for
 
 RETRY_WAIT = re.compile(r"batch attempt \d+ failed, retrying in ([0-9.]+)s")
 

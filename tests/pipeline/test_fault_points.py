@@ -4,21 +4,15 @@ and every accepted order still has one row, one instance ID, and events carrying
 from __future__ import annotations
 
 import pytest
-from support import (
-    EngineProcess,
-    EventTap,
-    add_products,
-    all_done,
-    assert_one_id_per_order,
-    collect_orders,
-    log_rows,
-    wait_for,
-    workers_are,
-)
+from support import add_products, all_done, log_rows, workers_are
 
 from engine.gate.client import Gate
 from engine.keys import DLQ_SUFFIX
 from engine.pipeline.faults import POINTS
+from engine.testing.invariants import assert_one_id_per_order
+from engine.testing.processes import EngineProcess
+from engine.testing.taps import EventTap, collect_orders
+from engine.testing.waits import wait_for
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -6,20 +6,12 @@ import subprocess
 import time
 
 import pytest
-from support import (
-    SECKILL,
-    EngineProcess,
-    EventTap,
-    add_products,
-    all_done,
-    announce,
-    assert_one_id_per_order,
-    engine_env,
-    log_rows,
-    open_sales,
-    push_orders,
-    wait_for,
-)
+from support import add_products, all_done, announce, log_rows, open_sales, push_orders
+
+from engine.testing.invariants import assert_one_id_per_order
+from engine.testing.processes import SECKILL, EngineProcess, engine_env
+from engine.testing.taps import EventTap
+from engine.testing.waits import wait_for
 
 pytestmark = pytest.mark.timeout(300)
 

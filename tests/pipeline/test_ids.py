@@ -7,11 +7,11 @@ import multiprocessing as mp
 
 import pytest
 from redis.asyncio import Redis
-from support import wait_for
 
 from engine.errors import ClockMovedBackwards, InvalidInput, LeaseLost, NoFreeNodeId
 from engine.keys import Keys
 from engine.pipeline.ids import EPOCH_MS, MAX_NODES, NodeLease, Snowflake, compose, decompose
+from engine.testing.waits import wait_for
 
 
 class FakeClock:

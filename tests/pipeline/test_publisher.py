@@ -11,12 +11,12 @@ import pamqp.frame
 import pytest
 from pamqp import commands, header
 from pamqp.body import ContentBody
-from support import wait_for
 
 from engine.errors import PublishFailed
 from engine.keys import CONTENT_TYPE, EXCHANGE, RK_CREATED
 from engine.pipeline.framing import PERSISTENT, Framer
 from engine.pipeline.publisher import CONFIRMED, RETURNED, ConfirmPublisher, Message
+from engine.testing.waits import wait_for
 
 
 def test_framer_matches_pamqp_byte_for_byte():

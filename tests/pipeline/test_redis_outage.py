@@ -19,8 +19,6 @@ import aiormq
 import pytest
 from redis.asyncio import Redis
 from support import (
-    EngineProcess,
-    EventTap,
     add_products,
     all_done,
     announce,
@@ -29,10 +27,12 @@ from support import (
     push_orders,
     row_count,
     table_locked,
-    wait_for,
 )
 
-from engine.admin.localnodes import RedisNode
+from engine.testing.nodes import RedisNode
+from engine.testing.processes import EngineProcess
+from engine.testing.taps import EventTap
+from engine.testing.waits import wait_for
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -6,12 +6,10 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from support import (
-    EngineProcess,
-)
 
 from engine import exits
 from engine.process.worker import Worker
+from engine.testing.processes import EngineProcess
 
 pytestmark = pytest.mark.timeout(300)
 

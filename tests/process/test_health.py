@@ -7,15 +7,11 @@ import json
 import urllib.request
 
 import pytest
-from support import (
-    EngineProcess,
-    add_products,
-    all_done,
-    announce,
-    free_port,
-    push_orders,
-    wait_for,
-)
+from support import add_products, all_done, announce, push_orders
+
+from engine.testing.ports import free_port
+from engine.testing.processes import EngineProcess
+from engine.testing.waits import wait_for
 
 pytestmark = pytest.mark.timeout(300)
 

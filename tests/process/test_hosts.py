@@ -10,23 +10,16 @@ import signal
 import uuid
 
 import pytest
-from support import (
-    EngineProcess,
-    EventTap,
-    add_products,
-    all_done,
-    announce,
-    assert_one_id_per_order,
-    log_rows,
-    push_orders,
-    rows_at_least,
-    wait_for,
-)
+from support import add_products, all_done, announce, log_rows, push_orders, rows_at_least
 
 from engine.config import load_settings
 from engine.keys import GROUP
 from engine.process.health import SaleCollector
 from engine.process.worker import consumer_name
+from engine.testing.invariants import assert_one_id_per_order
+from engine.testing.processes import EngineProcess
+from engine.testing.taps import EventTap
+from engine.testing.waits import wait_for
 
 pytestmark = pytest.mark.timeout(300)
 

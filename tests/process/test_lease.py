@@ -9,23 +9,23 @@ import time
 
 import pytest
 from support import (
-    EngineProcess,
-    EventTap,
     add_products,
     all_done,
     announce,
-    assert_one_id_per_order,
     log_rows,
     pending_count,
     push_orders,
     row_count,
     rows_at_least,
-    wait_for,
 )
 
 from engine import exits
 from engine.pipeline.ids import decompose
 from engine.process.worker import Worker
+from engine.testing.invariants import assert_one_id_per_order
+from engine.testing.processes import EngineProcess
+from engine.testing.taps import EventTap
+from engine.testing.waits import wait_for
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -10,18 +10,14 @@ import asyncpg
 import pytest
 from redis.exceptions import TimeoutError as RedisTimeout
 from support import (
-    EngineProcess,
-    EventTap,
     add_products,
     all_done,
     announce,
-    assert_one_id_per_order,
     log_rows,
     open_sales,
     push_orders,
     rows_at_least,
     table_locked,
-    wait_for,
 )
 
 from bench.enginerun import cpu_seconds
@@ -29,6 +25,10 @@ from engine.connections import connect_redis
 from engine.errors import DatabaseFailed
 from engine.keys import GROUP
 from engine.pipeline.catalog import Catalog
+from engine.testing.invariants import assert_one_id_per_order
+from engine.testing.processes import EngineProcess
+from engine.testing.taps import EventTap
+from engine.testing.waits import wait_for
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -12,17 +12,11 @@ import time
 from pathlib import Path
 
 import pytest
-from support import (
-    SECKILL,
-    add_products,
-    announce,
-    engine_env,
-    row_count,
-    stop_process,
-    wait_for,
-)
+from support import add_products, announce, row_count
 
 from engine.keys import GROUP
+from engine.testing.processes import SECKILL, engine_env, stop_process
+from engine.testing.waits import wait_for
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -8,7 +8,8 @@ import subprocess
 import time
 
 import pytest
-from support import SECKILL, engine_env
+
+from engine.testing.processes import SECKILL, engine_env
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -11,22 +11,22 @@ import time
 
 import pytest
 from support import (
-    EngineProcess,
-    EventTap,
     add_products,
     all_done,
     announce,
-    assert_one_id_per_order,
-    engine_env,
     log_rows,
     pending_count,
     push_orders,
     row_count,
     rows_at_least,
     table_locked,
-    wait_for,
     workers_are,
 )
+
+from engine.testing.invariants import assert_one_id_per_order
+from engine.testing.processes import EngineProcess, engine_env
+from engine.testing.taps import EventTap
+from engine.testing.waits import wait_for
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -1,6 +1,6 @@
 """Local clusters for development and tests: a Redis Cluster and a RabbitMQ cluster.
 
-Built from the single private instances of `engine.admin.localnodes` (each node on
+Built from the single private instances of `engine.testing.nodes` (each node on
 its own port and directory, never the shared services):
 
 - `LocalRedisCluster`: 3 masters with one replica each (`--cluster-enabled`, joined
@@ -9,10 +9,10 @@ its own port and directory, never the shared services):
 - `LocalRabbitCluster`: 3 RabbitMQ nodes sharing one Erlang cookie; the 2nd and 3rd
   join the 1st with `stop_app` / `join_cluster` / `start_app`.
 
-`python -m engine.admin.localclusters up|down|status` (`make cluster-up` /
+`python -m engine.testing.clusters up|down|status` (`make cluster-up` /
 `make cluster-down`) runs them on fixed ports (Redis 7001-7006, RabbitMQ 5681-5683,
 distribution ports 25681-25683) in `STATE_DIR`, outliving the command; tests start
-their own on free ports under `localnodes.BASE`, reaped like any private node.
+their own on free ports under `nodes.BASE`, reaped like any private node.
 """
 
 from __future__ import annotations
@@ -30,18 +30,11 @@ from typing import Generic, Self, TypeVar
 
 import redis
 
-from engine.admin import localnodes
-from engine.admin.localnodes import (
-    HOST,
-    LocalNode,
-    LocalNodeFailed,
-    RabbitNode,
-    RedisNode,
-    _run,
-    port_open,
-    wait_until,
-)
 from engine.config import mask_url
+from engine.testing import nodes as local_nodes
+from engine.testing.nodes import LocalNode, LocalNodeFailed, RabbitNode, RedisNode, _run
+from engine.testing.ports import HOST, free_port, port_open
+from engine.testing.waits import wait_until
 
 STATE_DIR = Path("/tmp/seckill-clusters")
 REDIS_PORTS = tuple(range(7001, 7007))
@@ -54,7 +47,7 @@ NODE_TIMEOUT_MS = 2000  # how long a master may be silent before its replica tak
 def free_cluster_port() -> int:
     """A free port whose cluster bus port (+10000) is free as well."""
     for _ in range(200):
-        port = localnodes.free_port()
+        port = free_port()
         if port + CLUSTER_BUS_OFFSET < 65536 and not port_open(port + CLUSTER_BUS_OFFSET):
             with contextlib.suppress(OSError), socket.socket() as s:
                 s.bind((HOST, port + CLUSTER_BUS_OFFSET))
@@ -101,7 +94,7 @@ class _LocalCluster(ABC, Generic[N]):
     def detach(self) -> None:
         """Leave the servers running when this process exits (`make cluster-up`)."""
         for node in self.nodes:
-            localnodes._live.discard(node)
+            local_nodes._live.discard(node)
 
     def __enter__(self) -> Self:
         return self.start()
@@ -138,7 +131,8 @@ class LocalRedisCluster(_LocalCluster[RedisNode]):
             node.start()
         if not self.formed():
             self._create()
-        wait_until(self.ready, timeout, f"{self} to report cluster_state:ok", interval=0.1)
+        wait_until(self.ready, timeout, f"{self} to report cluster_state:ok", interval=0.1,
+                   error=LocalNodeFailed)
         return self
 
     def formed(self) -> bool:
@@ -238,7 +232,8 @@ class LocalRedisCluster(_LocalCluster[RedisNode]):
             except (redis.RedisError, OSError, LocalNodeFailed):
                 return False
 
-        wait_until(promoted, timeout, f"a replica of {master} promoted", interval=0.1)
+        wait_until(promoted, timeout, f"a replica of {master} promoted", interval=0.1,
+                   error=LocalNodeFailed)
 
     def running(self) -> list[RedisNode]:
         return [n for n in self.nodes if n.running()]
@@ -252,8 +247,8 @@ class LocalRabbitCluster(_LocalCluster[RabbitNode]):
 
     def __init__(self, ports: list[int] | None = None, base: Path | None = None, *,
                  size: int = 3, dist_ports: list[int] | None = None) -> None:
-        self.ports = list(ports) if ports else [localnodes.free_port() for _ in range(size)]
-        dists = dist_ports or [localnodes.free_port() for _ in self.ports]
+        self.ports = list(ports) if ports else [free_port() for _ in range(size)]
+        dists = dist_ports or [free_port() for _ in self.ports]
         cookie = self._cookie(base)
         self.nodes = [RabbitNode(port, None if base is None else base / f"rabbitmq-{port}",
                                  name=f"seckill-c{port}", dist_port=dist, cookie=cookie)
@@ -342,7 +337,7 @@ def status() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m engine.admin.localclusters",
+    parser = argparse.ArgumentParser(prog="python -m engine.testing.clusters",
                                      description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("action", choices=("up", "down", "status"))

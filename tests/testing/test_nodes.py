@@ -12,15 +12,15 @@ import aiormq
 import asyncpg
 import pytest
 
-from engine.admin.localnodes import (
+from engine.testing.nodes import (
     LocalNodeFailed,
     PostgresNode,
     RabbitNode,
     RedisNode,
-    pid_alive,
-    port_open,
     reap_orphans,
 )
+from engine.testing.ports import port_open
+from engine.testing.processes import pid_alive
 
 SHARED_RABBIT_PID = Path("/var/lib/rabbitmq/mnesia/rabbit@localhost.pid")
 SHARED_PG_PIDS = "/var/lib/postgresql/*/main/postmaster.pid"
@@ -154,9 +154,9 @@ def test_a_killed_owner_leaves_servers_the_next_session_reaps(tmp_path):
     script = textwrap.dedent(f"""
         import os, signal
         from pathlib import Path
-        from engine.admin import localnodes
-        localnodes.BASE = Path({str(tmp_path)!r})
-        node = localnodes.RedisNode().start()
+        from engine.testing import nodes
+        nodes.BASE = Path({str(tmp_path)!r})
+        node = nodes.RedisNode().start()
         print(node.server_pid(), flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
     """)
@@ -175,9 +175,9 @@ def test_a_killed_owner_leaves_servers_the_next_session_reaps(tmp_path):
 def test_a_kept_server_outlives_its_starter_and_is_not_reaped(tmp_path):
     script = textwrap.dedent(f"""
         from pathlib import Path
-        from engine.admin import localnodes
-        localnodes.BASE = Path({str(tmp_path)!r})
-        node = localnodes.RedisNode().start().keep()
+        from engine.testing import nodes
+        nodes.BASE = Path({str(tmp_path)!r})
+        node = nodes.RedisNode().start().keep()
         print(node.server_pid(), flush=True)
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,

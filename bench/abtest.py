@@ -1,4 +1,4 @@
-"""`python -m bench.bffab`: two BFFs against each other, windows alternated, same load.
+"""`python -m bench.abtest`: two BFFs against each other, windows alternated, same load.
 
 A change to the BFF moves its CPU per purchase by a few percent, less than one window
 on these shared cores moves from the next; two rounds of `python -m bench.bff` a few
@@ -8,11 +8,11 @@ B, ... one window each, every window new purchases, so a slow spell lands on bot
 A variant is a set of environment overrides for its `seckill bff`, e.g.
 `PYTHONPATH=/path/to/another/checkout` (its code) or `SECKILL_BFF_MAX_INFLIGHT=64`.
 
-    python -m bench.bffab --a PYTHONPATH=/tmp/old --b "" [--rounds 6] [--seconds 2]
+    python -m bench.abtest --a PYTHONPATH=/tmp/old --b "" [--rounds 6] [--seconds 2]
 
 Prints each window and B/A of the CPU per accepted purchase over all windows (an A/A
 run, `--a "" --b ""`, shows the noise: within 3% here), and writes
-bench/results/bffab-<time>.json.
+bench/results/abtest-<time>.json.
 """
 
 from __future__ import annotations
@@ -27,19 +27,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .bff import (
-    BFF_PIDS,
-    WARMUP_PID,
-    HttpBench,
-    Load,
-    buy_path,
-    load_window,
-    merge_windows,
-    open_sales,
-    wait_listening,
-)
-from .enginerun import children
+from engine.testing.processes import children
+
+from .bff import BFF_PIDS, WARMUP_PID, HttpBench, merge_windows, open_sales
 from .env import bench_settings, prepare, reset
+from .httpload import Load, buy_path, load_window, wait_listening
 from .tokens import warm
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -54,19 +46,19 @@ def variant(text: str) -> dict[str, str]:
 async def run(settings: Any, variants: list[dict[str, str]], rounds: int, seconds: float,
               tokens: int) -> dict[str, Any]:
     await reset(settings, [], quiet_wait=10.0)
-    with tempfile.TemporaryDirectory(prefix="seckill-bffab-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="seckill-abtest-") as tmp:
         bench = HttpBench(settings, Path(tmp), tokens=tokens, cold_tokens=1)
         products = BFF_PIDS[:len(BFF_PIDS) // (2 * rounds) * (2 * rounds)]
         per_window = len(products) // (2 * rounds)
         await open_sales(settings, [*products, WARMUP_PID])
         servers = []
         for overrides in variants:
-            proc, port, _, log = bench.start_bff(overrides)
-            servers.append((proc, port, log))
+            server, port, _ = bench.start_bff(overrides)
+            servers.append((server.proc, port, server.log_path))
         windows: list[list[dict[str, Any]]] = [[], []]
         try:
             for proc, port, log in servers:
-                await wait_listening(port, proc, log.name)
+                await wait_listening(port, proc, str(log))
                 await warm(port, children(proc.pid), bench.warm_tokens, WARMUP_PID)
                 await load_window(proc, port, 1.0, CONNECTIONS, bench.warmup)
             used = 0
@@ -87,7 +79,7 @@ async def run(settings: Any, variants: list[dict[str, str]], rounds: int, second
                 proc.send_signal(signal.SIGTERM)
             for proc, _, log in servers:
                 proc.wait(30)
-                log.close()
+                log.unlink(missing_ok=True)
     merged = [merge_windows(w) for w in windows]
     return {"variants": variants, "rounds": rounds, "seconds": seconds, "a": merged[0],
             "b": merged[1],
@@ -95,7 +87,7 @@ async def run(settings: Any, variants: list[dict[str, str]], rounds: int, second
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.bffab", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m bench.abtest", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--a", default="", help="variant A's environment, K=V[,K=V]")
     p.add_argument("--b", default="", help="variant B's environment, K=V[,K=V]")
@@ -117,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{m['accepted_per_second']:,.0f} | {m['p99_ms']:.1f} |")
     print(f"B/A CPU per accepted purchase: {doc['b_over_a']:.3f}")
     RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"bffab-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.json"
+    path = RESULTS / f"abtest-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.json"
     path.write_text(json.dumps(doc, indent=2, default=str))
     print(f"written: {path}")
     return 0

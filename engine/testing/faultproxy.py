@@ -12,7 +12,7 @@ or PostgreSQL); a client pointed at it sees the network faults it is told to inf
 - `heal()`: every fault off. Bytes held by a blackhole then flow, as TCP delivers what
   a partition held once it heals; a cut is instant and leaves nothing to heal.
 
-The engine runs in subprocesses, so the proxy can too: `python -m bench.chaos.faultproxy
+The engine runs in subprocesses, so the proxy can too: `python -m engine.testing.faultproxy
 --upstream HOST:PORT --control HOST:PORT` prints one JSON line with its ports, then takes
 one command a line on its control port (`cut`, `blackhole`, `latency 0.2`,
 `bandwidth 100000`, `heal`, `status`) and answers each with one JSON line.
@@ -35,6 +35,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from engine.errors import HarnessError
+
 CHUNK = 65536
 QUEUED_CHUNKS = 64  # per direction: beyond this a delayed direction stops reading
 PACE_STEP = 0.05  # a bandwidth limit is paced in pieces of this many seconds' worth
@@ -42,7 +44,7 @@ PACE_STEP = 0.05  # a bandwidth limit is paced in pieces of this many seconds' w
 Address = tuple[str, int]
 
 
-class ControlError(Exception):
+class ControlError(HarnessError):
     """A control command the proxy did not understand or could not carry out."""
 
 
@@ -286,10 +288,10 @@ def control(address: Address, command: str, timeout: float = 5.0) -> dict[str, A
 
 
 class ProxyProcess:
-    """A fault proxy in a process of its own (`python -m bench.chaos.faultproxy`)."""
+    """A fault proxy in a process of its own (`python -m engine.testing.faultproxy`)."""
 
     def __init__(self, upstream: Address, timeout: float = 30.0) -> None:
-        cmd = [sys.executable, "-m", "bench.chaos.faultproxy",
+        cmd = [sys.executable, "-m", "engine.testing.faultproxy",
                "--upstream", f"{upstream[0]}:{upstream[1]}",
                "--listen", "127.0.0.1:0", "--control", "127.0.0.1:0"]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
@@ -350,7 +352,7 @@ async def _serve(upstream: Address, listen: Address, control_at: Address) -> Non
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.chaos.faultproxy",
+    parser = argparse.ArgumentParser(prog="python -m engine.testing.faultproxy",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--upstream", type=_address, help="HOST:PORT to forward to")
     parser.add_argument("--listen", type=_address, default=("127.0.0.1", 0))

@@ -2,7 +2,8 @@
 
 A test that stops, restarts or pauses a service must not do it to the services
 everyone shares (a demo, another engineer's run): it asks for an instance of
-its own here. `make cluster-up` builds on the same classes for several nodes.
+its own here. `make cluster-up` builds on the same classes for several nodes
+(engine.testing.clusters).
 
 Each instance lives in a fresh directory under `BASE` (data, logs, its own
 config and, for RabbitMQ, its own HOME and Erlang cookie), listens on
@@ -28,12 +29,14 @@ import subprocess
 import tempfile
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-from engine.errors import ServiceError
+from engine.errors import ServiceError, WaitTimedOut
+from engine.testing.ports import HOST, free_port
+from engine.testing.processes import pid_alive
+from engine.testing.waits import wait_until
 
 BASE = Path(tempfile.gettempdir()) / "seckill-localnodes"
 OWNER_FILE = "owner.pid"
@@ -44,7 +47,6 @@ PG_DATA = "data"
 # signal that ends it at once: SIGQUIT is PostgreSQL's immediate shutdown, which (unlike
 # SIGKILL) removes its shared memory segment
 PID_FILES = {SERVER_PID_FILE: signal.SIGKILL, f"{PG_DATA}/postmaster.pid": signal.SIGQUIT}
-HOST = "127.0.0.1"
 RABBIT_BIN_GLOBS = ("/usr/lib/rabbitmq/bin", "/usr/lib/rabbitmq/lib/rabbitmq_server-*/sbin")
 PG_BIN_GLOB = "/usr/lib/postgresql/*/bin"
 PG_USER = "postgres"
@@ -52,56 +54,6 @@ PG_USER = "postgres"
 
 class LocalNodeFailed(ServiceError):
     """A private service instance could not be started, stopped or found."""
-
-
-# ports a shared service or a control command may take at any moment: epmd, the shared
-# node's AMQP and distribution ports, rabbitmqctl's own distribution ports
-RESERVED_PORTS = frozenset({4369, 5432, 5672, 6379, 15672, 25672, *range(35672, 35683)})
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now (the kernel's choice), none reserved."""
-    while True:
-        with socket.socket() as s:
-            s.bind((HOST, 0))
-            port = int(s.getsockname()[1])
-        if port not in RESERVED_PORTS:
-            return port
-
-
-def port_open(port: int, timeout: float = 0.5) -> bool:
-    try:
-        with socket.create_connection((HOST, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-def pid_alive(pid: int) -> bool:
-    """True while any thread of `pid` is not a zombie: a killed multi-threaded server
-    (beam.smp) shows a zombie leader while its other threads still hold its sockets."""
-    try:
-        tasks = list(Path(f"/proc/{pid}/task").iterdir())
-    except (FileNotFoundError, NotADirectoryError):
-        return False
-    for task in tasks:
-        try:
-            state = (task / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (FileNotFoundError, ProcessLookupError, IndexError):  # exited as we read
-            continue
-        if state != "Z":
-            return True
-    return False
-
-
-def wait_until(check: Callable[[], bool], timeout: float, what: str,
-               interval: float = 0.05) -> None:
-    """Poll `check` until true; LocalNodeFailed naming `what` at the deadline."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise LocalNodeFailed(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(interval)
 
 
 def _tail(path: Path, lines: int = 15) -> str:
@@ -628,7 +580,7 @@ def remove_stale_segment(data: Path) -> None:
     except (FileNotFoundError, IndexError, ValueError):
         return
     # the backends notice their postmaster's death and detach within moments
-    with contextlib.suppress(LocalNodeFailed):
+    with contextlib.suppress(WaitTimedOut):
         wait_until(lambda: _attached(shm_id) in (0, None), 10, "backends to detach")
     if _attached(shm_id) == 0:
         _run(["ipcrm", "-m", str(shm_id)], timeout=10, what=f"stale segment of {data}")

@@ -1,22 +1,23 @@
-"""The checker's counts on crafted ground truth: each kind of failure moves its count."""
+"""The invariant checker on crafted ground truth: each kind of failure moves its count."""
 
 from __future__ import annotations
 
-import time
-
 import asyncpg
+import pytest
 
-from bench.chaos.checker import (
+from engine.fulfilment.resource_domain import SCHEMA as RD_SCHEMA
+from engine.testing.invariants import (
     Accepted,
     Answer,
     Event,
     Row,
-    drained_after,
+    assert_one_id_per_order,
+    check,
+    gate_problems,
     read_provisioned,
     read_rows,
     score,
 )
-from engine.fulfilment.resource_domain import SCHEMA as RD_SCHEMA
 
 PID = 7
 STOCK = {PID: 3}
@@ -127,20 +128,75 @@ def test_a_known_loss_is_named_not_hidden():
     assert doubled.verdict("Redis restarted without persistence") == "fail"
 
 
-async def test_recovery_is_timed_from_the_fault_end_and_none_if_never_drained():
-    checks = iter([False, False, True])
+def test_one_instance_id_given_to_two_orders_is_a_duplicate_of_both():
+    rows = [Row(PID, "1-1", 101), Row(PID, "1-2", 101), ROWS[2]]
+    events = [Event(PID, "1-1", 101), Event(PID, "1-2", 101), EVENTS[2]]
+    result = score(ORDERS, rows, events, STOCK)
+    assert (result.duplicated, result.lost, result.unexpected) == (2, 0, 0)
+    assert "two orders share an instance ID" in check(ORDERS, rows, events).problems()
 
-    async def drains() -> bool:
-        return next(checks)
 
-    fault_end = time.monotonic()
-    seconds = await drained_after(fault_end, drains, timeout=30, interval=0.05)
-    assert seconds is not None and seconds >= 0.1
+def test_a_second_row_for_an_order_is_a_duplicate():
+    rows = [*ROWS, Row(PID, "1-1", 101)]
+    assert score(ORDERS, rows, EVENTS, STOCK).duplicated == 1
+    assert check(ORDERS, rows, EVENTS).problems() == ["an order has more than one row"]
 
-    async def never() -> bool:
-        return False
 
-    assert await drained_after(time.monotonic(), never, timeout=0.2, interval=0.05) is None
+def test_the_problems_name_each_violation_as_the_load_test_prints_it():
+    assert check(ORDERS, ROWS, EVENTS, stock=STOCK).problems() == []
+    stray = Event(PID, "9-9", 999)
+    problems = check(ORDERS, [*ROWS[1:], Row(PID, "9-1", 901)], [*EVENTS[2:], stray],
+                     stock={PID: 10}).problems()
+    assert problems == ["1 accepted orders have no row, 1 rows match no accepted order",
+                        "2 logged orders' events never reached the exchange",
+                        "1 events match no logged order, e.g. instance 999 for entry '9-9'"]
+
+
+def test_a_source_not_read_is_not_checked():
+    assert check(ORDERS).problems() == []
+    assert check(ORDERS, ROWS).problems() == []  # no tap: events not checked
+    assert check(ORDERS, ROWS[:2]).problems() == [
+        "1 accepted orders have no row, 0 rows match no accepted order"]
+
+
+def test_the_gate_counters_agree_with_what_it_accepted():
+    sold = [Accepted(PID, f"1-{n}", "sale-a", n, 10 + n) for n in (1, 2, 3)]
+    assert gate_problems(sold, stock=3, tried=5, left=0) == []
+    assert gate_problems(sold[:2], stock=3, tried=2, left=1) == []
+    twice = [*sold[:2], Accepted(PID, "1-9", "sale-a", 3, 11)]
+    assert gate_problems(twice, stock=3, tried=3, left=0) == [
+        "1 users accepted more than once, e.g. [11]"]
+    assert "stock is negative: -1" in gate_problems(sold, stock=3, tried=3, left=-1)
+    assert "sold out but stock is 2" in gate_problems(sold, stock=3, tried=3, left=2)
+    same_slot = [*sold[:2], Accepted(PID, "1-3", "sale-a", 1, 13)]
+    assert gate_problems(same_slot, stock=3, tried=3, left=0) == [
+        "slots sold twice: [1]", "sold out but not every slot 1..stock was used"]
+    outside = [*sold[:2], Accepted(PID, "1-3", "sale-a", 4, 13)]
+    assert "slots outside 1..3: [4]" in gate_problems(outside, stock=3, tried=3, left=0)
+    assert "accepted 3 != min(stock 3, tried 2)" in gate_problems(sold, stock=3, tried=2,
+                                                                  left=0)
+
+
+def records(rows):
+    return [{"product_id": r.product_id, "stream_id": r.stream_id,
+             "instance_id": r.instance_id} for r in rows]
+
+
+def test_the_tests_check_passes_a_clean_run_and_fails_each_violation():
+    assert_one_id_per_order(records(ROWS), [*EVENTS, EVENTS[0]], 3)  # a repeat is fine
+    broken = {
+        "an order short": (ROWS[:2], EVENTS[:2], 3),
+        "an event never came": (ROWS, EVENTS[:2], 3),
+        "an event with another ID": (ROWS, [*EVENTS, Event(PID, "1-1", 999)], 3),
+        "an event of no order": (ROWS, [*EVENTS, Event(PID, "9-9", 909)], 3),
+        "one ID for two orders": ([ROWS[0], Row(PID, "1-2", 101), ROWS[2]],
+                                  [EVENTS[0], Event(PID, "1-2", 101), EVENTS[2]], 3),
+        "a second row": ([*ROWS, ROWS[0]], EVENTS, 3),
+    }
+    for what, (rows, events, orders) in broken.items():
+        with pytest.raises(AssertionError):
+            assert_one_id_per_order(records(rows), events, orders)
+            pytest.fail(f"passed with {what}")
 
 
 async def test_rows_and_provisionings_are_read_from_postgresql(settings, product_id):
