@@ -67,16 +67,15 @@ from engine.config import Settings
 from engine.gate.auth import read_jwks
 from engine.gate.client import Gate, Window
 from engine.keys import Keys
-from loadtest.verify import check_gate, check_log, tried_key
+from engine.testing.ports import free_port
+from engine.testing.processes import SECKILL, children
+from loadtest.verify import check_engine, check_gate, tried_key
 
-from .bff import verifications, wait_listening
+from .bff import verifications
 from .enginerun import (
-    SECKILL,
     TICK,
-    children,
     cpu_ticks,
     engine_env,
-    free_port,
     machine_ticks,
     service_roots,
     service_ticks,
@@ -84,6 +83,7 @@ from .enginerun import (
 )
 from .env import bench_settings, prepare
 from .floor import start_floor
+from .httpload import wait_listening
 from .tokens import Issuer, TokenFile
 from .verdicts import judge, paired
 
@@ -645,8 +645,7 @@ class Burst:
                 await redis.sadd(key, *tried[at:at + 10_000].tolist())
             await redis.expire(key, 3600)
             problems = await check_gate(redis, self.keys, pid, sale, self.scenario.stock)
-            log_problems, _ = await check_log(self.settings, redis, self.keys, pid, sale)
-            problems += log_problems
+            problems += await check_engine(self.settings, redis, self.keys, pid, sale, None)
             await redis.delete(key)
         finally:
             await redis.aclose()
