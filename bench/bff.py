@@ -43,7 +43,7 @@ from redis.asyncio import Redis
 
 from engine.config import Settings
 from engine.connections import connect_redis
-from engine.gate.client import Gate, Limits
+from engine.gate.redis_gate import Gate, Limits
 from engine.keys import Keys
 
 from .enginerun import TICK, children, cpu_ticks, engine_env, free_port

@@ -42,8 +42,8 @@ import uvloop
 from engine.admin.localclusters import LocalRedisCluster
 from engine.config import Settings, load_settings
 from engine.connections import connect_redis
-from engine.gate.client import Gate
-from engine.gate.durable import WaitFor
+from engine.gate.redis_gate import Gate
+from engine.gate.routed import WaitFor
 from engine.keys import Keys
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -28,7 +28,7 @@ from redis.asyncio import Redis
 from engine.admin.migrate import migrate
 from engine.config import Settings, load_settings
 from engine.connections import connect_pg, connect_redis
-from engine.gate.client import Gate
+from engine.gate.redis_gate import Gate
 from engine.keys import EXCHANGE, GROUP, RK_CREATED, Keys
 from engine.products import Product, upsert_product
 

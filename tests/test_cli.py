@@ -15,7 +15,7 @@ from redis.asyncio import Redis
 from support import SECKILL, engine_env
 
 from engine.demo import check
-from engine.gate.client import Gate
+from engine.gate.redis_gate import Gate
 from engine.keys import Keys
 
 

@@ -17,8 +17,8 @@ from redis.asyncio import Redis
 from support import SECKILL, engine_env, free_port, stop_process
 
 from engine.config import Settings
-from engine.gate.client import Gate
 from engine.gate.devkeys import init_keys
+from engine.gate.redis_gate import Gate
 from engine.keys import Keys
 from loadtest.judge import LocustReport, judge
 from loadtest.verify import tried_key, verify

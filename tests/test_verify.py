@@ -30,7 +30,7 @@ from support import EngineProcess, add_products, all_done, wait_for
 
 from engine.admin.migrate import apply_migrations
 from engine.config import Settings
-from engine.gate.client import Gate
+from engine.gate.redis_gate import Gate
 from engine.keys import EXCHANGE, RK_CREATED, Keys
 from engine.pb import event_pb2
 from loadtest.run import declare_tap

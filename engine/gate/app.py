@@ -35,10 +35,10 @@ from engine.config import Settings, load_settings
 from engine.connections import PG_ERRORS, connect_redis, create_pg_pool
 from engine.errors import ConfigError, InvalidInput, ServiceUnavailable
 from engine.gate.auth import Forbidden, KeySet, Unauthenticated, Verifier
-from engine.gate.client import Gate, Limits, ensure_replication, validate_id
 from engine.gate.clientip import ClientIp, parse_proxies
-from engine.gate.durable import UNREPLICATED_MESSAGE, WaitFor
+from engine.gate.redis_gate import Gate, Limits, ensure_replication, validate_id
 from engine.gate.request import AsgiRequest, BodyDeadlines, BodyTimeout, Request, RsgiRequest
+from engine.gate.routed import UNREPLICATED_MESSAGE, WaitFor
 from engine.keys import FAILED, Keys
 
 log = logging.getLogger("seckill.bff")
@@ -49,8 +49,10 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 MAX_BODY = 1024
 PREFIX = "/api/v1/seckill/"
-STATUS_OF = {"accepted": 202, "duplicate": 409, "sold_out": 410, "no_sale": 404,
-             "rate_limited": 429, "not_started": 425, "ended": 410, "unreplicated": 503}
+# a gate outcome's HTTP status (engine.gate.redis_gate.Outcome)
+HTTP_STATUS_OF_OUTCOME = {"accepted": 202, "duplicate": 409, "sold_out": 410, "no_sale": 404,
+                          "rate_limited": 429, "not_started": 425, "ended": 410,
+                          "unreplicated": 503}
 Headers = list[tuple[str, str]]  # beyond the content type: as RSGI takes them
 SALE_PAGE: Headers = [("cache-control", "public, max-age=1")]
 JSON: Headers = [("content-type", "application/json")]
@@ -246,7 +248,7 @@ class BffApp:
         elif outcome == "not_started":
             return 425, orjson.dumps({"status": outcome, "start": _iso(result.at_ms),
                                       "start_ms": result.at_ms}), []
-        return STATUS_OF[outcome], orjson.dumps({"status": outcome}), []
+        return HTTP_STATUS_OF_OUTCOME[outcome], orjson.dumps({"status": outcome}), []
 
     async def sale(self, raw_pid: str) -> bytes:
         """The public sale page: window, state and Redis's clock, never PostgreSQL."""

@@ -28,7 +28,7 @@ import jwt
 
 from engine.config import Settings, mask_url
 from engine.errors import ConfigError, ServiceUnavailable, UsageError
-from engine.gate.client import validate_id
+from engine.gate.redis_gate import validate_id
 
 log = logging.getLogger("seckill.bff.auth")
 

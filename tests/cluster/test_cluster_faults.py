@@ -29,8 +29,8 @@ from support import (
 from engine import backoff, exits
 from engine.connections import connect_redis
 from engine.errors import ServiceUnavailable
-from engine.gate.client import Gate, GateResult
-from engine.gate.durable import WaitFor
+from engine.gate.redis_gate import Gate, GateResult
+from engine.gate.routed import WaitFor
 
 pytestmark = pytest.mark.timeout(600)
 

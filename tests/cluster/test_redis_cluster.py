@@ -31,7 +31,7 @@ from support import (
 
 from engine.connections import cluster_startup, is_cluster
 from engine.errors import ConfigError, NoFreeNodeId
-from engine.gate.client import Gate, check_replication
+from engine.gate.redis_gate import Gate, check_replication
 from engine.keys import GROUP
 from engine.pipeline.ids import MAX_NODES, NodeLease
 from engine.process.health import SaleCollector

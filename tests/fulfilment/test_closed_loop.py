@@ -31,7 +31,7 @@ from support import (
 
 from engine.config import Settings
 from engine.fulfilment.provisioning import SimulatedProvisioner, manifests, to_yaml
-from engine.gate.client import Gate
+from engine.gate.redis_gate import Gate
 from engine.keys import EXCHANGE, QUEUE_STATUS, RK_CREATED, Keys
 from engine.pb import event_pb2
 

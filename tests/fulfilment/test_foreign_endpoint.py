@@ -10,7 +10,7 @@ from support import wait_for
 from test_status import log_orders, publish, rows
 
 from engine.fulfilment.status_consumer import StatusConsumer, encode_report
-from engine.gate.client import Gate
+from engine.gate.redis_gate import Gate
 from engine.keys import RUNNING, Keys
 
 pytestmark = pytest.mark.timeout(120)

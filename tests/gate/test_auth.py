@@ -25,8 +25,8 @@ from test_bff import Bff
 
 from engine.config import Settings
 from engine.gate.auth import KeySet, Unauthenticated, Verifier
-from engine.gate.client import Gate
 from engine.gate.devkeys import init_keys, mint_token
+from engine.gate.redis_gate import Gate
 from engine.keys import Keys
 
 pytestmark = pytest.mark.timeout(120)

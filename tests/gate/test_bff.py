@@ -12,7 +12,7 @@ import pytest
 from redis.asyncio import Redis
 from support import SECKILL, engine_env, free_port, pg_fetch, stop_process
 
-from engine.gate.client import Gate
+from engine.gate.redis_gate import Gate
 from engine.keys import Keys
 from engine.pipeline.logsink import prepare_connection, write_batch
 from engine.pipeline.orders import Order

@@ -16,8 +16,8 @@ from redis.asyncio import Redis
 from support import SECKILL, add_products, engine_env, free_port
 from test_bff import Bff
 
-from engine.gate.client import Gate, Limits, Window
 from engine.gate.clientip import ClientIp, parse_proxies
+from engine.gate.redis_gate import Gate, Limits, Window
 from engine.keys import Keys
 
 pytestmark = pytest.mark.timeout(120)

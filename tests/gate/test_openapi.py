@@ -22,9 +22,9 @@ from schemathesis.specs.openapi.checks import (
 )
 from test_bff import Bff
 
-from engine.gate.client import Gate
 from engine.gate.devkeys import DevIssuer, init_keys
 from engine.gate.openapi import document
+from engine.gate.redis_gate import Gate
 from engine.keys import Keys
 
 pytestmark = pytest.mark.timeout(600)

@@ -10,7 +10,7 @@ import pytest
 from redis.asyncio import Redis
 from test_bff import Bff
 
-from engine.gate.client import Gate
+from engine.gate.redis_gate import Gate
 from engine.keys import Keys
 
 pytestmark = pytest.mark.timeout(120)

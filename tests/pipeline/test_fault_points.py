@@ -16,7 +16,7 @@ from support import (
     workers_are,
 )
 
-from engine.gate.client import Gate
+from engine.gate.redis_gate import Gate
 from engine.keys import DLQ_SUFFIX
 from engine.pipeline.faults import POINTS
 

@@ -22,8 +22,8 @@ from redis.exceptions import NoScriptError, ResponseError
 from engine.config import Settings
 from engine.connections import REDIS_ERRORS, connect_redis, is_cluster
 from engine.errors import ConfigError, InvalidInput, SaleStateCorrupt, ServiceUnavailable
-from engine.gate.durable import RoutedScript, WaitFor
 from engine.gate.pipe import ScriptPipe
+from engine.gate.routed import RoutedScript, WaitFor
 from engine.keys import GROUP, Keys
 
 # "unreplicated": accepted by the master, but fewer replicas than gate_wait_replicas
@@ -98,7 +98,7 @@ class _Script:
     """A Lua script called by EVALSHA, loaded once, reloaded after SCRIPT FLUSH.
 
     One call, one command: the purchases of a busy server are coalesced by ScriptPipe
-    (engine/gate/pipe.py, a single Redis) or RoutedScript (engine/gate/durable.py, a
+    (engine/gate/pipe.py, a single Redis) or RoutedScript (engine/gate/routed.py, a
     cluster or WAIT) instead.
     """
 
