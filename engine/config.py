@@ -143,6 +143,12 @@ class Settings:
                                        "with an unknown kid.", default=10.0)
     bff_token_cache: int = _doc("Verified tokens remembered per process (0 = verify each time).",
                                 default=100_000)
+    bff_auth_failure_rate: float = _doc("Failed token checks per second one client IP may "
+                                        "cause; past its burst, that IP's tokens not yet "
+                                        "verified are refused 429 unchecked (0 = no limit).",
+                                        default=5.0)
+    bff_auth_failure_burst: int = _doc("Failed token checks one client IP may cause at once.",
+                                       default=50)
     bff_user_rate: float = _doc("Purchase attempts per second one user may make on a product "
                                 "(0 = no limit; `sale open --user-rate` overrides).",
                                 default=2.0)

@@ -10,8 +10,11 @@ A client always gets JSON: a Redis or PostgreSQL failure is a 503 it may
 retry, anything else a 500, and the error is logged, never swallowed.
 
 The buyer is the `sub` of a verified bearer token (engine.gate.auth); a bad
-token is refused before the body is read and before Redis is touched. With
-`bff_auth = "none"` (demos, tests) the body's `user_id` names the buyer.
+token is refused before the body is read and before Redis is touched, and a
+client whose tokens keep failing is refused before its next signature check
+(engine.gate.guards), since that check is the dearest work a stranger can make
+the BFF do. With `bff_auth = "none"` (demos, tests) the body's `user_id` names
+the buyer.
 
 The API is a table (`BffApp.routes`: a path shape, then a method, to a handler),
 and a failure becomes a status in one place (`HTTP_STATUS_OF_ERROR`, `_failed`): a
@@ -41,9 +44,16 @@ from engine.connections import PG_ERRORS, connect_redis, create_pg_pool
 from engine.errors import ConfigError, InvalidInput, Overloaded, ServiceUnavailable
 from engine.gate.auth import Forbidden, KeySet, Unauthenticated, Verifier
 from engine.gate.clientip import ClientIp, parse_proxies
-from engine.gate.guards import InflightCap
+from engine.gate.guards import FailureThrottle, InflightCap
 from engine.gate.redis_gate import Gate, GateResult, Limits, ensure_replication, validate_id
-from engine.gate.request import AsgiRequest, BodyDeadlines, BodyTimeout, Request, RsgiRequest
+from engine.gate.request import (
+    AsgiRequest,
+    BodyDeadlines,
+    BodyTimeout,
+    BodyTooLarge,
+    Request,
+    RsgiRequest,
+)
 from engine.gate.routed import UNREPLICATED_MESSAGE, WaitFor
 from engine.keys import FAILED, Keys
 
@@ -143,6 +153,8 @@ class BffApp:
         # the lock each opened its own pool, and a burst ran PostgreSQL out of connections)
         self.opening = {"gate": asyncio.Lock(), "pool": asyncio.Lock()}
         self.inflight = InflightCap(settings.bff_max_inflight)
+        self.auth_failures = FailureThrottle(settings.bff_auth_failure_rate,
+                                             settings.bff_auth_failure_burst)
         self.deadlines = BodyDeadlines(settings.bff_body_timeout)
         self.sold_out: dict[int, float] = {}
         self.client_ip = ClientIp(parse_proxies(settings.bff_trusted_proxies))
@@ -201,8 +213,7 @@ class BffApp:
         kind, ids = _route(request.path)
         route = self.routes.get(kind)
         if route is None:
-            return "other", *_failed("other", HttpError(
-                404, f"no such path: {_echo(request.path)}"))
+            return "other", *_failed("other", _unrouted(kind, request.path))
         handler = route.methods.get(request.method)
         if handler is None:
             return route.endpoint, *_failed(route.endpoint, HttpError(
@@ -240,18 +251,46 @@ class BffApp:
         """The verified user ID of the request (None when bff_auth = 'none')."""
         if self.verifier is None:
             return None
-        return await self.verifier.caller(request.header("authorization"))
+        header = request.single_header("authorization")
+        caller = self.verifier.cached(header)
+        return caller if caller is not None else await self._authenticate(request, header)
+
+    async def _authenticate(self, request: Request, header: str | None) -> int:
+        """A token this process has not verified yet: checked unless its client's failed
+        checks are used up (429 unchecked), counted in flight while it is (a signature
+        check is the dearest work a request can cost before it is known to be a buyer's),
+        and a refusal spent from its client's failures."""
+        assert self.verifier is not None
+        address = self._client_address(request)
+        self.auth_failures.check(address)
+        with self.inflight:
+            try:
+                return await self.verifier.caller(header)
+            except Unauthenticated:
+                self.auth_failures.failed(address)
+                raise
+
+    def _client_address(self, request: Request) -> str | None:
+        """The client's IP: the peer's, or X-Forwarded-For's from a trusted proxy."""
+        ip = request.peer()
+        if self.client_ip.proxies:  # (else X-Forwarded-For is not even looked at)
+            ip = self.client_ip.of(ip, request.header("x-forwarded-for"))
+        return ip
 
     async def _buy(self, request: Request, ids: list[str]) -> Answer:
         """POST .../{product_id}: a purchase attempt (the hot path: one coroutine, the
         token cache and the in-flight cap inline)."""
         pid = validate_id("product_id", ids[0])
+        length = request.header("content-length")  # too long: refused before any work
+        if length is not None and (len(length) > 9 or not length.isdigit()
+                                   or int(length) > MAX_BODY):
+            raise BodyTooLarge(f"body larger than {MAX_BODY} bytes")
         caller = None
         if self.verifier is not None:  # a retrying buyer: no coroutine, no check
-            header = request.header("authorization")
+            header = request.single_header("authorization")
             caller = self.verifier.cached(header)
             if caller is None:
-                caller = await self.verifier.caller(header)
+                caller = await self._authenticate(request, header)
         # the body is read before a request counts as in flight: a client still
         # sending it holds no slot, and is cut off at bff_body_timeout
         body = await self.deadlines.read(request, MAX_BODY)
@@ -263,9 +302,7 @@ class BffApp:
             assert user_id is not None
             if self.sold_out and self.sold_out.get(pid, 0.0) > time.monotonic():
                 return 410, b'{"status":"sold_out"}', []
-            ip = request.peer()
-            if self.client_ip.proxies:  # (else X-Forwarded-For is not even looked at)
-                ip = self.client_ip.of(ip, request.header("x-forwarded-for"))
+            ip = self._client_address(request)
             gate = self.gate if self.gate is not None else await self._gate()
             result = await gate.attempt(pid, user_id, ip=ip)  # (both IDs validated above)
         if result.outcome == "accepted":
@@ -377,9 +414,11 @@ class BffApp:
 def _route(path: str) -> tuple[str, list[str]]:
     """("buy", [pid]) for /api/v1/seckill/{pid}, ("order", [pid, uid]) for
     .../{pid}/users/{uid}, ("mine", [pid]) for .../{pid}/order, ("healthz", []) for
-    /healthz, else ("", [])."""
+    /healthz, ("encoded", []) for an API path with percent-encoding, else ("", [])."""
     if not path.startswith(PREFIX):
         return ("healthz", []) if path.strip("/") == "healthz" else ("", [])
+    if "%" in path:  # (an API path has none: what it decodes to is never routed)
+        return "encoded", []
     parts = path[len(PREFIX):].split("/")
     if not all(parts):
         return "", []
@@ -390,6 +429,13 @@ def _route(path: str) -> tuple[str, list[str]]:
     if len(parts) == 2 and parts[1] == "order":
         return "mine", parts[:1]
     return "", []
+
+
+def _unrouted(kind: str, path: str) -> HttpError:
+    """Why a path has no route: percent-encoded (400) or unknown (404)."""
+    if kind == "encoded":
+        return HttpError(400, f"percent-encoded path, send it decoded: {_echo(path)}")
+    return HttpError(404, f"no such path: {_echo(path)}")
 
 
 def _iso(ms: int | None) -> str | None:
@@ -421,9 +467,14 @@ def _failed(endpoint: str, exc: Exception) -> Answer:
 
 
 def _error(message: object) -> bytes:
-    return orjson.dumps({"error": str(message)})
+    """An error body; its message cut to ERROR_CHARS, whatever of the input it quotes."""
+    text = str(message)
+    if len(text) > ERROR_CHARS:
+        text = text[:ERROR_CHARS] + "..."
+    return orjson.dumps({"error": text})
 
 
+ERROR_CHARS = 400  # of an error message at most
 ECHOED = 64  # characters of a client's input an error message repeats at most
 
 

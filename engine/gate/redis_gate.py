@@ -90,8 +90,19 @@ def validate_id(name: str, value: object) -> int:
     if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 19:
         value = int(value)
     if not isinstance(value, int) or not 0 < value <= MAX_ID:
-        raise InvalidInput(f"{name}: expected a positive 64-bit integer, got {value!r}")
+        raise InvalidInput(f"{name}: expected a positive 64-bit integer, got {_shown(value)}")
     return value
+
+
+SHOWN = 40  # characters of a refused value an error message repeats at most
+
+
+def _shown(value: object) -> str:
+    """A refused value as a message quotes it: its repr, cut to SHOWN characters (a
+    client's 5,000-digit ID is not sent back whole)."""
+    text = repr(value) if not isinstance(value, int) or value.bit_length() < 256 \
+        else f"<an integer of {value.bit_length()} bits>"
+    return text if len(text) <= SHOWN else f"{text[:SHOWN]}... ({len(text)} characters)"
 
 
 class _Script:
