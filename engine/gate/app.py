@@ -281,15 +281,12 @@ class BffApp:
         """POST .../{product_id}: a purchase attempt (the hot path: one coroutine, the
         token cache and the in-flight cap inline)."""
         pid = validate_id("product_id", ids[0])
-        length = request.header("content-length")  # too long: refused before any work
-        if length is not None and (len(length) > 9 or not length.isdigit()
-                                   or int(length) > MAX_BODY):
-            raise BodyTooLarge(f"body larger than {MAX_BODY} bytes")
         caller = None
         if self.verifier is not None:  # a retrying buyer: no coroutine, no check
             header = request.single_header("authorization")
             caller = self.verifier.cached(header)
             if caller is None:
+                _bounded(request.header("content-length"))  # (no token checked for it)
                 caller = await self._authenticate(request, header)
         # the body is read before a request counts as in flight: a client still
         # sending it holds no slot, and is cut off at bff_body_timeout
@@ -429,6 +426,14 @@ def _route(path: str) -> tuple[str, list[str]]:
     if len(parts) == 2 and parts[1] == "order":
         return "mine", parts[:1]
     return "", []
+
+
+def _bounded(length: str | None) -> None:
+    """BodyTooLarge for a declared Content-Length over MAX_BODY: refused before the
+    work the body would be refused after."""
+    if length is not None and (len(length) > 9 or not length.isdigit()
+                               or int(length) > MAX_BODY):
+        raise BodyTooLarge(f"body larger than {MAX_BODY} bytes")
 
 
 def _unrouted(kind: str, path: str) -> HttpError:

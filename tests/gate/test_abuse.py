@@ -154,3 +154,16 @@ async def test_two_authorization_headers_are_refused(jwt_settings, tokens, produ
     finally:
         server.stop()
         await redis.aclose()
+
+
+async def test_a_body_declared_too_large_is_refused_before_its_token_is_checked(
+        jwt_settings, tokens, product_id):
+    server = Bff(jwt_settings)
+    try:
+        async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
+            r = await client.post(f"/api/v1/seckill/{product_id}", headers=tokens.forged(1),
+                                  content=b"x" * 65536)
+        assert r.status_code == 400 and r.json()["error"] == "body larger than 1024 bytes"
+        assert await refused_checks(server) == 0
+    finally:
+        server.stop()
