@@ -459,7 +459,7 @@ def _failed(endpoint: str, exc: Exception) -> Answer:
     if status == 408:
         return 408, _error("request body not received in time"), [("connection", "close")]
     if status == 429:
-        retry = getattr(exc, "retry_after", 1)
+        retry = exc.retry_after if isinstance(exc, Overloaded) else 1
         return 429, _error(exc), [("retry-after", str(retry))]
     if status == 503:
         log.warning("service unavailable: %s", exc, extra={"event": "bff_unavailable"})
