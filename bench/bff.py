@@ -41,7 +41,7 @@ from redis.asyncio import Redis
 
 from engine.config import Settings
 from engine.connections import connect_redis
-from engine.gate.client import Gate, Limits
+from engine.gate.redis_gate import Gate, Limits
 from engine.keys import Keys
 from engine.testing.ports import free_port
 from engine.testing.processes import SeckillProcess, children

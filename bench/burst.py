@@ -65,7 +65,7 @@ from redis.asyncio import Redis
 
 from engine.config import Settings
 from engine.gate.auth import read_jwks
-from engine.gate.client import Gate, Window
+from engine.gate.redis_gate import Gate, Window
 from engine.keys import Keys
 from engine.testing.ports import free_port
 from engine.testing.processes import SECKILL, children

@@ -41,8 +41,8 @@ import uvloop
 
 from engine.config import Settings, load_settings
 from engine.connections import connect_redis
-from engine.gate.client import Gate
-from engine.gate.durable import WaitFor
+from engine.gate.redis_gate import Gate
+from engine.gate.routed import WaitFor
 from engine.keys import Keys
 from engine.testing.clusters import LocalRedisCluster
 

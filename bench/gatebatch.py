@@ -8,7 +8,7 @@ ways the gate sends a batch:
 
 - `pipe`: ScriptPipe (engine/gate/pipe.py), the single Redis's path: one connection of
   its own, hiredis packing and parsing, one batch in flight;
-- `routed`: RoutedScript (engine/gate/durable.py), the cluster's and WAIT's path through
+- `routed`: RoutedScript (engine/gate/routed.py), the cluster's and WAIT's path through
   redis-py's connections, forced here onto the single Redis (the path a single Redis
   took before ScriptPipe).
 
@@ -36,9 +36,9 @@ import uvloop
 
 from engine.config import Settings
 from engine.connections import connect_redis
-from engine.gate.client import Gate, Limits, _accepted
-from engine.gate.durable import RoutedScript
 from engine.gate.pipe import ScriptPipe
+from engine.gate.redis_gate import Gate, Limits, _accepted
+from engine.gate.routed import RoutedScript
 from engine.keys import Keys
 
 from .env import bench_settings, prepare

@@ -63,7 +63,7 @@ def cmd_product_add(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_sale_open(settings: Settings, args: argparse.Namespace) -> int:
     from engine.connections import connect_pg
-    from engine.gate.client import validate_id
+    from engine.gate.redis_gate import validate_id
     from engine.products import get_product
 
     pid = validate_id("product", args.product)
@@ -88,7 +88,7 @@ def cmd_sale_open(settings: Settings, args: argparse.Namespace) -> int:
 def _sale_terms(settings: Settings, args: argparse.Namespace) -> tuple[Any, Any]:
     """The sale's window and, when any limit is given, its own limits (the settings fill
     in the rest)."""
-    from engine.gate.client import Limits, Window
+    from engine.gate.redis_gate import Limits, Window
 
     window = Window(_unix_ms("start-at", args.start_at), _unix_ms("end-at", args.end_at))
     given = (args.user_rate, args.user_burst, args.ip_rate, args.ip_burst)
@@ -123,7 +123,7 @@ def _unix_ms(name: str, text: str | None) -> int | None:
 async def _with_gate(settings: Settings, use: Callable[[Any], Awaitable[T]]) -> T:
     """Run one gate operation on a connection of its own."""
     from engine.connections import connect_redis
-    from engine.gate.client import Gate
+    from engine.gate.redis_gate import Gate
     from engine.keys import Keys
 
     redis = await connect_redis(settings)

@@ -243,6 +243,12 @@ class Settings:
                                        check=positive, default=10.0)
     bff_token_cache: int = _doc("Verified tokens remembered per process (0 = verify each time).",
                                 check=non_negative, default=100_000)
+    bff_auth_failure_rate: float = _doc("Failed token checks per second one client IP may "
+                                        "cause; past its burst, that IP's tokens not yet "
+                                        "verified are refused 429 unchecked (0 = no limit).",
+                                        check=non_negative, default=5.0)
+    bff_auth_failure_burst: int = _doc("Failed token checks one client IP may cause at once.",
+                                       check=at_least(1), default=50)
     bff_user_rate: float = _doc("Purchase attempts per second one user may make on a product "
                                 "(0 = no limit; `sale open --user-rate` overrides).",
                                 check=non_negative, default=2.0)

@@ -31,8 +31,8 @@ from engine.admin.migrate import migrate
 from engine.config import Settings, load_settings
 from engine.connections import connect_pg, connect_redis
 from engine.errors import ServiceUnavailable
-from engine.gate.client import Gate
 from engine.gate.devkeys import DEFAULT_DIR, DevIssuer, init_keys
+from engine.gate.redis_gate import Gate
 from engine.keys import GROUP, Keys
 from engine.products import Product, upsert_product
 

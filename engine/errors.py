@@ -83,6 +83,19 @@ class BootError(SeckillError):
     """A worker could not start; the supervisor must not respawn it blindly."""
 
 
+# -- refused to protect the service ----------------------------------------
+
+
+class Overloaded(SeckillError):
+    """Refused at once, before the work, to keep serving others: too many requests in
+    flight in this process, or too many failed attempts from one client (HTTP 429).
+    `retry_after`: seconds after which a new attempt may pass."""
+
+    def __init__(self, message: str, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 def one_line(exc: BaseException, *, typed: bool = False) -> str:
     """An exception as one line: for a log field, a dead letter's `error`, a CLI message.
 

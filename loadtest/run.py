@@ -25,7 +25,7 @@ from engine.admin.migrate import migrate
 from engine.config import Settings, load_settings
 from engine.connections import connect_pg, connect_redis
 from engine.errors import ChildFailed
-from engine.gate.client import Gate
+from engine.gate.redis_gate import Gate
 from engine.keys import GROUP, Keys
 from engine.products import Product, upsert_product
 from engine.testing.bff import wait_healthy

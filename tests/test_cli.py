@@ -15,7 +15,7 @@ import pytest
 from redis.asyncio import Redis
 
 from engine.demo import ATTEMPTS, check, pace_line, tree_cpu_seconds
-from engine.gate.client import Gate
+from engine.gate.redis_gate import Gate
 from engine.keys import Keys
 from engine.testing.processes import SECKILL, engine_env
 from engine.testing.waits import wait_for

@@ -16,8 +16,8 @@ import pytest
 from redis.asyncio import Redis
 
 from engine.config import Settings
-from engine.gate.client import Gate
 from engine.gate.devkeys import init_keys
+from engine.gate.redis_gate import Gate
 from engine.keys import Keys
 from engine.testing.ports import free_port
 from engine.testing.processes import SECKILL, engine_env, stop_process

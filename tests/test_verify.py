@@ -30,7 +30,7 @@ from support import add_products, all_done
 
 from engine.admin.migrate import apply_migrations
 from engine.config import Settings
-from engine.gate.client import Gate
+from engine.gate.redis_gate import Gate
 from engine.keys import EXCHANGE, RK_CREATED, Keys
 from engine.pb import event_pb2
 from engine.testing.processes import EngineProcess

@@ -28,9 +28,10 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
-from support import engine_env, wait_for
 
 from engine.config import Settings
+from engine.testing.processes import engine_env
+from engine.testing.waits import wait_for
 
 pytestmark = [pytest.mark.wheel, pytest.mark.timeout(240)]
 

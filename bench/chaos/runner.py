@@ -1,7 +1,7 @@
 """The chaos runner: one live sale per fault, scored from the ground truth.
 
 For each fault a sale of a product of its own is opened and sold through the real gate
-(`engine.gate.client.Gate`, the Lua script the BFF runs), with `seckill run` (its
+(`engine.gate.redis_gate.Gate`, the Lua script the BFF runs), with `seckill run` (its
 workers run the status loop) and `seckill resource-domain` running as child processes.
 The fault is inflicted while the sale is live; once it is over the runner waits for the
 stream to drain and every order to be provisioned, then reads what every place recorded
@@ -26,7 +26,7 @@ from redis.asyncio import Redis
 
 from engine.config import Settings, to_env
 from engine.errors import HarnessError, WaitTimedOut
-from engine.gate.client import Gate
+from engine.gate.redis_gate import Gate
 from engine.keys import DLQ_SUFFIX, GROUP, Keys
 from engine.products import gpu_product, upsert_products
 from engine.testing.faultproxy import ProxyProcess, upstream_of, via

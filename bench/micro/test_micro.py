@@ -80,7 +80,7 @@ def test_amqp_framing_500(benchmark):
 def gate_loop():
     from redis.asyncio import Redis
 
-    from engine.gate.client import Gate
+    from engine.gate.redis_gate import Gate
 
     loop = asyncio.new_event_loop()
     redis = Redis.from_url("redis://127.0.0.1:6379/0")

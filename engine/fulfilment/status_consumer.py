@@ -28,7 +28,7 @@ from redis.asyncio import Redis
 from engine import backoff
 from engine.config import Settings
 from engine.connections import RETRYABLE, connect_amqp
-from engine.gate.client import Gate
+from engine.gate.redis_gate import Gate
 from engine.keys import FAILED, QUEUE_STATUS, RUNNING, Keys
 from engine.metrics import daemon as metrics
 from engine.pb import event_pb2

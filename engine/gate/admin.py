@@ -5,11 +5,16 @@ are served on `bff_admin_port` (on `metrics_host`, a private address by default)
 by the process that supervises Granian's workers, from their shared prometheus
 multiprocess directory. The public port answers 404 there. A busy admin port is
 logged, not fatal: selling must not stop because a scrape endpoint could not bind.
+
+A client gets as long to send its request here as on the public port
+(`bff_header_timeout`, for the whole request, not per read): each connection holds
+a thread, so one left half-sent must not hold it for good.
 """
 
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -20,10 +25,34 @@ from engine.config import Settings
 log = logging.getLogger("seckill.bff.admin")
 
 
-def _handler(openapi: bytes) -> type[BaseHTTPRequestHandler]:
+def _handler(openapi: bytes, header_timeout: float) -> type[BaseHTTPRequestHandler]:
     from engine.metrics import bff as bffmetrics
 
     class Admin(BaseHTTPRequestHandler):
+        timeout = header_timeout  # each read (http.server sets it on the socket)
+
+        def setup(self) -> None:
+            super().setup()
+            # ... and the whole request: a client trickling a byte per read is cut off too
+            self.cutoff = threading.Timer(header_timeout, self._cut_off)
+            self.cutoff.daemon = True
+            self.cutoff.start()
+
+        def _cut_off(self) -> None:
+            try:
+                self.connection.shutdown(socket.SHUT_RDWR)  # the blocked read returns
+            except OSError:
+                pass
+
+        def parse_request(self) -> bool:
+            parsed = super().parse_request()  # the request line and the headers read
+            self.cutoff.cancel()
+            return parsed
+
+        def finish(self) -> None:
+            self.cutoff.cancel()
+            super().finish()
+
         def do_GET(self) -> None:  # noqa: N802 - http.server's name
             self._get(body=True)
 
@@ -50,7 +79,8 @@ def _handler(openapi: bytes) -> type[BaseHTTPRequestHandler]:
             elif path == "/healthz":
                 self._answer(200, b'{"status":"ok"}', "application/json")
             else:
-                self._answer(404, orjson.dumps({"error": f"no such path: {path}"}),
+                shown = path if len(path) <= 64 else f"{path[:64]}... ({len(path)} characters)"
+                self._answer(404, orjson.dumps({"error": f"no such path: {shown}"}),
                              "application/json")
 
         send_body = True
@@ -80,7 +110,8 @@ def start_admin(settings: Settings) -> ThreadingHTTPServer | None:
 
     try:
         server = ThreadingHTTPServer((settings.metrics_host, settings.bff_admin_port),
-                                     _handler(orjson.dumps(document())))
+                                     _handler(orjson.dumps(document()),
+                                              settings.bff_header_timeout))
     except OSError as exc:
         log.error("BFF admin port %s:%s unavailable, serving without it: %s",
                   settings.metrics_host, settings.bff_admin_port, exc,

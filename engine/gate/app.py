@@ -10,8 +10,16 @@ A client always gets JSON: a Redis or PostgreSQL failure is a 503 it may
 retry, anything else a 500, and the error is logged, never swallowed.
 
 The buyer is the `sub` of a verified bearer token (engine.gate.auth); a bad
-token is refused before the body is read and before Redis is touched. With
-`bff_auth = "none"` (demos, tests) the body's `user_id` names the buyer.
+token is refused before the body is read and before Redis is touched, and a
+client whose tokens keep failing is refused before its next signature check
+(engine.gate.guards), since that check is the dearest work a stranger can make
+the BFF do. With `bff_auth = "none"` (demos, tests) the body's `user_id` names
+the buyer.
+
+The API is a table (`BffApp.routes`: a path shape, then a method, to a handler),
+and a failure becomes a status in one place (`HTTP_STATUS_OF_ERROR`, `_failed`): a
+handler raises a named error and never builds an error answer itself, so a new
+endpoint is a row and a handler, and every endpoint answers a failure alike.
 
 Granian serves it over RSGI (`bff_interface`); the same object is an ASGI
 application for any other server (engine.gate.request reads a request from
@@ -33,12 +41,20 @@ from redis.exceptions import RedisClusterException, RedisError
 
 from engine.config import Settings, load_settings
 from engine.connections import PG_ERRORS, connect_redis, create_pg_pool
-from engine.errors import ConfigError, InvalidInput, ServiceUnavailable
+from engine.errors import ConfigError, InvalidInput, Overloaded, ServiceUnavailable
 from engine.gate.auth import Forbidden, KeySet, Unauthenticated, Verifier
-from engine.gate.client import Gate, Limits, ensure_replication, validate_id
 from engine.gate.clientip import ClientIp, parse_proxies
-from engine.gate.durable import UNREPLICATED_MESSAGE, WaitFor
-from engine.gate.request import AsgiRequest, BodyDeadlines, BodyTimeout, Request, RsgiRequest
+from engine.gate.guards import FailureThrottle, InflightCap
+from engine.gate.redis_gate import Gate, GateResult, Limits, ensure_replication, validate_id
+from engine.gate.request import (
+    AsgiRequest,
+    BodyDeadlines,
+    BodyTimeout,
+    BodyTooLarge,
+    Request,
+    RsgiRequest,
+)
+from engine.gate.routed import UNREPLICATED_MESSAGE, WaitFor
 from engine.keys import FAILED, Keys
 
 log = logging.getLogger("seckill.bff")
@@ -49,9 +65,12 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 MAX_BODY = 1024
 PREFIX = "/api/v1/seckill/"
-STATUS_OF = {"accepted": 202, "duplicate": 409, "sold_out": 410, "no_sale": 404,
-             "rate_limited": 429, "not_started": 425, "ended": 410, "unreplicated": 503}
+# a gate outcome's HTTP status (engine.gate.redis_gate.Outcome)
+HTTP_STATUS_OF_OUTCOME = {"accepted": 202, "duplicate": 409, "sold_out": 410, "no_sale": 404,
+                          "rate_limited": 429, "not_started": 425, "ended": 410,
+                          "unreplicated": 503}
 Headers = list[tuple[str, str]]  # beyond the content type: as RSGI takes them
+Answer = tuple[int, bytes, Headers]  # status, JSON body, headers
 SALE_PAGE: Headers = [("cache-control", "public, max-age=1")]
 JSON: Headers = [("content-type", "application/json")]
 ASGI_JSON = [(b"content-type", b"application/json")]
@@ -70,13 +89,50 @@ WHERE product_id = $1 AND user_id = $2 ORDER BY id DESC LIMIT 1
 
 
 class HttpError(Exception):
+    """A refusal that is about HTTP itself (no such path, a method the path does not
+    take): it carries its own status and headers."""
+
     def __init__(self, status: int, message: str, headers: Headers | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.headers = headers or []
 
 
-def _challenge(exc: Unauthenticated) -> Headers:
+# The one place a failure becomes a status: the entry of the most specific class the
+# exception is an instance of (its MRO); an HttpError carries its own, anything else
+# is a bug (500).
+HTTP_STATUS_OF_ERROR: dict[type[BaseException], int] = {
+    InvalidInput: 400, Unauthenticated: 401, Forbidden: 403, BodyTimeout: 408,
+    Overloaded: 429, ServiceUnavailable: 503, **dict.fromkeys(REDIS_ERRORS, 503)}
+
+
+def http_status_of(exc: BaseException) -> int:
+    """The HTTP status a failure is answered with (HTTP_STATUS_OF_ERROR)."""
+    if isinstance(exc, HttpError):
+        return exc.status
+    for kind in type(exc).__mro__:
+        status = HTTP_STATUS_OF_ERROR.get(kind)
+        if status is not None:
+            return status
+    return 500
+
+
+Handler = Callable[[Request, list[str]], Awaitable[Answer]]
+
+
+class Route:
+    """One path shape of the API (`_route`): its handler and metrics label per method;
+    another method is 405 with the ones it takes in Allow."""
+
+    __slots__ = ("allow", "endpoint", "methods")
+
+    def __init__(self, methods: dict[str, tuple[str, Handler]]) -> None:
+        self.methods = methods
+        self.endpoint = next(iter(methods.values()))[0]  # the label of a refused method
+        self.allow = ", ".join(sorted(methods))
+
+
+def _challenge(exc: Exception) -> Headers:
     """RFC 6750: what the client must send, and why this token was refused."""
     why = str(exc).replace("\\", "").replace('"', "'")[:200]
     why = why.encode("ascii", "replace").decode("ascii")
@@ -96,7 +152,9 @@ class BffApp:
         # the first requests arrive together: one opens, the others wait for it (without
         # the lock each opened its own pool, and a burst ran PostgreSQL out of connections)
         self.opening = {"gate": asyncio.Lock(), "pool": asyncio.Lock()}
-        self.inflight = 0
+        self.inflight = InflightCap(settings.bff_max_inflight)
+        self.auth_failures = FailureThrottle(settings.bff_auth_failure_rate,
+                                             settings.bff_auth_failure_burst)
         self.deadlines = BodyDeadlines(settings.bff_body_timeout)
         self.sold_out: dict[int, float] = {}
         self.client_ip = ClientIp(parse_proxies(settings.bff_trusted_proxies))
@@ -108,6 +166,14 @@ class BffApp:
         from engine.metrics import bff as bffmetrics
 
         self.metrics = bffmetrics
+        # the API: a path shape (_route) -> method -> (metrics label, handler)
+        self.routes: dict[str, Route] = {
+            "buy": Route({"POST": ("buy", self._buy), "GET": ("sale", self._sale)}),
+            "order": Route({"GET": ("order", self._order)}),
+            "mine": Route({"GET": ("order", self._my_order)}),
+            "healthz": Route({"GET": ("healthz", self._health),
+                              "HEAD": ("healthz", self._health)}),
+        }
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -142,97 +208,110 @@ class BffApp:
         loop.run_until_complete(self._close())
 
     async def _dispatch(self, request: Request) -> tuple[str, int, bytes, Headers]:
-        path, method = request.path, request.method
-        kind, ids = _route(path)
-        endpoint = "order" if kind == "mine" else kind or path.strip("/")
-        if endpoint not in ("buy", "order", "healthz"):  # /metrics: the admin port only
-            endpoint = "other"
+        """(metrics label, status, body, headers): the route's handler, or the failure
+        answered as `_failed` says."""
+        kind, ids = _route(request.path)
+        route = self.routes.get(kind)
+        if route is None:
+            return "other", *_failed("other", _unrouted(kind, request.path))
+        handler = route.methods.get(request.method)
+        if handler is None:
+            return route.endpoint, *_failed(route.endpoint, HttpError(
+                405, f"method {_echo(request.method)} not allowed here; use "
+                     f"{route.allow.replace(', ', ' or ')}", [("allow", route.allow)]))
+        endpoint, handle = handler
         try:
-            if kind == "buy" and method == "GET":
-                return "sale", 200, await self.sale(ids[0]), SALE_PAGE
-            if kind == "buy":
-                _allow(method, "GET", "POST")
-                pid = validate_id("product_id", ids[0])
-                caller = None
-                if self.verifier is not None:  # a retrying buyer: no coroutine, no check
-                    header = request.header("authorization")
-                    caller = self.verifier.cached(header)
-                    if caller is None:
-                        caller = await self.verifier.caller(header)
-                # the body is read before a request counts as in flight: a client still
-                # sending it holds no slot, and is cut off at bff_body_timeout
-                body = await self.deadlines.read(request, MAX_BODY)
-                cap = self.settings.bff_max_inflight
-                if cap and self.inflight >= cap:
-                    raise HttpError(429, "too many requests in flight, try again")
-                self.inflight += 1
-                try:
-                    return endpoint, *await self.buy(pid, caller, body, request)
-                finally:
-                    self.inflight -= 1
-            if kind == "order":
-                _allow(method, "GET")
-                caller = await self._caller(request)
-                return endpoint, *await self.order(ids[0], ids[1], caller), []
-            if kind == "mine":
-                _allow(method, "GET")
-                caller = await self._caller(request)
-                if caller is None:
-                    raise InvalidInput("bff_auth = 'none': no caller; use .../users/{user_id}")
-                return endpoint, *await self.order(ids[0], str(caller), caller), []
-            if endpoint == "healthz":
-                _allow(method, "GET", "HEAD")
-                return endpoint, 200, self._health(), []
-            raise HttpError(404, f"no such path: {path}")
-        except HttpError as exc:
-            return endpoint, exc.status, _error(exc), exc.headers
-        except BodyTimeout:
-            return endpoint, 408, _error(HttpError(408, "request body not received in time")), [
-                ("connection", "close")]
-        except Unauthenticated as exc:
-            return endpoint, 401, _error(exc), _challenge(exc)
-        except Forbidden as exc:
-            return endpoint, 403, _error(exc), []
-        except InvalidInput as exc:
-            return endpoint, 400, _error(exc), []
-        except (ServiceUnavailable, *REDIS_ERRORS) as exc:
-            log.warning("service unavailable: %s", exc, extra={"event": "bff_unavailable"})
-            return endpoint, 503, _error(HttpError(503, UNAVAILABLE.get(endpoint, str(exc)))), []
-        except Exception:  # noqa: BLE001 - a bug answers 500 in JSON, never a dropped request
-            log.exception("unexpected error on %s", endpoint, extra={"event": "bff_error"})
-            return endpoint, 500, _error(HttpError(500, "internal error")), []
+            return endpoint, *await handle(request, ids)
+        except Exception as exc:  # noqa: BLE001 - every failure is answered, in JSON
+            return endpoint, *_failed(endpoint, exc)
 
-    def _health(self) -> bytes:
+    async def _sale(self, request: Request, ids: list[str]) -> Answer:
+        """GET .../{product_id}: the public sale page."""
+        return 200, await self.sale(ids[0]), SALE_PAGE
+
+    async def _order(self, request: Request, ids: list[str]) -> Answer:
+        """GET .../{product_id}/users/{user_id}: a user's order."""
+        caller = await self._caller(request)
+        return *await self.order(ids[0], ids[1], caller), []
+
+    async def _my_order(self, request: Request, ids: list[str]) -> Answer:
+        """GET .../{product_id}/order: the token's user's order."""
+        caller = await self._caller(request)
+        if caller is None:
+            raise InvalidInput("bff_auth = 'none': no caller; use .../users/{user_id}")
+        return *await self.order(ids[0], str(caller), caller), []
+
+    async def _health(self, request: Request, ids: list[str]) -> Answer:
         if self.verifier is None:
-            return orjson.dumps({"status": "ok", "auth": "none", "warning": NO_AUTH_WARNING})
-        return b'{"status":"ok","auth":"jwt"}'
+            return 200, orjson.dumps({"status": "ok", "auth": "none",
+                                      "warning": NO_AUTH_WARNING}), []
+        return 200, b'{"status":"ok","auth":"jwt"}', []
 
     async def _caller(self, request: Request) -> int | None:
         """The verified user ID of the request (None when bff_auth = 'none')."""
         if self.verifier is None:
             return None
-        return await self.verifier.caller(request.header("authorization"))
+        header = request.single_header("authorization")
+        caller = self.verifier.cached(header)
+        return caller if caller is not None else await self._authenticate(request, header)
 
-    async def buy(self, pid: int, caller: int | None, body: bytes, request: Request
-                  ) -> tuple[int, bytes, Headers]:
-        body_uid = _user_id(request, body, required=caller is None)
-        if caller is not None and body_uid is not None and body_uid != caller:
-            raise Forbidden(f"user_id {body_uid} is not the token's user")
-        user_id = caller if caller is not None else body_uid
-        assert user_id is not None
-        if self.sold_out and self.sold_out.get(pid, 0.0) > time.monotonic():
-            return 410, b'{"status":"sold_out"}', []
+    async def _authenticate(self, request: Request, header: str | None) -> int:
+        """A token this process has not verified yet: checked unless its client's failed
+        checks are used up (429 unchecked), counted in flight while it is (a signature
+        check is the dearest work a request can cost before it is known to be a buyer's),
+        and a refusal spent from its client's failures."""
+        assert self.verifier is not None
+        address = self._client_address(request)
+        self.auth_failures.check(address)
+        with self.inflight:
+            try:
+                return await self.verifier.caller(header)
+            except Unauthenticated:
+                self.auth_failures.failed(address)
+                raise
+
+    def _client_address(self, request: Request) -> str | None:
+        """The client's IP: the peer's, or X-Forwarded-For's from a trusted proxy."""
         ip = request.peer()
         if self.client_ip.proxies:  # (else X-Forwarded-For is not even looked at)
             ip = self.client_ip.of(ip, request.header_lines("x-forwarded-for"))
-        gate = self.gate if self.gate is not None else await self._gate()
-        result = await gate.attempt(pid, user_id, ip=ip)  # (both IDs validated above)
+        return ip
+
+    async def _buy(self, request: Request, ids: list[str]) -> Answer:
+        """POST .../{product_id}: a purchase attempt (the hot path: one coroutine, the
+        token cache and the in-flight cap inline)."""
+        pid = validate_id("product_id", ids[0])
+        caller = None
+        if self.verifier is not None:  # a retrying buyer: no coroutine, no check
+            header = request.single_header("authorization")
+            caller = self.verifier.cached(header)
+            if caller is None:
+                _bounded(request.header("content-length"))  # (no token checked for it)
+                caller = await self._authenticate(request, header)
+        # the body is read before a request counts as in flight: a client still
+        # sending it holds no slot, and is cut off at bff_body_timeout
+        body = await self.deadlines.read(request, MAX_BODY)
+        with self.inflight:
+            body_uid = _user_id(request, body, required=caller is None)
+            if caller is not None and body_uid is not None and body_uid != caller:
+                raise Forbidden(f"user_id {body_uid} is not the token's user")
+            user_id = caller if caller is not None else body_uid
+            assert user_id is not None
+            if self.sold_out and self.sold_out.get(pid, 0.0) > time.monotonic():
+                return 410, b'{"status":"sold_out"}', []
+            ip = self._client_address(request)
+            gate = self.gate if self.gate is not None else await self._gate()
+            result = await gate.attempt(pid, user_id, ip=ip)  # (both IDs validated above)
+        if result.outcome == "accepted":
+            return 202, orjson.dumps({"status": "accepted", "stream_id": result.stream_id,
+                                      "slot": result.slot}), []
+        return self._refused(pid, result)
+
+    def _refused(self, pid: int, result: GateResult) -> Answer:
+        """The answer to an attempt the gate did not accept (or not safely)."""
         outcome = result.outcome
         if outcome == "sold_out":
             self.sold_out[pid] = time.monotonic() + self.settings.bff_soldout_recheck
-        elif outcome == "accepted":
-            return 202, orjson.dumps({"status": "accepted", "stream_id": result.stream_id,
-                                      "slot": result.slot}), []
         elif outcome == "unreplicated":  # gate_wait_replicas: recorded, not yet safe
             self.metrics.UNREPLICATED.inc()
             return 503, orjson.dumps({"status": outcome, "stream_id": result.stream_id,
@@ -246,7 +325,7 @@ class BffApp:
         elif outcome == "not_started":
             return 425, orjson.dumps({"status": outcome, "start": _iso(result.at_ms),
                                       "start_ms": result.at_ms}), []
-        return STATUS_OF[outcome], orjson.dumps({"status": outcome}), []
+        return HTTP_STATUS_OF_OUTCOME[outcome], orjson.dumps({"status": outcome}), []
 
     async def sale(self, raw_pid: str) -> bytes:
         """The public sale page: window, state and Redis's clock, never PostgreSQL."""
@@ -331,9 +410,12 @@ class BffApp:
 
 def _route(path: str) -> tuple[str, list[str]]:
     """("buy", [pid]) for /api/v1/seckill/{pid}, ("order", [pid, uid]) for
-    .../{pid}/users/{uid}, ("mine", [pid]) for .../{pid}/order, else ("", [])."""
+    .../{pid}/users/{uid}, ("mine", [pid]) for .../{pid}/order, ("healthz", []) for
+    /healthz, ("encoded", []) for an API path with percent-encoding, else ("", [])."""
     if not path.startswith(PREFIX):
-        return "", []
+        return ("healthz", []) if path.strip("/") == "healthz" else ("", [])
+    if "%" in path:  # (an API path has none: what it decodes to is never routed)
+        return "encoded", []
     parts = path[len(PREFIX):].split("/")
     if not all(parts):
         return "", []
@@ -346,6 +428,21 @@ def _route(path: str) -> tuple[str, list[str]]:
     return "", []
 
 
+def _bounded(length: str | None) -> None:
+    """BodyTooLarge for a declared Content-Length over MAX_BODY: refused before the
+    work the body would be refused after."""
+    if length is not None and (len(length) > 9 or not length.isdigit()
+                               or int(length) > MAX_BODY):
+        raise BodyTooLarge(f"body larger than {MAX_BODY} bytes")
+
+
+def _unrouted(kind: str, path: str) -> HttpError:
+    """Why a path has no route: percent-encoded (400) or unknown (404)."""
+    if kind == "encoded":
+        return HttpError(400, f"percent-encoded path, send it decoded: {_echo(path)}")
+    return HttpError(404, f"no such path: {_echo(path)}")
+
+
 def _iso(ms: int | None) -> str | None:
     """Unix milliseconds as ISO 8601 UTC."""
     if ms is None:
@@ -353,15 +450,43 @@ def _iso(ms: int | None) -> str | None:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms // 1000)) + f".{ms % 1000:03d}Z"
 
 
-def _allow(method: str, *allowed: str) -> None:
-    """405 for a method the path does not take, with the Allow header RFC 9110 asks."""
-    if method not in allowed:
-        raise HttpError(405, f"method {method} not allowed here; use {' or '.join(allowed)}",
-                        [("allow", ", ".join(allowed))])
+def _failed(endpoint: str, exc: Exception) -> Answer:
+    """A failure's answer: its status (http_status_of), its message in JSON, and the
+    headers that status asks for; outages and bugs are logged, never swallowed."""
+    status = http_status_of(exc)
+    if status == 401:
+        return 401, _error(exc), _challenge(exc)
+    if status == 408:
+        return 408, _error("request body not received in time"), [("connection", "close")]
+    if status == 429:
+        retry = exc.retry_after if isinstance(exc, Overloaded) else 1
+        return 429, _error(exc), [("retry-after", str(retry))]
+    if status == 503:
+        log.warning("service unavailable: %s", exc, extra={"event": "bff_unavailable"})
+        return 503, _error(UNAVAILABLE.get(endpoint, str(exc))), []
+    if status == 500:
+        log.error("unexpected error on %s", endpoint, exc_info=exc,
+                  extra={"event": "bff_error"})
+        return 500, _error("internal error"), []
+    return status, _error(exc), exc.headers if isinstance(exc, HttpError) else []
 
 
-def _error(exc: Exception) -> bytes:
-    return orjson.dumps({"error": str(exc)})
+def _error(message: object) -> bytes:
+    """An error body; its message cut to ERROR_CHARS, whatever of the input it quotes."""
+    text = str(message)
+    if len(text) > ERROR_CHARS:
+        text = text[:ERROR_CHARS] + "..."
+    return orjson.dumps({"error": text})
+
+
+ERROR_CHARS = 400  # of an error message at most
+ECHOED = 64  # characters of a client's input an error message repeats at most
+
+
+def _echo(text: str) -> str:
+    """A client's input as an error message quotes it: cut to ECHOED characters, so an
+    answer never grows with what was sent."""
+    return text if len(text) <= ECHOED else text[:ECHOED] + f"... ({len(text)} characters)"
 
 
 def _user_id(request: Request, body: bytes, *, required: bool) -> int | None:

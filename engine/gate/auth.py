@@ -40,7 +40,7 @@ from jwt.utils import base64url_decode
 
 from engine.config import Settings, mask_url
 from engine.errors import ConfigError, ServiceUnavailable, UsageError
-from engine.gate.client import validate_id
+from engine.gate.redis_gate import validate_id
 
 log = logging.getLogger("seckill.bff.auth")
 

@@ -73,7 +73,9 @@ COMMON = {"400": _error("bad input"), "503": _error("a service is down; try agai
 def document() -> dict[str, Any]:
     secured: list[dict[str, list[str]]] = [{"bearer": []}]
     order_answers = {"200": _json(_ref("Order"), "the order's state"),
-                     "401": UNAUTHORIZED, "404": _error("no order"), **COMMON}
+                     "401": UNAUTHORIZED, "404": _error("no order"),
+                     "429": _error("shed, or too many failed authentications from this "
+                                   "address", headers=RETRY), **COMMON}
     return {
         "openapi": "3.1.0",
         "info": {"title": "seckill gate", "version": "1",
@@ -102,7 +104,8 @@ def document() -> dict[str, Any]:
                         "410": _json(_ref("Gone"), "sold out, or the sale has ended"),
                         "425": _json(_ref("NotStarted"), "the sale has not started"),
                         "429": _json({"oneOf": [_ref("RateLimited"), ERROR]},
-                                     "over a rate limit, or shed", headers=RETRY),
+                                     "over a rate limit, shed, or too many failed "
+                                     "authentications from this address", headers=RETRY),
                         **COMMON,
                         "503": _json({"oneOf": [_ref("Unreplicated"), ERROR]},
                                      "a service is down (try again), or the order is "

@@ -1,13 +1,13 @@
 """The coalesced purchases on a single Redis: one connection, the calls pipelined on it.
 
-A busy BFF sends the purchase attempts of one loop turn together (engine.gate.client
-`Gate(coalesce=True)`). Through redis-py each such batch cost a pool checkout, a task
-for the send's timeout, and a timeout context, an encoder pass and a parser call per
-reply: 135 us of CPU a batch and 40 a call, against 60 and 13 here
-(`python -m bench.gatebatch`, bench/results/gatebatch-20261130-114637.json). The BFF's
-batches are small (a handful of calls, where a client calling the gate in a loop sends
-thirty-two at once), so the cost of a batch was most of what a purchase cost the BFF
-above the gate itself.
+A busy BFF sends the purchase attempts of one loop turn together
+(engine.gate.redis_gate `Gate(coalesce=True)`). Through redis-py each such batch costs
+a pool checkout, a task for the send's timeout, and a timeout context, an encoder pass
+and a parser call per reply; here a batch is one write and its replies one parser
+feed. The BFF's batches are small (a handful of calls, where a client calling the gate
+in a loop sends thirty-two at once), so the fixed cost of a batch is most of what a
+purchase costs the BFF above the gate itself: that is the cost this module removes
+(`python -m bench.gatebatch` compares the two).
 
 One connection per process carries every batch: the EVALSHAs of a turn packed by
 hiredis and written at once, the replies parsed by hiredis as they arrive and handed
@@ -20,7 +20,7 @@ ServiceUnavailable, like any call whose reply never came. NOSCRIPT (a SCRIPT FLU
 restarted Redis) loads the script and sends those calls again.
 
 Used for a single Redis without WAIT; a cluster or `gate_wait_replicas` goes through
-RoutedScript (engine.gate.durable), which routes per master and waits on the very
+RoutedScript (engine.gate.routed), which routes per master and waits on the very
 connection that wrote.
 """
 

@@ -17,7 +17,7 @@ from support import add_products, announce, log_rows, pending_count, push_orders
 
 from engine.admin.stats import collect
 from engine.admin.trim import trim_stream
-from engine.gate.client import Gate
+from engine.gate.redis_gate import Gate
 from engine.keys import GROUP, Keys
 from engine.pipeline.logsink import prepare_connection, write_batch
 from engine.pipeline.orders import Order

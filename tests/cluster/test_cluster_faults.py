@@ -18,8 +18,8 @@ from support import log_rows, open_sales, pending_count, push_orders, rows_at_le
 from engine import backoff, exits
 from engine.connections import connect_redis
 from engine.errors import ServiceUnavailable
-from engine.gate.client import Gate, GateResult
-from engine.gate.durable import WaitFor
+from engine.gate.redis_gate import Gate, GateResult
+from engine.gate.routed import WaitFor
 from engine.testing.invariants import assert_one_id_per_order
 from engine.testing.processes import EngineProcess
 from engine.testing.taps import EventTap, collect_orders

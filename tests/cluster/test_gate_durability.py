@@ -15,8 +15,8 @@ from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 
 from engine.errors import ConfigError, ServiceUnavailable
-from engine.gate.client import Gate, check_replication
-from engine.gate.durable import WaitFor
+from engine.gate.redis_gate import Gate, check_replication
+from engine.gate.routed import WaitFor
 from engine.keys import Keys
 from engine.testing.bff import Bff
 

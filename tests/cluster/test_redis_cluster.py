@@ -18,7 +18,7 @@ from support import add_products, all_done, announce, log_rows, open_sales, push
 
 from engine.connections import cluster_startup, is_cluster
 from engine.errors import ConfigError, NoFreeNodeId
-from engine.gate.client import Gate, check_replication
+from engine.gate.redis_gate import Gate, check_replication
 from engine.keys import GROUP
 from engine.pipeline.ids import MAX_NODES, NodeLease
 from engine.process.health import SaleCollector

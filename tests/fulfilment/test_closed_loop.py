@@ -21,7 +21,7 @@ from support import add_products, pg_fetch, purge_queues
 
 from engine.config import Settings
 from engine.fulfilment.provisioning import SimulatedProvisioner, manifests, to_yaml
-from engine.gate.client import Gate
+from engine.gate.redis_gate import Gate
 from engine.keys import EXCHANGE, QUEUE_STATUS, RK_CREATED, Keys
 from engine.pb import event_pb2
 from engine.testing.ports import free_port

@@ -16,7 +16,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from engine.fulfilment.status_consumer import StatusConsumer, encode_report
-from engine.gate.client import Gate
+from engine.gate.redis_gate import Gate
 from engine.keys import EXCHANGE, FAILED, RK_STATUS, Keys
 from engine.pipeline.logsink import write_batch
 from engine.pipeline.orders import Order

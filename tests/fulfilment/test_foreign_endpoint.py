@@ -9,7 +9,7 @@ import pytest
 from test_status import log_orders, publish, rows
 
 from engine.fulfilment.status_consumer import StatusConsumer, encode_report
-from engine.gate.client import Gate
+from engine.gate.redis_gate import Gate
 from engine.keys import RUNNING, Keys
 from engine.testing.waits import wait_for
 

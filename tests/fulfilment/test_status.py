@@ -14,7 +14,7 @@ from engine.fulfilment.status_consumer import (
     encode_report,
     one_per_instance,
 )
-from engine.gate.client import Gate
+from engine.gate.redis_gate import Gate
 from engine.keys import EXCHANGE, FAILED, QUEUE_STATUS, RK_STATUS, RUNNING, Keys
 from engine.pipeline.logsink import write_batch
 from engine.pipeline.orders import Order

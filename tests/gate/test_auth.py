@@ -23,8 +23,8 @@ from redis.asyncio import Redis
 
 from engine.config import Settings
 from engine.gate.auth import KeySet, Unauthenticated, Verifier
-from engine.gate.client import Gate
 from engine.gate.devkeys import init_keys, mint_token
+from engine.gate.redis_gate import Gate
 from engine.keys import Keys
 from engine.testing.bff import Bff
 from engine.testing.ports import free_port

@@ -11,7 +11,7 @@ import pytest
 from redis.asyncio import Redis
 from support import pg_fetch
 
-from engine.gate.client import Gate
+from engine.gate.redis_gate import Gate
 from engine.keys import Keys
 from engine.pipeline.logsink import prepare_connection, write_batch
 from engine.pipeline.orders import Order
@@ -271,3 +271,42 @@ async def test_a_burst_of_first_order_lookups_opens_one_pool(settings, gate, pro
         server.stop()
     assert {a.status_code for a in answers} == {404}
     assert opened == 2  # one pool of bff pool size
+
+
+@pytest.mark.parametrize("interface", [
+    pytest.param("rsgi", marks=pytest.mark.xfail(
+        strict=True, reason="Granian's RSGI scope has only the decoded path: %2F and / "
+                            "cannot be told apart there")),
+    "asgi"])
+async def test_an_encoded_slash_is_not_routed_as_one(settings, gate, product_id, interface):
+    server = Bff(settings, bff_interface=interface)
+    await gate.open_sale(product_id, 5)
+    try:
+        async with httpx.AsyncClient(base_url=server.url) as client:
+            assert (await client.post(f"/api/v1/seckill/{product_id}",
+                                      json={"user_id": 1})).status_code == 202
+            for path in (f"/api/v1/seckill/{product_id}%2Fusers%2F1",
+                         f"/api/v1/seckill/{product_id}%2fusers/1",
+                         f"/api/v1/seckill/{product_id}%2Forder"):
+                r = await client.get(path)
+                assert r.status_code == 400, (path, r.status_code, r.text)
+                assert r.json()["error"].startswith("percent-encoded path"), r.text
+    finally:
+        server.stop()
+
+
+async def test_error_bodies_do_not_echo_the_input_whole(bff, gate, product_id):
+    await gate.open_sale(product_id, 5)
+    digits = "9" * 5000
+    async with httpx.AsyncClient(base_url=bff.url) as client:
+        answers = [await client.post(f"/api/v1/seckill/{digits}", json={"user_id": 1}),
+                   await client.get(f"/api/v1/seckill/{digits}/users/1"),
+                   await client.get(f"/api/v1/seckill/{product_id}/users/{digits}"),
+                   await client.get("/nope/" + "x" * 5000),
+                   await client.request("X" * 3000, "/healthz"),
+                   await client.post(f"/api/v1/seckill/{product_id}",
+                                     json={"user_id": digits})]
+    for r in answers:
+        assert 400 <= r.status_code < 500, (r.status_code, r.text[:200])
+        assert len(r.content) < 600, (r.status_code, r.text[:200], len(r.content))
+    assert "5002 characters" in answers[0].json()["error"]  # says how long it was

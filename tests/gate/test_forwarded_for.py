@@ -11,11 +11,11 @@ from __future__ import annotations
 import httpx
 import pytest
 from redis.asyncio import Redis
-from test_bff import Bff
 
-from engine.gate.client import Gate
 from engine.gate.clientip import ClientIp, parse_proxies
+from engine.gate.redis_gate import Gate
 from engine.keys import Keys
+from engine.testing.bff import Bff
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -12,7 +12,7 @@ from redis.crc import key_slot
 from redis.exceptions import ResponseError
 
 from engine.errors import InvalidInput, SaleStateCorrupt, SeckillError
-from engine.gate.client import Gate, validate_id
+from engine.gate.redis_gate import Gate, validate_id
 from engine.keys import GROUP, Keys
 
 

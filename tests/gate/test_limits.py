@@ -15,8 +15,8 @@ import pytest
 from redis.asyncio import Redis
 from support import add_products
 
-from engine.gate.client import Gate, Limits, Window
 from engine.gate.clientip import ClientIp, parse_proxies
+from engine.gate.redis_gate import Gate, Limits, Window
 from engine.keys import Keys
 from engine.testing.bff import Bff
 from engine.testing.ports import free_port

@@ -21,9 +21,9 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from engine.gate.client import Gate
 from engine.gate.devkeys import DevIssuer, init_keys
 from engine.gate.openapi import document
+from engine.gate.redis_gate import Gate
 from engine.keys import Keys
 from engine.testing.bff import Bff
 

@@ -13,8 +13,8 @@ import pytest
 from redis.asyncio import Redis
 
 from engine.errors import SaleStateCorrupt, ServiceUnavailable
-from engine.gate.client import Gate
 from engine.gate.pipe import ScriptPipe
+from engine.gate.redis_gate import Gate
 from engine.keys import Keys
 
 pytestmark = pytest.mark.timeout(120)

@@ -9,7 +9,7 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
-from engine.gate.client import Gate
+from engine.gate.redis_gate import Gate
 from engine.keys import Keys
 from engine.testing.bff import Bff
 
@@ -62,4 +62,42 @@ async def test_a_client_that_never_finishes_its_headers_is_cut_off(settings, pro
         assert reader.at_eof()
         writer.close()
     finally:
+        server.stop()
+
+
+async def closed_within(reader: asyncio.StreamReader, seconds: float) -> float:
+    """How long until the server closed the connection (it answers nothing first, or
+    a 408 at most); fails past `seconds`."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    answer = await asyncio.wait_for(reader.read(), seconds)
+    assert answer == b"" or answer.startswith(b"HTTP/1.") and b" 408 " in answer[:13], \
+        answer[:80]
+    return loop.time() - started
+
+
+async def test_the_admin_port_cuts_off_a_partial_request_as_the_public_one(settings):
+    server = Bff(settings, bff_header_timeout=1)
+    writers = []
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.admin_port)
+        writers.append(writer)
+        writer.write(b"GET /metrics HTTP/1.1\r\nhost: x\r\n")  # never the blank line
+        await writer.drain()
+        assert await closed_within(reader, 6) < 4
+        # a header trickled a byte at a time is cut off too: the bound is on the whole
+        # request, not on each read
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.admin_port)
+        writers.append(writer)
+        writer.write(b"GET /metrics HTTP/1.1\r\nx-slow: ")
+        closing = asyncio.ensure_future(closed_within(reader, 6))
+        while not closing.done():
+            writer.write(b"a")
+            await asyncio.sleep(0.2)
+        assert closing.result() < 4
+        async with httpx.AsyncClient() as client:  # and it still serves
+            assert (await client.get(server.admin_url + "/healthz")).status_code == 200
+    finally:
+        for writer in writers:
+            writer.close()
         server.stop()

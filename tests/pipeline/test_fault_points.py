@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from support import add_products, all_done, log_rows, workers_are
 
-from engine.gate.client import Gate
+from engine.gate.redis_gate import Gate
 from engine.keys import DLQ_SUFFIX
 from engine.pipeline.faults import POINTS
 from engine.testing.invariants import assert_one_id_per_order

@@ -21,8 +21,8 @@ from redis.exceptions import NoScriptError, ResponseError
 from engine.config import Settings
 from engine.connections import REDIS_ERRORS, connect_redis, is_cluster
 from engine.errors import ConfigError, InvalidInput, SaleStateCorrupt, ServiceUnavailable
-from engine.gate.durable import RoutedScript, WaitFor
 from engine.gate.pipe import ScriptPipe
+from engine.gate.routed import RoutedScript, WaitFor
 from engine.keys import GROUP, Keys
 from engine.resources import lua_script
 
@@ -89,15 +89,26 @@ def validate_id(name: str, value: object) -> int:
     if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 19:
         value = int(value)
     if not isinstance(value, int) or not 0 < value <= MAX_ID:
-        raise InvalidInput(f"{name}: expected a positive 64-bit integer, got {value!r}")
+        raise InvalidInput(f"{name}: expected a positive 64-bit integer, got {_shown(value)}")
     return value
+
+
+SHOWN = 40  # characters of a refused value an error message repeats at most
+
+
+def _shown(value: object) -> str:
+    """A refused value as a message quotes it: its repr, cut to SHOWN characters (a
+    client's 5,000-digit ID is not sent back whole)."""
+    text = repr(value) if not isinstance(value, int) or value.bit_length() < 256 \
+        else f"<an integer of {value.bit_length()} bits>"
+    return text if len(text) <= SHOWN else f"{text[:SHOWN]}... ({len(text)} characters)"
 
 
 class _Script:
     """A Lua script called by EVALSHA, loaded once, reloaded after SCRIPT FLUSH.
 
     One call, one command: the purchases of a busy server are coalesced by ScriptPipe
-    (engine/gate/pipe.py, a single Redis) or RoutedScript (engine/gate/durable.py, a
+    (engine/gate/pipe.py, a single Redis) or RoutedScript (engine/gate/routed.py, a
     cluster or WAIT) instead.
     """
 

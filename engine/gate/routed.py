@@ -1,4 +1,8 @@
-"""Purchases that wait for replicas: `WAIT n ms` after an accepted purchase.
+"""Script calls routed to their Redis masters, each master's down one connection.
+
+Used for the coalesced purchases whenever a single pipelined connection cannot serve
+them: on a Redis Cluster (each call must reach the master owning its keys' slot), and
+with `gate_wait_replicas` (WAIT must follow the purchases on their own connection).
 
 On a replicated Redis, a purchase the master took but had not yet sent to a replica
 is lost when that master dies and the replica is promoted: a 202 for it would be a
@@ -13,8 +17,7 @@ another connection), so this module holds one connection per master for a batch:
 EVALSHAs of the calls routed to that master, then, only if one of them wrote an
 accepted order, one WAIT. Rejected attempts are answered without waiting. MOVED, ASK,
 TRYAGAIN and CLUSTERDOWN replies (a reshard or failover) send those calls again, routed
-anew (at most ROUNDS times). Without WAIT the same routing serves the coalesced
-purchases on a cluster (see `RoutedScript`).
+anew (at most ROUNDS times).
 """
 
 from __future__ import annotations
@@ -86,9 +89,9 @@ class RoutedScript:
     A call resolves to `(reply, acked)`: the script's reply, and the replicas that
     acknowledged it (None when no WAIT was sent: WAIT off, or it wrote no order).
     Without WAIT it still serves the coalesced purchases on a cluster (a single Redis's
-    go through ScriptPipe, engine/gate/pipe.py): sent this way they cost the gate less
-    CPU than as a redis-py cluster pipeline (46 against 84 us a purchase:
-    bench/results/durability-20261130-074429.json, before that path was removed).
+    go through ScriptPipe, engine/gate/pipe.py): packed and read here, they skip the
+    redis-py cluster pipeline's per-command bookkeeping, most of what a purchase cost
+    the gate there.
     """
 
     def __init__(self, redis: Redis, source: str, wait: WaitFor | None,
