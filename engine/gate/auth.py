@@ -176,7 +176,7 @@ class Verifier:
         self.cache_size = settings.bff_token_cache
         self.cache: OrderedDict[bytes, Caller] = OrderedDict()
         # what the BFF's other workers verified (None outside a multi-process BFF)
-        self.shared = VerifiedTokens.attach() if self.cache_size else None
+        self.shared = _attach_shared() if self.cache_size else None
         # imported here, as the app does: the worker's prometheus mode is set by then
         from engine.metrics.bff import TOKENS
 
@@ -314,6 +314,18 @@ class Verifier:
         if not kid and len(keys) == 1:  # a single-key JWKS may leave kid out
             return next(iter(keys.values()))
         return keys.get(kid)
+
+
+def _attach_shared() -> VerifiedTokens | None:
+    """The BFF's shared table; a table that is gone or not private to us is not used (a
+    warning, and this worker verifies what it has not seen itself: slower, never
+    wrong)."""
+    try:
+        return VerifiedTokens.attach()
+    except OSError as exc:
+        log.warning("verified-token table not used: %s", exc,
+                    extra={"event": "bff_token_table_unusable"})
+        return None
 
 
 def _bearer(authorization: str | bytes | None) -> bytes:

@@ -195,3 +195,13 @@ async def test_a_token_verified_by_one_worker_is_known_to_the_other(auth_setting
     finally:
         bff.stop()
     assert not os.path.exists(table)  # removed when the BFF stops
+
+
+def test_a_table_not_private_to_the_bff_is_not_used(settings, issuer, caplog):
+    with shared_table(16) as path:
+        assert path is not None
+        os.chmod(path, 0o644)  # readable by others: not ours alone any more
+        with pytest.raises(PermissionError, match="mode 0600"):
+            VerifiedTokens.attach()
+        assert verifier(settings, issuer).shared is None
+        assert "verified-token table not used" in caplog.text
