@@ -177,6 +177,7 @@ class Verifier:
         self.cache: OrderedDict[bytes, Caller] = OrderedDict()
         # what the BFF's other workers verified (None outside a multi-process BFF)
         self.shared = _attach_shared() if self.cache_size else None
+        self.prepared: dict[int, tuple[jwt.PyJWK, str, Any]] = {}
         # imported here, as the app does: the worker's prometheus mode is set by then
         from engine.metrics.bff import TOKENS
 
@@ -193,7 +194,7 @@ class Verifier:
         hit = self.cache.get(digest)
         if hit is not None and hit.expires > time.time():
             return hit.user_id
-        return self._shared(digest)
+        return None  # (the shared table is `caller`'s: a new token looks there once)
 
     def _shared(self, digest: bytes) -> int | None:
         """A token another worker verified: remembered here too, and its user ID."""
@@ -254,7 +255,7 @@ class Verifier:
             raise Unauthenticated("the token's algorithm does not match its key")
         algorithm = ALGORITHMS[alg]
         try:
-            valid = algorithm.verify(signing_input, algorithm.prepare_key(key.key), signature)
+            valid = algorithm.verify(signing_input, self._prepared(key, alg), signature)
         except (jwt.PyJWTError, ValueError, TypeError) as exc:
             raise Unauthenticated(f"invalid token: {exc}"[:120]) from None
         if not valid:
@@ -262,6 +263,16 @@ class Verifier:
         claims = _claims(signing_input)
         self._check_claims(claims)
         return Caller(_user_id(claims["sub"]), self._expiry(claims))
+
+    def _prepared(self, key: jwt.PyJWK, alg: str) -> Any:
+        """The key as `alg` verifies with it, checked once per key (PyJWT checks its type
+        against each key class on every decode)."""
+        entry = self.prepared.get(id(key))
+        if entry is None or entry[0] is not key or entry[1] != alg:
+            if len(self.prepared) >= 64:  # keys refreshed many times: start again
+                self.prepared.clear()
+            entry = self.prepared[id(key)] = (key, alg, ALGORITHMS[alg].prepare_key(key.key))
+        return entry[2]
 
     def _check_claims(self, claims: dict[str, Any]) -> None:
         """What PyJWT checked for us: the required claims, who issued the token and for
