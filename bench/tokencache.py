@@ -7,7 +7,11 @@ with the cache empty and with it full:
 
 - `insert`: one entry added to the cache (Verifier._remember), alone;
 - `new token`: a whole first request's verification (Verifier.caller of a token
-  never seen: header, key, RS256 signature, claims, cache).
+  never seen: header, key, RS256 signature, claims, cache);
+- where a new token's time goes, piece by piece (bearer header and hash, header
+  and signature decoding, key lookup, the RSA verification, payload, claims,
+  cache and shared-table writes), beside PyJWT's decode of the same token: the
+  verifier's cost above the RSA verification is what a cheaper path can cut.
 
 Each tree is measured in a process of its own whose PYTHONPATH is that tree, so
 `--baseline /path/to/another/checkout` runs the same measurement on that
@@ -34,6 +38,9 @@ from typing import Any
 RESULTS = Path(__file__).resolve().parent / "results"
 HERE = Path(__file__).resolve().parent.parent
 STATES = ("empty", "full")
+PIECES = ("bearer_and_hash", "header_and_signature_base64", "key_lookup", "rsa_verify",
+          "payload_parse", "claims_checks", "cache_insert", "shared_table_put",
+          "shared_table_get", "pyjwt_decode")
 
 
 def _measure(size: int, inserts: int, tokens: int, rounds: int) -> dict[str, Any]:
@@ -79,6 +86,67 @@ def _measure(size: int, inserts: int, tokens: int, rounds: int) -> dict[str, Any
         out["new_token_us"][state] = min(asyncio.run(new_token_us(fresh(full)))
                                          for _ in range(rounds))
     out["cache_size_after"] = len(fresh(True).cache)
+    out["breakdown_us"] = _breakdown(settings, keyset, issuer, tokens, rounds)
+    return out
+
+
+def _breakdown(settings: Any, keyset: Any, issuer: Any, tokens: int, rounds: int
+               ) -> dict[str, float]:
+    """Where a new token's microseconds go, piece by piece, in the order the verifier
+    takes them; PyJWT's decode of the same token apart (what the verifier called up to
+    issue 22). Pieces this tree's verifier does not have are left out."""
+    import jwt
+
+    from engine.gate import auth
+
+    verifier = auth.Verifier(settings, keyset)
+    headers = [f"Bearer {issuer.token(n + 1, 3600)}" for n in range(tokens)]
+    raw = [h[7:].encode() for h in headers]
+    key = next(iter(keyset.keys.values()))
+
+    def timed(step: Any, items: list[Any]) -> float:
+        best = float("inf")
+        for _ in range(rounds):
+            started = time.process_time()
+            for item in items:
+                step(item)
+            best = min(best, (time.process_time() - started) / len(items) * 1e6)
+        return best
+
+    out = {"pyjwt_decode": timed(lambda t: jwt.decode(
+        t, key.key, algorithms=["RS256"], audience=settings.bff_jwt_audience,
+        issuer=settings.bff_jwt_issuer, options={"require": auth.REQUIRED_CLAIMS}), raw)}
+    if not hasattr(auth, "_segments"):
+        return out
+    segments = [auth._segments(t) for t in raw]
+    rsa = auth.ALGORITHMS["RS256"]
+    claims = [auth._claims(si) for si, _, _ in segments]
+    caller = auth.Caller(1, time.time() + 3600)
+    digests = [auth._digest(t) for t in raw]
+
+    def checks(c: dict[str, Any]) -> None:
+        verifier._check_claims(c)
+        auth.Caller(auth._user_id(c["sub"]), verifier._expiry(c))
+
+    out.update({
+        "bearer_and_hash": timed(lambda h: auth._digest(auth._bearer(h)), headers),
+        "header_and_signature_base64": timed(auth._segments, raw),
+        "key_lookup": timed(lambda s: verifier._lookup(s[1].get("kid", "")), segments),
+        "rsa_verify": timed(lambda s: rsa.verify(s[0], rsa.prepare_key(key.key), s[2]),
+                            segments),
+        "payload_parse": timed(lambda s: auth._claims(s[0]), segments),
+        "claims_checks": timed(checks, claims),
+        "cache_insert": timed(lambda d: verifier._remember(d, caller, share=False), digests),
+    })
+    from engine.gate.verifiedtokens import VerifiedTokens, shared_table
+
+    with shared_table(len(digests)):
+        table = VerifiedTokens.attach()
+        assert table is not None
+        out["shared_table_put"] = timed(lambda d: table.put(d, 1, caller.expires), digests)
+        out["shared_table_get"] = timed(table.get, digests)
+        table.close()
+
     return out
 
 
@@ -113,6 +181,13 @@ def table(doc: dict[str, Any]) -> str:
         lines += ["", f"Cache full: an insert costs {insert:,.0f}x less in this tree than in "
                   f"the baseline, a new token {token:.1f}x less. Cache empty: a new token "
                   f"costs {empty:.2f}x the baseline's."]
+    lines += ["", "Where a new token's time goes (us, this process's CPU, least of the rounds):",
+              "", "| tree | " + " | ".join(PIECES) + " |",
+              "|---|" + "---:|" * len(PIECES)]
+    for name, r in doc["trees"].items():
+        pieces = r.get("breakdown_us", {})
+        lines.append(f"| {name} | " + " | ".join(
+            f"{pieces[p]:.1f}" if p in pieces else "-" for p in PIECES) + " |")
     return "\n".join(lines)
 
 

@@ -542,13 +542,15 @@ def serve(settings: Settings, *, config: str | None = None, host: str | None = N
     from granian.constants import Interfaces
 
     from engine.gate.admin import start_admin
+    from engine.gate.verifiedtokens import shared_table
 
     start_admin(settings)
-    Granian("engine.gate.app:create_app", factory=True,
-            interface=Interfaces(settings.bff_interface),
-            address=host or settings.bff_host, port=port or settings.bff_port,
-            workers=workers or settings.bff_workers or os.cpu_count() or 1,
-            **granian_options(settings)).serve()
+    with shared_table(settings.bff_token_cache if settings.bff_auth == "jwt" else 0):
+        Granian("engine.gate.app:create_app", factory=True,
+                interface=Interfaces(settings.bff_interface),
+                address=host or settings.bff_host, port=port or settings.bff_port,
+                workers=workers or settings.bff_workers or os.cpu_count() or 1,
+                **granian_options(settings)).serve()
     return 0
 
 

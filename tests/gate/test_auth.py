@@ -467,3 +467,49 @@ async def test_a_full_token_cache_evicts_in_constant_time(verifier, settings):
     full = min(per_insert() for _ in range(3))
     assert len(cache.cache) == size and first not in cache.cache  # the oldest went
     assert full < 10 * empty, (full, empty)
+
+
+async def test_what_pyjwt_checked_is_still_checked(verifier, issuer):
+    """The verifier checks the signature and the claims itself (issue 22: PyJWT's decode
+    cost twice the signature check): each check PyJWT made must still refuse, for its
+    own reason."""
+    now = int(time.time())
+
+    def claims(**changes: object) -> dict[str, object]:
+        return issuer.claims(5, **{"exp": now + 30, **changes})  # within max_ttl (60 s)
+
+    header = json.dumps({"alg": "RS256", "typ": "JWT", "kid": issuer.kid})
+    text = json.dumps(claims())
+    head, body, sig = issuer.signed(claims()).split(".")
+    other_body = issuer.signed(claims(sub="6")).split(".")[1]
+    refused = {
+        "not yet valid": [issuer.signed(claims(nbf=now + 30)),
+                          issuer.signed(claims(iat=now + 30))],
+        "critical header": [_raw_token(issuer, '{"crit": ["exp"], "exp": 1, ' + header[1:],
+                                       text),
+                            _raw_token(issuer, '{"b64": false, ' + header[1:], text)],
+        "kid.* must be a string": [_raw_token(issuer, json.dumps({"alg": "RS256", "kid": 7}),
+                                              text)],
+        "audience doesn't match": [issuer.signed(claims(aud=["a", "b"]))],
+        "invalid claim format": [issuer.signed(claims(aud=5))],
+        'missing the "iss" claim': [issuer.signed({k: v for k, v in claims().items()
+                                                   if k != "iss"})],
+        "jti.* must be a string": [issuer.signed(claims(jti=5))],
+        "expected numbers of seconds": [issuer.signed(claims(nbf=str(now)))],
+        "not base64url": [f"+{head[1:]}.{body}.{sig}", f"{head}.{body}.{sig[:-2]}!!",
+                          f"\xe9{head}.{body}.{sig}"],
+        "three dot-separated segments": [f"{head}.{body}.{sig}.{sig}"],
+        "signature verification failed": [f"{head}.{other_body}.{sig}"],
+    }
+    for why, tokens in refused.items():
+        for token in tokens:
+            with pytest.raises(Unauthenticated, match=why):
+                await verifier.caller(f"Bearer {token}")
+    assert verifier.cache == {}
+    # and what PyJWT took is still taken: an aud list naming us, padding on a segment
+    listed = issuer.signed(claims(aud=["x", issuer.aud]))
+    assert await verifier.caller(f"Bearer {listed}") == 5
+    head, body, sig = issuer.signed(claims(sub="8", n="ab")).split(".")
+    for pad in range(3):  # (one of three lengths takes no padding)
+        if len(body + "=" * pad) % 4 == 0:
+            assert await verifier.caller(f"Bearer {head}.{body}{'=' * pad}.{sig}") == 8
