@@ -22,8 +22,9 @@ import aiormq
 import asyncpg
 from redis.asyncio import Redis
 
+from engine.amqp.topology import QUEUE_CREATED
 from engine.config import Settings, load_settings
-from engine.keys import GROUP, QUEUE_CREATED, Keys
+from engine.keys import GROUP, Keys
 from engine.products import gpu_product, upsert_products
 
 from .enginerun import TICK, service_roots, service_ticks, ticks_between

@@ -200,7 +200,7 @@ def cmd_token(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_resource_domain(settings: Settings, args: argparse.Namespace) -> int:
-    from engine.fulfilment.resource_domain import main as run_resource_domain
+    from engine.resource_domain.service import main as run_resource_domain
 
     return run_resource_domain(settings)
 

@@ -298,6 +298,7 @@ def _validate(s: Settings) -> None:
 
 BFF_ROLE = "seckill_bff"
 RD_ROLE = "seckill_resource_domain"
+ENGINE_ROLE = "seckill_engine"
 
 
 def role_dsn(dsn: str, role: str) -> str:

@@ -26,10 +26,11 @@ import aiormq
 from redis.asyncio import Redis
 
 from engine.admin.migrate import migrate
+from engine.amqp.topology import EXCHANGE, RK_CREATED
 from engine.config import Settings, load_settings
 from engine.connections import connect_pg, connect_redis
 from engine.gate.client import Gate
-from engine.keys import EXCHANGE, GROUP, RK_CREATED, Keys
+from engine.keys import GROUP, Keys
 from engine.products import Product, upsert_product
 
 from .judge import MAX_FAILURE_RATIO, RehearsalFailed, judge, read_report

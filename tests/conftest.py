@@ -22,8 +22,9 @@ import pytest
 from redis.asyncio import Redis
 from support import purge_queues
 
+from engine.amqp.topology import QUEUE_CREATED, QUEUE_STATUS
 from engine.config import Settings, load_settings
-from engine.keys import QUEUE_CREATED, QUEUE_STATUS, Keys
+from engine.keys import Keys
 
 RUN_ID = f"{os.getpid()}{uuid.uuid4().hex[:6]}"
 # private_redis, private_rabbitmq, private_postgres: for tests that stop, restart or pause one;

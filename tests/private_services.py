@@ -27,8 +27,8 @@ from engine.admin.localnodes import (
     destroy_all,
     reap_orphans,
 )
+from engine.amqp.topology import QUEUE_CREATED, QUEUE_STATUS
 from engine.config import Settings
-from engine.keys import QUEUE_CREATED, QUEUE_STATUS
 
 PRIVATE_DATABASE = "seckill_test"
 

@@ -19,8 +19,9 @@ import aiormq
 import asyncpg
 from redis.asyncio import Redis
 
+from engine.amqp.topology import EXCHANGE, RK_CREATED
 from engine.config import Settings, to_env
-from engine.keys import EXCHANGE, GROUP, RK_CREATED, Keys
+from engine.keys import GROUP, Keys
 from engine.pb import event_pb2
 from engine.products import gpu_product, upsert_products
 

@@ -29,9 +29,10 @@ from redis.asyncio import Redis
 from support import EngineProcess, add_products, all_done, wait_for
 
 from engine.admin.migrate import apply_migrations
+from engine.amqp.topology import EXCHANGE, RK_CREATED
 from engine.config import Settings
 from engine.gate.client import Gate
-from engine.keys import EXCHANGE, RK_CREATED, Keys
+from engine.keys import Keys
 from engine.pb import event_pb2
 from loadtest.run import declare_tap
 from loadtest.verify import tried_key, verify

@@ -24,8 +24,9 @@ import aiormq
 import asyncpg
 import httpx
 
+from engine.amqp.topology import EXCHANGE, QUEUE_CREATED, RK_CREATED
 from engine.config import to_env
-from engine.keys import EXCHANGE, GROUP, QUEUE_CREATED, RK_CREATED
+from engine.keys import GROUP
 from engine.pipeline.faults import MID_DEAD_LETTER, POINTS
 
 from .checker import Answer

@@ -31,9 +31,10 @@ import aiormq
 import asyncpg
 from redis.asyncio import Redis
 
+from engine.amqp.topology import EXCHANGE, RK_CREATED
 from engine.config import Settings, to_env
 from engine.gate.client import Gate
-from engine.keys import DLQ_SUFFIX, EXCHANGE, GROUP, RK_CREATED, Keys
+from engine.keys import DLQ_SUFFIX, GROUP, Keys
 from engine.pb import event_pb2
 from engine.products import gpu_product, upsert_products
 

@@ -20,10 +20,17 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import aiormq
 import asyncpg
 
+from engine.amqp.topology import (
+    EXCHANGE,
+    EXCHANGE_TYPE,
+    QUEUE_CREATED,
+    QUEUE_STATUS,
+    RK_CREATED,
+    RK_STATUS,
+)
 from engine.config import Settings, mask_url
 from engine.connections import PG_ERRORS, connect_amqp
 from engine.errors import DatabaseFailed, ServiceUnavailable, one_line
-from engine.keys import EXCHANGE, EXCHANGE_TYPE, QUEUE_CREATED, QUEUE_STATUS, RK_CREATED, RK_STATUS
 
 MIGRATIONS = Path(__file__).resolve().parents[2] / "db" / "migrations"
 # Durable and replicated-capable: a quorum queue survives a broker node's loss and

@@ -21,21 +21,21 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-import aiormq
 import asyncpg
 from redis.asyncio import Redis
 
-from engine import backoff
+from engine.amqp.consumer import BatchingConsumer, Delivery
+from engine.amqp.topology import QUEUE_STATUS
 from engine.config import Settings
-from engine.connections import RETRYABLE, connect_amqp
 from engine.gate.client import Gate
-from engine.keys import FAILED, QUEUE_STATUS, RUNNING, Keys
+from engine.keys import Keys
 from engine.metrics import daemon as metrics
+from engine.orderstates import FAILED, RUNNING
 from engine.pb import event_pb2
 
 log = logging.getLogger("seckill.status")
 
-STATUS_OF = {event_pb2.INSTANCE_RUNNING: RUNNING, event_pb2.INSTANCE_FAILED: FAILED}
+ORDER_STATE_OF_EVENT = {event_pb2.INSTANCE_RUNNING: RUNNING, event_pb2.INSTANCE_FAILED: FAILED}
 
 APPLY = """
 UPDATE seckill_logs AS l
@@ -77,7 +77,7 @@ def decode_report(body: bytes, delivery_tag: int, now: float) -> Report | None:
         event = event_pb2.Event.FromString(body)
     except Exception:  # noqa: BLE001 - protobuf raises DecodeError or others on garbage
         return None
-    status = STATUS_OF.get(event.event_type)
+    status = ORDER_STATE_OF_EVENT.get(event.event_type)
     if status is None or event.instance_id <= 0:
         return None
     at = dt.datetime.fromtimestamp(event.timestamp or time.time(), dt.UTC)
@@ -133,72 +133,35 @@ class StatusConsumer:
         self.pool = pool
         self.keys = Keys(settings.key_prefix)
         self.gate = Gate(redis, self.keys)
-        self._inbox: list[tuple[int, bytes]] = []
         self._held: list[Report] = []  # reports for instances not logged yet
-        self._wake = asyncio.Event()
-        self._channel: Any = None
+        self.consumer = BatchingConsumer(
+            settings, QUEUE_STATUS, url=settings.amqp_url,
+            prefetch=settings.status_batch_size * 2, batch_size=settings.status_batch_size,
+            handle=self.handle, on_reset=self._forget_held, name="status consumer")
 
     async def run(self, stopping: asyncio.Event) -> None:
         """Consume until `stopping` is set; reconnect with backoff on any outage."""
-        failures = 0
-        while not stopping.is_set():
-            try:
-                await self._session(stopping)
-                failures = 0
-            except RETRYABLE as exc:
-                failures += 1
-                delay = backoff.delay(failures, self.settings.retry_backoff_max)
-                log.warning("status consumer: %s; reconnecting in %.1fs", exc, delay,
-                            extra={"event": "status_retry"})
-                self._inbox.clear()  # unacknowledged: the broker redelivers them
-                self._held.clear()
-                try:
-                    await asyncio.wait_for(stopping.wait(), delay)
-                except TimeoutError:
-                    pass
+        await self.consumer.run(stopping)
 
-    async def _session(self, stopping: asyncio.Event) -> None:
-        conn = await connect_amqp(self.settings)
-        try:
-            channel = self._channel = await conn.channel()
-            await channel.basic_qos(prefetch_count=self.settings.status_batch_size * 2)
-            await channel.basic_consume(QUEUE_STATUS, self._on_message)
-            while not stopping.is_set():
-                if conn.is_closed or channel.is_closed:
-                    raise aiormq.exceptions.ChannelInvalidStateError("status channel closed")
-                try:
-                    await asyncio.wait_for(self._wake.wait(), 0.2)
-                except TimeoutError:
-                    pass
-                self._wake.clear()
-                await asyncio.sleep(0.02)  # let a burst gather into one batch
-                await self.flush()
-        finally:
-            self._channel = None
-            await asyncio.shield(conn.close())
+    def _forget_held(self) -> None:
+        """Reports of a lost channel: the broker delivers them again."""
+        self._held = []
 
-    async def _on_message(self, message: Any) -> None:
-        self._inbox.append((message.delivery.delivery_tag, message.body))
-        if len(self._inbox) >= self.settings.status_batch_size:
-            self._wake.set()
-        elif len(self._inbox) == 1:
-            self._wake.set()
-
-    async def flush(self) -> None:
+    async def handle(self, batch: list[Delivery]) -> None:
         """Apply what arrived; acknowledge what is settled."""
-        inbox, self._inbox = self._inbox, []
         now = time.monotonic()
         reports, garbage = [], []
-        for tag, body in inbox:
-            report = decode_report(body, tag, now)
+        for delivery in batch:
+            report = decode_report(delivery.body, delivery.tag, now)
             if report is None:
-                garbage.append((tag, body))
+                garbage.append(delivery)
             else:
                 reports.append(report)
         reports = self._held + reports  # held ones arrived first
         self._held = []
-        for tag, body in garbage:
-            await self._dead_letter(tag, "bad_report", "not a status event", body=body)
+        for delivery in garbage:
+            await self._dead_letter(delivery.tag, "bad_report", "not a status event",
+                                    body=delivery.body)
         foreign = [r for r in reports if not endpoint_ok(r, self.settings.rd_domain)]
         for r in foreign:  # never stored, never shown to a buyer
             await self._dead_letter(r.delivery_tag, "foreign_endpoint",
@@ -273,11 +236,7 @@ class StatusConsumer:
                     extra={"event": "status_dead_letter", "reason": reason})
 
     async def _ack(self, tags: list[int]) -> None:
-        channel = self._channel
-        if channel is None:
-            return
-        for tag in tags:
-            await channel.basic_ack(tag)
+        await self.consumer.ack(tags)
 
 
 def encode_report(instance_id: int, status: str, *, endpoint: str = "", reason: str = "",

@@ -39,7 +39,8 @@ from engine.gate.client import Gate, Limits, ensure_replication, validate_id
 from engine.gate.clientip import ClientIp, parse_proxies
 from engine.gate.durable import UNREPLICATED_MESSAGE, WaitFor
 from engine.gate.request import AsgiRequest, BodyDeadlines, BodyTimeout, Request, RsgiRequest
-from engine.keys import FAILED, Keys
+from engine.keys import Keys
+from engine.orderstates import FAILED
 
 log = logging.getLogger("seckill.bff")
 

@@ -20,6 +20,7 @@ import asyncpg
 from redis.asyncio import Redis
 
 from engine import backoff
+from engine.amqp.publisher import CONFIRMED, ConfirmPublisher, Message
 from engine.config import Settings
 from engine.connections import RETRYABLE
 from engine.errors import ServiceError, one_line
@@ -40,7 +41,6 @@ from engine.pipeline.orders import (
     order_fields,
     split,
 )
-from engine.pipeline.publisher import CONFIRMED, ConfirmPublisher, Message
 from engine.pipeline.settle import record_errors, settle, touch
 
 log = logging.getLogger("seckill.pipeline")

@@ -16,7 +16,7 @@ from bench.chaos.checker import (
     read_rows,
     score,
 )
-from engine.fulfilment.resource_domain import SCHEMA as RD_SCHEMA
+from engine.resource_domain.service import SCHEMA as RD_SCHEMA
 
 PID = 7
 STOCK = {PID: 3}

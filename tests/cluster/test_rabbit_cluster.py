@@ -31,8 +31,8 @@ from support import (
     wait_for,
 )
 
+from engine.amqp.topology import EXCHANGE, QUEUE_CREATED, QUEUE_STATUS, RK_CREATED
 from engine.connections import amqp_brokers
-from engine.keys import EXCHANGE, QUEUE_CREATED, QUEUE_STATUS, RK_CREATED
 from engine.pb import event_pb2
 
 pytestmark = pytest.mark.timeout(600)

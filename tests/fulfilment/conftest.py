@@ -8,7 +8,7 @@ import asyncpg
 import pytest
 from redis.asyncio import Redis
 
-from engine.keys import QUEUE_STATUS
+from engine.amqp.topology import QUEUE_STATUS
 from engine.pipeline.logsink import prepare_connection
 
 

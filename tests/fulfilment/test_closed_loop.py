@@ -29,11 +29,12 @@ from support import (
     wait_for,
 )
 
+from engine.amqp.topology import EXCHANGE, QUEUE_STATUS, RK_CREATED
 from engine.config import Settings
-from engine.fulfilment.provisioning import SimulatedProvisioner, manifests, to_yaml
 from engine.gate.client import Gate
-from engine.keys import EXCHANGE, QUEUE_STATUS, RK_CREATED, Keys
+from engine.keys import Keys
 from engine.pb import event_pb2
+from engine.resource_domain.provisioning import SimulatedProvisioner, manifests, to_yaml
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -16,9 +16,11 @@ import pytest
 from prometheus_client import REGISTRY
 from support import wait_for
 
+from engine.amqp.topology import EXCHANGE, RK_STATUS
 from engine.fulfilment.status_consumer import StatusConsumer, encode_report
 from engine.gate.client import Gate
-from engine.keys import EXCHANGE, FAILED, RK_STATUS, Keys
+from engine.keys import Keys
+from engine.orderstates import FAILED
 from engine.pipeline.logsink import write_batch
 from engine.pipeline.orders import Order
 

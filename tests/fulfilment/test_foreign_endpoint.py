@@ -11,7 +11,8 @@ from test_status import log_orders, publish, rows
 
 from engine.fulfilment.status_consumer import StatusConsumer, encode_report
 from engine.gate.client import Gate
-from engine.keys import RUNNING, Keys
+from engine.keys import Keys
+from engine.orderstates import RUNNING
 
 pytestmark = pytest.mark.timeout(120)
 

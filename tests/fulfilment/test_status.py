@@ -9,6 +9,7 @@ import time
 from prometheus_client import REGISTRY
 from support import wait_for
 
+from engine.amqp.topology import EXCHANGE, QUEUE_STATUS, RK_STATUS
 from engine.fulfilment.status_consumer import (
     Report,
     StatusConsumer,
@@ -16,7 +17,8 @@ from engine.fulfilment.status_consumer import (
     one_per_instance,
 )
 from engine.gate.client import Gate
-from engine.keys import EXCHANGE, FAILED, QUEUE_STATUS, RK_STATUS, RUNNING, Keys
+from engine.keys import Keys
+from engine.orderstates import FAILED, RUNNING
 from engine.pipeline.logsink import write_batch
 from engine.pipeline.orders import Order
 

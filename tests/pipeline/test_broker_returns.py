@@ -23,7 +23,7 @@ from support import (
     wait_for,
 )
 
-from engine.keys import EXCHANGE, QUEUE_CREATED, RK_CREATED
+from engine.amqp.topology import EXCHANGE, QUEUE_CREATED, RK_CREATED
 from engine.pb import event_pb2
 
 pytestmark = pytest.mark.timeout(300)

@@ -13,10 +13,10 @@ from pamqp import commands, header
 from pamqp.body import ContentBody
 from support import wait_for
 
+from engine.amqp.framing import PERSISTENT, Framer
+from engine.amqp.publisher import CONFIRMED, RETURNED, ConfirmPublisher, Message
+from engine.amqp.topology import CONTENT_TYPE, EXCHANGE, RK_CREATED
 from engine.errors import PublishFailed
-from engine.keys import CONTENT_TYPE, EXCHANGE, RK_CREATED
-from engine.pipeline.framing import PERSISTENT, Framer
-from engine.pipeline.publisher import CONFIRMED, RETURNED, ConfirmPublisher, Message
 
 
 def test_framer_matches_pamqp_byte_for_byte():
@@ -117,7 +117,7 @@ async def test_a_busy_channel_fails_the_publish_by_its_deadline(settings):
 async def test_concurrent_batches_share_one_reconnect(settings, monkeypatch):
     """Batches in flight find the connection gone at about the same moment: one of them
     reconnects, the others wait for it, and every batch is confirmed on the new channel."""
-    import engine.pipeline.publisher as publisher_module
+    import engine.amqp.publisher as publisher_module
 
     opened = []
     reconnecting, release = asyncio.Event(), asyncio.Event()

@@ -1,7 +1,7 @@
 """AMQP 0-9-1 publish frames, pre-encoded per (channel, exchange, routing key, event type).
 
 The publisher frames a whole batch into one write instead of going through
-`basic_publish` per event (see `engine.pipeline.publisher`); the bytes are identical to
+`basic_publish` per event (see `engine.amqp.publisher`); the bytes are identical to
 what pamqp would write, which tests/pipeline/test_publisher.py checks.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from engine.keys import CONTENT_TYPE
+from engine.amqp.topology import CONTENT_TYPE
 
 # A publish is three frames: method (Basic.Publish), content header, body.
 FRAME_METHOD, FRAME_HEADER, FRAME_BODY, FRAME_END = 1, 2, 3, b"\xce"

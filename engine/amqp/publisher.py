@@ -8,6 +8,10 @@ the channel lock, queueing the frames and the confirms. The
 per-message cost of going through `basic_publish` (a lock, a timeout scope,
 a queue put and a drain per message) was most of the engine's CPU. Where the
 channel does not look like the aiormq we know, the public path is used.
+
+`after_send` is called once a batch's frames are queued and before its confirms
+are looked at: the engine's fault points kill a worker there (the publisher
+itself knows nothing of them, so the Resource Domain can use it too).
 """
 
 from __future__ import annotations
@@ -15,19 +19,18 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import aiormq
 from aiormq.abc import ChannelFrame
 
+from engine.amqp.framing import PERSISTENT, Framer, shortstr
+from engine.amqp.topology import CONTENT_TYPE, EXCHANGE
 from engine.config import Settings, mask_url
 from engine.connections import connect_amqp
 from engine.errors import PublishFailed, ServiceUnavailable
-from engine.keys import CONTENT_TYPE, EXCHANGE
-from engine.pipeline.faults import AFTER_PUBLISH, FAULTS
-from engine.pipeline.framing import PERSISTENT, Framer, shortstr
 
 log = logging.getLogger("seckill.publisher")
 
@@ -46,8 +49,10 @@ class ConfirmPublisher:
     """One connection and one confirm channel; reconnects on demand."""
 
     def __init__(self, settings: Settings, routing_key: str, type_name: str,
-                 *, fast: bool = True) -> None:
+                 *, fast: bool = True,
+                 after_send: Callable[[], Awaitable[None]] | None = None) -> None:
         self._settings = settings
+        self._after_send = after_send
         self._routing_key = routing_key
         self._type_name = type_name
         self._fast_wanted = fast
@@ -110,8 +115,8 @@ class ConfirmPublisher:
                                               deadline)
         futures: list[asyncio.Future] = [
             asyncio.ensure_future(self._send_one(channel, m, now)) for m in messages]
-        if FAULTS.armed and FAULTS.reached(AFTER_PUBLISH):
-            await FAULTS.kill_after_flush()
+        if self._after_send is not None:
+            await self._after_send()
         return await _outcomes(futures, timeout)
 
     async def _publish_framed(self, channel: Any, framer: Framer, messages: Sequence[Message],
@@ -119,8 +124,8 @@ class ConfirmPublisher:
         loop = asyncio.get_running_loop()
         batch = _ConfirmBatch(len(messages), loop)
         first, last = await self._send_framed(channel, framer, messages, ts, batch, deadline)
-        if FAULTS.armed and FAULTS.reached(AFTER_PUBLISH):
-            await FAULTS.kill_after_flush()
+        if self._after_send is not None:
+            await self._after_send()
         closing = channel.closing
         try:
             await asyncio.wait((batch.done, closing), timeout=max(0.0, deadline - loop.time()),
