@@ -54,6 +54,20 @@ class Settings:
                           default="redis://127.0.0.1:6379/0")
     amqp_url: str = _doc("RabbitMQ URL (vhost in the path).",
                          default="amqp://guest:guest@127.0.0.1:5672/")
+    amqp_engine_user: str = _doc("The engine's broker user: writes instance.created, reads "
+                                 "the status queue (made by `seckill migrate`; it logs in "
+                                 "to amqp_url's brokers and vhost).", default="seckill_engine")
+    amqp_rd_user: str = _doc("The Resource Domain's broker user: reads its queue, writes "
+                             "instance.status (made by `seckill migrate`).",
+                             default="seckill_resource_domain")
+    amqp_secrets_dir: str = _doc("Directory of the broker users' passwords, one file per user "
+                                 "named for it (mode 0600; `seckill migrate` writes a missing "
+                                 "one; '' = $XDG_STATE_HOME/seckill/amqp, or "
+                                 "~/.local/state/seckill/amqp).", default="")
+    amqp_admin_command: str = _doc("rabbitmqctl command `seckill migrate` runs to create the "
+                                   "broker users, e.g. 'rabbitmqctl -n rabbit@mq1' (passwords "
+                                   "go on its stdin, never its command line).",
+                                   default="rabbitmqctl")
     pg_dsn: str = _doc("PostgreSQL DSN of seckill_logs and products.",
                        default="postgresql://postgres@127.0.0.1:5432/postgres")
     key_prefix: str = _doc("Prefix of every Redis key; isolates tests and tenants.", default="")

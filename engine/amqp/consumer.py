@@ -7,6 +7,11 @@ database round trip, and acknowledges what it settled. A delivery is never acked
 before its owner says so: a crash or a lost connection leaves it with the broker,
 which delivers it again.
 
+Every delivery is checked for its sender first: only messages whose user-id is
+`trusted` (the one component allowed to send on this queue) reach `handle`;
+the others go to `untrusted`, which dead-letters them. The broker checks user-id
+against the publisher's login, so it cannot be forged by someone else's user.
+
 Delivery tags belong to one channel: after a reconnect every delivery held from
 the old channel is void, so the inbox is dropped and the owner told (`on_reset`).
 """
@@ -22,6 +27,7 @@ from typing import Any
 import aiormq
 
 from engine import backoff
+from engine.amqp.logins import login
 from engine.config import Settings
 from engine.connections import RETRYABLE, connect_amqp
 
@@ -54,19 +60,24 @@ def delivery_of(message: Any) -> Delivery:
                     props.message_type or "")
 
 
+Handler = Callable[[list[Delivery]], Awaitable[None]]
+
+
 class BatchingConsumer:
-    """Consumes `queue` on `url` and hands each gathered batch to `handle`.
+    """Consumes `queue` as `component`'s user and hands each gathered batch to `handle`.
 
     `handle` is called after every wake-up and at least every `IDLE_S`, with an
     empty batch too: an owner that held deliveries back retries them then.
     """
 
-    def __init__(self, settings: Settings, queue: str, *, url: str, prefetch: int,
-                 batch_size: int, handle: Callable[[list[Delivery]], Awaitable[None]],
+    def __init__(self, settings: Settings, queue: str, *, component: str, trusted: str,
+                 prefetch: int, batch_size: int, handle: Handler, untrusted: Handler,
                  on_reset: Callable[[], None] | None = None, name: str = "consumer") -> None:
         self.settings = settings
         self.queue = queue
-        self.url = url
+        self.component = component
+        self.trusted = trusted
+        self._untrusted = untrusted
         self.prefetch = prefetch
         self.batch_size = batch_size
         self.name = name
@@ -102,7 +113,8 @@ class BatchingConsumer:
             self._on_reset()
 
     async def _session(self, stopping: asyncio.Event) -> None:
-        conn = await connect_amqp(self.settings.replace(amqp_url=self.url))
+        url = login(self.settings, self.component).url
+        conn = await connect_amqp(self.settings.replace(amqp_url=url))
         try:
             channel = await conn.channel()
             # A new channel starts its tags afresh, and before the first delivery can
@@ -144,8 +156,13 @@ class BatchingConsumer:
             self._wake.set()
 
     async def flush(self) -> None:
-        """Hand what arrived to the owner (also nothing: it may hold some for later)."""
+        """Hand what arrived to the owner (also nothing: it may hold some for later), what
+        someone else than the trusted sender sent to `untrusted`."""
         batch, self._inbox = self._inbox, []
+        foreign = [d for d in batch if d.user_id != self.trusted]
+        if foreign:
+            await self._untrusted(foreign)
+            batch = [d for d in batch if d.user_id == self.trusted]
         await self._handle(batch)
 
     async def ack(self, tags: set[int] | list[int]) -> None:

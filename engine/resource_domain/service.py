@@ -10,6 +10,11 @@ it keeps what it has provisioned in its own table,
 `resource_domain.instances`: an instance is claimed there before it is
 provisioned, and a redelivered event re-sends the recorded outcome instead
 of provisioning again.
+
+Only the engine's broker user may order an instance: anyone else's event (a
+forged INSTANCE_CREATED for a miner image, say) is kept with its reason in
+`resource_domain.dead_letters`, counted in `seckill_rd_dead_letters_total` and
+acknowledged, never provisioned.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from dataclasses import dataclass
 from prometheus_client import start_http_server
 
 from engine.amqp.consumer import BatchingConsumer, Delivery
+from engine.amqp.logins import ENGINE, RESOURCE_DOMAIN, user_of
 from engine.amqp.publisher import CONFIRMED, ConfirmPublisher, Message
 from engine.amqp.topology import QUEUE_CREATED, RK_STATUS
 from engine.config import Settings
@@ -48,6 +54,21 @@ CREATE TABLE IF NOT EXISTS resource_domain.instances (
     claimed_at     TIMESTAMPTZ NOT NULL DEFAULT now(),
     finished_at    TIMESTAMPTZ
 );
+"""
+
+DEAD_LETTERS = """
+CREATE TABLE IF NOT EXISTS resource_domain.dead_letters (
+    id             BIGSERIAL PRIMARY KEY,
+    reason         TEXT NOT NULL,
+    detail         TEXT NOT NULL,
+    sender         TEXT NOT NULL,
+    body           BYTEA NOT NULL,
+    at             TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+"""
+DEAD_LETTER = """
+INSERT INTO resource_domain.dead_letters (reason, detail, sender, body)
+SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bytea[])
 """
 
 CLAIM = """
@@ -107,11 +128,14 @@ class ResourceDomain:
     def __init__(self, settings: Settings, provisioner: Provisioner | None = None) -> None:
         self.settings = settings
         self.provisioner = provisioner or make_provisioner(settings)
-        self.publisher = ConfirmPublisher(settings, RK_STATUS, "INSTANCE_RUNNING")
+        self.publisher = ConfirmPublisher(settings, RK_STATUS, "INSTANCE_RUNNING",
+                                          component=RESOURCE_DOMAIN)
         self._waiting: list[CreatedEvent] = []  # claimed by another Resource Domain: ask again
+        self.orderer = user_of(settings, ENGINE)  # the only user trusted to order instances
         self.consumer = BatchingConsumer(
-            settings, QUEUE_CREATED, url=settings.amqp_url, prefetch=settings.rd_prefetch,
-            batch_size=1, handle=self.flush, on_reset=self._forget_waiting,
+            settings, QUEUE_CREATED, component=RESOURCE_DOMAIN, trusted=self.orderer,
+            prefetch=settings.rd_prefetch, batch_size=1, handle=self.flush,
+            untrusted=self.refuse_untrusted, on_reset=self._forget_waiting,
             name="resource domain")
 
     async def run(self, stopping: asyncio.Event) -> None:
@@ -120,11 +144,26 @@ class ResourceDomain:
                                          size=2)
         async with self.pool.acquire() as conn:
             await conn.execute(SCHEMA)
+            await conn.execute(DEAD_LETTERS)
         try:
             await self.consumer.run(stopping)
         finally:
             await self.publisher.close()
             await self.pool.close()
+
+    async def refuse_untrusted(self, deliveries: list[Delivery]) -> None:
+        """Events from any broker user but the engine's: kept with the reason, never
+        provisioned."""
+        details = [f"sent by broker user {d.user_id or '(none)'}; only {self.orderer} "
+                   "orders instances" for d in deliveries]
+        async with self.pool.acquire() as conn:
+            await conn.execute(DEAD_LETTER, ["untrusted_sender"] * len(deliveries), details,
+                               [d.user_id for d in deliveries], [d.body for d in deliveries])
+        metrics.DEAD_LETTERS.labels("untrusted_sender").inc(len(deliveries))
+        for detail in details:
+            log.warning("event dead-lettered: %s", detail,
+                        extra={"event": "rd_dead_letter", "reason": "untrusted_sender"})
+        await self._ack({d.tag for d in deliveries})
 
     def _forget_waiting(self) -> None:
         """Deliveries of a lost channel: the broker delivers them again."""
