@@ -49,6 +49,7 @@ def bench_settings() -> Settings:
 
 def prepare(settings: Settings) -> None:
     """Database migrated, vhost with the topology: idempotent."""
+    from engine.admin.brokerusers import ensure_broker_users
     from engine.admin.migrate import apply_migrations, declare_topology
 
     apply_migrations(settings.pg_dsn)
@@ -58,6 +59,7 @@ def prepare(settings: Settings) -> None:
     subprocess.run([ctl, "-q", "set_permissions", "-p", VHOST, user, ".*", ".*", ".*"],
                    check=True, capture_output=True, timeout=60)
     asyncio.run(declare_topology(settings.amqp_url))
+    ensure_broker_users(settings)
 
 
 async def reset(settings: Settings, pids: list[int], quiet_wait: float = 30.0) -> None:

@@ -30,6 +30,7 @@ from engine.keys import GROUP
 from engine.pipeline.faults import MID_DEAD_LETTER, POINTS
 
 from .checker import Answer
+from .hostile import forged_failures, forged_orders
 from .runner import SECKILL, Fault, Sale, free_port, running, wait_until
 
 OUTAGE_S = 30.0  # RabbitMQ stopped, a memory alarm, a blackhole, +latency, a slow link
@@ -484,6 +485,9 @@ def catalogue() -> list[Fault]:
         Fault("bad input: malformed and oversized stream entries", _bad_input),
         Fault("bad input: hostile IDs, bodies and tokens at the BFF", _hostile_bff,
               bff=True, start_after=0.0),
+        Fault("bus: forged INSTANCE_FAILED from the wrong broker users", forged_failures,
+              sale_s=SHORT_SALE_S),
+        Fault("bus: forged INSTANCE_CREATED from the wrong broker users", forged_orders),
         Fault("postgresql: one row always fails (CHECK)", _row_always_fails,
               prepare=_add_check, dead_letters_expected=1),
         outage("rabbitmq: binding deleted, restored", _binding_deleted, TOPOLOGY_S),
