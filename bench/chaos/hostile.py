@@ -276,6 +276,15 @@ async def _publish(url: str, bodies: list[bytes], exchange: str, routing_key: st
         await conn.close()
 
 
+async def _waited(check: Any, what: str) -> str:
+    """'' once `check()` holds, else why not: the ground truth is read either way."""
+    try:
+        await wait_until(check, BUS_WAIT_S, what)
+    except ChaosError as exc:
+        return str(exc)
+    return ""
+
+
 def _administrator(sale: Any) -> str:
     from urllib.parse import urlsplit
 
@@ -289,7 +298,21 @@ async def _dead_letters(sale: Any, reason: bytes) -> int:
 
 async def forged_failures(sale: Any) -> None:
     """INSTANCE_FAILED for buyers' instances, their user and product right (read off the
-    bus), from every publisher but the Resource Domain's user: none may fail an order."""
+    bus), from every publisher but the Resource Domain's user: none may fail an order.
+
+    Only a PROCESSING order can fail, and the reference Resource Domain reports within
+    milliseconds, so it is stopped meanwhile: the window the attack needs (an order not
+    yet provisioned) is the whole attack, and restarted, it provisions every order.
+    """
+    assert sale.resource_domain is not None
+    await asyncio.to_thread(sale.resource_domain.stop)
+    try:
+        await _forge_failures(sale)
+    finally:
+        sale.start_resource_domain()
+
+
+async def _forge_failures(sale: Any) -> None:
     settings, admin = sale.settings, _administrator(sale)
     victims = await _eavesdrop(settings.amqp_url, sale.product_id, BUS_VICTIMS, 30)
     if not victims:
@@ -313,7 +336,7 @@ async def forged_failures(sale: Any) -> None:
     async def refused_all() -> bool:
         return await _dead_letters(sale, b"untrusted_sender") - before >= sent
 
-    await wait_until(refused_all, BUS_WAIT_S, "the forged reports dead-lettered")
+    unrefused = await _waited(refused_all, "the forged reports dead-lettered")
     conn = await asyncpg.connect(settings.pg_dsn, timeout=10)
     try:
         failed = await conn.fetchval(
@@ -324,8 +347,9 @@ async def forged_failures(sale: Any) -> None:
     sale.notes.append(f"{sent} forged INSTANCE_FAILED for {len(victims)} buyers' instances "
                       f"(as {admin}, with and without user-id) dead-lettered; the engine's "
                       "user refused instance.status by the broker")
-    if failed:
-        raise ChaosError(f"forged reports failed {failed} of {len(victims)} victims' orders")
+    if failed or unrefused:
+        raise ChaosError(f"forged reports failed {failed} of {len(victims)} victims' orders"
+                         f"{'; ' + unrefused if unrefused else ''}")
 
 
 def miner(instance_id: int, product_id: int) -> event_pb2.Event:
@@ -363,7 +387,7 @@ async def forged_orders(sale: Any) -> None:
                 bodies)
             return kept >= 2 * len(bodies)
 
-        await wait_until(refused_all, BUS_WAIT_S, "the forged orders dead-lettered")
+        unrefused = await _waited(refused_all, "the forged orders dead-lettered")
         provisioned = await conn.fetchval(
             "SELECT count(*) FROM resource_domain.instances WHERE instance_id = ANY($1)", ids)
     finally:
@@ -372,5 +396,6 @@ async def forged_orders(sale: Any) -> None:
                       f" as {admin}, with and without user-id) kept in "
                       "resource_domain.dead_letters; the Resource Domain's user refused "
                       "instance.created by the broker")
-    if provisioned:
-        raise ChaosError(f"{provisioned} forged instances provisioned")
+    if provisioned or unrefused:
+        raise ChaosError(f"{provisioned} of {len(ids)} forged instances provisioned"
+                         f"{'; ' + unrefused if unrefused else ''}")
