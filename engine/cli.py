@@ -301,7 +301,7 @@ def _nothing(p: argparse.ArgumentParser) -> None:
 
 
 COMMANDS = [
-    (("migrate",), "apply db/ migrations and declare the RabbitMQ topology (idempotent)",
+    (("migrate",), "apply db/ migrations, declare the RabbitMQ topology and users (idempotent)",
      _nothing, cmd_migrate),
     (("product", "add"), "add or update a product", _add_product, cmd_product_add),
     (("sale", "open"), "open a sale: stock, sale ID, stream and consumer group", _sale_open,
