@@ -18,7 +18,7 @@ live sale by publishers that are not who the consumers trust: the broker's
 administrator (what every client was before the components had users of their own),
 without user-id or naming itself, and the other component's user. Each attack waits
 until its forgeries were dead-lettered, then reads the ground truth; one that changed
-anything fails its row (ChaosError), and one applied early enough also shows as
+anything fails its row (BusAttackError), and one applied early enough also shows as
 oversold units on the board (a forged failure hands the victim's unit back to the sale).
 """
 
@@ -44,7 +44,6 @@ from engine.amqp.topology import EXCHANGE, QUEUE_CREATED, RK_CREATED, RK_STATUS
 from engine.pb import event_pb2
 
 from .checker import Answer
-from .runner import ChaosError, wait_until
 
 HOSTILE_USER = 10**12  # hostile users' IDs; real buyers are 1..stock*1.1
 CONCURRENCY = 16
@@ -276,12 +275,19 @@ async def _publish(url: str, bodies: list[bytes], exchange: str, routing_key: st
         await conn.close()
 
 
+class BusAttackError(Exception):
+    """A bus attack changed what it must not, or could not be made: its row fails."""
+
+
 async def _waited(check: Any, what: str) -> str:
-    """'' once `check()` holds, else why not: the ground truth is read either way."""
-    try:
-        await wait_until(check, BUS_WAIT_S, what)
-    except ChaosError as exc:
-        return str(exc)
+    """'' once `check()` holds within BUS_WAIT_S, else why not: the ground truth is read
+    either way. (Not runner.wait_until: the runner imports this module through bff.)"""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + BUS_WAIT_S
+    while not await check():
+        if loop.time() > deadline:
+            return f"timed out after {BUS_WAIT_S:.0f}s waiting for {what}"
+        await asyncio.sleep(0.2)
     return ""
 
 
@@ -316,7 +322,7 @@ async def _forge_failures(sale: Any) -> None:
     settings, admin = sale.settings, _administrator(sale)
     victims = await _eavesdrop(settings.amqp_url, sale.product_id, BUS_VICTIMS, 30)
     if not victims:
-        raise ChaosError("the eavesdropper saw no INSTANCE_CREATED of the sale")
+        raise BusAttackError("the eavesdropper saw no INSTANCE_CREATED of the sale")
     bodies = [event_pb2.Event(
         event_type=event_pb2.INSTANCE_FAILED, instance_id=e.instance_id, user_id=e.user_id,
         product_id=e.product_id, stream_id=e.stream_id, sale_id=e.sale_id, slot=e.slot,
@@ -325,11 +331,11 @@ async def _forge_failures(sale: Any) -> None:
     for user_id in (None, admin):
         refused = await _publish(settings.amqp_url, bodies, EXCHANGE, RK_STATUS, user_id)
         if refused:
-            raise ChaosError(f"the broker refused the administrator's forgeries: {refused}")
+            raise BusAttackError(f"the broker refused the administrator's forgeries: {refused}")
     engine = login(settings, ENGINE)  # the wrong component: the broker itself refuses it
     by_engine = await _publish(engine.url, bodies[:1], EXCHANGE, RK_STATUS, engine.user)
     if "ACCESS_REFUSED" not in by_engine:
-        raise ChaosError(f"the engine's broker user could publish a status report: "
+        raise BusAttackError(f"the engine's broker user could publish a status report: "
                          f"{by_engine or 'accepted'}")
     sent = 2 * len(bodies)
 
@@ -348,7 +354,7 @@ async def _forge_failures(sale: Any) -> None:
                       f"(as {admin}, with and without user-id) dead-lettered; the engine's "
                       "user refused instance.status by the broker")
     if failed or unrefused:
-        raise ChaosError(f"forged reports failed {failed} of {len(victims)} victims' orders"
+        raise BusAttackError(f"forged reports failed {failed} of {len(victims)} victims' orders"
                          f"{'; ' + unrefused if unrefused else ''}")
 
 
@@ -373,11 +379,11 @@ async def forged_orders(sale: Any) -> None:
     for user_id in (None, admin):
         refused = await _publish(settings.amqp_url, bodies, "", QUEUE_CREATED, user_id)
         if refused:
-            raise ChaosError(f"the broker refused the administrator's forgeries: {refused}")
+            raise BusAttackError(f"the broker refused the administrator's forgeries: {refused}")
     rd = login(settings, RESOURCE_DOMAIN)  # the wrong component: refused by the broker
     by_rd = await _publish(rd.url, bodies[:1], EXCHANGE, RK_CREATED, rd.user)
     if "ACCESS_REFUSED" not in by_rd:
-        raise ChaosError(f"the Resource Domain's user could order an instance: "
+        raise BusAttackError(f"the Resource Domain's user could order an instance: "
                          f"{by_rd or 'accepted'}")
     conn = await asyncpg.connect(settings.pg_dsn, timeout=10)
     try:
@@ -397,5 +403,5 @@ async def forged_orders(sale: Any) -> None:
                       "resource_domain.dead_letters; the Resource Domain's user refused "
                       "instance.created by the broker")
     if provisioned or unrefused:
-        raise ChaosError(f"{provisioned} of {len(ids)} forged instances provisioned"
+        raise BusAttackError(f"{provisioned} of {len(ids)} forged instances provisioned"
                          f"{'; ' + unrefused if unrefused else ''}")
