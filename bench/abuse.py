@@ -46,6 +46,7 @@ from typing import Any
 import uvloop
 
 from engine.gate.devkeys import DevIssuer, init_keys
+from engine.testing.processes import children
 
 from .bff import (
     BFF_PIDS,
@@ -57,7 +58,7 @@ from .bff import (
     open_sales,
     wait_listening,
 )
-from .enginerun import TICK, children
+from .enginerun import TICK
 from .env import bench_settings, prepare, reset
 from .tokens import warm
 

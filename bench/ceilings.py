@@ -16,10 +16,11 @@ import aiormq
 import asyncpg
 from redis.asyncio import Redis
 
+from engine.amqp.framing import PERSISTENT
+from engine.amqp.publisher import CONFIRMED, ConfirmPublisher, Message
+from engine.amqp.topology import CONTENT_TYPE, EXCHANGE, QUEUE_CREATED, RK_CREATED
 from engine.config import Settings
-from engine.keys import CONTENT_TYPE, EXCHANGE, GROUP, QUEUE_CREATED, RK_CREATED, Keys
-from engine.pipeline.framing import PERSISTENT
-from engine.pipeline.publisher import CONFIRMED, ConfirmPublisher, Message
+from engine.keys import GROUP, Keys
 
 from .enginerun import CpuWindow
 from .env import preload, purge_queues

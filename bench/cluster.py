@@ -35,6 +35,7 @@ from redis.asyncio import Redis
 
 from bench.enginerun import TICK, Engine, group_counts
 from bench.env import purge_queues
+from engine.admin.brokerusers import ensure_broker_users
 from engine.admin.migrate import apply_migrations, declare_topology
 from engine.config import Settings, load_settings
 from engine.connections import connect_redis
@@ -196,6 +197,7 @@ async def phase(base: Settings, redis_url: str, name: str, sales: int,
                             key_prefix=f"bench:{tag}:", metrics_port=0, log_json=False)
     try:
         await declare_topology(amqp)
+        await asyncio.to_thread(ensure_broker_users, settings)
         first = random.randrange(10**9, 9 * 10**9)
         pids = list(range(first, first + sales))
         print(f"{name}: preloading {sales * per_sale:,} orders in {sales} sales", flush=True)

@@ -25,8 +25,9 @@ import aiormq
 import asyncpg
 from redis.asyncio import Redis
 
+from engine.amqp.topology import QUEUE_CREATED
 from engine.config import Settings, to_env
-from engine.keys import GROUP, QUEUE_CREATED, Keys
+from engine.keys import GROUP, Keys
 from engine.testing.processes import SeckillProcess
 
 from .verdicts import rate, settle

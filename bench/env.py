@@ -22,8 +22,9 @@ import aiormq
 import asyncpg
 from redis.asyncio import Redis
 
+from engine.amqp.topology import QUEUE_CREATED
 from engine.config import Settings, load_settings
-from engine.keys import GROUP, QUEUE_CREATED, Keys
+from engine.keys import GROUP, Keys
 from engine.products import gpu_product, upsert_products
 
 from .enginerun import TICK, service_roots, service_ticks, ticks_between
@@ -48,6 +49,7 @@ def bench_settings() -> Settings:
 
 def prepare(settings: Settings) -> None:
     """Database migrated, vhost with the topology: idempotent."""
+    from engine.admin.brokerusers import ensure_broker_users
     from engine.admin.migrate import apply_migrations, declare_topology
 
     apply_migrations(settings.pg_dsn)
@@ -57,6 +59,7 @@ def prepare(settings: Settings) -> None:
     subprocess.run([ctl, "-q", "set_permissions", "-p", VHOST, user, ".*", ".*", ".*"],
                    check=True, capture_output=True, timeout=60)
     asyncio.run(declare_topology(settings.amqp_url))
+    ensure_broker_users(settings)
 
 
 async def reset(settings: Settings, pids: list[int], quiet_wait: float = 30.0) -> None:

@@ -14,10 +14,11 @@ import aiormq
 import asyncpg
 from redis.asyncio import Redis
 
+from engine.amqp.framing import PERSISTENT
+from engine.amqp.topology import CONTENT_TYPE, EXCHANGE, RK_CREATED
 from engine.config import Settings
-from engine.keys import CONTENT_TYPE, EXCHANGE, GROUP, RK_CREATED, Keys
+from engine.keys import GROUP, Keys
 from engine.pb import event_pb2
-from engine.pipeline.framing import PERSISTENT
 from engine.pipeline.ids import Snowflake
 
 from .env import preload, purge_queues

@@ -200,7 +200,7 @@ def cmd_token(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_resource_domain(settings: Settings, args: argparse.Namespace) -> int:
-    from engine.fulfilment.resource_domain import main as run_resource_domain
+    from engine.resource_domain.service import main as run_resource_domain
 
     return run_resource_domain(settings)
 
@@ -311,8 +311,8 @@ def _nothing(p: argparse.ArgumentParser) -> None:
 
 
 COMMANDS = [
-    (("migrate",), "apply the database migrations (dbmate) and declare the RabbitMQ topology "
-     "(idempotent)",
+    (("migrate",), "apply the database migrations (dbmate), declare the RabbitMQ topology "
+     "and make its users (idempotent)",
      _nothing, cmd_migrate),
     (("product", "add"), "add or update a product", _add_product, cmd_product_add),
     (("sale", "open"), "open a sale: stock, sale ID, stream and consumer group", _sale_open,

@@ -134,6 +134,20 @@ class Settings:
     amqp_url: str = _doc("RabbitMQ URL (vhost in the path).",
                          check=url_with_schemes("amqp", "amqps"),
                          default="amqp://guest:guest@127.0.0.1:5672/")
+    amqp_engine_user: str = _doc("The engine's broker user: writes instance.created, reads "
+                                 "the status queue (made by `seckill migrate`; it logs in "
+                                 "to amqp_url's brokers and vhost).", default="seckill_engine")
+    amqp_rd_user: str = _doc("The Resource Domain's broker user: reads its queue, writes "
+                             "instance.status (made by `seckill migrate`).",
+                             default="seckill_resource_domain")
+    amqp_secrets_dir: str = _doc("Directory of the broker users' passwords, one file per user "
+                                 "named for it (mode 0600; `seckill migrate` writes a missing "
+                                 "one; '' = $XDG_STATE_HOME/seckill/amqp, or "
+                                 "~/.local/state/seckill/amqp).", default="")
+    amqp_admin_command: str = _doc("rabbitmqctl command `seckill migrate` runs to create the "
+                                   "broker users, e.g. 'rabbitmqctl -n rabbit@mq1' (passwords "
+                                   "go on its stdin, never its command line).",
+                                   default="rabbitmqctl")
     pg_dsn: str = _doc("PostgreSQL DSN of seckill_logs and products.",
                        check=url_with_schemes("postgresql", "postgres"),
                        default="postgresql://postgres@127.0.0.1:5432/postgres")
@@ -356,6 +370,7 @@ def _check_together(s: Settings) -> None:
 
 BFF_ROLE = "seckill_bff"
 RD_ROLE = "seckill_resource_domain"
+ENGINE_ROLE = "seckill_engine"
 
 
 def role_dsn(dsn: str, role: str) -> str:

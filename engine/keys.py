@@ -1,34 +1,17 @@
-"""Every Redis key, stream, group, exchange, queue and routing-key name.
+"""Every Redis key, stream and consumer-group name.
 
 Other teams and operators rely on these names (SPEC.md), so they live in one
-place. All keys of one product share the hash tag `{<pid>}` so the gate
-script touches a single Redis Cluster slot.
+place (the message bus's names are `engine.amqp.topology`'s). All keys of one
+product share the hash tag `{<pid>}` so the gate script touches a single Redis
+Cluster slot.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-# -- RabbitMQ ----------------------------------------------------------------
-EXCHANGE = "resource.events"
-EXCHANGE_TYPE = "topic"
-RK_CREATED = "instance.created"
-RK_STATUS = "instance.status"
-QUEUE_CREATED = "resource.instance-created"  # declared by `seckill migrate`
-QUEUE_STATUS = "product-service.instance-status"  # the engine's status consumer
-CONTENT_TYPE = "application/x-protobuf"
-
-# -- Redis -------------------------------------------------------------------
 GROUP = "product-service"
 DLQ_SUFFIX = ":dlq"
-
-# -- PostgreSQL --------------------------------------------------------------
-ENGINE_ROLE = "seckill_engine"
-
-# -- order statuses ----------------------------------------------------------
-PROCESSING = "PROCESSING"
-RUNNING = "RUNNING"
-FAILED = "FAILED"
 
 
 @dataclass(frozen=True, slots=True)

@@ -53,8 +53,11 @@ async def cluster_redis(cluster_settings: Settings) -> AsyncIterator[Redis]:
 
 
 @pytest.fixture(scope="session")
-def rabbit_cluster(_reaped: None) -> Iterator[LocalRabbitCluster]:
-    """Three RabbitMQ nodes in one cluster (about 120 MB and a few seconds each)."""
+def rabbit_cluster(_reaped: None, base_settings: Settings,
+                   broker_users: dict[str, str]) -> Iterator[LocalRabbitCluster]:
+    """Three RabbitMQ nodes in one cluster (about 120 MB and a few seconds each), with
+    the session's broker users."""
+    from engine.admin.brokerusers import ensure_broker_users
     from engine.admin.migrate import declare_topology
 
     try:
@@ -65,6 +68,10 @@ def rabbit_cluster(_reaped: None) -> Iterator[LocalRabbitCluster]:
     try:
         cluster.start()
         asyncio.run(declare_topology(cluster.url, timeout=60))
+        node = cluster.nodes[0]
+        ensure_broker_users(base_settings.replace(amqp_url=cluster.url, **broker_users),
+                            command=[str(rabbit_bin() / "rabbitmqctl"), "-n", node.nodename],
+                            env=node.env())
         yield cluster
     finally:
         cluster.destroy()

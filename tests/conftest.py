@@ -22,8 +22,9 @@ import pytest
 from redis.asyncio import Redis
 from support import purge_queues
 
+from engine.amqp.topology import QUEUE_CREATED, QUEUE_STATUS
 from engine.config import Settings, load_settings
-from engine.keys import QUEUE_CREATED, QUEUE_STATUS, Keys
+from engine.keys import Keys
 
 RUN_ID = f"{os.getpid()}{uuid.uuid4().hex[:6]}"
 # private_redis, private_rabbitmq, private_postgres: for tests that stop, restart or pause one;
@@ -90,11 +91,30 @@ def test_vhost(base_settings: Settings) -> Iterator[str]:
     _rabbitmqctl("delete_vhost", vhost)
 
 
+@pytest.fixture(scope="session")
+def broker_users(base_settings: Settings, test_vhost: str,
+                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """This session's own engine and Resource Domain broker users on its vhost (as
+    `seckill migrate` makes them), their passwords in a directory of its own."""
+    from engine.admin.brokerusers import delete_broker_users, ensure_broker_users
+
+    users = {"amqp_engine_user": f"seckill_engine_{RUN_ID}",
+             "amqp_rd_user": f"seckill_resource_domain_{RUN_ID}",
+             "amqp_secrets_dir": str(tmp_path_factory.mktemp("amqp-secrets"))}
+    s = base_settings.replace(amqp_url=test_vhost, **users)
+    ensure_broker_users(s)
+    yield users
+    delete_broker_users(s)
+
+
 @pytest.fixture
-def settings(base_settings: Settings, test_db: str, test_vhost: str) -> Iterator[Settings]:
-    """Settings pointing at this session's database and vhost and a fresh key prefix."""
+def settings(base_settings: Settings, test_db: str, test_vhost: str,
+             broker_users: dict[str, str]) -> Iterator[Settings]:
+    """Settings pointing at this session's database, vhost and broker users and a fresh
+    key prefix."""
     prefix = f"test:{RUN_ID}:{uuid.uuid4().hex[:8]}:"
     s = base_settings.replace(pg_dsn=test_db, amqp_url=test_vhost, key_prefix=prefix,
+                              **broker_users,
                               metrics_port=0, log_json=False)
     yield s
     asyncio.run(_delete_prefix(s.redis_url, prefix))

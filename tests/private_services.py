@@ -19,14 +19,15 @@ import pytest
 from redis.asyncio import Redis
 from support import purge_queues
 
+from engine.amqp.topology import QUEUE_CREATED, QUEUE_STATUS
 from engine.config import Settings
-from engine.keys import QUEUE_CREATED, QUEUE_STATUS
 from engine.testing.nodes import (
     LocalNode,
     PostgresNode,
     RabbitNode,
     RedisNode,
     destroy_all,
+    rabbit_bin,
     reap_orphans,
 )
 
@@ -59,8 +60,16 @@ def _private_redis_node(_reaped: None) -> Iterator[RedisNode]:
 
 
 @pytest.fixture(scope="session")
-def _private_rabbitmq_node(_reaped: None) -> Iterator[RabbitNode]:
-    yield from _session_node(RabbitNode())
+def _private_rabbitmq_node(_reaped: None, base_settings: Settings,
+                           broker_users: dict[str, str]) -> Iterator[RabbitNode]:
+    from engine.admin.brokerusers import ensure_broker_users
+
+    def users(node: RabbitNode) -> None:  # the session's broker users, as on the shared one
+        ensure_broker_users(base_settings.replace(amqp_url=node.url, **broker_users),
+                            command=[str(rabbit_bin() / "rabbitmqctl"), "-n", node.nodename],
+                            env=node.env())
+
+    yield from _session_node(RabbitNode(), users)
 
 
 @pytest.fixture(scope="session")

@@ -31,8 +31,8 @@ from bench.verdicts import (
     short_windows,
     spread,
 )
+from engine.amqp.topology import EXCHANGE, RK_CREATED
 from engine.config import Settings
-from engine.keys import EXCHANGE, RK_CREATED
 from engine.testing.ports import free_port
 
 # --- judging a target from its runs -------------------------------------------------

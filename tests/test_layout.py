@@ -21,7 +21,8 @@ TREES = ("engine", "bench", "loadtest")
 
 # Lower numbers sit lower; a module may import its own package, the shared vocabulary
 # (rank 0), and packages of a lower rank, never upward or sideways.
-RANKS = {"": 0, "metrics": 0, "pb": 0, "pipeline": 1, "gate": 1, "fulfilment": 2,
+RANKS = {"": 0, "metrics": 0, "pb": 0, "amqp": 0, "pipeline": 1, "gate": 1,
+         "resource_domain": 1, "fulfilment": 2,
          "process": 3, "admin": 3, "top": 4, "testing": 5}
 TOP = {"engine.cli", "engine.demo", "engine.__main__"}
 

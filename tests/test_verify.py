@@ -29,9 +29,10 @@ from redis.asyncio import Redis
 from support import add_products, all_done
 
 from engine.admin.migrate import apply_migrations
+from engine.amqp.topology import EXCHANGE, RK_CREATED
 from engine.config import Settings
 from engine.gate.redis_gate import Gate
-from engine.keys import EXCHANGE, RK_CREATED, Keys
+from engine.keys import Keys
 from engine.pb import event_pb2
 from engine.testing.processes import EngineProcess
 from engine.testing.waits import wait_for

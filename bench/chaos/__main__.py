@@ -166,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def prepare_chaos(settings: Any, vhost: str) -> None:
     """The chaos database migrated and its vhost with the topology: idempotent."""
+    from engine.admin.brokerusers import ensure_broker_users
     from engine.admin.migrate import apply_migrations, declare_topology
 
     apply_migrations(settings.pg_dsn)
@@ -175,6 +176,7 @@ def prepare_chaos(settings: Any, vhost: str) -> None:
     subprocess.run([ctl, "-q", "set_permissions", "-p", vhost, user, ".*", ".*", ".*"],
                    check=True, capture_output=True, timeout=60)
     asyncio.run(declare_topology(settings.amqp_url))
+    ensure_broker_users(settings)
     listed = subprocess.run([ctl, "-q", "list_queues", "-p", vhost, "name"], check=True,
                             capture_output=True, text=True, timeout=60).stdout.split()
     stale = [q for q in listed if q.startswith(TAP_PREFIX + "-")]  # of a run that was killed

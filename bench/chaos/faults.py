@@ -24,14 +24,16 @@ import aiormq
 import asyncpg
 import httpx
 
+from engine.amqp.topology import EXCHANGE, QUEUE_CREATED, RK_CREATED
 from engine.config import to_env
-from engine.keys import EXCHANGE, GROUP, QUEUE_CREATED, RK_CREATED
+from engine.keys import GROUP
 from engine.pipeline.faults import MID_DEAD_LETTER, POINTS
 from engine.testing.invariants import Answer
 from engine.testing.ports import free_port
 from engine.testing.processes import SECKILL, pid_alive
 from engine.testing.waits import wait_for
 
+from .hostile import forged_failures, forged_orders
 from .runner import Fault, Sale
 
 OUTAGE_S = 30.0  # RabbitMQ stopped, a memory alarm, a blackhole, +latency, a slow link
@@ -486,6 +488,9 @@ def catalogue() -> list[Fault]:
         Fault("bad input: malformed and oversized stream entries", _bad_input),
         Fault("bad input: hostile IDs, bodies and tokens at the BFF", _hostile_bff,
               bff=True, start_after=0.0),
+        Fault("bus: forged INSTANCE_FAILED from the wrong broker users", forged_failures,
+              sale_s=SHORT_SALE_S),
+        Fault("bus: forged INSTANCE_CREATED from the wrong broker users", forged_orders),
         Fault("postgresql: one row always fails (CHECK)", _row_always_fails,
               prepare=_add_check, dead_letters_expected=1),
         outage("rabbitmq: binding deleted, restored", _binding_deleted, TOPOLOGY_S),

@@ -329,10 +329,15 @@ class PrivateNodes:
     def settings_for(self, kind: str, settings: Settings) -> Settings:
         node = self.node(kind)
         if kind == "rabbitmq":
+            from engine.admin.brokerusers import ensure_broker_users
             from engine.admin.migrate import declare_topology
+            from engine.testing.nodes import rabbit_bin
 
             asyncio.run(declare_topology(node.url))
-            return settings.replace(amqp_url=node.url)
+            settings = settings.replace(amqp_url=node.url)
+            ensure_broker_users(settings, env=node.env(),
+                                command=[str(rabbit_bin() / "rabbitmqctl"), "-n", node.nodename])
+            return settings
         if kind == "postgresql":
             return settings.replace(pg_dsn=node.url)
         return settings.replace(redis_url=node.url)

@@ -21,10 +21,18 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import aiormq
 import asyncpg
 
+from engine.admin.brokerusers import ensure_broker_users
+from engine.amqp.topology import (
+    EXCHANGE,
+    EXCHANGE_TYPE,
+    QUEUE_CREATED,
+    QUEUE_STATUS,
+    RK_CREATED,
+    RK_STATUS,
+)
 from engine.config import Settings, mask_url
 from engine.connections import PG_ERRORS, connect_amqp
 from engine.errors import DatabaseFailed, ServiceUnavailable, one_line
-from engine.keys import EXCHANGE, EXCHANGE_TYPE, QUEUE_CREATED, QUEUE_STATUS, RK_CREATED, RK_STATUS
 from engine.resources import migrations_dir
 
 # Durable and replicated-capable: a quorum queue survives a broker node's loss and
@@ -152,8 +160,9 @@ async def migrate(settings: Settings) -> list[str]:
     out = await asyncio.to_thread(apply_migrations, settings.pg_dsn)
     applied = [line for line in out.splitlines() if line.startswith("Applying")]
     await declare_topology(settings.amqp_url, timeout=settings.connect_timeout)
+    users = await asyncio.to_thread(ensure_broker_users, settings)
     return [f"database {mask_url(settings.pg_dsn)}: "
             f"{len(applied)} migration(s) applied" if applied else
             f"database {mask_url(settings.pg_dsn)}: up to date",
             f"rabbitmq {mask_url(settings.amqp_url)}: exchange {EXCHANGE}, queues "
-            f"{QUEUE_CREATED}, {QUEUE_STATUS} declared"]
+            f"{QUEUE_CREATED}, {QUEUE_STATUS} declared", users]

@@ -1,3 +1,3 @@
-"""The closed loop after an order is published: the status consumer that settles the
-Resource Domain's reports, and the reference Resource Domain with its provisioners.
+"""The engine's side of the closed loop: the status consumer that settles the Resource
+Domain's reports into `seckill_logs` and hands failed orders' units back to their sale.
 """

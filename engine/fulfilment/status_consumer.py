@@ -7,6 +7,13 @@ sale (if that sale is still the open one), exactly once: the database marks
 the order compensated and the gate's `refunded` set refuses a second return
 even if we crash between the two.
 
+Only the Resource Domain's broker user may report (`engine.amqp.logins`), and a
+report must name the user and product of the order it changes: instance IDs are
+guessable, so a report that names a victim's instance with anything else of
+theirs wrong is dead-lettered, never applied. Reports the consumer refuses go to
+the status dead-letter stream with their reason, counted by reason in
+`seckill_status_dead_letters_total` (alerted on in engine/deploy/alerts.yml).
+
 It runs as a task in every worker (N consumers on one queue): no extra
 process to supervise, and it lives and dies with the workers' connections.
 """
@@ -16,26 +23,27 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import re
 import time
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
-import aiormq
 import asyncpg
 from redis.asyncio import Redis
 
-from engine import backoff
+from engine.amqp.consumer import BatchingConsumer, Delivery
+from engine.amqp.logins import ENGINE, RESOURCE_DOMAIN, user_of
+from engine.amqp.topology import QUEUE_STATUS
 from engine.config import Settings
-from engine.connections import RETRYABLE, connect_amqp
 from engine.gate.redis_gate import Gate
-from engine.keys import FAILED, QUEUE_STATUS, RUNNING, Keys
+from engine.keys import Keys
 from engine.metrics import daemon as metrics
+from engine.orderstates import FAILED, RUNNING
 from engine.pb import event_pb2
 
 log = logging.getLogger("seckill.status")
 
-STATUS_OF = {event_pb2.INSTANCE_RUNNING: RUNNING, event_pb2.INSTANCE_FAILED: FAILED}
+ORDER_STATE_OF_EVENT = {event_pb2.INSTANCE_RUNNING: RUNNING, event_pb2.INSTANCE_FAILED: FAILED}
 
 APPLY = """
 UPDATE seckill_logs AS l
@@ -46,7 +54,9 @@ FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::timestamptz[])
 WHERE l.instance_id = u.instance_id AND l.status = 'PROCESSING'
 """
 
-KNOWN = "SELECT instance_id FROM seckill_logs WHERE instance_id = ANY($1::bigint[])"
+KNOWN = """
+SELECT instance_id, user_id, product_id FROM seckill_logs WHERE instance_id = ANY($1::bigint[])
+"""
 
 # Failed orders of this batch whose unit has not been handed back yet (also ones whose
 # earlier compensation was interrupted: the gate's refunded set keeps it exactly once).
@@ -69,6 +79,8 @@ class Report:
     reason: str
     at: dt.datetime
     first_seen: float
+    user_id: int = 0  # whose order the report says it is: checked against the row
+    product_id: int = 0
 
 
 def decode_report(body: bytes, delivery_tag: int, now: float) -> Report | None:
@@ -77,29 +89,37 @@ def decode_report(body: bytes, delivery_tag: int, now: float) -> Report | None:
         event = event_pb2.Event.FromString(body)
     except Exception:  # noqa: BLE001 - protobuf raises DecodeError or others on garbage
         return None
-    status = STATUS_OF.get(event.event_type)
+    status = ORDER_STATE_OF_EVENT.get(event.event_type)
     if status is None or event.instance_id <= 0:
         return None
     at = dt.datetime.fromtimestamp(event.timestamp or time.time(), dt.UTC)
     return Report(delivery_tag, event.instance_id, status, event.endpoint, event.reason, at,
-                  now)
+                  now, event.user_id, event.product_id)
+
+
+# What an endpoint may be: https, a host of lower-case letters, digits, dots and
+# hyphens, an optional port 443, an optional plain path. No userinfo, backslash,
+# percent-encoding or anything else a browser's URL parser might read differently.
+ENDPOINT = re.compile(r"https://(?P<host>[a-z0-9.-]+)(?::443)?(?:/[A-Za-z0-9._~/-]*)?")
 
 
 def endpoint_ok(report: Report, domain: str) -> bool:
     """A report may name only an https endpoint on its own instance's host under
     `rd_domain` (or none): a forged or confused report must not hand a buyer
-    someone else's address or an attacker's."""
+    someone else's address or an attacker's.
+
+    Checked on the text itself rather than on what urlsplit makes of it:
+    `https://evil.example\\.<id>.<domain>` has a urlsplit host under our domain,
+    while browsers and WHATWG URL parsers read its host as `evil.example`.
+    """
     if not report.endpoint:
         return True
-    try:
-        url = urlsplit(report.endpoint)
-        port = url.port
-    except ValueError:
+    match = ENDPOINT.fullmatch(report.endpoint)
+    if match is None:
         return False
     own = f"{report.instance_id}.{domain}".lower()
-    host = (url.hostname or "").lower()
-    return (url.scheme == "https" and "@" not in url.netloc and port in (None, 443)
-            and (host == own or host.endswith("." + own)))
+    host = match["host"]
+    return ".." not in host and (host == own or host.endswith("." + own))
 
 
 def one_per_instance(reports: list[Report]) -> tuple[list[Report], list[Report]]:
@@ -133,72 +153,45 @@ class StatusConsumer:
         self.pool = pool
         self.keys = Keys(settings.key_prefix)
         self.gate = Gate(redis, self.keys)
-        self._inbox: list[tuple[int, bytes]] = []
         self._held: list[Report] = []  # reports for instances not logged yet
-        self._wake = asyncio.Event()
-        self._channel: Any = None
+        self.reporter = user_of(settings, RESOURCE_DOMAIN)  # the only user trusted to report
+        self.consumer = BatchingConsumer(
+            settings, QUEUE_STATUS, component=ENGINE, trusted=self.reporter,
+            prefetch=settings.status_batch_size * 2, batch_size=settings.status_batch_size,
+            handle=self.handle, untrusted=self.refuse_untrusted, on_reset=self._forget_held,
+            name="status consumer")
 
     async def run(self, stopping: asyncio.Event) -> None:
         """Consume until `stopping` is set; reconnect with backoff on any outage."""
-        failures = 0
-        while not stopping.is_set():
-            try:
-                await self._session(stopping)
-                failures = 0
-            except RETRYABLE as exc:
-                failures += 1
-                delay = backoff.delay(failures, self.settings.retry_backoff_max)
-                log.warning("status consumer: %s; reconnecting in %.1fs", exc, delay,
-                            extra={"event": "status_retry"})
-                self._inbox.clear()  # unacknowledged: the broker redelivers them
-                self._held.clear()
-                try:
-                    await asyncio.wait_for(stopping.wait(), delay)
-                except TimeoutError:
-                    pass
+        await self.consumer.run(stopping)
 
-    async def _session(self, stopping: asyncio.Event) -> None:
-        conn = await connect_amqp(self.settings)
-        try:
-            channel = self._channel = await conn.channel()
-            await channel.basic_qos(prefetch_count=self.settings.status_batch_size * 2)
-            await channel.basic_consume(QUEUE_STATUS, self._on_message)
-            while not stopping.is_set():
-                if conn.is_closed or channel.is_closed:
-                    raise aiormq.exceptions.ChannelInvalidStateError("status channel closed")
-                try:
-                    await asyncio.wait_for(self._wake.wait(), 0.2)
-                except TimeoutError:
-                    pass
-                self._wake.clear()
-                await asyncio.sleep(0.02)  # let a burst gather into one batch
-                await self.flush()
-        finally:
-            self._channel = None
-            await asyncio.shield(conn.close())
+    async def refuse_untrusted(self, deliveries: list[Delivery]) -> None:
+        """Reports from any broker user but the Resource Domain's: dead-lettered unread."""
+        for d in deliveries:
+            await self._dead_letter(d.tag, "untrusted_sender",
+                                    f"sent by broker user {d.user_id or '(none)'}; only "
+                                    f"{self.reporter} reports status", sender=d.user_id,
+                                    body=d.body)
 
-    async def _on_message(self, message: Any) -> None:
-        self._inbox.append((message.delivery.delivery_tag, message.body))
-        if len(self._inbox) >= self.settings.status_batch_size:
-            self._wake.set()
-        elif len(self._inbox) == 1:
-            self._wake.set()
+    def _forget_held(self) -> None:
+        """Reports of a lost channel: the broker delivers them again."""
+        self._held = []
 
-    async def flush(self) -> None:
+    async def handle(self, batch: list[Delivery]) -> None:
         """Apply what arrived; acknowledge what is settled."""
-        inbox, self._inbox = self._inbox, []
         now = time.monotonic()
         reports, garbage = [], []
-        for tag, body in inbox:
-            report = decode_report(body, tag, now)
+        for delivery in batch:
+            report = decode_report(delivery.body, delivery.tag, now)
             if report is None:
-                garbage.append((tag, body))
+                garbage.append(delivery)
             else:
                 reports.append(report)
         reports = self._held + reports  # held ones arrived first
         self._held = []
-        for tag, body in garbage:
-            await self._dead_letter(tag, "bad_report", "not a status event", body=body)
+        for delivery in garbage:
+            await self._dead_letter(delivery.tag, "bad_report", "not a status event",
+                                    body=delivery.body)
         foreign = [r for r in reports if not endpoint_ok(r, self.settings.rd_domain)]
         for r in foreign:  # never stored, never shown to a buyer
             await self._dead_letter(r.delivery_tag, "foreign_endpoint",
@@ -210,28 +203,49 @@ class StatusConsumer:
             await self.apply(reports)
 
     async def apply(self, reports: list[Report]) -> None:
-        """Apply one report per instance; acknowledge every report of a known instance.
+        """Apply one report per instance; acknowledge every report of a known instance,
+        dead-letter those that name another user or product than its order's.
 
         `reports` are in arrival order. The reports one batch does not apply
         (`one_per_instance`) are acknowledged with it, after the commit.
         """
-        kept, _ = one_per_instance(reports)
-        ids = [r.instance_id for r in kept]
+        ids = list({r.instance_id: None for r in reports})
         async with self.pool.acquire() as conn:
-            async with conn.transaction():
-                status = await conn.execute(
-                    APPLY, ids, [r.status for r in kept], [r.endpoint for r in kept],
-                    [r.reason for r in kept], [r.at for r in kept])
-                known = {row[0] for row in await conn.fetch(KNOWN, ids)}
-            failed = await conn.fetch(TO_COMPENSATE, ids)
-        applied = int(status.rsplit(" ", 1)[1])
+            orders = {row[0]: (row[1], row[2]) for row in await conn.fetch(KNOWN, ids)}
+        known = [r for r in reports if r.instance_id in orders]
+        wrong = [r for r in known if orders[r.instance_id] != (r.user_id, r.product_id)]
+        for r in wrong:
+            await self._refuse_mismatch(r, *orders[r.instance_id])
+        settled = [r for r in known if r not in wrong]
+        kept, _ = one_per_instance(settled)
+        applied, failed = await self._write(kept)
         metrics.STATUS_UPDATES.labels("applied").inc(applied)
-        settled = [r for r in reports if r.instance_id in known]
         metrics.STATUS_UPDATES.labels("unchanged").inc(max(0, len(settled) - applied))
         if failed:
             await self.compensate(failed)
         await self._ack([r.delivery_tag for r in settled])
-        await self._hold_or_drop([r for r in reports if r.instance_id not in known])
+        await self._hold_or_drop([r for r in reports if r.instance_id not in orders])
+
+    async def _write(self, kept: list[Report]) -> tuple[int, list[asyncpg.Record]]:
+        """Apply one report per instance; (rows changed, failed orders to hand back)."""
+        if not kept:
+            return 0, []
+        ids = [r.instance_id for r in kept]
+        async with self.pool.acquire() as conn:
+            status = await conn.execute(
+                APPLY, ids, [r.status for r in kept], [r.endpoint for r in kept],
+                [r.reason for r in kept], [r.at for r in kept])
+            failed = await conn.fetch(TO_COMPENSATE, ids)
+        return int(status.rsplit(" ", 1)[1]), failed
+
+    async def _refuse_mismatch(self, report: Report, user_id: int, product_id: int) -> None:
+        """A report naming an order with another user or product: never applied."""
+        await self._dead_letter(
+            report.delivery_tag, "report_mismatch",
+            f"report for instance {report.instance_id} names user {report.user_id} and "
+            f"product {report.product_id}; its order is user {user_id}'s of product "
+            f"{product_id}", instance_id=report.instance_id, status=report.status,
+            user_id=report.user_id, product_id=report.product_id)
 
     async def compensate(self, rows: list[asyncpg.Record]) -> None:
         """Hand each failed order's unit back to its sale, then mark the order."""
@@ -273,11 +287,7 @@ class StatusConsumer:
                     extra={"event": "status_dead_letter", "reason": reason})
 
     async def _ack(self, tags: list[int]) -> None:
-        channel = self._channel
-        if channel is None:
-            return
-        for tag in tags:
-            await channel.basic_ack(tag)
+        await self.consumer.ack(tags)
 
 
 def encode_report(instance_id: int, status: str, *, endpoint: str = "", reason: str = "",

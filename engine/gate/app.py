@@ -55,7 +55,8 @@ from engine.gate.request import (
     RsgiRequest,
 )
 from engine.gate.routed import UNREPLICATED_MESSAGE, WaitFor
-from engine.keys import FAILED, Keys
+from engine.keys import Keys
+from engine.orderstates import FAILED
 
 log = logging.getLogger("seckill.bff")
 

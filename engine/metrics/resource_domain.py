@@ -12,3 +12,6 @@ PROVISIONED = Counter("seckill_rd_provisioned_total", "Instances provisioned by 
                       "reference Resource Domain.", ["result"])
 DUPLICATES = Counter("seckill_rd_duplicate_events_total",
                      "INSTANCE_CREATED events for instances already handled.")
+DEAD_LETTERS = Counter("seckill_rd_dead_letters_total",
+                       "Events the Resource Domain refused (kept in "
+                       "resource_domain.dead_letters), by reason.", ["reason"])

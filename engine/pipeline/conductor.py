@@ -20,6 +20,7 @@ import asyncpg
 from redis.asyncio import Redis
 
 from engine import backoff
+from engine.amqp.publisher import CONFIRMED, ConfirmPublisher, Message
 from engine.config import Settings
 from engine.connections import RETRYABLE
 from engine.errors import ServiceError, one_line
@@ -29,7 +30,7 @@ from engine.pipeline.catalog import Catalog
 from engine.pipeline.events import created_body
 from engine.pipeline.faults import AFTER_CONFIRMS, AFTER_LOG_COMMIT, AFTER_READ, FAULTS
 from engine.pipeline.ids import Snowflake
-from engine.pipeline.logsink import write_batch
+from engine.pipeline.orderrows import write_batch
 from engine.pipeline.orders import (
     UNKNOWN_PRODUCT,
     DeadLetter,
@@ -40,7 +41,6 @@ from engine.pipeline.orders import (
     order_fields,
     split,
 )
-from engine.pipeline.publisher import CONFIRMED, ConfirmPublisher, Message
 from engine.pipeline.settle import record_errors, settle, touch
 
 log = logging.getLogger("seckill.pipeline")

@@ -4,7 +4,7 @@ Everything that is the same for every order of a product (name, spec, event
 type, product ID) is serialized once and cached; per order only the varying
 fields are encoded and appended. Protobuf merges concatenated messages, so
 the result decodes to exactly the full event. The AMQP frames around them are
-`engine.pipeline.framing`'s.
+`engine.amqp.framing`'s.
 """
 
 from __future__ import annotations

@@ -111,3 +111,9 @@ class FaultPoints:
 
 
 FAULTS = FaultPoints()
+
+
+async def after_publish() -> None:
+    """The AFTER_PUBLISH point: the publisher calls it once a batch's frames are sent."""
+    if FAULTS.armed and FAULTS.reached(AFTER_PUBLISH):
+        await FAULTS.kill_after_flush()

@@ -28,21 +28,22 @@ from typing import Any, TypeVar
 import uvloop
 
 from engine import backoff, exits
+from engine.amqp.publisher import ConfirmPublisher
+from engine.amqp.topology import RK_CREATED
 from engine.config import Settings, default_engine_id
 from engine.connections import RETRYABLE, TRANSIENT_ERRORS, connect_redis, create_pg_pool
 from engine.errors import BootError, LeaseLost, SeckillError, ServiceUnavailable, one_line
 from engine.fulfilment.status_consumer import StatusConsumer
-from engine.keys import RK_CREATED, Keys
+from engine.keys import Keys
 from engine.metrics import daemon as metrics
+from engine.pipeline.batches import Pipeline
 from engine.pipeline.catalog import Catalog
-from engine.pipeline.conductor import Pipeline
 from engine.pipeline.events import INSTANCE_CREATED, TYPE_NAMES
-from engine.pipeline.faults import FAULTS
+from engine.pipeline.faults import FAULTS, after_publish
 from engine.pipeline.ids import NodeLease, Snowflake
 from engine.pipeline.janitor import Janitor
-from engine.pipeline.logsink import prepare_connection
+from engine.pipeline.orderrows import prepare_connection
 from engine.pipeline.orders import DeadLetter, Entry
-from engine.pipeline.publisher import ConfirmPublisher
 from engine.pipeline.reader import StreamReader
 from engine.pipeline.settle import record_errors
 from engine.pipeline.statewatch import StateWatch
@@ -97,7 +98,8 @@ class Worker:
         self.pool = await self._until(deadline, lambda: create_pg_pool(
             s, size=s.max_inflight_batches + 2, init=prepare_connection))
         self._closers += [self.pool.close, self._terminate_pool]
-        self.publisher = ConfirmPublisher(s, RK_CREATED, TYPE_NAMES[INSTANCE_CREATED])
+        self.publisher = ConfirmPublisher(s, RK_CREATED, TYPE_NAMES[INSTANCE_CREATED],
+                                          after_send=after_publish)
         await self._until(deadline, self.publisher.connect)
         self._closers.append(self.publisher.close)
         self.pipeline = Pipeline(

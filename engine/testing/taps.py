@@ -19,7 +19,7 @@ from typing import Any
 
 import aiormq
 
-from engine.keys import EXCHANGE, RK_CREATED
+from engine.amqp.topology import EXCHANGE, RK_CREATED
 from engine.pb import event_pb2
 from engine.testing.waits import wait_for
 

@@ -10,8 +10,9 @@ import asyncpg
 import pytest
 
 from engine.admin.migrate import apply_migrations, dbmate_invocation, declare_topology
+from engine.amqp.topology import EXCHANGE, QUEUE_CREATED, RK_CREATED
+from engine.config import ENGINE_ROLE
 from engine.errors import ServiceUnavailable
-from engine.keys import ENGINE_ROLE, EXCHANGE, QUEUE_CREATED, RK_CREATED
 
 SEED_COLUMNS = {
     "id": "bigint", "product_id": "bigint", "user_id": "bigint", "instance_id": "bigint",

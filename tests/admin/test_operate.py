@@ -19,7 +19,7 @@ from engine.admin.stats import collect
 from engine.admin.trim import trim_stream
 from engine.gate.redis_gate import Gate
 from engine.keys import GROUP, Keys
-from engine.pipeline.logsink import prepare_connection, write_batch
+from engine.pipeline.orderrows import prepare_connection, write_batch
 from engine.pipeline.orders import Order
 from engine.testing.processes import SECKILL, EngineProcess, engine_env
 from engine.testing.waits import wait_for

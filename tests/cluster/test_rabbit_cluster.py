@@ -18,8 +18,8 @@ import asyncpg
 import pytest
 from support import add_products, all_done, announce, log_rows, push_orders, rows_at_least
 
+from engine.amqp.topology import EXCHANGE, QUEUE_CREATED, QUEUE_STATUS, RK_CREATED
 from engine.connections import amqp_brokers
-from engine.keys import EXCHANGE, QUEUE_CREATED, QUEUE_STATUS, RK_CREATED
 from engine.pb import event_pb2
 from engine.testing.invariants import assert_one_id_per_order
 from engine.testing.processes import SECKILL, EngineProcess, engine_env, stop_process

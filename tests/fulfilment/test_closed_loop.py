@@ -19,11 +19,13 @@ import pytest
 from redis.asyncio import Redis
 from support import add_products, pg_fetch, purge_queues
 
+from engine.amqp.logins import ENGINE, login
+from engine.amqp.topology import EXCHANGE, QUEUE_STATUS, RK_CREATED
 from engine.config import Settings
-from engine.fulfilment.provisioning import SimulatedProvisioner, manifests, to_yaml
 from engine.gate.redis_gate import Gate
-from engine.keys import EXCHANGE, QUEUE_STATUS, RK_CREATED, Keys
+from engine.keys import Keys
 from engine.pb import event_pb2
+from engine.resource_domain.provisioning import SimulatedProvisioner, manifests, to_yaml
 from engine.testing.ports import free_port
 from engine.testing.processes import SECKILL, EngineProcess, engine_env, stop_process
 from engine.testing.waits import wait_for
@@ -72,16 +74,19 @@ class ResourceDomainProcess:
         return Path(self.log.name).read_text(errors="replace")
 
 
-async def publish_created(amqp_url: str, event: event_pb2.Event) -> None:
-    """An INSTANCE_CREATED event as the engine publishes it (again, for a duplicate)."""
-    conn = await aiormq.connect(amqp_url)
+async def publish_created(settings, event: event_pb2.Event) -> None:
+    """An INSTANCE_CREATED event as the engine publishes it (again, for a duplicate): as
+    its broker user, named in user-id."""
+    engine = login(settings, ENGINE)
+    conn = await aiormq.connect(engine.url)
     try:
         channel = await conn.channel()
         await channel.confirm_delivery()
         await channel.basic_publish(event.SerializeToString(), exchange=EXCHANGE,
                                     routing_key=RK_CREATED, mandatory=True,
                                     properties=aiormq.spec.Basic.Properties(
-                                        delivery_mode=2, message_id=str(event.instance_id)))
+                                        delivery_mode=2, message_id=str(event.instance_id),
+                                        user_id=engine.user))
     finally:
         await conn.close()
 
@@ -133,7 +138,7 @@ async def test_2000_orders_end_running_or_failed_once_each(settings, product_id,
             return s.get("RUNNING", 0) + s.get("FAILED", 0) == 2000
         await wait_for(all_final, 200, "all 2,000 orders RUNNING or FAILED")
         after_kill = await rd.metric("seckill_rd_duplicate_events_total")
-        await publish_created(settings.amqp_url, await created_event(settings, product_id))
+        await publish_created(settings, await created_event(settings, product_id))
 
         async def duplicate_seen() -> bool:
             return await rd.metric("seckill_rd_duplicate_events_total") >= after_kill + 1
@@ -171,8 +176,8 @@ async def test_the_resource_domain_exports_its_metrics(settings, tmp_path):
                             instance_id=random.randrange(7 * 10**12, 8 * 10**12),  # no order's
                             spec=event_pb2.InstanceSpec(cpus=2, memory_mb=1024, image="busybox"))
     try:
-        await publish_created(settings.amqp_url, event)
-        await publish_created(settings.amqp_url, event)
+        await publish_created(settings, event)
+        await publish_created(settings, event)
 
         async def exported() -> bool:
             return (await rd.metric("seckill_rd_provisioned_total", '{result="running"}') == 1
@@ -207,7 +212,7 @@ async def test_the_resource_domain_rides_out_a_broker_restart(private_rabbitmq_s
             await wait_for(failed_reconnects, 30, "the lost connection and a failed reconnect")
         finally:
             private_rabbitmq.start_app()
-        await publish_created(settings.amqp_url, event)
+        await publish_created(settings, event)
 
         async def provisioned_once() -> bool:
             return await rd.metric("seckill_rd_provisioned_total", '{result="running"}') == 1

@@ -15,10 +15,12 @@ import asyncpg
 import pytest
 from prometheus_client import REGISTRY
 
+from engine.amqp.topology import EXCHANGE, RK_STATUS
 from engine.fulfilment.status_consumer import StatusConsumer, encode_report
 from engine.gate.redis_gate import Gate
-from engine.keys import EXCHANGE, FAILED, RK_STATUS, Keys
-from engine.pipeline.logsink import write_batch
+from engine.keys import Keys
+from engine.orderstates import FAILED
+from engine.pipeline.orderrows import write_batch
 from engine.pipeline.orders import Order
 from engine.testing.waits import wait_for
 
@@ -53,8 +55,10 @@ async def row(pool, instance_id: int) -> asyncpg.Record:
     return await pool.fetchrow("SELECT * FROM seckill_logs WHERE instance_id = $1", instance_id)
 
 
-async def publish_failed(channel, instance_id: int) -> None:
-    await channel.basic_publish(encode_report(instance_id, FAILED, reason="no GPU"),
+async def publish_failed(channel, order: Order) -> None:
+    await channel.basic_publish(encode_report(order.instance_id, FAILED, reason="no GPU",
+                                              user_id=order.user_id,
+                                              product_id=order.product_id),
                                 exchange=EXCHANGE, routing_key=RK_STATUS)
 
 
@@ -68,7 +72,7 @@ async def test_reports_in_later_batches_do_not_compensate_again(settings, env, p
     stopping = asyncio.Event()
     task = asyncio.create_task(consumer.run(stopping))
     try:
-        await publish_failed(channel, failed.instance_id)
+        await publish_failed(channel, failed)
 
         async def compensated() -> bool:
             return (await row(pool, failed.instance_id))["compensated_at"] is not None
@@ -78,7 +82,7 @@ async def test_reports_in_later_batches_do_not_compensate_again(settings, env, p
         # a batch of its own that finds the row FAILED and compensated already.
         for n in (1, 2):
             seen = unchanged_reports()
-            await publish_failed(channel, failed.instance_id)
+            await publish_failed(channel, failed)
 
             async def applied(seen: float = seen) -> bool:
                 return unchanged_reports() > seen
@@ -123,7 +127,7 @@ async def test_a_crash_between_refund_and_mark_does_not_refund_twice(settings, e
     crashed.gate.refund = refund_then_hang  # type: ignore[method-assign]
     stopping = asyncio.Event()
     task = asyncio.create_task(crashed.run(stopping))
-    await publish_failed(channel, failed.instance_id)
+    await publish_failed(channel, failed)
     try:
         await asyncio.wait_for(refunded_once.wait(), 20)
     finally:

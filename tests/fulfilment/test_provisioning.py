@@ -8,8 +8,8 @@ import os
 import stat
 
 from engine.config import Settings
-from engine.fulfilment.provisioning import KubectlProvisioner, SimulatedProvisioner
 from engine.pb import event_pb2
+from engine.resource_domain.provisioning import KubectlProvisioner, SimulatedProvisioner
 
 
 def event(instance_id: int = 42) -> event_pb2.Event:

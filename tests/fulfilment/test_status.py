@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import time
 
 from prometheus_client import REGISTRY
+from statusreports import log_orders, owners, publish, rows
 
+from engine.amqp.topology import QUEUE_STATUS
 from engine.fulfilment.status_consumer import (
     Report,
     StatusConsumer,
@@ -15,27 +16,11 @@ from engine.fulfilment.status_consumer import (
     one_per_instance,
 )
 from engine.gate.redis_gate import Gate
-from engine.keys import EXCHANGE, FAILED, QUEUE_STATUS, RK_STATUS, RUNNING, Keys
-from engine.pipeline.logsink import write_batch
+from engine.keys import Keys
+from engine.orderstates import FAILED, RUNNING
+from engine.pipeline.orderrows import write_batch
 from engine.pipeline.orders import Order
 from engine.testing.waits import wait_for
-
-
-async def publish(channel, body: bytes) -> None:
-    await channel.basic_publish(body, exchange=EXCHANGE, routing_key=RK_STATUS)
-
-
-async def log_orders(pool, gate: Gate, pid: int, users: list[int]) -> list[Order]:
-    """Orders bought through the real gate and logged as the engine logs them."""
-    orders = []
-    for i, uid in enumerate(users):
-        r = await gate.buy(pid, uid)
-        assert r.outcome == "accepted"
-        sale = (await gate.sale_state(pid)).sale_id
-        orders.append(Order(pid, uid, r.stream_id, int(time.time()), sale, r.slot, b"s",
-                            pid * 1000 + i))
-    await write_batch(pool, orders, 10)
-    return orders
 
 
 def unchanged_reports() -> float:
@@ -44,29 +29,26 @@ def unchanged_reports() -> float:
                                      {"result": "unchanged"}) or 0.0
 
 
-async def rows(pool, pid):
-    return {r["instance_id"]: r for r in await pool.fetch(
-        "SELECT * FROM seckill_logs WHERE product_id = $1", pid)}
-
-
 async def test_reports_apply_once_and_terminal_states_stick(settings, env, product_id):
     redis, pool, channel = env
     gate = Gate(redis, Keys(settings.key_prefix))
     await gate.open_sale(product_id, 10)
     orders = await log_orders(pool, gate, product_id, [1, 2, 3])
     a, b, c = (o.instance_id for o in orders)
+    of = owners(orders)
     consumer = StatusConsumer(settings.replace(status_unknown_retry=1.0), redis, pool)
     unchanged = unchanged_reports()
     stopping = asyncio.Event()
     task = asyncio.create_task(consumer.run(stopping))
     try:
         ep_a = f"https://{a}.{settings.rd_domain}"
-        await publish(channel, encode_report(a, RUNNING, endpoint=ep_a, timestamp=100))
-        await publish(channel, encode_report(a, RUNNING, endpoint=ep_a, timestamp=100))
+        await publish(channel, encode_report(a, RUNNING, endpoint=ep_a, timestamp=100, **of[a]))
+        await publish(channel, encode_report(a, RUNNING, endpoint=ep_a, timestamp=100, **of[a]))
         # b: same second, FAILED first: it wins however the two are batched
-        await publish(channel, encode_report(b, FAILED, reason="no GPU", timestamp=200))
+        await publish(channel, encode_report(b, FAILED, reason="no GPU", timestamp=200,
+                                             **of[b]))
         await publish(channel, encode_report(b, RUNNING, endpoint=f"https://{b}.{settings.rd_domain}",
-                                             timestamp=200))
+                                             timestamp=200, **of[b]))
         await publish(channel, b"garbage")
         await publish(channel, encode_report(987654321987, RUNNING))  # unknown instance
 
@@ -74,7 +56,8 @@ async def test_reports_apply_once_and_terminal_states_stick(settings, env, produ
             return (await rows(pool, product_id))[a]["status"] == RUNNING
         await wait_for(a_running, 20, "a RUNNING")
         # late and older: the row is terminal already, so it changes nothing
-        await publish(channel, encode_report(a, FAILED, reason="late, older", timestamp=50))
+        await publish(channel, encode_report(a, FAILED, reason="late, older", timestamp=50,
+                                             **of[a]))
 
         async def settled() -> bool:
             r = await rows(pool, product_id)
@@ -98,9 +81,10 @@ async def test_reports_apply_once_and_terminal_states_stick(settings, env, produ
     assert declared.message_count == 0  # everything acknowledged
 
 
-def report(instance_id: int, status: str, at: int, tag: int, **text: str) -> Report:
+def report(instance_id: int, status: str, at: int, tag: int, user_id: int = 0,
+           product_id: int = 0, **text: str) -> Report:
     return Report(tag, instance_id, status, text.get("endpoint", ""), text.get("reason", ""),
-                  dt.datetime.fromtimestamp(at, dt.UTC), 0.0)
+                  dt.datetime.fromtimestamp(at, dt.UTC), 0.0, user_id, product_id)
 
 
 def test_one_report_per_instance_the_earliest_then_the_first_to_arrive():
@@ -119,12 +103,14 @@ async def test_one_batch_with_conflicting_reports_applies_the_earliest(settings,
     await gate.open_sale(product_id, 10)
     orders = await log_orders(pool, gate, product_id, [1, 2])
     x, y = (o.instance_id for o in orders)
+    of = owners(orders)
     consumer = StatusConsumer(settings, redis, pool)  # not consuming: no channel, no acks
     await consumer.apply([
-        report(x, RUNNING, 100, 1, endpoint="https://x"), report(x, FAILED, 50, 2,
-                                                                 reason="older"),
-        report(y, RUNNING, 70, 3, endpoint="https://y"), report(y, FAILED, 70, 4, reason="tie"),
-        report(x, RUNNING, 100, 5, endpoint="https://x")])
+        report(x, RUNNING, 100, 1, endpoint="https://x", **of[x]),
+        report(x, FAILED, 50, 2, reason="older", **of[x]),
+        report(y, RUNNING, 70, 3, endpoint="https://y", **of[y]),
+        report(y, FAILED, 70, 4, reason="tie", **of[y]),
+        report(x, RUNNING, 100, 5, endpoint="https://x", **of[x])])
     r = await rows(pool, product_id)
     assert (r[x]["status"], r[x]["reason"], r[x]["endpoint"]) == (FAILED, "older", None)
     assert (r[y]["status"], r[y]["endpoint"]) == (RUNNING, "https://y")
@@ -141,7 +127,8 @@ async def test_a_report_that_overtakes_its_row_is_applied_later(settings, env, p
     try:
         instance_id = product_id * 1000  # the first order log_orders will write
         await publish(channel, encode_report(instance_id, RUNNING,
-                                             endpoint=f"https://{instance_id}.{settings.rd_domain}"))
+                                             endpoint=f"https://{instance_id}.{settings.rd_domain}",
+                                             user_id=9, product_id=product_id))
 
         async def held() -> bool:  # seen before its row exists, and kept for later
             return any(r.instance_id == instance_id for r in consumer._held)
@@ -170,7 +157,8 @@ async def test_failure_returns_the_unit_exactly_once(settings, env, product_id):
     unchanged = unchanged_reports()
     try:
         for _ in range(3):  # reported three times: returned once
-            await publish(channel, encode_report(failed.instance_id, FAILED, reason="boom"))
+            await publish(channel, encode_report(failed.instance_id, FAILED, reason="boom",
+                                                 **owners([failed])[failed.instance_id]))
 
         async def compensated() -> bool:
             return (await rows(pool, product_id))[failed.instance_id]["compensated_at"] \

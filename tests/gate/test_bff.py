@@ -13,7 +13,7 @@ from support import pg_fetch
 
 from engine.gate.redis_gate import Gate
 from engine.keys import Keys
-from engine.pipeline.logsink import prepare_connection, write_batch
+from engine.pipeline.orderrows import prepare_connection, write_batch
 from engine.pipeline.orders import Order
 from engine.testing.bff import Bff
 from engine.testing.ports import free_port

@@ -21,7 +21,7 @@ from support import (
     row_count,
 )
 
-from engine.keys import EXCHANGE, QUEUE_CREATED, RK_CREATED
+from engine.amqp.topology import EXCHANGE, QUEUE_CREATED, RK_CREATED
 from engine.pb import event_pb2
 from engine.testing.processes import EngineProcess
 from engine.testing.waits import wait_for

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import uuid
+from collections.abc import AsyncIterator
 
 import aiormq
 import pamqp.frame
@@ -12,10 +14,10 @@ import pytest
 from pamqp import commands, header
 from pamqp.body import ContentBody
 
+from engine.amqp.framing import PERSISTENT, Framer
+from engine.amqp.publisher import CONFIRMED, RETURNED, ConfirmPublisher, Message
+from engine.amqp.topology import CONTENT_TYPE, EXCHANGE, QUEUE_CREATED, RK_CREATED
 from engine.errors import PublishFailed
-from engine.keys import CONTENT_TYPE, EXCHANGE, RK_CREATED
-from engine.pipeline.framing import PERSISTENT, Framer
-from engine.pipeline.publisher import CONFIRMED, RETURNED, ConfirmPublisher, Message
 from engine.testing.waits import wait_for
 
 
@@ -34,6 +36,24 @@ def test_framer_matches_pamqp_byte_for_byte():
                   header.ContentHeader(0, len(body), props), ContentBody(body)):
         expected.write(pamqp.frame.marshal(frame, 3))
     assert framer.publish(body, "123456789", ts) == expected.getvalue()
+
+
+def test_framer_names_the_user_as_pamqp_would():
+    """The user-id property, which the consumers trust, in the pre-encoded frames too."""
+    framer = Framer.create(1, EXCHANGE, RK_CREATED, "INSTANCE_CREATED", user_id="seckill_engine")
+    body = b"event"
+    import datetime as dt
+    props = commands.Basic.Properties(
+        content_type=CONTENT_TYPE, delivery_mode=PERSISTENT, message_id="42",
+        timestamp=dt.datetime.fromtimestamp(1_700_000_000, dt.UTC),
+        message_type="INSTANCE_FAILED", user_id="seckill_engine")
+    expected = io.BytesIO()
+    for frame in (commands.Basic.Publish(exchange=EXCHANGE, routing_key=RK_CREATED,
+                                         mandatory=True),
+                  header.ContentHeader(0, len(body), props), ContentBody(body)):
+        expected.write(pamqp.frame.marshal(frame, 1))
+    assert framer.publish(body, "42", 1_700_000_000, b"\x0fINSTANCE_FAILED") == \
+        expected.getvalue()
 
 
 @pytest.mark.parametrize("fast", [True, False])
@@ -56,16 +76,38 @@ async def test_confirmed_publishes_arrive_with_properties(settings, fast):
         p = got[0].header.properties
         assert (p.delivery_mode, p.content_type, p.message_type, p.message_id) == (
             2, CONTENT_TYPE, "INSTANCE_CREATED", str(10**12))
+        assert p.user_id == settings.amqp_engine_user
         assert p.timestamp is not None
     finally:
         await publisher.close()
         await conn.close()
 
 
+@contextlib.asynccontextmanager
+async def unrouted(settings) -> AsyncIterator[str]:
+    """RK_CREATED with no queue bound for a while: the only key the engine's broker user
+    may publish with, so the broker returns the events instead of refusing the user."""
+    conn = await aiormq.connect(settings.amqp_url)  # the administrator
+    try:
+        ch = await conn.channel()
+        await ch.queue_unbind(QUEUE_CREATED, EXCHANGE, routing_key=RK_CREATED)
+        try:
+            yield RK_CREATED
+        finally:
+            await ch.queue_bind(QUEUE_CREATED, EXCHANGE, routing_key=RK_CREATED)
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+async def unroutable(settings):
+    async with unrouted(settings) as key:
+        yield key
+
+
 @pytest.mark.parametrize("fast", [True, False])
-async def test_unroutable_events_are_returned_not_confirmed(settings, fast):
-    publisher = ConfirmPublisher(settings, "instance.nobody-listens", "INSTANCE_CREATED",
-                                 fast=fast)
+async def test_unroutable_events_are_returned_not_confirmed(settings, fast, unroutable):
+    publisher = ConfirmPublisher(settings, unroutable, "INSTANCE_CREATED", fast=fast)
     try:
         outcomes = await publisher.publish([Message(b"x", "1"), Message(b"y", "2")], 10)
     finally:
@@ -84,14 +126,16 @@ async def test_publisher_reconnects_after_its_connection_dies(settings):
         await publisher.close()
 
 
-@pytest.mark.parametrize("routing_key", [RK_CREATED, "instance.nobody-listens"])
-async def test_batches_leave_no_bookkeeping_behind(settings, routing_key):
+@pytest.mark.parametrize("routed", [True, False])
+async def test_batches_leave_no_bookkeeping_behind(settings, routed):
     """Confirmed or returned, a batch's entries leave aiormq's maps (no slow leak)."""
-    publisher = ConfirmPublisher(settings, routing_key, "INSTANCE_CREATED")
+    publisher = ConfirmPublisher(settings, RK_CREATED, "INSTANCE_CREATED")
+    route = contextlib.nullcontext(RK_CREATED) if routed else unrouted(settings)
     try:
-        for start in range(0, 2000, 500):
-            await publisher.publish([Message(b"x", str(10**9 + i))
-                                     for i in range(start, start + 500)], 10)
+        async with route:
+            for start in range(0, 2000, 500):
+                await publisher.publish([Message(b"x", str(10**9 + i))
+                                         for i in range(start, start + 500)], 10)
         channel = publisher._channel
         assert len(channel.confirmations) == 0
         assert len(channel.message_id_delivery_tag) == 0
@@ -117,7 +161,7 @@ async def test_a_busy_channel_fails_the_publish_by_its_deadline(settings):
 async def test_concurrent_batches_share_one_reconnect(settings, monkeypatch):
     """Batches in flight find the connection gone at about the same moment: one of them
     reconnects, the others wait for it, and every batch is confirmed on the new channel."""
-    import engine.pipeline.publisher as publisher_module
+    import engine.amqp.publisher as publisher_module
 
     opened = []
     reconnecting, release = asyncio.Event(), asyncio.Event()

@@ -36,7 +36,7 @@ def test_alert_rules_pass_promtool():
     done = subprocess.run([promtool, "check", "rules", str(OPS / "alerts.yml")],
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "SUCCESS: 11 rules found" in done.stdout
+    assert "SUCCESS: 13 rules found" in done.stdout
 
 
 def test_alerts_and_dashboard_name_only_real_metrics():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncpg
 import pytest
 
-from engine.fulfilment.resource_domain import SCHEMA as RD_SCHEMA
+from engine.resource_domain.service import SCHEMA as RD_SCHEMA
 from engine.testing.invariants import (
     Accepted,
     Answer,

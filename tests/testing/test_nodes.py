@@ -209,7 +209,7 @@ def test_the_private_broker_and_database_fixtures(private_settings, private_rabb
 
 
 async def test_the_private_broker_and_database_come_back_for_the_next_test(private_settings):
-    from engine.keys import EXCHANGE
+    from engine.amqp.topology import EXCHANGE
 
     conn = await aiormq.connect(private_settings.amqp_url)
     try:

@@ -9,7 +9,7 @@ import time
 import aiormq
 import pytest
 
-from engine.keys import EXCHANGE, RK_CREATED
+from engine.amqp.topology import EXCHANGE, RK_CREATED
 from engine.pb import event_pb2
 from engine.testing.ports import free_port
 from engine.testing.taps import EventTap, collect_orders

@@ -1,7 +1,7 @@
 """AMQP 0-9-1 publish frames, pre-encoded per (channel, exchange, routing key, event type).
 
 The publisher frames a whole batch into one write instead of going through
-`basic_publish` per event (see `engine.pipeline.publisher`); the bytes are identical to
+`basic_publish` per event (see `engine.amqp.publisher`); the bytes are identical to
 what pamqp would write, which tests/pipeline/test_publisher.py checks.
 """
 
@@ -10,13 +10,15 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from engine.keys import CONTENT_TYPE
+from engine.amqp.topology import CONTENT_TYPE
 
 # A publish is three frames: method (Basic.Publish), content header, body.
 FRAME_METHOD, FRAME_HEADER, FRAME_BODY, FRAME_END = 1, 2, 3, b"\xce"
 BASIC_CLASS, PUBLISH_METHOD = 60, 40
-# property flags of what we set: content-type, delivery-mode, message-id, timestamp, type
+# property flags of what we set: content-type, delivery-mode, message-id, timestamp, type,
+# and user-id when the publisher names its user (the consumers trust nothing without it)
 _FLAGS = (1 << 15) | (1 << 12) | (1 << 7) | (1 << 6) | (1 << 5)
+USER_ID_FLAG = 1 << 4
 PERSISTENT = 2
 
 
@@ -40,14 +42,18 @@ class Framer:
     content_type: bytes
     type_name: bytes
     header_prefix: bytes
+    user_id: bytes = b""  # encoded short string, or nothing
+    flags: int = _FLAGS
 
     @classmethod
     def create(cls, channel: int, exchange: str, routing_key: str, type_name: str,
-               *, mandatory: bool = True) -> Framer:
+               *, mandatory: bool = True, user_id: str = "") -> Framer:
         method = (struct.pack(">HHH", BASIC_CLASS, PUBLISH_METHOD, 0) + shortstr(exchange)
                   + shortstr(routing_key) + bytes((1 if mandatory else 0,)))
         return cls(channel, _frame(FRAME_METHOD, channel, method), shortstr(CONTENT_TYPE),
-                   shortstr(type_name), struct.pack(">BH", FRAME_HEADER, channel))
+                   shortstr(type_name), struct.pack(">BH", FRAME_HEADER, channel),
+                   shortstr(user_id) if user_id else b"",
+                   _FLAGS | USER_ID_FLAG if user_id else _FLAGS)
 
     def publish(self, body: bytes, message_id: str, timestamp: int,
                 type_name: bytes | None = None) -> bytes:
@@ -56,8 +62,8 @@ class Framer:
         `type_name` (an encoded short string) overrides the framer's event type.
         """
         props = (self.content_type + bytes((PERSISTENT,)) + shortstr(message_id)
-                 + struct.pack(">Q", timestamp) + (type_name or self.type_name))
-        header = struct.pack(">HHQH", BASIC_CLASS, 0, len(body), _FLAGS) + props
+                 + struct.pack(">Q", timestamp) + (type_name or self.type_name) + self.user_id)
+        header = struct.pack(">HHQH", BASIC_CLASS, 0, len(body), self.flags) + props
         return b"".join((
             self.method_frame,
             self.header_prefix, struct.pack(">I", len(header)), header, FRAME_END,

@@ -10,6 +10,11 @@ it keeps what it has provisioned in its own table,
 `resource_domain.instances`: an instance is claimed there before it is
 provisioned, and a redelivered event re-sends the recorded outcome instead
 of provisioning again.
+
+Only the engine's broker user may order an instance: anyone else's event (a
+forged INSTANCE_CREATED for a miner image, say) is kept with its reason in
+`resource_domain.dead_letters`, counted in `seckill_rd_dead_letters_total` and
+acknowledged, never provisioned.
 """
 
 from __future__ import annotations
@@ -19,23 +24,22 @@ import logging
 import signal
 import time
 from dataclasses import dataclass
-from typing import Any
 
 from prometheus_client import start_http_server
 
-from engine import backoff
+from engine.amqp.consumer import BatchingConsumer, Delivery
+from engine.amqp.logins import ENGINE, RESOURCE_DOMAIN, user_of
+from engine.amqp.publisher import CONFIRMED, ConfirmPublisher, Message
+from engine.amqp.topology import QUEUE_CREATED, RK_STATUS
 from engine.config import Settings
-from engine.connections import RETRYABLE, connect_amqp, create_pg_pool
+from engine.connections import create_pg_pool
 from engine.errors import ConfigError, PublishFailed
-from engine.fulfilment.provisioning import Provisioned, Provisioner, make_provisioner
-from engine.keys import FAILED, QUEUE_CREATED, RK_STATUS, RUNNING
 from engine.metrics import resource_domain as metrics
+from engine.orderstates import FAILED, RUNNING
 from engine.pb import event_pb2
-from engine.pipeline.publisher import CONFIRMED, ConfirmPublisher, Message
+from engine.resource_domain.provisioning import Provisioned, Provisioner, make_provisioner
 
 log = logging.getLogger("seckill.resource_domain")
-
-
 
 # the schema is made by `seckill migrate`, owned by seckill_resource_domain
 SCHEMA = """
@@ -50,6 +54,21 @@ CREATE TABLE IF NOT EXISTS resource_domain.instances (
     claimed_at     TIMESTAMPTZ NOT NULL DEFAULT now(),
     finished_at    TIMESTAMPTZ
 );
+"""
+
+DEAD_LETTERS = """
+CREATE TABLE IF NOT EXISTS resource_domain.dead_letters (
+    id             BIGSERIAL PRIMARY KEY,
+    reason         TEXT NOT NULL,
+    detail         TEXT NOT NULL,
+    sender         TEXT NOT NULL,
+    body           BYTEA NOT NULL,
+    at             TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+"""
+DEAD_LETTER = """
+INSERT INTO resource_domain.dead_letters (reason, detail, sender, body)
+SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bytea[])
 """
 
 CLAIM = """
@@ -79,13 +98,15 @@ WHERE i.instance_id = u.instance_id
 
 
 @dataclass(slots=True)
-class Delivery:
+class CreatedEvent:
+    """An INSTANCE_CREATED delivery, decoded."""
+
     tag: int
     event: event_pb2.Event
     waited: bool = False  # back in the inbox: its instance was claimed by someone else
 
 
-def count_duplicates(batch: list[Delivery], mine: set[int]) -> int:
+def count_duplicates(batch: list[CreatedEvent], mine: set[int]) -> int:
     """Deliveries that provision nothing: all but the first of each instance we claimed.
 
     A delivery put back to wait for another Resource Domain's claim was
@@ -107,11 +128,15 @@ class ResourceDomain:
     def __init__(self, settings: Settings, provisioner: Provisioner | None = None) -> None:
         self.settings = settings
         self.provisioner = provisioner or make_provisioner(settings)
-        self.publisher = ConfirmPublisher(settings, RK_STATUS, "INSTANCE_RUNNING")
-        self._inbox: list[Delivery] = []
-        self._unacked: set[int] = set()  # delivery tags of this channel not acknowledged yet
-        self._wake = asyncio.Event()
-        self._channel: Any = None
+        self.publisher = ConfirmPublisher(settings, RK_STATUS, "INSTANCE_RUNNING",
+                                          component=RESOURCE_DOMAIN)
+        self._waiting: list[CreatedEvent] = []  # claimed by another Resource Domain: ask again
+        self.orderer = user_of(settings, ENGINE)  # the only user trusted to order instances
+        self.consumer = BatchingConsumer(
+            settings, QUEUE_CREATED, component=RESOURCE_DOMAIN, trusted=self.orderer,
+            prefetch=settings.rd_prefetch, batch_size=1, handle=self.flush,
+            untrusted=self.refuse_untrusted, on_reset=self._forget_waiting,
+            name="resource domain")
 
     async def run(self, stopping: asyncio.Event) -> None:
         # as seckill_resource_domain: its own schema, never seckill_logs
@@ -119,75 +144,48 @@ class ResourceDomain:
                                          size=2)
         async with self.pool.acquire() as conn:
             await conn.execute(SCHEMA)
-        failures = 0
+            await conn.execute(DEAD_LETTERS)
         try:
-            while not stopping.is_set():
-                try:
-                    await self._session(stopping)
-                except RETRYABLE as exc:
-                    failures += 1
-                    delay = backoff.delay(failures, self.settings.retry_backoff_max)
-                    log.warning("resource domain: %s; retrying in %.1fs", exc, delay)
-                    self._inbox.clear()
-                    await asyncio.sleep(delay)
+            await self.consumer.run(stopping)
         finally:
             await self.publisher.close()
             await self.pool.close()
 
-    async def _session(self, stopping: asyncio.Event) -> None:
-        conn = await connect_amqp(self.settings)
-        try:
-            channel = self._channel = await conn.channel()
-            # Tags are per channel: a new channel starts afresh, and before the first
-            # delivery can arrive (aiormq runs deliveries before ConsumeOk returns).
-            self._inbox.clear()
-            self._unacked.clear()
-            await channel.basic_qos(prefetch_count=self.settings.rd_prefetch)
-            # The broker cancels the consumer when the queue is deleted (an operator, a
-            # re-declare by `seckill migrate`): the channel stays open but nothing comes
-            # any more. A new session consumes again (retried until the queue is back).
-            cancelled = asyncio.Event()
-            channel.on_consumer_cancel_callbacks.add(lambda _frame: cancelled.set())
-            await channel.basic_consume(QUEUE_CREATED, self._on_message)
-            log.info("resource domain consuming %s", QUEUE_CREATED,
-                     extra={"event": "rd_started"})
-            while not stopping.is_set():
-                if conn.is_closed or channel.is_closed:
-                    raise PublishFailed("resource domain channel closed")
-                if cancelled.is_set():
-                    raise PublishFailed(f"the broker cancelled the consumer of {QUEUE_CREATED}"
-                                        " (queue deleted?)")
-                try:
-                    await asyncio.wait_for(self._wake.wait(), 0.2)
-                except TimeoutError:
-                    pass
-                self._wake.clear()
-                await asyncio.sleep(0.01)
-                await self.flush()
-        finally:
-            self._channel = None
-            await asyncio.shield(conn.close())
+    async def refuse_untrusted(self, deliveries: list[Delivery]) -> None:
+        """Events from any broker user but the engine's: kept with the reason, never
+        provisioned."""
+        details = [f"sent by broker user {d.user_id or '(none)'}; only {self.orderer} "
+                   "orders instances" for d in deliveries]
+        async with self.pool.acquire() as conn:
+            await conn.execute(DEAD_LETTER, ["untrusted_sender"] * len(deliveries), details,
+                               [d.user_id for d in deliveries], [d.body for d in deliveries])
+        metrics.DEAD_LETTERS.labels("untrusted_sender").inc(len(deliveries))
+        for detail in details:
+            log.warning("event dead-lettered: %s", detail,
+                        extra={"event": "rd_dead_letter", "reason": "untrusted_sender"})
+        await self._ack({d.tag for d in deliveries})
 
-    async def _on_message(self, message: Any) -> None:
-        try:
-            event = event_pb2.Event.FromString(message.body)
-        except Exception:  # noqa: BLE001 - garbage on the queue: drop it, loudly
-            log.error("undecodable message dropped", extra={"event": "rd_bad_message"})
-            self._unacked.add(message.delivery.delivery_tag)
-            await self._ack({message.delivery.delivery_tag})
-            return
-        self._inbox.append(Delivery(message.delivery.delivery_tag, event))
-        self._unacked.add(message.delivery.delivery_tag)
-        self._wake.set()
+    def _forget_waiting(self) -> None:
+        """Deliveries of a lost channel: the broker delivers them again."""
+        self._waiting = []
 
-    async def flush(self) -> None:
-        batch, self._inbox = self._inbox, []
+    async def flush(self, arrived: list[Delivery]) -> None:
+        """Provision and report what arrived and what was put back to wait."""
+        batch, self._waiting = self._waiting, []  # those put back arrived first
+        for delivery in arrived:
+            try:
+                event = event_pb2.Event.FromString(delivery.body)
+            except Exception:  # noqa: BLE001 - garbage on the queue: drop it, loudly
+                log.error("undecodable message dropped", extra={"event": "rd_bad_message"})
+                await self._ack({delivery.tag})
+                continue
+            batch.append(CreatedEvent(delivery.tag, event))
         if not batch:
             return
         outcomes = await self.handle(batch)
         await self.report(batch, outcomes)
 
-    async def handle(self, batch: list[Delivery]) -> dict[int, Provisioned]:
+    async def handle(self, batch: list[CreatedEvent]) -> dict[int, Provisioned]:
         """Provision what nobody has claimed yet; return every instance's outcome."""
         ids = list({d.event.instance_id: None for d in batch})
         events = {d.event.instance_id: d.event for d in batch}
@@ -213,7 +211,7 @@ class ResourceDomain:
                                               r["reason"] or "")
                 for r in rows if r["status"] != "PROVISIONING"}
 
-    async def report(self, batch: list[Delivery], outcomes: dict[int, Provisioned]) -> None:
+    async def report(self, batch: list[CreatedEvent], outcomes: dict[int, Provisioned]) -> None:
         """Publish each outcome; acknowledge a delivery once its report is confirmed."""
         ready = [d for d in batch if d.event.instance_id in outcomes]
         messages = [self._status_message(d.event, outcomes[d.event.instance_id])
@@ -223,25 +221,12 @@ class ResourceDomain:
         waiting = [d for d in batch if d.event.instance_id not in outcomes]
         for d in waiting:
             d.waited = True
-        self._inbox.extend(waiting)  # claimed by another Resource Domain: ask again later
+        self._waiting.extend(waiting)  # claimed by another Resource Domain: ask again later
         if any(r != CONFIRMED for r in results):
             raise PublishFailed("status reports not confirmed")
 
     async def _ack(self, tags: set[int]) -> None:
-        """One multiple-ack for the oldest run of settled deliveries, single acks after it."""
-        if self._channel is None or not tags:
-            return
-        run_end = None
-        for tag in sorted(self._unacked):
-            if tag not in tags:
-                break
-            run_end = tag
-        if run_end is not None:
-            await self._channel.basic_ack(run_end, multiple=True)
-        for tag in sorted(t for t in tags if run_end is None or t > run_end):
-            await self._channel.basic_ack(tag)
-        self._unacked -= {t for t in self._unacked if run_end is not None and t <= run_end}
-        self._unacked -= tags
+        await self.consumer.ack(tags)
 
     def _status_message(self, event: event_pb2.Event, outcome: Provisioned) -> Message:
         kind = event_pb2.INSTANCE_RUNNING if outcome.ok else event_pb2.INSTANCE_FAILED

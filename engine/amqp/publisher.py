@@ -8,6 +8,13 @@ the channel lock, queueing the frames and the confirms. The
 per-message cost of going through `basic_publish` (a lock, a timeout scope,
 a queue put and a drain per message) was most of the engine's CPU. Where the
 channel does not look like the aiormq we know, the public path is used.
+
+Every message carries the component's broker user in its user-id property (the
+broker refuses it from anyone else), which is what its consumers trust.
+
+`after_send` is called once a batch's frames are queued and before its confirms
+are looked at: the engine's fault points kill a worker there (the publisher
+itself knows nothing of them, so the Resource Domain can use it too).
 """
 
 from __future__ import annotations
@@ -15,19 +22,19 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import aiormq
 from aiormq.abc import ChannelFrame
 
+from engine.amqp.framing import PERSISTENT, Framer, shortstr
+from engine.amqp.logins import ENGINE, login, user_of
+from engine.amqp.topology import CONTENT_TYPE, EXCHANGE
 from engine.config import Settings, mask_url
 from engine.connections import connect_amqp
 from engine.errors import PublishFailed, ServiceUnavailable
-from engine.keys import CONTENT_TYPE, EXCHANGE
-from engine.pipeline.faults import AFTER_PUBLISH, FAULTS
-from engine.pipeline.framing import PERSISTENT, Framer, shortstr
 
 log = logging.getLogger("seckill.publisher")
 
@@ -46,8 +53,12 @@ class ConfirmPublisher:
     """One connection and one confirm channel; reconnects on demand."""
 
     def __init__(self, settings: Settings, routing_key: str, type_name: str,
-                 *, fast: bool = True) -> None:
+                 *, component: str = ENGINE, fast: bool = True,
+                 after_send: Callable[[], Awaitable[None]] | None = None) -> None:
         self._settings = settings
+        self._component = component
+        self.user = user_of(settings, component)
+        self._after_send = after_send
         self._routing_key = routing_key
         self._type_name = type_name
         self._fast_wanted = fast
@@ -61,7 +72,8 @@ class ConfirmPublisher:
         """Connect and open a confirm channel, the channel within `timeout` (default: the
         publish timeout): a broker that accepts TCP but never answers must not hang us."""
         await self.close()
-        conn = await connect_amqp(self._settings)
+        conn = await connect_amqp(self._settings.replace(
+            amqp_url=login(self._settings, self._component).url))
         try:
             channel = await asyncio.wait_for(
                 conn.channel(publisher_confirms=True, on_return_raises=True),
@@ -78,7 +90,7 @@ class ConfirmPublisher:
             _install_in_order_confirms(channel)
         # set together, once complete: a batch never sees half a connection
         self._framer = Framer.create(channel.number, EXCHANGE, self._routing_key,
-                                     self._type_name) if fast else None
+                                     self._type_name, user_id=self.user) if fast else None
         self._max_body = conn.connection_tune.frame_max - 8
         self._conn, self._channel = conn, channel
 
@@ -110,8 +122,8 @@ class ConfirmPublisher:
                                               deadline)
         futures: list[asyncio.Future] = [
             asyncio.ensure_future(self._send_one(channel, m, now)) for m in messages]
-        if FAULTS.armed and FAULTS.reached(AFTER_PUBLISH):
-            await FAULTS.kill_after_flush()
+        if self._after_send is not None:
+            await self._after_send()
         return await _outcomes(futures, timeout)
 
     async def _publish_framed(self, channel: Any, framer: Framer, messages: Sequence[Message],
@@ -119,8 +131,8 @@ class ConfirmPublisher:
         loop = asyncio.get_running_loop()
         batch = _ConfirmBatch(len(messages), loop)
         first, last = await self._send_framed(channel, framer, messages, ts, batch, deadline)
-        if FAULTS.armed and FAULTS.reached(AFTER_PUBLISH):
-            await FAULTS.kill_after_flush()
+        if self._after_send is not None:
+            await self._after_send()
         closing = channel.closing
         try:
             await asyncio.wait((batch.done, closing), timeout=max(0.0, deadline - loop.time()),
@@ -152,7 +164,8 @@ class ConfirmPublisher:
     async def _send_one(self, channel: Any, message: Message, now: dt.datetime) -> Any:
         props = aiormq.spec.Basic.Properties(
             content_type=CONTENT_TYPE, delivery_mode=PERSISTENT, message_id=message.message_id,
-            timestamp=now, message_type=message.type_name or self._type_name)
+            timestamp=now, message_type=message.type_name or self._type_name,
+            user_id=self.user)
         return await channel.basic_publish(
             message.body, exchange=EXCHANGE, routing_key=self._routing_key,
             properties=props, mandatory=True, wait=False)

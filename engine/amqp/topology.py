@@ -1,0 +1,14 @@
+"""Names on the message bus: the exchange, its queues and routing keys (SPEC.md).
+
+Other teams bind to these, so they live in one place; `seckill migrate` declares them.
+"""
+
+from __future__ import annotations
+
+EXCHANGE = "resource.events"
+EXCHANGE_TYPE = "topic"
+RK_CREATED = "instance.created"
+RK_STATUS = "instance.status"
+QUEUE_CREATED = "resource.instance-created"  # the Resource Domain's inbox
+QUEUE_STATUS = "product-service.instance-status"  # the engine's status consumer
+CONTENT_TYPE = "application/x-protobuf"
