@@ -34,13 +34,13 @@ from engine.errors import BootError, LeaseLost, SeckillError, ServiceUnavailable
 from engine.fulfilment.status_consumer import StatusConsumer
 from engine.keys import RK_CREATED, Keys
 from engine.metrics import daemon as metrics
+from engine.pipeline.batches import Pipeline
 from engine.pipeline.catalog import Catalog
-from engine.pipeline.conductor import Pipeline
 from engine.pipeline.events import INSTANCE_CREATED, TYPE_NAMES
 from engine.pipeline.faults import FAULTS
 from engine.pipeline.ids import NodeLease, Snowflake
 from engine.pipeline.janitor import Janitor
-from engine.pipeline.logsink import prepare_connection
+from engine.pipeline.orderrows import prepare_connection
 from engine.pipeline.orders import DeadLetter, Entry
 from engine.pipeline.publisher import ConfirmPublisher
 from engine.pipeline.reader import StreamReader

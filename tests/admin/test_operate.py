@@ -29,7 +29,7 @@ from engine.admin.stats import collect
 from engine.admin.trim import trim_stream
 from engine.gate.client import Gate
 from engine.keys import GROUP, Keys
-from engine.pipeline.logsink import prepare_connection, write_batch
+from engine.pipeline.orderrows import prepare_connection, write_batch
 from engine.pipeline.orders import Order
 
 pytestmark = pytest.mark.timeout(120)

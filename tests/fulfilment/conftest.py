@@ -9,7 +9,7 @@ import pytest
 from redis.asyncio import Redis
 
 from engine.keys import QUEUE_STATUS
-from engine.pipeline.logsink import prepare_connection
+from engine.pipeline.orderrows import prepare_connection
 
 
 @pytest.fixture

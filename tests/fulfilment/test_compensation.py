@@ -19,7 +19,7 @@ from support import wait_for
 from engine.fulfilment.status_consumer import StatusConsumer, encode_report
 from engine.gate.client import Gate
 from engine.keys import EXCHANGE, FAILED, RK_STATUS, Keys
-from engine.pipeline.logsink import write_batch
+from engine.pipeline.orderrows import write_batch
 from engine.pipeline.orders import Order
 
 pytestmark = pytest.mark.timeout(120)

@@ -17,7 +17,7 @@ from engine.fulfilment.status_consumer import (
 )
 from engine.gate.client import Gate
 from engine.keys import EXCHANGE, FAILED, QUEUE_STATUS, RK_STATUS, RUNNING, Keys
-from engine.pipeline.logsink import write_batch
+from engine.pipeline.orderrows import write_batch
 from engine.pipeline.orders import Order
 
 

@@ -14,7 +14,7 @@ from support import SECKILL, engine_env, free_port, pg_fetch, stop_process
 
 from engine.gate.client import Gate
 from engine.keys import Keys
-from engine.pipeline.logsink import prepare_connection, write_batch
+from engine.pipeline.orderrows import prepare_connection, write_batch
 from engine.pipeline.orders import Order
 
 pytestmark = pytest.mark.timeout(120)

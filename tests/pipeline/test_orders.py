@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from engine.keys import Keys
-from engine.pipeline.conductor import decode_batch
+from engine.pipeline.batches import decode_batch
 from engine.pipeline.orders import (
     BAD_ENTRY,
     OVERSIZED,

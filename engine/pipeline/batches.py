@@ -1,4 +1,4 @@
-"""One batch, stage by stage: decode, look up, take IDs, log, publish, settle.
+"""`Pipeline`: one batch, stage by stage: decode, look up, take IDs, log, publish, settle.
 
 Each stage is a function of its own module; this one only orders them and
 decides what a failure means. Bad data is dead-lettered at once; a failing
@@ -29,7 +29,7 @@ from engine.pipeline.catalog import Catalog
 from engine.pipeline.events import created_body
 from engine.pipeline.faults import AFTER_CONFIRMS, AFTER_LOG_COMMIT, AFTER_READ, FAULTS
 from engine.pipeline.ids import Snowflake
-from engine.pipeline.logsink import write_batch
+from engine.pipeline.orderrows import write_batch
 from engine.pipeline.orders import (
     UNKNOWN_PRODUCT,
     DeadLetter,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncpg
 import pytest
 
-from engine.pipeline.logsink import prepare_connection, write_batch
+from engine.pipeline.orderrows import prepare_connection, write_batch
 from engine.pipeline.orders import DATA_ERROR, SLOT_CONFLICT, Order
 
 
