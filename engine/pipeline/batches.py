@@ -41,7 +41,8 @@ from engine.pipeline.orders import (
     split,
 )
 from engine.pipeline.publisher import CONFIRMED, ConfirmPublisher, Message
-from engine.pipeline.settle import record_errors, settle, touch
+from engine.pipeline.redelivery import error_keys, hold, record_errors
+from engine.pipeline.settle import settle
 
 log = logging.getLogger("seckill.pipeline")
 
@@ -120,6 +121,12 @@ class Pipeline:
         metrics.STAGE_SECONDS.labels("prepare").observe(t1 - t0)
         await self._deliver(orders, dead, prefixes, failures)
 
+    async def record_crash(self, entries: list[Entry], exc: BaseException) -> None:
+        """Remember the error of a batch that crashed (a bug, neither bad data nor an
+        outage) on its entries: they stay pending, come back through recovery or the
+        janitor, and after `max_deliveries` become dead letters that carry it."""
+        await record_errors(self.redis, self.keys, entries, one_line(exc, typed=True))
+
     async def _deliver(self, orders: list[Order], dead: list[DeadLetter],
                        prefixes: dict[int, bytes], attempt: int = 0) -> None:
         batch = _BatchProgress(orders, [], dead)
@@ -129,7 +136,7 @@ class Pipeline:
                     await self._log_and_publish(batch, prefixes)
                 # errors were recorded for this batch only if an attempt failed
                 await self._settle(batch.done, batch.dead,
-                                   self._error_keys(batch) if attempt else ())
+                                   error_keys(self.keys, batch.held()) if attempt else ())
                 batch.done, batch.dead = [], []
                 if not batch.todo:
                     return
@@ -176,10 +183,6 @@ class Pipeline:
             metrics.PUBLISH_FAILURES.labels(outcome).inc(count)
         batch.todo = failed
 
-    def _error_keys(self, batch: _BatchProgress) -> set[str]:
-        return {self.keys.errors(o.product_id) for o in batch.held()
-                if o.product_id is not None}
-
     async def _settle(self, done: list[Order], dead: list[DeadLetter],
                       errors: Iterable[str] = ()) -> None:
         t0 = time.perf_counter()
@@ -222,8 +225,7 @@ class Pipeline:
         await asyncio.sleep(delay)
         if held:
             try:
-                await touch(self.redis, self.consumer, held)
-                await record_errors(self.redis, self.keys, held, one_line(exc, typed=True))
+                await hold(self.redis, self.keys, self.consumer, held, one_line(exc, typed=True))
             except RETRYABLE:
                 pass  # Redis is down too; the next attempt will find out
 

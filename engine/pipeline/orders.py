@@ -7,6 +7,8 @@ a `DeadLetter` carrying the raw fields and the reason.
 
 from __future__ import annotations
 
+from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 MAX_INT64 = 2**63 - 1
@@ -154,3 +156,11 @@ def order_fields(order: Order) -> Fields:
     if order.entry_id != order.stream_id:
         fields[b"orig"] = order.stream_id.encode()
     return fields
+
+
+def ids_by_stream(items: Iterable[Order | DeadLetter | Entry]) -> dict[bytes, list[str]]:
+    """The entry IDs of `items`, by stream: what XACK, XCLAIM and the error hashes take."""
+    by_stream: dict[bytes, list[str]] = defaultdict(list)
+    for item in items:
+        by_stream[item.stream].append(getattr(item, "entry_id", None) or item.stream_id)
+    return by_stream

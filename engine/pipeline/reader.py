@@ -29,8 +29,8 @@ from redis.exceptions import ResponseError, SlotNotCoveredError
 from engine.connections import is_cluster
 from engine.errors import one_line
 from engine.keys import GROUP, Keys
-from engine.pipeline.orders import TOO_MANY_DELIVERIES, DeadLetter, Entry
-from engine.pipeline.settle import last_errors
+from engine.pipeline.orders import DeadLetter, Entry
+from engine.pipeline.redelivery import too_often_delivered
 
 log = logging.getLogger("seckill.reader")
 
@@ -316,7 +316,8 @@ class StreamReader:
                 active += 1
             if cursor != NEW:
                 self.cursors[stream] = items[-1][0] if items else NEW
-                old = await self._too_often_delivered(stream, items)
+                old = await too_often_delivered(self.redis, self.keys, stream, items,
+                                                self.consumer, self.max_deliveries)
             else:
                 old = {}
             for raw_id, fields in items:
@@ -330,59 +331,3 @@ class StreamReader:
                     entries.append(Entry(stream, stream_id, fields))
         self._active = active or len(self.cursors)
         return entries, dead
-
-    async def _too_often_delivered(self, stream: bytes,
-                                   items: list) -> dict[bytes, DeadLetter]:
-        if not items:
-            return {}
-        counts = await delivery_counts(self.redis, stream, [raw_id for raw_id, _ in items],
-                                       self.consumer)
-        return await poison_letters(self.redis, self.keys, stream, items, counts,
-                                    self.max_deliveries)
-
-
-async def delivery_counts(redis: Redis, stream: bytes, ids: list[bytes],
-                          consumer: str) -> dict[bytes, int]:
-    """Delivery count of each of `ids` (in stream order) pending on `consumer`.
-
-    The consumer's pending list between the first and the last ID may hold other
-    entries too (batches in flight, entries claimed earlier), so one page of
-    len(ids) rows can stop short; we page on until every ID is found or the range
-    is exhausted. Only recovery and the janitor call this, never the hot path.
-    """
-    if not ids:
-        return {}
-    wanted = set(ids)
-    counts: dict[bytes, int] = {}
-    page = len(ids) + 100
-    low: bytes = ids[0]
-    while True:
-        rows: list[dict[str, Any]] = await redis.xpending_range(  # type: ignore[assignment]
-            stream, GROUP, min=low, max=ids[-1], count=page, consumername=consumer)
-        for row in rows:
-            if row["message_id"] in wanted:
-                counts[row["message_id"]] = int(row["times_delivered"])
-        if len(rows) < page or len(counts) == len(wanted):
-            return counts
-        low = b"(" + rows[-1]["message_id"]
-
-
-async def poison_letters(redis: Redis, keys: Keys, stream: bytes, items: list,
-                         counts: dict[bytes, int], limit: int) -> dict[bytes, DeadLetter]:
-    """Dead letters for the entries delivered more than `limit` times, with their last error."""
-    over = [(raw_id, fields) for raw_id, fields in items if counts.get(raw_id, 0) > limit]
-    if not over:
-        return {}
-    errors = await last_errors(redis, keys, stream, [raw_id for raw_id, _ in over])
-    return {raw_id: poison(keys, stream, raw_id, fields, counts[raw_id], errors.get(raw_id))
-            for raw_id, fields in over}
-
-
-def poison(keys: Keys, stream: bytes, raw_id: bytes, fields: dict | None, deliveries: int,
-           last_error: str | None = None) -> DeadLetter:
-    detail = f"delivered {deliveries} times without being acknowledged"
-    if last_error:
-        detail += f"; last error: {last_error}"
-    return DeadLetter(stream, raw_id.decode(), keys.product_of_stream(stream.decode()),
-                      fields or {}, TOO_MANY_DELIVERIES, detail,
-                      {"deliveries": str(deliveries), "last_error": last_error or ""})

@@ -14,6 +14,7 @@ left, close the connections.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import os
@@ -44,7 +45,6 @@ from engine.pipeline.orderrows import prepare_connection
 from engine.pipeline.orders import DeadLetter, Entry
 from engine.pipeline.publisher import ConfirmPublisher
 from engine.pipeline.reader import StreamReader
-from engine.pipeline.settle import record_errors
 from engine.pipeline.statewatch import StateWatch
 
 log = logging.getLogger("seckill.worker")
@@ -234,9 +234,8 @@ class Worker:
             # the entries stay pending and come back through recovery or the janitor,
             # and after max_deliveries they are dead-lettered with this error.
             log.exception("batch crashed", extra={"event": "batch_crashed"})
-            error = one_line(exc, typed=True)
-            await self._guard("recording the error", lambda: record_errors(
-                self.redis, self.keys, entries, error))
+            await self._guard("recording the error",
+                              functools.partial(self.pipeline.record_crash, entries, exc))
             self.stop(exits.FAILED)
         finally:
             metrics.INFLIGHT.dec()
