@@ -11,12 +11,11 @@ import asyncio
 import pytest
 
 from engine.keys import EXCHANGE, RK_CREATED, Keys
-from engine.pipeline.batches import build_messages, decode_batch
-from engine.pipeline.events import created_body, product_prefix
+from engine.pipeline.events import build_messages, created_body, product_prefix
 from engine.pipeline.framing import Framer
 from engine.pipeline.ids import Snowflake
 from engine.pipeline.orderrows import stage_rows
-from engine.pipeline.orders import Entry, Order
+from engine.pipeline.orders import Entry, Order, decode_batch
 from engine.products import Product
 
 N = 500

@@ -1,4 +1,5 @@
-"""Stage 1 of a batch: stream entries in, valid orders and dead letters out.
+"""The decode stage of a batch: stream entries in, valid orders and dead letters out,
+and the types every later stage passes on (`Entry`, `Order`, `DeadLetter`).
 
 A malformed entry must never crash a worker or hold up the good orders read
 with it, so decoding never raises: every entry becomes either an `Order` or
@@ -10,6 +11,8 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+
+from engine.keys import Keys
 
 MAX_INT64 = 2**63 - 1
 MAX_INT32 = 2**31 - 1
@@ -137,6 +140,19 @@ def decode_entry(stream: bytes, product_id: int | None, stream_id: str, fields: 
         return Order(product_id, user_id, orig.decode(), ts, sale_id, slot, stream,
                      entry_id=stream_id)
     return Order(product_id, user_id, stream_id, ts, sale_id, slot, stream)
+
+
+def decode_batch(entries: list[Entry], keys: Keys,
+                 max_bytes: int) -> tuple[list[Order], list[DeadLetter]]:
+    """Every entry of a batch decoded: valid orders, and dead letters."""
+    product_of: dict[bytes, int | None] = {}
+    decoded: list[Order | DeadLetter] = []
+    for e in entries:
+        pid = product_of.get(e.stream, -1)
+        if pid == -1:
+            pid = product_of[e.stream] = keys.product_of_stream(e.stream.decode())
+        decoded.append(decode_entry(e.stream, pid, e.stream_id, e.fields, max_bytes))
+    return split(decoded)
 
 
 def split(decoded: list[Order | DeadLetter]) -> tuple[list[Order], list[DeadLetter]]:
