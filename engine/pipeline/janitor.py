@@ -16,7 +16,7 @@ The delete is a script that checks again, atomically, that the consumer still ho
 nothing and is still idle: XGROUP DELCONSUMER drops the consumer's pending entries
 with it, and a worker cut off from Redis (a blackhole) looks idle until the moment it
 reads a batch, so a delete decided on an older XINFO could drop a batch just read,
-which nobody would ever redeliver (seen in `make chaos`: 100 orders lost).
+which nobody would ever redeliver.
 """
 
 from __future__ import annotations
