@@ -73,9 +73,6 @@ class ClusterReader(StreamReader):
         self._probes: tuple[NodeStreams, list[int]] | None = None
         self._probed = 0  # how many streams _probes holds
 
-    def _added(self, stream: bytes) -> None:
-        self._slots[stream] = key_slot(stream)
-
     async def _fetch(self, count: int, recovering: bool) -> list:
         """A share of the busy slots (every slot while recovering), the probe's findings
         added at most once per `block_ms`, then one blocking wait if nothing came."""
@@ -148,11 +145,19 @@ class ClusterReader(StreamReader):
         if recovering or self._groups is None or self._grouped != len(self.cursors):
             groups: BySlot = {}
             for stream, cursor in self.cursors.items():
-                groups.setdefault(self._slots[stream], {})[stream] = cursor
+                groups.setdefault(self._slot(stream), {})[stream] = cursor
             if recovering:
                 return groups
             self._groups, self._grouped = groups, len(self.cursors)
         return self._groups
+
+    def _slot(self, stream: bytes) -> int:
+        """The slot of `stream`, computed once: every other use of `_slots` follows the
+        grouping, which sees every stream discovery added."""
+        slot = self._slots.get(stream)
+        if slot is None:
+            slot = self._slots[stream] = key_slot(stream)
+        return slot
 
     async def _probe(self, by_slot: BySlot) -> list[int]:
         """The slots whose streams hold entries the group has not delivered.

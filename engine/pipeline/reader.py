@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from abc import ABC, abstractmethod
 
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
@@ -43,7 +44,7 @@ async def ensure_group(redis: Redis, stream: str | bytes) -> None:
             raise
 
 
-class StreamReader:
+class StreamReader(ABC):
     """Reads every open sale's stream for one consumer; `_fetch` is the subclass's."""
 
     def __init__(self, redis: Redis, keys: Keys, consumer: str, batch_size: int,
@@ -69,7 +70,6 @@ class StreamReader:
             if stream not in self.cursors:
                 await ensure_group(self.redis, stream)
                 self.cursors[stream] = b"0"
-                self._added(stream)
                 new += 1
         if new:
             self._found.set()
@@ -92,13 +92,10 @@ class StreamReader:
             return [], []
         return await self._collect(reply)
 
-    def _added(self, stream: bytes) -> None:
-        """Discovery added `stream` (a subclass may note what it needs about it)."""
-
+    @abstractmethod
     async def _fetch(self, count: int, recovering: bool) -> list | None:
         """The XREADGROUP reply, [(stream, [(id, fields)...])...], or None when nothing
         was read (the group was gone and has been created again)."""
-        raise NotImplementedError
 
     async def _idle(self) -> None:
         """No sale yet: wait as long as a blocking read would, or until discovery finds
