@@ -13,11 +13,10 @@ import pytest
 from engine.amqp.framing import Framer
 from engine.amqp.topology import EXCHANGE, RK_CREATED
 from engine.keys import Keys
-from engine.pipeline.batches import build_messages, decode_batch
-from engine.pipeline.events import created_body, product_prefix
+from engine.pipeline.events import build_messages, created_body, product_prefix
 from engine.pipeline.ids import Snowflake
 from engine.pipeline.orderrows import stage_rows
-from engine.pipeline.orders import Entry, Order
+from engine.pipeline.orders import Entry, Order, decode_batch
 from engine.products import Product
 
 N = 500

@@ -1,4 +1,5 @@
-"""Stage 2 helper: products looked up through a per-worker cache.
+"""The look-up stage of a batch: products found through a per-worker cache, and
+orders of unknown products set aside as dead letters.
 
 A batch asks for its products once; all misses of a batch cost one query.
 Unknown products are not cached: an order is dead-lettered as
@@ -19,6 +20,7 @@ import asyncpg
 from engine.connections import PG_ERRORS
 from engine.errors import DatabaseFailed
 from engine.pipeline.events import product_prefix
+from engine.pipeline.orders import UNKNOWN_PRODUCT, DeadLetter, Order, order_fields
 from engine.products import Product, fetch_products
 
 
@@ -62,3 +64,18 @@ class Catalog:
         except PG_ERRORS as exc:
             why = "no answer in time" if isinstance(exc, TimeoutError) else str(exc)
             raise DatabaseFailed(f"looking up {len(ids)} products: {why}") from exc
+
+
+def drop_unknown(orders: list[Order], known: dict[int, object],
+                 dead: list[DeadLetter]) -> list[Order]:
+    """The orders of `known` products; the others become dead letters, added to `dead`."""
+    kept = []
+    for o in orders:
+        if o.product_id in known:
+            kept.append(o)
+        else:
+            dead.append(DeadLetter(o.stream, o.stream_id, o.product_id, order_fields(o),
+                                   UNKNOWN_PRODUCT,
+                                   f"product {o.product_id} is not in the products table",
+                                   entry_id=o.entry_id))
+    return kept

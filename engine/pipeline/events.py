@@ -1,4 +1,5 @@
-"""Protobuf event bodies, built with as little per-order work as possible.
+"""The publish stage's events: Protobuf bodies built with as little per-order work as
+possible, one message per order, and which orders the broker confirmed.
 
 Everything that is the same for every order of a product (name, spec, event
 type, product ID) is serialized once and cached; per order only the varying
@@ -9,6 +10,7 @@ the result decodes to exactly the full event. The AMQP frames around them are
 
 from __future__ import annotations
 
+from engine.amqp.publisher import CONFIRMED, Message
 from engine.pb import event_pb2
 from engine.pipeline.orders import Order
 from engine.products import Product
@@ -32,3 +34,25 @@ def created_body(prefix: bytes, order: Order, now: int) -> bytes:
                  stream_id=order.stream_id, sale_id=order.sale_id or "",
                  slot=order.slot or 0).SerializeToString()
     return prefix + tail
+
+
+def build_messages(orders: list[Order], prefixes: dict[int, bytes], now: int) -> list[Message]:
+    """The INSTANCE_CREATED event of every order, its instance ID as the message ID."""
+    return [Message(created_body(prefixes[o.product_id], o, now), str(o.instance_id))
+            for o in orders]
+
+
+def sort_confirmed(orders: list[Order], outcomes: list[str]
+                   ) -> tuple[list[Order], list[Order], dict[str, int]]:
+    """The orders whose event the broker confirmed, the others, and how many of them
+    failed for each outcome (counted once per batch, not per order)."""
+    confirmed: list[Order] = []
+    failed: list[Order] = []
+    why: dict[str, int] = {}
+    for order, outcome in zip(orders, outcomes, strict=True):
+        if outcome == CONFIRMED:
+            confirmed.append(order)
+        else:
+            failed.append(order)
+            why[outcome] = why.get(outcome, 0) + 1
+    return confirmed, failed, why

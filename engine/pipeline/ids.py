@@ -5,6 +5,8 @@ sequence. Two generators never share a node ID because node IDs are leased in
 Redis (`SET ... NX PX`), renewed by compare-and-PEXPIRE, and a generator stops
 issuing IDs *before* its lease could have expired in Redis: validity is
 counted from the moment the renewal was sent, minus a safety margin.
+
+The IDs stage of a batch (`assign_ids`) takes the IDs of a whole batch in one call.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from redis.exceptions import RedisClusterException, RedisError
 
 from engine.errors import ClockMovedBackwards, InvalidInput, LeaseLost, NoFreeNodeId
 from engine.keys import Keys
+from engine.pipeline.orders import Order
 
 log = logging.getLogger("seckill.ids")
 
@@ -239,3 +242,10 @@ class NodeLease:
             except (RedisError, RedisClusterException) as exc:
                 # check() starts failing by itself once the lease could have expired
                 log.warning("renewing node %d failed: %s", self.node_id, exc)
+
+
+def assign_ids(orders: list[Order], snowflake: Snowflake) -> None:
+    """The IDs stage of a batch: one fresh instance ID per order (the log may replace
+    it by the ID an earlier delivery of the same order was given)."""
+    for order, instance_id in zip(orders, snowflake.take(len(orders)), strict=True):
+        order.instance_id = instance_id

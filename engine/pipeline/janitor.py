@@ -16,7 +16,7 @@ The delete is a script that checks again, atomically, that the consumer still ho
 nothing and is still idle: XGROUP DELCONSUMER drops the consumer's pending entries
 with it, and a worker cut off from Redis (a blackhole) looks idle until the moment it
 reads a batch, so a delete decided on an older XINFO could drop a batch just read,
-which nobody would ever redeliver (seen in `make chaos`: 100 orders lost).
+which nobody would ever redeliver.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ from redis.asyncio import Redis
 
 from engine.keys import DLQ_SUFFIX, GROUP, Keys
 from engine.pipeline.orders import DeadLetter, Entry
-from engine.pipeline.reader import delivery_counts, ensure_group, poison_letters
+from engine.pipeline.reader import ensure_group
+from engine.pipeline.redelivery import too_often_delivered
 
 log = logging.getLogger("seckill.janitor")
 
@@ -78,14 +79,11 @@ class Janitor:
             reply = await self.redis.xautoclaim(stream, GROUP, self.consumer, self.idle_ms,
                                                 start_id=cursor, count=self.count)
             cursor, items = reply[0], [i for i in reply[1] if i[0] is not None]
-            if items:
-                counts = await delivery_counts(self.redis, stream, [i[0] for i in items],
-                                               self.consumer)
-                letters = await poison_letters(self.redis, self.keys, stream, items, counts,
-                                               self.max_deliveries)
-                dead += letters.values()
-                entries += [Entry(stream, raw_id.decode(), fields) for raw_id, fields in items
-                            if raw_id not in letters]
+            letters = await too_often_delivered(self.redis, self.keys, stream, items,
+                                                self.consumer, self.max_deliveries)
+            dead += letters.values()
+            entries += [Entry(stream, raw_id.decode(), fields) for raw_id, fields in items
+                        if raw_id not in letters]
             if cursor in (b"0-0", "0-0"):
                 break
         return entries, dead

@@ -1,4 +1,5 @@
-"""Stage 1 of a batch: stream entries in, valid orders and dead letters out.
+"""The decode stage of a batch: stream entries in, valid orders and dead letters out,
+and the types every later stage passes on (`Entry`, `Order`, `DeadLetter`).
 
 A malformed entry must never crash a worker or hold up the good orders read
 with it, so decoding never raises: every entry becomes either an `Order` or
@@ -7,7 +8,11 @@ a `DeadLetter` carrying the raw fields and the reason.
 
 from __future__ import annotations
 
+from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+
+from engine.keys import Keys
 
 MAX_INT64 = 2**63 - 1
 MAX_INT32 = 2**31 - 1
@@ -137,6 +142,19 @@ def decode_entry(stream: bytes, product_id: int | None, stream_id: str, fields: 
     return Order(product_id, user_id, stream_id, ts, sale_id, slot, stream)
 
 
+def decode_batch(entries: list[Entry], keys: Keys,
+                 max_bytes: int) -> tuple[list[Order], list[DeadLetter]]:
+    """Every entry of a batch decoded: valid orders, and dead letters."""
+    product_of: dict[bytes, int | None] = {}
+    decoded: list[Order | DeadLetter] = []
+    for e in entries:
+        pid = product_of.get(e.stream, -1)
+        if pid == -1:
+            pid = product_of[e.stream] = keys.product_of_stream(e.stream.decode())
+        decoded.append(decode_entry(e.stream, pid, e.stream_id, e.fields, max_bytes))
+    return split(decoded)
+
+
 def split(decoded: list[Order | DeadLetter]) -> tuple[list[Order], list[DeadLetter]]:
     orders: list[Order] = []
     dead: list[DeadLetter] = []
@@ -154,3 +172,11 @@ def order_fields(order: Order) -> Fields:
     if order.entry_id != order.stream_id:
         fields[b"orig"] = order.stream_id.encode()
     return fields
+
+
+def ids_by_stream(items: Iterable[Order | DeadLetter | Entry]) -> dict[bytes, list[str]]:
+    """The entry IDs of `items`, by stream: what XACK, XCLAIM and the error hashes take."""
+    by_stream: dict[bytes, list[str]] = defaultdict(list)
+    for item in items:
+        by_stream[item.stream].append(getattr(item, "entry_id", None) or item.stream_id)
+    return by_stream

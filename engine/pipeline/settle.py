@@ -1,4 +1,4 @@
-"""Stage 5 of a batch: acknowledge what is done and set aside what never will be.
+"""The last stage of a batch: acknowledge what is done and set aside what never will be.
 
 Dead letters are written and their entries acknowledged in the same
 MULTI/EXEC as the batch's acknowledgements, so an entry is never both gone
@@ -20,9 +20,10 @@ from redis.asyncio import Redis
 
 from engine.connections import is_cluster
 from engine.errors import ServiceUnavailable, one_line
-from engine.keys import DLQ_SUFFIX, GROUP, Keys
+from engine.keys import DLQ_SUFFIX, GROUP
 from engine.pipeline.faults import FAULTS, MID_DEAD_LETTER
-from engine.pipeline.orders import DeadLetter, Entry, Order
+from engine.pipeline.orders import DeadLetter, Order, ids_by_stream
+from engine.pipeline.redelivery import forget_errors
 
 
 def dlq_fields(dead: DeadLetter, worker: str) -> dict[str, str | bytes]:
@@ -41,19 +42,12 @@ def dlq_fields(dead: DeadLetter, worker: str) -> dict[str, str | bytes]:
     return out
 
 
-def group_ids(items: Iterable[Order | DeadLetter | Entry]) -> dict[bytes, list[str]]:
-    by_stream: dict[bytes, list[str]] = defaultdict(list)
-    for item in items:
-        by_stream[item.stream].append(getattr(item, "entry_id", None) or item.stream_id)
-    return by_stream
-
-
 async def settle(redis: Redis, done: list[Order], dead: list[DeadLetter], worker: str,
                  errors: Iterable[str] = ()) -> None:
     """XADD the dead letters and XACK everything in one transaction.
 
-    `errors` are the error hashes (see `record_errors`) that may hold entries of
-    this batch: their fields go with the acknowledgement, so the hash only ever
+    `errors` are the error hashes (`redelivery.error_keys`) that may hold entries
+    of this batch: their fields go with the acknowledgement, so the hash only ever
     holds entries that are still pending.
     """
     if not done and not dead:
@@ -66,11 +60,10 @@ async def settle(redis: Redis, done: list[Order], dead: list[DeadLetter], worker
         pipe.xadd(letter.stream + DLQ_SUFFIX.encode(), dlq_fields(letter, worker))  # type: ignore[arg-type]
     if dead and FAULTS.armed and FAULTS.reached(MID_DEAD_LETTER):
         await FAULTS.kill_mid_write(redis, pipe)
-    by_stream = group_ids([*done, *dead])
+    by_stream = ids_by_stream([*done, *dead])
     for stream, ids in by_stream.items():
         pipe.xack(stream, GROUP, *ids)
-    for key in errors:
-        pipe.hdel(key, *[i for ids in by_stream.values() for i in ids])
+    forget_errors(pipe, errors, by_stream)
     await pipe.execute()
 
 
@@ -113,7 +106,7 @@ async def _settle_per_product(redis: Redis, done: list[Order], dead: list[DeadLe
 
     A RuntimeError the cluster client raises while a node goes away is reported as the
     outage it is (the batch retries; its entries stay pending)."""
-    by_stream = group_ids([*done, *dead])
+    by_stream = ids_by_stream([*done, *dead])
     errors_of: dict[str, list[str]] = defaultdict(list)
     for key in errors:
         errors_of[hash_tag(key)].append(key)
@@ -137,40 +130,3 @@ async def _settle_per_product(redis: Redis, done: list[Order], dead: list[DeadLe
     except RuntimeError as exc:
         raise ServiceUnavailable(f"Redis Cluster: acknowledging {len(by_stream)} streams: "
                                  f"{one_line(exc)}") from exc
-
-
-async def touch(redis: Redis, consumer: str, items: Iterable[Order | DeadLetter]) -> None:
-    """Reset the idle time of entries we still work on, so no janitor takes them.
-
-    XCLAIM ... JUSTID does not bump the delivery counter: a long broker
-    outage must not make good orders look like poison.
-    """
-    pipe = redis.pipeline(transaction=False)
-    for stream, ids in group_ids(items).items():
-        pipe.xclaim(stream, GROUP, consumer, 0, list(ids), justid=True)  # type: ignore[arg-type]
-    await pipe.execute()
-
-
-ERRORS_TTL_S = 86_400
-
-
-async def record_errors(redis: Redis, keys: Keys, items: Iterable[Order | DeadLetter | Entry],
-                        error: str) -> None:
-    """Remember why these entries failed, for the dead letter they may become."""
-    pipe = redis.pipeline(transaction=False)
-    for stream, ids in group_ids(items).items():
-        pid = keys.product_of_stream(stream.decode())
-        if pid is not None:
-            pipe.hset(keys.errors(pid), mapping=dict.fromkeys(ids, error[:500]))
-            pipe.expire(keys.errors(pid), ERRORS_TTL_S)
-    await pipe.execute()
-
-
-async def last_errors(redis: Redis, keys: Keys, stream: bytes,
-                      ids: list[bytes]) -> dict[bytes, str]:
-    pid = keys.product_of_stream(stream.decode())
-    if pid is None or not ids:
-        return {}
-    values = await redis.hmget(keys.errors(pid), ids)
-    return {i: v.decode() if isinstance(v, bytes) else str(v)
-            for i, v in zip(ids, values, strict=True) if v is not None}

@@ -14,6 +14,7 @@ left, close the connections.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import os
@@ -36,6 +37,7 @@ from engine.errors import BootError, LeaseLost, SeckillError, ServiceUnavailable
 from engine.fulfilment.status_consumer import StatusConsumer
 from engine.keys import Keys
 from engine.metrics import daemon as metrics
+from engine.pipeline.autoreader import open_reader
 from engine.pipeline.batches import Pipeline
 from engine.pipeline.catalog import Catalog
 from engine.pipeline.events import INSTANCE_CREATED, TYPE_NAMES
@@ -44,8 +46,6 @@ from engine.pipeline.ids import NodeLease, Snowflake
 from engine.pipeline.janitor import Janitor
 from engine.pipeline.orderrows import prepare_connection
 from engine.pipeline.orders import DeadLetter, Entry
-from engine.pipeline.reader import StreamReader
-from engine.pipeline.settle import record_errors
 from engine.pipeline.statewatch import StateWatch
 
 log = logging.getLogger("seckill.worker")
@@ -109,8 +109,8 @@ class Worker:
             snowflake=Snowflake(self.lease.node_id, max_rollback_ms=s.max_clock_rollback_ms,
                                 lease=self.lease),
             consumer=self.consumer)
-        self.reader = StreamReader(self.redis, self.keys, self.consumer, s.batch_size,
-                                   s.block_ms, s.max_deliveries)
+        self.reader = open_reader(self.redis, self.keys, self.consumer, batch_size=s.batch_size,
+                                  block_ms=s.block_ms, max_deliveries=s.max_deliveries)
         self.janitor = Janitor(self.redis, self.keys, self.consumer, idle_ms=s.claim_idle_ms,
                                count=s.batch_size, max_deliveries=s.max_deliveries)
         self.status = StatusConsumer(s, self.redis, self.pool)
@@ -236,9 +236,8 @@ class Worker:
             # the entries stay pending and come back through recovery or the janitor,
             # and after max_deliveries they are dead-lettered with this error.
             log.exception("batch crashed", extra={"event": "batch_crashed"})
-            error = one_line(exc, typed=True)
-            await self._guard("recording the error", lambda: record_errors(
-                self.redis, self.keys, entries, error))
+            await self._guard("recording the error",
+                              functools.partial(self.pipeline.record_crash, entries, exc))
             self.stop(exits.FAILED)
         finally:
             metrics.INFLIGHT.dec()

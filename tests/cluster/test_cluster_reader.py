@@ -19,7 +19,8 @@ from redis.asyncio import Redis
 from redis.crc import key_slot
 
 from engine.keys import Keys
-from engine.pipeline.reader import DEEP_PER_STREAM, StreamReader, ensure_group
+from engine.pipeline.clusterreader import DEEP_PER_STREAM, ClusterReader
+from engine.pipeline.reader import ensure_group
 from engine.testing.clusters import LocalRedisCluster
 
 pytestmark = pytest.mark.timeout(120)
@@ -57,9 +58,9 @@ async def sales(redis: Redis, count: int) -> tuple[Keys, list[int]]:
     return keys, pids
 
 
-async def idle_reader(redis: Redis, keys: Keys, batch_size: int = 1000) -> StreamReader:
+async def idle_reader(redis: Redis, keys: Keys, batch_size: int = 1000) -> ClusterReader:
     """A reader past its start: streams discovered, its own (empty) pending lists read."""
-    reader = StreamReader(redis, keys, "c1", batch_size, BLOCK_MS, max_deliveries=5)
+    reader = ClusterReader(redis, keys, "c1", batch_size, BLOCK_MS, max_deliveries=5)
     assert await reader.discover() == SALES
     await reader.read()  # cursor 0 on every stream: nothing pending, every stream goes to ">"
     return reader

@@ -14,7 +14,6 @@ import asyncpg
 import pytest
 from prometheus_client import REGISTRY
 from statusreports import log_orders, owners, publish, rows
-from support import wait_for
 
 from engine.amqp.logins import ENGINE, RESOURCE_DOMAIN, login
 from engine.amqp.topology import (
@@ -30,6 +29,7 @@ from engine.keys import Keys
 from engine.orderstates import FAILED, PROCESSING, RUNNING
 from engine.pb import event_pb2
 from engine.resource_domain.service import ResourceDomain
+from engine.testing.waits import wait_for
 
 pytestmark = pytest.mark.timeout(120)
 

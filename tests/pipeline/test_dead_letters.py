@@ -18,8 +18,7 @@ from support import (
 
 from engine.keys import GROUP
 from engine.pipeline.orders import Entry
-from engine.pipeline.reader import delivery_counts
-from engine.pipeline.settle import record_errors
+from engine.pipeline.redelivery import delivery_counts, record_errors
 from engine.process.worker import consumer_name
 from engine.testing.processes import EngineProcess
 from engine.testing.waits import wait_for
@@ -80,7 +79,7 @@ async def test_entries_delivered_too_often_are_dead_lettered(settings, redis, ke
         if _ == 0:
             await redis.xreadgroup(GROUP, consumer, {keys.stream(product_id): ">"})
     from engine.pipeline.orders import Entry
-    from engine.pipeline.settle import record_errors
+    from engine.pipeline.redelivery import record_errors
 
     stream = keys.stream(product_id).encode()
     await record_errors(redis, keys, [Entry(stream, ids[0], {})], "RuntimeError: boom")

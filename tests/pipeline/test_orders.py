@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 
 from engine.keys import Keys
-from engine.pipeline.batches import decode_batch
 from engine.pipeline.orders import (
     BAD_ENTRY,
     OVERSIZED,
     DeadLetter,
     Entry,
     Order,
+    decode_batch,
     decode_entry,
     entry_ms,
     split,

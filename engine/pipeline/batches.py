@@ -1,7 +1,7 @@
-"""One batch, stage by stage: decode, look up, take IDs, log, publish, settle.
+"""`Pipeline`: one batch, stage by stage: decode, look up, take IDs, log, publish, settle.
 
-Each stage is a function of its own module; this one only orders them and
-decides what a failure means. Bad data is dead-lettered at once; a failing
+Each stage is a function of its own module; this one only orders them, times
+them, and decides what a failure means. Bad data is dead-lettered at once; a failing
 service is retried in place with backoff (the entries stay pending and are
 re-claimed to us so no janitor takes them), because the order is fine and
 only the world is broken. Nothing is acknowledged unless its row is
@@ -20,70 +20,22 @@ import asyncpg
 from redis.asyncio import Redis
 
 from engine import backoff
-from engine.amqp.publisher import CONFIRMED, ConfirmPublisher, Message
+from engine.amqp.publisher import ConfirmPublisher
 from engine.config import Settings
 from engine.connections import RETRYABLE
 from engine.errors import ServiceError, one_line
 from engine.keys import Keys
 from engine.metrics import daemon as metrics
-from engine.pipeline.catalog import Catalog
-from engine.pipeline.events import created_body
+from engine.pipeline.catalog import Catalog, drop_unknown
+from engine.pipeline.events import build_messages, sort_confirmed
 from engine.pipeline.faults import AFTER_CONFIRMS, AFTER_LOG_COMMIT, AFTER_READ, FAULTS
-from engine.pipeline.ids import Snowflake
+from engine.pipeline.ids import Snowflake, assign_ids
 from engine.pipeline.orderrows import write_batch
-from engine.pipeline.orders import (
-    UNKNOWN_PRODUCT,
-    DeadLetter,
-    Entry,
-    Order,
-    decode_entry,
-    entry_ms,
-    order_fields,
-    split,
-)
-from engine.pipeline.settle import record_errors, settle, touch
+from engine.pipeline.orders import DeadLetter, Entry, Order, decode_batch, entry_ms
+from engine.pipeline.redelivery import error_keys, hold, record_errors
+from engine.pipeline.settle import settle
 
 log = logging.getLogger("seckill.pipeline")
-
-
-def decode_batch(entries: list[Entry], keys: Keys,
-                 max_bytes: int) -> tuple[list[Order], list[DeadLetter]]:
-    """Stage 1: valid orders and dead letters."""
-    product_of: dict[bytes, int | None] = {}
-    decoded: list[Order | DeadLetter] = []
-    for e in entries:
-        pid = product_of.get(e.stream, -1)
-        if pid == -1:
-            pid = product_of[e.stream] = keys.product_of_stream(e.stream.decode())
-        decoded.append(decode_entry(e.stream, pid, e.stream_id, e.fields, max_bytes))
-    return split(decoded)
-
-
-def drop_unknown(orders: list[Order], known: dict[int, object],
-                 dead: list[DeadLetter]) -> list[Order]:
-    """Stage 2: orders of unknown products become dead letters."""
-    kept = []
-    for o in orders:
-        if o.product_id in known:
-            kept.append(o)
-        else:
-            dead.append(DeadLetter(o.stream, o.stream_id, o.product_id, order_fields(o),
-                                   UNKNOWN_PRODUCT,
-                                   f"product {o.product_id} is not in the products table",
-                                   entry_id=o.entry_id))
-    return kept
-
-
-def assign_ids(orders: list[Order], snowflake: Snowflake) -> None:
-    """Stage 2b: one fresh instance ID per order (the log may replace it by an older one)."""
-    for order, instance_id in zip(orders, snowflake.take(len(orders)), strict=True):
-        order.instance_id = instance_id
-
-
-def build_messages(orders: list[Order], prefixes: dict[int, bytes], now: int) -> list[Message]:
-    """Stage 4a: the protobuf body and message ID of every event."""
-    return [Message(created_body(prefixes[o.product_id], o, now), str(o.instance_id))
-            for o in orders]
 
 
 class Pipeline:
@@ -120,16 +72,23 @@ class Pipeline:
         metrics.STAGE_SECONDS.labels("prepare").observe(t1 - t0)
         await self._deliver(orders, dead, prefixes, failures)
 
+    async def record_crash(self, entries: list[Entry], exc: BaseException) -> None:
+        """Remember the error of a batch that crashed (a bug, neither bad data nor an
+        outage) on its entries: they stay pending, come back through recovery or the
+        janitor, and after `max_deliveries` become dead letters that carry it."""
+        await record_errors(self.redis, self.keys, entries, one_line(exc, typed=True))
+
     async def _deliver(self, orders: list[Order], dead: list[DeadLetter],
                        prefixes: dict[int, bytes], attempt: int = 0) -> None:
         batch = _BatchProgress(orders, [], dead)
         while True:
             try:
                 if batch.todo:
-                    await self._log_and_publish(batch, prefixes)
+                    await self._log(batch)
+                    await self._publish(batch, prefixes)
                 # errors were recorded for this batch only if an attempt failed
                 await self._settle(batch.done, batch.dead,
-                                   self._error_keys(batch) if attempt else ())
+                                   error_keys(self.keys, batch.held()) if attempt else ())
                 batch.done, batch.dead = [], []
                 if not batch.todo:
                     return
@@ -138,8 +97,9 @@ class Pipeline:
                 attempt += 1
                 await self._after_failure(exc, attempt, batch.held())
 
-    async def _log_and_publish(self, batch: _BatchProgress, prefixes: dict[int, bytes]) -> None:
-        """Log and publish `batch.todo`; confirmed orders move to `batch.done`."""
+    async def _log(self, batch: _BatchProgress) -> None:
+        """Log `batch.todo`: refused orders become dead letters, redelivered ones take
+        the instance ID they were logged with first."""
         t0 = time.perf_counter()
         try:
             result = await write_batch(self.pool, batch.todo, self.settings.db_timeout)
@@ -148,12 +108,15 @@ class Pipeline:
             raise
         if FAULTS.armed and FAULTS.reached(AFTER_LOG_COMMIT):
             FAULTS.kill()
-        t1 = time.perf_counter()
-        metrics.STAGE_SECONDS.labels("log").observe(t1 - t0)
+        metrics.STAGE_SECONDS.labels("log").observe(time.perf_counter() - t0)
         batch.dead.extend(result.refused)
         batch.todo = result.logged
         if result.redelivered:
             metrics.REDELIVERED.inc(result.redelivered)
+
+    async def _publish(self, batch: _BatchProgress, prefixes: dict[int, bytes]) -> None:
+        """Publish `batch.todo`: confirmed orders move to `batch.done`, the others stay."""
+        t0 = time.perf_counter()
         messages = build_messages(batch.todo, prefixes, int(self.clock()))
         try:
             outcomes = await self.publisher.publish(messages, self.settings.publish_timeout)
@@ -161,24 +124,13 @@ class Pipeline:
             metrics.BATCH_FAILURES.labels("publish").inc()
             await self.publisher.close()
             raise
-        metrics.STAGE_SECONDS.labels("publish").observe(time.perf_counter() - t1)
+        metrics.STAGE_SECONDS.labels("publish").observe(time.perf_counter() - t0)
         if FAULTS.armed and FAULTS.reached(AFTER_CONFIRMS):
             FAULTS.kill()
-        failed: list[Order] = []
-        why: dict[str, int] = {}
-        for order, outcome in zip(batch.todo, outcomes, strict=True):
-            if outcome == CONFIRMED:
-                batch.done.append(order)
-            else:
-                failed.append(order)
-                why[outcome] = why.get(outcome, 0) + 1
-        for outcome, count in why.items():  # counters move once per batch, not per order
+        confirmed, batch.todo, why = sort_confirmed(batch.todo, outcomes)
+        batch.done += confirmed
+        for outcome, count in why.items():
             metrics.PUBLISH_FAILURES.labels(outcome).inc(count)
-        batch.todo = failed
-
-    def _error_keys(self, batch: _BatchProgress) -> set[str]:
-        return {self.keys.errors(o.product_id) for o in batch.held()
-                if o.product_id is not None}
 
     async def _settle(self, done: list[Order], dead: list[DeadLetter],
                       errors: Iterable[str] = ()) -> None:
@@ -222,8 +174,7 @@ class Pipeline:
         await asyncio.sleep(delay)
         if held:
             try:
-                await touch(self.redis, self.consumer, held)
-                await record_errors(self.redis, self.keys, held, one_line(exc, typed=True))
+                await hold(self.redis, self.keys, self.consumer, held, one_line(exc, typed=True))
             except RETRYABLE:
                 pass  # Redis is down too; the next attempt will find out
 

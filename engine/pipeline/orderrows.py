@@ -1,7 +1,8 @@
-"""Stage 3 of a batch: make every order's instance ID durable in `seckill_logs`.
+"""The log stage of a batch: every order's row, with its instance ID, made durable in
+`seckill_logs`, the order log (the engine's own logging is `engine.logs`).
 
-We log before we publish (the seed did the opposite) so that an instance ID
-exists in the database before anyone can provision it.
+We log before we publish so that an instance ID exists in the database before
+anyone can provision it.
 
 A batch is first tried as one binary `COPY` straight into `seckill_logs`: the
 common case (no order of it logged before) then costs two round trips instead
