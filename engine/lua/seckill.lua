@@ -1,8 +1,9 @@
 -- One purchase attempt, atomically. Every check comes before the first write,
 -- so an error can never leave half a purchase behind: the reads refuse a key of
 -- another type (WRONGTYPE), the stock is checked for a form DECR accepts, and the
--- stream's XADD is the purchase's first write (a stream key of another type is
--- refused by it, with nothing written yet).
+-- stream's XADD is the purchase's first write (a stream key of another type, or any
+-- entry Redis refuses, fails it with nothing written yet; a duplicate or sold-out
+-- attempt writes no entry and so does not look at the stream).
 -- KEYS: 1 stock, 2 sale, 3 buyers, 4 free slots, 5 order stream (one product: one hash tag)
 --       optional: 6 the sale's window and limits (hash: start, end in unix ms; user_rate,
 --       user_burst, ip_rate, ip_burst overriding ARGV), 7 the user's limiter, 8 the client
