@@ -35,7 +35,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,7 +163,7 @@ def measure(contestants: list[Contestant], calls: int, rounds: int, slices: int
             ) -> list[dict[str, Any]]:
     """`rounds` rounds on one private Redis; in each, the contestants take turns, `slices`
     turns each, so a change in the machine's load falls on all of them alike."""
-    with RedisNode(directory=Path(tempfile.mkdtemp(prefix="seckill-gatescript-"))) as node:
+    with RedisNode() as node:  # its own directory, removed when it stops
         client = SyncRedis.from_url(node.url, socket_timeout=10)
         out = []
         for r in range(rounds):
