@@ -82,6 +82,7 @@ tools:
 
 bench-tools:
 	$(call apt_tool,wrk,wrk,the HTTP benchmark falls back to a Python client)
+	$(call apt_tool,redis-benchmark,redis-tools,python -m bench.gatescript needs it)
 
 test: venv services tools
 	@echo "==> tests"

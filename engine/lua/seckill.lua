@@ -1,7 +1,9 @@
 -- One purchase attempt, atomically. Every check comes before the first write,
--- so an error can never leave half a purchase behind: the keys the writes touch
--- are checked for their type (SISMEMBER fails on a non-set buyers key, TYPE
--- guards the stream) and the stock for a form DECR accepts.
+-- so an error can never leave half a purchase behind: the reads refuse a key of
+-- another type (WRONGTYPE), the stock is checked for a form DECR accepts, and the
+-- stream's XADD is the purchase's first write (a stream key of another type, or any
+-- entry Redis refuses, fails it with nothing written yet; a duplicate or sold-out
+-- attempt writes no entry and so does not look at the stream).
 -- KEYS: 1 stock, 2 sale, 3 buyers, 4 free slots, 5 order stream (one product: one hash tag)
 --       optional: 6 the sale's window and limits (hash: start, end in unix ms; user_rate,
 --       user_burst, ip_rate, ip_burst overriding ARGV), 7 the user's limiter, 8 the client
@@ -11,35 +13,44 @@
 -- Reply: {1, stream entry ID, slot} accepted | {2} duplicate | {3} sold out | {0} no sale
 --        | {4, retry after ms, 'user' or 'ip'} rate-limited | {5, start ms, now ms} not
 --        started | {6, end ms} ended
--- Time is Redis TIME: one clock for every BFF process, whatever their own clocks say.
+-- Time is Redis TIME, read only when a window or a limit needs it: one clock for every
+-- BFF process, whatever their own clocks say.
 -- Error: "SECKILL_BADSTATE ..." when a key holds something the purchase cannot use.
+-- Every redis.call costs the one Redis thread that sells the product more than the Lua
+-- around it (the arguments copied in, the reply parsed back): read only what decides the
+-- answer, write only what the attempt changes.
 local stock = redis.call('GET', KEYS[1])
 local sale = redis.call('GET', KEYS[2])
 if not stock or not sale then
   return {0}
 end
-local window = {false, false, false, false, false, false}
-if KEYS[6] then
-  window = redis.call('HMGET', KEYS[6], 'start', 'end', 'user_rate', 'user_burst', 'ip_rate',
-                      'ip_burst')
+local window = KEYS[6] and redis.call('HMGET', KEYS[6], 'start', 'end', 'user_rate',
+                                      'user_burst', 'ip_rate', 'ip_burst') or {}
+local user_key, user_rate = KEYS[7], tonumber(window[3] or ARGV[3] or 0) or 0
+if user_rate <= 0 then
+  user_key = nil
 end
-local now_t = redis.call('TIME')
-local now = tonumber(now_t[1]) * 1000 + math.floor(tonumber(now_t[2]) / 1000)
-if window[1] and now < tonumber(window[1]) then
-  return {5, tonumber(window[1]), now}
+local ip_key, ip_rate = KEYS[8], tonumber(window[5] or ARGV[5] or 0) or 0
+if ip_key == '' or ip_rate <= 0 then
+  ip_key = nil
 end
-if window[2] and now >= tonumber(window[2]) then
-  return {6, tonumber(window[2])}
+local now = 0
+if window[1] or window[2] or user_key or ip_key then
+  local now_t = redis.call('TIME')
+  now = now_t[1] * 1000 + math.floor(now_t[2] / 1000)
+  if window[1] and now < tonumber(window[1]) then
+    return {5, tonumber(window[1]), now}
+  end
+  if window[2] and now >= tonumber(window[2]) then
+    return {6, tonumber(window[2])}
+  end
 end
 
 -- GCRA: a limiter key holds the theoretical arrival time (ms) of the next request; one
 -- request every 1000/rate ms, `burst` at once. Returns the new TAT, or nil and the wait.
 local function gcra(key, rate, burst)
-  if not key or key == '' or rate <= 0 then
-    return nil, 0
-  end
   local interval = 1000 / rate
-  local tat = tonumber(redis.call('GET', key) or 0) or 0
+  local tat = tonumber(redis.call('GET', key)) or now
   if tat < now then
     tat = now
   end
@@ -50,16 +61,18 @@ local function gcra(key, rate, burst)
   end
   return new_tat, 0
 end
-local function num(value, default)
-  return tonumber(value or default or 0) or 0
+local user_tat, ip_tat, wait
+if user_key then
+  user_tat, wait = gcra(user_key, user_rate, tonumber(window[4] or ARGV[4] or 0) or 0)
+  if not user_tat then
+    return {4, wait, 'user'}
+  end
 end
-local user_tat, user_wait = gcra(KEYS[7], num(window[3], ARGV[3]), num(window[4], ARGV[4]))
-if user_wait > 0 then
-  return {4, user_wait, 'user'}
-end
-local ip_tat, ip_wait = gcra(KEYS[8], num(window[5], ARGV[5]), num(window[6], ARGV[6]))
-if ip_wait > 0 then
-  return {4, ip_wait, 'ip'}
+if ip_key then
+  ip_tat, wait = gcra(ip_key, ip_rate, tonumber(window[6] or ARGV[6] or 0) or 0)
+  if not ip_tat then
+    return {4, wait, 'ip'}
+  end
 end
 
 -- what DECR accepts: a plain decimal integer (no blank, fraction, exponent or leading zero)
@@ -73,34 +86,42 @@ if #stock > 18 or not string.find(stock, '^[1-9]%d*$') then
                              .. ', not an integer stock')
   end
 end
-local stream_type = redis.call('TYPE', KEYS[5])['ok']
-if stream_type ~= 'stream' and stream_type ~= 'none' then
-  return redis.error_reply('SECKILL_BADSTATE ' .. KEYS[5] .. ' is a ' .. stream_type
-                           .. ', not a stream')
-end
 local buyer = redis.call('SISMEMBER', KEYS[3], ARGV[1]) == 1
 
--- every check passed: the writes. An attempt within its limits spends its share of them,
--- whatever the answer, so a client retrying a duplicate or a sold-out sale is slowed too.
-for _, limiter in ipairs({{KEYS[7], user_tat}, {KEYS[8], ip_tat}}) do
-  if limiter[2] then
-    redis.call('SET', limiter[1], string.format('%d', limiter[2]), 'PX',
-               math.max(1, math.ceil(limiter[2] - now)))
+-- An attempt within its limits spends its share of them, whatever the answer, so a
+-- client retrying a duplicate or a sold-out sale is slowed too.
+local function spend()
+  if user_tat then
+    redis.call('SET', user_key, string.format('%d', user_tat), 'PX',
+               math.max(1, math.ceil(user_tat - now)))
+  end
+  if ip_tat then
+    redis.call('SET', ip_key, string.format('%d', ip_tat), 'PX',
+               math.max(1, math.ceil(ip_tat - now)))
   end
 end
-if buyer then
-  return {2}
+if buyer or sold_out then
+  spend()
+  return {buyer and 2 or 3}
 end
-if sold_out then
-  return {3}
+-- a unit handed back by a failed order is sold again before a new one (LINDEX, a read,
+-- also refuses a free-slots key of another type before anything is written)
+local free = redis.call('LINDEX', KEYS[4], 0)
+local slot = free or stock
+local id = redis.pcall('XADD', KEYS[5], '*', 'uid', ARGV[1], 'ts', ARGV[2],
+                       'sale', sale, 'slot', slot)
+if type(id) == 'table' then
+  local kind = redis.call('TYPE', KEYS[5])['ok']
+  if kind ~= 'stream' and kind ~= 'none' then
+    return redis.error_reply('SECKILL_BADSTATE ' .. KEYS[5] .. ' is a ' .. kind
+                             .. ', not a stream')
+  end
+  return id  -- Redis refused the write itself (memory, replicas): nothing was written
 end
--- a unit handed back by a failed order is sold again before a new one
-local slot = redis.call('LPOP', KEYS[4])
-if not slot then
-  slot = stock
+if free then
+  redis.call('LPOP', KEYS[4])
 end
 redis.call('DECR', KEYS[1])
 redis.call('SADD', KEYS[3], ARGV[1])
-local id = redis.call('XADD', KEYS[5], '*', 'uid', ARGV[1], 'ts', ARGV[2],
-                      'sale', sale, 'slot', slot)
+spend()
 return {1, id, tonumber(slot)}
