@@ -42,12 +42,12 @@ from typing import Any
 
 from redis import Redis as SyncRedis
 
-from engine.admin.localnodes import RedisNode
 from engine.config import Settings
 from engine.connections import connect_redis
-from engine.gate.client import Gate, Limits, Window
+from engine.gate.redis_gate import Gate, Limits, Window
 from engine.keys import Keys
 from engine.resources import lua_script
+from engine.testing.nodes import RedisNode
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TICK = os.sysconf("SC_CLK_TCK")

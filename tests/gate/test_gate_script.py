@@ -8,7 +8,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from engine.errors import SaleStateCorrupt
-from engine.gate.client import Gate, Limits, Window
+from engine.gate.redis_gate import Gate, Limits, Window
 from engine.keys import Keys
 
 # the last ID a stream can hold: XADD * after it is refused ("exhausted the last ID")
