@@ -12,7 +12,6 @@ from dataclasses import asdict
 import asyncpg
 import pytest
 from redis import Redis as SyncRedis
-from redis.asyncio import Redis
 from support import (
     SECKILL,
     EngineProcess,
@@ -38,13 +37,6 @@ pytestmark = pytest.mark.timeout(120)
 def seckill(settings, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([SECKILL, *args], env=engine_env(settings), capture_output=True,
                           text=True, timeout=60)
-
-
-@pytest.fixture
-async def redis(settings):
-    client = Redis.from_url(settings.redis_url)
-    yield client
-    await client.aclose()
 
 
 async def test_trim_removes_only_acknowledged_entries(settings, redis, product_id):

@@ -35,12 +35,8 @@ from engine.gate.client import Gate
 from engine.keys import EXCHANGE, QUEUE_STATUS, RK_CREATED, Keys
 from engine.pb import event_pb2
 
-pytestmark = pytest.mark.timeout(300)
-
-
-@pytest.fixture(autouse=True)
-def _fresh(fresh_queues):
-    """Every test here runs a Resource Domain: it starts from empty queues."""
+# every test here runs a Resource Domain: it starts from empty queues
+pytestmark = [pytest.mark.timeout(300), pytest.mark.usefixtures("fresh_queues")]
 
 
 class ResourceDomainProcess:

@@ -7,7 +7,6 @@ import asyncio
 
 import pytest
 from support import wait_for
-from test_status import log_orders, publish, rows
 
 from engine.fulfilment.status_consumer import StatusConsumer, encode_report
 from engine.gate.client import Gate
@@ -16,7 +15,8 @@ from engine.keys import RUNNING, Keys
 pytestmark = pytest.mark.timeout(120)
 
 
-async def test_an_endpoint_outside_rd_domain_is_dead_lettered(settings, env, product_id):  # noqa: F811
+async def test_an_endpoint_outside_rd_domain_is_dead_lettered(settings, env, product_id,
+                                                              log_orders, publish, rows):
     redis, pool, channel = env
     gate = Gate(redis, Keys(settings.key_prefix))
     await gate.open_sale(product_id, 10)

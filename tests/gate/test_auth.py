@@ -19,15 +19,12 @@ import httpx
 import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
-from redis.asyncio import Redis
 from support import SECKILL, engine_env, free_port
 from test_bff import Bff
 
 from engine.config import Settings
 from engine.gate.auth import KeySet, Unauthenticated, Verifier
-from engine.gate.client import Gate
 from engine.gate.devkeys import init_keys, mint_token
-from engine.keys import Keys
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -67,17 +64,11 @@ def auth_settings(settings, issuer) -> Settings:
 
 
 @pytest.fixture(params=["rsgi", "asgi"])
-def bff(auth_settings, request):
+def jwt_bff(auth_settings, request):
+    """A BFF that takes bearer tokens of `issuer` only (test_bff.py's `bff` takes none)."""
     server = Bff(auth_settings, bff_interface=request.param)
     yield server
     server.stop()
-
-
-@pytest.fixture
-async def gate(settings):
-    redis = Redis.from_url(settings.redis_url)
-    yield Gate(redis, Keys(settings.key_prefix))
-    await redis.aclose()
 
 
 def bearer(token: str) -> dict[str, str]:
@@ -124,11 +115,11 @@ def _hs256(claims: dict[str, object], secret: bytes, kid: str) -> str:
     return (head + b"." + body + b"." + sig).decode()
 
 
-async def test_every_bad_token_is_401_and_writes_nothing(bff, gate, issuer, tmp_path,
+async def test_every_bad_token_is_401_and_writes_nothing(jwt_bff, gate, issuer, tmp_path,
                                                          product_id):
     await gate.open_sale(product_id, 5)
     stream = gate.keys.stream(product_id)
-    async with httpx.AsyncClient(base_url=bff.url) as client:
+    async with httpx.AsyncClient(base_url=jwt_bff.url) as client:
         for name, headers in bad_tokens(issuer, tmp_path).items():
             r = await client.post(f"/api/v1/seckill/{product_id}", headers=headers)
             assert r.status_code == 401, (name, r.status_code, r.text)
@@ -143,10 +134,10 @@ async def test_every_bad_token_is_401_and_writes_nothing(bff, gate, issuer, tmp_
     assert await gate.redis.xlen(stream) == 1
 
 
-async def test_the_token_names_the_buyer(bff, gate, issuer, product_id):
+async def test_the_token_names_the_buyer(jwt_bff, gate, issuer, product_id):
     await gate.open_sale(product_id, 5)
     buy = f"/api/v1/seckill/{product_id}"
-    async with httpx.AsyncClient(base_url=bff.url) as client:
+    async with httpx.AsyncClient(base_url=jwt_bff.url) as client:
         me = bearer(issuer.token(7))
         r = await client.post(buy, headers=me, json={"user_id": 8})
         assert r.status_code == 403 and "not the token's user" in r.json()["error"]
@@ -158,9 +149,9 @@ async def test_the_token_names_the_buyer(bff, gate, issuer, product_id):
     assert [e[1][b"uid"] for e in entries] == [b"7"]
 
 
-async def test_orders_only_for_their_owner(bff, gate, issuer, product_id):
+async def test_orders_only_for_their_owner(jwt_bff, gate, issuer, product_id):
     await gate.open_sale(product_id, 5)
-    async with httpx.AsyncClient(base_url=bff.url) as client:
+    async with httpx.AsyncClient(base_url=jwt_bff.url) as client:
         alice, bob = bearer(issuer.token(21)), bearer(issuer.token(22))
         assert (await client.post(f"/api/v1/seckill/{product_id}", headers=alice)
                 ).status_code == 202

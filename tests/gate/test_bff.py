@@ -51,13 +51,6 @@ def bff(settings, request):
     server.stop()
 
 
-@pytest.fixture
-async def gate(settings):
-    redis = Redis.from_url(settings.redis_url)
-    yield Gate(redis, Keys(settings.key_prefix))
-    await redis.aclose()
-
-
 async def test_purchase_status_codes(bff, gate, product_id):
     async with httpx.AsyncClient(base_url=bff.url) as client:
         buy = f"/api/v1/seckill/{product_id}"
