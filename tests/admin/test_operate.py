@@ -6,7 +6,6 @@ import json
 import signal
 import subprocess
 import tempfile
-import time
 from dataclasses import asdict
 
 import asyncpg
@@ -136,14 +135,16 @@ async def test_stats_count_only_the_open_sale(settings, redis, product_id):
                             "pending": 2, "dead_letters": 1, "orders_per_s": 0.2}
 
 
-def test_stats_watch_redraws_until_interrupted(settings):
+async def test_stats_watch_redraws_until_interrupted(settings):
     with tempfile.TemporaryFile() as out:
         proc = subprocess.Popen([SECKILL, "stats", "--watch", "0.3"], env=engine_env(settings),
                                 stdout=out, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 20
+
+        async def redrawn_or_exited() -> bool:
+            return _redraws(out) >= 2 or proc.poll() is not None
+
         try:
-            while _redraws(out) < 2 and time.monotonic() < deadline and proc.poll() is None:
-                time.sleep(0.1)
+            await wait_for(redrawn_or_exited, 20, "two redraws", interval=0.1)
         finally:
             proc.send_signal(signal.SIGINT)
             code = proc.wait(10)

@@ -10,7 +10,7 @@ import asyncpg
 import httpx
 import pytest
 from redis.asyncio import Redis
-from support import SECKILL, engine_env, free_port, pg_fetch, stop_process
+from support import SECKILL, engine_env, free_port, pg_fetch, stop_process, wait_for
 
 from engine.gate.client import Gate
 from engine.keys import Keys
@@ -111,12 +111,14 @@ async def post_after_the_flag(client: httpx.AsyncClient, path: str, user: int,
                               timeout: float = 10.0) -> httpx.Response:
     """POST a purchase until it is not answered 410 any more: a sold-out flag kept in the
     process's memory expires after bff_soldout_recheck (a 410 changes nothing)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        answer = await client.post(path, json={"user_id": user})
-        if answer.status_code != 410 or time.monotonic() > deadline:
-            return answer
-        await asyncio.sleep(0.05)
+    answers: list[httpx.Response] = []
+
+    async def not_410() -> bool:
+        answers.append(await client.post(path, json={"user_id": user}))
+        return answers[-1].status_code != 410
+
+    await wait_for(not_410, timeout, "an answer other than 410", interval=0.05)
+    return answers[-1]
 
 
 async def test_sold_out_flag_answers_from_memory_then_rechecks(bff, gate, product_id):
@@ -259,10 +261,17 @@ async def test_metrics_count_by_endpoint_and_code(bff, product_id):
         assert (await client.get("/metrics")).status_code == 404  # not on the public port
         assert (await client.get("/openapi.json")).status_code == 404
         counted = 'seckill_bff_requests_total{code="404",endpoint="buy"} 1.0'
-        deadline = time.monotonic() + 5  # written every FLUSH_EVERY seconds
-        while counted not in (text := (await client.get(bff.admin_url + "/metrics")).text):
-            assert time.monotonic() < deadline, text[-2000:]
-            await asyncio.sleep(0.05)
+        text = ""
+
+        async def written() -> bool:  # every FLUSH_EVERY seconds
+            nonlocal text
+            text = (await client.get(bff.admin_url + "/metrics")).text
+            return counted in text
+
+        try:
+            await wait_for(written, 5, "the 404 counted on /metrics", interval=0.05)
+        except AssertionError as exc:
+            raise AssertionError(text[-2000:]) from exc
         assert (await client.get(bff.admin_url + "/healthz")).status_code == 200
         assert (await client.get(bff.admin_url + "/openapi.json")).json()["openapi"] == "3.1.0"
     assert "seckill_bff_request_duration_seconds_bucket" in text

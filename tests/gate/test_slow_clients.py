@@ -8,6 +8,7 @@ import asyncio
 import httpx
 import pytest
 from redis.asyncio import Redis
+from support import established_tcp, wait_for
 from test_bff import Bff
 
 from engine.gate.client import Gate
@@ -34,7 +35,14 @@ async def test_four_slow_bodies_do_not_stop_a_fast_buyer(settings, product_id):
         await Gate(redis, Keys(settings.key_prefix)).open_sale(product_id, 5)
         clients = [await slow_body(server.port, product_id) for _ in range(4)]
         slow = [reader for reader, _ in clients]
-        await asyncio.sleep(0.3)  # they are all stuck in their bodies now
+        ports = {writer.get_extra_info("sockname")[1] for _, writer in clients}
+
+        async def stuck_in_their_bodies() -> bool:  # the server has read all they sent
+            return ports <= {remote for local, remote, unread in established_tcp()
+                             if local == server.port and unread == 0}
+
+        await wait_for(stuck_in_their_bodies, 10, "the slow clients' bytes read by the BFF",
+                       interval=0.02)
         async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
             r = await client.post(f"/api/v1/seckill/{product_id}", json={"user_id": 1})
         assert r.status_code == 202, r.text  # not 429: the slow ones hold no slot
