@@ -316,10 +316,12 @@ async def collect_orders(tap: EventTap, orders: int, timeout: float = 60) -> lis
         await tap.collect(len(tap.events) + orders - distinct, timeout=left)
 
 
-def established_tcp() -> list[tuple[int, int, int]]:
-    """(local port, remote port, bytes received and not yet read) of each ESTABLISHED TCP
-    socket of this host, as the kernel lists them: what a test waits on to know that a
-    server has read what a client sent, or that a reset has ended a connection."""
+
+def established_tcp() -> list[tuple[int, int, int, int]]:
+    """(local port, remote port, bytes sent and not yet acknowledged, bytes received and
+    not yet read) of each ESTABLISHED TCP socket of this host, as the kernel lists them:
+    what a test waits on to know that a server has read what a client sent, or that a
+    reset has ended a connection."""
     found = []
     for table in (Path("/proc/net/tcp"), Path("/proc/net/tcp6")):
         if not table.exists():
@@ -327,7 +329,7 @@ def established_tcp() -> list[tuple[int, int, int]]:
         for line in table.read_text().splitlines()[1:]:
             _, local, remote, state, queues, *_ = line.split()
             if state == "01":  # TCP_ESTABLISHED
+                unacked, unread = (int(n, 16) for n in queues.split(":"))
                 found.append((int(local.rsplit(":", 1)[1], 16),
-                               int(remote.rsplit(":", 1)[1], 16),
-                               int(queues.split(":")[1], 16)))
+                               int(remote.rsplit(":", 1)[1], 16), unacked, unread))
     return found

@@ -93,7 +93,7 @@ def test_a_command_on_a_reset_redis_connection_is_a_connection_error(settings):
                 proxy.cut()
 
                 async def reset() -> bool:  # no connection of the client to the proxy left
-                    return all(remote != proxy.port for _, remote, _ in established_tcp())
+                    return all(remote != proxy.port for _, remote, *_ in established_tcp())
 
                 # the RST is in before the next command is written
                 await wait_for(reset, 5, "the client's connection reset", interval=0.01)

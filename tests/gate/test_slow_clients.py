@@ -37,11 +37,14 @@ async def test_four_slow_bodies_do_not_stop_a_fast_buyer(settings, product_id):
         slow = [reader for reader, _ in clients]
         ports = {writer.get_extra_info("sockname")[1] for _, writer in clients}
 
-        async def stuck_in_their_bodies() -> bool:  # the server has read all they sent
-            return ports <= {remote for local, remote, unread in established_tcp()
-                             if local == server.port and unread == 0}
+        async def read_by_the_bff() -> bool:
+            """Every byte they sent has reached the BFF's host (acknowledged) and has been
+            read there: they are stuck in their bodies now (or were answered already)."""
+            return not any((local in ports and remote == server.port and unacked)
+                           or (local == server.port and remote in ports and unread)
+                           for local, remote, unacked, unread in established_tcp())
 
-        await wait_for(stuck_in_their_bodies, 10, "the slow clients' bytes read by the BFF",
+        await wait_for(read_by_the_bff, 10, "the slow clients' bytes read by the BFF",
                        interval=0.02)
         async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
             r = await client.post(f"/api/v1/seckill/{product_id}", json={"user_id": 1})
