@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from test_status import log_orders, publish, rows
 
 from engine.fulfilment.status_consumer import StatusConsumer, encode_report
 from engine.gate.client import Gate
@@ -16,7 +15,8 @@ from engine.testing.waits import wait_for
 pytestmark = pytest.mark.timeout(120)
 
 
-async def test_an_endpoint_outside_rd_domain_is_dead_lettered(settings, env, product_id):  # noqa: F811
+async def test_an_endpoint_outside_rd_domain_is_dead_lettered(settings, env, product_id,
+                                                              log_orders, publish, rows):
     redis, pool, channel = env
     gate = Gate(redis, Keys(settings.key_prefix))
     await gate.open_sale(product_id, 10)

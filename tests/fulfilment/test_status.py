@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import time
 
 from prometheus_client import REGISTRY
 
@@ -15,27 +14,10 @@ from engine.fulfilment.status_consumer import (
     one_per_instance,
 )
 from engine.gate.client import Gate
-from engine.keys import EXCHANGE, FAILED, QUEUE_STATUS, RK_STATUS, RUNNING, Keys
+from engine.keys import FAILED, QUEUE_STATUS, RUNNING, Keys
 from engine.pipeline.logsink import write_batch
 from engine.pipeline.orders import Order
 from engine.testing.waits import wait_for
-
-
-async def publish(channel, body: bytes) -> None:
-    await channel.basic_publish(body, exchange=EXCHANGE, routing_key=RK_STATUS)
-
-
-async def log_orders(pool, gate: Gate, pid: int, users: list[int]) -> list[Order]:
-    """Orders bought through the real gate and logged as the engine logs them."""
-    orders = []
-    for i, uid in enumerate(users):
-        r = await gate.buy(pid, uid)
-        assert r.outcome == "accepted"
-        sale = (await gate.sale_state(pid)).sale_id
-        orders.append(Order(pid, uid, r.stream_id, int(time.time()), sale, r.slot, b"s",
-                            pid * 1000 + i))
-    await write_batch(pool, orders, 10)
-    return orders
 
 
 def unchanged_reports() -> float:
@@ -44,12 +26,8 @@ def unchanged_reports() -> float:
                                      {"result": "unchanged"}) or 0.0
 
 
-async def rows(pool, pid):
-    return {r["instance_id"]: r for r in await pool.fetch(
-        "SELECT * FROM seckill_logs WHERE product_id = $1", pid)}
-
-
-async def test_reports_apply_once_and_terminal_states_stick(settings, env, product_id):
+async def test_reports_apply_once_and_terminal_states_stick(settings, env, product_id,
+                                                             log_orders, publish, rows):
     redis, pool, channel = env
     gate = Gate(redis, Keys(settings.key_prefix))
     await gate.open_sale(product_id, 10)
@@ -112,7 +90,8 @@ def test_one_report_per_instance_the_earliest_then_the_first_to_arrive():
 
 
 async def test_one_batch_with_conflicting_reports_applies_the_earliest(settings, env,
-                                                                       product_id):
+                                                                       product_id, log_orders,
+                                                                       rows):
     """Both reports of an instance in one UPDATE: the earliest event wins, every time."""
     redis, pool, _ = env
     gate = Gate(redis, Keys(settings.key_prefix))
@@ -131,7 +110,8 @@ async def test_one_batch_with_conflicting_reports_applies_the_earliest(settings,
     assert r[x]["compensated_at"] is not None and r[y]["compensated_at"] is None
 
 
-async def test_a_report_that_overtakes_its_row_is_applied_later(settings, env, product_id):
+async def test_a_report_that_overtakes_its_row_is_applied_later(settings, env, product_id,
+                                                                log_orders, publish, rows):
     redis, pool, channel = env
     gate = Gate(redis, Keys(settings.key_prefix))
     await gate.open_sale(product_id, 10)
@@ -156,7 +136,8 @@ async def test_a_report_that_overtakes_its_row_is_applied_later(settings, env, p
         await task
 
 
-async def test_failure_returns_the_unit_exactly_once(settings, env, product_id):
+async def test_failure_returns_the_unit_exactly_once(settings, env, product_id, log_orders,
+                                                     publish, rows):
     redis, pool, channel = env
     keys = Keys(settings.key_prefix)
     gate = Gate(redis, keys)
