@@ -18,6 +18,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from urllib.parse import quote, urlsplit, urlunsplit
 
+import asyncpg
 import pytest
 from redis.asyncio import Redis
 from support import purge_queues
@@ -45,8 +46,6 @@ def _with_path(url: str, path: str) -> str:
 
 
 async def _pg_admin(dsn: str, sql: str) -> None:
-    import asyncpg
-
     conn = await asyncpg.connect(dsn, timeout=10)
     try:
         await conn.execute(sql)
@@ -156,6 +155,14 @@ async def redis(settings: Settings) -> AsyncIterator[Redis]:
 @pytest.fixture
 def keys(settings: Settings) -> Keys:
     return Keys(settings.key_prefix)
+
+
+@pytest.fixture
+async def conn(settings: Settings) -> AsyncIterator[asyncpg.Connection]:
+    """A connection to this session's database, as the migrations' owner."""
+    c = await asyncpg.connect(settings.pg_dsn)
+    yield c
+    await c.close()
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiormq
@@ -132,3 +133,22 @@ async def rows_at_least(settings, pids, n) -> bool:
 
 async def workers_are(engine: EngineProcess, n: int) -> bool:
     return len(engine.children()) == n
+
+
+
+def established_tcp() -> list[tuple[int, int, int, int]]:
+    """(local port, remote port, bytes sent and not yet acknowledged, bytes received and
+    not yet read) of each ESTABLISHED TCP socket of this host, as the kernel lists them:
+    what a test waits on to know that a server has read what a client sent, or that a
+    reset has ended a connection."""
+    found = []
+    for table in (Path("/proc/net/tcp"), Path("/proc/net/tcp6")):
+        if not table.exists():
+            continue
+        for line in table.read_text().splitlines()[1:]:
+            _, local, remote, state, queues, *_ = line.split()
+            if state == "01":  # TCP_ESTABLISHED
+                unacked, unread = (int(n, 16) for n in queues.split(":"))
+                found.append((int(local.rsplit(":", 1)[1], 16),
+                               int(remote.rsplit(":", 1)[1], 16), unacked, unread))
+    return found

@@ -2,18 +2,10 @@
 
 from __future__ import annotations
 
-import asyncpg
 import pytest
 
 from engine.errors import InvalidInput, UnknownProduct
 from engine.products import Product, fetch_products, get_product, upsert_product, validate_product
-
-
-@pytest.fixture
-async def conn(settings):
-    c = await asyncpg.connect(settings.pg_dsn)
-    yield c
-    await c.close()
 
 
 async def test_upsert_twice_updates(conn, product_id):

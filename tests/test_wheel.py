@@ -30,6 +30,7 @@ import asyncpg
 import pytest
 
 from engine.config import Settings
+from engine.errors import WaitTimedOut
 from engine.testing.processes import engine_env
 from engine.testing.waits import wait_for
 
@@ -148,7 +149,7 @@ def test_installed_wheel_migrates_sells_and_runs(installed: Path, settings: Sett
 
         try:
             asyncio.run(wait_for(ordered, 60, "the order in seckill_logs"))
-        except AssertionError:
+        except WaitTimedOut:
             log.flush()
             raise AssertionError((home / "engine.log").read_text()[-3000:]) from None
     finally:

@@ -22,13 +22,6 @@ SEED_COLUMNS = {
 }
 
 
-@pytest.fixture
-async def conn(settings):
-    c = await asyncpg.connect(settings.pg_dsn)
-    yield c
-    await c.close()
-
-
 def test_migrations_twice_are_harmless(settings):
     out = apply_migrations(settings.pg_dsn)
     assert "Applying" not in out

@@ -6,13 +6,11 @@ import json
 import signal
 import subprocess
 import tempfile
-import time
 from dataclasses import asdict
 
 import asyncpg
 import pytest
 from redis import Redis as SyncRedis
-from redis.asyncio import Redis
 from support import add_products, announce, log_rows, pending_count, push_orders
 
 from engine.admin.stats import collect
@@ -22,7 +20,7 @@ from engine.keys import GROUP, Keys
 from engine.pipeline.orderrows import prepare_connection, write_batch
 from engine.pipeline.orders import Order
 from engine.testing.processes import SECKILL, EngineProcess, engine_env
-from engine.testing.waits import wait_for
+from engine.testing.waits import wait_for, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -30,13 +28,6 @@ pytestmark = pytest.mark.timeout(120)
 def seckill(settings, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([SECKILL, *args], env=engine_env(settings), capture_output=True,
                           text=True, timeout=60)
-
-
-@pytest.fixture
-async def redis(settings):
-    client = Redis.from_url(settings.redis_url)
-    yield client
-    await client.aclose()
 
 
 async def test_trim_removes_only_acknowledged_entries(settings, redis, product_id):
@@ -142,10 +133,12 @@ def test_stats_watch_redraws_until_interrupted(settings):
         # ignored SIGINT ignored: give the child the default a terminal's Ctrl-C would meet.
         proc = subprocess.Popen([SECKILL, "stats", "--watch", "0.3"], env=engine_env(settings),
                                 stdout=out, stderr=subprocess.PIPE, preexec_fn=_default_sigint)
-        deadline = time.monotonic() + 20
+
+        def redrawn_or_exited() -> bool:
+            return _redraws(out) >= 2 or proc.poll() is not None
+
         try:
-            while _redraws(out) < 2 and time.monotonic() < deadline and proc.poll() is None:
-                time.sleep(0.1)
+            wait_until(redrawn_or_exited, 20, "two redraws", interval=0.1)
         finally:
             proc.send_signal(signal.SIGINT)
             code = proc.wait(10)

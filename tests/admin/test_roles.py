@@ -11,13 +11,6 @@ import pytest
 from engine.config import BFF_ROLE, RD_ROLE, role_dsn
 
 
-@pytest.fixture
-async def conn(settings):
-    c = await asyncpg.connect(settings.pg_dsn)
-    yield c
-    await c.close()
-
-
 async def test_bff_role_reads_only_the_columns_of_an_order(settings, conn, product_id):
     await conn.execute("INSERT INTO seckill_logs (product_id, user_id, instance_id, stream_id)"
                        " VALUES ($1, 5, $2, '1-1')", product_id, product_id * 10)

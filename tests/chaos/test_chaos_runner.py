@@ -9,12 +9,8 @@ import pytest
 from bench.chaos.faults import CHEAPEST, catalogue
 from bench.chaos.runner import run_fault
 
-pytestmark = pytest.mark.timeout(600)
-
-
-@pytest.fixture(autouse=True)
-def _fresh(fresh_queues):
-    """The Resource Domain starts from an empty queue: other tests' events are not ours."""
+# the Resource Domain starts from an empty queue: other tests' events are not ours
+pytestmark = [pytest.mark.timeout(600), pytest.mark.usefixtures("fresh_queues")]
 
 
 @pytest.mark.parametrize("name", CHEAPEST)

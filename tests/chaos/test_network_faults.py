@@ -10,7 +10,15 @@ import uvloop
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from support import add_products, all_done, announce, log_rows, push_orders, rows_at_least
+from support import (
+    add_products,
+    all_done,
+    announce,
+    established_tcp,
+    log_rows,
+    push_orders,
+    rows_at_least,
+)
 
 from engine.connections import connect_redis
 from engine.testing.faultproxy import FaultProxy, ProxyProcess, upstream_of, via
@@ -54,7 +62,7 @@ async def test_the_engine_rides_out_a_cut_and_a_blackhole(settings, redis, keys,
 
             await asyncio.to_thread(proxy, "blackhole")
             await _orders(redis, keys, product_id, 3)
-            await asyncio.sleep(BLACKHOLE_S)
+            await asyncio.sleep(BLACKHOLE_S)  # the scenario: the blackhole lasts this long
             await asyncio.to_thread(proxy, "heal")
             await wait_for(lambda: all_done(settings, redis, keys, [product_id], 3 * PER_STEP),
                            120, "every order after the blackhole")
@@ -82,7 +90,12 @@ def test_a_command_on_a_reset_redis_connection_is_a_connection_error(settings):
                 redis_url=via(settings.redis_url, proxy.port)), retry=Retry(NoBackoff(), 0))
             try:
                 proxy.cut()
-                await asyncio.sleep(0.5)  # the RST is in before the next command is written
+
+                async def reset() -> bool:  # no connection of the client to the proxy left
+                    return all(remote != proxy.port for _, remote, *_ in established_tcp())
+
+                # the RST is in before the next command is written
+                await wait_for(reset, 5, "the client's connection reset", interval=0.01)
                 with pytest.raises(RedisConnectionError):
                     await client.ping()
             finally:

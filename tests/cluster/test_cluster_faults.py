@@ -159,6 +159,8 @@ async def test_reshard_and_failover_while_orders_flow(redis_cluster, cluster_set
 
 
 async def buy_after_failover(gate: Gate, pid: int, uid: int) -> GateResult:
+    """A buyer's retries, with backoff, while the cluster fails over (what a client does;
+    the last attempt's answer or error is the test's)."""
     for attempt in range(1, 6):
         try:
             return await gate.buy(pid, uid)

@@ -9,7 +9,6 @@ still read at the next probe, and a backlog over many sales is read in batches o
 
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
 
@@ -22,6 +21,7 @@ from engine.keys import Keys
 from engine.pipeline.clusterreader import DEEP_PER_STREAM, ClusterReader
 from engine.pipeline.reader import ensure_group
 from engine.testing.clusters import LocalRedisCluster
+from engine.testing.waits import wait_for
 
 pytestmark = pytest.mark.timeout(120)
 SALES = 200
@@ -72,7 +72,7 @@ async def test_an_idle_reader_sends_a_few_commands_per_block(cluster_redis, redi
     reader = await idle_reader(cluster_redis, keys)
     reset_stats(redis_cluster)
     reads, start = 0, time.monotonic()
-    while time.monotonic() - start < 1.0:
+    while time.monotonic() - start < 1.0:  # the scenario: one second of idle reads
         entries, dead = await reader.read()
         assert entries == [] and dead == []
         reads += 1
@@ -113,13 +113,15 @@ async def test_a_backlog_over_many_sales_is_read_in_shares(cluster_redis):
         await pipe.execute()
     seen: list[str] = []
     batches: list[tuple[int, int]] = []  # (entries, streams) per read
-    deadline = time.monotonic() + 60
-    while len(seen) < SALES * per_sale and time.monotonic() < deadline:
+
+    async def all_read() -> bool:
         entries, _ = await reader.read()
         if entries:
             batches.append((len(entries), len({e.stream for e in entries})))
-            seen += [f"{e.stream.decode()}/{e.stream_id}" for e in entries]
-        await asyncio.sleep(0)
+            seen.extend(f"{e.stream.decode()}/{e.stream_id}" for e in entries)
+        return len(seen) >= SALES * per_sale
+
+    await wait_for(all_read, 60, "the backlog read", interval=0)
     assert len(seen) == SALES * per_sale == len(set(seen)), "every entry read, and once"
     # past the first probe's read, a backlogged stream gives DEEP_PER_STREAM entries a read,
     # and a read stays near batch_size however many sales are busy

@@ -30,12 +30,8 @@ from engine.testing.ports import free_port
 from engine.testing.processes import SECKILL, EngineProcess, engine_env, stop_process
 from engine.testing.waits import wait_for
 
-pytestmark = pytest.mark.timeout(300)
-
-
-@pytest.fixture(autouse=True)
-def _fresh(fresh_queues):
-    """Every test here runs a Resource Domain: it starts from empty queues."""
+# every test here runs a Resource Domain: it starts from empty queues
+pytestmark = [pytest.mark.timeout(300), pytest.mark.usefixtures("fresh_queues")]
 
 
 class ResourceDomainProcess:

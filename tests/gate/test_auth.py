@@ -19,66 +19,24 @@ import httpx
 import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
-from redis.asyncio import Redis
+from jwtissuer import Issuer
 
 from engine.config import Settings
 from engine.gate.auth import KeySet, Unauthenticated, Verifier
-from engine.gate.devkeys import init_keys, mint_token
-from engine.gate.redis_gate import Gate
-from engine.keys import Keys
 from engine.testing.bff import Bff
 from engine.testing.ports import free_port
 from engine.testing.processes import SECKILL, engine_env
+from engine.testing.waits import wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
 
-class Issuer:
-    """A development key pair and the tokens a test needs, good and bad."""
-
-    def __init__(self, directory: Path, settings: Settings) -> None:
-        self.jwks, self.private = init_keys(directory)
-        self.data = json.loads(self.private.read_text())
-        self.key = jwt.PyJWK(self.data).key
-        self.kid = self.data["kid"]
-        self.iss, self.aud = settings.bff_jwt_issuer, settings.bff_jwt_audience
-
-    def token(self, user: int, ttl: int = 900) -> str:
-        return mint_token(self.private, user, ttl=ttl, issuer=self.iss, audience=self.aud)
-
-    def claims(self, user: int, **changes: object) -> dict[str, object]:
-        now = int(time.time())
-        return {"sub": str(user), "iss": self.iss, "aud": self.aud, "exp": now + 900,
-                **changes}
-
-    def signed(self, claims: dict[str, object], key: object = None, kid: str | None = None,
-               alg: str = "RS256") -> str:
-        return jwt.encode(claims, key or self.key, algorithm=alg,
-                          headers={"kid": kid or self.kid})
-
-
-@pytest.fixture
-def issuer(tmp_path, settings) -> Issuer:
-    return Issuer(tmp_path / "keys", settings)
-
-
-@pytest.fixture
-def auth_settings(settings, issuer) -> Settings:
-    return settings.replace(bff_auth="jwt", bff_jwks=str(issuer.jwks))
-
-
 @pytest.fixture(params=["rsgi", "asgi"])
-def bff(auth_settings, request):
+def jwt_bff(auth_settings, request):
+    """A BFF that takes bearer tokens of `issuer` only (test_bff.py's `bff` takes none)."""
     server = Bff(auth_settings, bff_interface=request.param)
     yield server
     server.stop()
-
-
-@pytest.fixture
-async def gate(settings):
-    redis = Redis.from_url(settings.redis_url)
-    yield Gate(redis, Keys(settings.key_prefix))
-    await redis.aclose()
 
 
 def bearer(token: str) -> dict[str, str]:
@@ -125,11 +83,11 @@ def _hs256(claims: dict[str, object], secret: bytes, kid: str) -> str:
     return (head + b"." + body + b"." + sig).decode()
 
 
-async def test_every_bad_token_is_401_and_writes_nothing(bff, gate, issuer, tmp_path,
+async def test_every_bad_token_is_401_and_writes_nothing(jwt_bff, gate, issuer, tmp_path,
                                                          product_id):
     await gate.open_sale(product_id, 5)
     stream = gate.keys.stream(product_id)
-    async with httpx.AsyncClient(base_url=bff.url) as client:
+    async with httpx.AsyncClient(base_url=jwt_bff.url) as client:
         for name, headers in bad_tokens(issuer, tmp_path).items():
             r = await client.post(f"/api/v1/seckill/{product_id}", headers=headers)
             assert r.status_code == 401, (name, r.status_code, r.text)
@@ -144,10 +102,10 @@ async def test_every_bad_token_is_401_and_writes_nothing(bff, gate, issuer, tmp_
     assert await gate.redis.xlen(stream) == 1
 
 
-async def test_the_token_names_the_buyer(bff, gate, issuer, product_id):
+async def test_the_token_names_the_buyer(jwt_bff, gate, issuer, product_id):
     await gate.open_sale(product_id, 5)
     buy = f"/api/v1/seckill/{product_id}"
-    async with httpx.AsyncClient(base_url=bff.url) as client:
+    async with httpx.AsyncClient(base_url=jwt_bff.url) as client:
         me = bearer(issuer.token(7))
         r = await client.post(buy, headers=me, json={"user_id": 8})
         assert r.status_code == 403 and "not the token's user" in r.json()["error"]
@@ -159,9 +117,9 @@ async def test_the_token_names_the_buyer(bff, gate, issuer, product_id):
     assert [e[1][b"uid"] for e in entries] == [b"7"]
 
 
-async def test_orders_only_for_their_owner(bff, gate, issuer, product_id):
+async def test_orders_only_for_their_owner(jwt_bff, gate, issuer, product_id):
     await gate.open_sale(product_id, 5)
-    async with httpx.AsyncClient(base_url=bff.url) as client:
+    async with httpx.AsyncClient(base_url=jwt_bff.url) as client:
         alice, bob = bearer(issuer.token(21)), bearer(issuer.token(22))
         assert (await client.post(f"/api/v1/seckill/{product_id}", headers=alice)
                 ).status_code == 202
@@ -275,10 +233,10 @@ async def test_background_refresh_of_a_url(tmp_path, settings):
         keyset.load()
         keyset.start()
         server.jwks = json.loads(second.jwks.read_text())
-        deadline = time.monotonic() + 20
-        while second.kid not in keyset.keys:
-            assert time.monotonic() < deadline, "the key set was not refreshed"
-            await asyncio.sleep(0.05)
+        async def refreshed() -> bool:
+            return second.kid in keyset.keys
+
+        await wait_for(refreshed, 20, "the key set refreshed", interval=0.05)
         await keyset.stop()
     finally:
         server.close()
@@ -293,6 +251,7 @@ async def test_cached_tokens_skip_the_signature_but_never_outlive_exp(issuer, se
     saved, keyset.keys = keyset.keys, {}  # a cached token no longer needs the key
     assert await verifier.caller(short) == 1
     keyset.keys = saved
+    # the scenario: time passes until the cached token's exp is behind us
     await asyncio.sleep(max(0.0, verifier.cache[next(iter(verifier.cache))].expires
                             - time.time()) + 0.1)
     with pytest.raises(Unauthenticated, match="expired"):
@@ -386,10 +345,10 @@ def one_meaning_tokens(issuer: Issuer) -> dict[str, str]:
     }
 
 
-async def test_tokens_with_two_meanings_or_no_end_are_401(bff, gate, issuer, product_id):
+async def test_tokens_with_two_meanings_or_no_end_are_401(jwt_bff, gate, issuer, product_id):
     await gate.open_sale(product_id, 5)
     stream = gate.keys.stream(product_id)
-    async with httpx.AsyncClient(base_url=bff.url) as client:
+    async with httpx.AsyncClient(base_url=jwt_bff.url) as client:
         for name, token in one_meaning_tokens(issuer).items():
             r = await client.post(f"/api/v1/seckill/{product_id}", headers=bearer(token))
             assert r.status_code == 401, (name, r.status_code, r.text)

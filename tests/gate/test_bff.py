@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
 import asyncpg
 import httpx
@@ -11,12 +10,14 @@ import pytest
 from redis.asyncio import Redis
 from support import pg_fetch
 
+from engine.errors import WaitTimedOut
 from engine.gate.redis_gate import Gate
 from engine.keys import Keys
 from engine.pipeline.orderrows import prepare_connection, write_batch
 from engine.pipeline.orders import Order
 from engine.testing.bff import Bff
 from engine.testing.ports import free_port
+from engine.testing.waits import wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -27,13 +28,6 @@ def bff(settings, request):
     server = Bff(settings, bff_soldout_recheck=0.3, bff_interface=request.param)
     yield server
     server.stop()
-
-
-@pytest.fixture
-async def gate(settings):
-    redis = Redis.from_url(settings.redis_url)
-    yield Gate(redis, Keys(settings.key_prefix))
-    await redis.aclose()
 
 
 async def test_purchase_status_codes(bff, gate, product_id):
@@ -96,12 +90,14 @@ async def post_after_the_flag(client: httpx.AsyncClient, path: str, user: int,
                               timeout: float = 10.0) -> httpx.Response:
     """POST a purchase until it is not answered 410 any more: a sold-out flag kept in the
     process's memory expires after bff_soldout_recheck (a 410 changes nothing)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        answer = await client.post(path, json={"user_id": user})
-        if answer.status_code != 410 or time.monotonic() > deadline:
-            return answer
-        await asyncio.sleep(0.05)
+    answers: list[httpx.Response] = []
+
+    async def not_410() -> bool:
+        answers.append(await client.post(path, json={"user_id": user}))
+        return answers[-1].status_code != 410
+
+    await wait_for(not_410, timeout, "an answer other than 410", interval=0.05)
+    return answers[-1]
 
 
 async def test_sold_out_flag_answers_from_memory_then_rechecks(bff, gate, product_id):
@@ -244,10 +240,17 @@ async def test_metrics_count_by_endpoint_and_code(bff, product_id):
         assert (await client.get("/metrics")).status_code == 404  # not on the public port
         assert (await client.get("/openapi.json")).status_code == 404
         counted = 'seckill_bff_requests_total{code="404",endpoint="buy"} 1.0'
-        deadline = time.monotonic() + 5  # written every FLUSH_EVERY seconds
-        while counted not in (text := (await client.get(bff.admin_url + "/metrics")).text):
-            assert time.monotonic() < deadline, text[-2000:]
-            await asyncio.sleep(0.05)
+        text = ""
+
+        async def written() -> bool:  # every FLUSH_EVERY seconds
+            nonlocal text
+            text = (await client.get(bff.admin_url + "/metrics")).text
+            return counted in text
+
+        try:
+            await wait_for(written, 5, "the 404 counted on /metrics", interval=0.05)
+        except WaitTimedOut as exc:
+            raise AssertionError(text[-2000:]) from exc
         assert (await client.get(bff.admin_url + "/healthz")).status_code == 200
         assert (await client.get(bff.admin_url + "/openapi.json")).json()["openapi"] == "3.1.0"
     assert "seckill_bff_request_duration_seconds_bucket" in text

@@ -10,23 +10,14 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from redis.asyncio import Redis
 
 from engine.gate.clientip import ClientIp, parse_proxies
 from engine.gate.redis_gate import Gate
-from engine.keys import Keys
 from engine.testing.bff import Bff
 
 pytestmark = pytest.mark.timeout(120)
 
 ATTACKER, VICTIM, OTHER = "203.0.113.7", "192.0.2.50", "203.0.113.8"
-
-
-@pytest.fixture
-async def gate(settings):
-    redis = Redis.from_url(settings.redis_url)
-    yield Gate(redis, Keys(settings.key_prefix))
-    await redis.aclose()
 
 
 @pytest.fixture(params=["rsgi", "asgi"])

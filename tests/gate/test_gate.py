@@ -16,13 +16,12 @@ from engine.gate.redis_gate import Gate, validate_id
 from engine.keys import GROUP, Keys
 
 
-@pytest.fixture(params=[False, True], ids=["one-call", "coalesced"])
-async def gate(settings, request):
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """Every gate test runs both ways: one EVALSHA per call, and the calls of a loop turn
-    pipelined (what the BFF uses)."""
-    redis = Redis.from_url(settings.redis_url, max_connections=256)
-    yield Gate(redis, Keys(settings.key_prefix), coalesce=request.param)
-    await redis.aclose()
+    pipelined (what the BFF uses): the `gate` fixture's `coalesce`."""
+    if "gate" in metafunc.fixturenames:
+        metafunc.parametrize("gate", [False, True], ids=["one-call", "coalesced"],
+                             indirect=True)
 
 
 async def test_coalesced_calls_share_one_connection(settings, product_id):

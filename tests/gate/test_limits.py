@@ -12,24 +12,15 @@ import time
 
 import httpx
 import pytest
-from redis.asyncio import Redis
 from support import add_products
 
 from engine.gate.clientip import ClientIp, parse_proxies
 from engine.gate.redis_gate import Gate, Limits, Window
-from engine.keys import Keys
 from engine.testing.bff import Bff
 from engine.testing.ports import free_port
 from engine.testing.processes import SECKILL, engine_env
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture
-async def gate(settings):
-    redis = Redis.from_url(settings.redis_url)
-    yield Gate(redis, Keys(settings.key_prefix))
-    await redis.aclose()
 
 
 async def untouched(gate: Gate, pid: int, stock: int, entries: int) -> bool:

@@ -8,10 +8,12 @@ import asyncio
 import httpx
 import pytest
 from redis.asyncio import Redis
+from support import established_tcp
 
 from engine.gate.redis_gate import Gate
 from engine.keys import Keys
 from engine.testing.bff import Bff
+from engine.testing.waits import wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -34,7 +36,17 @@ async def test_four_slow_bodies_do_not_stop_a_fast_buyer(settings, product_id):
         await Gate(redis, Keys(settings.key_prefix)).open_sale(product_id, 5)
         clients = [await slow_body(server.port, product_id) for _ in range(4)]
         slow = [reader for reader, _ in clients]
-        await asyncio.sleep(0.3)  # they are all stuck in their bodies now
+        ports = {writer.get_extra_info("sockname")[1] for _, writer in clients}
+
+        async def read_by_the_bff() -> bool:
+            """Every byte they sent has reached the BFF's host (acknowledged) and has been
+            read there: they are stuck in their bodies now (or were answered already)."""
+            return not any((local in ports and remote == server.port and unacked)
+                           or (local == server.port and remote in ports and unread)
+                           for local, remote, unacked, unread in established_tcp())
+
+        await wait_for(read_by_the_bff, 10, "the slow clients' bytes read by the BFF",
+                       interval=0.02)
         async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
             r = await client.post(f"/api/v1/seckill/{product_id}", json={"user_id": 1})
         assert r.status_code == 202, r.text  # not 429: the slow ones hold no slot

@@ -17,7 +17,6 @@ import time
 
 import httpx
 import pytest
-from test_auth import Issuer
 
 from bench.tokens import connections_per_worker
 from engine.gate.auth import KeySet, Unauthenticated, Verifier, _digest
@@ -26,16 +25,6 @@ from engine.testing.ports import free_port
 from engine.testing.processes import SECKILL, children, engine_env, stop_process
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture
-def issuer(tmp_path, settings) -> Issuer:
-    return Issuer(tmp_path / "keys", settings)
-
-
-@pytest.fixture
-def auth_settings(settings, issuer):
-    return settings.replace(bff_auth="jwt", bff_jwks=str(issuer.jwks))
 
 
 @pytest.fixture

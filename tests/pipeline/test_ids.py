@@ -123,13 +123,6 @@ def test_eight_processes_100k_ids_each_all_distinct(settings):
         assert all(a < b for a, b in zip(ids, ids[1:], strict=False))
 
 
-@pytest.fixture
-async def redis(settings):
-    client = Redis.from_url(settings.redis_url)
-    yield client
-    await client.aclose()
-
-
 async def test_the_1025th_claimant_gets_a_clear_error(settings, redis):
     keys = Keys(settings.key_prefix)
     leases = [NodeLease(redis, keys, owner=f"o{i}", ttl_ms=60_000) for i in range(MAX_NODES)]

@@ -9,13 +9,22 @@ this way in a 30 s Redis blackhole. The check and the delete are now one script.
 
 from __future__ import annotations
 
-import asyncio
-
 from engine.keys import GROUP, Keys
 from engine.pipeline.janitor import Janitor
 from engine.pipeline.reader import ensure_group
+from engine.testing.waits import wait_for
 
 IDLE_MS = 50
+
+
+async def idle_past(redis, stream: bytes, consumer: bytes, ms: int) -> None:
+    """Until Redis counts the consumer idle over `ms` (XINFO CONSUMERS, as the janitor
+    reads it), by Redis's own clock."""
+    async def idle() -> bool:
+        return any(c["name"] in (consumer, consumer.decode()) and int(c["idle"]) > ms
+                   for c in await redis.xinfo_consumers(stream, GROUP))
+
+    await wait_for(idle, 5, f"{consumer!r} idle over {ms} ms", interval=ms / 1000 / 5)
 
 
 async def test_a_consumer_that_read_since_it_was_found_idle_keeps_its_entries(
@@ -25,7 +34,7 @@ async def test_a_consumer_that_read_since_it_was_found_idle_keeps_its_entries(
     await redis.xgroup_createconsumer(stream, GROUP, "other")  # holds nothing
     janitor = Janitor(redis, Keys(settings.key_prefix), "me", idle_ms=IDLE_MS, count=100,
                       max_deliveries=5)
-    await asyncio.sleep(2 * IDLE_MS / 1000)
+    await idle_past(redis, stream, b"other", IDLE_MS)
     candidates = await janitor.idle_consumers([stream])
     assert [(s, bytes(n) if isinstance(n, bytes) else n.encode()) for s, n in candidates] == [
         (stream, b"other")]
@@ -38,6 +47,6 @@ async def test_a_consumer_that_read_since_it_was_found_idle_keeps_its_entries(
 
     read = [entry_id for entry_id, _ in await redis.xrange(stream)]
     await redis.xack(stream, GROUP, *read)  # done with them, and idle again: it goes
-    await asyncio.sleep(2 * IDLE_MS / 1000)
+    await idle_past(redis, stream, b"other", IDLE_MS)
     assert await janitor.delete_if_idle(candidates) == candidates
     assert await redis.xinfo_consumers(stream, GROUP) == []

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import time
 
 import pytest
 from support import (
@@ -24,7 +23,7 @@ from engine.pipeline.ids import decompose
 from engine.process.worker import Worker
 from engine.testing.invariants import assert_one_id_per_order
 from engine.testing.processes import EngineProcess
-from engine.testing.taps import EventTap
+from engine.testing.taps import EventTap, collect_orders
 from engine.testing.waits import wait_for
 
 pytestmark = pytest.mark.timeout(300)
@@ -35,19 +34,6 @@ BOOTED = re.compile(r"worker (\d+) booted as \S+, node (\d+)")
 def nodes_booted(output: str) -> list[tuple[int, int]]:
     """(slot, node) of every worker boot, in order."""
     return [(int(s), int(n)) for s, n in BOOTED.findall(output)]
-
-
-async def collect_distinct(tap: EventTap, orders: int, timeout: float = 60) -> list:
-    """Events until `orders` distinct orders have one: a lost lease leaves a batch
-    pending, and its orders are published again (same IDs) by the next worker, so a
-    count of events alone would stop before every order's was read."""
-    deadline = time.monotonic() + timeout
-    while True:
-        distinct = len({(e.product_id, e.stream_id) for _, e in tap.events})
-        left = deadline - time.monotonic()
-        if distinct >= orders or left <= 0:
-            return [e for _, e in tap.events]
-        await tap.collect(len(tap.events) + orders - distinct, timeout=left)
 
 
 async def steal(redis, keys, engine: EngineProcess, slot: int) -> int:
@@ -94,7 +80,9 @@ async def test_a_lost_lease_exits_4_and_the_respawn_takes_another_node(
                            "every order, before, between and after the lost leases")
         finally:
             engine.stop()
-        events = await collect_distinct(tap, orders)
+        # a lost lease leaves a batch pending, published again (same IDs) by the next
+        # worker: read until every order has an event, not until a count of events
+        events = await collect_orders(tap, orders)
     out = engine.output()
     for slot in (0, 1):
         assert f"worker {slot} exited with {exits.LEASE_LOST} after" in out, out[-3000:]
