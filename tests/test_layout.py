@@ -175,3 +175,24 @@ def test_relative_and_lazy_imports_are_resolved():
         "bench.env"}
     assert imports_in("from .runner import Fault\n", "bench.chaos", True, known) == {
         "bench.chaos.runner"}
+
+
+def near_twins(names: list[str]) -> list[tuple[str, str]]:
+    """Module names of one package that differ only by a suffix of one or two letters
+    (client / clientip, bff / bffab): a reader cannot tell from the names which is which."""
+    return [(a, b) for a in names for b in names
+            if a != b and b.startswith(a) and len(b) - len(a) <= 2]
+
+
+def test_no_two_modules_of_a_package_differ_by_a_short_suffix():
+    found = []
+    for tree in (*TREES, "tests"):
+        for package in [ROOT / tree, *(p for p in (ROOT / tree).rglob("*") if p.is_dir())]:
+            names = sorted(p.stem for p in package.glob("*.py"))
+            found += [f"{package.relative_to(ROOT)}: {a} / {b}" for a, b in near_twins(names)]
+    assert not found, found
+
+
+def test_near_twins_are_found():
+    assert near_twins(["client", "clientip", "bff", "bffab", "reader", "redisreader"]) == [
+        ("client", "clientip"), ("bff", "bffab")]
