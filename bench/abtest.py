@@ -19,11 +19,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import signal
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +30,9 @@ from engine.testing.processes import children
 from .bff import BFF_PIDS, WARMUP_PID, HttpBench, merge_windows, open_sales
 from .env import bench_settings, prepare, reset
 from .httpload import Load, buy_path, load_window, wait_listening
+from .resultfiles import write_result
 from .tokens import warm
 
-RESULTS = Path(__file__).resolve().parent / "results"
 CONNECTIONS = 64
 
 
@@ -108,9 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {name.upper()} | {env} | {m['cpu_us_per_accepted']:.1f} | "
               f"{m['accepted_per_second']:,.0f} | {m['p99_ms']:.1f} |")
     print(f"B/A CPU per accepted purchase: {doc['b_over_a']:.3f}")
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"abtest-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.json"
-    path.write_text(json.dumps(doc, indent=2, default=str))
+    path = write_result("abtest", doc)
     print(f"written: {path}")
     return 0
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import multiprocessing
 import secrets
 import signal
@@ -60,9 +59,9 @@ from .bff import (
 )
 from .enginerun import TICK
 from .env import bench_settings, prepare, reset
+from .resultfiles import write_result
 from .tokens import warm
 
-RESULTS = Path(__file__).resolve().parent / "results"
 ATTACKER = "127.0.0.2"  # the attackers' source address (all of 127/8 is loopback)
 ATTACKER_USER = 3 * 10**12  # the big bodies' own buyer, apart from the honest ones
 ABUSES = ("forged", "unknown_kid", "garbage", "big_body")
@@ -283,11 +282,10 @@ def main(argv: list[str] | None = None) -> int:
                           args.seconds, args.tokens, args.attackers, args.rate,
                           quiet_wait=1.0 if args.quick else 10.0))
     doc["quick"] = args.quick
-    print(markdown(doc))
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"abuse-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.json"
-    path.write_text(json.dumps(doc, indent=2, default=str))
-    print(f"written: {path}")
+    text = markdown(doc)
+    print(text)
+    path = write_result("abuse", doc, text)
+    print(f"written: {path} and .md")
     return 0
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import subprocess
 import sys
@@ -40,9 +39,9 @@ from engine.testing.processes import children
 
 from .bff import verifications, wait_listening
 from .enginerun import TICK, cpu_ticks, engine_env
+from .resultfiles import write_result
 from .tokens import WARM_PATH, Conn, Issuer, TokenFile, connections_per_worker
 
-RESULTS = Path(__file__).resolve().parent / "results"
 HERE = Path(__file__).resolve().parent.parent
 SECKILL = str(Path(sys.executable).with_name("seckill"))
 PREFIX = "bench-coldstart:"
@@ -176,12 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     doc: dict[str, Any] = {"tokens": args.tokens, "workers": WORKERS, "rounds": args.rounds,
                            "paths": {k: str(v) for k, v in trees.items()}}
     doc["trees"] = asyncio.run(measure(trees, args))
-    RESULTS.mkdir(exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    path = RESULTS / f"coldstart-{stamp}.json"
-    path.write_text(json.dumps(doc, indent=2))
     text = table(doc)
-    path.with_suffix(".md").write_text(text + "\n")
+    path = write_result("coldstart", doc, text)
     print(text)
     print(f"written: {path} and .md")
     return 0

@@ -25,11 +25,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
-import json
 import statistics
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import uvloop
@@ -42,11 +40,11 @@ from engine.gate.routed import RoutedScript
 from engine.keys import Keys
 
 from .env import bench_settings, prepare
+from .resultfiles import write_result
 
 CONCURRENCY = (1, 4, 10, 32)
 MODES = ("pipe", "routed")
 PID = 990_000_900
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 async def calls(settings: Settings, mode: str, buyers: int, seconds: float) -> dict[str, float]:
@@ -136,10 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     settings = bench_settings()
     prepare(settings)
     doc = run(settings, args.rounds, args.seconds)
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"gatebatch-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.json"
-    path.write_text(json.dumps(doc, indent=2))
-    print(table(doc))
+    text = table(doc)
+    path = write_result("gatebatch", doc, text)
+    print(text)
     print(f"written: {path}")
     return 0
 

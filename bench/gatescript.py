@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import shutil
 import subprocess
@@ -49,7 +48,8 @@ from engine.keys import Keys
 from engine.resources import lua_script
 from engine.testing.nodes import RedisNode
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from .resultfiles import write_result
+
 TICK = os.sysconf("SC_CLK_TCK")
 PIPELINE = 16
 CLIENTS = 8
@@ -232,12 +232,8 @@ def main(argv: list[str] | None = None) -> int:
                            "contestants": [c.name for c in contestants],
                            "baseline": str(args.baseline) if args.baseline else None,
                            "rounds": measure(contestants, calls, rounds, args.slices)}
-    RESULTS.mkdir(exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    path = RESULTS / f"gatescript-{stamp}.json"
-    path.write_text(json.dumps(doc, indent=2))
     text = table(doc)
-    path.with_suffix(".md").write_text(text + "\n")
+    path = write_result("gatescript", doc, text)
     print(text)
     print(f"written: {path} and .md")
     return 0

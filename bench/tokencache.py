@@ -35,7 +35,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from .resultfiles import write_result
+
 HERE = Path(__file__).resolve().parent.parent
 STATES = ("empty", "full")
 PIECES = ("bearer_and_hash", "header_and_signature_base64", "key_lookup", "rsa_verify",
@@ -213,12 +214,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"measuring {name} ({tree}) ...", flush=True)
         doc["trees"][name] = measure_tree(tree, args)
         doc["paths"][name] = str(tree)
-    RESULTS.mkdir(exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    path = RESULTS / f"tokencache-{stamp}.json"
-    path.write_text(json.dumps(doc, indent=2))
     text = table(doc)
-    path.with_suffix(".md").write_text(text + "\n")
+    path = write_result("tokencache", doc, text)
     print(text)
     print(f"written: {path} and .md")
     return 0
