@@ -577,7 +577,7 @@ class Burst:
                 self.stack.port, tokens, pid, mode="buy", rate=rate, count=attempts,
                 first=min(sc.users, attempts), records=records, seed=seed + 1)
             if hook:
-                await asyncio.wait_for(hook, 60)
+                await asyncio.wait_for(hook, 120)
             buy_cpu, buy_s = cpu.lap(run.generator["generator_cpu_s"])
             logged_s, running_s = await self.drained(pid, sale,
                                                      run.generator["start_unix_ns"] / 1e9)
