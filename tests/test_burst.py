@@ -208,6 +208,7 @@ async def delete_one_running_row(settings: Settings, pid: int, sale: str) -> Non
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("fresh_queues")  # other tests' events must not queue before ours
 async def test_a_small_burst_holds_its_invariants_and_sees_a_deleted_row(
         settings: Settings, monkeypatch: pytest.MonkeyPatch):
     """Two quick sales of 10,000 attempts on one stack: the first must hold every
