@@ -50,6 +50,25 @@ class Keys:
         """Stream IDs whose unit of stock was already returned (exactly once)."""
         return f"{self.prefix}seckill:{{{pid}}}:refunded"
 
+    def waitlist(self, pid: int) -> str:
+        """Users waiting for a returned unit of the open sale: a sorted set of user IDs
+        scored by their turn (`waitlist_seq`), so a position is one ZRANK."""
+        return f"{self.prefix}seckill:{{{pid}}}:waitlist"
+
+    def waitlist_seq(self, pid: int) -> str:
+        """The last turn handed to a joining user (INCR): first come, first served."""
+        return f"{self.prefix}seckill:{{{pid}}}:waitlist-seq"
+
+    def waitlist_stats(self, pid: int) -> str:
+        """Hash of the open sale's waitlist figures: `handed` (units given to waiting
+        users), `released` (instances given back by their owners)."""
+        return f"{self.prefix}seckill:{{{pid}}}:waitlist-stats"
+
+    def releases(self, pid: int) -> str:
+        """Release requests of this product's RUNNING orders (DELETE .../order, `seckill
+        order release`), read by the engine, which asks the Resource Domain to delete."""
+        return f"{self.prefix}stream:seckill:{{{pid}}}:releases"
+
     def errors(self, pid: int) -> str:
         """Last error per stream entry whose batch failed (read when it is dead-lettered)."""
         return f"{self.prefix}seckill:{{{pid}}}:errors"

@@ -12,10 +12,12 @@ class EventType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     INSTANCE_CREATED: _ClassVar[EventType]
     INSTANCE_RUNNING: _ClassVar[EventType]
     INSTANCE_FAILED: _ClassVar[EventType]
+    INSTANCE_RELEASED: _ClassVar[EventType]
 EVENT_TYPE_UNSPECIFIED: EventType
 INSTANCE_CREATED: EventType
 INSTANCE_RUNNING: EventType
 INSTANCE_FAILED: EventType
+INSTANCE_RELEASED: EventType
 
 class InstanceSpec(_message.Message):
     __slots__ = ("cpus", "memory_mb", "gpu", "image")
