@@ -69,6 +69,11 @@ class Keys:
         order release`), read by the engine, which asks the Resource Domain to delete."""
         return f"{self.prefix}stream:seckill:{{{pid}}}:releases"
 
+    def release_dlq(self, pid: int) -> str:
+        """Release requests the engine refused (malformed, not the order's owner, not
+        RUNNING), each with its reason."""
+        return f"{self.prefix}stream:seckill:{{{pid}}}:releases{DLQ_SUFFIX}"
+
     def errors(self, pid: int) -> str:
         """Last error per stream entry whose batch failed (read when it is dead-lettered)."""
         return f"{self.prefix}seckill:{{{pid}}}:errors"
