@@ -294,9 +294,6 @@ class StatusConsumer:
             else:
                 result = await self.gate.refund(row["product_id"], row["user_id"],
                                                 row["sale_id"], row["slot"], row["stream_id"])
-            if row["status"] == RELEASED and result != "already_refunded":
-                await self.redis.hincrby(self.keys.waitlist_stats(row["product_id"]),
-                                         "released", 1)  # type: ignore[misc]
             metrics.COMPENSATIONS.labels(result).inc()
             log.info("compensation for instance %d: %s", row["instance_id"], result,
                      extra={"event": "compensation", "result": result,
