@@ -65,9 +65,12 @@ FROM unnest($2::bigint[], $3::bigint[], $4::text[]) AS r(instance_id, user_id, s
 WHERE l.product_id = $1 AND l.instance_id = r.instance_id AND l.user_id = r.user_id
   AND l.stream_id = r.stream_id AND l.status = 'RUNNING'
 """
+# with the product, so that the event names the objects the instance was made of
 ROWS = """
-SELECT instance_id, user_id, stream_id, status, sale_id, slot FROM seckill_logs
-WHERE product_id = $1 AND instance_id = ANY($2::bigint[])
+SELECT l.instance_id, l.user_id, l.stream_id, l.status, l.sale_id, l.slot,
+       p.name, p.cpus, p.memory_mb, p.gpu, p.image
+FROM seckill_logs l LEFT JOIN products p ON p.id = l.product_id
+WHERE l.product_id = $1 AND l.instance_id = ANY($2::bigint[])
 """
 
 
@@ -302,11 +305,17 @@ class ReleaseRequests:
 
 
 def released_event(pid: int, row: asyncpg.Record) -> event_pb2.Event:
-    """INSTANCE_RELEASED for an order's row, as the Resource Domain reads it."""
+    """INSTANCE_RELEASED for an order's row, as the Resource Domain reads it: the
+    order's fields of INSTANCE_CREATED (name and spec from the catalog, when the product
+    is still there), so it can delete exactly the objects it made."""
+    spec = (event_pb2.InstanceSpec(cpus=row["cpus"], memory_mb=row["memory_mb"],
+                                   gpu=row["gpu"], image=row["image"])
+            if row["cpus"] is not None else None)
     return event_pb2.Event(
         event_type=event_pb2.INSTANCE_RELEASED, instance_id=row["instance_id"],
-        user_id=row["user_id"], timestamp=int(time.time()), product_id=pid,
-        stream_id=row["stream_id"], sale_id=row["sale_id"] or "", slot=row["slot"] or 0)
+        user_id=row["user_id"], name=row["name"] or "", spec=spec,
+        timestamp=int(time.time()), product_id=pid, stream_id=row["stream_id"],
+        sale_id=row["sale_id"] or "", slot=row["slot"] or 0)
 
 
 def _fields(items: list, entry_id: bytes) -> dict[bytes, bytes]:

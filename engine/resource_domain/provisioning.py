@@ -77,17 +77,6 @@ def manifests(event: event_pb2.Event, domain: str) -> list[dict[str, Any]]:
     ]
 
 
-def release_objects(event: event_pb2.Event) -> list[dict[str, Any]]:
-    """What a release deletes: the objects `manifests` made for the instance, by kind and
-    name (what `kubectl delete -f` needs), with the same labels."""
-    name = f"gpu-{event.instance_id}"
-    labels = {"app": name, "seckill/instance-id": str(event.instance_id),
-              "seckill/user-id": str(event.user_id)}
-    return [{"apiVersion": api, "kind": kind, "metadata": {"name": name, "labels": labels}}
-            for api, kind in (("apps/v1", "Deployment"), ("v1", "Service"),
-                              ("networking.k8s.io/v1", "Ingress"))]
-
-
 def to_yaml(documents: list[dict[str, Any]]) -> str:
     """A multi-document YAML file; JSON is valid YAML, and needs no YAML library."""
     return "".join("---\n" + json.dumps(doc, indent=2, ensure_ascii=False) + "\n"
@@ -168,7 +157,8 @@ class KubectlProvisioner(SimulatedProvisioner):
         proc = await asyncio.create_subprocess_exec(
             *self.delete_command, stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-        _, err = await proc.communicate(to_yaml(release_objects(event)).encode())
+        # the same objects `provision` applied (the release event carries the spec too)
+        _, err = await proc.communicate(to_yaml(manifests(event, self.domain)).encode())
         if proc.returncode != 0:
             raise ProvisioningFailed(f"kubectl delete failed: {err.decode()[:200]}")
         await asyncio.to_thread((self.out / f"{event.instance_id}.yaml").unlink,

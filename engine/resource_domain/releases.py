@@ -177,7 +177,7 @@ def _decode(body: bytes) -> event_pb2.Event | None:
 def _released(event: event_pb2.Event) -> Message:
     body = event_pb2.Event(
         event_type=event_pb2.INSTANCE_RELEASED, instance_id=event.instance_id,
-        user_id=event.user_id, name=event.name, timestamp=int(time.time()),
+        user_id=event.user_id, name=event.name, spec=event.spec, timestamp=int(time.time()),
         product_id=event.product_id, stream_id=event.stream_id, sale_id=event.sale_id,
         slot=event.slot).SerializeToString()
     return Message(body, str(event.instance_id), "INSTANCE_RELEASED")
