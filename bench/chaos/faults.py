@@ -33,6 +33,7 @@ from engine.testing.ports import free_port
 from engine.testing.processes import SECKILL, pid_alive
 from engine.testing.waits import wait_for
 
+from . import handoffs
 from .hostile import forged_failures, forged_orders
 from .runner import Fault, Sale
 
@@ -520,7 +521,26 @@ def catalogue() -> list[Fault]:
     ]
     faults += [network(service, kind) for service in ("redis", "rabbitmq", "postgresql")
                for kind in ("cut", "blackhole", "latency", "slow link")]
-    return faults
+    return faults + after_sell_out()
+
+
+# the path after sell-out: some provisionings fail, users wait for returned units
+FAILING: dict[str, Any] = {"rd_failure_rate": 0.1, "rd_seed": 23}
+WAITING = 300
+
+
+def after_sell_out() -> list[Fault]:
+    """The rows of issue 23: returned units (failures, releases) handed to the waitlist."""
+    return [
+        Fault("engine SIGKILL between a failure and its hand-off",
+              handoffs.kill_engine_mid_handoff, rd=FAILING, waiting=WAITING,
+              start_after=0.1),
+        Fault("resource domain SIGKILL mid-release", handoffs.kill_rd_mid_release,
+              rd={"rd_delay_ms": 200}, waiting=WAITING),
+        Fault("redis: SIGKILL during hand-offs, restarted from its AOF",
+              handoffs.redis_restart_mid_handoff, sale_s=SHORT_SALE_S, private="redis-aof",
+              engine=NETWORK_QUICK, rd=FAILING, waiting=WAITING),
+    ]
 
 
 CHEAPEST = ("SIGKILL after_read", "SIGKILL after_log_commit", "SIGKILL after_confirms")
