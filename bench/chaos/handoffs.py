@@ -1,15 +1,11 @@
-"""The faults of the path after sell-out (issue 23), and what they must not cost.
+"""The path after sell-out (issue 23) in a chaos sale, and what its faults must not cost.
 
 A returned unit (a failed order's, a released instance's) goes to the waitlist's head
-or back to stock, exactly once. Three faults strike that path while a sale runs with a
-waitlist, failures and releases:
+or back to stock, exactly once. The faults that strike that path (faults.after_sell_out)
+run a sale with a waitlist (`join_waitlist`), failures and releases
+(`request_releases`); the helpers they share are here too.
 
-- the engine SIGKILLed between a failure and its hand-off (a FAILED row whose unit is
-  not handed on yet: the workers are frozen until one is caught so);
-- the Resource Domain SIGKILLed mid-release (instances claimed RELEASING, not deleted);
-- Redis SIGKILLed and restarted from its AOF while units are being handed on.
-
-`check()` reads the ground truth once everything is final and names what went wrong:
+`read()` reads the ground truth once everything is final and names what went wrong:
 a unit lost (stock plus live orders short of the sale's stock) or handed twice (more),
 a returned order never handed on, a waiting user with two live orders, or users served
 out of turn. `accounted()` turns the handed orders into purchases for the invariant
@@ -18,27 +14,22 @@ checker (each returned unit may be sold once more).
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
-import os
-import signal
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import asyncpg
 
 from engine.gate.redis_gate import Gate
 from engine.keys import GROUP
 from engine.testing.invariants import Accepted
-from engine.testing.waits import wait_for
 
-if TYPE_CHECKING:
-    from .runner import Sale
+# `sale`: a runner.Sale (not imported: the runner imports this module)
+Sale = Any
 
 LIVE = ("PROCESSING", "RUNNING", "RELEASING")
 RELEASES = 50  # owners who give their instance back during a release fault
-CATCH_TRIES = 2000  # freezes of the workers to catch a failure not yet handed on
 
 
 def _text(value: Any) -> str:
@@ -73,7 +64,7 @@ async def request_releases(sale: Sale, count: int) -> int:
     return len(rows)
 
 
-async def _count(sale: Sale, where: str) -> int:
+async def count_rows(sale: Sale, where: str) -> int:
     conn = await asyncpg.connect(sale.settings.pg_dsn, timeout=10)
     try:
         return int(await conn.fetchval(f"SELECT count(*) FROM seckill_logs WHERE product_id"
@@ -82,7 +73,7 @@ async def _count(sale: Sale, where: str) -> int:
         await conn.close()
 
 
-async def _rd_count(sale: Sale, status: str) -> int:
+async def count_rd(sale: Sale, status: str) -> int:
     conn = await asyncpg.connect(sale.settings.pg_dsn, timeout=10)
     try:
         return int(await conn.fetchval(
@@ -91,69 +82,6 @@ async def _rd_count(sale: Sale, status: str) -> int:
             status))
     finally:
         await conn.close()
-
-
-# -- the faults ------------------------------------------------------------------------
-async def kill_engine_mid_handoff(sale: Sale) -> None:
-    """Freeze the workers (SIGSTOP) until a FAILED order whose unit is not handed on yet
-    is caught, then SIGKILL the engine's every process and start it again."""
-    caught = 0
-    for _ in range(CATCH_TRIES):
-        workers = sale.engine.children()
-        for pid in workers:
-            os.kill(pid, signal.SIGSTOP)
-        caught = await _count(sale, "status = 'FAILED' AND compensated_at IS NULL")
-        if caught:
-            break
-        for pid in workers:
-            os.kill(pid, signal.SIGCONT)
-        await asyncio.sleep(0.01)
-    await asyncio.to_thread(sale.engine.kill_all)
-    sale.notes.append(f"engine killed with {caught} failed order(s) not yet handed on"
-                      if caught else "no failure was caught before its hand-off: killed anyway")
-    sale.start_engine()
-    await sale.booted()
-
-
-async def kill_rd_mid_release(sale: Sale) -> None:
-    """Owners release; the Resource Domain is SIGKILLed while it holds release claims
-    (RELEASING, objects not deleted yet) and started again."""
-    await wait_for(lambda: _enough_running(sale), 120, f"{RELEASES} orders RUNNING")
-    asked = await request_releases(sale, RELEASES)
-
-    async def claimed() -> bool:
-        return await _rd_count(sale, "RELEASING") > 0
-    await wait_for(claimed, 60, "a release claimed by the Resource Domain")
-    held = await _rd_count(sale, "RELEASING")
-    assert sale.resource_domain is not None
-    await asyncio.to_thread(sale.resource_domain.kill_all)
-    sale.notes.append(f"{asked} releases asked; the Resource Domain killed holding {held}")
-    sale.start_resource_domain()
-
-
-async def _enough_running(sale: Sale) -> bool:
-    return await _count(sale, "status = 'RUNNING'") >= RELEASES
-
-
-async def redis_restart_mid_handoff(sale: Sale) -> None:
-    """Releases asked while failures are handed on; Redis SIGKILLed once hand-offs are
-    under way, and started again from its AOF (no purchase in flight across it)."""
-    from .faults import _node
-
-    await wait_for(lambda: _enough_running(sale), 120, f"{RELEASES} orders RUNNING")
-    asked = await request_releases(sale, RELEASES)
-
-    async def handing() -> bool:
-        return await _count(sale, "compensated_at IS NOT NULL") > 0
-    await wait_for(handing, 60, "the first unit handed on")
-    async with sale.buyers:
-        handed = await _count(sale, "compensated_at IS NOT NULL")
-        await _node(sale, "kill")
-        await asyncio.sleep(1)
-        await _node(sale, "start")
-        await sale.reconnect_redis()
-    sale.notes.append(f"{asked} releases asked; Redis killed after {handed} unit(s) were "
-                      "handed on")
 
 
 # -- the ground truth ------------------------------------------------------------------
