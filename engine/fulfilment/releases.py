@@ -20,8 +20,8 @@ that is not the requester's, or for one that is not running goes to
 `stream:seckill:{<pid>}:releases:dlq` with its reason, and never holds up the others.
 
 Requests are rare next to orders, so the streams are polled (every
-`release_poll_interval` while idle) with one non-blocking read per stream; on a
-Redis Cluster each read goes straight to the master of its stream's slot. A
+`release_poll_interval` while idle) with one non-blocking XREADGROUP naming them all
+(on a Redis Cluster, one per slot, sent straight to the slot's master). A
 worker re-reads its own pending requests first (after a restart, or a batch that
 failed), and requests pending on a consumer idle for `claim_idle_ms` (a worker of a
 host that is gone) are claimed by whoever passes by.
@@ -172,8 +172,8 @@ class ReleaseRequests:
         busy = False
         if now >= self._next_claim:
             self._next_claim = now + self.settings.janitor_interval
-            for pid in list(self.cursors):
-                busy |= await self.settle(pid, await self._claim_abandoned(pid))
+            for pid, items in await self._claim_abandoned():
+                busy |= await self.settle(pid, items)
         for pid, items in await self.read():
             busy |= await self.settle(pid, items)
         return busy
@@ -187,40 +187,60 @@ class ReleaseRequests:
                 self.cursors[pid] = OWN
 
     async def read(self) -> list[tuple[int, list]]:
-        """Each stream's requests: our own pending ones first, then new ones."""
-        pids = list(self.cursors)
-        replies = await asyncio.gather(*(self._read_one(pid) for pid in pids))
+        """Each stream's requests: our own pending ones first, then new ones. One
+        XREADGROUP names every stream of a slot: a single Redis reads them all at once,
+        a cluster once per slot (an idle engine with a thousand sales polls cheaply)."""
+        groups = self._by_slot()
+        replies = await asyncio.gather(*(self._read_group(pids) for pids in groups))
+        got: dict[int, list] = {pid: items for reply in replies for pid, items in reply}
         out = []
-        for pid, items in zip(pids, replies, strict=True):
+        for pid in [pid for pids in groups for pid in pids]:
+            items = got.get(pid) or []
             if self.cursors.get(pid) == OWN and not items:
                 self.cursors[pid] = NEW  # nothing of ours left: new requests from now on
             if items:
                 out.append((pid, items))
         return out
 
-    async def _read_one(self, pid: int) -> list:
-        stream = self.keys.releases(pid)
+    def _by_slot(self) -> list[list[int]]:
+        if not self._cluster:
+            return [list(self.cursors)] if self.cursors else []
+        slots: dict[int, list[int]] = {}
+        for pid in self.cursors:
+            slots.setdefault(key_slot(self.keys.releases(pid).encode()), []).append(pid)
+        return list(slots.values())
+
+    async def _read_group(self, pids: list[int]) -> list[tuple[int, list]]:
+        streams = [self.keys.releases(pid) for pid in pids]
         try:
             reply: Any = await self.redis.execute_command(
                 "XREADGROUP", "GROUP", GROUP, self.consumer, "COUNT", COUNT, "STREAMS",
-                stream, self.cursors[pid], **self._route(stream))
+                *streams, *(self.cursors[pid] for pid in pids), **self._route(streams[0]))
         except ResponseError as exc:
             if not is_nogroup(exc):
                 raise
-            await ensure_group(self.redis, stream)  # Redis lost it: from the start again
-            self.cursors[pid] = OWN
+            for pid, stream in zip(pids, streams, strict=True):
+                await ensure_group(self.redis, stream)  # Redis lost it: from the start again
+                self.cursors[pid] = OWN
             return []
-        if not reply:
-            return []
-        return list(reply[0][1]) if isinstance(reply, list) else list(
-            next(iter(reply.values()))[0])
+        pid_of = {stream: pid for pid, stream in zip(pids, streams, strict=True)}
+        pairs = reply.items() if isinstance(reply, dict) else (reply or [])
+        return [(pid_of[_text(stream)], list(items[0] if isinstance(reply, dict) else items))
+                for stream, items in pairs]
 
-    async def _claim_abandoned(self, pid: int) -> list:
-        """Requests pending on a consumer idle for claim_idle_ms (its worker is gone)."""
-        stream = self.keys.releases(pid)
-        reply: Any = await self.redis.xautoclaim(stream, GROUP, self.consumer,
-                                                 self.settings.claim_idle_ms, count=COUNT)
-        return [item for item in reply[1] if item[1] is not None]
+    async def _claim_abandoned(self) -> list[tuple[int, list]]:
+        """Requests pending on a consumer idle for claim_idle_ms (its worker is gone), of
+        every stream, in one pipeline (split per node on a cluster)."""
+        pids = list(self.cursors)
+        if not pids:
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        for pid in pids:
+            pipe.xautoclaim(self.keys.releases(pid), GROUP, self.consumer,
+                            self.settings.claim_idle_ms, count=COUNT)
+        replies = await pipe.execute()
+        return [(pid, items) for pid, reply in zip(pids, replies, strict=True)
+                if (items := [i for i in reply[1] if i[1] is not None])]
 
     def _route(self, stream: str) -> dict[str, Any]:
         """Straight to the slot's master on a cluster (no COMMAND GETKEYS round trip)."""
@@ -316,6 +336,10 @@ def released_event(pid: int, row: asyncpg.Record) -> event_pb2.Event:
         user_id=row["user_id"], name=row["name"] or "", spec=spec,
         timestamp=int(time.time()), product_id=pid, stream_id=row["stream_id"],
         sale_id=row["sale_id"] or "", slot=row["slot"] or 0)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _fields(items: list, entry_id: bytes) -> dict[bytes, bytes]:
