@@ -41,9 +41,11 @@ CLAIM = """
 UPDATE resource_domain.instances SET status = 'RELEASING', owner = $2, claimed_at = now()
 WHERE instance_id = ANY($1::bigint[]) AND status = 'RUNNING' RETURNING instance_id
 """
+# a dead owner's claim, or our own (a release that failed halfway, delivered again)
 RECLAIM = f"""
 UPDATE resource_domain.instances SET owner = $2, claimed_at = now()
-WHERE instance_id = ANY($1::bigint[]) AND status = 'RELEASING' AND {DEAD_CLAIM}
+WHERE instance_id = ANY($1::bigint[]) AND status = 'RELEASING'
+  AND (owner = $2 OR {DEAD_CLAIM})
 RETURNING instance_id
 """
 # only where our claim is still the recorded one (see claims: a lost lock connection)

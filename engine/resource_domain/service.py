@@ -86,10 +86,12 @@ INSERT INTO resource_domain.instances (instance_id, user_id, status, owner)
 SELECT id, uid, 'PROVISIONING', $3 FROM unnest($1::bigint[], $2::bigint[]) AS u(id, uid)
 ON CONFLICT (instance_id) DO NOTHING RETURNING instance_id
 """
-# a claim nobody finished whose owner is dead (claims.DEAD_CLAIM): ours now
+# a claim nobody finished whose owner is dead (claims.DEAD_CLAIM): ours now; or ours
+# already (a delivery of ours that failed halfway comes back to us)
 RECLAIM = f"""
 UPDATE resource_domain.instances SET claimed_at = now(), owner = $2
-WHERE instance_id = ANY($1::bigint[]) AND status = 'PROVISIONING' AND {DEAD_CLAIM}
+WHERE instance_id = ANY($1::bigint[]) AND status = 'PROVISIONING'
+  AND (owner = $2 OR {DEAD_CLAIM})
 RETURNING instance_id
 """
 STATE = """

@@ -22,6 +22,7 @@ from engine.gate.redis_gate import Gate
 from engine.keys import GROUP, Keys
 from engine.orderstates import FAILED, RELEASED, RELEASING, RUNNING
 from engine.pb import event_pb2
+from engine.resource_domain.provisioning import ProvisioningFailed, SimulatedProvisioner
 from engine.resource_domain.service import ResourceDomain
 from engine.testing.taps import EventTap
 from engine.testing.waits import wait_for
@@ -218,3 +219,42 @@ async def test_the_resource_domain_deletes_a_released_instance_once(settings, tm
     assert sorted(r["reason"] for r in letters
                   if event_pb2.Event.FromString(r["body"]).instance_id == foreign) == [
         "release_mismatch", "untrusted_sender"]
+
+
+class FailsOnce(SimulatedProvisioner):
+    """The cluster refuses the first deletion (kubectl delete failing, say)."""
+
+    failed = False
+
+    async def release(self, event: event_pb2.Event) -> None:
+        if not self.failed:
+            self.failed = True
+            raise ProvisioningFailed("the API server said no")
+        await super().release(event)
+
+
+async def test_a_release_that_failed_halfway_is_finished_by_its_own_rd(settings, tmp_path,
+                                                                       fresh_queues):
+    """Its claim is the live process's own: the redelivered release takes it up again."""
+    s = settings.replace(rd_output_dir=str(tmp_path), rd_delay_ms=1, rd_metrics_port=0,
+                         retry_backoff_max=0.5)
+    iid = (int(time.time() * 1000) << 22) + 3
+    engine = login(settings, ENGINE)
+    provisioner = FailsOnce(s)
+    domain = ResourceDomain(s, provisioner)
+    stopping = asyncio.Event()
+    async with EventTap(settings.amqp_url, RK_STATUS) as tap:
+        task = asyncio.create_task(domain.run(stopping))
+        try:
+            await publish_as(engine.url, created(iid, 7).SerializeToString(), RK_CREATED,
+                             engine.user)
+            await tap.collect(1, timeout=30)
+            await publish_as(engine.url, release_of(iid, 7), RK_RELEASED, engine.user)
+            reports = await tap.collect(2, timeout=30)
+        finally:
+            stopping.set()
+            await task
+    assert provisioner.failed
+    assert [e.event_type for e in reports] == [event_pb2.INSTANCE_RUNNING,
+                                               event_pb2.INSTANCE_RELEASED]
+    assert not (tmp_path / f"{iid}.yaml").exists()
