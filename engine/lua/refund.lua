@@ -1,7 +1,7 @@
 -- Hand a returned unit of stock (a failed order's, a released instance's) on, exactly
 -- once per order, and only if that order's sale is still the open one: to the first
--- user waiting for one (a new order in the sale's stream, with the returned slot and
--- `from` = 'waitlist'), or, with nobody waiting or once the sale's window has ended,
+-- user waiting for one (a new order in the sale's stream, with the returned slot,
+-- `from` = 'waitlist' and the user's `turn` in the line), or, with nobody waiting or once the sale's window has ended,
 -- back to stock. Either way the returning user is no buyer any more (may buy or wait
 -- again). Every check comes before the first write (the XADD of a handoff, which a
 -- stream key of another type fails with nothing written).
@@ -28,19 +28,19 @@ end
 
 -- the head of the line: the first waiting user who holds no order (one who does, say
 -- bought in a sale reopened meanwhile, is dropped from the line)
-local head, stale = nil, {}
+local head, turn, stale = nil, nil, {}
 if not ended and ARGV[3] ~= '' then
   local at = 0
   while true do
-    local first = redis.call('ZRANGE', KEYS[6], at, at)[1]
-    if not first then
+    local first = redis.call('ZRANGE', KEYS[6], at, at, 'WITHSCORES')
+    if not first[1] then
       break
     end
-    if redis.call('SISMEMBER', KEYS[3], first) == 0 then
-      head = first
+    if redis.call('SISMEMBER', KEYS[3], first[1]) == 0 then
+      head, turn = first[1], first[2]
       break
     end
-    stale[#stale + 1] = first
+    stale[#stale + 1] = first[1]
     at = at + 1
   end
 end
@@ -48,7 +48,7 @@ end
 local reply = 1
 if head then
   local id = redis.pcall('XADD', KEYS[7], '*', 'uid', head, 'ts', now[1], 'sale', sale,
-                         'slot', ARGV[3], 'from', 'waitlist')
+                         'slot', ARGV[3], 'from', 'waitlist', 'turn', turn)
   if type(id) == 'table' then
     local kind = redis.call('TYPE', KEYS[7])['ok']
     if kind ~= 'stream' and kind ~= 'none' then

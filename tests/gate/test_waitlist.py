@@ -97,7 +97,7 @@ async def test_a_returned_unit_goes_to_the_head_exactly_once(gate, product_id, r
     assert await gate.refund(pid, 1, sale, first.slot, first.stream_id) == "already_refunded"
     entries = await redis.xrange(keys.stream(pid))
     made = {eid.decode(): f for eid, f in entries}[handed.stream_id]
-    assert made[b"uid"] == b"100" and made[b"from"] == b"waitlist"
+    assert made[b"uid"] == b"100" and made[b"from"] == b"waitlist" and made[b"turn"] == b"1"
     assert (made[b"sale"].decode(), int(made[b"slot"])) == (sale, first.slot)
     assert int(made[b"ts"]) > 1_700_000_000
     assert len(entries) == 3
