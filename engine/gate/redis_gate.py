@@ -231,6 +231,7 @@ class Gate:
         self._join = _Script(redis, "waitlist.lua")
         self._position = _Script(redis, "position.lua")
         self._release = _Script(redis, "release.lua")
+        self._end_source = lua_script("end_waitlist.lua")  # (EVAL inside a MULTI)
         self.waitlist_max = waitlist_max
 
     async def close(self) -> None:
@@ -429,10 +430,8 @@ class Gate:
         ended set (kept ENDED_KEEP_S, so that they read ENDED), the waitlist and its
         turn counter go. No unit can be handed from it any more."""
         k = self.keys
-        pipe.zunionstore(k.waitlist_ended(pid), [k.waitlist_ended(pid), k.waitlist(pid)],
-                         aggregate="MIN")
-        pipe.expire(k.waitlist_ended(pid), ENDED_KEEP_S)
-        pipe.delete(k.waitlist(pid), k.waitlist_seq(pid))
+        pipe.eval(self._end_source, 3, k.waitlist(pid), k.waitlist_ended(pid),
+                  k.waitlist_seq(pid), ENDED_KEEP_S)
 
     async def schedule(self, product_id: int) -> tuple[str | None, int | None, Window, int]:
         """(sale ID, stock, window, Redis time in unix ms), in one round trip: what the
