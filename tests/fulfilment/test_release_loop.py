@@ -1,5 +1,6 @@
 """Release and claim takeover as processes: gate -> engine -> Resource Domain -> status,
-on the real services (issue 23, items 4 and 7)."""
+on the real services (issue 23, items 4 and 7). Releases are asked for as the BFF's
+`DELETE .../order` asks (engine.gate.releases.request_release)."""
 
 from __future__ import annotations
 
@@ -15,8 +16,10 @@ from test_closed_loop import ResourceDomainProcess, buy_all, statuses
 
 from engine.config import Settings
 from engine.gate.redis_gate import Gate
+from engine.gate.releases import LATEST_ORDER, request_release
 from engine.keys import Keys
-from engine.orderstates import RELEASED, RUNNING
+from engine.orderstates import RELEASED, RELEASING, RUNNING
+from engine.testing.invariants import ledger_problems, read_ledger
 from engine.testing.processes import EngineProcess
 from engine.testing.waits import wait_for
 
@@ -33,20 +36,18 @@ async def orders(settings: Settings, pid: int) -> list:
                           " = $1 ORDER BY id", pid)
 
 
-async def ask_release(redis: Redis, keys: Keys, pid: int, row) -> None:
-    """What the gate records for `DELETE .../order` (SPEC: the release stream's fields)."""
-    await redis.xadd(keys.releases(pid), {
-        "uid": str(row["user_id"]), "instance_id": str(row["instance_id"]),
-        "stream_id": row["stream_id"], "sale": row["sale_id"],
-        "at": str(int(time.time() * 1000))})
-
-
 async def test_owners_release_and_each_unit_is_handed_on_once(settings, product_id, tmp_path):
+    """20 owners release (`DELETE .../order`'s function); 12 users wait: the first 12
+    released units go to them in turn, the other 8 back to stock."""
     await add_products(settings, [product_id])
     redis = Redis.from_url(settings.redis_url)
     keys = Keys(settings.key_prefix)
     gate = Gate(redis, keys)
-    await gate.open_sale(product_id, RELEASES, clear_buyers=True)
+    sale = await gate.open_sale(product_id, RELEASES, clear_buyers=True)
+    pool = await asyncpg.create_pool(settings.pg_dsn, min_size=1, max_size=2)
+
+    async def latest_order(pid: int, uid: int):
+        return await pool.fetchrow(LATEST_ORDER, pid, uid)
     engine = EngineProcess(settings, workers=2)
     rd = ResourceDomainProcess(settings, rd_output_dir=str(tmp_path), rd_delay_ms=5)
     try:
@@ -57,10 +58,13 @@ async def test_owners_release_and_each_unit_is_handed_on_once(settings, product_
         await wait_for(all_running, 90, "every order RUNNING")
         bought = await orders(settings, product_id)
         waiting = list(range(1001, 1001 + WAITING))
-        for turn, uid in enumerate(waiting, 1):  # as the gate's waitlist keeps them
-            await redis.zadd(keys.waitlist(product_id), {str(uid): turn})
+        for uid in waiting:  # sold out: they join the line, one after another
+            assert (await gate.join_waitlist(product_id, uid)).outcome == "joined"
         for row in bought:
-            await ask_release(redis, keys, product_id, row)
+            asked = await request_release(gate, latest_order, product_id, row["user_id"])
+            assert asked == (RELEASING, True)
+            again = await request_release(gate, latest_order, product_id, row["user_id"])
+            assert again.new is False  # a second DELETE asks nothing more
         ids = {r["instance_id"] for r in bought}
 
         async def all_released() -> bool:
@@ -77,16 +81,21 @@ async def test_owners_release_and_each_unit_is_handed_on_once(settings, product_
         await wait_for(handed_running, 60, "the handed units' orders RUNNING")
         stock = int(await redis.get(keys.stock(product_id)))
         final = await orders(settings, product_id)
+        conn = await asyncpg.connect(settings.pg_dsn)
+        try:
+            ledger = await read_ledger(redis, keys, product_id, sale, RELEASES, conn=conn)
+        finally:
+            await conn.close()
     finally:
         rd.stop()
         engine.stop()
+        await pool.close()
         await redis.aclose()
     # every released unit made exactly one new order or one unit of stock
     assert len(handed) + stock == RELEASES
-    if hasattr(Gate, "join_waitlist"):  # the gate hands returned units to the waitlist
-        assert handed_users == waiting  # in the order they joined
-    else:
-        assert handed_users == []
+    assert handed_users == waiting  # the first ones, in the order they joined
+    assert stock == RELEASES - WAITING
+    assert ledger_problems(ledger) == []
     live = [r for r in final if r["status"] not in ("FAILED", RELEASED)]
     assert len({r["slot"] for r in live}) == len(live) == len(handed)
     assert len({r["user_id"] for r in live}) == len(live)
