@@ -12,10 +12,11 @@ from urllib.parse import urlsplit
 import asyncpg
 import pytest
 from statusreports import log_orders, owners, publish, rows
-from test_bus_trust import publish_as
+from support import purge_queues
+from test_bus_trust import consuming, publish_as, publishing, refused
 
-from engine.amqp.logins import ENGINE, login
-from engine.amqp.topology import RK_CREATED, RK_RELEASED, RK_STATUS
+from engine.amqp.logins import ENGINE, RESOURCE_DOMAIN, login
+from engine.amqp.topology import QUEUE_RELEASED, RK_CREATED, RK_RELEASED, RK_STATUS
 from engine.fulfilment.releases import ReleaseRequests, parse
 from engine.fulfilment.status_consumer import StatusConsumer, encode_report
 from engine.gate.redis_gate import Gate
@@ -258,3 +259,41 @@ async def test_a_release_that_failed_halfway_is_finished_by_its_own_rd(settings,
     assert [e.event_type for e in reports] == [event_pb2.INSTANCE_RUNNING,
                                                event_pb2.INSTANCE_RELEASED]
     assert not (tmp_path / f"{iid}.yaml").exists()
+
+
+async def test_only_the_engine_asks_for_releases_only_the_rd_reads_them(settings):
+    engine, rd = login(settings, ENGINE).url, login(settings, RESOURCE_DOMAIN).url
+    assert "ACCESS_REFUSED" in await refused(rd, publishing(RK_RELEASED))
+    assert "ACCESS_REFUSED" in await refused(engine, consuming(QUEUE_RELEASED))
+    assert await refused(rd, consuming(QUEUE_RELEASED)) == ""
+    assert await refused(engine, publishing(RK_RELEASED)) == ""
+    await purge_queues(settings.amqp_url, QUEUE_RELEASED)  # the engine's "x" above
+
+
+async def test_a_released_report_from_anyone_but_the_rd_is_dead_lettered(settings, env,
+                                                                         product_id):
+    redis, pool, _ = env
+    keys = Keys(settings.key_prefix)
+    gate = Gate(redis, keys)
+    await gate.open_sale(product_id, 1)
+    [order] = await running_orders(pool, gate, product_id, [1])
+    await pool.execute("UPDATE seckill_logs SET status = 'RELEASING' WHERE instance_id = $1",
+                       order.instance_id)
+    forged = encode_report(order.instance_id, RELEASED, **owners([order])[order.instance_id])
+    consumer = StatusConsumer(settings, redis, pool)
+    stopping = asyncio.Event()
+    task = asyncio.create_task(consumer.run(stopping))
+    try:
+        admin = urlsplit(settings.amqp_url).username
+        await publish_as(settings.amqp_url, forged, RK_STATUS, admin)
+
+        async def refused_it() -> bool:
+            return any(f.get(b"body") == forged and f[b"reason"] == b"untrusted_sender"
+                       for _, f in await redis.xrange(keys.status_dlq))
+        await wait_for(refused_it, 20, "the forged RELEASED dead-lettered")
+    finally:
+        stopping.set()
+        await task
+    row = (await rows(pool, product_id))[order.instance_id]
+    assert (row["status"], row["compensated_at"]) == (RELEASING, None)
+    assert int(await redis.get(keys.stock(product_id))) == 0  # no unit handed on
