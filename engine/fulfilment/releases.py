@@ -45,8 +45,8 @@ from engine import backoff
 from engine.amqp.publisher import CONFIRMED, ConfirmPublisher, Message
 from engine.amqp.topology import RK_RELEASED
 from engine.config import Settings
-from engine.connections import RETRYABLE, is_cluster
-from engine.errors import PublishFailed
+from engine.connections import PG_ERRORS, RETRYABLE, is_cluster
+from engine.errors import DatabaseFailed, PublishFailed, one_line
 from engine.keys import GROUP, Keys
 from engine.orderstates import RELEASED, RELEASING
 from engine.pb import event_pb2
@@ -283,12 +283,15 @@ class ReleaseRequests:
     async def _move(self, pid: int, requests: list[Request]) -> dict[int, asyncpg.Record]:
         """RUNNING -> RELEASING where the request is the owner's; every named row after."""
         timeout = self.settings.db_timeout
-        async with self.pool.acquire(timeout=timeout) as conn:
-            await conn.execute(TO_RELEASING, pid, [r.instance_id for r in requests],
-                               [r.user_id for r in requests], [r.stream_id for r in requests],
-                               timeout=timeout)
-            found = await conn.fetch(ROWS, pid, [r.instance_id for r in requests],
-                                     timeout=timeout)
+        try:
+            async with self.pool.acquire(timeout=timeout) as conn:
+                await conn.execute(TO_RELEASING, pid, [r.instance_id for r in requests],
+                                   [r.user_id for r in requests],
+                                   [r.stream_id for r in requests], timeout=timeout)
+                found = await conn.fetch(ROWS, pid, [r.instance_id for r in requests],
+                                         timeout=timeout)
+        except PG_ERRORS as exc:  # a stuck or failing database: retried, not a crash
+            raise DatabaseFailed(f"release requests: {one_line(exc)}") from exc
         return {row["instance_id"]: row for row in found}
 
     async def _publish(self, pid: int, rows: dict[int, asyncpg.Record],
