@@ -69,6 +69,11 @@ class Keys:
         order release`), read by the engine, which asks the Resource Domain to delete."""
         return f"{self.prefix}stream:seckill:{{{pid}}}:releases"
 
+    def release_dlq(self, pid: int) -> str:
+        """Release requests the engine refused (malformed, not the order's owner, not
+        RUNNING), each with its reason."""
+        return f"{self.prefix}stream:seckill:{{{pid}}}:releases{DLQ_SUFFIX}"
+
     def release_requested(self, pid: int) -> str:
         """Stream IDs of the orders whose release was already requested: a repeated
         DELETE adds no second entry to `releases` (exactly once per order)."""
