@@ -11,7 +11,7 @@
 --       (absent: no per-IP limit); 7 is passed whenever 8 is
 -- ARGV: 1 user ID, 2 unix seconds; optional: 3 user rate/s, 4 user burst, 5 IP rate/s,
 --       6 IP burst (the defaults of the caller; 0 = no limit)
--- Reply: {1, stream entry ID, slot} accepted | {2} duplicate | {3} sold out | {0} no sale
+-- Reply: {1, stream entry ID, slot (decimal string)} accepted | {2} duplicate | {3} sold out | {0} no sale
 --        | {4, retry after ms, 'user' or 'ip'} rate-limited | {5, start ms, now ms} not
 --        started | {6, end ms} ended
 -- Error: "SECKILL_BADSTATE ..." when a key holds something the purchase cannot use.
@@ -95,20 +95,6 @@ if #stock > 18 or not string.find(stock, '^[1-9]%d*$') then
 end
 local buyer = redis.call('SISMEMBER', KEYS[3], ARGV[1]) == 1
 
--- GCRA: one attempt every 1000/rate ms, `burst` at once; the new TAT, or nil and the wait
-local now
-local function gcra(tat, rate, burst)
-  local interval = 1000 / rate
-  if tat < now then
-    tat = now
-  end
-  local new_tat = tat + interval
-  local over = new_tat - now - interval * math.max(burst, 1)
-  if over > 0 then
-    return nil, math.ceil(over)
-  end
-  return new_tat, 0
-end
 local user_key, user_rate = KEYS[8], tonumber(ur or ARGV[3] or 0) or 0
 if user_rate <= 0 or not (got[4] or buyer or sold_out) then
   user_key = nil  -- no limit, or a new buyer's first attempt: nothing to read or write
@@ -117,43 +103,58 @@ local ip_key, ip_rate = KEYS[9], tonumber(ir or ARGV[5] or 0) or 0
 if ip_rate <= 0 then
   ip_key = nil
 end
-local user_tat, ip_tat, wait
+-- GCRA: one attempt every 1000/rate ms, `burst` at once; the new TAT, or nil and the wait
+local now, user_tat, ip_tat
 if user_key or ip_key then
   local now_t = redis.call('TIME')
   now = now_t[1] * 1000 + math.floor(now_t[2] / 1000)
-end
-if user_key then
-  local interval = 1000 / user_rate
-  -- no key yet: a buyer's purchase counts as spent just now
-  local tat = tonumber(got[4]) or (buyer and now + interval) or now
-  user_tat, wait = gcra(tat, user_rate, tonumber(ub or ARGV[4] or 0) or 0)
-  if not user_tat then
-    return {4, wait, 'user'}
+  local function gcra(tat, rate, burst)
+    local interval = 1000 / rate
+    if tat < now then
+      tat = now
+    end
+    local new_tat = tat + interval
+    local over = new_tat - now - interval * math.max(burst, 1)
+    if over > 0 then
+      return nil, math.ceil(over)
+    end
+    return new_tat, 0
   end
-end
-if ip_key then
-  ip_tat, wait = gcra(tonumber(got[5]) or now, ip_rate, tonumber(ib or ARGV[6] or 0) or 0)
-  if not ip_tat then
-    return {4, wait, 'ip'}
+  local wait
+  if user_key then
+    local interval = 1000 / user_rate
+    -- no key yet: a buyer's purchase counts as spent just now
+    local tat = tonumber(got[4]) or (buyer and now + interval) or now
+    user_tat, wait = gcra(tat, user_rate, tonumber(ub or ARGV[4] or 0) or 0)
+    if not user_tat then
+      return {4, wait, 'user'}
+    end
+  end
+  if ip_key then
+    ip_tat, wait = gcra(tonumber(got[5]) or now, ip_rate, tonumber(ib or ARGV[6] or 0) or 0)
+    if not ip_tat then
+      return {4, wait, 'ip'}
+    end
   end
 end
 
 -- An attempt within its limits spends its share of them, whatever the answer, so a
 -- client retrying a duplicate or a sold-out sale is slowed too; and the gate state found
 -- open is written (a failure to write it, e.g. out of memory, only costs the next
--- attempt the same reads again).
+-- attempt the same reads again). (Arguments go to Redis as strings: a Lua number is
+-- formatted with printf on every call.)
 local function spend()
   if user_tat then
     redis.call('SET', user_key, string.format('%d', user_tat), 'PX',
-               math.max(1, math.ceil(user_tat - now)))
+               tostring(math.max(1, math.ceil(user_tat - now))))
   end
   if ip_tat then
     redis.call('SET', ip_key, string.format('%d', ip_tat), 'PX',
-               math.max(1, math.ceil(ip_tat - now)))
+               tostring(math.max(1, math.ceil(ip_tat - now))))
   end
   if fill then
     if fill[2] then
-      redis.pcall('SET', KEYS[7], fill[1], 'PXAT', tonumber(fill[2]) - 1)
+      redis.pcall('SET', KEYS[7], fill[1], 'PXAT', string.format('%d', tonumber(fill[2]) - 1))
     else
       redis.pcall('SET', KEYS[7], fill[1])
     end
@@ -165,7 +166,7 @@ if buyer or sold_out then
 end
 -- a unit handed back by a failed order is sold again before a new one (LINDEX, a read,
 -- also refuses a free-slots key of another type before anything is written)
-local free = redis.call('LINDEX', KEYS[4], 0)
+local free = redis.call('LINDEX', KEYS[4], '0')
 local slot = free or stock
 local id = redis.pcall('XADD', KEYS[5], '*', 'uid', ARGV[1], 'ts', ARGV[2],
                        'sale', sale, 'slot', slot)
@@ -182,5 +183,7 @@ if free then
 end
 redis.call('DECR', KEYS[1])
 redis.call('SADD', KEYS[3], ARGV[1])
-spend()
-return {1, id, tonumber(slot)}
+if user_tat or ip_tat or fill then
+  spend()
+end
+return {1, id, slot}  -- (the slot as Redis holds it: the caller reads an integer)
