@@ -408,10 +408,19 @@ def headline_seconds(left_s: float, *, repeats: int, sale_s: float, overhead_s: 
     return left_s - rest - overhead_s - presale_s
 
 
-def paced_presale_rate(answered: int, span_s: float, ceiling: int) -> int:
-    """The pre-sale's rate from a calibration burst: PRESALE_SHARE_OF_MEASURED of the
-    page loads answered per second, at most `ceiling`, at least 100/s."""
-    measured = answered / span_s if span_s > 0 else 0.0
+def answered_rate(done_ns: np.ndarray, skip: float = 0.25) -> float:
+    """Answers per second of a burst offered faster than it is answered, over its steady
+    part: from the answer that ends the first `skip` of them (a new BFF opens its
+    connections and pools while the first ones wait) to the last."""
+    done = np.sort(done_ns)
+    first = int(len(done) * skip)
+    span = (done[-1] - done[first]) / 1e9 if len(done) > first + 1 else 0.0
+    return (len(done) - 1 - first) / span if span > 0 else 0.0
+
+
+def paced_presale_rate(measured: float, ceiling: int) -> int:
+    """The pre-sale's pace: PRESALE_SHARE_OF_MEASURED of the page loads answered per
+    second in the calibration burst, at most `ceiling`, at least 100/s."""
     return max(100, min(ceiling, int(measured * PRESALE_SHARE_OF_MEASURED)))
 
 
@@ -821,11 +830,11 @@ class Burst:
             shutil.rmtree(records.parent, ignore_errors=True)
         answered = recs[recs["status"] != 0]
         span = (answered["done"].max() - answered["due"].min()) / 1e9 if len(answered) else 0.0
-        self.presale_rate = paced_presale_rate(len(answered), span, CALIBRATION_RATE)
+        steady = answered_rate(answered["done"])
+        self.presale_rate = paced_presale_rate(steady, CALIBRATION_RATE)
         self.stack.bff_used = True  # the first sale starts on a new BFF, its caches empty
         self.calibration = {"loads": count, "answered": int(len(answered)), "seconds": span,
-                            "answered_per_s": len(answered) / span if span else 0.0,
-                            "presale_rate": self.presale_rate,
+                            "answered_per_s": steady, "presale_rate": self.presale_rate,
                             "generator_cpu_s": gen["generator_cpu_s"]}
         print(f"burst: pre-sale pace {self.presale_rate:,} page loads/s"
               f" ({PRESALE_SHARE_OF_MEASURED:.0%} of {self.calibration['answered_per_s']:,.0f}/s"

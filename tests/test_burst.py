@@ -21,6 +21,7 @@ from bench.burst import (
     Burst,
     SaleRun,
     Scenario,
+    answered_rate,
     breaking_point,
     capacities,
     headline_seconds,
@@ -151,9 +152,13 @@ def test_the_headline_gets_the_time_the_rest_of_the_plan_leaves():
 
 
 def test_the_presale_is_paced_below_what_this_machine_answered():
-    assert paced_presale_rate(4_000, 2.0, 20_000) == 1_600
-    assert paced_presale_rate(4_000, 0.1, 20_000) == 20_000
-    assert paced_presale_rate(0, 0.0, 20_000) == 100
+    # a slow first second (a new BFF opening its pools), then 2,000 answers a second
+    done = np.concatenate([np.linspace(0.0, 1.0, 200), np.linspace(1.0, 2.0, 2_000)[1:]])
+    assert answered_rate((done * 1e9).astype(np.uint64)) == pytest.approx(2_000, rel=0.01)
+    assert answered_rate(np.array([5], dtype=np.uint64)) == 0.0
+    assert paced_presale_rate(2_000.0, 20_000) == 1_600
+    assert paced_presale_rate(50_000.0, 20_000) == 20_000
+    assert paced_presale_rate(0.0, 20_000) == 100
 
 
 def test_the_part_that_breaks_first():
