@@ -28,7 +28,10 @@ A full run, in this order (it fits in 10 minutes on a 2-core box):
    invariant, and p99 under P99_HELD_MS);
 2. the headline: `attempts` (1,000,000) attempts at the highest rate that held, or as
    many as the time left allows (`headline_seconds`: the rest of the plan must fit in
-   BUDGET_S, from what the sales so far took);
+   BUDGET_S, from what the sales so far took; none when not even a sweep sale's length
+   fits). The sweep too stops early when one more sale would not leave a short headline
+   and the judged rounds their time (`another_sweep_fits`); the report says what the
+   budget cut;
 3. `repeats` (3) rounds of: the HTTP floor (a bare app on the BFF's Granian interface,
    bench/floor.py, loaded by the same generator at the same rate), then a sale at 75% of
    the highest rate that held. Only these rounds are judged, each repeat on its own side
@@ -121,7 +124,7 @@ SALE_OVERHEAD_S = 10.0  # a sale's new BFF, drain and checks, until one was meas
 # the pre-sale's pace: page loads sent at this share of the rate measured on this machine
 CALIBRATION_LOADS = 4_000
 CALIBRATION_RATE = 20_000  # offered: more than any BFF here answers, so it measures it
-PRESALE_SHARE_OF_MEASURED = 0.8
+PRESALE_SHARE_OF_MEASURED = 0.9
 # the targets of issue 22, judged over the repeats of a full run
 CPU_VS_FLOOR = 1.3
 P99_MS = 50.0
@@ -398,14 +401,31 @@ def next_sweep_rate(tried: Mapping[int, bool], rates: Sequence[int],
     return lower if lower < ceiling and lower not in tried else None
 
 
+def rest_seconds(*, repeats: int, sale_s: float, overhead_s: float, presale_s: float,
+                 floor_s: float) -> float:
+    """The plan after the headline: `repeats` rounds of a floor window (`floor_s`) and a
+    sale with its pre-sale, then the cold sale (no pre-sale); each sale costs
+    `overhead_s` beyond its pre-sale and its `sale_s` of buying."""
+    return repeats * (floor_s + overhead_s + presale_s + sale_s) + overhead_s + sale_s
+
+
 def headline_seconds(left_s: float, *, repeats: int, sale_s: float, overhead_s: float,
                      presale_s: float, floor_s: float) -> float:
     """The buying seconds the headline may take so that the rest of the plan still fits
-    in `left_s`: `repeats` rounds of a floor window (`floor_s`) and a sale with its
-    pre-sale, then the cold sale (no pre-sale); each sale costs `overhead_s` beyond its
-    pre-sale and its `sale_s` of buying."""
-    rest = repeats * (floor_s + overhead_s + presale_s + sale_s) + overhead_s + sale_s
+    in `left_s` (`rest_seconds`)."""
+    rest = rest_seconds(repeats=repeats, sale_s=sale_s, overhead_s=overhead_s,
+                        presale_s=presale_s, floor_s=floor_s)
     return left_s - rest - overhead_s - presale_s
+
+
+def another_sweep_fits(left_s: float, *, repeats: int, sale_s: float, overhead_s: float,
+                       presale_s: float, floor_s: float) -> bool:
+    """Whether one more sweep sale leaves time for a headline of a sweep sale's length
+    and the rest of the plan (a slow box whose first rates fail must still judge)."""
+    one_sale = overhead_s + presale_s + sale_s
+    return headline_seconds(left_s - one_sale, repeats=repeats, sale_s=sale_s,
+                            overhead_s=overhead_s, presale_s=presale_s,
+                            floor_s=floor_s) >= sale_s
 
 
 def answered_rate(done_ns: np.ndarray, skip: float = 0.25) -> float:
@@ -559,6 +579,7 @@ class Burst:
         self.machine_cores = os.cpu_count() or 1
         self.verify_us = 0.0
         self.presale_rate = scenario.presale_rate or CALIBRATION_RATE
+        self.notes: list[str] = []  # what the budget cut, said in the report
         self.calibration: dict[str, Any] = {}
         # for the tests: a coroutine run beside each buy phase with the sale's (product,
         # sale ID), e.g. to break an invariant on purpose while the sale runs
@@ -783,18 +804,25 @@ class Burst:
         print(row_text(runs[-1]), flush=True)
         return runs[-1]
 
-    def headline_attempts(self, runs: Sequence[SaleRun], rate: int, began: float) -> int:
-        """The headline's attempts: `attempts`, or fewer so that the plan fits BUDGET_S
-        (from what the sales so far took), never fewer than a sweep sale's."""
+    def costs(self, runs: Sequence[SaleRun]) -> dict[str, Any]:
+        """The plan's figures for the budget, from what the sales so far took: a sale's
+        seconds beyond its pre-sale and buying, and a pre-sale's (the longest of each)."""
         sc = self.scenario
         overheads = [r.seconds["total"] - r.seconds["presale"] - r.seconds["buy"]
                      for r in runs if {"total", "presale", "buy"} <= r.seconds.keys()]
         presales = [r.seconds["presale"] for r in runs if r.presale_share and r.seconds]
-        seconds = headline_seconds(
-            BUDGET_S - (time.monotonic() - began), repeats=sc.repeats,
-            sale_s=sc.sweep_seconds, floor_s=sc.floor_seconds + FLOOR_OVERHEAD_S,
-            overhead_s=max(overheads, default=SALE_OVERHEAD_S),
-            presale_s=max(presales, default=0.0))
+        return {"repeats": sc.repeats, "sale_s": sc.sweep_seconds,
+                "floor_s": sc.floor_seconds + FLOOR_OVERHEAD_S,
+                "overhead_s": max(overheads, default=SALE_OVERHEAD_S),
+                "presale_s": max(presales, default=0.0)}
+
+    def headline_attempts(self, runs: Sequence[SaleRun], rate: int, began: float) -> int:
+        """The headline's attempts: `attempts`, or fewer so that the plan fits BUDGET_S
+        (from what the sales so far took); 0 when not even a sweep sale's fits."""
+        sc = self.scenario
+        seconds = headline_seconds(BUDGET_S - (time.monotonic() - began), **self.costs(runs))
+        if seconds < sc.sweep_seconds and sc.judged:
+            return 0
         least = min(sc.attempts, int(rate * sc.sweep_seconds))
         return max(least, min(sc.attempts, int(rate * seconds)))
 
@@ -856,14 +884,23 @@ class Burst:
                                        sc.presale_share, seed=10 * len(tried) + 1)
                 tried[rate] = run.held
                 rate = next_sweep_rate(tried, sc.rates, sc.sweep_floor)
+                if rate is not None and sc.judged and not another_sweep_fits(
+                        BUDGET_S - (time.monotonic() - began), **self.costs(runs)):
+                    self.notes.append(f"the sweep stopped before {rate:,}/s: one more sale "
+                                      f"would not leave the rest of the plan {BUDGET_S:.0f} s")
+                    rate = None
             top = max((r for r, ok in tried.items() if ok), default=None)
             # a quick run goes through the whole plan even when its rate did not hold (on
             # a busy machine): it checks the code, not the figures
             plan_rate = top or (sc.rates[0] if not sc.judged else None)
             if not sc.sweep_only and plan_rate:
-                await self._sale(runs, tokens, "headline", plan_rate,
-                                 self.headline_attempts(runs, plan_rate, began),
-                                 sc.presale_share, seed=101)
+                headline = self.headline_attempts(runs, plan_rate, began)
+                if headline:
+                    await self._sale(runs, tokens, "headline", plan_rate, headline,
+                                     sc.presale_share, seed=101)
+                else:
+                    self.notes.append(f"no headline: not even {sc.sweep_seconds:.0f} s of it "
+                                      f"would leave the judged rounds {BUDGET_S:.0f} s")
                 slower = int(plan_rate * REPEAT_SHARE)
                 for i in range(sc.repeats):
                     print(f"burst: floor {i + 1} at {slower:,} requests/s", flush=True)
@@ -882,6 +919,7 @@ class Burst:
         repeats = [asdict(r) for r in runs if r.label.startswith("75%")]
         return {"scenario": asdict(sc), "machine_cores": self.machine_cores,
                 "seconds": time.monotonic() - began, "presale_calibration": self.calibration,
+                "notes": self.notes,
                 "verify_us": self.verify_us, "runs": [asdict(r) for r in runs],
                 "floors": floors, "highest_held_rate": top,
                 "verdicts": verdicts(repeats, floors, judged=sc.judged, held_rate=top,
@@ -935,6 +973,7 @@ def markdown(doc: dict[str, Any]) -> str:
             f" {r['cpu_us_per_answered'].get('generator', 0):.1f} |"
             f" {r['send_lag_ms'].get('p99', 0):.1f}/{r['send_lag_ms'].get('max', 0):.1f} |"
             f" {'yes' if r['held'] else 'no'} |")
+    lines += [f"\nBudget ({BUDGET_S:.0f} s): {note}." for note in doc.get("notes", [])]
     lines += ["", "Server = " + " + ".join(SERVICES) + "; generator and other processes "
               "apart. Latency is counted from when each attempt was due, not when it was sent;"
               f" \"not sent\": dropped by the generator once {GIVE_UP_BEHIND_S:.0f} s behind.",

@@ -21,6 +21,7 @@ from bench.burst import (
     Burst,
     SaleRun,
     Scenario,
+    another_sweep_fits,
     answered_rate,
     breaking_point,
     capacities,
@@ -148,7 +149,10 @@ def test_the_headline_gets_the_time_the_rest_of_the_plan_leaves():
           "floor_s": 15.0}
     # the rest: 3 x (15 + 10 + 30 + 20) + 10 + 20 = 255 s; the headline's own 10 + 30 s
     assert headline_seconds(400.0, **kw) == pytest.approx(105.0)
-    assert headline_seconds(200.0, **kw) < 0  # past the budget: the caller's least
+    assert headline_seconds(200.0, **kw) < 0  # past the budget: no headline
+    # one more sweep sale (10 + 30 + 20 s) and a 20 s headline (+ 40 s) and the rest
+    assert another_sweep_fits(60.0 + 60.0 + 255.0, **kw)
+    assert not another_sweep_fits(60.0 + 60.0 + 254.0, **kw)
 
 
 def test_the_presale_is_paced_below_what_this_machine_answered():
@@ -156,7 +160,7 @@ def test_the_presale_is_paced_below_what_this_machine_answered():
     done = np.concatenate([np.linspace(0.0, 1.0, 200), np.linspace(1.0, 2.0, 2_000)[1:]])
     assert answered_rate((done * 1e9).astype(np.uint64)) == pytest.approx(2_000, rel=0.01)
     assert answered_rate(np.array([5], dtype=np.uint64)) == 0.0
-    assert paced_presale_rate(2_000.0, 20_000) == 1_600
+    assert paced_presale_rate(2_000.0, 20_000) == 1_800
     assert paced_presale_rate(50_000.0, 20_000) == 20_000
     assert paced_presale_rate(0.0, 20_000) == 100
 
