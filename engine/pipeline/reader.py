@@ -113,6 +113,9 @@ class StreamReader(ABC):
             if items:
                 active += 1
             old = await self._advance(stream, items)
+            if not old and all(fields is not None for _, fields in items):
+                entries += [Entry(stream, raw_id.decode(), fields) for raw_id, fields in items]
+                continue
             for raw_id, fields in items:
                 stream_id = raw_id.decode()
                 if raw_id in old:
