@@ -302,20 +302,31 @@ def _install_in_order_confirms(channel: Any) -> None:
 
     aiormq schedules a callback per covered tag and scans the whole map for
     every ack frame; tags are inserted in increasing order, so the covered
-    ones are exactly a prefix of the map.
+    ones are exactly a prefix of the map. An ack of one of our publishes
+    settles its place in its batch right here (what aiormq's `_confirm_delivery`
+    and `_PendingConfirm.set_result` would do, without two calls per event);
+    anything else (a nack, a returned publish's marker, someone else's
+    future) goes the way aiormq handles it.
     """
     confirmations = channel.confirmations
     confirm = channel._confirm_delivery  # noqa: SLF001 - see the module docstring
+    ack = aiormq.spec.Basic.Ack
 
     async def on_confirm(frame: Any) -> None:
-        if getattr(frame, "multiple", False):
-            while confirmations:
-                tag = next(iter(confirmations))
-                if tag > frame.delivery_tag:
-                    break
-                confirm(tag, frame)
-        else:
+        if not getattr(frame, "multiple", False):
             confirm(frame.delivery_tag, frame)
+            return
+        last, acked = frame.delivery_tag, isinstance(frame, ack)
+        while confirmations:
+            tag = next(iter(confirmations))
+            if tag > last:
+                break
+            pending = confirmations[tag]
+            if acked and type(pending) is _PendingConfirm:
+                del confirmations[tag]
+                pending.batch.settle(pending.index, CONFIRMED)
+            else:
+                confirm(tag, frame)
 
     channel._on_confirm_frame = on_confirm  # noqa: SLF001
 

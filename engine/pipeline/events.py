@@ -118,6 +118,7 @@ def build_events(orders: list[Order], prefixes: dict[int, bytes], now: int
             instance = _INSTANCE_ID + varint(iid) if iid else b""
         uid = o.user_id
         user = (_USER_ID + (one[uid] if 0 < uid < 0x80 else two[uid] if 0 < uid < 0x4000
+                            else low14[uid & 0x3FFF] + one[uid >> 14] if 0 < uid < 0x200000
                             else varint(uid))) if uid else b""
         sid = o.stream_id.encode()
         sale = sales.get(o.sale_id)
@@ -130,6 +131,7 @@ def build_events(orders: list[Order], prefixes: dict[int, bytes], now: int
             if sid else b"",
             sale,
             (_SLOT + (one[slot] if 0 < slot < 0x80 else two[slot] if 0 < slot < 0x4000
+                      else low14[slot & 0x3FFF] + one[slot >> 14] if 0 < slot < 0x200000
                       else varint(slot))) if slot else b"")))
         ids.append(str(iid))
     return bodies, ids

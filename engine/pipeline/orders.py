@@ -19,6 +19,8 @@ MAX_INT64 = 2**63 - 1
 MAX_INT32 = 2**31 - 1
 MAX_FIELDS = 16
 MAX_TEXT = 64
+# the most bytes uid, ts, sale and slot can hold once each has passed its own check
+_MAX_FOUR_FIELDS = len(b"uidtssaleslot") + 19 + 12 + MAX_TEXT + 10
 
 # Reasons, as they appear in the `reason` field of a dead letter.
 BAD_ENTRY = "bad_entry"
@@ -110,7 +112,8 @@ def decode_entry(stream: bytes, product_id: int | None, stream_id: str, fields: 
             and raw_ts.isdigit() and len(raw_ts) <= 12 and raw_slot.isdigit()
             and len(raw_slot) <= 10 and 0 < len(raw_sale) <= MAX_TEXT and raw_sale.isascii()
             and len(stream_id) <= MAX_TEXT
-            and sum(map(len, fields)) + sum(map(len, fields.values())) <= max_bytes):
+            and (len(fields) == 4 and max_bytes >= _MAX_FOUR_FIELDS
+                 or sum(map(len, fields)) + sum(map(len, fields.values())) <= max_bytes)):
         user_id, slot = int(uid), int(raw_slot)
         if 0 < user_id <= MAX_INT64 and 0 < slot <= MAX_INT32:
             return Order(product_id, user_id, stream_id, int(raw_ts), raw_sale.decode(), slot,

@@ -135,6 +135,7 @@ def test_the_quick_path_decides_as_the_careful_one() -> None:
     for values in itertools.product(*VARIANTS.values()):
         fields = {k: v for k, v in zip(names, values, strict=True) if v is not None}
         for pid, sid, limit in ((1001, "1700000000000-0", 4096), (None, "1-1", 4096),
-                                (1001, "1-" + "9" * 70, 4096), (1001, "1-1", 40)):
+                                (1001, "1-" + "9" * 70, 4096), (1001, "1-1", 40),
+                                (1001, "1-1", 118), (1001, "1-1", 117)):
             assert decode_entry(S, pid, sid, fields, limit) == \
                 _decode_carefully(S, pid, sid, fields, limit), (fields, pid, sid, limit)
