@@ -129,6 +129,11 @@ async def _attach(engine: Engine, spy: str, raw: Path, seconds: float, rate: int
         await asyncio.sleep(0.05)
     await asyncio.sleep(1.0)  # boot done; the drain is under way
     pid = engine.worker_pids()[0]
+    if os.environ.get("ENGINEAB_PERF"):  # native: perf's view of the same worker
+        started.append(subprocess.Popen(
+            ["perf", "record", "-F", str(rate), "-p", str(pid), "-o",
+             str(raw.with_suffix(".perf")), "--", "sleep", str(seconds)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     started.append(subprocess.Popen(
         [spy, "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate",
          str(rate), "--format", "raw", "--nonblocking", "-o", str(raw)],
