@@ -96,11 +96,12 @@ def merge(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 async def profile(settings: Any, overrides: dict[str, str], prefix: Path, orders: int,
-                  workers: int, seconds: float, rate: int) -> dict[str, Any]:
+                  workers: int, seconds: float, rate: int, sales: int = 1) -> dict[str, Any]:
     """Drain once with py-spy sampling one worker from its first read for `seconds`."""
     spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
-    await reset(settings, [PID], quiet_wait=15.0)
-    await preload(settings, [PID], orders)
+    pids = [PID + i for i in range(sales)]
+    await reset(settings, pids, quiet_wait=15.0)
+    await preload(settings, pids, orders)
     raw = prefix.with_suffix(".txt")
     started: list[subprocess.Popen[bytes]] = []
     real_start = Engine.__init__
@@ -113,7 +114,7 @@ async def profile(settings: Any, overrides: dict[str, str], prefix: Path, orders
     Engine.__init__ = start_spy  # type: ignore[method-assign]
     try:
         with environment(overrides):
-            result = await drain(settings, [PID], orders, workers)
+            result = await drain(settings, pids, orders, workers)
     finally:
         Engine.__init__ = real_start  # type: ignore[method-assign]
         for p in started:
@@ -197,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     prepare(settings)
     if args.profile:
         asyncio.run(profile(settings, variant(args.a), args.profile, args.orders,
-                    args.workers, args.profile_seconds, args.profile_rate))
+                    args.workers, args.profile_seconds, args.profile_rate, args.sales))
         print(args.profile.with_suffix(".top.txt").read_text())
         return 0
     doc = asyncio.run(run(settings, [variant(args.a), variant(args.b)], args.rounds,

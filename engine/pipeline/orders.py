@@ -206,5 +206,8 @@ def ids_by_stream(items: Iterable[Order | DeadLetter | Entry]) -> dict[bytes, li
     """The entry IDs of `items`, by stream: what XACK, XCLAIM and the error hashes take."""
     by_stream: dict[bytes, list[str]] = defaultdict(list)
     for item in items:
-        by_stream[item.stream].append(getattr(item, "entry_id", None) or item.stream_id)
+        if type(item) is Order:
+            by_stream[item.stream].append(item.entry_id)
+        else:
+            by_stream[item.stream].append(getattr(item, "entry_id", None) or item.stream_id)
     return by_stream
