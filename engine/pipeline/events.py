@@ -32,6 +32,7 @@ _U64 = (1 << 64) - 1
 _LOW14 = [bytes(((i & 0x7F) | 0x80, (i >> 7) | 0x80)) for i in range(1 << 14)]
 # The whole varint of 0x80 <= i < 0x4000 (below: unused).
 _TWO_BYTES = [bytes(((i & 0x7F) | 0x80, i >> 7)) for i in range(1 << 14)]
+# (The two tables hold 32,768 small bytes objects, about 1.3 MB of a worker.)
 
 
 def product_prefix(product: Product) -> bytes:
