@@ -27,7 +27,7 @@ from engine.errors import ServiceError, one_line
 from engine.keys import Keys
 from engine.metrics import daemon as metrics
 from engine.pipeline.catalog import Catalog, drop_unknown
-from engine.pipeline.events import build_messages, sort_confirmed
+from engine.pipeline.events import build_events, sort_confirmed
 from engine.pipeline.faults import AFTER_CONFIRMS, AFTER_LOG_COMMIT, AFTER_READ, FAULTS
 from engine.pipeline.ids import Snowflake, assign_ids
 from engine.pipeline.orderrows import write_batch
@@ -117,9 +117,10 @@ class Pipeline:
     async def _publish(self, batch: _BatchProgress, prefixes: dict[int, bytes]) -> None:
         """Publish `batch.todo`: confirmed orders move to `batch.done`, the others stay."""
         t0 = time.perf_counter()
-        messages = build_messages(batch.todo, prefixes, int(self.clock()))
+        bodies, ids = build_events(batch.todo, prefixes, int(self.clock()))
         try:
-            outcomes = await self.publisher.publish(messages, self.settings.publish_timeout)
+            outcomes = await self.publisher.publish_bodies(bodies, ids,
+                                                           self.settings.publish_timeout)
         except RETRYABLE:
             metrics.BATCH_FAILURES.labels("publish").inc()
             await self.publisher.close()
