@@ -8,11 +8,14 @@ else, and it can wipe them freely between phases.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import platform
 import shutil
 import socket
 import subprocess
+import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -47,8 +50,41 @@ def bench_settings() -> Settings:
                         key_prefix=PREFIX, metrics_port=0, log_json=True, log_level="WARNING")
 
 
+# Every benchmark of this machine wipes the same corner between its phases (the
+# database, the vhost, the key prefix), so two at once break each other's
+# invariants: held from prepare() to the process's exit, by whichever checkout.
+LOCK_PATH = os.path.join(tempfile.gettempdir(), "seckill-bench.lock")
+_held: list[int] = []
+
+
+def hold_bench_lock(path: str = LOCK_PATH, report_every: float = 10.0) -> None:
+    """Wait, saying so, until no other benchmark on this machine holds the lock."""
+    if _held:
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    waited = 0.0
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if waited % report_every == 0:
+                holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
+                print(f"bench: waiting for another benchmark to finish ({holder or path}):"
+                      f" they share the database {DB_NAME}, the vhost {VHOST} and the"
+                      f" key prefix {PREFIX!r} ({waited:.0f} s so far)", flush=True)
+            time.sleep(1.0)
+            waited += 1.0
+    os.ftruncate(fd, 0)
+    command = " ".join(sys.argv)[:150]
+    os.pwrite(fd, f"pid {os.getpid()}: {command}".encode(), 0)
+    _held.append(fd)
+
+
 def prepare(settings: Settings) -> None:
-    """Database migrated, vhost with the topology: idempotent."""
+    """Database migrated, vhost with the topology: idempotent. Holds the machine's
+    benchmark lock first (hold_bench_lock)."""
+    hold_bench_lock()
     from engine.admin.brokerusers import ensure_broker_users
     from engine.admin.migrate import apply_migrations, declare_topology
 

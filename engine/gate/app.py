@@ -402,14 +402,8 @@ class BffApp:
             return 503, orjson.dumps({"status": outcome, "stream_id": result.stream_id,
                                       "message": UNREPLICATED_MESSAGE.format(product=pid),
                                       "slot": result.slot}), []
-        if outcome == "rate_limited":
-            wait = max(1, -(-result.retry_after_ms // 1000))
-            return 429, orjson.dumps({"status": outcome, "limit": result.limited_by,
-                                      "retry_after_ms": result.retry_after_ms}), [
-                ("retry-after", str(wait))]
-        if outcome == "not_started":
-            return 425, orjson.dumps({"status": outcome, "start": _iso(result.at_ms),
-                                      "start_ms": result.at_ms}), []
+        if outcome in ("rate_limited", "not_started"):
+            return _too_early(outcome, result)
         return HTTP_STATUS_OF_OUTCOME[outcome], orjson.dumps({"status": outcome}), []
 
     async def sale(self, raw_pid: str) -> bytes:
@@ -592,6 +586,18 @@ def _identity(request: Request, body: bytes, caller: int | None) -> int:
     return user_id
 
 
+def _too_early(outcome: str, result: GateResult | WaitlistResult) -> Answer:
+    """429 with when to come back, or 425 with the sale's start: a purchase and a
+    waitlist join are held back alike."""
+    if outcome == "rate_limited":
+        wait = max(1, -(-result.retry_after_ms // 1000))
+        return 429, orjson.dumps({"status": outcome, "limit": result.limited_by,
+                                  "retry_after_ms": result.retry_after_ms}), [
+            ("retry-after", str(wait))]
+    return 425, orjson.dumps({"status": outcome, "start": _iso(result.at_ms),
+                              "start_ms": result.at_ms}), []
+
+
 def _waitlist_answer(pid: int, result: WaitlistResult) -> Answer:
     """The answer to a waitlist join: the position, or why not (as a purchase would be
     refused, where the reasons are alike)."""
@@ -600,14 +606,8 @@ def _waitlist_answer(pid: int, result: WaitlistResult) -> Answer:
     if outcome in ("joined", "waiting"):
         return status, orjson.dumps({"status": outcome, "state": WAITLISTED,
                                      "position": result.position}), []
-    if outcome == "rate_limited":
-        wait = max(1, -(-result.retry_after_ms // 1000))
-        return 429, orjson.dumps({"status": outcome, "limit": result.limited_by,
-                                  "retry_after_ms": result.retry_after_ms}), [
-            ("retry-after", str(wait))]
-    if outcome == "not_started":
-        return 425, orjson.dumps({"status": outcome, "start": _iso(result.at_ms),
-                                  "start_ms": result.at_ms}), []
+    if outcome in ("rate_limited", "not_started"):
+        return _too_early(outcome, result)
     message = WAITLIST_MESSAGES.get(outcome)
     if message is None:
         return status, orjson.dumps({"status": outcome}), []
