@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import re
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -43,6 +44,8 @@ TRACEPARENT = "traceparent"
 TRACESTATE = "tracestate"
 # a sampled order's stream entry: "<traceparent>" or "<traceparent> <tracestate>"
 STREAM_FIELD = b"tp"
+# W3C trace context: version, trace ID, parent ID, flags; a future version may append more
+_TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?")
 MAX_TRACESTATE = 512  # W3C: a vendor may cut a longer one; we carry at most this much
 DEFAULT_ENDPOINT = "http://localhost:4318"
 TRACES_PATH = "/v1/traces"
@@ -70,14 +73,14 @@ class Tracing:
 
     def __init__(self, tracer: Tracer, provider: TracerProvider, ratio: float,
                  processor: BoundedSpanProcessor) -> None:
-        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+        from opentelemetry import trace
 
         self.tracer = tracer
         self.provider = provider
         self.ratio = ratio
         self.processor = processor
-        self._propagator = TraceContextTextMapPropagator()
         self._random = random.random
+        self._api = trace
 
     @classmethod
     def create(cls, exporter: SpanExporter, service: str, *, ratio: float = 1.0,
@@ -114,12 +117,25 @@ class Tracing:
     def http_parent(self, traceparent: str | None, tracestate: str | None) -> Context | None:
         """The context of an incoming request's `traceparent` (the caller has checked
         that it came from a trusted proxy), or None when it has none or a bad one."""
-        if not traceparent:
+        found = _TRACEPARENT.fullmatch(traceparent.strip()) if traceparent else None
+        if found is None:
             return None
-        carrier = {TRACEPARENT: traceparent}
+        version, trace_id, span_id, flags, rest = found.groups()
+        if version == "ff" or (version == "00" and rest):  # (a later version may add more)
+            return None
+        tid, sid = int(trace_id, 16), int(span_id, 16)
+        if not tid or not sid:
+            return None
+        api = self._api
+        state = None
         if tracestate:
-            carrier[TRACESTATE] = tracestate[:MAX_TRACESTATE]
-        return self._extracted(carrier)
+            from opentelemetry.trace.span import TraceState
+
+            state = TraceState.from_header([tracestate[:MAX_TRACESTATE]])
+        context = api.SpanContext(tid, sid, is_remote=True,
+                                  trace_flags=api.TraceFlags(int(flags, 16)),
+                                  trace_state=state)
+        return api.set_span_in_context(api.NonRecordingSpan(context))
 
     # -- carriers -----------------------------------------------------------------
 
@@ -180,11 +196,6 @@ class Tracing:
     def close(self) -> None:
         """Export what is left (within CLOSE_TIMEOUT) and stop the export thread."""
         self.provider.shutdown()
-
-    def _extracted(self, carrier: dict[str, str]) -> Context | None:
-        context = self._propagator.extract(carrier)
-        return context if span_context_of(context).is_valid else None
-
 
 def traceparent_of(ctx: SpanContext) -> str:
     """W3C `traceparent` (version 00) of a span context."""
