@@ -40,6 +40,7 @@ class ReceivedSpan:
     attributes: dict[str, Any] = field(default_factory=dict)
     links: tuple[tuple[str, str], ...] = ()  # (trace ID, span ID) of each link
     status: int = 0  # 0 unset, 1 ok, 2 error
+    events: tuple[tuple[str, int], ...] = ()  # (name, unix ns) of each event
 
 
 class OtlpReceiver:
@@ -118,7 +119,7 @@ def decode(body: bytes) -> list[ReceivedSpan]:
                     s.span_id.hex(), s.parent_span_id.hex(), s.start_time_unix_nano,
                     s.end_time_unix_nano, _attributes(s.attributes),
                     tuple((link.trace_id.hex(), link.span_id.hex()) for link in s.links),
-                    s.status.code))
+                    s.status.code, tuple((e.name, e.time_unix_nano) for e in s.events)))
     return out
 
 

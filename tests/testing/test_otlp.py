@@ -20,7 +20,8 @@ def request() -> bytes:
                 attributes=[KeyValue(key="n", value=AnyValue(int_value=3)),
                             KeyValue(key="tags", value=AnyValue(array_value=ArrayValue(
                                 values=[AnyValue(string_value="a")])))],
-                links=[Span.Link(trace_id=b"\x01" * 16, span_id=b"\x02" * 8)])
+                links=[Span.Link(trace_id=b"\x01" * 16, span_id=b"\x02" * 8)],
+                events=[Span.Event(name="read", time_unix_nano=5)])
     resource = ResourceSpans(scope_spans=[ScopeSpans(spans=[span])])
     resource.resource.attributes.append(KeyValue(key="service.name",
                                                  value=AnyValue(string_value="bff")))
@@ -40,6 +41,7 @@ def test_a_request_is_decoded_plain_or_gzipped():
     assert span.trace_id == bytes(range(16)).hex() and span.parent_id == ""
     assert span.attributes == {"n": 3, "tags": ["a"]}
     assert span.links == (("01" * 16, "02" * 8),)
+    assert span.events == (("read", 5),)
     assert receiver.trace(span.trace_id) == spans
 
 
