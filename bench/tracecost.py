@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from engine.pipeline.orders import Entry
 from engine.pipeline.ordertrace import BatchTrace, sampled_parents
 from engine.tracing import STREAM_FIELD, Tracing
 
@@ -68,7 +69,7 @@ def cpu_us(work: Callable[[], None], repeat: int, tracing: Tracing | None = None
     return (time.process_time() - start) / repeat * 1e6
 
 
-def entries(n: int, sampled: int, tracing: Tracing) -> list[tuple[bytes, str, dict]]:
+def entries(n: int, sampled: int, tracing: Tracing) -> list[Entry]:
     """A batch of `n` entries as the gate writes them, the first `sampled` with a context."""
     out = []
     now = int(time.time() * 1000)
@@ -79,7 +80,7 @@ def entries(n: int, sampled: int, tracing: Tracing) -> list[tuple[bytes, str, di
             span = tracing.start("purchase", kind="server")
             fields[STREAM_FIELD] = tracing.stream_value(span).encode()
             span.end()
-        out.append((b"seckill:{1}:orders", f"{now}-{i}", fields))
+        out.append(Entry(b"seckill:{1}:orders", f"{now}-{i}", fields))
     return out
 
 

@@ -25,8 +25,9 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from engine.pipeline.orders import Entry
 from engine.tracing import STREAM_FIELD, Tracing, parent_of
 
 if TYPE_CHECKING:
@@ -36,19 +37,18 @@ if TYPE_CHECKING:
 MS = 1_000_000  # ns
 
 
-def sampled_parents(tracing: Tracing, entries: Iterable[Sequence[Any]]
-                    ) -> dict[str, Context] | None:
+def sampled_parents(tracing: Tracing, entries: Iterable[Entry]) -> dict[str, Context] | None:
     """entry ID -> the BFF's context, of every entry that carries one; None when none
     does (the common batch: one dict lookup per entry, nothing made)."""
     found: dict[str, Context] | None = None
     for entry in entries:
-        value = entry[2].get(STREAM_FIELD)  # (stream, entry ID, fields)
+        value = entry.fields.get(STREAM_FIELD)
         if value is not None:
             context = tracing.from_stream(value)
             if context is not None:
                 if found is None:
                     found = {}
-                found[entry[1]] = context
+                found[entry.stream_id] = context
     return found
 
 
