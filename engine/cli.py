@@ -75,11 +75,14 @@ def cmd_sale_open(settings: Settings, args: argparse.Namespace) -> int:
         finally:
             await conn.close()
         sale = await _with_gate(settings, lambda gate: gate.open_sale(
-            pid, args.stock, clear_buyers=args.clear_buyers, window=window, limits=limits))
+            pid, args.stock, clear_buyers=args.clear_buyers, window=window, limits=limits,
+            waitlist_max=args.waitlist_max))
         print(f"sale {sale} open: product {pid} ({product.name}), stock {args.stock}"
               + (f", from {args.start_at}" if args.start_at else "")
               + (f", until {args.end_at}" if args.end_at else "")
-              + (f", limits {limits}" if limits else ""))
+              + (f", limits {limits}" if limits else "")
+              + (f", waitlist of {args.waitlist_max} at most"
+                 if args.waitlist_max is not None else ""))
         return 0
     window, limits = _sale_terms(settings, args)
     return _run_async(run())
@@ -150,6 +153,30 @@ def cmd_buy(settings: Settings, args: argparse.Namespace) -> int:
     return _run_async(run())
 
 
+def cmd_order_release(settings: Settings, args: argparse.Namespace) -> int:
+    """The owner's DELETE .../order, for operators: prints the resulting state (LEFT,
+    RELEASING, RELEASED); exit 1 with the reason when there is nothing to give back."""
+    from engine.connections import connect_pg
+    from engine.gate.releases import LATEST_ORDER, NoOrder, NotReleasable, request_release
+
+    async def run() -> int:
+        conn = await connect_pg(settings)
+        try:
+            async def fetch(pid: int, uid: int) -> Any:
+                return await conn.fetchrow(LATEST_ORDER, pid, uid)
+
+            done = await _with_gate(settings, lambda gate: request_release(
+                gate, fetch, args.product, args.user))
+        except (NoOrder, NotReleasable) as exc:
+            print(f"seckill: {exc}", file=sys.stderr)
+            return 1
+        finally:
+            await conn.close()
+        print(done.state)
+        return 0
+    return _run_async(run())
+
+
 def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
     from engine.process.daemon import run
 
@@ -216,6 +243,12 @@ def _positive(text: str) -> int:
     return value
 
 
+def _non_negative(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return int(text)
+
+
 Handler = Callable[[Settings, argparse.Namespace], int]
 COMMANDS: list[tuple[tuple[str, ...], str, Callable[[argparse.ArgumentParser], None], Handler]]
 
@@ -242,6 +275,8 @@ def _sale_open(p: argparse.ArgumentParser) -> None:
     p.add_argument("--user-burst", type=_positive, help="burst per user (bff_user_burst)")
     p.add_argument("--ip-rate", type=float, help="attempts/s per client IP (bff_ip_rate)")
     p.add_argument("--ip-burst", type=_positive, help="burst per client IP (bff_ip_burst)")
+    p.add_argument("--waitlist-max", type=_non_negative,
+                   help="users the waitlist takes at most (waitlist_max; 0 = no waitlist)")
 
 
 def _product_only(p: argparse.ArgumentParser) -> None:
@@ -321,6 +356,9 @@ COMMANDS = [
      cmd_sale_close),
     (("buy",), "one purchase attempt through the Lua gate in Redis (no HTTP, no token); exit 1 "
      "unless accepted", _buy, cmd_buy),
+    (("order", "release"), "what an owner's DELETE .../order does: leave the waitlist, or "
+     "ask for the release of a RUNNING instance (prints the state; exit 1 if nothing to "
+     "give back)", _buy, cmd_order_release),
     (("run",), "the engine: pre-fork supervisor and workers", _run, cmd_run),
     (("bff",), "the HTTP gate (the BFF) on Granian, over RSGI unless bff_interface is "
      "asgi", _bff, cmd_bff),

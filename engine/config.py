@@ -284,6 +284,10 @@ class Settings:
                               check=non_negative, default=0.0)
     bff_ip_burst: int = _doc("Attempts one client IP may make at once.",
                              check=at_least(1), default=100)
+    waitlist_max: int = _doc("Users a sold-out sale's waitlist takes at most; past it a "
+                             "join is 410 full (`sale open --waitlist-max` overrides; "
+                             "0 = no waitlist).",
+                             check=non_negative, default=100_000)
     bff_trusted_proxies: str = _doc("Comma-separated addresses or CIDRs of proxies whose "
                                     "X-Forwarded-For names the client ('' = trust none).",
                                     default="")

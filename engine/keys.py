@@ -69,6 +69,16 @@ class Keys:
         order release`), read by the engine, which asks the Resource Domain to delete."""
         return f"{self.prefix}stream:seckill:{{{pid}}}:releases"
 
+    def release_requested(self, pid: int) -> str:
+        """Stream IDs of the orders whose release was already requested: a repeated
+        DELETE adds no second entry to `releases` (exactly once per order)."""
+        return f"{self.prefix}seckill:{{{pid}}}:release-requested"
+
+    def waitlist_ended(self, pid: int) -> str:
+        """Users who were still waiting when the sale closed (or a new one opened): a
+        sorted set like `waitlist`, kept a while so that they read ENDED, not 404."""
+        return f"{self.prefix}seckill:{{{pid}}}:waitlist-ended"
+
     def errors(self, pid: int) -> str:
         """Last error per stream entry whose batch failed (read when it is dead-lettered)."""
         return f"{self.prefix}seckill:{{{pid}}}:errors"

@@ -1,4 +1,6 @@
-"""A flash sale for Locust: every simulated user tries to buy once, then follows the order.
+"""A flash sale for Locust: every simulated user tries to buy once, then follows the order;
+after sold out some join the waitlist and poll their position, and some owners of a
+RUNNING instance give it back.
 
 Configured by environment (set by `loadtest/run.py`):
   SECKILL_LT_PRODUCT        product ID on sale
@@ -6,6 +8,9 @@ Configured by environment (set by `loadtest/run.py`):
   SECKILL_LT_RETRY          share of users who try again after any answer (0..1)
   SECKILL_LT_FINAL          order states that end the polling (default RUNNING,FAILED)
   SECKILL_LT_POLL_LIMIT     seconds a user polls before giving up
+  SECKILL_LT_WAITLIST       share of users answered sold out who join the waitlist (0..1);
+                            one still waiting after the poll limit leaves it (DELETE)
+  SECKILL_LT_RELEASE        share of owners whose order ran who release it (0..1)
   SECKILL_LT_TIMEOUT        seconds before a request (HTTP or Redis) counts as timed out
   SECKILL_LT_SUMMARY        file to write Locust's final totals, failures and exceptions to
   SECKILL_LT_SIGNING_KEY    private JWK (`seckill keys init`): each user logs in with a token
@@ -71,6 +76,13 @@ _redis = Redis(connection_pool=BlockingConnectionPool.from_url(
 TIMEOUTS = (TimeoutError, socket.timeout, gevent.Timeout, RedisTimeout)
 # answers that are correct in a flash sale: accepted, duplicate, sold out, no sale, shed
 SALE_ANSWERS = (202, 409, 410, 404, 429)
+WAITLIST = float(os.environ.get("SECKILL_LT_WAITLIST", "0.5"))
+RELEASE = float(os.environ.get("SECKILL_LT_RELEASE", "0.1"))
+# joined, already waiting, no sale, holds an order or stock left, full or ended, not
+# started, shed
+WAITLIST_ANSWERS = (202, 200, 404, 409, 410, 425, 429)
+# left or released (again), nothing to give back, not running yet, shed
+RELEASE_ANSWERS = (200, 202, 404, 409, 429)
 
 
 def next_user() -> int:
@@ -136,7 +148,9 @@ def judge(r: Any, ok: tuple[int, ...]) -> None:
 
 
 class FlashSaleBuyer(FastHttpUser):
-    """One person: buy (maybe double-click, maybe retry), then poll the order to the end."""
+    """One person: buy (maybe double-click, maybe retry), then poll the order to the end;
+    sold out, maybe wait in line for a returned unit; owning a running instance, maybe
+    give it back."""
 
     wait_time = between(0, 0.05)
     weight = 4
@@ -167,6 +181,8 @@ class FlashSaleBuyer(FastHttpUser):
             codes.append(self.buy())
         if 202 in codes:
             self.follow_order()
+        elif 410 in codes and random.random() < WAITLIST:
+            self.wait_in_line()
         # not self.stop(): that raises if Locust is already stopping this user at the
         # end of --run-time, which the report counts as an exception
         raise StopUser()
@@ -174,15 +190,50 @@ class FlashSaleBuyer(FastHttpUser):
     def follow_order(self) -> None:
         deadline = time.monotonic() + POLL_LIMIT
         while time.monotonic() < deadline:
-            with self.client.get(f"/api/v1/seckill/{PRODUCT}/users/{self.user_id}",
-                                 headers=self.auth,
-                                 name="GET /api/v1/seckill/[pid]/users/[uid]",
-                                 catch_response=True) as r:
-                state = r.json().get("state") if r.status_code == 200 else None
-                judge(r, (200,))
+            state = self.order_state()
             if state in FINAL:
+                if state == "RUNNING" and random.random() < RELEASE:
+                    self.give_back()
                 return
             gevent.sleep(0.25)
+
+    def order_state(self) -> str | None:
+        with self.client.get(f"/api/v1/seckill/{PRODUCT}/users/{self.user_id}",
+                             headers=self.auth, name="GET /api/v1/seckill/[pid]/users/[uid]",
+                             catch_response=True) as r:
+            state = r.json().get("state") if r.status_code == 200 else None
+            judge(r, (200,))
+        return state
+
+    def wait_in_line(self) -> None:
+        """Join the waitlist, poll the position until a returned unit makes an order (then
+        follow it) or the sale ends; still waiting at the poll limit: leave."""
+        with self.client.post(f"/api/v1/seckill/{PRODUCT}/waitlist",
+                              json={"user_id": self.user_id}, headers=self.auth,
+                              name="POST /api/v1/seckill/[pid]/waitlist",
+                              catch_response=True) as r:
+            joined = r.status_code in (200, 202)
+            judge(r, WAITLIST_ANSWERS)
+        if not joined:
+            return
+        deadline = time.monotonic() + POLL_LIMIT
+        while time.monotonic() < deadline:
+            state = self.order_state()
+            if state == "ENDED":
+                return
+            if state not in ("WAITLISTED", None):  # handed a unit: an order of its own
+                self.follow_order()
+                return
+            gevent.sleep(0.5)
+        self.give_back()
+
+    def give_back(self) -> None:
+        """DELETE the order: leave the waitlist, or release the running instance."""
+        with self.client.delete(f"/api/v1/seckill/{PRODUCT}/users/{self.user_id}",
+                                headers=self.auth,
+                                name="DELETE /api/v1/seckill/[pid]/users/[uid]",
+                                catch_response=True) as r:
+            judge(r, RELEASE_ANSWERS)
 
 
 class GateDirectUser(User):

@@ -7,6 +7,12 @@
   event reached the exchange (a tap queue bound before the run), and no event of
   the product names an order that was not logged under that instance ID.
 
+  With units given back (failed orders, releases) and handed to the waitlist: units in
+  stock + units held by orders = stock (every returned unit made exactly one new order
+  or one unit of stock), and, with the rows, units in stock + live orders = stock; no
+  user holds two live orders; a slot passes on only once given back; units left the
+  waitlist in join order (engine.testing.invariants.ledger_problems).
+
 The checks are engine.testing.invariants', the ones the fault scoreboard and the
 tests use; this module reads what the rehearsal left for them.
 """
@@ -22,7 +28,15 @@ from redis.asyncio import Redis
 
 from engine.config import Settings, load_settings
 from engine.keys import Keys
-from engine.testing.invariants import Accepted, Event, check, gate_problems, read_rows
+from engine.testing.invariants import (
+    Accepted,
+    Event,
+    check,
+    gate_problems,
+    ledger_problems,
+    read_ledger,
+    read_rows,
+)
 from engine.testing.taps import EventTap
 
 TIMEOUT = 30.0  # seconds any one call to Redis, PostgreSQL or RabbitMQ may take
@@ -55,11 +69,28 @@ async def sale_entries(redis: Redis, keys: Keys, pid: int, sale: str) -> list[Ac
 
 
 async def check_gate(redis: Redis, keys: Keys, pid: int, sale: str, stock: int) -> list[str]:
-    """The gate's counters against the orders it wrote."""
+    """The gate's counters against the orders it wrote; once a unit went back (and maybe
+    on to a waiting user), the sale's ledger instead (`check_units`): more orders than
+    stock, and a slot taken twice, are then what should happen."""
     accepted = await sale_entries(redis, keys, pid, sale)
+    if await redis.scard(keys.refunded(pid)):
+        return []
     tried = await redis.scard(tried_key(keys, pid))
     left = int(await redis.get(keys.stock(pid)) or 0)
     return gate_problems(accepted, stock=stock, tried=tried, left=left)
+
+
+async def check_units(settings: Settings, redis: Redis, keys: Keys, pid: int, sale: str,
+                      stock: int, *, rows: bool) -> list[str]:
+    """The sale's units, the live orders and the waitlist's order; with `rows`, against
+    the states of the logged orders too."""
+    conn = await asyncpg.connect(settings.pg_dsn, timeout=TIMEOUT) if rows else None
+    try:
+        ledger = await read_ledger(redis, keys, pid, sale, stock, conn=conn, timeout=TIMEOUT)
+    finally:
+        if conn is not None:
+            await conn.close()
+    return ledger_problems(ledger)
 
 
 async def check_engine(settings: Settings, redis: Redis, keys: Keys, pid: int, sale: str,
@@ -87,6 +118,7 @@ async def verify(settings: Settings, pid: int, sale: str, stock: int, *,
         problems = await check_gate(redis, keys, pid, sale, stock)
         if engine:
             problems += await check_engine(settings, redis, keys, pid, sale, tap)
+        problems += await check_units(settings, redis, keys, pid, sale, stock, rows=engine)
     finally:
         await redis.aclose()
     return problems

@@ -217,3 +217,42 @@ def test_help_lists_every_exit_code():
     listed = {int(m) for m in re.findall(r"^  (\d+) ", done.stdout, re.M)}
     codes = {v for k, v in vars(exits).items() if k.isupper() and isinstance(v, int)}
     assert codes == listed and exits.LEASE_LOST in listed
+
+
+async def test_order_release_leaves_the_waitlist_or_asks_for_a_release(settings, product_id):
+    from engine.pipeline.orderrows import prepare_connection, write_batch
+    from engine.pipeline.orders import Order
+
+    pid = str(product_id)
+    seckill(settings, "product", "add", "--id", pid, "--name", "GPU", "--cpus", "8",
+            "--memory-mb", "1024", "--image", "ubuntu:22.04")
+    opened = seckill(settings, "sale", "open", "--product", pid, "--stock", "1",
+                     "--waitlist-max", "5")
+    assert opened.returncode == 0 and "waitlist of 5 at most" in opened.stdout
+    redis = Redis.from_url(settings.redis_url)
+    gate = Gate(redis, Keys(settings.key_prefix))
+    try:
+        bought = await gate.buy(product_id, 5)
+        assert (await gate.join_waitlist(product_id, 6)).outcome == "joined"
+        release = ("order", "release", "--product", pid, "--user")
+        assert seckill(settings, *release, "6").stdout.strip() == "LEFT"
+        gone = seckill(settings, *release, "6")
+        assert gone.returncode == 1 and "is not waiting" in gone.stderr
+        early = seckill(settings, *release, "5")
+        assert early.returncode == 1 and "release it after it runs" in early.stderr
+        pool = await asyncpg.create_pool(settings.pg_dsn, min_size=1, max_size=1,
+                                         init=prepare_connection)
+        try:
+            sale = (await gate.sale_state(product_id)).sale_id
+            await write_batch(pool, [Order(product_id, 5, bought.stream_id, 1, sale,
+                                           bought.slot, b"s", product_id * 10)], 10)
+            await pool.execute("UPDATE seckill_logs SET status = 'RUNNING' "
+                               "WHERE instance_id = $1", product_id * 10)
+        finally:
+            await pool.close()
+        for _ in range(2):  # the second asks for nothing more
+            done = seckill(settings, *release, "5")
+            assert (done.returncode, done.stdout.strip()) == (0, "RELEASING"), done.stderr
+        assert await redis.xlen(Keys(settings.key_prefix).releases(product_id)) == 1
+    finally:
+        await redis.aclose()

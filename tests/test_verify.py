@@ -228,3 +228,26 @@ async def test_the_verifier_catches_negative_stock(settings, redis, product_id):
     await redis.set(keys.stock(product_id), -1)
     problems = await verify(settings, product_id, sale, STOCK)
     assert "stock is negative: -1" in problems, problems
+
+
+async def test_the_verifier_follows_units_through_the_waitlist(settings, redis, product_id):
+    """Units that went back and on to waiting users pass; a unit handed twice does not."""
+    keys = Keys(settings.key_prefix)
+    gate = Gate(redis, keys)
+    sale = await gate.open_sale(product_id, 2)
+    bought = [await gate.buy(product_id, uid) for uid in (11, 12)]
+    for uid in (20, 21, 22):
+        assert (await gate.join_waitlist(product_id, uid)).outcome == "joined"
+    for uid, order in zip((11, 12), bought, strict=True):
+        await redis.sadd(tried_key(keys, product_id), uid)
+        assert await gate.refund(product_id, uid, sale, order.slot, order.stream_id) == "handed"
+    assert await verify(settings, product_id, sale, 2) == []
+    # the first unit handed once more, to the user still waiting: what a refund script
+    # that forgot its refunded set would do
+    await redis.xadd(keys.stream(product_id), {"uid": "22", "ts": "1", "sale": sale,
+                                               "slot": str(bought[0].slot),
+                                               "from": "waitlist", "turn": "3"})
+    await redis.zrem(keys.waitlist(product_id), "22")
+    problems = await verify(settings, product_id, sale, 2)
+    assert any("units: 0 in stock + 3 held by orders != stock 2" in p for p in problems)
+    assert any("units taken again while their order held them" in p for p in problems)

@@ -20,6 +20,10 @@ often something was read:
   counter would be exact too, but it is per worker process and lives in the
   supervisor's /metrics, not per sale.)
 
+- `waiting`, `handed_out`, `released`: the sale's waitlist (users waiting now), the
+  units handed from it to waiting users, and the releases owners asked for: from
+  Redis (`waitlist`, `waitlist-stats`), kept after a close until the next sale.
+
 Limits, both transient: unread and pending entries are taken to belong to
 the open sale (one left over from a previous sale's backlog would count), and
 a replayed entry that is pending is matched to its row only once acknowledged.
@@ -80,6 +84,9 @@ class SaleStats:
     pending: int
     dead_letters: int
     orders_per_s: float | None
+    waiting: int = 0
+    handed_out: int = 0
+    released: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +132,21 @@ def read_unfinished(redis: Redis, keys: Keys, figures: Sequence[SaleFigures]
             [_text(p["message_id"]) for p in pending] if isinstance(pending, list) else [],
             [_text(fields.get(b"id", b"")) for _, fields in letters or []
              if _sale_of_letter(fields) == f.sale_id] if isinstance(letters, list) else [])
+    return out
+
+
+def read_waitlists(redis: Redis, keys: Keys, figures: Sequence[SaleFigures]
+                   ) -> dict[int, tuple[int, int, int]]:
+    """(waiting, handed out, released) per product, in one pipelined round trip."""
+    pipe = redis.pipeline(transaction=False)
+    for f in figures:
+        pipe.zcard(keys.waitlist(f.product_id))
+        pipe.hmget(keys.waitlist_stats(f.product_id), "handed", "released")
+    replies = pipe.execute()
+    out = {}
+    for i, f in enumerate(figures):
+        handed, released = replies[2 * i + 1]
+        out[f.product_id] = (int(replies[2 * i]), int(handed or 0), int(released or 0))
     return out
 
 
@@ -186,13 +208,19 @@ async def collect(settings: Settings, redis: Redis) -> list[SaleStats]:
         return []
     unfinished = await asyncio.to_thread(read_unfinished, redis, keys, figures)
     counts = await count_rows(settings, figures, unfinished)
-    return [sale_stats(f, counts.get(f.product_id), unfinished.get(f.product_id))
-            for f in figures]
+    waitlists = await asyncio.to_thread(read_waitlists, redis, keys, figures)
+    out = []
+    for f in figures:
+        line = sale_stats(f, counts.get(f.product_id), unfinished.get(f.product_id))
+        line.waiting, line.handed_out, line.released = waitlists[f.product_id]
+        out.append(line)
+    return out
 
 
 COLUMNS = [("product", 10), ("sale", 18), ("stock", 7), ("accepted", 9), ("logged", 8),
            ("published", 10), ("running", 8), ("failed", 7), ("lag", 7), ("pending", 8),
-           ("dead_letters", 13), ("orders_per_s", 13)]
+           ("dead_letters", 13), ("orders_per_s", 13), ("waiting", 8), ("handed_out", 11),
+           ("released", 9)]
 
 
 def table(stats: list[SaleStats]) -> str:

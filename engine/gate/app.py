@@ -45,7 +45,16 @@ from engine.errors import ConfigError, InvalidInput, Overloaded, ServiceUnavaila
 from engine.gate.auth import Forbidden, KeySet, Unauthenticated, Verifier
 from engine.gate.clientip import ClientIp, parse_proxies
 from engine.gate.guards import FailureThrottle, InflightCap
-from engine.gate.redis_gate import Gate, GateResult, Limits, ensure_replication, validate_id
+from engine.gate.redis_gate import (
+    Gate,
+    GateResult,
+    Limits,
+    WaitlistResult,
+    ensure_replication,
+    validate_id,
+)
+from engine.gate.releases import LATEST_ORDER as ORDER_TO_RELEASE
+from engine.gate.releases import NoOrder, NotReleasable, request_release
 from engine.gate.request import (
     AsgiRequest,
     BodyDeadlines,
@@ -56,7 +65,7 @@ from engine.gate.request import (
 )
 from engine.gate.routed import UNREPLICATED_MESSAGE, WaitFor
 from engine.keys import Keys
-from engine.orderstates import FAILED
+from engine.orderstates import ENDED, FINAL, WAITLISTED
 
 log = logging.getLogger("seckill.bff")
 
@@ -81,7 +90,17 @@ NO_AUTH_WARNING = ("bff_auth = 'none': no token is checked, the body's user_id n
 # what a failed or unreachable service raises, beyond our own ServiceUnavailable
 REDIS_ERRORS = (RedisError, RedisClusterException, OSError, TimeoutError)
 UNAVAILABLE = {"buy": "the gate is unavailable, try again",
-               "order": "order state is unavailable, try again"}
+               "order": "order state is unavailable, try again",
+               "waitlist": "the waitlist is unavailable, try again",
+               "release": "order state is unavailable, try again"}
+# a waitlist join's HTTP status (engine.gate.redis_gate.WaitlistOutcome)
+HTTP_STATUS_OF_WAITLIST = {"joined": 202, "waiting": 200, "buyer": 409, "stock_left": 409,
+                           "full": 410, "no_sale": 404, "not_started": 425, "ended": 410,
+                           "rate_limited": 429}
+WAITLIST_MESSAGES = {"buyer": "you hold a live order for this product",
+                     "stock_left": "units are still for sale: buy instead "
+                                   "(POST /api/v1/seckill/{product})",
+                     "full": "the waitlist is full ({most} waiting)"}
 
 LATEST_ORDER = """
 SELECT status, instance_id, endpoint, reason, compensated_at FROM seckill_logs
@@ -103,8 +122,9 @@ class HttpError(Exception):
 # exception is an instance of (its MRO); an HttpError carries its own, anything else
 # is a bug (500).
 HTTP_STATUS_OF_ERROR: dict[type[BaseException], int] = {
-    InvalidInput: 400, Unauthenticated: 401, Forbidden: 403, BodyTimeout: 408,
-    Overloaded: 429, ServiceUnavailable: 503, **dict.fromkeys(REDIS_ERRORS, 503)}
+    InvalidInput: 400, Unauthenticated: 401, Forbidden: 403, NoOrder: 404, BodyTimeout: 408,
+    NotReleasable: 409, Overloaded: 429, ServiceUnavailable: 503,
+    **dict.fromkeys(REDIS_ERRORS, 503)}
 
 
 def http_status_of(exc: BaseException) -> int:
@@ -170,8 +190,11 @@ class BffApp:
         # the API: a path shape (_route) -> method -> (metrics label, handler)
         self.routes: dict[str, Route] = {
             "buy": Route({"POST": ("buy", self._buy), "GET": ("sale", self._sale)}),
-            "order": Route({"GET": ("order", self._order)}),
-            "mine": Route({"GET": ("order", self._my_order)}),
+            "order": Route({"GET": ("order", self._order),
+                            "DELETE": ("release", self._release)}),
+            "mine": Route({"GET": ("order", self._my_order),
+                           "DELETE": ("release", self._release_mine)}),
+            "waitlist": Route({"POST": ("waitlist", self._join)}),
             "healthz": Route({"GET": ("healthz", self._health),
                               "HEAD": ("healthz", self._health)}),
         }
@@ -241,6 +264,52 @@ class BffApp:
         if caller is None:
             raise InvalidInput("bff_auth = 'none': no caller; use .../users/{user_id}")
         return *await self.order(ids[0], str(caller), caller), []
+
+    async def _join(self, request: Request, ids: list[str]) -> Answer:
+        """POST .../{product_id}/waitlist: wait for a returned unit of a sold-out sale."""
+        pid = validate_id("product_id", ids[0])
+        _bounded(request.header("content-length"))
+        caller = await self._caller(request)
+        body = await self.deadlines.read(request, MAX_BODY)
+        with self.inflight:
+            user_id = _identity(request, body, caller)
+            gate = await self._gate()
+            result = await gate.join_waitlist(pid, user_id, ip=self._client_address(request))
+        return _waitlist_answer(pid, result)
+
+    async def _release(self, request: Request, ids: list[str]) -> Answer:
+        """DELETE .../{product_id}/users/{user_id}: leave the waitlist or release."""
+        caller = await self._caller(request)
+        return await self.release(ids[0], ids[1], caller)
+
+    async def _release_mine(self, request: Request, ids: list[str]) -> Answer:
+        """DELETE .../{product_id}/order: the token's user leaves or releases."""
+        caller = await self._caller(request)
+        if caller is None:
+            raise InvalidInput("bff_auth = 'none': no caller; use .../users/{user_id}")
+        return await self.release(ids[0], str(caller), caller)
+
+    async def release(self, raw_pid: str, raw_uid: str, caller: int | None) -> Answer:
+        pid = validate_id("product_id", raw_pid)
+        uid = validate_id("user_id", raw_uid)
+        if caller is not None and uid != caller:
+            raise Forbidden("only the token's own order can be given back")
+        with self.inflight:
+            done = await request_release(await self._gate(), self._order_to_release, pid, uid)
+        return 202 if done.new else 200, orjson.dumps({"state": done.state}), []
+
+    async def _order_to_release(self, pid: int, uid: int) -> Any:
+        return await self._fetch_order(ORDER_TO_RELEASE, pid, uid)
+
+    async def _fetch_order(self, query: str, pid: int, uid: int) -> Any:
+        """A user's latest order row, the whole wait (a pool connection, then the
+        query) bounded by bff_order_timeout."""
+        pool = await self._pool()
+        try:
+            async with asyncio.timeout(self.settings.bff_order_timeout):
+                return await pool.fetchrow(query, pid, uid)
+        except PG_ERRORS as exc:
+            raise ServiceUnavailable(f"PostgreSQL: {exc}") from exc
 
     async def _health(self, request: Request, ids: list[str]) -> Answer:
         if self.verifier is None:
@@ -351,16 +420,19 @@ class BffApp:
         if caller is not None and uid != caller:
             raise Forbidden("only the token's own orders can be read")
         gate = await self._gate()
-        pool = await self._pool()
-        try:  # the whole wait (a pool connection, then the query) is bounded
-            async with asyncio.timeout(self.settings.bff_order_timeout):
-                row = await pool.fetchrow(LATEST_ORDER, pid, uid)
-        except PG_ERRORS as exc:
-            raise ServiceUnavailable(f"PostgreSQL: {exc}") from exc
+        place = await gate.position(pid, uid)  # one ZRANK: a waiting user has no live order
+        if place.state == "waiting":
+            return 200, orjson.dumps({"state": WAITLISTED, "position": place.position,
+                                      "handed_out": place.handed})
+        row = await self._fetch_order(LATEST_ORDER, pid, uid)
         buyer = await gate.redis.sismember(self.keys.buyers(pid), str(uid))
-        if row is None or (row["status"] == FAILED and row["compensated_at"] and buyer):
+        # a unit given back (failed, released): a later order, or the waitlist, is newer
+        given_back = row is not None and row["status"] in FINAL and row["compensated_at"]
+        if row is None or (given_back and (buyer or place.state == "ended")):
             if buyer:  # in the stream, not logged yet (or a new try after a failure)
                 return 200, orjson.dumps({"state": "PENDING"})
+            if place.state == "ended":  # was waiting when the sale ended or closed
+                return 200, orjson.dumps({"state": ENDED})
             raise HttpError(404, f"user {uid} has no order for product {pid}")
         out: dict[str, Any] = {"state": row["status"], "instance_id": str(row["instance_id"])}
         if row["endpoint"]:
@@ -375,7 +447,8 @@ class BffApp:
                 if self.gate is None:
                     redis = await connect_redis(self.settings, max_connections=1024)
                     self.gate = Gate(redis, self.keys, coalesce=True, limits=self.limits,
-                                     wait=WaitFor.of(self.settings))
+                                     wait=WaitFor.of(self.settings),
+                                     waitlist_max=self.settings.waitlist_max)
         return self.gate
 
     async def _pool(self) -> Any:
@@ -411,7 +484,8 @@ class BffApp:
 
 def _route(path: str) -> tuple[str, list[str]]:
     """("buy", [pid]) for /api/v1/seckill/{pid}, ("order", [pid, uid]) for
-    .../{pid}/users/{uid}, ("mine", [pid]) for .../{pid}/order, ("healthz", []) for
+    .../{pid}/users/{uid}, ("mine", [pid]) for .../{pid}/order, ("waitlist", [pid]) for
+    .../{pid}/waitlist, ("healthz", []) for
     /healthz, ("encoded", []) for an API path with percent-encoding, else ("", [])."""
     if not path.startswith(PREFIX):
         return ("healthz", []) if path.strip("/") == "healthz" else ("", [])
@@ -426,6 +500,8 @@ def _route(path: str) -> tuple[str, list[str]]:
         return "order", [parts[0], parts[2]]
     if len(parts) == 2 and parts[1] == "order":
         return "mine", parts[:1]
+    if len(parts) == 2 and parts[1] == "waitlist":
+        return "waitlist", parts[:1]
     return "", []
 
 
@@ -488,6 +564,40 @@ def _echo(text: str) -> str:
     """A client's input as an error message quotes it: cut to ECHOED characters, so an
     answer never grows with what was sent."""
     return text if len(text) <= ECHOED else text[:ECHOED] + f"... ({len(text)} characters)"
+
+
+def _identity(request: Request, body: bytes, caller: int | None) -> int:
+    """Who acts: the token's user (a body's user_id must be the same), or without
+    authentication the body's user_id."""
+    body_uid = _user_id(request, body, required=caller is None)
+    if caller is not None and body_uid is not None and body_uid != caller:
+        raise Forbidden(f"user_id {body_uid} is not the token's user")
+    user_id = caller if caller is not None else body_uid
+    assert user_id is not None
+    return user_id
+
+
+def _waitlist_answer(pid: int, result: WaitlistResult) -> Answer:
+    """The answer to a waitlist join: the position, or why not (as a purchase would be
+    refused, where the reasons are alike)."""
+    outcome = result.outcome
+    status = HTTP_STATUS_OF_WAITLIST[outcome]
+    if outcome in ("joined", "waiting"):
+        return status, orjson.dumps({"status": outcome, "state": WAITLISTED,
+                                     "position": result.position}), []
+    if outcome == "rate_limited":
+        wait = max(1, -(-result.retry_after_ms // 1000))
+        return 429, orjson.dumps({"status": outcome, "limit": result.limited_by,
+                                  "retry_after_ms": result.retry_after_ms}), [
+            ("retry-after", str(wait))]
+    if outcome == "not_started":
+        return 425, orjson.dumps({"status": outcome, "start": _iso(result.at_ms),
+                                  "start_ms": result.at_ms}), []
+    message = WAITLIST_MESSAGES.get(outcome)
+    if message is None:
+        return status, orjson.dumps({"status": outcome}), []
+    return status, orjson.dumps({"status": outcome, "message": message.format(
+        product=pid, most=result.most)}), []
 
 
 def _user_id(request: Request, body: bytes, *, required: bool) -> int | None:

@@ -41,9 +41,18 @@ SCHEMAS: dict[str, Any] = {
                  start=TIME, start_ms=MS, end=TIME, end_ms=MS,
                  server_time={"type": "string", "format": "date-time"},
                  server_time_ms={"type": "integer"}),
-    "Order": _obj(["state"], state={"enum": ["PENDING", "PROCESSING", "RUNNING", "FAILED"]},
+    # WAITLISTED (with position and handed_out) and ENDED: waiting, never a row
+    "Order": _obj(["state"], state={"enum": ["PENDING", "PROCESSING", "RUNNING", "FAILED",
+                                             "RELEASING", "RELEASED", "WAITLISTED",
+                                             "ENDED"]},
                   instance_id={"type": "string"}, endpoint={"type": "string"},
-                  reason={"type": "string"}),
+                  reason={"type": "string"}, position={"type": "integer", "minimum": 1},
+                  handed_out={"type": "integer", "minimum": 0}),
+    "Waiting": _status("joined", "waiting", state={"const": "WAITLISTED"},
+                       position={"type": "integer", "minimum": 1}),
+    "NotWaiting": _status("buyer", "stock_left", "full", message={"type": "string"}),
+    # DELETE .../order: LEFT the waitlist, or the release asked for, under way or done
+    "GivenBack": _obj(["state"], state={"enum": ["LEFT", "RELEASING", "RELEASED"]}),
     "Health": _obj(["status", "auth"], status={"const": "ok"}, auth={"enum": ["jwt", "none"]},
                    warning={"type": "string"}),
 }
@@ -72,6 +81,15 @@ COMMON = {"400": _error("bad input"), "503": _error("a service is down; try agai
 
 def document() -> dict[str, Any]:
     secured: list[dict[str, list[str]]] = [{"bearer": []}]
+    given_back = {
+        "200": _json(_ref("GivenBack"), "left the waitlist, or the release was asked for "
+                     "before (RELEASING) or is done (RELEASED)"),
+        "202": _json(_ref("GivenBack"), "the release of the RUNNING instance is asked for"),
+        "401": UNAUTHORIZED, "404": _error("no order, and not waiting"),
+        "409": _error("the order cannot be released yet (PENDING, PROCESSING: release it "
+                      "after it runs) or failed"),
+        "429": _error("shed, or too many failed authentications from this address",
+                      headers=RETRY), **COMMON}
     order_answers = {"200": _json(_ref("Order"), "the order's state"),
                      "401": UNAUTHORIZED, "404": _error("no order"),
                      "429": _error("shed, or too many failed authentications from this "
@@ -119,16 +137,49 @@ def document() -> dict[str, Any]:
                                   **COMMON},
                 },
             },
+            "/api/v1/seckill/{product_id}/waitlist": {
+                "parameters": [PID],
+                "post": {
+                    "summary": "wait for a returned unit of the sold-out sale (first come, "
+                               "first served)",
+                    "security": secured,
+                    "requestBody": {"required": False, "content": {"application/json": {
+                        "schema": {"type": "object", "properties": {"user_id": ID}}}}},
+                    "responses": {
+                        "200": _json(_ref("Waiting"), "already waiting: the position"),
+                        "202": _json(_ref("Waiting"), "joined: the position"),
+                        "401": UNAUTHORIZED,
+                        "403": _error("user_id is not the token's user"),
+                        "404": _json(_ref("NoSale"), "no open sale"),
+                        "408": _error("the body did not arrive in time"),
+                        "409": _json(_ref("NotWaiting"), "the caller holds a live order, "
+                                     "or units are still for sale (buy instead)"),
+                        "410": _json({"oneOf": [_ref("NotWaiting"), _ref("Gone")]},
+                                     "the waitlist is full, or the sale has ended"),
+                        "425": _json(_ref("NotStarted"), "the sale has not started"),
+                        "429": _json({"oneOf": [_ref("RateLimited"), ERROR]},
+                                     "over a rate limit (the purchase's), shed, or too many "
+                                     "failed authentications from this address",
+                                     headers=RETRY),
+                        **COMMON,
+                    },
+                },
+            },
             "/api/v1/seckill/{product_id}/order": {
                 "parameters": [PID],
-                "get": {"summary": "the caller's order", "security": secured,
-                        "responses": order_answers},
+                "get": {"summary": "the caller's order, or place in the waitlist",
+                        "security": secured, "responses": order_answers},
+                "delete": {"summary": "leave the waitlist, or release the RUNNING instance",
+                           "security": secured, "responses": given_back},
             },
             "/api/v1/seckill/{product_id}/users/{user_id}": {
                 "parameters": [PID, UID],
                 "get": {"summary": "an order, only the caller's own", "security": secured,
                         "responses": {**order_answers,
                                       "403": _error("another user's order")}},
+                "delete": {"summary": "leave or release, only the caller's own",
+                           "security": secured,
+                           "responses": {**given_back, "403": _error("another user's order")}},
             },
             "/healthz": {"get": {"summary": "liveness",
                                  "responses": {"200": _json(_ref("Health"), "alive")}}},

@@ -4,6 +4,10 @@ Everything that decides whether a user gets a unit happens inside Redis in
 one script (sale open, not a buyer yet, stock left, then DECR + SADD + XADD),
 so no interleaving of thousands of concurrent attempts can oversell. IDs are
 validated here, before Redis is touched.
+
+After sell-out the same holds for the waitlist: joining it is one script
+(lua/waitlist.lua), and a returned unit goes to its head in the very script that
+returns it (lua/refund.lua), so a unit is handed on exactly once, in join order.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import secrets
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import Literal, NamedTuple, NoReturn, TypeVar
+from typing import Any, Literal, NamedTuple, NoReturn, TypeVar
 
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError, ResponseError
@@ -30,11 +34,20 @@ from engine.resources import lua_script
 # acknowledged it within gate_wait_ms (recorded, not yet safe from a failover)
 Outcome = Literal["accepted", "duplicate", "sold_out", "no_sale", "rate_limited",
                   "not_started", "ended", "unreplicated"]
-RefundOutcome = Literal["refunded", "already_refunded", "sale_changed"]
+# "refunded": back to stock; "handed": to the waitlist's first user, as a new order
+RefundOutcome = Literal["refunded", "already_refunded", "sale_changed", "handed"]
+WaitlistOutcome = Literal["joined", "waiting", "buyer", "stock_left", "full", "no_sale",
+                          "rate_limited", "not_started", "ended"]
 MAX_ID = 2**63 - 1
 _OUTCOMES: dict[int, Outcome] = {0: "no_sale", 1: "accepted", 2: "duplicate", 3: "sold_out",
                                  4: "rate_limited", 5: "not_started", 6: "ended"}
-_REFUNDS: dict[int, RefundOutcome] = {1: "refunded", 2: "already_refunded", 3: "sale_changed"}
+_REFUNDS: dict[int, RefundOutcome] = {1: "refunded", 2: "already_refunded", 3: "sale_changed",
+                                      4: "handed"}
+_WAITLIST: dict[int, WaitlistOutcome] = {0: "no_sale", 1: "joined", 2: "buyer",
+                                         3: "stock_left", 4: "rate_limited", 5: "not_started",
+                                         6: "ended", 7: "waiting", 8: "full"}
+WAITLIST_MAX = 100_000  # the waitlist_max setting's default
+ENDED_KEEP_S = 7 * 86400  # how long users waiting when a sale closed read ENDED
 # The error code (first word of the error reply) the scripts use for keys in a bad state;
 # Redis error replies carry their class that way, like WRONGTYPE or NOSCRIPT.
 BADSTATE = "SECKILL_BADSTATE"
@@ -51,6 +64,46 @@ class GateResult(NamedTuple):
     retry_after_ms: int = 0  # rate_limited: when the next attempt may pass
     limited_by: str | None = None  # rate_limited: "user" or "ip"
     at_ms: int | None = None  # not_started: the start; ended: the end (unix ms)
+
+
+class Returned(NamedTuple):
+    """What became of a returned unit (`Gate.return_unit`): for "handed", the waiting
+    user who got it and their new order's stream entry ID."""
+
+    outcome: RefundOutcome
+    user_id: int | None = None
+    stream_id: str | None = None
+
+
+class WaitlistResult(NamedTuple):
+    """One attempt to join a waitlist (`Gate.join_waitlist`)."""
+
+    outcome: WaitlistOutcome
+    position: int | None = None  # joined, waiting: 1 = the next unit returned is theirs
+    retry_after_ms: int = 0  # rate_limited
+    limited_by: str | None = None  # rate_limited: "user" or "ip"
+    at_ms: int | None = None  # not_started: the start; ended: the end (unix ms)
+    most: int | None = None  # full: the waitlist's cap
+
+
+class Position(NamedTuple):
+    """A user's place in the waitlist (`Gate.position`): "waiting" with the position
+    (1 = next) and the units handed out from the waitlist so far, "ended" (was waiting
+    when the sale ended or closed), or "none"."""
+
+    state: Literal["waiting", "ended", "none"]
+    position: int | None = None
+    handed: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class WaitlistFigures:
+    """A sale's waitlist for `seckill stats`: users waiting now, units handed out from
+    it, release requests recorded."""
+
+    waiting: int
+    handed: int
+    released: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,14 +207,16 @@ def _accepted(reply: object) -> bool:
 
 class Gate:
     def __init__(self, redis: Redis, keys: Keys, *, coalesce: bool = False,
-                 limits: Limits | None = None, wait: WaitFor | None = None) -> None:
+                 limits: Limits | None = None, wait: WaitFor | None = None,
+                 waitlist_max: int = WAITLIST_MAX) -> None:
         """`coalesce`: send the purchase attempts of one loop turn together (for a server
         answering many users at once, like the BFF): down one connection of the gate's
         own on a single Redis (ScriptPipe), per master on a cluster (RoutedScript).
         `limits`: the default rate
         limits of every attempt (a sale's own limits win). `wait`: replicas that must
         acknowledge an accepted purchase (WAIT, `WaitFor.of(settings)`), else the
-        attempt is "unreplicated"; its attempts are coalesced too."""
+        attempt is "unreplicated"; its attempts are coalesced too. `waitlist_max`:
+        users a sale's waitlist takes at most (a sale's own cap wins)."""
         self.redis = redis
         self.keys = keys
         self.limits = (limits or Limits()).args()
@@ -173,6 +228,11 @@ class Gate:
         elif coalesce or wait is not None:
             self._routed = RoutedScript(redis, self._buy.source, wait, wrote=_accepted)
         self._refund = _Script(redis, "refund.lua")
+        self._join = _Script(redis, "waitlist.lua")
+        self._position = _Script(redis, "position.lua")
+        self._release = _Script(redis, "release.lua")
+        self._end_source = lua_script("end_waitlist.lua")  # (EVAL inside a MULTI)
+        self.waitlist_max = waitlist_max
 
     async def close(self) -> None:
         """Close the gate's own connection (the coalesced purchases'); the Redis client
@@ -225,20 +285,109 @@ class Gate:
 
     async def refund(self, product_id: int, user_id: int, sale_id: str, slot: int | None,
                      stream_id: str) -> RefundOutcome:
+        """Return the unit of `user_id`'s order `stream_id` (failed, or released):
+        "handed" to the waitlist's first user, "refunded" to stock (nobody waiting, or
+        the window has ended), "already_refunded", or "sale_changed" (nothing returned).
+        `return_unit` says who got a handed unit."""
+        return (await self.return_unit(product_id, user_id, sale_id, slot, stream_id)).outcome
+
+    async def return_unit(self, product_id: int, user_id: int, sale_id: str,
+                          slot: int | None, stream_id: str) -> Returned:
+        """`refund`, with the waiting user who got the unit and their new order."""
         pid = validate_id("product_id", product_id)
         uid = validate_id("user_id", user_id)
-        reply = await self._refund([*self._product_keys(pid), self.keys.refunded(pid)],
-                                   [uid, sale_id, "" if slot is None else slot, stream_id])
-        return _REFUNDS[int(reply)]  # type: ignore[call-overload]
+        k = self.keys
+        reply = await self._refund(
+            [*self._product_keys(pid), k.refunded(pid), k.waitlist(pid), k.stream(pid),
+             k.window(pid), k.waitlist_stats(pid)],
+            [uid, sale_id, "" if slot is None else slot, stream_id])
+        if isinstance(reply, list):  # {4, user ID, stream entry ID}
+            return Returned("handed", int(reply[1]), _text(reply[2]))
+        return Returned(_REFUNDS[int(reply)])  # type: ignore[call-overload]
+
+    async def join_waitlist(self, product_id: int, user_id: int,
+                            ip: str | None = None) -> WaitlistResult:
+        """`user_id` joins the sold-out sale's waitlist (from client address `ip` when
+        known: the purchase's per-IP limit)."""
+        pid = validate_id("product_id", product_id)
+        uid = validate_id("user_id", user_id)
+        k = self.keys
+        keys = [k.stock(pid), k.sale(pid), k.buyers(pid), k.waitlist(pid),
+                k.waitlist_seq(pid), k.window(pid), k.user_limiter(pid, uid),
+                *([k.ip_limiter(pid, ip)] if ip else [])]
+        reply = await self._join(keys, [uid, self.waitlist_max, *self.limits])
+        assert isinstance(reply, list)
+        outcome = _WAITLIST[int(reply[0])]
+        if outcome in ("joined", "waiting"):
+            return WaitlistResult(outcome, position=int(reply[1]))
+        if outcome == "rate_limited":
+            return WaitlistResult(outcome, retry_after_ms=int(reply[1]),
+                                  limited_by=_text(reply[2]))
+        if outcome in ("not_started", "ended"):
+            return WaitlistResult(outcome, at_ms=int(reply[1]))
+        if outcome == "full":
+            return WaitlistResult(outcome, most=int(reply[1]))
+        return WaitlistResult(outcome)
+
+    async def position(self, product_id: int, user_id: int) -> Position:
+        """Where `user_id` stands in the waitlist: one ZRANK."""
+        pid = validate_id("product_id", product_id)
+        uid = validate_id("user_id", user_id)
+        k = self.keys
+        reply = await self._position(
+            [k.waitlist(pid), k.waitlist_stats(pid), k.window(pid), k.waitlist_ended(pid)],
+            [uid])
+        assert isinstance(reply, list)
+        if int(reply[0]) == 1:
+            return Position("waiting", int(reply[1]), int(reply[2]))
+        return Position("ended" if int(reply[0]) == 2 else "none")
+
+    async def leave_waitlist(self, product_id: int, user_id: int) -> bool:
+        """Take `user_id` out of the waitlist; False if they were not waiting."""
+        pid = validate_id("product_id", product_id)
+        uid = validate_id("user_id", user_id)
+        try:
+            return bool(await self.redis.zrem(self.keys.waitlist(pid), str(uid)))
+        except REDIS_ERRORS as exc:
+            _raise_named(exc)
+
+    async def record_release(self, product_id: int, user_id: int, instance_id: int,
+                             stream_id: str, sale_id: str | None) -> bool:
+        """Ask for the release of order `stream_id` (its instance `instance_id`): one
+        entry in the product's release stream per order; False if already asked."""
+        pid = validate_id("product_id", product_id)
+        uid = validate_id("user_id", user_id)
+        k = self.keys
+        reply = await self._release(
+            [k.release_requested(pid), k.releases(pid), k.waitlist_stats(pid)],
+            [uid, instance_id, stream_id, sale_id or ""])
+        assert isinstance(reply, list)
+        return int(reply[0]) == 1
+
+    async def waitlist_figures(self, product_id: int) -> WaitlistFigures:
+        pid = validate_id("product_id", product_id)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zcard(self.keys.waitlist(pid))
+        pipe.hmget(self.keys.waitlist_stats(pid), "handed", "released")
+        waiting, (handed, released) = await pipe.execute()
+        return WaitlistFigures(int(waiting), int(handed or 0), int(released or 0))
 
     async def open_sale(self, product_id: int, stock: int, *, clear_buyers: bool = False,
-                        window: Window | None = None, limits: Limits | None = None) -> str:
+                        window: Window | None = None, limits: Limits | None = None,
+                        waitlist_max: int | None = None) -> str:
         """A new sale ID, stock set, the stream and its group ready for the engine; the
-        sale sells within `window` and with its own `limits` when given."""
+        sale sells within `window` and with its own `limits` and waitlist cap when
+        given. The previous sale's waitlist ends (its users read ENDED)."""
         pid = validate_id("product_id", product_id)
         if isinstance(stock, bool) or not isinstance(stock, int) or not 0 < stock < 2**31:
             raise InvalidInput(f"stock: expected a positive integer, got {stock!r}")
         schedule = _window_fields(window or Window(), limits)
+        if waitlist_max is not None:
+            if isinstance(waitlist_max, bool) or not isinstance(waitlist_max, int) \
+                    or waitlist_max < 0:
+                raise InvalidInput(f"waitlist_max: expected an integer >= 0, got "
+                                   f"{waitlist_max!r}")
+            schedule["waitlist_max"] = waitlist_max
         sale_id = f"{time.time_ns() // 1_000_000:x}-{secrets.token_hex(2)}"
         k = self.keys
         try:
@@ -246,6 +395,8 @@ class Gate:
             pipe.set(k.stock(pid), stock)
             pipe.set(k.sale(pid), sale_id)
             pipe.delete(k.free_slots(pid), k.window(pid))
+            self._end_waitlist(pipe, pid)
+            pipe.delete(k.waitlist_stats(pid))
             if schedule:
                 pipe.hset(k.window(pid), mapping=schedule)  # type: ignore[arg-type]
             if clear_buyers:
@@ -262,13 +413,25 @@ class Gate:
         return sale_id
 
     async def close_sale(self, product_id: int) -> None:
-        """Stop selling; the stream, group and buyers stay so the backlog drains."""
+        """Stop selling; the stream, group and buyers stay so the backlog drains. The
+        waitlist closes: its users read ENDED; its figures stay until the next sale."""
         pid = validate_id("product_id", product_id)
+        k = self.keys
         try:
-            await self.redis.delete(self.keys.stock(pid), self.keys.sale(pid),
-                                    self.keys.window(pid))
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.delete(k.stock(pid), k.sale(pid), k.window(pid))
+            self._end_waitlist(pipe, pid)
+            await pipe.execute()
         except REDIS_ERRORS as exc:
             raise ServiceUnavailable(f"Redis: {exc}") from exc
+
+    def _end_waitlist(self, pipe: Any, pid: int) -> None:
+        """Queue on `pipe` the end of the product's waitlist: its users move to the
+        ended set (kept ENDED_KEEP_S, so that they read ENDED), the waitlist and its
+        turn counter go. No unit can be handed from it any more."""
+        k = self.keys
+        pipe.eval(self._end_source, 3, k.waitlist(pid), k.waitlist_ended(pid),
+                  k.waitlist_seq(pid), ENDED_KEEP_S)
 
     async def schedule(self, product_id: int) -> tuple[str | None, int | None, Window, int]:
         """(sale ID, stock, window, Redis time in unix ms), in one round trip: what the
@@ -292,6 +455,10 @@ class Gate:
         sale, stock, buyers = await pipe.execute()
         return SaleState(sale.decode() if isinstance(sale, bytes) else sale,
                          None if stock is None else int(stock), int(buyers))
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _int_or_none(value: object) -> int | None:

@@ -378,3 +378,165 @@ async def read_provisioned(conn: Any, instance_ids: list[int], *,
                                " WHERE instance_id = ANY($1::bigint[])", instance_ids,
                                timeout=timeout)
     return {r["instance_id"]: r["attempts"] for r in records}
+
+
+# -- a sale's units, with the waitlist --------------------------------------------------
+# Row states that hold a unit, and those whose unit goes back (engine/orderstates.py)
+LIVE_STATES = frozenset({"PROCESSING", "RUNNING", "RELEASING"})
+GIVEN_BACK_STATES = frozenset({"FAILED", "RELEASED"})
+
+
+@dataclass(frozen=True, slots=True)
+class SaleEntry:
+    """One order of a sale as its stream holds it; `turn` is the user's turn in the
+    waitlist for an order made from a returned unit (`from` = waitlist), else None."""
+
+    stream_id: str
+    user_id: int
+    slot: int | None
+    turn: int | None = None
+
+
+@dataclass
+class Ledger:
+    """What a sale's units are counted from: its `stock`, the units `left` in stock,
+    its orders (`entries`, in stream order), the orders whose unit went back
+    (`returned`: the gate's refunded set), the row state of each logged order
+    (`statuses`, None: the database not read) and the turns still `waiting`."""
+
+    stock: int
+    left: int
+    entries: list[SaleEntry]
+    returned: frozenset[str] = frozenset()
+    statuses: Mapping[str, str] | None = None
+    waiting: list[int] = field(default_factory=list)
+
+    def held(self) -> list[SaleEntry]:
+        """Orders whose unit has not gone back (live, or given back but not returned yet)."""
+        return [e for e in self.entries if e.stream_id not in self.returned]
+
+
+def ledger_problems(ledger: Ledger) -> list[str]:
+    """The invariants of a sale whose units can go back (failed orders, releases) and on
+    to waiting users: one line per one that does not hold."""
+    return [*_units(ledger), *_live_users(ledger), *_slot_chains(ledger),
+            *_join_order(ledger)]
+
+
+def _units(ledger: Ledger) -> list[str]:
+    """Units in stock + units held by orders = the stock: a returned unit made exactly
+    one new order or one unit of stock (both: one too many; neither: one too few). With
+    the rows: units in stock + live orders (PROCESSING, RUNNING, RELEASING, or accepted
+    and not logged yet) = the stock, once every given-back order's unit was returned."""
+    out = []
+    held = ledger.held()
+    if ledger.left < 0:
+        out.append(f"stock is negative: {ledger.left}")
+    if ledger.left + len(held) != ledger.stock:
+        handed = sum(e.turn is not None for e in ledger.entries)
+        out.append(f"units: {ledger.left} in stock + {len(held)} held by orders != stock "
+                   f"{ledger.stock} ({len(ledger.returned)} returned, {handed} handed to "
+                   "the waitlist)")
+    if ledger.statuses is None:
+        return out
+    status = ledger.statuses
+    unreturned = [e.stream_id for e in held if status.get(e.stream_id) in GIVEN_BACK_STATES]
+    if unreturned:
+        out.append(f"{len(unreturned)} failed or released orders' units were never returned, "
+                   f"e.g. {unreturned[:EXAMPLES]}")
+    back_but_live = [e.stream_id for e in ledger.entries if e.stream_id in ledger.returned
+                     and status.get(e.stream_id, "PENDING") not in GIVEN_BACK_STATES]
+    if back_but_live:
+        out.append(f"{len(back_but_live)} orders still live after their unit was returned, "
+                   f"e.g. {back_but_live[:EXAMPLES]}")
+    live = [e for e in ledger.entries if status.get(e.stream_id, "PENDING") not in
+            GIVEN_BACK_STATES]
+    if not unreturned and ledger.left + len(live) != ledger.stock:
+        out.append(f"units: {ledger.left} in stock + {len(live)} live orders != stock "
+                   f"{ledger.stock}")
+    return out
+
+
+def _live_users(ledger: Ledger) -> list[str]:
+    users = Counter(e.user_id for e in ledger.held())
+    twice = sorted(u for u, n in users.items() if n > 1)
+    return [f"{len(twice)} users hold two live orders, e.g. {twice[:EXAMPLES]}"] if twice \
+        else []
+
+
+def _slot_chains(ledger: Ledger) -> list[str]:
+    """Each slot passes from order to order only once its holder gave it back, and an
+    order from the waitlist takes a returned unit: a unit handed twice, or taken again
+    while held, shows as a holder followed by another without being returned."""
+    holders: dict[int, list[SaleEntry]] = defaultdict(list)
+    for e in ledger.entries:
+        if e.slot is not None:
+            holders[e.slot].append(e)
+    taken_while_held = []
+    for slot, chain in sorted(holders.items()):
+        for before, after in zip(chain, chain[1:], strict=False):
+            if before.stream_id not in ledger.returned:
+                taken_while_held.append(f"slot {slot}: {after.stream_id} after "
+                                        f"{before.stream_id}")
+    handed_from_nothing = [e.stream_id for e in ledger.entries if e.turn is not None
+                           and holders[e.slot or 0][0] is e]
+    out = []
+    if taken_while_held:
+        out.append(f"{len(taken_while_held)} units taken again while their order held them, "
+                   f"e.g. {taken_while_held[:EXAMPLES]}")
+    if handed_from_nothing:
+        out.append(f"{len(handed_from_nothing)} orders from the waitlist took a unit nobody "
+                   f"returned, e.g. {handed_from_nothing[:EXAMPLES]}")
+    if bad := sorted({e.slot for e in ledger.entries
+                      if e.slot is not None and not 1 <= e.slot <= ledger.stock}):
+        out.append(f"slots outside 1..{ledger.stock}: {bad[:EXAMPLES]}")
+    return out
+
+
+def _join_order(ledger: Ledger) -> list[str]:
+    """Units left the waitlist in the order users joined it: the turns of the orders made
+    from it rise in stream order, and nobody still waiting was passed over."""
+    turns = [e.turn for e in ledger.entries if e.turn is not None]
+    out = []
+    jumps = [(a, b) for a, b in zip(turns, turns[1:], strict=False) if b <= a]
+    if jumps:
+        out.append(f"{len(jumps)} units left the waitlist out of join order, e.g. turn "
+                   f"{jumps[0][1]} after turn {jumps[0][0]}")
+    if turns and ledger.waiting and min(ledger.waiting) < max(turns):
+        passed = sorted(t for t in ledger.waiting if t < max(turns))
+        out.append(f"{len(passed)} waiting users were passed over, e.g. turns "
+                   f"{passed[:EXAMPLES]} still wait after turn {max(turns)} got a unit")
+    return out
+
+
+async def read_ledger(redis: Any, keys: Any, pid: int, sale: str, stock: int, *,
+                      conn: Any = None, timeout: float = 30.0) -> Ledger:
+    """A sale's ledger from Redis (an asyncio client, `engine.keys.Keys`) and, given an
+    asyncpg connection `conn`, its rows' states."""
+    entries: list[SaleEntry] = []
+    start = "-"
+    while batch := await redis.xrange(keys.stream(pid), min=start, count=5000):
+        for entry_id, fields in batch:
+            if _text(fields.get(b"sale", b"")) != sale:
+                continue
+            turn = fields.get(b"turn") if fields.get(b"from") == b"waitlist" else None
+            entries.append(SaleEntry(_text(entry_id), int(fields[b"uid"]),
+                                     int(fields[b"slot"]) if b"slot" in fields else None,
+                                     int(turn) if turn is not None else None))
+        start = "(" + _text(batch[-1][0])
+    refunded = {_text(m) for m in await redis.smembers(keys.refunded(pid))}
+    waiting = [int(score) for _, score in
+               await redis.zrange(keys.waitlist(pid), 0, -1, withscores=True)]
+    ledger = Ledger(stock, int(await redis.get(keys.stock(pid)) or 0), entries,
+                    frozenset(e.stream_id for e in entries if e.stream_id in refunded),
+                    None, waiting)
+    if conn is not None:
+        records = await conn.fetch("SELECT stream_id, status FROM seckill_logs"
+                                   " WHERE product_id = $1 AND sale_id = $2", pid, sale,
+                                   timeout=timeout)
+        ledger.statuses = {r["stream_id"]: r["status"] for r in records}
+    return ledger
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

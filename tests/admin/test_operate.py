@@ -124,7 +124,8 @@ async def test_stats_count_only_the_open_sale(settings, redis, product_id):
     # accepted: 2 rows + 1 unread (7) + 1 pending without a row (5) + 1 dead letter (6)
     assert asdict(mine) == {"product": product_id, "sale": sale, "stock": 5, "accepted": 5,
                             "logged": 2, "published": 1, "running": 1, "failed": 0, "lag": 1,
-                            "pending": 2, "dead_letters": 1, "orders_per_s": 0.2}
+                            "pending": 2, "dead_letters": 1, "orders_per_s": 0.2,
+                            "waiting": 0, "handed_out": 0, "released": 0}
 
 
 def test_stats_watch_redraws_until_interrupted(settings):
@@ -163,7 +164,7 @@ def _redraws(out) -> int:
 
 def figures(**counts: int) -> dict:
     zero = {"accepted": 0, "logged": 0, "published": 0, "running": 0, "failed": 0, "lag": 0,
-            "pending": 0, "dead_letters": 0}
+            "pending": 0, "dead_letters": 0, "waiting": 0, "handed_out": 0, "released": 0}
     return {**zero, **counts, "sale": None}
 
 

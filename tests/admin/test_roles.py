@@ -21,7 +21,10 @@ async def test_bff_role_reads_only_the_columns_of_an_order(settings, conn, produ
             "SELECT status, instance_id, endpoint, reason, compensated_at FROM seckill_logs "
             "WHERE product_id = $1 AND user_id = 5 ORDER BY id DESC LIMIT 1", product_id)
         assert row["instance_id"] == product_id * 10
-        for sql in ("SELECT stream_id FROM seckill_logs LIMIT 1",
+        # and the IDs a release request names (engine/gate/releases.py)
+        assert await bff.fetchval("SELECT stream_id FROM seckill_logs WHERE product_id = $1",
+                                  product_id) == "1-1"
+        for sql in ("SELECT slot FROM seckill_logs LIMIT 1",
                     "SELECT * FROM products LIMIT 1",
                     "UPDATE seckill_logs SET status = 'RUNNING' WHERE product_id = 0",
                     "INSERT INTO seckill_logs (product_id, user_id, instance_id, stream_id) "
