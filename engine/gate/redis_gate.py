@@ -251,15 +251,18 @@ class Gate:
                                   validate_id("user_id", user_id), ts, ip)
 
     async def attempt(self, pid: int, uid: int, ts: int | None = None,
-                      ip: str | None = None) -> GateResult:
+                      ip: str | None = None, trace: str | None = None) -> GateResult:
         """`buy` with IDs its caller has validated already (`validate_id`): the BFF's,
-        which checked them before reading the body and pays for that once."""
+        which checked them before reading the body and pays for that once. `trace`: a
+        sampled attempt's context (engine.tracing), for its order's stream entry."""
         k = self.keys
         # no address, no per-IP key (KEYS[8] nil): an empty key name would hash to slot
         # 0 and make the call CROSSSLOT on a Redis Cluster
         keys = [*self._product_keys(pid), k.stream(pid), k.window(pid),
                 k.user_limiter(pid, uid), *([k.ip_limiter(pid, ip)] if ip else [])]
         args = [uid, int(time.time()) if ts is None else ts, *self.limits]
+        if trace:
+            args.append(trace)  # ARGV[7], after every limit
         acked = None
         if self._routed is None:
             reply = await self._buy(keys, args)
