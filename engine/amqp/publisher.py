@@ -22,14 +22,14 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import aiormq
 from aiormq.abc import ChannelFrame
 
-from engine.amqp.framing import PERSISTENT, Framer, shortstr
+from engine.amqp.framing import PERSISTENT, Framer, shortstr, table
 from engine.amqp.logins import ENGINE, login, user_of
 from engine.amqp.topology import CONTENT_TYPE, EXCHANGE
 from engine.config import Settings, mask_url
@@ -47,6 +47,7 @@ class Message:
     body: bytes
     message_id: str
     type_name: str | None = None  # None: the publisher's own event type
+    headers: Mapping[str, str] | None = None  # a sampled order's trace context
 
 
 class ConfirmPublisher:
@@ -165,7 +166,7 @@ class ConfirmPublisher:
         props = aiormq.spec.Basic.Properties(
             content_type=CONTENT_TYPE, delivery_mode=PERSISTENT, message_id=message.message_id,
             timestamp=now, message_type=message.type_name or self._type_name,
-            user_id=self.user)
+            user_id=self.user, headers=dict(message.headers) if message.headers else None)
         return await channel.basic_publish(
             message.body, exchange=EXCHANGE, routing_key=self._routing_key,
             properties=props, mandatory=True, wait=False)
@@ -184,7 +185,8 @@ async def _write_framed(channel: Any, framer: Framer, messages: Sequence[Message
             confirmations[tag] = _PendingConfirm(batch, index)
             by_id[message.message_id] = tag
             type_name = shortstr(message.type_name) if message.type_name else None
-            payload.append(framer.publish(message.body, message.message_id, ts, type_name))
+            payload.append(framer.publish(message.body, message.message_id, ts, type_name,
+                                          table(message.headers) if message.headers else b""))
         channel.delivery_tag = tag
         await channel.write_queue.put(ChannelFrame(payload=b"".join(payload),
                                                   should_close=False))
