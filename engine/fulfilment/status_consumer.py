@@ -40,6 +40,7 @@ from engine.keys import Keys
 from engine.metrics import daemon as metrics
 from engine.orderstates import FAILED, RUNNING
 from engine.pb import event_pb2
+from engine.tracing import Tracing
 
 log = logging.getLogger("seckill.status")
 
@@ -81,6 +82,7 @@ class Report:
     first_seen: float
     user_id: int = 0  # whose order the report says it is: checked against the row
     product_id: int = 0
+    trace: Any = None  # a sampled order's context, from the message's headers
 
 
 def decode_report(body: bytes, delivery_tag: int, now: float) -> Report | None:
@@ -147,8 +149,10 @@ def one_per_instance(reports: list[Report]) -> tuple[list[Report], list[Report]]
 class StatusConsumer:
     """Consumes `QUEUE_STATUS` and applies reports in batches."""
 
-    def __init__(self, settings: Settings, redis: Redis, pool: asyncpg.Pool) -> None:
+    def __init__(self, settings: Settings, redis: Redis, pool: asyncpg.Pool,
+                 tracing: Tracing | None = None) -> None:
         self.settings = settings
+        self.tracing = tracing  # ends a sampled order's trace (engine.tracing)
         self.redis = redis
         self.pool = pool
         self.keys = Keys(settings.key_prefix)
@@ -186,6 +190,8 @@ class StatusConsumer:
             if report is None:
                 garbage.append(delivery)
             else:
+                if self.tracing is not None and delivery.headers:
+                    report.trace = self.tracing.from_headers(delivery.headers)
                 reports.append(report)
         reports = self._held + reports  # held ones arrived first
         self._held = []
@@ -199,8 +205,30 @@ class StatusConsumer:
                                     f"{r.instance_id}.{self.settings.rd_domain}",
                                     instance_id=r.instance_id, endpoint=r.endpoint[:200])
         reports = [r for r in reports if r not in foreign]
-        if reports:
+        if not reports:
+            return
+        traced = [r for r in reports if r.trace is not None]
+        if not traced:
             await self.apply(reports)
+            return
+        await self._traced_apply(reports, traced)
+
+    async def _traced_apply(self, reports: list[Report], traced: list[Report]) -> None:
+        """`apply`, each sampled order's report a span ending its trace: the update of
+        its row and the hand-off of a failed order's unit (a report held for an order
+        not logged yet gets its span when it is applied)."""
+        assert self.tracing is not None
+        spans = [(r, self.tracing.start("status.update", r.trace, kind="consumer",
+                                        attributes={"seckill.instance_id": str(r.instance_id),
+                                                    "seckill.status": r.status}))
+                 for r in traced]
+        try:
+            await self.apply(reports)
+        finally:
+            held = {id(r) for r in self._held}
+            for report, span in spans:
+                if id(report) not in held:
+                    span.end()
 
     async def apply(self, reports: list[Report]) -> None:
         """Apply one report per instance; acknowledge every report of a known instance,
