@@ -20,6 +20,7 @@ its `trace_id` and `span_id` (in the JSON log line).
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import random
@@ -63,8 +64,13 @@ def setup(settings: Settings, service: str) -> Tracing | None:
 
     endpoint = settings.trace_endpoint.rstrip("/")
     exporter = OTLPSpanExporter(endpoint=endpoint + TRACES_PATH if endpoint else None)
-    return Tracing.create(exporter, service, ratio=settings.trace_sample,
-                          queue=settings.trace_queue)
+    traced = Tracing.create(exporter, service, ratio=settings.trace_sample,
+                            queue=settings.trace_queue)
+    # The SDK, its exporter and requests are some 10,000 objects that live as long as
+    # the process: frozen out of the collector, a full collection does not walk them
+    # (nor what the process booted with, which lives as long; called at boot only).
+    gc.freeze()
+    return traced
 
 
 class Tracing:
