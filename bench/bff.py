@@ -7,7 +7,9 @@ per call). Three measurements per round:
 
 - the gate called directly from Python: N processes sharing the connections,
   on the client the BFF uses, with the BFF's limits and a client address;
-- the HTTP floor (bench/floor.py): Granian serving a fixed 202, N workers;
+- the HTTP floor (bench/floor.py): Granian serving a fixed 202, N workers, on the
+  same Granian interface as the BFF (`bff_interface`, RSGI by default: an ASGI floor
+  costs about half as much again per request, which would flatter the BFF);
 - the BFF, N Granian workers, JWT on: every request a new buyer with their own
   token, each verified by every worker before the window (bench/tokens.py);
   then, apart, a window where every token is new to the BFF (the cold cost).
@@ -173,6 +175,7 @@ class HttpBench:
         self.settings = settings
         self.profile = profile  # py-spy's collapsed stacks of the workers in the warm window
         self.workers = os.cpu_count() or 1
+        self.interface = settings.bff_interface  # the BFF's, and so the floor's
         self.issuer = Issuer(directory, issuer=settings.bff_jwt_issuer,
                              audience=settings.bff_jwt_audience)
         self.warm_tokens = self.issuer.mint("warm", WARM_FIRST_USER, tokens, self.workers)
@@ -192,7 +195,7 @@ class HttpBench:
         the BFF's cold window."""
         await open_sales(self.settings, [*BFF_PIDS, WARMUP_PID, COLD_PID])
         gate = DirectGate(self.settings, connections, self.workers)
-        floor, floor_port, floor_log = start_floor(self.workers)
+        floor, floor_port, floor_log = start_floor(self.workers, self.interface)
         server, bff_port, admin = self.start_bff()
         bff = server.proc
         try:
@@ -230,7 +233,7 @@ class HttpBench:
         out = {"connections": connections, "bff_workers": self.workers, "slices": self.slices,
                "gate_direct": merge_windows(parts["gate_direct"]),
                "floor": {"workers": self.workers, "connections": connections,
-                         "interface": "asgi", **merge_windows(parts["floor"])},
+                         "interface": self.interface, **merge_windows(parts["floor"])},
                "bff": hot, "bff_cold": cold, "warm_up": {"requests": sent, "seconds": warm_s},
                "client": hot["client"]}
         out["ratio"] = hot["accepted_per_second"] / out["gate_direct"]["accepted_per_second"]

@@ -17,10 +17,21 @@ the gate's stream and stock, the log's rows) plus what only the burst sees (the 
 the buyers got, the RUNNING status).
 
 A full run, in this order (it fits in 10 minutes on a 2-core box):
-1. the sweep: one sale of about `sweep_seconds` per offered rate, rising, stopping at
-   the first rate that does not hold (any 5xx, unanswered attempt, connection error,
-   broken invariant, or p99 over P99_HELD_MS);
-2. the headline: `attempts` (1,000,000) attempts at the highest rate that held;
+0. the pre-sale's pace: a short burst of page loads (CALIBRATION_LOADS) on the first BFF
+   measures how many a second this machine answers (each verifies a new token), and every
+   pre-sale phase is sent at PRESALE_SHARE_OF_MEASURED of that (unless `--presale-rate`
+   fixes it), so that it ends on schedule instead of tens of seconds late;
+1. the sweep (`next_sweep_rate`): one sale of about `sweep_seconds` per offered rate,
+   rising through `rates` while each holds; when the first does not, halving down to
+   SWEEP_FLOOR until one holds; it ends at the first rate that does not hold above one
+   that did (a rate holds with no 5xx, unanswered attempt, connection error or broken
+   invariant, and p99 under P99_HELD_MS);
+2. the headline: `attempts` (1,000,000) attempts at the highest rate that held, or as
+   many as the time left allows (`headline_seconds`: the rest of the plan must fit in
+   BUDGET_S, from what the sales so far took; none when not even a sweep sale's length
+   fits). The sweep too stops early when one more sale would not leave a short headline
+   and the judged rounds their time (`another_sweep_fits`); the report says what the
+   budget cut;
 3. `repeats` (3) rounds of: the HTTP floor (a bare app on the BFF's Granian interface,
    bench/floor.py, loaded by the same generator at the same rate), then a sale at 75% of
    the highest rate that held. Only these rounds are judged, each repeat on its own side
@@ -30,11 +41,18 @@ A full run, in this order (it fits in 10 minutes on a 2-core box):
 4. "everyone cold": a sale at the highest rate that held with no pre-sale page loads, so
    every user's first press carries a token the BFF has not verified yet.
 
-Every sale starts on a new BFF, its token caches empty, as a real sale's would be but for
-the pre-sale page loads. The budget: about 30 s a sale of 20 s (new BFF, pre-sale, buy
-phase, drain, checks), a broken sweep rate cut short 5 s behind schedule, the headline's
-million at 10,000/s or more (2 minutes at most), 15 s a floor window; the tokens are
-minted once and kept.
+A sale with a pre-sale starts on a new BFF, its token caches empty, as a real sale's would
+be but for the pre-sale page loads; the sales after it with the same pre-sale share keep
+that BFF instead of loading the pages again (a warm BFF): on a slow 2-core box a pre-sale
+of 80,000 new tokens takes about a minute, and six of them do not fit in 10 minutes. It
+is the same state: a sold-out answer verifies no token (engine/gate/app.py), so a sale
+leaves behind only the tokens of the first presses before it sold out (a few thousand,
+a few % of the users). The cold sale starts on a new BFF with no pre-sale.
+
+The budget: about 10 s a sale beyond its pre-sale and buy phase (new BFF, drain, checks),
+a broken sweep rate cut short 5 s behind schedule, the headline cut to the time left,
+15 s a floor window, one pre-sale (each page load verifies an RS256 signature and reads
+the order: the report gives its rate and seconds); the tokens are minted once and kept.
 
 `--quick` runs the same plan with a small sale and one round, and judges nothing.
 
@@ -104,6 +122,14 @@ LOADGEN_TIMEOUT = 600.0  # the longest a generator run may take (the headline's 
 # sending (the rest counts as unanswered), so a broken sweep rate costs seconds, not minutes
 GIVE_UP_BEHIND_S = 5.0
 P99_HELD_MS = 200.0  # an offered rate holds while p99 stays under this and nothing errs
+SWEEP_FLOOR = 1_000  # the lowest offered rate the sweep goes down to
+BUDGET_S = 570.0  # a full run's plan is cut to fit this (`make burst`: under 10 minutes)
+FLOOR_OVERHEAD_S = 5.0  # a floor window's start, warm-up and stop, beyond its seconds
+SALE_OVERHEAD_S = 10.0  # a sale's new BFF, drain and checks, until one was measured
+# the pre-sale's pace: page loads sent at this share of the rate measured on this machine
+CALIBRATION_LOADS = 4_000
+CALIBRATION_RATE = 20_000  # offered: more than any BFF here answers, so it measures it
+PRESALE_SHARE_OF_MEASURED = 0.9
 # the targets of issue 22, judged over the repeats of a full run
 CPU_VS_FLOOR = 1.3
 P99_MS = 50.0
@@ -126,8 +152,9 @@ class Scenario:
     presale_share: float = 0.8  # users who load the sale page with their token beforehand
     retry_share: float = 0.2  # users who retry after 410/429 (bots)
     rates: tuple[int, ...] = (10_000, 20_000, 30_000, 40_000)
+    sweep_floor: int = SWEEP_FLOOR  # the sweep halves down to this when a rate fails
     sweep_seconds: float = 20.0  # each sweep, repeat and cold sale lasts about this long
-    presale_rate: int = 20_000
+    presale_rate: int = 0  # page loads/s before the start; 0 = measured (module docstring)
     connections: int = 256
     bff_workers: int = 2
     engine_workers: int = 2
@@ -140,8 +167,8 @@ class Scenario:
     @classmethod
     def quick(cls) -> Scenario:
         return cls(users=4_000, stock=500, attempts=20_000, rates=(4_000,), sweep_seconds=5.0,
-                   presale_rate=4_000, connections=64, repeats=1, floor_seconds=2.0,
-                   judged=False)
+                   connections=64, repeats=1, floor_seconds=2.0, judged=False,
+                   sweep_floor=4_000)
 
 
 def build_loadgen(out_dir: Path = WORK) -> Path:
@@ -282,6 +309,8 @@ class SaleRun:
     invariants: list[str] = field(default_factory=list)
     held: bool = False
     timeline: dict[str, list[float]] = field(default_factory=dict)
+    presale_rate: int = 0  # page loads/s the pre-sale was sent at
+    seconds: dict[str, float] = field(default_factory=dict)  # presale, buy, total (wall)
 
 
 def _percentiles(ms: np.ndarray) -> dict[str, float]:
@@ -354,6 +383,70 @@ def held(run: SaleRun) -> bool:
             and run.outcomes.get("no_answer", 1) == 0
             and run.generator.get("connect_errors", 1) == 0
             and run.latency_ms.get("all", {}).get("p99", 1e9) <= P99_HELD_MS)
+
+
+def next_sweep_rate(tried: Mapping[int, bool], rates: Sequence[int],
+                    floor: int = SWEEP_FLOOR) -> int | None:
+    """The sweep's next offered rate from the rates tried so far (rate -> held), or None
+    when it is done. It climbs `rates` while each holds; while none has held, it halves
+    the lowest that failed, down to `floor`; once one held, it tries only the listed
+    rates between the highest that held and the lowest that failed."""
+    if not tried:
+        return rates[0] if rates else None
+    held_rates = [r for r, ok in tried.items() if ok]
+    failed = [r for r, ok in tried.items() if not ok]
+    ceiling = min(failed) if failed else None
+    if held_rates:
+        best = max(held_rates)
+        above = [r for r in rates if r > best and r not in tried
+                 and (ceiling is None or r < ceiling)]
+        return min(above) if above else None
+    assert ceiling is not None
+    lower = max(floor, ceiling // 2)
+    return lower if lower < ceiling and lower not in tried else None
+
+
+def rest_seconds(*, repeats: int, sale_s: float, overhead_s: float, presale_s: float,
+                 floor_s: float) -> float:
+    """The plan after the headline: `repeats` rounds of a floor window (`floor_s`) and a
+    sale with its pre-sale, then the cold sale (no pre-sale); each sale costs
+    `overhead_s` beyond its pre-sale and its `sale_s` of buying."""
+    return repeats * (floor_s + overhead_s + presale_s + sale_s) + overhead_s + sale_s
+
+
+def headline_seconds(left_s: float, *, repeats: int, sale_s: float, overhead_s: float,
+                     presale_s: float, floor_s: float) -> float:
+    """The buying seconds the headline may take so that the rest of the plan still fits
+    in `left_s` (`rest_seconds`)."""
+    rest = rest_seconds(repeats=repeats, sale_s=sale_s, overhead_s=overhead_s,
+                        presale_s=presale_s, floor_s=floor_s)
+    return left_s - rest - overhead_s - presale_s
+
+
+def another_sweep_fits(left_s: float, *, repeats: int, sale_s: float, overhead_s: float,
+                       presale_s: float, floor_s: float) -> bool:
+    """Whether one more sweep sale leaves time for a headline of a sweep sale's length
+    and the rest of the plan (a slow box whose first rates fail must still judge)."""
+    one_sale = overhead_s + presale_s + sale_s
+    return headline_seconds(left_s - one_sale, repeats=repeats, sale_s=sale_s,
+                            overhead_s=overhead_s, presale_s=presale_s,
+                            floor_s=floor_s) >= sale_s
+
+
+def answered_rate(done_ns: np.ndarray, skip: float = 0.25) -> float:
+    """Answers per second of a burst offered faster than it is answered, over its steady
+    part: from the answer that ends the first `skip` of them (a new BFF opens its
+    connections and pools while the first ones wait) to the last."""
+    done = np.sort(done_ns)
+    first = int(len(done) * skip)
+    span = (done[-1] - done[first]) / 1e9 if len(done) > first + 1 else 0.0
+    return (len(done) - 1 - first) / span if span > 0 else 0.0
+
+
+def paced_presale_rate(measured: float, ceiling: int) -> int:
+    """The pre-sale's pace: PRESALE_SHARE_OF_MEASURED of the page loads answered per
+    second in the calibration burst, at most `ceiling`, at least 100/s."""
+    return max(100, min(ceiling, int(measured * PRESALE_SHARE_OF_MEASURED)))
 
 
 def capacities(scenario: Scenario, machine_cores: int) -> dict[str, float]:
@@ -490,6 +583,12 @@ class Burst:
         self.next_product = FIRST_PRODUCT
         self.machine_cores = os.cpu_count() or 1
         self.verify_us = 0.0
+        self.presale_rate = scenario.presale_rate or CALIBRATION_RATE
+        self.notes: list[str] = []  # what the budget cut, said in the report
+        # the pre-sale share the running BFF was warmed with (a warm BFF: the module
+        # docstring), None: not warmed
+        self.presaled: float | None = None
+        self.calibration: dict[str, Any] = {}
         # for the tests: a coroutine run beside each buy phase with the sale's (product,
         # sale ID), e.g. to break an invariant on purpose while the sale runs
         self.during_sale: Callable[[int, str], Coroutine[Any, Any, None]] | None = None
@@ -556,17 +655,24 @@ class Burst:
     async def sale(self, tokens: TokenFile, label: str, rate: int, attempts: int,
                    presale_share: float, seed: int) -> SaleRun:
         sc = self.scenario
-        run = SaleRun(label, rate, attempts, presale_share)
-        await self.stack.new_bff()
+        began = time.monotonic()
+        run = SaleRun(label, rate, attempts, presale_share, presale_rate=self.presale_rate)
         lookers = int(sc.users * presale_share)
-        presale_s = lookers / sc.presale_rate + 1.0 if lookers else 0.5
+        if lookers and self.presaled == presale_share:
+            lookers = 0  # the BFF a pre-sale warmed (the module docstring)
+            run.presale = {"kept_warm_bff": True}
+        else:
+            await self.stack.new_bff()
+            self.presaled = presale_share if lookers else None
+        presale_s = lookers / self.presale_rate + 1.0 if lookers else 0.5
         pid, sale, start = await self.open_sale(presale_s)
         records = Path(tempfile.mkdtemp(prefix="seckill-burst-")) / "records.bin"
         try:
             if lookers:  # the sale page, loaded with a token before the start: 425 or 404
                 run.presale = await self.generate(
-                    self.stack.port, tokens, pid, mode="look", rate=sc.presale_rate,
+                    self.stack.port, tokens, pid, mode="look", rate=self.presale_rate,
                     count=lookers, first=lookers, records=records, seed=seed)
+            run.seconds["presale"] = time.monotonic() - began
             await asyncio.sleep(max(0.0, start - time.time()))
             before = await verifications(self.stack.admin)
             cpu = CpuMeter(self.settings, self.stack)
@@ -579,6 +685,7 @@ class Burst:
             if hook:
                 await asyncio.wait_for(hook, 120)
             buy_cpu, buy_s = cpu.lap(run.generator["generator_cpu_s"])
+            run.seconds["buy"] = buy_s
             logged_s, running_s = await self.drained(pid, sale,
                                                      run.generator["start_unix_ns"] / 1e9)
             run.cpu_s, _ = cpu.lap(run.generator["generator_cpu_s"])
@@ -599,6 +706,7 @@ class Burst:
         run.invariants = await self.check(pid, sale, recs, tokens)
         run.timeline = timeline(recs, logged_s, running_s, sc.stock)
         run.held = held(run)
+        run.seconds["total"] = time.monotonic() - began
         return run
 
     async def drained(self, pid: int, sale: str, t0_unix: float
@@ -709,6 +817,29 @@ class Burst:
         print(row_text(runs[-1]), flush=True)
         return runs[-1]
 
+    def costs(self, runs: Sequence[SaleRun]) -> dict[str, Any]:
+        """The plan's figures for the budget, from what the sales so far took: a sale's
+        seconds beyond its pre-sale and buying, and a pre-sale's (the longest of each)."""
+        sc = self.scenario
+        overheads = [r.seconds["total"] - r.seconds["presale"] - r.seconds["buy"]
+                     for r in runs if {"total", "presale", "buy"} <= r.seconds.keys()]
+        presales = [r.seconds["presale"] for r in runs if r.presale_share and r.seconds]
+        return {"repeats": sc.repeats, "sale_s": sc.sweep_seconds,
+                "floor_s": sc.floor_seconds + FLOOR_OVERHEAD_S,
+                "overhead_s": max(overheads, default=SALE_OVERHEAD_S),
+                # the next sales keep the BFF a pre-sale warmed: none to pay
+                "presale_s": 0.0 if self.presaled else max(presales, default=0.0)}
+
+    def headline_attempts(self, runs: Sequence[SaleRun], rate: int, began: float) -> int:
+        """The headline's attempts: `attempts`, or fewer so that the plan fits BUDGET_S
+        (from what the sales so far took); 0 when not even a sweep sale's fits."""
+        sc = self.scenario
+        seconds = headline_seconds(BUDGET_S - (time.monotonic() - began), **self.costs(runs))
+        if seconds < sc.sweep_seconds and sc.judged:
+            return 0
+        least = min(sc.attempts, int(rate * sc.sweep_seconds))
+        return max(least, min(sc.attempts, int(rate * seconds)))
+
     async def start(self) -> TokenFile:
         """The users' tokens, the cost of verifying one, and the stack, ready."""
         tokens = self.tokens()
@@ -716,10 +847,40 @@ class Burst:
         self.stack = Stack(self.settings, self.scenario, self.issuer.jwks)
         try:
             await self.stack.ready()
+            if not self.scenario.presale_rate and self.scenario.presale_share > 0:
+                await self.calibrate_presale(tokens)
         except BaseException:
             self.stack.stop()
             raise
         return tokens
+
+    async def calibrate_presale(self, tokens: TokenFile) -> None:
+        """The pre-sale's pace: CALIBRATION_LOADS page loads of users not seen yet, offered
+        faster than any BFF here answers them; PRESALE_SHARE_OF_MEASURED of the rate they
+        were answered at. Made on the first BFF, which the first sale then replaces (its
+        caches hold these users)."""
+        sc = self.scenario
+        count = min(CALIBRATION_LOADS, sc.users)
+        pid, _, _ = await self.open_sale(60.0)
+        records = Path(tempfile.mkdtemp(prefix="seckill-burst-calibration-")) / "records.bin"
+        try:
+            gen = await self.generate(self.stack.port, tokens, pid, mode="look",
+                                      rate=CALIBRATION_RATE, count=count, first=count,
+                                      records=records, seed=7)
+            recs = np.fromfile(records, dtype=RECORD)
+        finally:
+            shutil.rmtree(records.parent, ignore_errors=True)
+        answered = recs[recs["status"] != 0]
+        span = (answered["done"].max() - answered["due"].min()) / 1e9 if len(answered) else 0.0
+        steady = answered_rate(answered["done"])
+        self.presale_rate = paced_presale_rate(steady, CALIBRATION_RATE)
+        self.stack.bff_used = True  # the first sale starts on a new BFF, its caches empty
+        self.calibration = {"loads": count, "answered": int(len(answered)), "seconds": span,
+                            "answered_per_s": steady, "presale_rate": self.presale_rate,
+                            "generator_cpu_s": gen["generator_cpu_s"]}
+        print(f"burst: pre-sale pace {self.presale_rate:,} page loads/s"
+              f" ({PRESALE_SHARE_OF_MEASURED:.0%} of {self.calibration['answered_per_s']:,.0f}/s"
+              f" measured over {count:,} new tokens)", flush=True)
 
     async def run(self) -> dict[str, Any]:
         sc = self.scenario
@@ -729,19 +890,31 @@ class Burst:
         floors: list[dict[str, Any]] = []
         top: int | None = None
         try:
-            for i, rate in enumerate(sc.rates):
+            tried: dict[int, bool] = {}
+            rate = next_sweep_rate(tried, sc.rates, sc.sweep_floor)
+            while rate is not None:
                 attempts = min(sc.attempts, int(rate * sc.sweep_seconds))
                 run = await self._sale(runs, tokens, f"sweep {rate}", rate, attempts,
-                                       sc.presale_share, seed=10 * i + 1)
-                if not run.held:
-                    break
-            top = max((r.rate for r in runs if r.held), default=None)
+                                       sc.presale_share, seed=10 * len(tried) + 1)
+                tried[rate] = run.held
+                rate = next_sweep_rate(tried, sc.rates, sc.sweep_floor)
+                if rate is not None and sc.judged and not another_sweep_fits(
+                        BUDGET_S - (time.monotonic() - began), **self.costs(runs)):
+                    self.notes.append(f"the sweep stopped before {rate:,}/s: one more sale "
+                                      f"would not leave the rest of the plan {BUDGET_S:.0f} s")
+                    rate = None
+            top = max((r for r, ok in tried.items() if ok), default=None)
             # a quick run goes through the whole plan even when its rate did not hold (on
             # a busy machine): it checks the code, not the figures
             plan_rate = top or (sc.rates[0] if not sc.judged else None)
             if not sc.sweep_only and plan_rate:
-                await self._sale(runs, tokens, "headline", plan_rate, sc.attempts,
-                                 sc.presale_share, seed=101)
+                headline = self.headline_attempts(runs, plan_rate, began)
+                if headline:
+                    await self._sale(runs, tokens, "headline", plan_rate, headline,
+                                     sc.presale_share, seed=101)
+                else:
+                    self.notes.append(f"no headline: not even {sc.sweep_seconds:.0f} s of it "
+                                      f"would leave the judged rounds {BUDGET_S:.0f} s")
                 slower = int(plan_rate * REPEAT_SHARE)
                 for i in range(sc.repeats):
                     print(f"burst: floor {i + 1} at {slower:,} requests/s", flush=True)
@@ -759,7 +932,8 @@ class Burst:
             self.stack.stop()
         repeats = [asdict(r) for r in runs if r.label.startswith("75%")]
         return {"scenario": asdict(sc), "machine_cores": self.machine_cores,
-                "seconds": time.monotonic() - began,
+                "seconds": time.monotonic() - began, "presale_calibration": self.calibration,
+                "notes": self.notes,
                 "verify_us": self.verify_us, "runs": [asdict(r) for r in runs],
                 "floors": floors, "highest_held_rate": top,
                 "verdicts": verdicts(repeats, floors, judged=sc.judged, held_rate=top,
@@ -769,7 +943,9 @@ class Burst:
 def row_text(r: SaleRun) -> str:
     lat = r.latency_ms.get("all", {})
     t = r.times_s
-    return (f"  {r.label}: answered {r.answered_per_s:,.0f}/s, p50 {lat.get('p50', 0):.1f} ms,"
+    return (f"  {r.label}: {r.attempts:,} attempts, pre-sale"
+            f" {r.seconds.get('presale', 0):.1f} s; answered {r.answered_per_s:,.0f}/s,"
+            f" p50 {lat.get('p50', 0):.1f} ms,"
             f" p99 {lat.get('p99', 0):.1f} ms, p99.9 {lat.get('p99_9', 0):.1f} ms;"
             f" sold out at {_s(t.get('sold_out'))}, +{_s(t.get('sold_out_to_last_logged'))}"
             f" to the last order logged, +{_s(t.get('sold_out_to_last_running'))} to the last"
@@ -811,6 +987,7 @@ def markdown(doc: dict[str, Any]) -> str:
             f" {r['cpu_us_per_answered'].get('generator', 0):.1f} |"
             f" {r['send_lag_ms'].get('p99', 0):.1f}/{r['send_lag_ms'].get('max', 0):.1f} |"
             f" {'yes' if r['held'] else 'no'} |")
+    lines += [f"\nBudget ({BUDGET_S:.0f} s): {note}." for note in doc.get("notes", [])]
     lines += ["", "Server = " + " + ".join(SERVICES) + "; generator and other processes "
               "apart. Latency is counted from when each attempt was due, not when it was sent;"
               f" \"not sent\": dropped by the generator once {GIVE_UP_BEHIND_S:.0f} s behind.",
@@ -845,14 +1022,26 @@ def markdown(doc: dict[str, Any]) -> str:
             f"{r['cores_busy'].get(c, 0):.2f}" for c in BUSY)
             + f" | {b.get('machine_busy', 0):.0%} | {b.get('part') or '-'} |")
     lines += ["", breaking_summary(runs)]
+    cal = doc.get("presale_calibration") or {}
     lines += ["", "## Token verifications in the buy phase (cold tokens)", "",
               f"PyJWT's RS256 verification of one token, in one process: "
-              f"{doc['verify_us']:.0f} us CPU; the estimate is the BFF's count times that.", "",
-              "| sale | pre-sale share | verifications | est. CPU s | share of the BFF's CPU |",
-              "|---|---|---|---|---|"]
+              f"{doc['verify_us']:.0f} us CPU; the estimate is the BFF's count times that.",
+              "" if not cal else f"The pre-sale's page loads (each verifies a new token "
+              f"and reads the order) were sent at {cal['presale_rate']:,}/s: "
+              f"{PRESALE_SHARE_OF_MEASURED:.0%} of the {cal['answered_per_s']:,.0f}/s "
+              f"this machine answered over {cal['loads']:,} new tokens at the start.", "",
+              "| sale | attempts | pre-sale share | pre-sale loads/s | pre-sale s |"
+              " pre-sale late max s | verifications | est. CPU s | share of the BFF's CPU |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
-        tk = r["tokens"]
-        lines.append(f"| {r['label']} | {r['presale_share']:.0%} |"
+        tk, sec = r["tokens"], r.get("seconds") or {}
+        late = (r.get("presale") or {}).get("max_behind_ms")
+        kept = (r.get("presale") or {}).get("kept_warm_bff")
+        lines.append(f"| {r['label']} | {r['attempts']:,} | {r['presale_share']:.0%} |"
+                     f" {r.get('presale_rate', 0) if r['presale_share'] and not kept else 0:,} |"
+                     + (" kept the BFF it warmed |" if kept else
+                        f" {sec.get('presale', 0) if r['presale_share'] else 0:.1f} |") +
+                     f" {'-' if late is None else f'{late / 1000:.1f}'} |"
                      f" {tk.get('verifications', 0):,.0f} | {tk.get('cpu_s', 0):.2f} |"
                      f" {tk.get('share_of_bff', 0):.0%} |")
     broken = [(r["label"], r["invariants"]) for r in runs if r["invariants"]]

@@ -1,10 +1,14 @@
 """The HTTP floor (issue 13's performance target): what serving HTTP costs at all.
 
-Granian serving a bare ASGI app that reads the request and answers a fixed 202,
-with as many workers and the same loop as the BFF, loaded by the same client
-(wrk if installed, else the bench's Python client) with the same requests. Its
-server CPU per request is the floor the BFF's own cost is measured against:
-BFF CPU per accepted purchase <= 1.15 x (floor + direct gate per call).
+Granian serving a bare app that reads the request and answers a fixed 202, on
+the same interface as the BFF (`bff_interface`: RSGI by default, ASGI too), with
+as many workers and the same loop, loaded by the same client (wrk if installed,
+else the bench's Python client) with the same requests. Its server CPU per
+request is the floor the BFF's own cost is measured against, on the interface the
+BFF is served with (an ASGI floor costs about half as much again as an RSGI one,
+so it would flatter an RSGI BFF): BFF CPU per accepted purchase <= 1.15 x (floor +
+direct gate per call) in `make bench`, server CPU per answered attempt <= 1.3 x
+floor in `make burst`.
 
     python -m bench.floor [--seconds 10] [--connections 64] [--workers N] [--interface rsgi]
 """
@@ -53,8 +57,7 @@ async def app(scope: dict[str, Any], receive: Callable[[], Awaitable[dict[str, A
 
 
 class RsgiApp:
-    """The same floor over Granian's RSGI interface (for comparison: the target's floor
-    is the ASGI one)."""
+    """The same floor over Granian's RSGI interface (the BFF's default)."""
 
     async def __rsgi__(self, scope: Any, protocol: Any) -> None:
         await protocol()
@@ -67,7 +70,7 @@ rsgi_app = RsgiApp()
 
 def serve(port: int, workers: int, interface: str = "asgi") -> None:
     """Granian as `seckill bff` runs it (engine.gate.app.granian_options: uvloop, its HTTP
-    mode and limits, backlog and log level), with the ASGI floor app."""
+    mode and limits, backlog and log level), with the floor app of `interface`."""
     from granian import Granian
     from granian.constants import Interfaces
 

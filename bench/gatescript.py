@@ -7,12 +7,14 @@ sale. This measures it beside the closest open peer's script, in the same run:
 - `peer`: hmdp's seckill.lua, written from its published description: the keys are
   built inside the script from the voucher ID; GET stock, SISMEMBER buyers,
   INCRBY -1, SADD, XADD to one orders stream; no window, no limits, no type guards;
-- `ours`: engine/lua/seckill.lua called as the BFF's gate calls it: every key and
-  argument of `Gate.attempt` (sale window, per-user limiter on with the settings'
+- `ours`: engine/lua/seckill.lua called as the BFF's gate calls it: the keys and
+  arguments of `Gate.attempt_call` (sale window, per-user limiter on with the settings'
   defaults, the client address's limiter key), on a sale opened by `Gate.open_sale`
   with a window that is open;
 - `baseline` (with `--baseline FILE`): another version of our script, called the same
-  way, e.g. `git show main:engine/lua/seckill.lua > /tmp/seckill-main.lua`.
+  way, e.g. `git show main:engine/lua/seckill.lua > /tmp/seckill-main.lua` (its keys and
+  arguments must be laid out as today's; to compare with an older layout, run that
+  version's own bench/gatescript.py from its checkout in the same session).
 
 Each is driven by redis-benchmark (pipeline 16) against a private redis-server this
 module starts on a free port, with a stock larger than the calls so that every call
@@ -103,10 +105,9 @@ class Contestant:
         now_ms = int(time.time() * 1000)
         await gate.open_sale(pid, stock, window=Window(now_ms - 60_000, now_ms + 86_400_000))
         sentinel = 987_654_321_012  # a user ID, replaced by the placeholder
-        keys = [k.stock(pid), k.sale(pid), k.buyers(pid), k.free_slots(pid), k.stream(pid),
-                k.window(pid), k.user_limiter(pid, sentinel).replace(str(sentinel), RAND),
-                k.ip_limiter(pid, "127.0.0.1")]
-        args = [RAND, str(int(time.time())), *map(str, gate.limits)]
+        keys, args = gate.attempt_call(pid, sentinel, ip="127.0.0.1")
+        keys = [key.replace(str(sentinel), RAND) for key in keys]
+        args = [RAND if arg == sentinel else str(arg) for arg in args]
         return [str(len(keys)), *keys, *args], k.stock(pid)
 
 

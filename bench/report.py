@@ -85,8 +85,9 @@ def targets(doc: dict[str, Any]) -> list[dict[str, Any]]:
     if "bff" in r:
         http = [p for i, run in enumerate(runs_of(r, "bff"))
                 for p in (f"bff run {i + 1}: {x}" for x in http_problems(run))]
-        rows.append(("HTTP gate CPU per accepted purchase / (HTTP floor + direct gate), "
-                     "JWT on, tokens verified once", _present(field(r, "bff", "cpu_ratio")),
+        rows.append(("HTTP gate CPU per accepted purchase / (HTTP floor on the BFF's "
+                     "Granian interface + direct gate), JWT on, tokens verified once",
+                     _present(field(r, "bff", "cpu_ratio")),
                      "<=", HTTP_CPU_BOUND, failures(r, "bff") + http))
         rows.append(("HTTP gate / direct gate, accepted/s", _present(field(r, "bff", "ratio")),
                      ">=", 0.8, failures(r, "bff")))
@@ -360,7 +361,8 @@ def _bff_table(r: dict[str, Any]) -> list[str]:
     workers, client = b["bff_workers"], b.get("client", "python")
     labels = (("gate_direct", f"Lua gate called from Python "
                               f"({b['gate_direct'].get('processes', 1)} processes)"),
-              ("floor", f"HTTP floor: Granian, fixed 202 ({workers} workers; client {client})"),
+              ("floor", f"HTTP floor: Granian {b['floor'].get('interface', 'asgi').upper()}, "
+                        f"fixed 202 ({workers} workers; client {client})"),
               ("bff", f"HTTP gate, JWT on, tokens verified once ({workers} workers)"),
               ("bff_cold", "HTTP gate, JWT on, every token new (the cold cost)"))
     for key, label in labels:
@@ -380,7 +382,8 @@ def _bff_table(r: dict[str, Any]) -> list[str]:
         cold = run["bff_cold"]["cpu_us_per_request"] - run["bff"]["cpu_us_per_request"]
         lines.append("")
         lines.append(f"Run {i + 1}: BFF {run['bff']['cpu_us_per_accepted']:.1f} us per accepted "
-                     f"purchase / (floor {run['floor']['cpu_us_per_request']:.1f} + direct gate "
+                     f"purchase / ({run['floor'].get('interface', 'asgi').upper()} floor "
+                     f"{run['floor']['cpu_us_per_request']:.1f} + direct gate "
                      f"{run['gate_direct']['cpu_us_per_request']:.1f} = {base:.1f} us) = "
                      f"{run['cpu_ratio']:.2f} (target <= {HTTP_CPU_BOUND}; "
                      f"{run.get('slices', 1)} alternating windows per server); the BFF's own "

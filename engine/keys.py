@@ -38,6 +38,12 @@ class Keys:
         user_rate, user_burst, ip_rate, ip_burst when the sale overrides the settings."""
         return f"{self.prefix}seckill:{{{pid}}}:window"
 
+    def gate_state(self, pid: int) -> str:
+        """The open sale as the purchase script reads it with the stock, in one MGET: its
+        sale ID (then its own limits, tab-separated, if it has any), written once the
+        sale is open and expiring at its end; the window hash stays the reference."""
+        return f"{self.prefix}seckill:{{{pid}}}:gate"
+
     def user_limiter(self, pid: int, uid: int) -> str:
         """A user's rate limiter for this product (GCRA arrival time, expires by itself)."""
         return f"{self.prefix}seckill:{{{pid}}}:rate:user:{uid}"
@@ -68,6 +74,11 @@ class Keys:
         """Release requests of this product's RUNNING orders (DELETE .../order, `seckill
         order release`), read by the engine, which asks the Resource Domain to delete."""
         return f"{self.prefix}stream:seckill:{{{pid}}}:releases"
+
+    def release_dlq(self, pid: int) -> str:
+        """Release requests the engine refused (malformed, not the order's owner, not
+        RUNNING), each with its reason."""
+        return f"{self.prefix}stream:seckill:{{{pid}}}:releases{DLQ_SUFFIX}"
 
     def release_requested(self, pid: int) -> str:
         """Stream IDs of the orders whose release was already requested: a repeated

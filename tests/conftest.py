@@ -23,7 +23,7 @@ import pytest
 from redis.asyncio import Redis
 from support import purge_queues
 
-from engine.amqp.topology import QUEUE_CREATED, QUEUE_STATUS
+from engine.amqp.topology import QUEUE_CREATED, QUEUE_RELEASED, QUEUE_STATUS
 from engine.config import Settings, load_settings
 from engine.keys import Keys
 
@@ -169,4 +169,4 @@ async def conn(settings: Settings) -> AsyncIterator[asyncpg.Connection]:
 async def fresh_queues(settings: Settings) -> None:
     """Events other tests' engines published (nobody consumed them) would reach a test's
     Resource Domain first, and reports for them its status consumers: purge both."""
-    await purge_queues(settings.amqp_url, QUEUE_CREATED, QUEUE_STATUS)
+    await purge_queues(settings.amqp_url, QUEUE_CREATED, QUEUE_RELEASED, QUEUE_STATUS)

@@ -247,7 +247,7 @@ def _http(bff_us: float, *, floor_us: float = 45.0, gate_us: float = 18.0,
                 "ticks": ticks}
 
     run = {"connections": 64, "bff_workers": 2, "client": client, "ratio": 0.9,
-           "gate_direct": side(gate_us), "floor": side(floor_us),
+           "gate_direct": side(gate_us), "floor": {**side(floor_us), "interface": "rsgi"},
            "bff": {**side(bff_us, accepted_share), "token_verifications": verified},
            "bff_cold": {**side(bff_us + 150.0), "token_verifications": float(requests)}}
     run["cpu_ratio"] = bff.cpu_ratio(run)
@@ -274,8 +274,9 @@ def test_http_cpu_target_is_judged_on_every_round() -> None:
     assert t["met"] is False and "crosses" in t["verdict"]
     table = markdown(crossing)
     assert f"| {t['target']} | 1.11 |" in table and "NO (spread crosses the bound)" in table
-    assert "Run 2: BFF 82.4 us per accepted purchase / (floor 45.0 + direct gate 18.0" in table
-    assert "HTTP floor: Granian, fixed 202" in table and "every token new" in table
+    assert "Run 2: BFF 82.4 us per accepted purchase / (RSGI floor 45.0 + direct gate 18.0" \
+        in table
+    assert "HTTP floor: Granian RSGI, fixed 202" in table and "every token new" in table
 
 
 def test_http_cpu_is_per_accepted_purchase_not_per_request() -> None:

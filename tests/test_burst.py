@@ -21,10 +21,15 @@ from bench.burst import (
     Burst,
     SaleRun,
     Scenario,
+    another_sweep_fits,
+    answered_rate,
     breaking_point,
     capacities,
+    headline_seconds,
     held,
     markdown,
+    next_sweep_rate,
+    paced_presale_rate,
     plot,
     sale_times,
     summarize,
@@ -112,6 +117,52 @@ def test_a_rate_does_not_hold_on_an_error_or_a_slow_p99():
                 {"invariants": ["a user has two logged orders"]}):
         run = replace(good, **bad)
         assert not held(run), bad
+
+
+def sweep(holds_up_to: int, rates: tuple[int, ...] = (10_000, 20_000, 30_000, 40_000),
+          floor: int = 1_000) -> list[int]:
+    """The rates the sweep tries on a machine where every rate up to `holds_up_to` holds."""
+    tried: dict[int, bool] = {}
+    rate = next_sweep_rate(tried, rates, floor)
+    while rate is not None:
+        assert rate not in tried and len(tried) < 20
+        tried[rate] = rate <= holds_up_to
+        rate = next_sweep_rate(tried, rates, floor)
+    return list(tried)
+
+
+def test_the_sweep_climbs_while_rates_hold_and_stops_at_the_first_that_does_not():
+    assert sweep(25_000) == [10_000, 20_000, 30_000]
+    assert sweep(99_000) == [10_000, 20_000, 30_000, 40_000]
+
+
+def test_the_sweep_halves_down_to_its_floor_when_the_first_rate_does_not_hold():
+    assert sweep(6_000) == [10_000, 5_000]
+    assert sweep(2_000) == [10_000, 5_000, 2_500, 1_250]
+    assert sweep(1_100) == [10_000, 5_000, 2_500, 1_250, 1_000]
+    assert sweep(500) == [10_000, 5_000, 2_500, 1_250, 1_000]  # nothing held: it ends
+    assert sweep(0, rates=(4_000,), floor=4_000) == [4_000]  # quick: no way down
+
+
+def test_the_headline_gets_the_time_the_rest_of_the_plan_leaves():
+    kw = {"repeats": 3, "sale_s": 20.0, "overhead_s": 10.0, "presale_s": 30.0,
+          "floor_s": 15.0}
+    # the rest: 3 x (15 + 10 + 30 + 20) + 10 + 20 = 255 s; the headline's own 10 + 30 s
+    assert headline_seconds(400.0, **kw) == pytest.approx(105.0)
+    assert headline_seconds(200.0, **kw) < 0  # past the budget: no headline
+    # one more sweep sale (10 + 30 + 20 s) and a 20 s headline (+ 40 s) and the rest
+    assert another_sweep_fits(60.0 + 60.0 + 255.0, **kw)
+    assert not another_sweep_fits(60.0 + 60.0 + 254.0, **kw)
+
+
+def test_the_presale_is_paced_below_what_this_machine_answered():
+    # a slow first second (a new BFF opening its pools), then 2,000 answers a second
+    done = np.concatenate([np.linspace(0.0, 1.0, 200), np.linspace(1.0, 2.0, 2_000)[1:]])
+    assert answered_rate((done * 1e9).astype(np.uint64)) == pytest.approx(2_000, rel=0.01)
+    assert answered_rate(np.array([5], dtype=np.uint64)) == 0.0
+    assert paced_presale_rate(2_000.0, 20_000) == 1_800
+    assert paced_presale_rate(50_000.0, 20_000) == 20_000
+    assert paced_presale_rate(0.0, 20_000) == 100
 
 
 def test_the_part_that_breaks_first():

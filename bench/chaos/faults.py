@@ -33,6 +33,7 @@ from engine.testing.ports import free_port
 from engine.testing.processes import SECKILL, pid_alive
 from engine.testing.waits import wait_for
 
+from . import handoffs
 from .hostile import forged_failures, forged_orders
 from .runner import Fault, Sale
 
@@ -520,7 +521,90 @@ def catalogue() -> list[Fault]:
     ]
     faults += [network(service, kind) for service in ("redis", "rabbitmq", "postgresql")
                for kind in ("cut", "blackhole", "latency", "slow link")]
-    return faults
+    return faults + after_sell_out()
+
+
+# -- the path after sell-out (issue 23) --------------------------------------------
+CATCH_TRIES = 2000  # freezes of the workers to catch a failure not yet handed on
+
+
+async def kill_engine_mid_handoff(sale: Sale) -> None:
+    """Freeze the workers (SIGSTOP) until a FAILED order whose unit is not handed on yet
+    is caught, then SIGKILL the engine's every process and start it again."""
+    caught = 0
+    for _ in range(CATCH_TRIES):
+        workers = sale.engine.children()
+        for pid in workers:
+            os.kill(pid, signal.SIGSTOP)
+        caught = await handoffs.count_rows(sale, "status = 'FAILED' AND compensated_at IS NULL")
+        if caught:
+            break
+        for pid in workers:
+            os.kill(pid, signal.SIGCONT)
+        await asyncio.sleep(0.01)
+    await asyncio.to_thread(sale.engine.kill_all)
+    sale.notes.append(f"engine killed with {caught} failed order(s) not yet handed on"
+                      if caught else "no failure was caught before its hand-off: killed anyway")
+    sale.start_engine()
+    await sale.booted()
+
+
+async def kill_rd_mid_release(sale: Sale) -> None:
+    """Owners release; the Resource Domain is SIGKILLed while it holds release claims
+    (RELEASING, objects not deleted yet) and started again."""
+    await wait_for(lambda: _enough_running(sale), 120, f"{handoffs.RELEASES} orders RUNNING")
+    asked = await handoffs.request_releases(sale, handoffs.RELEASES)
+
+    async def claimed() -> bool:
+        return await handoffs.count_rd(sale, "RELEASING") > 0
+    await wait_for(claimed, 60, "a release claimed by the Resource Domain")
+    held = await handoffs.count_rd(sale, "RELEASING")
+    assert sale.resource_domain is not None
+    await asyncio.to_thread(sale.resource_domain.kill_all)
+    sale.notes.append(f"{asked} releases asked; the Resource Domain killed holding {held}")
+    sale.start_resource_domain()
+
+
+async def _enough_running(sale: Sale) -> bool:
+    return await handoffs.count_rows(sale, "status = 'RUNNING'") >= handoffs.RELEASES
+
+
+async def redis_restart_mid_handoff(sale: Sale) -> None:
+    """Releases asked while failures are handed on; Redis SIGKILLed once hand-offs are
+    under way, and started again from its AOF (no purchase in flight across it)."""
+    await wait_for(lambda: _enough_running(sale), 120, f"{handoffs.RELEASES} orders RUNNING")
+    asked = await handoffs.request_releases(sale, handoffs.RELEASES)
+
+    async def handing() -> bool:
+        return await handoffs.count_rows(sale, "compensated_at IS NOT NULL") > 0
+    await wait_for(handing, 60, "the first unit handed on")
+    async with sale.buyers:
+        handed = await handoffs.count_rows(sale, "compensated_at IS NOT NULL")
+        await _node(sale, "kill")
+        await asyncio.sleep(1)
+        await _node(sale, "start")
+        await sale.reconnect_redis()
+    sale.notes.append(f"{asked} releases asked; Redis killed after {handed} unit(s) were "
+                      "handed on")
+
+
+# the path after sell-out: some provisionings fail, users wait for returned units
+FAILING: dict[str, Any] = {"rd_failure_rate": 0.1, "rd_seed": 23}
+WAITING = 300
+
+
+def after_sell_out() -> list[Fault]:
+    """The rows of issue 23: returned units (failures, releases) handed to the waitlist."""
+    return [
+        Fault("engine SIGKILL between a failure and its hand-off",
+              kill_engine_mid_handoff, rd=FAILING, waiting=WAITING,
+              start_after=0.1),
+        Fault("resource domain SIGKILL mid-release", kill_rd_mid_release,
+              rd={"rd_delay_ms": 200}, waiting=WAITING),
+        Fault("redis: SIGKILL during hand-offs, restarted from its AOF",
+              redis_restart_mid_handoff, sale_s=SHORT_SALE_S, private="redis-aof",
+              engine=NETWORK_QUICK, rd=FAILING, waiting=WAITING),
+    ]
 
 
 CHEAPEST = ("SIGKILL after_read", "SIGKILL after_log_commit", "SIGKILL after_confirms")

@@ -44,13 +44,14 @@ from engine.testing.processes import SeckillProcess, engine_env
 from engine.testing.taps import EventTap, collect_orders
 from engine.testing.waits import seconds_until, wait_for
 
+from . import handoffs
 from .bff import Bff
 
 PROBE_USERS = 50  # users past the buyers, for a fault's own purchases through the BFF
 BUY_CHUNK = 20  # purchases in flight at once
 DRAIN_TIMEOUT = 180.0
-SETTLE_TIMEOUT = 80.0  # every row RUNNING or FAILED, every instance provisioned (a
-# Resource Domain takes over a claim left by a dead one after 60 s: STALE_CLAIM_S)
+SETTLE_TIMEOUT = 80.0  # every row in its final state, every instance provisioned, every
+# returned unit handed on (a Resource Domain takes a dead one's claims over at once)
 # Settings of every engine the runner starts: quick to notice and to recover, so a fault
 # costs seconds, not minutes (the defaults are for production, not for a 20-minute suite).
 # engine_env's QUICK timings, and these:
@@ -86,6 +87,8 @@ class Fault:
     dead_letters_expected: int = 0  # accepted orders the fault rightly dead-letters
     bff: bool = False  # the buyers buy over HTTP through `seckill bff` (JWT auth on)
     lane: str = "main"  # faults of another lane run beside this one's (bench.chaos)
+    rd: dict[str, Any] = field(default_factory=dict)  # Resource Domain setting overrides
+    waiting: int = 0  # users on the sale's waitlist from its start (issue 23)
 
 
 @dataclass
@@ -113,6 +116,8 @@ class Sale:
     bff: Bff | None = None  # the fault's BFF (Fault.bff)
     answers: list[Answer] = field(default_factory=list)  # the BFF's answers
     buyer_of: dict[str, int] = field(default_factory=dict)  # stream ID -> user (BFF)
+    waiting: list[int] = field(default_factory=list)  # the waitlist, in turn
+    released: int = 0  # releases asked by owners during the fault
 
     @property
     def keys(self) -> Keys:
@@ -139,8 +144,8 @@ class Sale:
         return proc
 
     def start_resource_domain(self) -> SeckillProcess:
-        env = to_env(self.settings, **{**RD_QUICK, "rd_metrics_port": free_port(),
-                                       **self.overrides})
+        env = to_env(self.settings, **{**RD_QUICK, **self.fault.rd,
+                                       "rd_metrics_port": free_port(), **self.overrides})
         self.resource_domain = SeckillProcess(["resource-domain"], env,
                                               "chaos-resource-domain", session=True)
         return self.resource_domain
@@ -253,14 +258,18 @@ class Sale:
             await conn.close()
 
     async def settled(self) -> bool:
-        """Every row RUNNING or FAILED: provisioned and reported back through the loop."""
+        """Every row in its final state (RUNNING, FAILED, RELEASED: provisioned or deleted
+        and reported back through the loop), every returned unit handed on, every release
+        request read."""
         conn = await asyncpg.connect(self.settings.pg_dsn, timeout=10)
         try:
-            left = await conn.fetchval("SELECT count(*) FROM seckill_logs WHERE product_id = $1"
-                                       " AND status = 'PROCESSING'", self.product_id)
+            left = await conn.fetchval(
+                "SELECT count(*) FROM seckill_logs WHERE product_id = $1 AND (status IN "
+                "('PROCESSING', 'RELEASING') OR (status IN ('FAILED', 'RELEASED') AND "
+                "compensated_at IS NULL))", self.product_id)
         finally:
             await conn.close()
-        return left == 0
+        return left == 0 and await handoffs.release_stream_settled(self)
 
     async def dead_letters(self) -> set[str]:
         """Stream IDs of the sale's entries that went to the dead-letter stream."""
@@ -282,6 +291,7 @@ class Result:
     verdict: str
     seconds: float
     notes: list[str]
+    final_s: float | None = None  # from the fault's end to the last order in its final state
 
     def as_dict(self) -> dict[str, Any]:
         s = self.score
@@ -289,6 +299,7 @@ class Result:
                 "duplicated": s.duplicated, "oversold": s.oversold,
                 "unexpected": s.unexpected, "bff_5xx": s.server_errors,
                 "recovery_s": s.recovery_s,
+                "final_s": None if self.final_s is None else round(self.final_s, 1),
                 "verdict": self.verdict, "provisioned_twice": s.provisioned_twice,
                 "examples": s.examples, "seconds": round(self.seconds, 1),
                 "notes": self.notes}
@@ -393,6 +404,9 @@ async def _run(sale: Sale, say: Callable[[str], None], started: float) -> Result
         sale.bff = await Bff.start(settings, range(1, sale.users.stop + PROBE_USERS),
                                    sale.overrides)
     await sale.booted()
+    if fault.waiting:
+        first = sale.users.stop + PROBE_USERS
+        await handoffs.join_waitlist(sale, list(range(first, first + fault.waiting)))
     buying = asyncio.create_task(sale.buy_all())
     try:
         await wait_for(lambda: _sold_or_done(sale, buying), 120, "the sale under way")
@@ -408,16 +422,20 @@ async def _run(sale: Sale, say: Callable[[str], None], started: float) -> Result
     if recovery is None:
         sale.notes.append(f"the stream did not drain within {DRAIN_TIMEOUT:.0f}s")
     drained_at = time.monotonic()
+    final = None
     try:
-        await wait_for(sale.settled, SETTLE_TIMEOUT, "every row RUNNING or FAILED")
+        await wait_for(sale.settled, SETTLE_TIMEOUT, "every row in its final state")
     except WaitTimedOut as exc:
         sale.notes.append(str(exc))
     else:
+        final = time.monotonic() - fault_end
         settled = time.monotonic() - drained_at
         if settled > 5:
             sale.notes.append(f"every instance provisioned and its status recorded {settled:.0f} s"
                               " after the stream drained")
-    return await _score(sale, recovery, started)
+    result = await _score(sale, recovery, started)
+    result.final_s = final
+    return result
 
 
 async def _sold_or_done(sale: Sale, buying: asyncio.Task[None]) -> bool:
@@ -439,6 +457,13 @@ async def _score(sale: Sale, recovery: float | None, started: float) -> Result:
                           f" (expected {sale.fault.dead_letters_expected})")
     elif lettered:  # dead-lettered by a fault that should not: counted lost
         sale.notes.append(f"{len(lettered)} accepted orders dead-lettered")
+    stock = sale.fault.stock
+    returns = await handoffs.read(sale)
+    if returns.returned or sale.waiting:  # returned units may be sold once more
+        accepted, stock = handoffs.accounted(accepted, returns, stock)
+        sale.notes.append(f"{returns.returned} unit(s) returned, {len(returns.handed)} "
+                          f"handed to waiting users, {returns.stock_left} left in stock")
+        sale.notes += returns.problems
     assert sale.tap is not None
     events = [Event.of(e) for e in await collect_orders(sale.tap, len(accepted), 60)]
     await sale.tap.delete()
@@ -456,7 +481,7 @@ async def _score(sale: Sale, recovery: float | None, started: float) -> Result:
         if not bff.alive():
             sale.notes.append(f"the BFF exited with {bff.server.process.proc.returncode}")
             sale.answers.append(Answer("probe", "the BFF still running", None))
-    result = score(accepted, rows, events, {sale.product_id: sale.fault.stock}, provisioned,
+    result = score(accepted, rows, events, {sale.product_id: stock}, provisioned,
                    recovery, entries=entries, answers=sale.answers if bff else None)
     result.accepted = len(sale.accepted)
     unprovisioned = sum(1 for r in rows if r.instance_id not in provisioned)
@@ -472,6 +497,7 @@ async def _score(sale: Sale, recovery: float | None, started: float) -> Result:
     verdict = result.verdict(sale.fault.known_loss)
     wrong_letters = (sale.fault.dead_letters_expected
                      and len(lettered) != sale.fault.dead_letters_expected)
-    if verdict == "pass" and (recovery is None or unprovisioned or wrong_letters):
+    if verdict == "pass" and (recovery is None or unprovisioned or wrong_letters
+                              or returns.problems):
         verdict = "fail"
     return Result(sale.fault.name, result, verdict, time.monotonic() - started, sale.notes)

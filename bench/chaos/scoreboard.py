@@ -8,11 +8,12 @@ from pathlib import Path
 from typing import Any
 
 COLUMNS = ("fault", "accepted", "lost", "duplicated", "oversold", "unexpected", "bff_5xx",
-           "recovery_s", "verdict")
+           "recovery_s", "final_s", "verdict")
 
 
 def _cell(value: Any, column: str = "") -> str:
-    if value is None:  # bff_5xx: the fault has no BFF in front; recovery_s: never drained
+    if value is None:  # bff_5xx: the fault has no BFF in front; recovery_s: never drained;
+        # final_s: some order never reached its final state
         return "-" if column == "bff_5xx" else "never"
     if isinstance(value, float):
         return f"{value:.1f}"

@@ -3,9 +3,10 @@
 As the PostgreSQL roles are, each component's broker user gets only what it needs
 on amqp_url's vhost (see `engine.amqp.logins` for why):
 
-- the engine writes to `resource.events` with routing key `instance.created` only,
-  and reads the status queue;
-- the Resource Domain reads its queue and writes `instance.status` only;
+- the engine writes to `resource.events` with routing keys `instance.created` and
+  `instance.released` only, and reads the status queue;
+- the Resource Domain reads its two queues (created, released) and writes
+  `instance.status` only;
 - neither may declare, bind or delete anything (configure: nothing); the
   topology is the administrator's, declared by migrate as amqp_url's user.
 
@@ -33,16 +34,24 @@ from dataclasses import dataclass
 from typing import Any
 
 from engine.amqp.logins import ENGINE, RESOURCE_DOMAIN, ensure_password, user_of, vhost_of
-from engine.amqp.topology import EXCHANGE, QUEUE_CREATED, QUEUE_STATUS, RK_CREATED, RK_STATUS
+from engine.amqp.topology import (
+    EXCHANGE,
+    QUEUE_CREATED,
+    QUEUE_RELEASED,
+    QUEUE_STATUS,
+    RK_CREATED,
+    RK_RELEASED,
+    RK_STATUS,
+)
 from engine.config import Settings
 from engine.errors import ServiceUnavailable
 
 NOTHING = "^$"
 
 
-def only(name: str) -> str:
-    """A permission pattern matching exactly `name`."""
-    return f"^{re.escape(name)}$"
+def only(*names: str) -> str:
+    """A permission pattern matching exactly one of `names`."""
+    return f"^({'|'.join(re.escape(n) for n in names)})$"
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,8 +65,9 @@ class Grant:
 
 
 GRANTS = (
-    Grant(ENGINE, write=only(EXCHANGE), read=only(QUEUE_STATUS), topic_write=only(RK_CREATED)),
-    Grant(RESOURCE_DOMAIN, write=only(EXCHANGE), read=only(QUEUE_CREATED),
+    Grant(ENGINE, write=only(EXCHANGE), read=only(QUEUE_STATUS),
+          topic_write=only(RK_CREATED, RK_RELEASED)),
+    Grant(RESOURCE_DOMAIN, write=only(EXCHANGE), read=only(QUEUE_CREATED, QUEUE_RELEASED),
           topic_write=only(RK_STATUS)),
 )
 

@@ -26,8 +26,10 @@ from engine.amqp.topology import (
     EXCHANGE,
     EXCHANGE_TYPE,
     QUEUE_CREATED,
+    QUEUE_RELEASED,
     QUEUE_STATUS,
     RK_CREATED,
+    RK_RELEASED,
     RK_STATUS,
 )
 from engine.config import Settings, mask_url
@@ -38,6 +40,8 @@ from engine.resources import migrations_dir
 # Durable and replicated-capable: a quorum queue survives a broker node's loss and
 # confirms only once the message is on disk.
 QUEUE_ARGS: dict[str, Any] = {"x-queue-type": "quorum"}
+# each durable queue and the routing key bound to it
+QUEUES = ((QUEUE_CREATED, RK_CREATED), (QUEUE_RELEASED, RK_RELEASED), (QUEUE_STATUS, RK_STATUS))
 
 
 def dbmate_binary() -> str:
@@ -150,7 +154,7 @@ async def declare_topology(amqp_url: str, *, timeout: float = 10.0) -> None:
 
 async def _declare(channel: aiormq.abc.AbstractChannel) -> None:
     await channel.exchange_declare(EXCHANGE, exchange_type=EXCHANGE_TYPE, durable=True)
-    for queue, key in ((QUEUE_CREATED, RK_CREATED), (QUEUE_STATUS, RK_STATUS)):
+    for queue, key in QUEUES:
         await channel.queue_declare(queue, durable=True, arguments=QUEUE_ARGS)
         await channel.queue_bind(queue, EXCHANGE, routing_key=key)
 
@@ -165,4 +169,4 @@ async def migrate(settings: Settings) -> list[str]:
             f"{len(applied)} migration(s) applied" if applied else
             f"database {mask_url(settings.pg_dsn)}: up to date",
             f"rabbitmq {mask_url(settings.amqp_url)}: exchange {EXCHANGE}, queues "
-            f"{QUEUE_CREATED}, {QUEUE_STATUS} declared", users]
+            f"{', '.join(q for q, _ in QUEUES)} declared", users]

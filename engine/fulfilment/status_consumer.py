@@ -14,6 +14,13 @@ theirs wrong is dead-lettered, never applied. Reports the consumer refuses go to
 the status dead-letter stream with their reason, counted by reason in
 `seckill_status_dead_letters_total` (alerted on in engine/deploy/alerts.yml).
 
+A release is reported INSTANCE_RELEASED: it moves only a `RELEASING` row (the
+engine asked for it, `engine.fulfilment.releases`) to `RELEASED`, and hands the
+unit on exactly as a failed order's: to the waitlist's head or back to stock
+(the gate's refund script), marked in `compensated_at`. A duplicate RELEASED
+report is acknowledged; one for a row in any other state is dead-lettered
+(`release_out_of_order`): nobody asked for that release.
+
 It runs as a task in every worker (N consumers on one queue): no extra
 process to supervise, and it lives and dies with the workers' connections.
 """
@@ -38,13 +45,15 @@ from engine.config import Settings
 from engine.gate.redis_gate import Gate
 from engine.keys import Keys
 from engine.metrics import daemon as metrics
-from engine.orderstates import FAILED, RUNNING
+from engine.orderstates import FAILED, RELEASED, RELEASING, RUNNING
 from engine.pb import event_pb2
 from engine.tracing import Tracing
 
 log = logging.getLogger("seckill.status")
 
-ORDER_STATE_OF_EVENT = {event_pb2.INSTANCE_RUNNING: RUNNING, event_pb2.INSTANCE_FAILED: FAILED}
+ORDER_STATE_OF_EVENT = {event_pb2.INSTANCE_RUNNING: RUNNING, event_pb2.INSTANCE_FAILED: FAILED,
+                        event_pb2.INSTANCE_RELEASED: RELEASED}
+EVENT_OF_ORDER_STATE = {state: event for event, state in ORDER_STATE_OF_EVENT.items()}
 
 APPLY = """
 UPDATE seckill_logs AS l
@@ -55,15 +64,25 @@ FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::timestamptz[])
 WHERE l.instance_id = u.instance_id AND l.status = 'PROCESSING'
 """
 
-KNOWN = """
-SELECT instance_id, user_id, product_id FROM seckill_logs WHERE instance_id = ANY($1::bigint[])
+# a release: only the row the engine moved to RELEASING
+APPLY_RELEASED = """
+UPDATE seckill_logs SET status = 'RELEASED', released_at = u.at, updated_at = now()
+FROM unnest($1::bigint[], $2::timestamptz[]) AS u(instance_id, at)
+WHERE seckill_logs.instance_id = u.instance_id AND seckill_logs.status = 'RELEASING'
 """
 
-# Failed orders of this batch whose unit has not been handed back yet (also ones whose
-# earlier compensation was interrupted: the gate's refunded set keeps it exactly once).
+KNOWN = """
+SELECT instance_id, user_id, product_id, status FROM seckill_logs
+WHERE instance_id = ANY($1::bigint[])
+"""
+
+# Failed or released orders of this batch whose unit has not been handed on yet (also
+# ones whose earlier hand-off was interrupted: the gate's refunded set keeps it exactly
+# once).
 TO_COMPENSATE = """
-SELECT instance_id, product_id, user_id, sale_id, slot, stream_id FROM seckill_logs
-WHERE instance_id = ANY($1::bigint[]) AND status = 'FAILED' AND compensated_at IS NULL
+SELECT instance_id, product_id, user_id, sale_id, slot, stream_id, status FROM seckill_logs
+WHERE instance_id = ANY($1::bigint[]) AND status IN ('FAILED', 'RELEASED')
+  AND compensated_at IS NULL
 """
 
 MARK_COMPENSATED = """
@@ -239,13 +258,19 @@ class StatusConsumer:
         """
         ids = list({r.instance_id: None for r in reports})
         async with self.pool.acquire() as conn:
-            orders = {row[0]: (row[1], row[2]) for row in await conn.fetch(KNOWN, ids)}
+            orders = {row[0]: (row[1], row[2], row[3]) for row in await conn.fetch(KNOWN, ids)}
         known = [r for r in reports if r.instance_id in orders]
-        wrong = [r for r in known if orders[r.instance_id] != (r.user_id, r.product_id)]
+        wrong = [r for r in known if orders[r.instance_id][:2] != (r.user_id, r.product_id)]
         for r in wrong:
-            await self._refuse_mismatch(r, *orders[r.instance_id])
+            await self._refuse_mismatch(r, *orders[r.instance_id][:2])
         settled = [r for r in known if r not in wrong]
-        kept, _ = one_per_instance(settled)
+        releases = [r for r in settled if r.status == RELEASED]
+        unasked = [r for r in releases if orders[r.instance_id][2] not in (RELEASING, RELEASED)]
+        for r in unasked:
+            await self._refuse_release(r, orders[r.instance_id][2])
+        settled = [r for r in settled if r not in unasked]
+        kept, _ = one_per_instance([r for r in settled if r.status != RELEASED])
+        kept += list({r.instance_id: r for r in settled if r.status == RELEASED}.values())
         applied, failed = await self._write(kept)
         metrics.STATUS_UPDATES.labels("applied").inc(applied)
         metrics.STATUS_UPDATES.labels("unchanged").inc(max(0, len(settled) - applied))
@@ -259,12 +284,17 @@ class StatusConsumer:
         if not kept:
             return 0, []
         ids = [r.instance_id for r in kept]
+        states = [r for r in kept if r.status != RELEASED]
+        released = [r for r in kept if r.status == RELEASED]
         async with self.pool.acquire() as conn:
             status = await conn.execute(
-                APPLY, ids, [r.status for r in kept], [r.endpoint for r in kept],
-                [r.reason for r in kept], [r.at for r in kept])
+                APPLY, [r.instance_id for r in states], [r.status for r in states],
+                [r.endpoint for r in states], [r.reason for r in states],
+                [r.at for r in states])
+            gone = await conn.execute(APPLY_RELEASED, [r.instance_id for r in released],
+                                      [r.at for r in released])
             failed = await conn.fetch(TO_COMPENSATE, ids)
-        return int(status.rsplit(" ", 1)[1]), failed
+        return int(status.rsplit(" ", 1)[1]) + int(gone.rsplit(" ", 1)[1]), failed
 
     async def _refuse_mismatch(self, report: Report, user_id: int, product_id: int) -> None:
         """A report naming an order with another user or product: never applied."""
@@ -275,8 +305,16 @@ class StatusConsumer:
             f"{product_id}", instance_id=report.instance_id, status=report.status,
             user_id=report.user_id, product_id=report.product_id)
 
+    async def _refuse_release(self, report: Report, status: str) -> None:
+        """A RELEASED report for an order nobody asked to release: never applied."""
+        await self._dead_letter(
+            report.delivery_tag, "release_out_of_order",
+            f"RELEASED reported for instance {report.instance_id}, whose order is {status}, "
+            "not RELEASING", instance_id=report.instance_id, status=report.status)
+
     async def compensate(self, rows: list[asyncpg.Record]) -> None:
-        """Hand each failed order's unit back to its sale, then mark the order."""
+        """Hand each failed or released order's unit on (the waitlist's head, or back to
+        its sale), then mark the order."""
         done = []
         for row in rows:
             if row["sale_id"] is None:
@@ -321,8 +359,7 @@ class StatusConsumer:
 def encode_report(instance_id: int, status: str, *, endpoint: str = "", reason: str = "",
                   timestamp: int | None = None, **extra: Any) -> bytes:
     """A status event body, as the Resource Domain sends it (also used by tests)."""
-    kind = event_pb2.INSTANCE_RUNNING if status == RUNNING else event_pb2.INSTANCE_FAILED
-    return event_pb2.Event(event_type=kind, instance_id=instance_id, endpoint=endpoint,
-                           reason=reason, timestamp=timestamp or int(time.time()),
-                           **extra).SerializeToString()
+    return event_pb2.Event(event_type=EVENT_OF_ORDER_STATE[status], instance_id=instance_id,
+                           endpoint=endpoint, reason=reason,
+                           timestamp=timestamp or int(time.time()), **extra).SerializeToString()
 

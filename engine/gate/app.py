@@ -381,8 +381,17 @@ class BffApp:
                    ) -> Answer:
         """POST .../{product_id}: a purchase attempt (the hot path: one coroutine, the
         token cache and the in-flight cap inline); `trace`: a sampled attempt's context,
-        for its stream entry (`_traced_buy`)."""
+        for its stream entry (`_traced_buy`).
+
+        A sale this process knows is sold out is answered 410 before the token is
+        verified or the body read: whoever asks, the answer is the same (and public:
+        the sale page says so), and past the sold-out moment nearly every attempt is
+        one of these. Verifying a token nobody will use, or waiting for a body nobody
+        will read, was most of what a refused attempt cost beyond HTTP. Only a request
+        with no token at all is still told 401 first."""
         pid = validate_id("product_id", ids[0])
+        if self.sold_out and self._known_sold_out(pid, request):
+            return 410, b'{"status":"sold_out"}', []
         caller = None
         if self.verifier is not None:  # a retrying buyer: no coroutine, no check
             header = request.single_header("authorization")
@@ -399,8 +408,6 @@ class BffApp:
                 raise Forbidden(f"user_id {body_uid} is not the token's user")
             user_id = caller if caller is not None else body_uid
             assert user_id is not None
-            if self.sold_out and self.sold_out.get(pid, 0.0) > time.monotonic():
-                return 410, b'{"status":"sold_out"}', []
             ip = self._client_address(request)
             gate = self.gate if self.gate is not None else await self._gate()
             # (both IDs validated above)
@@ -410,22 +417,30 @@ class BffApp:
                                       "slot": result.slot}), []
         return self._refused(pid, result)
 
+    def _known_sold_out(self, pid: int, request: Request) -> bool:
+        """`pid` was answered sold out within bff_soldout_recheck, and the request
+        carries a token if tokens are required (no token at all is still a 401)."""
+        if self.sold_out.get(pid, 0.0) <= time.monotonic():
+            return False
+        return self.verifier is None or request.header("authorization") is not None
+
     def _refused(self, pid: int, result: GateResult) -> Answer:
         """The answer to an attempt the gate did not accept (or not safely)."""
         outcome = result.outcome
         if outcome == "sold_out":
             self.sold_out[pid] = time.monotonic() + self.settings.bff_soldout_recheck
-        elif outcome == "unreplicated":  # gate_wait_replicas: recorded, not yet safe
+            return 410, b'{"status":"sold_out"}', []
+        if outcome == "unreplicated":  # gate_wait_replicas: recorded, not yet safe
             self.metrics.UNREPLICATED.inc()
             return 503, orjson.dumps({"status": outcome, "stream_id": result.stream_id,
                                       "message": UNREPLICATED_MESSAGE.format(product=pid),
                                       "slot": result.slot}), []
-        elif outcome == "rate_limited":
+        if outcome == "rate_limited":
             wait = max(1, -(-result.retry_after_ms // 1000))
             return 429, orjson.dumps({"status": outcome, "limit": result.limited_by,
                                       "retry_after_ms": result.retry_after_ms}), [
                 ("retry-after", str(wait))]
-        elif outcome == "not_started":
+        if outcome == "not_started":
             return 425, orjson.dumps({"status": outcome, "start": _iso(result.at_ms),
                                       "start_ms": result.at_ms}), []
         return HTTP_STATUS_OF_OUTCOME[outcome], orjson.dumps({"status": outcome}), []

@@ -255,14 +255,7 @@ class Gate:
         """`buy` with IDs its caller has validated already (`validate_id`): the BFF's,
         which checked them before reading the body and pays for that once. `trace`: a
         sampled attempt's context (engine.tracing), for its order's stream entry."""
-        k = self.keys
-        # no address, no per-IP key (KEYS[8] nil): an empty key name would hash to slot
-        # 0 and make the call CROSSSLOT on a Redis Cluster
-        keys = [*self._product_keys(pid), k.stream(pid), k.window(pid),
-                k.user_limiter(pid, uid), *([k.ip_limiter(pid, ip)] if ip else [])]
-        args = [uid, int(time.time()) if ts is None else ts, *self.limits]
-        if trace:
-            args.append(trace)  # ARGV[7], after every limit
+        keys, args = self.attempt_call(pid, uid, ts, ip, trace)
         acked = None
         if self._routed is None:
             reply = await self._buy(keys, args)
@@ -285,6 +278,25 @@ class Gate:
         if wait is not None and (acked or 0) < wait.replicas:
             return GateResult("unreplicated", stream_id, int(reply[2]))
         return GateResult(outcome, stream_id, int(reply[2]))
+
+    def attempt_call(self, pid: int, uid: int, ts: int | None = None,
+                     ip: str | None = None, trace: str | None = None
+                     ) -> tuple[list[str], list[str | int]]:
+        """The purchase script's keys and arguments for one attempt (bench/gatescript.py
+        calls the script with these too). The limits' arguments end at the last one that
+        is set: every argument costs the script's one Redis thread on every call. A
+        sampled attempt's `trace` follows all four (ARGV[7]): only it pays for them."""
+        k = self.keys
+        # no address, no per-IP key (KEYS[9] nil): an empty key name would hash to slot
+        # 0 and make the call CROSSSLOT on a Redis Cluster
+        keys = [*self._product_keys(pid), k.stream(pid), k.window(pid), k.gate_state(pid),
+                k.user_limiter(pid, uid), *([k.ip_limiter(pid, ip)] if ip else [])]
+        limits = self.limits
+        if trace:
+            return keys, [uid, int(time.time()) if ts is None else ts, *limits, trace]
+        if float(limits[2]) == 0:
+            limits = limits[:2] if float(limits[0]) else []
+        return keys, [uid, int(time.time()) if ts is None else ts, *limits]
 
     async def refund(self, product_id: int, user_id: int, sale_id: str, slot: int | None,
                      stream_id: str) -> RefundOutcome:
@@ -397,11 +409,15 @@ class Gate:
             pipe = self.redis.pipeline(transaction=True)
             pipe.set(k.stock(pid), stock)
             pipe.set(k.sale(pid), sale_id)
-            pipe.delete(k.free_slots(pid), k.window(pid))
+            pipe.delete(k.free_slots(pid), k.window(pid), k.gate_state(pid))
             self._end_waitlist(pipe, pid)
             pipe.delete(k.waitlist_stats(pid))
             if schedule:
                 pipe.hset(k.window(pid), mapping=schedule)  # type: ignore[arg-type]
+            if window is None or window.start_ms is None:  # open now: no clock to read
+                pipe.set(k.gate_state(pid), _gate_state(sale_id, schedule),
+                         pxat=None if window is None or window.end_ms is None
+                         else window.end_ms - 1)
             if clear_buyers:
                 pipe.delete(k.buyers(pid))
             await pipe.execute()
@@ -458,6 +474,15 @@ class Gate:
         sale, stock, buyers = await pipe.execute()
         return SaleState(sale.decode() if isinstance(sale, bytes) else sale,
                          None if stock is None else int(stock), int(buyers))
+
+
+def _gate_state(sale_id: str, schedule: dict[str, str | int]) -> str:
+    """The gate state of an open sale (engine/lua/seckill.lua reads it): its ID, then
+    its own limits if it has any, tab-separated."""
+    names = ("user_rate", "user_burst", "ip_rate", "ip_burst")
+    if not any(name in schedule for name in names):
+        return sale_id
+    return "\t".join([sale_id, *(str(schedule.get(name, "")) for name in names)])
 
 
 def _text(value: object) -> str:

@@ -10,6 +10,8 @@ from prometheus_client import Counter
 
 PROVISIONED = Counter("seckill_rd_provisioned_total", "Instances provisioned by the "
                       "reference Resource Domain.", ["result"])
+RELEASED = Counter("seckill_rd_released_total",
+                   "Instances whose objects a release deleted.")
 DUPLICATES = Counter("seckill_rd_duplicate_events_total",
                      "INSTANCE_CREATED events for instances already handled.")
 DEAD_LETTERS = Counter("seckill_rd_dead_letters_total",

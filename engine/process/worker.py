@@ -34,6 +34,7 @@ from engine.amqp.topology import RK_CREATED
 from engine.config import Settings, default_engine_id
 from engine.connections import RETRYABLE, TRANSIENT_ERRORS, connect_redis, create_pg_pool
 from engine.errors import BootError, LeaseLost, SeckillError, ServiceUnavailable, one_line
+from engine.fulfilment.releases import ReleaseRequests
 from engine.fulfilment.status_consumer import StatusConsumer
 from engine.keys import Keys
 from engine.metrics import daemon as metrics
@@ -118,6 +119,7 @@ class Worker:
         self.janitor = Janitor(self.redis, self.keys, self.consumer, idle_ms=s.claim_idle_ms,
                                count=s.batch_size, max_deliveries=s.max_deliveries)
         self.status = StatusConsumer(s, self.redis, self.pool, tracing=self.tracing)
+        self.releases = ReleaseRequests(s, self.redis, self.pool, self.keys, self.consumer)
         self.watch = StateWatch(self.redis, self.keys, owner)
         await self._until(deadline, self.watch.arm)
         self._inflight = asyncio.Semaphore(s.max_inflight_batches)
@@ -271,7 +273,8 @@ class Worker:
     def _start_background(self) -> list[asyncio.Task]:
         loops = {"heartbeat": self._heartbeat_loop(), "lease": self._lease_loop(),
                  "discovery": self._discovery_loop(), "janitor": self._janitor_loop(),
-                 "status": self.status.run(self.stopping)}
+                 "status": self.status.run(self.stopping),
+                 "releases": self.releases.run(self.stopping)}
         tasks = [asyncio.create_task(coro, name=name) for name, coro in loops.items()]
         for task in tasks:
             task.add_done_callback(self._on_background_done)

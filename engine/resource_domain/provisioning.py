@@ -24,8 +24,12 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from engine.config import Settings
-from engine.errors import ConfigError
+from engine.errors import ConfigError, ServiceUnavailable
 from engine.pb import event_pb2
+
+
+class ProvisioningFailed(ServiceUnavailable):
+    """The cluster refused a deletion: retried, like any outage of a service."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +42,10 @@ class Provisioned:
 
 class Provisioner(Protocol):
     async def provision(self, event: event_pb2.Event) -> Provisioned: ...
+
+    async def release(self, event: event_pb2.Event) -> None:
+        """Delete the instance's objects; what is already gone is no error (a release is
+        redelivered, or taken over from a Resource Domain that died halfway)."""
 
 
 def manifests(event: event_pb2.Event, domain: str) -> list[dict[str, Any]]:
@@ -118,11 +126,18 @@ class SimulatedProvisioner:
         return Provisioned(True, endpoint=f"https://{event.instance_id}.{self.domain}",
                            manifest=str(path))
 
+    async def release(self, event: event_pb2.Event) -> None:
+        """The simulated objects are the rendered manifest: deleting it deletes them."""
+        path = self.out / f"{event.instance_id}.yaml"
+        await asyncio.sleep(self.delay)
+        await asyncio.to_thread(path.unlink, missing_ok=True)
+
 
 class KubectlProvisioner(SimulatedProvisioner):
     """Applies the rendered manifests with `kubectl apply` (needs a reachable cluster)."""
 
     command = ("kubectl", "apply", "-f", "-")
+    delete_command = ("kubectl", "delete", "--ignore-not-found", "-f", "-")
 
     async def provision(self, event: event_pb2.Event) -> Provisioned:
         path, text = await self.render(event)
@@ -135,6 +150,19 @@ class KubectlProvisioner(SimulatedProvisioner):
                                manifest=str(path))
         return Provisioned(True, endpoint=f"https://{event.instance_id}.{self.domain}",
                            manifest=str(path))
+
+    async def release(self, event: event_pb2.Event) -> None:
+        """`kubectl delete --ignore-not-found` of the instance's objects; a failure raises
+        (the release stays claimed and unacknowledged, and is tried again)."""
+        proc = await asyncio.create_subprocess_exec(
+            *self.delete_command, stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        # the same objects `provision` applied (the release event carries the spec too)
+        _, err = await proc.communicate(to_yaml(manifests(event, self.domain)).encode())
+        if proc.returncode != 0:
+            raise ProvisioningFailed(f"kubectl delete failed: {err.decode()[:200]}")
+        await asyncio.to_thread((self.out / f"{event.instance_id}.yaml").unlink,
+                                missing_ok=True)
 
     def fails(self, instance_id: int) -> bool:
         return False  # the cluster decides

@@ -11,7 +11,12 @@ it keeps what it has provisioned in its own table,
 provisioned, and a redelivered event re-sends the recorded outcome instead
 of provisioning again.
 
-Only the engine's broker user may order an instance: anyone else's event (a
+It also consumes INSTANCE_RELEASED from `resource.instance-released` and deletes
+the instance (`releases`). A claim belongs to a live process: each Resource
+Domain holds an advisory lock for its owner number while it runs, so the claims of
+one that died are taken over as soon as its events come back (`claims`).
+
+Only the engine's broker user may order or release an instance: anyone else's event (a
 forged INSTANCE_CREATED for a miner image, say) is kept with its reason in
 `resource_domain.dead_letters`, counted in `seckill_rd_dead_letters_total` and
 acknowledged, never provisioned.
@@ -32,14 +37,16 @@ from engine import tracing
 from engine.amqp.consumer import BatchingConsumer, Delivery
 from engine.amqp.logins import ENGINE, RESOURCE_DOMAIN, user_of
 from engine.amqp.publisher import CONFIRMED, ConfirmPublisher, Message
-from engine.amqp.topology import QUEUE_CREATED, RK_STATUS
+from engine.amqp.topology import QUEUE_CREATED, QUEUE_RELEASED, RK_STATUS
 from engine.config import Settings
-from engine.connections import create_pg_pool
-from engine.errors import ConfigError, PublishFailed
+from engine.connections import PG_ERRORS, create_pg_pool
+from engine.errors import ConfigError, PublishFailed, ServiceUnavailable
 from engine.metrics import resource_domain as metrics
-from engine.orderstates import FAILED, RUNNING
+from engine.orderstates import FAILED, RELEASED, RELEASING, RUNNING
 from engine.pb import event_pb2
+from engine.resource_domain.claims import DEAD_CLAIM, OwnerLock
 from engine.resource_domain.provisioning import Provisioned, Provisioner, make_provisioner
+from engine.resource_domain.releases import Releases
 from engine.tracing import Tracing
 
 log = logging.getLogger("seckill.resource_domain")
@@ -50,7 +57,7 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS resource_domain.instances (
     instance_id    BIGINT PRIMARY KEY,
     user_id        BIGINT NOT NULL,
-    status         TEXT NOT NULL,         -- PROVISIONING, RUNNING, FAILED
+    status         TEXT NOT NULL,  -- PROVISIONING, RUNNING, FAILED, RELEASING, RELEASED
     endpoint       TEXT,
     reason         TEXT,
     manifest       TEXT,
@@ -58,6 +65,9 @@ CREATE TABLE IF NOT EXISTS resource_domain.instances (
     claimed_at     TIMESTAMPTZ NOT NULL DEFAULT now(),
     finished_at    TIMESTAMPTZ
 );
+-- whose claim (claims.OwnerLock), and when a release deleted the instance
+ALTER TABLE resource_domain.instances ADD COLUMN IF NOT EXISTS owner BIGINT;
+ALTER TABLE resource_domain.instances ADD COLUMN IF NOT EXISTS released_at TIMESTAMPTZ;
 """
 
 DEAD_LETTERS = """
@@ -76,16 +86,17 @@ SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bytea[])
 """
 
 CLAIM = """
-INSERT INTO resource_domain.instances (instance_id, user_id, status)
-SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[])
+INSERT INTO resource_domain.instances (instance_id, user_id, status, owner)
+SELECT id, uid, 'PROVISIONING', $3 FROM unnest($1::bigint[], $2::bigint[]) AS u(id, uid)
 ON CONFLICT (instance_id) DO NOTHING RETURNING instance_id
 """
-# a claim nobody finished for this long belongs to a Resource Domain that died
-STALE_CLAIM_S = 60
-RECLAIM = """
-UPDATE resource_domain.instances SET claimed_at = now()
+# a claim nobody finished whose owner is dead (claims.DEAD_CLAIM): ours now; or ours
+# already (a delivery of ours that failed halfway comes back to us)
+RECLAIM = f"""
+UPDATE resource_domain.instances SET claimed_at = now(), owner = $2
 WHERE instance_id = ANY($1::bigint[]) AND status = 'PROVISIONING'
-  AND claimed_at < now() - make_interval(secs => $2) RETURNING instance_id
+  AND (owner = $2 OR {DEAD_CLAIM})
+RETURNING instance_id
 """
 STATE = """
 SELECT instance_id, status, endpoint, reason FROM resource_domain.instances
@@ -97,8 +108,10 @@ SET status = u.status, endpoint = u.endpoint, reason = u.reason, manifest = u.ma
     attempts = i.attempts + 1, finished_at = now()
 FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[])
      AS u(instance_id, status, endpoint, reason, manifest)
-WHERE i.instance_id = u.instance_id
+WHERE i.instance_id = u.instance_id AND i.status = 'PROVISIONING' AND i.owner = $6
 """
+# what a duplicate INSTANCE_CREATED is answered with: it ran (and may be gone since)
+RAN = (RUNNING, RELEASING, RELEASED)
 
 
 @dataclass(slots=True)
@@ -145,33 +158,77 @@ class ResourceDomain:
             prefetch=settings.rd_prefetch, batch_size=1, handle=self.flush,
             untrusted=self.refuse_untrusted, on_reset=self._forget_waiting,
             name="resource domain")
+        self.claims = OwnerLock(settings.rd_dsn(), timeout=settings.db_timeout)
+        self.release_consumer = BatchingConsumer(
+            settings, QUEUE_RELEASED, component=RESOURCE_DOMAIN, trusted=self.orderer,
+            prefetch=settings.rd_prefetch, batch_size=settings.rd_prefetch,
+            handle=self._flush_releases, untrusted=self._refuse_untrusted_release,
+            on_reset=self._forget_releases, name="resource domain releases")
+        self.releases: Releases | None = None
 
     async def run(self, stopping: asyncio.Event) -> None:
         # as seckill_resource_domain: its own schema, never seckill_logs
         self.pool = await create_pg_pool(self.settings.replace(pg_dsn=self.settings.rd_dsn()),
-                                         size=2)
+                                         size=3)
         async with self.pool.acquire() as conn:
             await conn.execute(SCHEMA)
             await conn.execute(DEAD_LETTERS)
+        self.releases = Releases(self.pool, self.claims, self.provisioner, self.publisher,
+                                 ack=self.release_consumer.ack,
+                                 dead_letter=self._dead_letter_release,
+                                 publish_timeout=self.settings.publish_timeout)
         try:
-            await self.consumer.run(stopping)
+            await asyncio.gather(self.consumer.run(stopping),
+                                 self.release_consumer.run(stopping),
+                                 self.claims.keep_alive(stopping))
         finally:
             await self.publisher.close()
+            await self.claims.close()
             await self.pool.close()
 
-    async def refuse_untrusted(self, deliveries: list[Delivery]) -> None:
-        """Events from any broker user but the engine's: kept with the reason, never
-        provisioned."""
-        details = [f"sent by broker user {d.user_id or '(none)'}; only {self.orderer} "
-                   "orders instances" for d in deliveries]
+    async def _owner(self) -> int:
+        """This process's owner number for a claim; an outage is retried by the consumer."""
+        try:
+            return await self.claims.owner()
+        except PG_ERRORS as exc:
+            raise ServiceUnavailable(f"PostgreSQL: the claims lock: {exc}") from exc
+
+    async def _flush_releases(self, arrived: list[Delivery]) -> None:
+        assert self.releases is not None
+        await self._owner()  # a lock to claim with, or a retried outage
+        await self.releases.flush(arrived)
+
+    def _forget_releases(self) -> None:
+        if self.releases is not None:
+            self.releases.forget_waiting()
+
+    async def _dead_letter_release(self, deliveries: list[Delivery], reason: str,
+                                   details: list[str]) -> None:
+        await self.dead_letter(deliveries, reason, details, self.release_consumer)
+
+    async def _refuse_untrusted_release(self, deliveries: list[Delivery]) -> None:
+        await self.refuse_untrusted(deliveries, self.release_consumer)
+
+    async def dead_letter(self, deliveries: list[Delivery], reason: str, details: list[str],
+                          consumer: BatchingConsumer) -> None:
+        """Keep refused deliveries with their reason; acknowledge them on `consumer`."""
         async with self.pool.acquire() as conn:
-            await conn.execute(DEAD_LETTER, ["untrusted_sender"] * len(deliveries), details,
+            await conn.execute(DEAD_LETTER, [reason] * len(deliveries), details,
                                [d.user_id for d in deliveries], [d.body for d in deliveries])
-        metrics.DEAD_LETTERS.labels("untrusted_sender").inc(len(deliveries))
+        metrics.DEAD_LETTERS.labels(reason).inc(len(deliveries))
         for detail in details:
             log.warning("event dead-lettered: %s", detail,
-                        extra={"event": "rd_dead_letter", "reason": "untrusted_sender"})
-        await self._ack({d.tag for d in deliveries})
+                        extra={"event": "rd_dead_letter", "reason": reason})
+        await consumer.ack({d.tag for d in deliveries})
+
+    async def refuse_untrusted(self, deliveries: list[Delivery],
+                               consumer: BatchingConsumer | None = None) -> None:
+        """Events from any broker user but the engine's: kept with the reason, never
+        provisioned or released."""
+        details = [f"sent by broker user {d.user_id or '(none)'}; only {self.orderer} "
+                   "orders and releases instances" for d in deliveries]
+        await self.dead_letter(deliveries, "untrusted_sender", details,
+                               consumer or self.consumer)
 
     def _forget_waiting(self) -> None:
         """Deliveries of a lost channel: the broker delivers them again."""
@@ -210,10 +267,11 @@ class ResourceDomain:
         """Provision what nobody has claimed yet; return every instance's outcome."""
         ids = list({d.event.instance_id: None for d in batch})
         events = {d.event.instance_id: d.event for d in batch}
+        owner = await self._owner()
         async with self.pool.acquire() as conn:
             mine = {r[0] for r in await conn.fetch(
-                CLAIM, ids, [events[i].user_id for i in ids], ["PROVISIONING"] * len(ids))}
-            mine |= {r[0] for r in await conn.fetch(RECLAIM, ids, float(STALE_CLAIM_S))}
+                CLAIM, ids, [events[i].user_id for i in ids], owner)}
+            mine |= {r[0] for r in await conn.fetch(RECLAIM, ids, owner)}
         metrics.DUPLICATES.inc(count_duplicates(batch, mine))
         results = await asyncio.gather(*(self.provisioner.provision(events[i]) for i in mine))
         fresh = dict(zip(mine, results, strict=True))
@@ -223,12 +281,12 @@ class ResourceDomain:
                                    [RUNNING if p.ok else FAILED for p in fresh.values()],
                                    [p.endpoint for p in fresh.values()],
                                    [p.reason for p in fresh.values()],
-                                   [p.manifest for p in fresh.values()])
+                                   [p.manifest for p in fresh.values()], owner)
             for p in fresh.values():
                 metrics.PROVISIONED.labels("running" if p.ok else "failed").inc()
         async with self.pool.acquire() as conn:
             rows = await conn.fetch(STATE, ids)
-        return {r["instance_id"]: Provisioned(r["status"] == RUNNING, r["endpoint"] or "",
+        return {r["instance_id"]: Provisioned(r["status"] in RAN, r["endpoint"] or "",
                                               r["reason"] or "")
                 for r in rows if r["status"] != "PROVISIONING"}
 

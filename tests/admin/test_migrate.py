@@ -61,6 +61,18 @@ async def test_unique_indexes_refuse_what_they_must(conn, product_id):
     await _row(conn, product_id, "1-7", base + 7, slot=1)  # a failed order's unit is sold again
 
 
+async def test_a_released_unit_is_sold_again_a_releasing_one_is_not(conn, product_id):
+    base = product_id * 1000
+    await _row(conn, product_id, "2-1", base + 1, slot=1, status="RELEASING")
+    with pytest.raises(asyncpg.UniqueViolationError, match="slot_key"):
+        await _row(conn, product_id, "2-2", base + 2, slot=1)  # the instance still exists
+    await conn.execute("UPDATE seckill_logs SET status = 'RELEASED', released_at = now()"
+                       " WHERE instance_id = $1", base + 1)
+    await _row(conn, product_id, "2-3", base + 3, slot=1)  # the waitlist's head, say
+    with pytest.raises(asyncpg.CheckViolationError):
+        await _row(conn, product_id, "2-4", base + 4, slot=4, status="GONE")
+
+
 async def test_engine_role_has_least_privilege(settings, conn, product_id):
     await conn.execute("INSERT INTO products VALUES ($1, 'p', 1, 1, '', 'img')", product_id)
     dsn = settings.pg_dsn.replace("postgres@", f"{ENGINE_ROLE}@")

@@ -117,6 +117,29 @@ async def test_the_token_names_the_buyer(jwt_bff, gate, issuer, product_id):
     assert [e[1][b"uid"] for e in entries] == [b"7"]
 
 
+async def test_a_known_sold_out_sale_is_410_before_any_token_check(auth_settings, gate, issuer,
+                                                                    tmp_path, product_id):
+    """Past the sold-out moment a process answers from memory before it checks a token
+    or reads a body: the answer is the same for anyone (and public), and a signature
+    check for it would cost more than the rest of the attempt. No token at all is still
+    401."""
+    server = Bff(auth_settings, bff_soldout_recheck=60.0)
+    try:
+        await gate.open_sale(product_id, 1)
+        buy = f"/api/v1/seckill/{product_id}"
+        async with httpx.AsyncClient(base_url=server.url) as client:  # one connection
+            assert (await client.post(buy, headers=bearer(issuer.token(1)))).status_code == 202
+            assert (await client.post(buy, headers=bearer(issuer.token(2)))).status_code == 410
+            forged = bad_tokens(issuer, tmp_path)["forged"]
+            r = await client.post(buy, headers=forged, json={"user_id": 99})
+            assert (r.status_code, r.json()) == (410, {"status": "sold_out"})
+            r = await client.post(buy)
+            assert r.status_code == 401 and "www-authenticate" in r.headers
+    finally:
+        server.stop()
+    assert await gate.redis.xlen(gate.keys.stream(product_id)) == 1
+
+
 async def test_orders_only_for_their_owner(jwt_bff, gate, issuer, product_id):
     await gate.open_sale(product_id, 5)
     async with httpx.AsyncClient(base_url=jwt_bff.url) as client:

@@ -3,6 +3,8 @@ key it cannot use coming before its first write, the limiter's included."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
@@ -112,3 +114,39 @@ async def test_a_limited_attempt_is_charged_on_every_answer(limited_gate, produc
     assert (await limited_gate.buy(product_id, 2)).outcome == "sold_out"
     limited = await limited_gate.buy(product_id, 2)
     assert limited.outcome == "rate_limited" and limited.limited_by == "user"
+
+
+async def test_the_gate_state_names_the_open_sale_and_a_stale_one_is_ignored(limited_gate,
+                                                                            product_id):
+    """The script reads the window from the gate state while it names the open sale:
+    written by open_sale when the sale has no start, expiring at the end, written by the
+    script once a scheduled sale has started, and ignored when it names another sale."""
+    r, k = limited_gate.redis, limited_gate.keys
+    state = k.gate_state(product_id)
+    sale = await limited_gate.open_sale(product_id, 5)
+    assert (await r.get(state), await r.pttl(state)) == (sale.encode(), -1)
+    now_ms = int(time.time() * 1000)
+    sale = await limited_gate.open_sale(product_id, 5, window=Window(end_ms=now_ms + 60_000))
+    assert 0 < await r.pttl(state) <= 60_000
+    sale = await limited_gate.open_sale(product_id, 5, window=Window(start_ms=now_ms - 1000),
+                                        limits=Limits(user_rate=0.5, user_burst=2))
+    assert not await r.exists(state)  # a start: judged by Redis's clock, in the script
+    assert (await limited_gate.buy(product_id, 1)).outcome == "accepted"
+    assert await r.get(state) == f"{sale}\t0.5\t2\t0.0\t1".encode()
+    await r.set(state, "another-sale")  # e.g. left by a sale opened without it
+    assert (await limited_gate.buy(product_id, 2)).outcome == "accepted"
+    entries = await r.xrange(k.stream(product_id))
+    assert {fields[b"sale"] for _, fields in entries} == {sale.encode()}
+    assert await r.get(state) == f"{sale}\t0.5\t2\t0.0\t1".encode()
+
+
+async def test_an_accepted_purchase_writes_no_limiter_but_counts(limited_gate, product_id):
+    """A new buyer's accepted attempt reads no clock and writes no limiter: the buyers set
+    records it, and the buyer's next attempt counts it as spent just now."""
+    await limited_gate.open_sale(product_id, 5, limits=Limits(user_rate=0.5, user_burst=2))
+    limiter = limited_gate.keys.user_limiter(product_id, 1)
+    assert (await limited_gate.buy(product_id, 1)).outcome == "accepted"
+    assert not await limited_gate.redis.exists(limiter)
+    assert (await limited_gate.buy(product_id, 1)).outcome == "duplicate"
+    assert 2000 < await limited_gate.redis.pttl(limiter) <= 4000  # two shares spent
+    assert (await limited_gate.buy(product_id, 1)).outcome == "rate_limited"

@@ -1,0 +1,356 @@
+"""Release requests into INSTANCE_RELEASED events: the engine's half of giving one back.
+
+An owner's `DELETE .../order` (or `seckill order release`) appends a request to
+the product's `stream:seckill:{<pid>}:releases` with fields `uid`, `instance_id`,
+`stream_id` (the order's own entry), `sale` and `at` (unix ms). Every worker reads
+those streams in the consumer group the order streams use (`product-service`, its
+consumer `<engine_id>-<slot>`), and for each request:
+
+1. moves the order's row RUNNING -> RELEASING in `seckill_logs`, only where the
+   row's product, user, instance and stream entry are the request's;
+2. publishes INSTANCE_RELEASED (routing key `instance.released`; persistent,
+   mandatory, confirmed, user-id the engine's broker user) for a RELEASING row;
+3. acknowledges the request only then.
+
+At least once: a request read again (a worker died between 1 and 3) finds its row
+RELEASING and publishes again (the Resource Domain deletes once and reports
+RELEASED again); a row already RELEASED is acknowledged without publishing. A
+request with a missing or malformed field, for an unknown instance, for an order
+that is not the requester's, or for one that is not running goes to
+`stream:seckill:{<pid>}:releases:dlq` with its reason, and never holds up the others.
+
+Requests are rare next to orders, so the streams are polled (every
+`release_poll_interval` while idle) with one non-blocking XREADGROUP naming them all
+(on a Redis Cluster, one per slot, sent straight to the slot's master). A
+worker re-reads its own pending requests first (after a restart, or a batch that
+failed), and requests pending on a consumer idle for `claim_idle_ms` (a worker of a
+host that is gone) are claimed by whoever passes by.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+from redis.asyncio import Redis
+from redis.crc import key_slot
+from redis.exceptions import ResponseError
+
+from engine import backoff
+from engine.amqp.publisher import CONFIRMED, ConfirmPublisher, Message
+from engine.amqp.topology import RK_RELEASED
+from engine.config import Settings
+from engine.connections import PG_ERRORS, RETRYABLE, is_cluster
+from engine.errors import DatabaseFailed, PublishFailed, one_line
+from engine.keys import GROUP, Keys
+from engine.orderstates import RELEASED, RELEASING
+from engine.pb import event_pb2
+from engine.pipeline.reader import ensure_group, is_nogroup
+
+log = logging.getLogger("seckill.releases")
+
+TYPE_NAME = "INSTANCE_RELEASED"
+NEW, OWN = b">", b"0"
+COUNT = 100  # requests read per stream at once
+STREAM_ID = re.compile(r"\d{1,20}-\d{1,20}")
+
+TO_RELEASING = """
+UPDATE seckill_logs AS l SET status = 'RELEASING', updated_at = now()
+FROM unnest($2::bigint[], $3::bigint[], $4::text[]) AS r(instance_id, user_id, stream_id)
+WHERE l.product_id = $1 AND l.instance_id = r.instance_id AND l.user_id = r.user_id
+  AND l.stream_id = r.stream_id AND l.status = 'RUNNING'
+"""
+# with the product, so that the event names the objects the instance was made of
+ROWS = """
+SELECT l.instance_id, l.user_id, l.stream_id, l.status, l.sale_id, l.slot,
+       p.name, p.cpus, p.memory_mb, p.gpu, p.image
+FROM seckill_logs l LEFT JOIN products p ON p.id = l.product_id
+WHERE l.product_id = $1 AND l.instance_id = ANY($2::bigint[])
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    entry_id: bytes
+    user_id: int
+    instance_id: int
+    stream_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    entry_id: bytes
+    fields: dict[bytes, bytes]
+    reason: str
+    detail: str
+
+
+def parse(entry_id: bytes, fields: dict[bytes, bytes]) -> Request | Refusal:
+    """A request, or why it is not one."""
+    missing = [k for k in ("uid", "instance_id", "stream_id") if k.encode() not in fields]
+    if missing:
+        return Refusal(entry_id, fields, "bad_request", f"missing {', '.join(missing)}")
+    uid, iid = fields[b"uid"].decode(errors="replace"), fields[b"instance_id"].decode(
+        errors="replace")
+    order = fields[b"stream_id"].decode(errors="replace")
+    for name, value in (("uid", uid), ("instance_id", iid)):
+        if not (value.isascii() and value.isdigit() and 0 < int(value) < 2**63):
+            return Refusal(entry_id, fields, "bad_request",
+                           f"{name}: expected a positive int64, got {value[:40]!r}")
+    if not STREAM_ID.fullmatch(order):
+        return Refusal(entry_id, fields, "bad_request",
+                       f"stream_id: expected a stream entry ID, got {order[:40]!r}")
+    return Request(entry_id, int(uid), int(iid), order)
+
+
+def judge(request: Request, row: asyncpg.Record | None) -> str | Refusal:
+    """What to do with a request once its row is moved: 'publish', 'ack', or refuse."""
+    def refuse(reason: str, detail: str) -> Refusal:
+        return Refusal(request.entry_id, {}, reason, detail)
+    if row is None:
+        return refuse("unknown_instance", f"no order of this product has instance ID "
+                      f"{request.instance_id}")
+    if (row["user_id"], row["stream_id"]) != (request.user_id, request.stream_id):
+        return refuse("not_owner", f"instance {request.instance_id} is the order "
+                      f"{row['stream_id']} of user {row['user_id']}, not {request.stream_id} "
+                      f"of user {request.user_id}")
+    if row["status"] == RELEASING:
+        return "publish"
+    if row["status"] == RELEASED:
+        return "ack"
+    return refuse("not_running", f"instance {request.instance_id} is {row['status']}; only "
+                  "a RUNNING instance is released")
+
+
+class ReleaseRequests:
+    """Reads every product's release-request stream for one worker's consumer."""
+
+    def __init__(self, settings: Settings, redis: Redis, pool: asyncpg.Pool, keys: Keys,
+                 consumer: str) -> None:
+        self.settings = settings
+        self.redis = redis
+        self.pool = pool
+        self.keys = keys
+        self.consumer = consumer
+        self.publisher = ConfirmPublisher(settings, RK_RELEASED, TYPE_NAME)
+        self.cursors: dict[int, bytes] = {}  # product ID -> OWN (re-read) or NEW
+        self._cluster = is_cluster(redis)
+        self._next_discovery = 0.0
+        self._next_claim = 0.0
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        """Until `stopping`: read, settle, and wait a little whenever nothing came."""
+        failures = 0
+        try:
+            while not stopping.is_set():
+                try:
+                    busy = await self.pass_once()
+                    failures = 0
+                except RETRYABLE as exc:
+                    failures += 1
+                    self.cursors = dict.fromkeys(self.cursors, OWN)  # re-read what we hold
+                    delay = backoff.delay(failures, self.settings.retry_backoff_max)
+                    log.warning("release requests: %s; retrying in %.1fs", exc, delay,
+                                extra={"event": "release_retry"})
+                    busy = False
+                if not busy:
+                    await _pause(stopping, self.settings.release_poll_interval)
+        finally:
+            await self.publisher.close()
+
+    async def pass_once(self) -> bool:
+        """Discover, claim abandoned requests, read and settle; True if any was read."""
+        now = time.monotonic()
+        if now >= self._next_discovery:
+            await self.discover()
+            self._next_discovery = now + self.settings.discovery_interval
+        busy = False
+        if now >= self._next_claim:
+            self._next_claim = now + self.settings.janitor_interval
+            for pid, items in await self._claim_abandoned():
+                busy |= await self.settle(pid, items)
+        for pid, items in await self.read():
+            busy |= await self.settle(pid, items)
+        return busy
+
+    async def discover(self) -> None:
+        """The release streams of every product the engine reads orders of."""
+        for raw in await self.redis.smembers(self.keys.streams):  # type: ignore[misc]
+            pid = int(raw)
+            if pid not in self.cursors:
+                await ensure_group(self.redis, self.keys.releases(pid))
+                self.cursors[pid] = OWN
+
+    async def read(self) -> list[tuple[int, list]]:
+        """Each stream's requests: our own pending ones first, then new ones. One
+        XREADGROUP names every stream of a slot: a single Redis reads them all at once,
+        a cluster once per slot (an idle engine with a thousand sales polls cheaply)."""
+        groups = self._by_slot()
+        replies = await asyncio.gather(*(self._read_group(pids) for pids in groups))
+        got: dict[int, list] = {pid: items for reply in replies for pid, items in reply}
+        out = []
+        for pid in [pid for pids in groups for pid in pids]:
+            items = got.get(pid) or []
+            if self.cursors.get(pid) == OWN and not items:
+                self.cursors[pid] = NEW  # nothing of ours left: new requests from now on
+            if items:
+                out.append((pid, items))
+        return out
+
+    def _by_slot(self) -> list[list[int]]:
+        if not self._cluster:
+            return [list(self.cursors)] if self.cursors else []
+        slots: dict[int, list[int]] = {}
+        for pid in self.cursors:
+            slots.setdefault(key_slot(self.keys.releases(pid).encode()), []).append(pid)
+        return list(slots.values())
+
+    async def _read_group(self, pids: list[int]) -> list[tuple[int, list]]:
+        streams = [self.keys.releases(pid) for pid in pids]
+        try:
+            reply: Any = await self.redis.execute_command(
+                "XREADGROUP", "GROUP", GROUP, self.consumer, "COUNT", COUNT, "STREAMS",
+                *streams, *(self.cursors[pid] for pid in pids), **self._route(streams[0]))
+        except ResponseError as exc:
+            if not is_nogroup(exc):
+                raise
+            for pid, stream in zip(pids, streams, strict=True):
+                await ensure_group(self.redis, stream)  # Redis lost it: from the start again
+                self.cursors[pid] = OWN
+            return []
+        pid_of = {stream: pid for pid, stream in zip(pids, streams, strict=True)}
+        pairs = reply.items() if isinstance(reply, dict) else (reply or [])
+        return [(pid_of[_text(stream)], list(items[0] if isinstance(reply, dict) else items))
+                for stream, items in pairs]
+
+    async def _claim_abandoned(self) -> list[tuple[int, list]]:
+        """Requests pending on a consumer idle for claim_idle_ms (its worker is gone), of
+        every stream, in one pipeline (split per node on a cluster)."""
+        pids = list(self.cursors)
+        if not pids:
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        for pid in pids:
+            pipe.xautoclaim(self.keys.releases(pid), GROUP, self.consumer,
+                            self.settings.claim_idle_ms, count=COUNT)
+        replies = await pipe.execute()
+        return [(pid, items) for pid, reply in zip(pids, replies, strict=True)
+                if (items := [i for i in reply[1] if i[1] is not None])]
+
+    def _route(self, stream: str) -> dict[str, Any]:
+        """Straight to the slot's master on a cluster (no COMMAND GETKEYS round trip)."""
+        if not self._cluster:
+            return {}
+        try:
+            node = self.redis.nodes_manager.get_node_from_slot(  # type: ignore[attr-defined]
+                key_slot(stream.encode()))
+        except Exception:  # noqa: BLE001 - a table being reloaded: let the client route
+            return {}
+        return {"target_nodes": node}
+
+    async def settle(self, pid: int, items: list) -> bool:
+        """Move, publish, acknowledge one stream's requests; refuse the bad ones."""
+        if not items:
+            return False
+        parsed = [parse(entry_id, fields or {}) for entry_id, fields in items]
+        refused = [p for p in parsed if isinstance(p, Refusal)]
+        requests = [p for p in parsed if isinstance(p, Request)]
+        rows = await self._move(pid, requests) if requests else {}
+        to_publish: dict[int, list[Request]] = {}
+        done: list[bytes] = []
+        for request in requests:
+            verdict = judge(request, rows.get(request.instance_id))
+            if isinstance(verdict, Refusal):
+                refused.append(Refusal(request.entry_id, _fields(items, request.entry_id),
+                                       verdict.reason, verdict.detail))
+            elif verdict == "ack":
+                done.append(request.entry_id)
+            else:
+                to_publish.setdefault(request.instance_id, []).append(request)
+        confirmed, unconfirmed = await self._publish(pid, rows, to_publish)
+        await self._dead_letter(pid, refused)
+        if done + confirmed:
+            await self.redis.xack(self.keys.releases(pid), GROUP, *done, *confirmed)
+        if unconfirmed:  # left pending on us: read again after a backoff
+            raise PublishFailed(f"{unconfirmed} release events not confirmed")
+        return True
+
+    async def _move(self, pid: int, requests: list[Request]) -> dict[int, asyncpg.Record]:
+        """RUNNING -> RELEASING where the request is the owner's; every named row after."""
+        timeout = self.settings.db_timeout
+        try:
+            async with self.pool.acquire(timeout=timeout) as conn:
+                await conn.execute(TO_RELEASING, pid, [r.instance_id for r in requests],
+                                   [r.user_id for r in requests],
+                                   [r.stream_id for r in requests], timeout=timeout)
+                found = await conn.fetch(ROWS, pid, [r.instance_id for r in requests],
+                                         timeout=timeout)
+        except PG_ERRORS as exc:  # a stuck or failing database: retried, not a crash
+            raise DatabaseFailed(f"release requests: {one_line(exc)}") from exc
+        return {row["instance_id"]: row for row in found}
+
+    async def _publish(self, pid: int, rows: dict[int, asyncpg.Record],
+                       requests: dict[int, list[Request]]) -> tuple[list[bytes], int]:
+        """One INSTANCE_RELEASED per instance; (the entry IDs whose event was confirmed,
+        how many instances' events were not)."""
+        if not requests:
+            return [], 0
+        ids = list(requests)
+        messages = [Message(released_event(pid, rows[i]).SerializeToString(), str(i))
+                    for i in ids]
+        results = await self.publisher.publish(messages, self.settings.publish_timeout)
+        confirmed = [r.entry_id for i, res in zip(ids, results, strict=True)
+                     if res == CONFIRMED for r in requests[i]]
+        for i, res in zip(ids, results, strict=True):
+            if res == CONFIRMED:
+                log.info("release of instance %d asked", i, extra={
+                    "event": "release_published", "instance_id": i, "product_id": pid})
+        return confirmed, sum(res != CONFIRMED for res in results)
+
+    async def _dead_letter(self, pid: int, refused: list[Refusal]) -> None:
+        if not refused:
+            return
+        pipe = self.redis.pipeline(transaction=True)  # one slot: the {pid} tag
+        for r in refused:
+            entry: dict[Any, Any] = dict(r.fields)
+            entry.update({"reason": r.reason, "detail": r.detail, "entry": r.entry_id,
+                          "at": str(int(time.time() * 1000))})
+            pipe.xadd(self.keys.release_dlq(pid), entry)
+            pipe.xack(self.keys.releases(pid), GROUP, r.entry_id)
+            log.warning("release request dead-lettered: %s", r.detail,
+                        extra={"event": "release_dead_letter", "reason": r.reason})
+        await pipe.execute()
+
+
+def released_event(pid: int, row: asyncpg.Record) -> event_pb2.Event:
+    """INSTANCE_RELEASED for an order's row, as the Resource Domain reads it: the
+    order's fields of INSTANCE_CREATED (name and spec from the catalog, when the product
+    is still there), so it can delete exactly the objects it made."""
+    spec = (event_pb2.InstanceSpec(cpus=row["cpus"], memory_mb=row["memory_mb"],
+                                   gpu=row["gpu"], image=row["image"])
+            if row["cpus"] is not None else None)
+    return event_pb2.Event(
+        event_type=event_pb2.INSTANCE_RELEASED, instance_id=row["instance_id"],
+        user_id=row["user_id"], name=row["name"] or "", spec=spec,
+        timestamp=int(time.time()), product_id=pid, stream_id=row["stream_id"],
+        sale_id=row["sale_id"] or "", slot=row["slot"] or 0)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _fields(items: list, entry_id: bytes) -> dict[bytes, bytes]:
+    return next((dict(f or {}) for i, f in items if i == entry_id), {})
+
+
+async def _pause(stopping: asyncio.Event, seconds: float) -> None:
+    try:
+        await asyncio.wait_for(stopping.wait(), seconds)
+    except TimeoutError:
+        pass
