@@ -103,15 +103,19 @@ class BatchTrace:
         found = {i: headers(orders[eid]) for i, eid in enumerate(entry_ids) if eid in orders}
         return found or None
 
-    def end(self, dead: Iterable[str] = ()) -> None:
-        """End every span: `dead` orders were dead-lettered, not delivered."""
-        from opentelemetry.trace import Status, StatusCode
+    def dead_lettered(self, entry_ids: Iterable[str]) -> None:
+        """The sampled orders among `entry_ids` became dead letters: their spans fail."""
+        orders = self.orders
+        mine = [orders[eid] for eid in entry_ids if eid in orders]
+        if mine:
+            from opentelemetry.trace import Status, StatusCode
 
-        end = time.time_ns()
-        for eid in dead:
-            span = self.orders.get(eid)
-            if span is not None:
+            for span in mine:
                 span.set_status(Status(StatusCode.ERROR, "dead-lettered"))
+
+    def end(self) -> None:
+        """End every span (once, whatever became of the batch)."""
+        end = time.time_ns()
         for span in self.orders.values():
             span.end(end)
         self.batch.end(end)

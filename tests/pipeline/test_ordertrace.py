@@ -78,7 +78,9 @@ def test_sampled_orders_continue_their_trace_and_the_batch_links_them(tracing):
 
 def test_a_dead_lettered_sampled_order_ends_in_error(tracing):
     parents = sampled_parents(tracing, [entry(1, PARENT)])
-    BatchTrace(tracing, parents, 1).end(dead=["1765000000001-0"])
+    trace = BatchTrace(tracing, parents, 1)
+    trace.dead_lettered(["1765000000001-0", "1765000000009-0"])
+    trace.end()
     tracing.flush()
     order = next(s for s in tracing.processor.exporter.spans if s.name == "engine.order")
     assert not order.status.is_ok and order.status.description == "dead-lettered"
