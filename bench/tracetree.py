@@ -36,6 +36,12 @@ def ordered(spans: list[dict[str, Any]]) -> list[tuple[int, dict[str, Any]]]:
     return out
 
 
+def _label(depth: int, span: dict[str, Any]) -> str:
+    """A tree row's label: indented under its parent, with the service that made it."""
+    lead = "   " * (depth - 1) + "└─ " if depth else ""
+    return f"{lead}{span['name']} ({span['service'].removeprefix('seckill-')})"
+
+
 def render(spans: list[dict[str, Any]], out: Path) -> None:
     import matplotlib
 
@@ -44,20 +50,22 @@ def render(spans: list[dict[str, Any]], out: Path) -> None:
 
     rows = ordered(spans)
     t0 = min(s["start_ns"] for s in spans)
-    fig, ax = plt.subplots(figsize=(11, 0.42 * len(rows) + 1.2))
+    fig, ax = plt.subplots(figsize=(12, 0.5 * len(rows) + 1.3))
     for y, (_, s) in enumerate(rows):
         start, end = (s["start_ns"] - t0) / 1e6, (s["end_ns"] - t0) / 1e6
         ax.barh(y, max(end - start, 0.05), left=start, height=0.6,
                 color=COLOURS.get(s["service"], "#8172B2"))
-        for name, at in s.get("events", []):
+        for i, (name, at) in enumerate(s.get("events", [])):
             ax.plot([(at - t0) / 1e6] * 2, [y - 0.3, y + 0.3], color="black", lw=1)
-            ax.annotate(name, ((at - t0) / 1e6, y - 0.32), fontsize=6, ha="center",
-                        va="bottom")
+            above = i % 2 == 0  # (alternately above and below: close events stay legible)
+            ax.annotate(name, ((at - t0) / 1e6, y - 0.32 if above else y + 0.32),
+                        fontsize=6, ha="center", va="bottom" if above else "top")
         ax.annotate(f"{end - start:.1f} ms", (end, y), xytext=(4, 0),
                     textcoords="offset points", fontsize=7, va="center")
     ax.set_yticks(range(len(rows)))
-    ax.set_yticklabels(["    " * d + f"{s['name']}  ({s['service'].removeprefix('seckill-')})"
-                        for d, s in rows], fontsize=8)
+    ax.set_yticklabels([_label(d, s) for d, s in rows], fontsize=8, family="monospace",
+                       ha="left")
+    ax.tick_params(axis="y", pad=max(len(_label(d, s)) for d, s in rows) * 5.2)
     ax.invert_yaxis()
     ax.set_xlabel("ms since the purchase reached the BFF")
     ax.set_title(f"one sampled order's trace {spans[0]['trace_id']}", fontsize=9)
