@@ -98,13 +98,16 @@ class Tracing:
         installed."""
         from opentelemetry.sdk.resources import Resource
         from opentelemetry.sdk.trace import TracerProvider
-        from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased
+        from opentelemetry.sdk.trace.sampling import ALWAYS_ON
 
         named = os.environ.get("OTEL_SERVICE_NAME") or "service.name=" in os.environ.get(
             "OTEL_RESOURCE_ATTRIBUTES", "")
         resource = Resource.create({} if named else {"service.name": service})
-        # the edge decides (`sampled`); everything after it follows its parent
-        provider = TracerProvider(resource=resource, sampler=ParentBased(ALWAYS_ON))
+        # The edge decides (`sampled`) and starts no span for an attempt it does not
+        # sample; every later hop gets a context only from a sampled order (the carriers
+        # refuse an unsampled one): so every span started is recorded, without the cost
+        # of a sampler's decision per span.
+        provider = TracerProvider(resource=resource, sampler=ALWAYS_ON)
         processor = BoundedSpanProcessor(exporter, queue, batch=batch, delay=delay,
                                          count=count)
         # (duck-typed: SpanProcessor's module is not imported when tracing is off)
@@ -157,7 +160,7 @@ class Tracing:
             return None
         text = value.decode("latin-1") if isinstance(value, bytes) else value
         parent, _, state = text.partition(" ")
-        return self.http_parent(parent, state or None)
+        return _sampled_only(self.http_parent(parent, state or None))
 
     def headers(self, span: Span) -> dict[str, str]:
         """The AMQP headers that carry `span`'s context on a message."""
@@ -172,7 +175,9 @@ class Tracing:
         if not headers:
             return None
         parent = _text(headers.get(TRACEPARENT))
-        return self.http_parent(parent, _text(headers.get(TRACESTATE))) if parent else None
+        if not parent:
+            return None
+        return _sampled_only(self.http_parent(parent, _text(headers.get(TRACESTATE))))
 
     # -- spans --------------------------------------------------------------------
 
@@ -219,6 +224,14 @@ def parent_of(span: Span) -> Context:
     from opentelemetry.trace import set_span_in_context
 
     return set_span_in_context(span)
+
+
+def _sampled_only(context: Context | None) -> Context | None:
+    """A carried context, if its sampled flag is set: an unsampled one (sent by someone
+    else than our own hops, which carry only sampled orders') starts no span."""
+    if context is None or not span_context_of(context).trace_flags.sampled:
+        return None
+    return context
 
 
 def _text(value: object) -> str | None:

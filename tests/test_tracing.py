@@ -217,3 +217,10 @@ def test_the_standard_otel_variables_name_the_endpoint_and_the_service(monkeypat
 
 def test_the_stream_field_name_is_one_short_field():
     assert STREAM_FIELD == b"tp"
+
+
+def test_a_carried_context_that_is_not_sampled_starts_nothing(tracing):
+    """Our hops carry only sampled orders' contexts: anything else is someone else's."""
+    assert tracing.from_stream(UNSAMPLED) is None
+    assert tracing.from_headers({"traceparent": UNSAMPLED}) is None
+    assert tracing.http_parent(UNSAMPLED, None) is not None  # (the edge reads its flag)

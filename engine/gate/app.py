@@ -366,8 +366,8 @@ class BffApp:
             parent = t.http_parent(request.header("traceparent"), request.header("tracestate"))
         if not t.sampled(parent):
             return await self._buy(request, ids)
-        span = t.start(BUY_SPAN, parent, kind="server", attributes={
-            "http.request.method": "POST", "http.route": BUY_ROUTE, "url.path": request.path})
+        # (one attribute: each costs microseconds; the name says the method and route)
+        span = t.start(BUY_SPAN, parent, kind="server", attributes={"url.path": request.path})
         with t.current(span):
             try:
                 answer = await self._buy(request, ids, trace=t.stream_value(span))
