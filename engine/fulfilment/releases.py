@@ -238,9 +238,17 @@ class ReleaseRequests:
         for pid in pids:
             pipe.xautoclaim(self.keys.releases(pid), GROUP, self.consumer,
                             self.settings.claim_idle_ms, count=COUNT)
-        replies = await pipe.execute()
-        return [(pid, items) for pid, reply in zip(pids, replies, strict=True)
-                if (items := [i for i in reply[1] if i[1] is not None])]
+        replies = await pipe.execute(raise_on_error=False)
+        out = []
+        for pid, reply in zip(pids, replies, strict=True):
+            if isinstance(reply, ResponseError) and is_nogroup(reply):
+                await ensure_group(self.redis, self.keys.releases(pid))  # Redis lost it
+                self.cursors[pid] = OWN
+            elif isinstance(reply, BaseException):
+                raise reply
+            elif items := [i for i in reply[1] if i[1] is not None]:
+                out.append((pid, items))
+        return out
 
     def _route(self, stream: str) -> dict[str, Any]:
         """Straight to the slot's master on a cluster (no COMMAND GETKEYS round trip)."""

@@ -297,3 +297,19 @@ async def test_a_released_report_from_anyone_but_the_rd_is_dead_lettered(setting
     row = (await rows(pool, product_id))[order.instance_id]
     assert (row["status"], row["compensated_at"]) == (RELEASING, None)
     assert int(await redis.get(keys.stock(product_id))) == 0  # no unit handed on
+
+
+async def test_release_streams_lost_by_redis_are_made_again(settings, env, product_id):
+    """Redis restarted empty (or flushed): the next read and claim find no group; they
+    make it again instead of failing on every pass."""
+    redis, pool, _ = env
+    keys = Keys(settings.key_prefix)
+    await redis.sadd(keys.streams, product_id)
+    releases = ReleaseRequests(settings, redis, pool, keys, "test-0")
+    await releases.discover()
+    await redis.delete(keys.releases(product_id))
+    assert await releases._claim_abandoned() == []
+    assert await redis.xinfo_groups(keys.releases(product_id))
+    await redis.delete(keys.releases(product_id))
+    assert await releases.read() == []
+    assert await redis.xinfo_groups(keys.releases(product_id))
