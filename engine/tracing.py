@@ -20,6 +20,7 @@ its `trace_id` and `span_id` (in the JSON log line).
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import os
@@ -199,6 +200,12 @@ class Tracing:
         with use_span(span, end_on_exit=True, record_exception=True,
                       set_status_on_exception=True):
             yield span
+
+    def within(self, span: Span) -> contextlib.AbstractContextManager[Span]:
+        """`span` as the current one (log lines carry it), left open on the way out."""
+        from opentelemetry.trace import use_span
+
+        return use_span(span, end_on_exit=False)
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Export every finished span now (tests; a process about to stop)."""

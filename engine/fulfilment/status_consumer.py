@@ -172,6 +172,7 @@ class StatusConsumer:
                  tracing: Tracing | None = None) -> None:
         self.settings = settings
         self.tracing = tracing  # ends a sampled order's trace (engine.tracing)
+        self._spans: dict[int, Any] = {}  # instance ID -> its status.update, while applied
         self.redis = redis
         self.pool = pool
         self.keys = Keys(settings.key_prefix)
@@ -241,9 +242,11 @@ class StatusConsumer:
                                         attributes={"seckill.instance_id": str(r.instance_id),
                                                     "seckill.status": r.status}))
                  for r in traced]
+        self._spans = {r.instance_id: span for r, span in spans}
         try:
             await self.apply(reports)
         finally:
+            self._spans = {}
             held = {id(r) for r in self._held}
             for report, span in spans:
                 if id(report) not in held:
@@ -317,18 +320,29 @@ class StatusConsumer:
         its sale), then mark the order."""
         done = []
         for row in rows:
-            if row["sale_id"] is None:
-                result = "no_sale"  # an order added by hand took no unit of a sale
-            else:
-                result = await self.gate.refund(row["product_id"], row["user_id"],
-                                                row["sale_id"], row["slot"], row["stream_id"])
-            metrics.COMPENSATIONS.labels(result).inc()
-            log.info("compensation for instance %d: %s", row["instance_id"], result,
-                     extra={"event": "compensation", "result": result,
-                            "instance_id": row["instance_id"], "product_id": row["product_id"]})
+            span = self._spans.get(row["instance_id"]) if self._spans else None
+            if span is None:
+                await self._hand_on(row)
+            else:  # a sampled order's: its log line and an event in its trace
+                assert self.tracing is not None
+                with self.tracing.within(span):
+                    span.add_event("unit_handed_on", {"seckill.result": await self._hand_on(row)})
             done.append(row["instance_id"])
         async with self.pool.acquire() as conn:
             await conn.execute(MARK_COMPENSATED, done)
+
+    async def _hand_on(self, row: asyncpg.Record) -> str:
+        """One failed or released order's unit to the waitlist's head or its sale."""
+        if row["sale_id"] is None:
+            result = "no_sale"  # an order added by hand took no unit of a sale
+        else:
+            result = await self.gate.refund(row["product_id"], row["user_id"],
+                                            row["sale_id"], row["slot"], row["stream_id"])
+        metrics.COMPENSATIONS.labels(result).inc()
+        log.info("compensation for instance %d: %s", row["instance_id"], result,
+                 extra={"event": "compensation", "result": result,
+                        "instance_id": row["instance_id"], "product_id": row["product_id"]})
+        return result
 
     async def _hold_or_drop(self, unknown: list[Report]) -> None:
         """A report can overtake its order's row: retry it for a while, then give up."""
