@@ -4,6 +4,15 @@ A closed loop (send, wait, send) hides queueing; here a producer adds orders
 at a fixed rate whatever the engine does, and the engine's own histogram of
 "entry creation -> acknowledgement" is read before and after the window, so
 warm-up is not part of the figures.
+
+Beside it, in the same phase and at the same rate, the broker alone
+(`broker_probe`): the same INSTANCE_CREATED events, persistent and mandatory,
+through the same exchange and routing key into the same queue (the topology's
+own, of the vhost's queue type), published open loop in the same 10 ms ticks,
+each tick's events as one framed batch with confirms (as the engine's publisher
+sends them), so its p99 from a tick to its events' confirms is what RabbitMQ
+itself takes at that rate on this machine at this moment. The target is our
+p99 against that one (bench/verdicts.py).
 """
 
 from __future__ import annotations
@@ -17,12 +26,18 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from engine.amqp.publisher import CONFIRMED, ConfirmPublisher
+from engine.amqp.topology import RK_CREATED
 from engine.config import Settings
 from engine.keys import GROUP, Keys
+from engine.pipeline.events import INSTANCE_CREATED, TYPE_NAMES, build_events, product_prefix
+from engine.pipeline.ids import EPOCH_MS, compose, wall_ms
+from engine.pipeline.orders import Order
+from engine.products import gpu_product
 from engine.testing.ports import free_port
 
 from .enginerun import Engine, acked
-from .env import bench_settings, prepare, reset
+from .env import bench_settings, prepare, purge_queues, quiesce, reset
 
 METRIC = "seckill_order_latency_seconds_bucket"
 WARM_UP_TIMEOUT = 60.0
@@ -108,11 +123,79 @@ async def produce(settings: Settings, pid: int, rate: float, seconds: float,
     return sent
 
 
+def percentile(values: list[float], q: float) -> float:
+    """The q-quantile of `values` (nearest rank), NaN when there are none."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, int(q * len(ordered) + 0.5) - 1))]
+
+
+async def broker_probe(settings: Settings, pid: int, rate: float, seconds: float,
+                       warm_up: float = 1.0) -> dict[str, Any]:
+    """RabbitMQ's own confirm latency at `rate`, open loop (see the module docstring):
+    per event, from the start of its tick to the confirm of its tick's batch."""
+    publisher = ConfirmPublisher(settings, RK_CREATED, TYPE_NAMES[INSTANCE_CREATED])
+    await publisher.connect()
+    prefixes = {pid: product_prefix(gpu_product(pid))}
+    first_id = compose(wall_ms() - EPOCH_MS, 1023, 0)  # node 1023: no worker's IDs
+    latencies: list[float] = []
+    outcomes: dict[str, int] = {}
+
+    async def tick(first: int, count: int, counted: bool) -> None:
+        t0 = time.perf_counter()
+        ms = int(time.time() * 1000)
+        orders = [Order(pid, i, f"{ms}-{i}", ms // 1000, "lat", i, b"", first_id + i)
+                  for i in range(first, first + count)]
+        bodies, ids = build_events(orders, prefixes, ms // 1000)
+        got = await publisher.publish_bodies(bodies, ids, settings.publish_timeout)
+        took = (time.perf_counter() - t0) * 1000
+        if counted:
+            latencies.extend([took] * got.count(CONFIRMED))
+            for outcome in got:
+                outcomes[outcome] = outcomes.get(outcome, 0) + 1
+
+    ticks: set[asyncio.Task] = set()
+    sent = 0
+    start = time.perf_counter()
+    try:
+        while (elapsed := time.perf_counter() - start) < warm_up + seconds:
+            due = int(rate * elapsed) - sent
+            if due > 0:
+                task = asyncio.create_task(tick(sent + 1, due, elapsed >= warm_up))
+                ticks.add(task)
+                task.add_done_callback(ticks.discard)
+                sent += due
+            await asyncio.sleep(0.01)
+        if ticks:
+            await asyncio.gather(*ticks)
+    finally:
+        await publisher.close()
+    return {"rate": rate, "seconds": seconds, "events": sum(outcomes.values()),
+            "outcomes": outcomes, "p50_ms": percentile(latencies, 0.50),
+            "p95_ms": percentile(latencies, 0.95), "p99_ms": percentile(latencies, 0.99),
+            "max_ms": max(latencies, default=float("nan"))}
+
+
 async def measure(settings: Settings, pid: int, rate: float, seconds: float,
-                  port: int, drain_timeout: float = 60.0) -> dict[str, Any]:
-    """Percentiles of the orders produced at `rate` for `seconds`. If they are not all
-    acknowledged within `drain_timeout` after the window, the run is failed (its
-    percentiles would leave out the slowest orders), not cut short in silence."""
+                  port: int, drain_timeout: float = 60.0, probe: bool = True) -> dict[str, Any]:
+    """Percentiles of the orders produced at `rate` for `seconds`, and (`probe`) the
+    broker's own beside them, measured first. If the orders are not all acknowledged
+    within `drain_timeout` after the window, the run is failed (its percentiles would
+    leave out the slowest orders), not cut short in silence."""
+    broker = None
+    if probe:
+        broker = await broker_probe(settings, pid, rate, seconds)
+        await purge_queues(settings)
+        await quiesce(settings, longest=15.0)
+    out = await _measure_engine(settings, pid, rate, seconds, port, drain_timeout)
+    if broker is not None:
+        out.update(broker=broker, broker_p99_ms=broker["p99_ms"])
+    return out
+
+
+async def _measure_engine(settings: Settings, pid: int, rate: float, seconds: float,
+                          port: int, drain_timeout: float) -> dict[str, Any]:
     keys = Keys(settings.key_prefix)
     redis = Redis.from_url(settings.redis_url)
     await redis.xgroup_create(keys.stream(pid), GROUP, id="0", mkstream=True)
@@ -197,6 +280,10 @@ async def _at_rates(rates: list[float], seconds: float) -> None:
                 continue
         print(f"{rate:,.0f} orders/s: p50 {r['p50_ms']:.1f} ms, p95 {r['p95_ms']:.1f} ms, "
               f"p99 {r['p99_ms']:.1f} ms, max <= {r['max_le_ms']:.0f} ms", flush=True)
+        b = r["broker"]
+        print(f"    broker alone, same events and rate: p50 {b['p50_ms']:.1f} ms, "
+              f"p99 {b['p99_ms']:.1f} ms, max {b['max_ms']:.0f} ms; ours / broker p99 "
+              f"{r['p99_ms'] / b['p99_ms']:.2f}", flush=True)
         for stage, st in r["stages"].items():
             print(f"    {stage:<8} per batch: p50 {st['p50_ms']:.1f} ms, p99 {st['p99_ms']:.1f} ms"
                   f" ({st['batches']:,.0f} batches)", flush=True)

@@ -193,3 +193,26 @@ def http_problems(run: Mapping[str, Any]) -> list[str]:
     if run.get("client", "wrk") != "wrk":
         out.append(f"loaded by the {run.get('client')} client, not wrk")
     return out
+
+
+# Issue 24: the engine's p99 (entry created -> acknowledged) at 50% of capacity against
+# the broker's own confirm p99 at the same rate, measured in the same phase by a probe
+# (bench/latency.broker_probe); at 90% of capacity an absolute bound.
+P99_OVER_BROKER_BOUND = 1.5
+P99_AT_90_BOUND_MS = 100.0
+
+
+def p99_over_broker(runs: Sequence[Mapping[str, Any]]) -> tuple[list[float], list[str]]:
+    """Our p99 over the broker probe's p99, run by run, and why a run gives none: a failed
+    phase, or no probe figure (a ratio against nothing would look met)."""
+    ratios: list[float] = []
+    problems: list[str] = []
+    for i, run in enumerate(runs):
+        ours, broker = run.get("p99_ms"), run.get("broker_p99_ms")
+        if run.get("failed"):
+            problems.append(f"run {i + 1} failed ({run['failed']})")
+        elif ours is None or broker is None or not broker > 0:
+            problems.append(f"run {i + 1} has no broker p99 to compare with")
+        else:
+            ratios.append(float(ours) / float(broker))
+    return ratios, problems

@@ -109,6 +109,25 @@ class ConfirmPublisher:
         """Publish all; return each message's outcome (CONFIRMED or why not)."""
         if not messages:
             return []
+        if all(m.type_name is None for m in messages):
+            headers = {i: m.headers for i, m in enumerate(messages) if m.headers}
+            return await self.publish_bodies([m.body for m in messages],
+                                             [m.message_id for m in messages], timeout,
+                                             headers or None)
+        return await self._publish(_Batch(messages), timeout)
+
+    async def publish_bodies(self, bodies: Sequence[bytes], message_ids: Sequence[str],
+                             timeout: float,
+                             headers: Mapping[int, Mapping[str, str]] | None = None
+                             ) -> list[str]:
+        """`publish` of messages of the publisher's own event type, given as two lists
+        (a batch's bodies and IDs, without an object per message); `headers`: the
+        headers tables of the few that have one (a sampled order's), by index."""
+        if not bodies:
+            return []
+        return await self._publish(_Batch.of(bodies, message_ids, headers), timeout)
+
+    async def _publish(self, batch: _Batch, timeout: float) -> list[str]:
         if not self.connected:
             async with self._connecting:
                 if not self.connected:
@@ -117,36 +136,38 @@ class ConfirmPublisher:
         if channel is None:  # another batch dropped it while we waited
             raise aiormq.exceptions.ChannelInvalidStateError("channel closed")
         now = dt.datetime.now(dt.UTC)
-        if framer is not None and max(len(m.body) for m in messages) <= self._max_body:
+        if framer is not None and max(map(len, batch.bodies)) <= self._max_body:
             deadline = asyncio.get_running_loop().time() + timeout
-            return await self._publish_framed(channel, framer, messages, int(now.timestamp()),
+            return await self._publish_framed(channel, framer, batch, int(now.timestamp()),
                                               deadline)
         futures: list[asyncio.Future] = [
-            asyncio.ensure_future(self._send_one(channel, m, now)) for m in messages]
+            asyncio.ensure_future(self._send_one(channel, m, now)) for m in batch.messages()]
         if self._after_send is not None:
             await self._after_send()
         return await _outcomes(futures, timeout)
 
-    async def _publish_framed(self, channel: Any, framer: Framer, messages: Sequence[Message],
+    async def _publish_framed(self, channel: Any, framer: Framer, messages: _Batch,
                               ts: int, deadline: float) -> list[str]:
         loop = asyncio.get_running_loop()
-        batch = _ConfirmBatch(len(messages), loop)
+        batch = _ConfirmBatch(len(messages.bodies), loop)
         first, last = await self._send_framed(channel, framer, messages, ts, batch, deadline)
         if self._after_send is not None:
             await self._after_send()
         closing = channel.closing
         try:
-            await asyncio.wait((batch.done, closing), timeout=max(0.0, deadline - loop.time()),
-                               return_when=asyncio.FIRST_COMPLETED)
+            if not batch.done.done():
+                await asyncio.wait((batch.done, closing),
+                                   timeout=max(0.0, deadline - loop.time()),
+                                   return_when=asyncio.FIRST_COMPLETED)
         finally:
             closing.cancel()
-        _forget_batch(channel, messages, first, last, returned=RETURNED in batch.outcomes)
+        _forget_batch(channel, messages.ids, first, last, returned=RETURNED in batch.outcomes)
         if not batch.done.done():  # timed out or the channel closed under us
             lost = LOST if channel.is_closed else TIMEOUT
             return [lost if o is None else o for o in batch.outcomes]
         return batch.outcomes  # type: ignore[return-value]
 
-    async def _send_framed(self, channel: Any, framer: Framer, messages: Sequence[Message],
+    async def _send_framed(self, channel: Any, framer: Framer, messages: _Batch,
                            ts: int, batch: _ConfirmBatch, deadline: float) -> tuple[int, int]:
         """Frame and queue every publish under the channel lock, by the deadline.
 
@@ -159,7 +180,7 @@ class ConfirmPublisher:
         except TimeoutError as exc:
             if self._channel is channel:  # not a newer one another batch opened
                 await self.close()
-            raise PublishFailed(f"{len(messages)} events: the channel stayed busy past "
+            raise PublishFailed(f"{len(messages.bodies)} events: the channel stayed busy past "
                                 "the publish timeout") from exc
 
     async def _send_one(self, channel: Any, message: Message, now: dt.datetime) -> Any:
@@ -172,25 +193,74 @@ class ConfirmPublisher:
             properties=props, mandatory=True, wait=False)
 
 
-async def _write_framed(channel: Any, framer: Framer, messages: Sequence[Message], ts: int,
+async def _write_framed(channel: Any, framer: Framer, messages: _Batch, ts: int,
                         batch: _ConfirmBatch) -> tuple[int, int]:
+    payload = _frames(framer, messages, ts)
     async with channel.lock:
         if channel.is_closed:
             raise aiormq.exceptions.ChannelInvalidStateError("channel closed")
-        payload = []
         first = tag = channel.delivery_tag
         confirmations, by_id = channel.confirmations, channel.message_id_delivery_tag
-        for index, message in enumerate(messages):
+        for index, message_id in enumerate(messages.ids):
             tag += 1
             confirmations[tag] = _PendingConfirm(batch, index)
-            by_id[message.message_id] = tag
-            type_name = shortstr(message.type_name) if message.type_name else None
-            payload.append(framer.publish(message.body, message.message_id, ts, type_name,
-                                          table(message.headers) if message.headers else b""))
+            by_id[message_id] = tag
         channel.delivery_tag = tag
-        await channel.write_queue.put(ChannelFrame(payload=b"".join(payload),
-                                                  should_close=False))
+        await channel.write_queue.put(ChannelFrame(payload=payload, should_close=False))
     return first + 1, tag
+
+
+def _frames(framer: Framer, messages: _Batch, ts: int) -> bytes:
+    """Every publish of a batch as one write: the framer's batch encoding for runs of
+    the publisher's own event type without headers, one by one for the rest."""
+    headers = messages.headers or {}
+    if messages.type_names is None:
+        if not headers:
+            return framer.publish_many(messages.bodies, messages.ids, ts)
+        parts: list[bytes] = []  # (a sampled order's publish between runs of plain ones)
+        start = 0
+        for i in sorted(headers):
+            parts += (framer.publish_many(messages.bodies[start:i], messages.ids[start:i], ts),
+                      framer.publish(messages.bodies[i], messages.ids[i], ts, None,
+                                     table(headers[i])))
+            start = i + 1
+        parts.append(framer.publish_many(messages.bodies[start:], messages.ids[start:], ts))
+        return b"".join(parts)
+    return b"".join(
+        framer.publish(body, mid, ts, shortstr(kind) if kind else None,
+                       table(headers[i]) if i in headers else b"")
+        for i, (body, mid, kind) in enumerate(zip(messages.bodies, messages.ids,
+                                                  messages.type_names, strict=True)))
+
+
+class _Batch:
+    """A batch's messages as parallel lists: bodies, message IDs, event types (None when
+    every one is the publisher's own), and the headers of those that have some."""
+
+    __slots__ = ("bodies", "ids", "type_names", "headers")
+
+    def __init__(self, messages: Sequence[Message]) -> None:
+        self.bodies = [m.body for m in messages]
+        self.ids = [m.message_id for m in messages]
+        self.type_names: list[str | None] | None = [m.type_name for m in messages]
+        self.headers: Mapping[int, Mapping[str, str]] | None = {
+            i: m.headers for i, m in enumerate(messages) if m.headers} or None
+
+    @classmethod
+    def of(cls, bodies: Sequence[bytes], ids: Sequence[str],
+           headers: Mapping[int, Mapping[str, str]] | None = None) -> _Batch:
+        if len(bodies) != len(ids):
+            raise ValueError(f"{len(bodies)} bodies and {len(ids)} message IDs")
+        batch = cls.__new__(cls)
+        batch.bodies, batch.ids, batch.type_names = list(bodies), list(ids), None
+        batch.headers = headers
+        return batch
+
+    def messages(self) -> list[Message]:
+        kinds = self.type_names or [None] * len(self.bodies)
+        headers = self.headers or {}
+        return [Message(b, i, k, headers.get(n)) for n, (b, i, k) in
+                enumerate(zip(self.bodies, self.ids, kinds, strict=True))]
 
 
 def _fast_path_supported(channel: Any) -> bool:
@@ -261,31 +331,42 @@ def _install_in_order_confirms(channel: Any) -> None:
 
     aiormq schedules a callback per covered tag and scans the whole map for
     every ack frame; tags are inserted in increasing order, so the covered
-    ones are exactly a prefix of the map.
+    ones are exactly a prefix of the map. An ack of one of our publishes
+    settles its place in its batch right here (what aiormq's `_confirm_delivery`
+    and `_PendingConfirm.set_result` would do, without two calls per event);
+    anything else (a nack, a returned publish's marker, someone else's
+    future) goes the way aiormq handles it.
     """
     confirmations = channel.confirmations
     confirm = channel._confirm_delivery  # noqa: SLF001 - see the module docstring
+    ack = aiormq.spec.Basic.Ack
 
     async def on_confirm(frame: Any) -> None:
-        if getattr(frame, "multiple", False):
-            while confirmations:
-                tag = next(iter(confirmations))
-                if tag > frame.delivery_tag:
-                    break
-                confirm(tag, frame)
-        else:
+        if not getattr(frame, "multiple", False):
             confirm(frame.delivery_tag, frame)
+            return
+        last, acked = frame.delivery_tag, isinstance(frame, ack)
+        while confirmations:
+            tag = next(iter(confirmations))
+            if tag > last:
+                break
+            pending = confirmations[tag]
+            if acked and type(pending) is _PendingConfirm:
+                del confirmations[tag]
+                pending.batch.settle(pending.index, CONFIRMED)
+            else:
+                confirm(tag, frame)
 
     channel._on_confirm_frame = on_confirm  # noqa: SLF001
 
 
-def _forget_batch(channel: Any, messages: Sequence[Message], first: int, last: int,
+def _forget_batch(channel: Any, message_ids: Sequence[str], first: int, last: int,
                   *, returned: bool) -> None:
     """Drop the batch's message IDs (and markers of returned publishes) from aiormq's maps."""
     by_id = channel.message_id_delivery_tag
-    for tag, message in enumerate(messages, first):
-        if by_id.get(message.message_id) == tag:
-            del by_id[message.message_id]
+    for tag, message_id in enumerate(message_ids, first):
+        if by_id.get(message_id) == tag:
+            del by_id[message_id]
     if returned:  # aiormq re-inserts a marker for a returned tag at the end of the map
         for tag in [t for t in channel.confirmations if first <= t <= last
                     and not isinstance(channel.confirmations[t], _PendingConfirm)]:

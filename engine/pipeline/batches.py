@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -23,14 +22,14 @@ import asyncpg
 from redis.asyncio import Redis
 
 from engine import backoff
-from engine.amqp.publisher import ConfirmPublisher, Message
+from engine.amqp.publisher import ConfirmPublisher
 from engine.config import Settings
 from engine.connections import RETRYABLE
 from engine.errors import ServiceError, one_line
 from engine.keys import Keys
 from engine.metrics import daemon as metrics
 from engine.pipeline.catalog import Catalog, drop_unknown
-from engine.pipeline.events import build_messages, sort_confirmed
+from engine.pipeline.events import build_events, sort_confirmed
 from engine.pipeline.faults import AFTER_CONFIRMS, AFTER_LOG_COMMIT, AFTER_READ, FAULTS
 from engine.pipeline.ids import Snowflake, assign_ids
 from engine.pipeline.orderrows import write_batch
@@ -141,13 +140,13 @@ class Pipeline:
     async def _publish(self, batch: _BatchProgress, prefixes: dict[int, bytes]) -> None:
         """Publish `batch.todo`: confirmed orders move to `batch.done`, the others stay."""
         t0 = time.perf_counter()
-        messages = build_messages(batch.todo, prefixes, int(self.clock()))
+        bodies, ids = build_events(batch.todo, prefixes, int(self.clock()))
         try:
             with _stage(batch.trace, "publish", "published", batch.todo):
-                if batch.trace is not None:
-                    messages = _with_headers(messages, batch.trace, batch.todo)
-                outcomes = await self.publisher.publish(messages,
-                                                        self.settings.publish_timeout)
+                headers = None if batch.trace is None else batch.trace.headers(
+                    [o.entry_id for o in batch.todo])
+                outcomes = await self.publisher.publish_bodies(
+                    bodies, ids, self.settings.publish_timeout, headers)
         except RETRYABLE:
             metrics.BATCH_FAILURES.labels("publish").inc()
             await self.publisher.close()
@@ -230,16 +229,6 @@ def _stage(trace: BatchTrace | None, name: str, event: str,
     if trace is None:
         return _NO_STAGE
     return trace.stage(name, event, [o.entry_id for o in orders])
-
-
-def _with_headers(messages: list[Message], trace: BatchTrace, orders: list[Order]
-                  ) -> list[Message]:
-    """`messages` (one per order), those of sampled orders carrying their trace context."""
-    headers = trace.headers([o.entry_id for o in orders])
-    if headers is None:
-        return messages
-    return [dataclasses.replace(m, headers=headers[i]) if i in headers else m
-            for i, m in enumerate(messages)]
 
 
 class _Unconfirmed(ServiceError):

@@ -109,10 +109,16 @@ class StreamReader(ABC):
         entries: list[Entry] = []
         dead: list[DeadLetter] = []
         active = 0
+        cursors = self.cursors
         for stream, items in reply:
             if items:
                 active += 1
-            old = await self._advance(stream, items)
+            # new entries (the common case) need no look at the pending list
+            old = {} if cursors.get(stream, NEW) == NEW else await self._advance(stream, items)
+            batch = [Entry(stream, raw_id.decode(), fields) for raw_id, fields in items]
+            if not old and None not in [e.fields for e in batch]:
+                entries += batch
+                continue
             for raw_id, fields in items:
                 stream_id = raw_id.decode()
                 if raw_id in old:

@@ -43,6 +43,7 @@ from engine.pipeline.batches import Pipeline
 from engine.pipeline.catalog import Catalog
 from engine.pipeline.events import INSTANCE_CREATED, TYPE_NAMES
 from engine.pipeline.faults import FAULTS, after_publish
+from engine.pipeline.heap import settle_heap
 from engine.pipeline.ids import NodeLease, Snowflake
 from engine.pipeline.janitor import Janitor
 from engine.pipeline.orderrows import prepare_connection
@@ -123,6 +124,7 @@ class Worker:
         self.watch = StateWatch(self.redis, self.keys, owner)
         await self._until(deadline, self.watch.arm)
         self._inflight = asyncio.Semaphore(s.max_inflight_batches)
+        settle_heap()
         log.info("worker %d booted as %s, node %d", self.slot, self.consumer,
                  self.lease.node_id, extra={"event": "worker_booted", "slot": self.slot,
                                             "node_id": self.lease.node_id})

@@ -11,7 +11,7 @@ from google.protobuf import json_format
 from google.protobuf.internal import api_implementation
 
 from engine.pb import event_pb2
-from engine.pipeline.events import created_body, product_prefix
+from engine.pipeline.events import build_events, build_messages, created_body, product_prefix
 from engine.pipeline.orders import Order
 from engine.products import Product
 
@@ -63,3 +63,77 @@ def test_committed_generated_code_is_fresh(tmp_path):
     for name in ("event_pb2.py", "event_pb2.pyi"):
         assert (tmp_path / name).read_bytes() == (ROOT / "engine" / "pb" / name).read_bytes(), \
             f"engine/pb/{name} is stale: run `make proto` and commit"
+
+
+# Values at every varint length boundary, zeros (left out by proto3) and negatives.
+NUMBERS = [0, 1, 127, 128, 16_383, 16_384, 2_097_151, 2_097_152, 2**31 - 1, 2**62 + 12_345,
+           (1_234_567 << 22) | (5 << 12) | 4_095, 2**63 - 1]
+
+
+def generated(prefix: bytes, order: Order, now: int) -> bytes:
+    return prefix + event_pb2.Event(
+        instance_id=order.instance_id, user_id=order.user_id, timestamp=now,
+        stream_id=order.stream_id, sale_id=order.sale_id or "",
+        slot=order.slot or 0).SerializeToString()
+
+
+def orders_for_bytes() -> list[Order]:
+    out = []
+    for i, n in enumerate(NUMBERS):
+        slot = n if n < 2**31 else 2**31 - 1
+        out += [Order(1001, n, f"{n}-{i}", 0, "s-1", slot, b"x", n),
+                Order(1002, NUMBERS[-1 - i], "1705478400000-0", 0, None, None, b"x",
+                      NUMBERS[i] | 1),
+                Order(1001, 5, "x" * 200, 0, "é" * 70, 1, b"x", n // 2 + 1)]  # 2-byte lengths
+    return out + [Order(1001, -1, "", 0, "", -3, b"x", -5)]  # negatives, empty strings
+
+
+def test_hand_built_events_are_the_generated_class_byte_for_byte():
+    prefixes = {1001: product_prefix(Product(1001, "GPU 计算实例", 8, 32768, "A100", "u:22")),
+                1002: product_prefix(Product(1002, "", 0, 0, "", ""))}
+    orders = orders_for_bytes()
+    for now in (0, 1705478401, 2**40):
+        bodies, ids = build_events(orders, prefixes, now)
+        assert ids == [str(o.instance_id) for o in orders]
+        for order, body in zip(orders, bodies, strict=True):
+            expected = generated(prefixes[order.product_id], order, now)
+            assert body == expected, order
+            assert created_body(prefixes[order.product_id], order, now) == expected
+        messages = build_messages(orders, prefixes, now)
+        assert [m.body for m in messages] == bodies
+
+
+def test_the_byte_check_sees_a_changed_field():
+    prefix = product_prefix(Product(1001, "GPU", 8, 32768, "A100", "u:22"))
+    order = Order(1001, 123, "1705478400000-0", 0, "s-1", 7, b"x", 1234567890)
+    body = build_events([order], {1001: prefix}, 1705478401)[0][0]
+    order.slot = 8
+    assert body != generated(prefix, order, 1705478401)
+
+
+def test_events_decode_with_an_independent_copy_of_the_proto(tmp_path):
+    """Compiled here from a copy of proto/event.proto (its own package, so its own
+    classes): what a consumer built from the contract alone would read."""
+    from grpc_tools import protoc
+
+    text = (ROOT / "proto" / "event.proto").read_text()
+    (tmp_path / "copy_event.proto").write_text(
+        text.replace("package seckill.mq.v1;", "package independent.copy.v1;"))
+    assert protoc.main(["protoc", f"-I{tmp_path}", f"--python_out={tmp_path}",
+                        str(tmp_path / "copy_event.proto")]) == 0
+    spec = importlib.util.spec_from_file_location("copy_event_pb2",
+                                                  tmp_path / "copy_event_pb2.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    product = Product(1001, "GPU 计算实例", 8, 32768, "A100", "ubuntu:22.04")
+    order = Order(1001, 123, "1705478400000-0", 1705478400, "s-1", 7, b"x",
+                  (1_234_567 << 22) | 4_095)
+    body = build_events([order], {1001: product_prefix(product)}, 1705478401)[0][0]
+    event = module.Event.FromString(body)
+    assert (event.event_type, event.instance_id, event.user_id, event.name, event.timestamp,
+            event.product_id, event.stream_id, event.sale_id, event.slot) == (
+        module.INSTANCE_CREATED, order.instance_id, 123, "GPU 计算实例", 1705478401, 1001,
+        "1705478400000-0", "s-1", 7)
+    assert (event.spec.cpus, event.spec.memory_mb, event.spec.gpu, event.spec.image) == (
+        8, 32768, "A100", "ubuntu:22.04")

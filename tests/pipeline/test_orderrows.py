@@ -5,7 +5,14 @@ from __future__ import annotations
 import asyncpg
 import pytest
 
-from engine.pipeline.orderrows import prepare_connection, write_batch
+from engine.pipeline.orderrows import (
+    STAGE_COLUMNS,
+    STAGE_TABLE,
+    copy_data,
+    prepare_connection,
+    stage_rows,
+    write_batch,
+)
 from engine.pipeline.orders import DATA_ERROR, SLOT_CONFLICT, Order
 
 
@@ -68,6 +75,50 @@ async def test_a_data_error_isolates_the_bad_order(pool, product_id):
     good = order(product_id, 1, product_id * 10_000 + 1)
     bad = order(product_id, 2, product_id * 10_000 + 2)
     bad.stream_id = "x" * 65  # longer than the column: only this order can never be logged
+    result = await write_batch(pool, [good, bad], 10)
+    assert [o.stream_id for o in result.logged] == [good.stream_id]
+    assert [d.reason for d in result.refused] == [DATA_ERROR]
+
+
+async def asyncpg_copy_stream(conn: asyncpg.Connection, rows: list[tuple]) -> bytes:
+    """The COPY data asyncpg itself sends for `rows` (its CopyData messages' payloads),
+    caught on the connection's transport while it copies them into the staging table."""
+    sent: list[bytes] = []
+    transport = conn._transport  # noqa: SLF001 - the one place the bytes go through
+    write = transport.write
+    transport.write = lambda data: (sent.append(bytes(data)), write(data))[1]
+    try:
+        async with conn.transaction():
+            await conn.copy_records_to_table(STAGE_TABLE, records=rows, columns=STAGE_COLUMNS)
+    finally:
+        del transport.write
+    wire, out, at = b"".join(sent), bytearray(), 0
+    while at < len(wire):  # frontend messages: type byte, int32 length (with itself), body
+        size = int.from_bytes(wire[at + 1:at + 5], "big")
+        if wire[at:at + 1] == b"d":
+            out += wire[at + 5:at + 1 + size]
+        at += 1 + size
+    return bytes(out)
+
+
+ROW_CASES = [
+    order(10**9 + 7, 1, 2**62 + 12345),
+    order(10**9 + 7, 2, 1, sale=None),  # NULL sale and slot
+    Order(2**63 - 1, 2**63 - 1, "9999999999999-99999", 0, "é-sale", 2**31 - 1, b"s", 2**63 - 1),
+    Order(1, 1, "", 0, "", 0, b"s", 0),  # empty strings are not NULLs
+]
+
+
+async def test_copy_data_is_asyncpgs_encoding_byte_for_byte(pool):
+    async with pool.acquire() as conn:
+        expected = await asyncpg_copy_stream(conn, stage_rows(ROW_CASES))
+    assert bytes(copy_data(ROW_CASES)) == expected
+    assert copy_data(ROW_CASES[:1]) != copy_data([order(10**9 + 7, 1, 2**62 + 12346)])
+
+
+async def test_a_number_out_of_its_column_is_a_data_error(pool, product_id):
+    good = order(product_id, 1, product_id * 10_000 + 1)
+    bad = order(product_id, 2, product_id * 10_000 + 2, slot=2**31)  # beyond INTEGER
     result = await write_batch(pool, [good, bad], 10)
     assert [o.stream_id for o in result.logged] == [good.stream_id]
     assert [d.reason for d in result.refused] == [DATA_ERROR]

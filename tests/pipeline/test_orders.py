@@ -11,6 +11,7 @@ from engine.pipeline.orders import (
     DeadLetter,
     Entry,
     Order,
+    _decode_carefully,
     decode_batch,
     decode_entry,
     entry_ms,
@@ -113,3 +114,28 @@ def test_order_fields_round_trip() -> None:
     fields = {b"uid": b"9", b"ts": b"5", b"sale": b"s", b"slot": b"3", b"orig": b"1-1"}
     o = decode(fields, sid="2-2")
     assert isinstance(o, Order) and order_fields(o) == fields
+
+
+VARIANTS = {
+    b"uid": [b"1", b"123", b"0", b"-1", b"9223372036854775807", b"9223372036854775808",
+             b"1" * 20, b"", b"x1", None],
+    b"ts": [b"1700000000", b"1" * 12, b"1" * 13, b"", b"-5", None],
+    b"sale": [b"s-1", b"x" * 64, b"x" * 65, b"", "é".encode(), None],
+    b"slot": [b"7", b"2147483647", b"2147483648", b"0", b"00000000001", b"", None],
+    b"orig": [None, b"1-1", b"bad"],
+    b"from": [None, b"waitlist"],
+}
+
+
+def test_the_quick_path_decides_as_the_careful_one() -> None:
+    """Every mix of good and bad values (and unknown extra fields) gets the same order or
+    the same dead letter from `decode_entry` as from the careful path alone."""
+    import itertools
+    names = list(VARIANTS)
+    for values in itertools.product(*VARIANTS.values()):
+        fields = {k: v for k, v in zip(names, values, strict=True) if v is not None}
+        for pid, sid, limit in ((1001, "1700000000000-0", 4096), (None, "1-1", 4096),
+                                (1001, "1-" + "9" * 70, 4096), (1001, "1-1", 40),
+                                (1001, "1-1", 118), (1001, "1-1", 117)):
+            assert decode_entry(S, pid, sid, fields, limit) == \
+                _decode_carefully(S, pid, sid, fields, limit), (fields, pid, sid, limit)
