@@ -253,3 +253,19 @@ async def test_headers_reach_the_consumer_on_either_path(settings, fast):
     finally:
         await publisher.close()
         await conn.close()
+
+
+def test_a_batch_frames_its_sampled_publishes_among_the_others():
+    """The batch encoding for the plain runs, a sampled order's publish with its headers
+    between them: byte for byte the publishes one by one."""
+    from engine.amqp.publisher import _Batch, _frames
+
+    framer = Framer.create(1, EXCHANGE, RK_CREATED, "INSTANCE_CREATED", user_id="seckill_engine")
+    bodies, ids = [b"a", b"bb", b"ccc", b"dddd"], ["1", "2", "3", "4"]
+    carried = {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}
+    for sampled in ({}, {0: carried}, {2: carried}, {1: carried, 3: carried}):
+        one_by_one = b"".join(framer.publish(b, i, 1_700_000_000, None,
+                                             table(sampled[n]) if n in sampled else b"")
+                              for n, (b, i) in enumerate(zip(bodies, ids, strict=True)))
+        batch = _Batch.of(bodies, ids, sampled or None)
+        assert _frames(framer, batch, 1_700_000_000) == one_by_one
