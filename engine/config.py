@@ -101,6 +101,14 @@ def url_with_schemes(*schemes: str) -> Check:
     return check
 
 
+def blank_or(check: Check) -> Check:
+    """`check`, unless the value is '' (the setting's "not set")."""
+    def either(name: str, value: Any, kind: str) -> None:
+        if value != "":
+            check(name, value, kind)
+    return either
+
+
 def retried(name: str, value: Any, kind: str) -> None:
     """One delivery is no retry: an entry would be dead-lettered on its first failure."""
     if value < 2:
@@ -333,6 +341,18 @@ class Settings:
     log_level: str = _doc("DEBUG, INFO, WARNING or ERROR.",
                           check=level_name, default="INFO")
     log_json: bool = _doc("JSON log lines (true) or plain text (false).", default=True)
+
+    # -- tracing ---------------------------------------------------------------
+    trace_sample: float = _doc("Share of purchase attempts the BFF traces (0..1; 0 = tracing "
+                               "off in every process: no span, no exporter; the engine and "
+                               "the Resource Domain follow an order's own sampling).",
+                               check=fraction, default=0.0)
+    trace_endpoint: str = _doc("OTLP/HTTP collector URL, spans go to its /v1/traces ('' = "
+                               "OTEL_EXPORTER_OTLP_ENDPOINT, else http://localhost:4318).",
+                               check=blank_or(url_with_schemes("http", "https")), default="")
+    trace_queue: int = _doc("Finished spans a process holds for export; past it spans are "
+                            "dropped and counted (seckill_trace_spans_dropped_total), never "
+                            "waited for.", check=positive, default=2048)
 
     def __post_init__(self) -> None:
         for f in fields(self):

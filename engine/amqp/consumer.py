@@ -52,12 +52,13 @@ class Delivery:
     body: bytes
     user_id: str = ""
     message_type: str = ""
+    headers: dict[str, Any] | None = None  # the headers table: a sampled order's trace
 
 
 def delivery_of(message: Any) -> Delivery:
     props = message.header.properties
     return Delivery(message.delivery.delivery_tag, message.body, props.user_id or "",
-                    props.message_type or "")
+                    props.message_type or "", props.headers)
 
 
 Handler = Callable[[list[Delivery]], Awaitable[None]]

@@ -8,7 +8,7 @@ what pamqp would write, which tests/pipeline/test_publisher.py checks.
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from engine.amqp.topology import CONTENT_TYPE
@@ -20,6 +20,7 @@ BASIC_CLASS, PUBLISH_METHOD = 60, 40
 # and user-id when the publisher names its user (the consumers trust nothing without it)
 _FLAGS = (1 << 15) | (1 << 12) | (1 << 7) | (1 << 6) | (1 << 5)
 USER_ID_FLAG = 1 << 4
+HEADERS_FLAG = 1 << 13  # the headers table: only a sampled order's event carries one
 PERSISTENT = 2
 _SIZES = struct.Struct(">IHHQH")  # header frame size; class, weight, body size, flags
 _SIZE = struct.Struct(">I")
@@ -31,6 +32,13 @@ def shortstr(text: str) -> bytes:
     if len(raw) > 255:
         raise ValueError(f"AMQP short string too long: {len(raw)} bytes")
     return bytes((len(raw),)) + raw
+
+
+def table(headers: Mapping[str, str]) -> bytes:
+    """An AMQP field table of long strings ('S'), as pamqp encodes a dict of str."""
+    items = b"".join(shortstr(name) + b"S" + struct.pack(">I", len(raw)) + raw
+                     for name, raw in ((k, v.encode()) for k, v in headers.items()))
+    return struct.pack(">I", len(items)) + items
 
 
 def _frame(kind: int, channel: int, payload: bytes) -> bytes:
@@ -60,14 +68,16 @@ class Framer:
                    _FLAGS | USER_ID_FLAG if user_id else _FLAGS)
 
     def publish(self, body: bytes, message_id: str, timestamp: int,
-                type_name: bytes | None = None) -> bytes:
+                type_name: bytes | None = None, headers: bytes = b"") -> bytes:
         """Bytes of one persistent publish, byte-identical to what pamqp would write.
 
-        `type_name` (an encoded short string) overrides the framer's event type.
+        `type_name` (an encoded short string) overrides the framer's event type;
+        `headers` (an encoded `table`) adds the headers property.
         """
-        props = (self.content_type + bytes((PERSISTENT,)) + shortstr(message_id)
+        props = (self.content_type + headers + bytes((PERSISTENT,)) + shortstr(message_id)
                  + struct.pack(">Q", timestamp) + (type_name or self.type_name) + self.user_id)
-        header = struct.pack(">HHQH", BASIC_CLASS, 0, len(body), self.flags) + props
+        flags = self.flags | HEADERS_FLAG if headers else self.flags
+        header = struct.pack(">HHQH", BASIC_CLASS, 0, len(body), flags) + props
         return b"".join((
             self.method_frame,
             self.header_prefix, struct.pack(">I", len(header)), header, FRAME_END,

@@ -22,14 +22,14 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import aiormq
 from aiormq.abc import ChannelFrame
 
-from engine.amqp.framing import PERSISTENT, Framer, shortstr
+from engine.amqp.framing import PERSISTENT, Framer, shortstr, table
 from engine.amqp.logins import ENGINE, login, user_of
 from engine.amqp.topology import CONTENT_TYPE, EXCHANGE
 from engine.config import Settings, mask_url
@@ -47,6 +47,7 @@ class Message:
     body: bytes
     message_id: str
     type_name: str | None = None  # None: the publisher's own event type
+    headers: Mapping[str, str] | None = None  # a sampled order's trace context
 
 
 class ConfirmPublisher:
@@ -109,17 +110,22 @@ class ConfirmPublisher:
         if not messages:
             return []
         if all(m.type_name is None for m in messages):
+            headers = {i: m.headers for i, m in enumerate(messages) if m.headers}
             return await self.publish_bodies([m.body for m in messages],
-                                             [m.message_id for m in messages], timeout)
+                                             [m.message_id for m in messages], timeout,
+                                             headers or None)
         return await self._publish(_Batch(messages), timeout)
 
     async def publish_bodies(self, bodies: Sequence[bytes], message_ids: Sequence[str],
-                             timeout: float) -> list[str]:
+                             timeout: float,
+                             headers: Mapping[int, Mapping[str, str]] | None = None
+                             ) -> list[str]:
         """`publish` of messages of the publisher's own event type, given as two lists
-        (a batch's bodies and IDs, without an object per message)."""
+        (a batch's bodies and IDs, without an object per message); `headers`: the
+        headers tables of the few that have one (a sampled order's), by index."""
         if not bodies:
             return []
-        return await self._publish(_Batch.of(bodies, message_ids), timeout)
+        return await self._publish(_Batch.of(bodies, message_ids, headers), timeout)
 
     async def _publish(self, batch: _Batch, timeout: float) -> list[str]:
         if not self.connected:
@@ -181,7 +187,7 @@ class ConfirmPublisher:
         props = aiormq.spec.Basic.Properties(
             content_type=CONTENT_TYPE, delivery_mode=PERSISTENT, message_id=message.message_id,
             timestamp=now, message_type=message.type_name or self._type_name,
-            user_id=self.user)
+            user_id=self.user, headers=dict(message.headers) if message.headers else None)
         return await channel.basic_publish(
             message.body, exchange=EXCHANGE, routing_key=self._routing_key,
             properties=props, mandatory=True, wait=False)
@@ -189,13 +195,7 @@ class ConfirmPublisher:
 
 async def _write_framed(channel: Any, framer: Framer, messages: _Batch, ts: int,
                         batch: _ConfirmBatch) -> tuple[int, int]:
-    if messages.type_names is None:
-        payload = framer.publish_many(messages.bodies, messages.ids, ts)
-    else:
-        payload = b"".join(
-            framer.publish(body, mid, ts, shortstr(kind) if kind else None)
-            for body, mid, kind in zip(messages.bodies, messages.ids, messages.type_names,
-                                       strict=True))
+    payload = _frames(framer, messages, ts)
     async with channel.lock:
         if channel.is_closed:
             raise aiormq.exceptions.ChannelInvalidStateError("channel closed")
@@ -210,28 +210,57 @@ async def _write_framed(channel: Any, framer: Framer, messages: _Batch, ts: int,
     return first + 1, tag
 
 
+def _frames(framer: Framer, messages: _Batch, ts: int) -> bytes:
+    """Every publish of a batch as one write: the framer's batch encoding for runs of
+    the publisher's own event type without headers, one by one for the rest."""
+    headers = messages.headers or {}
+    if messages.type_names is None:
+        if not headers:
+            return framer.publish_many(messages.bodies, messages.ids, ts)
+        parts: list[bytes] = []  # (a sampled order's publish between runs of plain ones)
+        start = 0
+        for i in sorted(headers):
+            parts += (framer.publish_many(messages.bodies[start:i], messages.ids[start:i], ts),
+                      framer.publish(messages.bodies[i], messages.ids[i], ts, None,
+                                     table(headers[i])))
+            start = i + 1
+        parts.append(framer.publish_many(messages.bodies[start:], messages.ids[start:], ts))
+        return b"".join(parts)
+    return b"".join(
+        framer.publish(body, mid, ts, shortstr(kind) if kind else None,
+                       table(headers[i]) if i in headers else b"")
+        for i, (body, mid, kind) in enumerate(zip(messages.bodies, messages.ids,
+                                                  messages.type_names, strict=True)))
+
+
 class _Batch:
     """A batch's messages as parallel lists: bodies, message IDs, event types (None when
-    every one is the publisher's own)."""
+    every one is the publisher's own), and the headers of those that have some."""
 
-    __slots__ = ("bodies", "ids", "type_names")
+    __slots__ = ("bodies", "ids", "type_names", "headers")
 
     def __init__(self, messages: Sequence[Message]) -> None:
         self.bodies = [m.body for m in messages]
         self.ids = [m.message_id for m in messages]
         self.type_names: list[str | None] | None = [m.type_name for m in messages]
+        self.headers: Mapping[int, Mapping[str, str]] | None = {
+            i: m.headers for i, m in enumerate(messages) if m.headers} or None
 
     @classmethod
-    def of(cls, bodies: Sequence[bytes], ids: Sequence[str]) -> _Batch:
+    def of(cls, bodies: Sequence[bytes], ids: Sequence[str],
+           headers: Mapping[int, Mapping[str, str]] | None = None) -> _Batch:
         if len(bodies) != len(ids):
             raise ValueError(f"{len(bodies)} bodies and {len(ids)} message IDs")
         batch = cls.__new__(cls)
         batch.bodies, batch.ids, batch.type_names = list(bodies), list(ids), None
+        batch.headers = headers
         return batch
 
     def messages(self) -> list[Message]:
         kinds = self.type_names or [None] * len(self.bodies)
-        return [Message(b, i, k) for b, i, k in zip(self.bodies, self.ids, kinds, strict=True)]
+        headers = self.headers or {}
+        return [Message(b, i, k, headers.get(n)) for n, (b, i, k) in
+                enumerate(zip(self.bodies, self.ids, kinds, strict=True))]
 
 
 def _fast_path_supported(channel: Any) -> bool:

@@ -47,6 +47,7 @@ from engine.keys import Keys
 from engine.metrics import daemon as metrics
 from engine.orderstates import FAILED, RELEASED, RELEASING, RUNNING
 from engine.pb import event_pb2
+from engine.tracing import Tracing
 
 log = logging.getLogger("seckill.status")
 
@@ -100,6 +101,7 @@ class Report:
     first_seen: float
     user_id: int = 0  # whose order the report says it is: checked against the row
     product_id: int = 0
+    trace: Any = None  # a sampled order's context, from the message's headers
 
 
 def decode_report(body: bytes, delivery_tag: int, now: float) -> Report | None:
@@ -166,8 +168,11 @@ def one_per_instance(reports: list[Report]) -> tuple[list[Report], list[Report]]
 class StatusConsumer:
     """Consumes `QUEUE_STATUS` and applies reports in batches."""
 
-    def __init__(self, settings: Settings, redis: Redis, pool: asyncpg.Pool) -> None:
+    def __init__(self, settings: Settings, redis: Redis, pool: asyncpg.Pool,
+                 tracing: Tracing | None = None) -> None:
         self.settings = settings
+        self.tracing = tracing  # ends a sampled order's trace (engine.tracing)
+        self._spans: dict[int, Any] = {}  # instance ID -> its status.update, while applied
         self.redis = redis
         self.pool = pool
         self.keys = Keys(settings.key_prefix)
@@ -205,6 +210,8 @@ class StatusConsumer:
             if report is None:
                 garbage.append(delivery)
             else:
+                if self.tracing is not None and delivery.headers:
+                    report.trace = self.tracing.from_headers(delivery.headers)
                 reports.append(report)
         reports = self._held + reports  # held ones arrived first
         self._held = []
@@ -218,8 +225,32 @@ class StatusConsumer:
                                     f"{r.instance_id}.{self.settings.rd_domain}",
                                     instance_id=r.instance_id, endpoint=r.endpoint[:200])
         reports = [r for r in reports if r not in foreign]
-        if reports:
+        if not reports:
+            return
+        traced = [r for r in reports if r.trace is not None]
+        if not traced:
             await self.apply(reports)
+            return
+        await self._traced_apply(reports, traced)
+
+    async def _traced_apply(self, reports: list[Report], traced: list[Report]) -> None:
+        """`apply`, each sampled order's report a span ending its trace: the update of
+        its row and the hand-off of a failed order's unit (a report held for an order
+        not logged yet gets its span when it is applied)."""
+        assert self.tracing is not None
+        spans = [(r, self.tracing.start("status.update", r.trace, kind="consumer",
+                                        attributes={"seckill.instance_id": str(r.instance_id),
+                                                    "seckill.status": r.status}))
+                 for r in traced]
+        self._spans = {r.instance_id: span for r, span in spans}
+        try:
+            await self.apply(reports)
+        finally:
+            self._spans = {}
+            held = {id(r) for r in self._held}
+            for report, span in spans:
+                if id(report) not in held:
+                    span.end()
 
     async def apply(self, reports: list[Report]) -> None:
         """Apply one report per instance; acknowledge every report of a known instance,
@@ -289,18 +320,29 @@ class StatusConsumer:
         its sale), then mark the order."""
         done = []
         for row in rows:
-            if row["sale_id"] is None:
-                result = "no_sale"  # an order added by hand took no unit of a sale
-            else:
-                result = await self.gate.refund(row["product_id"], row["user_id"],
-                                                row["sale_id"], row["slot"], row["stream_id"])
-            metrics.COMPENSATIONS.labels(result).inc()
-            log.info("compensation for instance %d: %s", row["instance_id"], result,
-                     extra={"event": "compensation", "result": result,
-                            "instance_id": row["instance_id"], "product_id": row["product_id"]})
+            span = self._spans.get(row["instance_id"]) if self._spans else None
+            if span is None:
+                await self._hand_on(row)
+            else:  # a sampled order's: its log line and an event in its trace
+                assert self.tracing is not None
+                with self.tracing.within(span):
+                    span.add_event("unit_handed_on", {"seckill.result": await self._hand_on(row)})
             done.append(row["instance_id"])
         async with self.pool.acquire() as conn:
             await conn.execute(MARK_COMPENSATED, done)
+
+    async def _hand_on(self, row: asyncpg.Record) -> str:
+        """One failed or released order's unit to the waitlist's head or its sale."""
+        if row["sale_id"] is None:
+            result = "no_sale"  # an order added by hand took no unit of a sale
+        else:
+            result = await self.gate.refund(row["product_id"], row["user_id"],
+                                            row["sale_id"], row["slot"], row["stream_id"])
+        metrics.COMPENSATIONS.labels(result).inc()
+        log.info("compensation for instance %d: %s", row["instance_id"], result,
+                 extra={"event": "compensation", "result": result,
+                        "instance_id": row["instance_id"], "product_id": row["product_id"]})
+        return result
 
     async def _hold_or_drop(self, unknown: list[Report]) -> None:
         """A report can overtake its order's row: retry it for a while, then give up."""

@@ -39,6 +39,7 @@ from typing import Any
 import orjson
 from redis.exceptions import RedisClusterException, RedisError
 
+from engine import tracing
 from engine.config import Settings, load_settings
 from engine.connections import PG_ERRORS, connect_redis, create_pg_pool
 from engine.errors import ConfigError, InvalidInput, Overloaded, ServiceUnavailable
@@ -75,6 +76,9 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 MAX_BODY = 1024
 PREFIX = "/api/v1/seckill/"
+SERVICE = "seckill-bff"  # the traces' service name, unless OTEL_SERVICE_NAME says otherwise
+BUY_ROUTE = PREFIX + "{product_id}"
+BUY_SPAN = "POST " + BUY_ROUTE
 # a gate outcome's HTTP status (engine.gate.redis_gate.Outcome)
 HTTP_STATUS_OF_OUTCOME = {"accepted": 202, "duplicate": 409, "sold_out": 410, "no_sale": 404,
                           "rate_limited": 429, "not_started": 425, "ended": 410,
@@ -188,8 +192,11 @@ class BffApp:
 
         self.metrics = bffmetrics
         # the API: a path shape (_route) -> method -> (metrics label, handler)
+        # trace_sample 0: no tracing at all, and the route holds the untraced handler
+        self.tracing = tracing.setup(settings, SERVICE)
+        buy = self._buy if self.tracing is None else self._traced_buy
         self.routes: dict[str, Route] = {
-            "buy": Route({"POST": ("buy", self._buy), "GET": ("sale", self._sale)}),
+            "buy": Route({"POST": ("buy", buy), "GET": ("sale", self._sale)}),
             "order": Route({"GET": ("order", self._order),
                             "DELETE": ("release", self._release)}),
             "mine": Route({"GET": ("order", self._my_order),
@@ -347,9 +354,34 @@ class BffApp:
             ip = self.client_ip.of(ip, request.header_lines("x-forwarded-for"))
         return ip
 
-    async def _buy(self, request: Request, ids: list[str]) -> Answer:
+    async def _traced_buy(self, request: Request, ids: list[str]) -> Answer:
+        """`_buy` with tracing on: an attempt the edge samples (`trace_sample`, or the
+        sampled flag of a trusted proxy's `traceparent`) is a server span, whose context
+        the gate writes into the order's stream entry. A `traceparent` from anyone else
+        is ignored: a client must not choose to be traced, and what that costs us."""
+        t = self.tracing
+        assert t is not None
+        parent = None
+        if self.client_ip.trusts(request.peer()):
+            parent = t.http_parent(request.header("traceparent"), request.header("tracestate"))
+        if not t.sampled(parent):
+            return await self._buy(request, ids)
+        # (one attribute: each costs microseconds; the name says the method and route)
+        span = t.start(BUY_SPAN, parent, kind="server", attributes={"url.path": request.path})
+        with t.current(span):
+            try:
+                answer = await self._buy(request, ids, trace=t.stream_value(span))
+            except Exception as exc:
+                span.set_attribute("http.response.status_code", http_status_of(exc))
+                raise
+            span.set_attribute("http.response.status_code", answer[0])
+        return answer
+
+    async def _buy(self, request: Request, ids: list[str], trace: str | None = None
+                   ) -> Answer:
         """POST .../{product_id}: a purchase attempt (the hot path: one coroutine, the
-        token cache and the in-flight cap inline).
+        token cache and the in-flight cap inline); `trace`: a sampled attempt's context,
+        for its stream entry (`_traced_buy`).
 
         A sale this process knows is sold out is answered 410 before the token is
         verified or the body read: whoever asks, the answer is the same (and public:
@@ -378,7 +410,8 @@ class BffApp:
             assert user_id is not None
             ip = self._client_address(request)
             gate = self.gate if self.gate is not None else await self._gate()
-            result = await gate.attempt(pid, user_id, ip=ip)  # (both IDs validated above)
+            # (both IDs validated above)
+            result = await gate.attempt(pid, user_id, ip=ip, trace=trace)
         if result.outcome == "accepted":
             return 202, orjson.dumps({"status": "accepted", "stream_id": result.stream_id,
                                       "slot": result.slot}), []
@@ -482,6 +515,8 @@ class BffApp:
                 return
 
     async def _close(self) -> None:
+        if self.tracing is not None:  # (what it holds is exported, within 2 s)
+            await asyncio.to_thread(self.tracing.close)
         if self.verifier is not None:
             await self.verifier.keyset.stop()
         if self.gate is not None:

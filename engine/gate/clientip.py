@@ -75,6 +75,16 @@ class ClientIp:
     def _trusted(self, ip: Address) -> bool:
         return any(ip in net for net in self.proxies)
 
+    def trusts(self, peer: str | None) -> bool:
+        """Whether the TCP peer `peer` is one of our proxies, whose headers we believe
+        (X-Forwarded-For here, a `traceparent` in engine.gate.app)."""
+        if not self.proxies or peer is None:
+            return False
+        try:
+            return self._trusted(ipaddress.ip_address(peer))
+        except ValueError:
+            return False
+
     def of(self, peer: str | None, forwarded_for: Lines | None) -> str | None:
         """The client address of a request from `peer` carrying `forwarded_for`: the
         X-Forwarded-For header's lines (one line, as str or bytes, or all of them in

@@ -251,10 +251,11 @@ class Gate:
                                   validate_id("user_id", user_id), ts, ip)
 
     async def attempt(self, pid: int, uid: int, ts: int | None = None,
-                      ip: str | None = None) -> GateResult:
+                      ip: str | None = None, trace: str | None = None) -> GateResult:
         """`buy` with IDs its caller has validated already (`validate_id`): the BFF's,
-        which checked them before reading the body and pays for that once."""
-        keys, args = self.attempt_call(pid, uid, ts, ip)
+        which checked them before reading the body and pays for that once. `trace`: a
+        sampled attempt's context (engine.tracing), for its order's stream entry."""
+        keys, args = self.attempt_call(pid, uid, ts, ip, trace)
         acked = None
         if self._routed is None:
             reply = await self._buy(keys, args)
@@ -279,16 +280,20 @@ class Gate:
         return GateResult(outcome, stream_id, int(reply[2]))
 
     def attempt_call(self, pid: int, uid: int, ts: int | None = None,
-                     ip: str | None = None) -> tuple[list[str], list[str | int]]:
+                     ip: str | None = None, trace: str | None = None
+                     ) -> tuple[list[str], list[str | int]]:
         """The purchase script's keys and arguments for one attempt (bench/gatescript.py
         calls the script with these too). The limits' arguments end at the last one that
-        is set: every argument costs the script's one Redis thread on every call."""
+        is set: every argument costs the script's one Redis thread on every call. A
+        sampled attempt's `trace` follows all four (ARGV[7]): only it pays for them."""
         k = self.keys
         # no address, no per-IP key (KEYS[9] nil): an empty key name would hash to slot
         # 0 and make the call CROSSSLOT on a Redis Cluster
         keys = [*self._product_keys(pid), k.stream(pid), k.window(pid), k.gate_state(pid),
                 k.user_limiter(pid, uid), *([k.ip_limiter(pid, ip)] if ip else [])]
         limits = self.limits
+        if trace:
+            return keys, [uid, int(time.time()) if ts is None else ts, *limits, trace]
         if float(limits[2]) == 0:
             limits = limits[:2] if float(limits[0]) else []
         return keys, [uid, int(time.time()) if ts is None else ts, *limits]

@@ -10,7 +10,9 @@
 --       reads it (Keys.gate_state), 8 the user's limiter, 9 the client IP's limiter
 --       (absent: no per-IP limit); 7 is passed whenever 8 is
 -- ARGV: 1 user ID, 2 unix seconds; optional: 3 user rate/s, 4 user burst, 5 IP rate/s,
---       6 IP burst (the defaults of the caller; 0 = no limit)
+--       6 IP burst (the defaults of the caller; 0 = no limit), 7 a sampled attempt's
+--       trace context (engine/tracing.py), written as the entry's `tp` field (absent: the
+--       entry has no such field; present, 3 to 6 are too)
 -- Reply: {1, stream entry ID, slot (decimal string)} accepted | {2} duplicate | {3} sold out | {0} no sale
 --        | {4, retry after ms, 'user' or 'ip'} rate-limited | {5, start ms, now ms} not
 --        started | {6, end ms} ended
@@ -168,8 +170,14 @@ end
 -- also refuses a free-slots key of another type before anything is written)
 local free = redis.call('LINDEX', KEYS[4], '0')
 local slot = free or stock
-local id = redis.pcall('XADD', KEYS[5], '*', 'uid', ARGV[1], 'ts', ARGV[2],
-                       'sale', sale, 'slot', slot)
+local id
+if ARGV[7] then
+  id = redis.pcall('XADD', KEYS[5], '*', 'uid', ARGV[1], 'ts', ARGV[2],
+                   'sale', sale, 'slot', slot, 'tp', ARGV[7])
+else
+  id = redis.pcall('XADD', KEYS[5], '*', 'uid', ARGV[1], 'ts', ARGV[2],
+                   'sale', sale, 'slot', slot)
+end
 if type(id) == 'table' then
   local kind = redis.call('TYPE', KEYS[5])['ok']
   if kind ~= 'stream' and kind ~= 'none' then

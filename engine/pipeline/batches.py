@@ -11,10 +11,12 @@ committed and its event confirmed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import asyncpg
 from redis.asyncio import Redis
@@ -32,8 +34,10 @@ from engine.pipeline.faults import AFTER_CONFIRMS, AFTER_LOG_COMMIT, AFTER_READ,
 from engine.pipeline.ids import Snowflake, assign_ids
 from engine.pipeline.orderrows import write_batch
 from engine.pipeline.orders import DeadLetter, Entry, Order, decode_batch, entry_ms
+from engine.pipeline.ordertrace import BatchTrace, sampled_parents
 from engine.pipeline.redelivery import error_keys, hold, record_errors
 from engine.pipeline.settle import settle
+from engine.tracing import Tracing
 
 log = logging.getLogger("seckill.pipeline")
 
@@ -43,7 +47,8 @@ class Pipeline:
 
     def __init__(self, *, settings: Settings, keys: Keys, redis: Redis, pool: asyncpg.Pool,
                  publisher: ConfirmPublisher, catalog: Catalog, snowflake: Snowflake,
-                 consumer: str, clock: Callable[[], float] = time.time) -> None:
+                 consumer: str, clock: Callable[[], float] = time.time,
+                 tracing: Tracing | None = None) -> None:
         self.settings = settings
         self.keys = keys
         self.redis = redis
@@ -53,11 +58,24 @@ class Pipeline:
         self.snowflake = snowflake
         self.consumer = consumer
         self.clock = clock
+        self.tracing = tracing
 
     async def process(self, entries: list[Entry], extra_dead: Sequence[DeadLetter] = ()) -> None:
         """Take a batch all the way to acknowledged (or dead-lettered)."""
         if FAULTS.armed and FAULTS.reached(AFTER_READ):
             FAULTS.kill()
+        if self.tracing is not None:
+            parents = sampled_parents(self.tracing, entries)
+            if parents is not None:  # (a batch without a sampled order: nothing more)
+                trace = BatchTrace(self.tracing, parents, len(entries))
+                try:
+                    return await self._prepared(entries, extra_dead, trace)
+                finally:
+                    trace.end()
+        await self._prepared(entries, extra_dead)
+
+    async def _prepared(self, entries: list[Entry], extra_dead: Sequence[DeadLetter],
+                        trace: BatchTrace | None = None) -> None:
         t0 = time.perf_counter()
         metrics.BATCH_SIZE.observe(len(entries))
         orders, dead = decode_batch(entries, self.keys, self.settings.max_entry_bytes)
@@ -70,7 +88,7 @@ class Pipeline:
         prefixes = {pid: prefix for pid, (_, prefix) in products.items()}
         t1 = time.perf_counter()
         metrics.STAGE_SECONDS.labels("prepare").observe(t1 - t0)
-        await self._deliver(orders, dead, prefixes, failures)
+        await self._deliver(orders, dead, prefixes, failures, trace)
 
     async def record_crash(self, entries: list[Entry], exc: BaseException) -> None:
         """Remember the error of a batch that crashed (a bug, neither bad data nor an
@@ -79,16 +97,20 @@ class Pipeline:
         await record_errors(self.redis, self.keys, entries, one_line(exc, typed=True))
 
     async def _deliver(self, orders: list[Order], dead: list[DeadLetter],
-                       prefixes: dict[int, bytes], attempt: int = 0) -> None:
-        batch = _BatchProgress(orders, [], dead)
+                       prefixes: dict[int, bytes], attempt: int = 0,
+                       trace: BatchTrace | None = None) -> None:
+        batch = _BatchProgress(orders, [], dead, trace)
         while True:
             try:
                 if batch.todo:
                     await self._log(batch)
                     await self._publish(batch, prefixes)
                 # errors were recorded for this batch only if an attempt failed
-                await self._settle(batch.done, batch.dead,
-                                   error_keys(self.keys, batch.held()) if attempt else ())
+                with _stage(trace, "ack", "acked", batch.done):
+                    if trace is not None:
+                        trace.dead_lettered(d.entry_id for d in batch.dead)
+                    await self._settle(batch.done, batch.dead,
+                                       error_keys(self.keys, batch.held()) if attempt else ())
                 batch.done, batch.dead = [], []
                 if not batch.todo:
                     return
@@ -102,7 +124,8 @@ class Pipeline:
         the instance ID they were logged with first."""
         t0 = time.perf_counter()
         try:
-            result = await write_batch(self.pool, batch.todo, self.settings.db_timeout)
+            with _stage(batch.trace, "log", "logged", batch.todo):
+                result = await write_batch(self.pool, batch.todo, self.settings.db_timeout)
         except RETRYABLE:
             metrics.BATCH_FAILURES.labels("log").inc()
             raise
@@ -119,8 +142,11 @@ class Pipeline:
         t0 = time.perf_counter()
         bodies, ids = build_events(batch.todo, prefixes, int(self.clock()))
         try:
-            outcomes = await self.publisher.publish_bodies(bodies, ids,
-                                                           self.settings.publish_timeout)
+            with _stage(batch.trace, "publish", "published", batch.todo):
+                headers = None if batch.trace is None else batch.trace.headers(
+                    [o.entry_id for o in batch.todo])
+                outcomes = await self.publisher.publish_bodies(
+                    bodies, ids, self.settings.publish_timeout, headers)
         except RETRYABLE:
             metrics.BATCH_FAILURES.labels("publish").inc()
             await self.publisher.close()
@@ -187,9 +213,22 @@ class _BatchProgress:
     todo: list[Order]
     done: list[Order]
     dead: list[DeadLetter]
+    trace: BatchTrace | None = None  # when it holds sampled orders
 
     def held(self) -> list[Order | DeadLetter]:
         return [*self.todo, *self.done, *self.dead]
+
+
+_NO_STAGE = contextlib.nullcontext()
+
+
+def _stage(trace: BatchTrace | None, name: str, event: str,
+           orders: list[Order]) -> contextlib.AbstractContextManager[Any]:
+    """The stage's spans (BatchTrace.stage) for a batch holding sampled orders; else a
+    context that does nothing."""
+    if trace is None:
+        return _NO_STAGE
+    return trace.stage(name, event, [o.entry_id for o in orders])
 
 
 class _Unconfirmed(ServiceError):

@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 
 import uvloop
 
-from engine import backoff, exits
+from engine import backoff, exits, tracing
 from engine.amqp.publisher import ConfirmPublisher
 from engine.amqp.topology import RK_CREATED
 from engine.config import Settings, default_engine_id
@@ -51,6 +51,7 @@ from engine.pipeline.orders import DeadLetter, Entry
 from engine.pipeline.statewatch import StateWatch
 
 log = logging.getLogger("seckill.worker")
+SERVICE = "seckill-engine"  # the traces' service name (OTEL_SERVICE_NAME wins)
 
 # Exit codes the supervisor acts on.
 
@@ -100,6 +101,9 @@ class Worker:
         self.pool = await self._until(deadline, lambda: create_pg_pool(
             s, size=s.max_inflight_batches + 2, init=prepare_connection))
         self._closers += [self.pool.close, self._terminate_pool]
+        self.tracing = tracing.setup(s, SERVICE)  # (None at trace_sample 0)
+        if self.tracing is not None:
+            self._closers.append(functools.partial(asyncio.to_thread, self.tracing.close))
         self.publisher = ConfirmPublisher(s, RK_CREATED, TYPE_NAMES[INSTANCE_CREATED],
                                           after_send=after_publish)
         await self._until(deadline, self.publisher.connect)
@@ -110,12 +114,12 @@ class Worker:
             catalog=Catalog(self.pool, s.product_cache_ttl, timeout=s.db_timeout),
             snowflake=Snowflake(self.lease.node_id, max_rollback_ms=s.max_clock_rollback_ms,
                                 lease=self.lease),
-            consumer=self.consumer)
+            consumer=self.consumer, tracing=self.tracing)
         self.reader = open_reader(self.redis, self.keys, self.consumer, batch_size=s.batch_size,
                                   block_ms=s.block_ms, max_deliveries=s.max_deliveries)
         self.janitor = Janitor(self.redis, self.keys, self.consumer, idle_ms=s.claim_idle_ms,
                                count=s.batch_size, max_deliveries=s.max_deliveries)
-        self.status = StatusConsumer(s, self.redis, self.pool)
+        self.status = StatusConsumer(s, self.redis, self.pool, tracing=self.tracing)
         self.releases = ReleaseRequests(s, self.redis, self.pool, self.keys, self.consumer)
         self.watch = StateWatch(self.redis, self.keys, owner)
         await self._until(deadline, self.watch.arm)

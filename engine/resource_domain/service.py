@@ -29,9 +29,11 @@ import logging
 import signal
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import start_http_server
 
+from engine import tracing
 from engine.amqp.consumer import BatchingConsumer, Delivery
 from engine.amqp.logins import ENGINE, RESOURCE_DOMAIN, user_of
 from engine.amqp.publisher import CONFIRMED, ConfirmPublisher, Message
@@ -45,8 +47,10 @@ from engine.pb import event_pb2
 from engine.resource_domain.claims import DEAD_CLAIM, OwnerLock
 from engine.resource_domain.provisioning import Provisioned, Provisioner, make_provisioner
 from engine.resource_domain.releases import Releases
+from engine.tracing import Tracing
 
 log = logging.getLogger("seckill.resource_domain")
+SERVICE = "seckill-resource-domain"  # the traces' service name (OTEL_SERVICE_NAME wins)
 
 # the schema is made by `seckill migrate`, owned by seckill_resource_domain
 SCHEMA = """
@@ -117,6 +121,8 @@ class CreatedEvent:
     tag: int
     event: event_pb2.Event
     waited: bool = False  # back in the inbox: its instance was claimed by someone else
+    trace: Any = None  # a sampled order's context, from the message's headers
+    span: Any = None  # its provisioning span, once started
 
 
 def count_duplicates(batch: list[CreatedEvent], mine: set[int]) -> int:
@@ -138,8 +144,10 @@ def count_duplicates(batch: list[CreatedEvent], mine: set[int]) -> int:
 
 
 class ResourceDomain:
-    def __init__(self, settings: Settings, provisioner: Provisioner | None = None) -> None:
+    def __init__(self, settings: Settings, provisioner: Provisioner | None = None,
+                 tracing: Tracing | None = None) -> None:
         self.settings = settings
+        self.tracing = tracing  # continues a sampled order's trace (engine.tracing)
         self.provisioner = provisioner or make_provisioner(settings)
         self.publisher = ConfirmPublisher(settings, RK_STATUS, "INSTANCE_RUNNING",
                                           component=RESOURCE_DOMAIN)
@@ -237,10 +245,23 @@ class ResourceDomain:
                 await self._ack({delivery.tag})
                 continue
             batch.append(CreatedEvent(delivery.tag, event))
+            if self.tracing is not None and delivery.headers:
+                batch[-1].trace = self.tracing.from_headers(delivery.headers)
         if not batch:
             return
+        if self.tracing is not None:
+            self._start_spans(batch)
         outcomes = await self.handle(batch)
         await self.report(batch, outcomes)
+
+    def _start_spans(self, batch: list[CreatedEvent]) -> None:
+        """A provisioning span for each sampled order's event (kept while it waits)."""
+        assert self.tracing is not None
+        for d in batch:
+            if d.trace is not None and d.span is None:
+                d.span = self.tracing.start(
+                    "resource_domain.provision", d.trace, kind="consumer",
+                    attributes={"seckill.instance_id": str(d.event.instance_id)})
 
     async def handle(self, batch: list[CreatedEvent]) -> dict[int, Provisioned]:
         """Provision what nobody has claimed yet; return every instance's outcome."""
@@ -272,9 +293,14 @@ class ResourceDomain:
     async def report(self, batch: list[CreatedEvent], outcomes: dict[int, Provisioned]) -> None:
         """Publish each outcome; acknowledge a delivery once its report is confirmed."""
         ready = [d for d in batch if d.event.instance_id in outcomes]
-        messages = [self._status_message(d.event, outcomes[d.event.instance_id])
+        messages = [self._status_message(d.event, outcomes[d.event.instance_id], d.span)
                     for d in ready]
         results = await self.publisher.publish(messages, self.settings.publish_timeout)
+        for d, result in zip(ready, results, strict=True):
+            if d.span is not None:  # the status report carries its context on
+                d.span.set_attribute("seckill.report", result)
+                d.span.set_attribute("seckill.running", outcomes[d.event.instance_id].ok)
+                d.span.end()
         await self._ack({d.tag for d, r in zip(ready, results, strict=True) if r == CONFIRMED})
         waiting = [d for d in batch if d.event.instance_id not in outcomes]
         for d in waiting:
@@ -286,7 +312,8 @@ class ResourceDomain:
     async def _ack(self, tags: set[int]) -> None:
         await self.consumer.ack(tags)
 
-    def _status_message(self, event: event_pb2.Event, outcome: Provisioned) -> Message:
+    def _status_message(self, event: event_pb2.Event, outcome: Provisioned,
+                        span: Any = None) -> Message:
         kind = event_pb2.INSTANCE_RUNNING if outcome.ok else event_pb2.INSTANCE_FAILED
         body = event_pb2.Event(
             event_type=kind, instance_id=event.instance_id, user_id=event.user_id,
@@ -295,7 +322,9 @@ class ResourceDomain:
             slot=event.slot, endpoint=outcome.endpoint, reason=outcome.reason,
         ).SerializeToString()
         return Message(body, str(event.instance_id),
-                       "INSTANCE_RUNNING" if outcome.ok else "INSTANCE_FAILED")
+                       "INSTANCE_RUNNING" if outcome.ok else "INSTANCE_FAILED",
+                       None if span is None or self.tracing is None
+                       else self.tracing.headers(span))
 
 
 def serve_metrics(settings: Settings) -> int:
@@ -332,6 +361,11 @@ def main(settings: Settings) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stopping.set)
-        await ResourceDomain(settings).run(stopping)
+        traced = tracing.setup(settings, SERVICE)
+        try:
+            await ResourceDomain(settings, tracing=traced).run(stopping)
+        finally:
+            if traced is not None:  # (what it holds is exported, within 2 s)
+                await asyncio.to_thread(traced.close)
         return 0
     return uvloop.run(run())

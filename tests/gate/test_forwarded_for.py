@@ -95,3 +95,11 @@ def test_what_is_not_an_address_is_refused(hop):
     ip = ClientIp(parse_proxies("10.0.0.0/8"))
     assert ip.of("10.1.1.1", f"9.9.9.9, {hop}") == "10.1.1.1"
     assert ip.of("10.1.1.1", ["9.9.9.9", hop]) == "10.1.1.1"
+
+
+@pytest.mark.parametrize("peer,trusted", [("127.0.0.1", True), ("10.1.2.3", True),
+                                          ("10.2.0.1", False), (None, False),
+                                          ("not-an-ip", False), ("::1", False)])
+def test_only_a_listed_proxy_is_trusted_with_its_headers(peer, trusted):
+    assert ClientIp(parse_proxies("127.0.0.1, 10.1.0.0/16")).trusts(peer) is trusted
+    assert ClientIp(()).trusts(peer) is False

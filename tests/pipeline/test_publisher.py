@@ -14,7 +14,7 @@ import pytest
 from pamqp import commands, header
 from pamqp.body import ContentBody
 
-from engine.amqp.framing import PERSISTENT, Framer
+from engine.amqp.framing import PERSISTENT, Framer, table
 from engine.amqp.publisher import CONFIRMED, RETURNED, ConfirmPublisher, Message
 from engine.amqp.topology import CONTENT_TYPE, EXCHANGE, QUEUE_CREATED, RK_CREATED
 from engine.errors import PublishFailed
@@ -206,3 +206,66 @@ async def test_concurrent_batches_share_one_reconnect(settings, monkeypatch):
         await publisher.close()
         for conn in opened:
             await conn.close()
+
+
+def test_framer_writes_a_headers_table_as_pamqp_would():
+    """A sampled order's event carries its trace context in the headers table."""
+    import datetime as dt
+
+    framer = Framer.create(2, EXCHANGE, RK_CREATED, "INSTANCE_CREATED", user_id="seckill_engine")
+    body = b"event"
+    carried = {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+               "tracestate": "vendor=é"}
+    props = commands.Basic.Properties(
+        content_type=CONTENT_TYPE, headers=carried, delivery_mode=PERSISTENT,
+        message_id="7", timestamp=dt.datetime.fromtimestamp(1_700_000_000, dt.UTC),
+        message_type="INSTANCE_CREATED", user_id="seckill_engine")
+    expected = io.BytesIO()
+    for frame in (commands.Basic.Publish(exchange=EXCHANGE, routing_key=RK_CREATED,
+                                         mandatory=True),
+                  header.ContentHeader(0, len(body), props), ContentBody(body)):
+        expected.write(pamqp.frame.marshal(frame, 2))
+    assert framer.publish(body, "7", 1_700_000_000, None, table(carried)) == \
+        expected.getvalue()
+
+
+@pytest.mark.parametrize("fast", [True, False])
+async def test_headers_reach_the_consumer_on_either_path(settings, fast):
+    """The framed path and aiormq's basic_publish alike carry a message's headers, and
+    a message without them carries none."""
+    publisher = ConfirmPublisher(settings, RK_CREATED, "INSTANCE_CREATED", fast=fast)
+    carried = {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}
+    queue = f"test-pub-{uuid.uuid4().hex[:8]}"
+    conn = await aiormq.connect(settings.amqp_url)
+    try:
+        channel = await conn.channel()
+        await channel.queue_declare(queue, exclusive=True)
+        await channel.queue_bind(queue, EXCHANGE, routing_key=RK_CREATED)
+        outcomes = await publisher.publish(
+            [Message(b"a", "1", headers=carried), Message(b"b", "2")], 10)
+        assert outcomes == [CONFIRMED, CONFIRMED]
+        got = {}
+        for _ in range(2):
+            message = await channel.basic_get(queue, no_ack=True)
+            headers = message.header.properties.headers or {}
+            got[message.header.properties.message_id] = headers.get("traceparent")
+        assert got == {"1": carried["traceparent"], "2": None}
+    finally:
+        await publisher.close()
+        await conn.close()
+
+
+def test_a_batch_frames_its_sampled_publishes_among_the_others():
+    """The batch encoding for the plain runs, a sampled order's publish with its headers
+    between them: byte for byte the publishes one by one."""
+    from engine.amqp.publisher import _Batch, _frames
+
+    framer = Framer.create(1, EXCHANGE, RK_CREATED, "INSTANCE_CREATED", user_id="seckill_engine")
+    bodies, ids = [b"a", b"bb", b"ccc", b"dddd"], ["1", "2", "3", "4"]
+    carried = {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}
+    for sampled in ({}, {0: carried}, {2: carried}, {1: carried, 3: carried}):
+        one_by_one = b"".join(framer.publish(b, i, 1_700_000_000, None,
+                                             table(sampled[n]) if n in sampled else b"")
+                              for n, (b, i) in enumerate(zip(bodies, ids, strict=True)))
+        batch = _Batch.of(bodies, ids, sampled or None)
+        assert _frames(framer, batch, 1_700_000_000) == one_by_one

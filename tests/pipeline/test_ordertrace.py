@@ -1,0 +1,86 @@
+"""A batch's spans: found only for entries that carry a context, one span per sampled
+order continuing its trace with an event per stage, the batch's own trace linked to
+them, and the headers of a publish naming each order's span."""
+
+from __future__ import annotations
+
+import pytest
+from opentelemetry.sdk.trace.export import SpanExportResult
+
+from engine.pipeline.orders import Entry
+from engine.pipeline.ordertrace import BatchTrace, entry_ns, sampled_parents
+from engine.tracing import STREAM_FIELD, Tracing, span_context_of
+
+PARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+
+class Kept:
+    def __init__(self) -> None:
+        self.spans: list = []
+
+    def export(self, spans):
+        self.spans.extend(spans)
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        pass
+
+
+@pytest.fixture
+def tracing():
+    t = Tracing.create(Kept(), "seckill-engine", count=lambda what, n: None)
+    yield t
+    t.close()
+
+
+def entry(n: int, context: str | None = None) -> Entry:
+    fields = {b"uid": b"7", b"ts": b"1765000000", b"sale": b"s", b"slot": b"1"}
+    if context is not None:
+        fields[STREAM_FIELD] = context.encode()
+    return Entry(b"seckill:{1}:orders", f"1765000000{n:03d}-0", fields)
+
+
+def test_a_batch_without_a_context_has_no_trace(tracing):
+    assert sampled_parents(tracing, [entry(1), entry(2)]) is None
+    assert sampled_parents(tracing, [entry(1, "garbage")]) is None
+
+
+def test_sampled_orders_continue_their_trace_and_the_batch_links_them(tracing):
+    batch = [entry(1), entry(2, PARENT), entry(3)]
+    parents = sampled_parents(tracing, batch)
+    assert list(parents) == ["1765000000002-0"]
+    trace = BatchTrace(tracing, parents, len(batch))
+    ids = [e.stream_id for e in batch]
+    with trace.stage("log", "logged", ids) as mine:
+        assert mine == ["1765000000002-0"]
+    with trace.stage("publish", "published", ids):
+        headers = trace.headers(ids)
+    assert list(headers) == [1]
+    assert trace.headers(["1765000000001-0"]) is None
+    with trace.stage("ack", "acked", ids):
+        pass
+    trace.end()
+    tracing.flush()
+    spans = {s.name: s for s in tracing.processor.exporter.spans}
+    order = spans["engine.order"]
+    assert order.context.trace_id == int(PARENT[3:35], 16)
+    assert order.parent.span_id == int(PARENT[36:52], 16)
+    assert order.start_time == entry_ns("1765000000002-0")
+    assert [e.name for e in order.events] == ["read", "logged", "published", "acked"]
+    assert span_context_of(tracing.from_headers(headers[1])).span_id == order.context.span_id
+    own = spans["engine.batch"]
+    assert [link.context.span_id for link in own.links] == [order.context.span_id]
+    assert own.context.trace_id != order.context.trace_id
+    for stage in ("read", "log", "publish", "ack"):
+        assert spans[f"engine.{stage}"].parent.span_id == own.context.span_id
+    assert len(spans) == 6
+
+
+def test_a_dead_lettered_sampled_order_ends_in_error(tracing):
+    parents = sampled_parents(tracing, [entry(1, PARENT)])
+    trace = BatchTrace(tracing, parents, 1)
+    trace.dead_lettered(["1765000000001-0", "1765000000009-0"])
+    trace.end()
+    tracing.flush()
+    order = next(s for s in tracing.processor.exporter.spans if s.name == "engine.order")
+    assert not order.status.is_ok and order.status.description == "dead-lettered"
