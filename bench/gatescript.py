@@ -141,12 +141,11 @@ async def _open(url: str, contestants: list[Contestant], stock: int
         await redis.aclose()
 
 
-def _slice(node: RedisNode, client: SyncRedis, command: list[str], stock_key: str,
-           calls: int) -> dict[str, float]:
-    """`calls` calls of one contestant: the server's ticks, the stock taken, the seconds."""
+def bench_calls(node: RedisNode, command: list[str], calls: int) -> tuple[int, float]:
+    """`calls` calls of `command` by redis-benchmark (pipelined, a new random user each):
+    the server's CPU ticks and the seconds they took."""
     pid = node.server_pid()
     assert pid is not None
-    left = int(client.get(stock_key) or 0)
     before, started = cpu_ticks(pid), time.perf_counter()
     done = subprocess.run(
         [redis_benchmark(), "-h", "127.0.0.1", "-p", str(node.port), "-P", str(PIPELINE),
@@ -156,6 +155,14 @@ def _slice(node: RedisNode, client: SyncRedis, command: list[str], stock_key: st
     out = done.stdout + done.stderr
     if done.returncode != 0 or "Error" in out:
         raise RuntimeError(f"redis-benchmark failed: {out[-1000:]}")
+    return ticks, took
+
+
+def _slice(node: RedisNode, client: SyncRedis, command: list[str], stock_key: str,
+           calls: int) -> dict[str, float]:
+    """`calls` calls of one contestant: the server's ticks, the stock taken, the seconds."""
+    left = int(client.get(stock_key) or 0)
+    ticks, took = bench_calls(node, command, calls)
     taken = left - int(client.get(stock_key) or 0)
     return {"calls": calls, "accepted": taken, "ticks": ticks, "seconds": took}
 

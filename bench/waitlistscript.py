@@ -40,7 +40,7 @@ from engine.keys import Keys
 from engine.resources import lua_script
 from engine.testing.nodes import RedisNode
 
-from .gatescript import CLIENTS, PIPELINE, RAND, RANDOM_RANGE, TICK, cpu_ticks, redis_benchmark
+from .gatescript import CLIENTS, PIPELINE, RAND, TICK, bench_calls, redis_benchmark
 from .resultfiles import write_result
 
 PID = 990_000_970
@@ -131,17 +131,8 @@ async def _open(url: str, contestants: list[Contestant], calls: int
 
 def _slice(node: RedisNode, client: SyncRedis, command: list[str], counter: Counter,
            calls: int) -> dict[str, float]:
-    pid = node.server_pid()
-    assert pid is not None
-    done_before, before = counter(client), cpu_ticks(pid)
-    ran = subprocess.run(
-        [redis_benchmark(), "-h", "127.0.0.1", "-p", str(node.port), "-P", str(PIPELINE),
-         "-c", str(CLIENTS), "-n", str(calls), "-r", str(RANDOM_RANGE), "-q", *command],
-        capture_output=True, text=True, timeout=900, check=False)
-    ticks = cpu_ticks(pid) - before
-    out = ran.stdout + ran.stderr
-    if ran.returncode != 0 or "Error" in out:
-        raise RuntimeError(f"redis-benchmark failed: {out[-1000:]}")
+    done_before = counter(client)
+    ticks, _ = bench_calls(node, command, calls)
     return {"calls": calls, "done": counter(client) - done_before, "ticks": ticks}
 
 

@@ -16,7 +16,10 @@ import asyncpg
 from redis.asyncio import Redis
 
 from engine.config import Settings
+from engine.gate.redis_gate import Gate
 from engine.keys import GROUP, Keys
+from engine.pipeline.orderrows import write_batch
+from engine.pipeline.orders import Order
 from engine.products import gpu_product, upsert_products
 from engine.testing.processes import EngineProcess
 
@@ -152,3 +155,18 @@ def established_tcp() -> list[tuple[int, int, int, int]]:
                 found.append((int(local.rsplit(":", 1)[1], 16),
                                int(remote.rsplit(":", 1)[1], 16), unacked, unread))
     return found
+
+
+async def sold_out_sale(pool, gate: Gate, pid: int) -> list[Order]:
+    """A sale of 2 units bought by users 1 and 2, both orders logged as the engine logs."""
+    await gate.open_sale(pid, 2)
+    sale = (await gate.sale_state(pid)).sale_id
+    orders = []
+    for i, uid in enumerate((1, 2)):
+        r = await gate.buy(pid, uid)
+        assert r.outcome == "accepted"
+        orders.append(Order(pid, uid, r.stream_id, int(time.time()), sale, r.slot, b"s",
+                            pid * 1000 + i))
+    await write_batch(pool, orders, 10)
+    assert (await gate.buy(pid, 3)).outcome == "sold_out"
+    return orders

@@ -9,18 +9,17 @@ never marked, is refused when the redelivered report tries it again).
 from __future__ import annotations
 
 import asyncio
-import time
 
 import asyncpg
 import pytest
 from prometheus_client import REGISTRY
+from support import sold_out_sale
 
 from engine.amqp.topology import EXCHANGE, RK_STATUS
 from engine.fulfilment.status_consumer import StatusConsumer, encode_report
 from engine.gate.redis_gate import Gate
 from engine.keys import Keys
 from engine.orderstates import FAILED
-from engine.pipeline.orderrows import write_batch
 from engine.pipeline.orders import Order
 from engine.testing.waits import wait_for
 
@@ -34,21 +33,6 @@ def compensations(result: str) -> float:
 def unchanged_reports() -> float:
     return REGISTRY.get_sample_value("seckill_status_updates_total",
                                      {"result": "unchanged"}) or 0.0
-
-
-async def sold_out_sale(pool, gate: Gate, pid: int) -> list[Order]:
-    """A sale of 2 units bought by users 1 and 2, both orders logged as the engine logs."""
-    await gate.open_sale(pid, 2)
-    sale = (await gate.sale_state(pid)).sale_id
-    orders = []
-    for i, uid in enumerate((1, 2)):
-        r = await gate.buy(pid, uid)
-        assert r.outcome == "accepted"
-        orders.append(Order(pid, uid, r.stream_id, int(time.time()), sale, r.slot, b"s",
-                            pid * 1000 + i))
-    await write_batch(pool, orders, 10)
-    assert (await gate.buy(pid, 3)).outcome == "sold_out"
-    return orders
 
 
 async def row(pool, instance_id: int) -> asyncpg.Record:

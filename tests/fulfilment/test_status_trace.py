@@ -8,30 +8,19 @@ from __future__ import annotations
 import logging
 
 import pytest
-from opentelemetry.sdk.trace.export import SpanExportResult
-from test_compensation import sold_out_sale
+from support import sold_out_sale
 
 from engine.amqp.consumer import Delivery
 from engine.fulfilment.status_consumer import StatusConsumer, encode_report
 from engine.gate.redis_gate import Gate
 from engine.keys import Keys
 from engine.orderstates import FAILED, RUNNING
+from engine.testing.otlp import KeptSpans
 from engine.tracing import Tracing
 
 pytestmark = pytest.mark.timeout(60)
 CONTEXT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
-
-class Kept:
-    def __init__(self) -> None:
-        self.spans: list = []
-
-    def export(self, spans):
-        self.spans.extend(spans)
-        return SpanExportResult.SUCCESS
-
-    def shutdown(self) -> None:
-        pass
 
 
 async def test_a_failed_sampled_order_ends_with_its_unit_handed_on(settings, env, product_id,
@@ -39,7 +28,7 @@ async def test_a_failed_sampled_order_ends_with_its_unit_handed_on(settings, env
     redis, pool, _ = env
     failed, running = await sold_out_sale(pool, Gate(redis, Keys(settings.key_prefix)),
                                           product_id)
-    tracing = Tracing.create(Kept(), "seckill-engine", count=lambda what, n: None)
+    tracing = Tracing.create(KeptSpans(), "seckill-engine", count=lambda what, n: None)
     consumer = StatusConsumer(settings, redis, pool, tracing=tracing)
     reports = [
         Delivery(1, encode_report(failed.instance_id, FAILED, reason="no GPU",

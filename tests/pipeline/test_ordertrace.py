@@ -5,30 +5,19 @@ them, and the headers of a publish naming each order's span."""
 from __future__ import annotations
 
 import pytest
-from opentelemetry.sdk.trace.export import SpanExportResult
 
 from engine.pipeline.orders import Entry
 from engine.pipeline.ordertrace import BatchTrace, entry_ns, sampled_parents
+from engine.testing.otlp import KeptSpans
 from engine.tracing import STREAM_FIELD, Tracing, span_context_of
 
 PARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
 
-class Kept:
-    def __init__(self) -> None:
-        self.spans: list = []
-
-    def export(self, spans):
-        self.spans.extend(spans)
-        return SpanExportResult.SUCCESS
-
-    def shutdown(self) -> None:
-        pass
-
 
 @pytest.fixture
 def tracing():
-    t = Tracing.create(Kept(), "seckill-engine", count=lambda what, n: None)
+    t = Tracing.create(KeptSpans(), "seckill-engine", count=lambda what, n: None)
     yield t
     t.close()
 
