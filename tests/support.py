@@ -170,3 +170,19 @@ async def sold_out_sale(pool, gate: Gate, pid: int) -> list[Order]:
     await write_batch(pool, orders, 10)
     assert (await gate.buy(pid, 3)).outcome == "sold_out"
     return orders
+
+
+def judged_doc(results: dict[str, Any], mode: str = "full") -> dict[str, Any]:
+    """A bench result document around `results`, with the targets the report judges."""
+    from bench.report import targets
+
+    doc = {"mode": mode, "rounds": 3, "seconds": 60.0, "results": results,
+           "machine": {"cores": 2, "cpu_model": "x", "memory_gb": 1, "python": "3.11",
+                       "redis": "7", "rabbitmq": "3", "postgresql": "15"}}
+    doc["targets"] = targets(doc)
+    return doc
+
+
+def target_named(doc: dict[str, Any], name: str) -> dict[str, Any]:
+    """The judged target whose name starts with `name`."""
+    return next(t for t in doc["targets"] if t["target"].startswith(name))

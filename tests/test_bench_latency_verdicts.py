@@ -6,9 +6,10 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from support import judged_doc, target_named
 
 from bench.latency import percentile
-from bench.report import markdown, targets
+from bench.report import markdown
 from bench.verdicts import P99_OVER_BROKER_BOUND, p99_over_broker
 
 RATIO = "p99 at 50% load / the broker's own confirm p99"
@@ -23,38 +24,29 @@ def _lat(p99: float, broker: float | None) -> dict[str, Any]:
 
 
 def _doc(runs50: list[dict[str, Any]], runs90: list[dict[str, Any]]) -> dict[str, Any]:
-    doc = {"mode": "full", "rounds": 3, "seconds": 60.0,
-           "results": {"latency_50": {"runs": runs50}, "latency_90": {"runs": runs90}},
-           "machine": {"cores": 2, "cpu_model": "x", "memory_gb": 1, "python": "3.11",
-                       "redis": "7", "rabbitmq": "3", "postgresql": "15"}}
-    doc["targets"] = targets(doc)
-    return doc
-
-
-def _target(doc: dict[str, Any], name: str) -> dict[str, Any]:
-    return next(t for t in doc["targets"] if t["target"].startswith(name))
+    return judged_doc({"latency_50": {"runs": runs50}, "latency_90": {"runs": runs90}})
 
 
 def test_our_p99_within_one_and_a_half_of_the_brokers_is_met() -> None:
     doc = _doc([_lat(14.0, 10.0), _lat(3.0, 2.5), _lat(30.0, 20.0)], [_lat(90.0, 5.0)] * 3)
-    ratio = _target(doc, RATIO)
+    ratio = target_named(doc, RATIO)
     assert ratio["values"] == pytest.approx([1.4, 1.2, 1.5]) and ratio["met"] is True
-    assert _target(doc, "p99 at 90% load, ms")["met"] is True
+    assert target_named(doc, "p99 at 90% load, ms")["met"] is True
 
 
-def test_one_round_above_the_brokers_bound_fails_the_target() -> None:
+def test_one_round_above_the_brokers_bound_fails_thetarget_named() -> None:
     doc = _doc([_lat(14.0, 10.0), _lat(16.0, 10.0), _lat(12.0, 10.0)], [_lat(101.0, 5.0)] * 3)
-    ratio = _target(doc, RATIO)
+    ratio = target_named(doc, RATIO)
     assert ratio["values"] == pytest.approx([1.4, 1.6, 1.2])
     assert ratio["met"] is False and "crosses" in ratio["verdict"]
     assert ratio["bound"] == P99_OVER_BROKER_BOUND
-    assert _target(doc, "p99 at 90% load, ms")["met"] is False
+    assert target_named(doc, "p99 at 90% load, ms")["met"] is False
 
 
 def test_a_round_without_the_probe_is_not_met() -> None:
     """A fast engine and no broker figure must not pass: a ratio against nothing."""
     doc = _doc([_lat(1.0, 10.0), _lat(1.0, None), _lat(1.0, 10.0)], [_lat(5.0, 5.0)] * 3)
-    ratio = _target(doc, RATIO)
+    ratio = target_named(doc, RATIO)
     assert ratio["met"] is False and "no broker p99" in ratio["verdict"]
     assert p99_over_broker([_lat(1.0, 0.0)])[1] == ["run 1 has no broker p99 to compare with"]
     assert p99_over_broker([{"failed": "boom"}])[1] == ["run 1 failed (boom)"]

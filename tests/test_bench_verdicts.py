@@ -13,7 +13,7 @@ from typing import Any
 
 import aiormq
 import pytest
-from support import add_products
+from support import add_products, judged_doc, target_named
 
 from bench import bff, enginerun, latency
 from bench.enginerun import drain
@@ -186,24 +186,16 @@ def _doc(mode: str = "full", engine: list[float] | None = None,
         "scale_1": {"runs": [_engine(17_000.0)] * 3},
         "scale_1000": {"runs": [_engine(17_000.0, cpu=44.0)] * 3},
     }
-    doc = {"mode": mode, "rounds": 3, "seconds": 60.0, "results": results,
-           "machine": {"cores": 2, "cpu_model": "x", "memory_gb": 1, "python": "3.11",
-                       "redis": "7", "rabbitmq": "3", "postgresql": "15"}}
-    doc["targets"] = targets(doc)
-    return doc
-
-
-def _target(doc: dict[str, Any], name: str) -> dict[str, Any]:
-    return next(t for t in doc["targets"] if t["target"].startswith(name))
+    return judged_doc(results, mode)
 
 
 def test_machine_limit_ratio_from_each_round() -> None:
     doc = _doc()
     assert machine_limits(doc["results"], 2) == [pytest.approx(20_000)] * 3
-    ratio = _target(doc, "engine (2 workers) / machine limit")
+    ratio = target_named(doc, "engine (2 workers) / machine limit")
     assert ratio["values"] == pytest.approx([0.85, 0.875, 0.9])
     assert ratio["met"] is True
-    crossing = _target(_doc(engine=[16_000.0, 17_500.0, 18_000.0]),
+    crossing = target_named(_doc(engine=[16_000.0, 17_500.0, 18_000.0]),
                        "engine (2 workers) / machine limit")
     assert crossing["met"] is False and "crosses" in crossing["verdict"]
 
@@ -220,14 +212,14 @@ def test_a_failed_run_shows_in_the_table_and_fails_its_targets() -> None:
     doc = _doc(e2_runs=runs)
     for name in ("engine (2 workers) / naive", "engine (2 workers) / machine limit",
                  "worker CPU per order"):
-        t = _target(doc, name)
+        t = target_named(doc, name)
         assert t["met"] is False and "drain timed out" in t["verdict"], name
     assert "FAILED run 2: drain timed out" in markdown(doc)
 
 
 def test_cpu_targets_need_enough_ticks() -> None:
     doc = _doc(e2_runs=[_engine(17_500.0, ticks=7)] * 3)
-    t = _target(doc, "worker CPU per order")
+    t = target_named(doc, "worker CPU per order")
     assert t["met"] is False and "7 ticks" in t["verdict"]
 
 
@@ -267,10 +259,10 @@ HTTP_TARGET = "HTTP gate CPU per accepted purchase"
 def test_http_cpu_target_is_judged_on_every_round() -> None:
     # floor 45 + gate 18 = 63 us: the bound is 72.45 us per accepted purchase
     met = _http_doc(_http(70.0), _http(72.0), _http(66.0))
-    assert _target(met, HTTP_TARGET)["met"] is True
-    assert _target(met, HTTP_TARGET)["values"] == pytest.approx([70 / 63, 72 / 63, 66 / 63])
+    assert target_named(met, HTTP_TARGET)["met"] is True
+    assert target_named(met, HTTP_TARGET)["values"] == pytest.approx([70 / 63, 72 / 63, 66 / 63])
     crossing = _http_doc(_http(70.0), _http(82.4), _http(66.0))  # the 1.30 x
-    t = _target(crossing, HTTP_TARGET)
+    t = target_named(crossing, HTTP_TARGET)
     assert t["met"] is False and "crosses" in t["verdict"]
     table = markdown(crossing)
     assert f"| {t['target']} | 1.11 |" in table and "NO (spread crosses the bound)" in table
@@ -283,7 +275,7 @@ def test_http_cpu_is_per_accepted_purchase_not_per_request() -> None:
     # half the requests refused (duplicates, 429s): the same CPU buys half the purchases
     run = _http(60.0, accepted_share=0.5)
     assert run["cpu_ratio"] == pytest.approx(120 / 63)
-    assert _target(_http_doc(run, run, run), HTTP_TARGET)["met"] is False
+    assert target_named(_http_doc(run, run, run), HTTP_TARGET)["met"] is False
 
 
 @pytest.mark.parametrize(("broken", "reason"), [
@@ -294,7 +286,7 @@ def test_http_cpu_is_per_accepted_purchase_not_per_request() -> None:
 def test_http_cpu_target_refuses_a_window_that_does_not_measure_it(
         broken: dict[str, Any], reason: str) -> None:
     good = _http(66.0)
-    t = _target(_http_doc(good, _http(66.0, **broken), good), HTTP_TARGET)
+    t = target_named(_http_doc(good, _http(66.0, **broken), good), HTTP_TARGET)
     assert t["met"] is False and f"bff run 2: {reason}" in t["verdict"]
     assert http_problems(good) == []
 
