@@ -247,6 +247,8 @@ def trace_ratios(runs: Sequence[Mapping[str, Any]], variant: str, figure: str,
             ticks = ticks.get(ticks_of, 0) if isinstance(ticks, Mapping) else ticks
             if not side.get("failed") and int(ticks) < MIN_TICKS:
                 why.append(f"{name} CPU over {ticks} ticks (< {MIN_TICKS})")
+            if side.get("tokens_exhausted"):
+                why.append(f"{name} ran out of buyers' tokens")
         base, ours = sides["untraced"].get(figure), sides[variant].get(figure)
         if not why and (ours is None or not base):
             why.append(f"no {figure} to compare")
