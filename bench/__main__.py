@@ -59,8 +59,8 @@ SIZES = {  # quick, full, long
     # tracing (bench/tracebench.py): one drain per variant (4) per round, and each BFF
     # variant's seconds per round in trace_windows windows: some 100 s a round in all
     "trace_engine": (15_000, 90_000, 90_000),  # 2 workers at 18 us: 160 ticks
-    "trace_http_s": (1.0, 2.0, 2.0),
-    "trace_windows": (1, 2, 2),
+    "trace_http_s": (1.0, 3.0, 3.0),
+    "trace_windows": (1, 3, 3),
 }
 ROUNDS = (1, 3, 3)  # quick, full, long; a quick run is never judged
 MODES = ("quick", "full", "long")

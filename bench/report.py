@@ -161,14 +161,16 @@ def _trace_table(r: dict[str, Any]) -> list[str]:
              "|---|" + "---:|---:|" * len(phases)]
     for variant, label in TRACE_LABELS.items():
         cells = []
-        for key, _, figure, ticks in phases:
+        for key, _, figure, _ticks in phases:
             runs = runs_of(r, key)
             values = [run.get("variants", {}).get(variant, {}) for run in runs]
             own = [None if v.get("failed") or figure not in v else float(v[figure])
                    for v in values]
             why = next((v["failed"] for v in values if v.get("failed")), None)
-            ratios = (trace_ratios(runs, variant, figure, ticks)[0]
-                      if variant != "untraced" else [])
+            base = [run.get("variants", {}).get("untraced", {}).get(figure) for run in runs]
+            # (every round's ratio, judged or not: a quick run's too)
+            ratios = [o / b for o, b in zip(own, base, strict=True) if o is not None and b
+                      ] if variant != "untraced" else []
             cells += [_spread_cell(own, ".1f") if any(x is not None for x in own)
                       else (why or ""), _spread_cell(list(ratios), ".3f") if ratios else ""]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")

@@ -1,10 +1,14 @@
 """The suite's tracing phases (issue 25): the engine and the BFF at `trace_sample` 0, 0.01
 and 1, against the same code before tracing existed, taking turns within each round.
 
-- The untraced build is the tree of the commit before tracing was merged (the first
-  parent of the first-parent commit that added engine/tracing.py), extracted with
-  `git archive` into a temporary directory and run through PYTHONPATH. Without git
-  history (a tarball) its rows say NO_HISTORY and the ratios are not met.
+- The untraced build is HEAD with the tracing merge (the first-parent commit that
+  added engine/tracing.py) undone in engine/, everything before and after it kept:
+  extracted with `git archive` into a temporary directory, the merge's changes
+  reverted file by file (`git merge-file` where a file changed since), and run
+  through PYTHONPATH; so the ratio prices tracing alone, not the engine's other
+  changes since. Where the revert conflicts, the commit before the merge stands in
+  (the result says which). Without git history (a tarball) its rows say NO_HISTORY
+  and the ratios are not met.
 - Engine: one drain per variant per round, same backlog, 2 workers, services reset and
   idle before each. A traced variant's backlog carries the trace context on the share
   of entries its BFF would have sampled, as the gate writes it (bench/env.preload), and
@@ -21,6 +25,7 @@ bench/report.py judges each round's ratios against the untraced build
 
 from __future__ import annotations
 
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -51,20 +56,27 @@ WORKERS = 2
 TOKENS = 4_000
 
 
-def untraced_commit(root: Path = ROOT) -> str | None:
-    """The commit before tracing was merged, or None without git history."""
+def _git(root: Path, *args: str, check: bool = True) -> str:
+    return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True,
+                          timeout=60, check=check).stdout
+
+
+def tracing_merge(root: Path = ROOT) -> str | None:
+    """The first-parent commit that brought engine/tracing.py, or None without history."""
     try:
-        found = subprocess.run(
-            ["git", "log", "--first-parent", "--diff-filter=A", "--format=%H", "HEAD", "--",
-             "engine/tracing.py"], cwd=root, capture_output=True, text=True, timeout=60,
-            check=True).stdout.split()
-        if not found:
-            return None
-        return subprocess.run(["git", "rev-parse", "--verify", "-q", found[-1] + "^1"],
-                              cwd=root, capture_output=True, text=True, timeout=60,
-                              check=True).stdout.strip() or None
+        found = _git(root, "log", "--first-parent", "--diff-filter=A", "--format=%H",
+                     "HEAD", "--", "engine/tracing.py").split()
     except (OSError, subprocess.SubprocessError):
         return None
+    return found[-1] if found else None
+
+
+def untraced_commit(root: Path = ROOT) -> str | None:
+    """The commit before tracing was merged, or None without git history."""
+    merge = tracing_merge(root)
+    if merge is None:
+        return None
+    return _git(root, "rev-parse", "--verify", "-q", merge + "^1", check=False).strip() or None
 
 
 def extract(commit: str, into: Path, root: Path = ROOT) -> None:
@@ -80,6 +92,62 @@ def extract(commit: str, into: Path, root: Path = ROOT) -> None:
             raise subprocess.CalledProcessError(archive.returncode, "git archive")
 
 
+class RevertConflict(Exception):
+    """A file of engine/ changed since tracing came, where its revert does not apply."""
+
+
+def untraced_build(into: Path, root: Path = ROOT) -> str | None:
+    """Under `into`, HEAD's tree with the tracing merge's changes to engine/ undone (what
+    came before and after it kept), else, when that conflicts, the commit before
+    tracing; what it is, or None without git history."""
+    merge, before = tracing_merge(root), untraced_commit(root)
+    if merge is None or before is None:
+        return None
+    head = _git(root, "rev-parse", "HEAD").strip()
+    extract(head, into, root)
+    try:
+        _revert(root, into, merge, before)
+    except RevertConflict as exc:
+        shutil.rmtree(into)
+        into.mkdir()
+        extract(before, into, root)
+        return f"{before[:12]} (the commit before tracing: its revert from HEAD conflicts in {exc})"
+    return f"{head[:12]} with {merge[:12]} (tracing) reverted in engine/"
+
+
+def _revert(root: Path, into: Path, merge: str, before: str) -> None:
+    def blob(commit: str, path: str) -> str:
+        return _git(root, "rev-parse", "-q", "--verify", f"{commit}:{path}", check=False).strip()
+
+    def show(commit: str, path: str) -> bytes:
+        return subprocess.run(["git", "show", f"{commit}:{path}"], cwd=root,
+                              capture_output=True, timeout=60, check=True).stdout
+
+    changes = _git(root, "diff", "--no-renames", "--name-status", before, merge, "--",
+                   "engine").splitlines()
+    for status, path in (line.split("\t", 1) for line in changes):
+        target = into / path
+        if status == "A":
+            target.unlink(missing_ok=True)
+        elif status == "D":
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(show(before, path))
+        elif not target.exists():
+            continue  # (deleted since: nothing to undo)
+        elif blob("HEAD", path) == blob(merge, path):
+            target.write_bytes(show(before, path))
+        else:  # changed since: a three-way merge of the undo
+            with tempfile.TemporaryDirectory() as tmp:
+                base, theirs = Path(tmp) / "base", Path(tmp) / "theirs"
+                base.write_bytes(show(merge, path))
+                theirs.write_bytes(show(before, path))
+                merged = subprocess.run(["git", "merge-file", "-p", str(target), str(base),
+                                         str(theirs)], capture_output=True, timeout=60)
+            if merged.returncode != 0:
+                raise RevertConflict(path)
+            target.write_bytes(merged.stdout)
+
+
 def order(number: int) -> list[str]:
     """The variants' turn in round `number`: reversed every other round."""
     return list(VARIANTS if number % 2 == 0 else reversed(VARIANTS))
@@ -91,11 +159,10 @@ class TraceBench:
     def __init__(self, settings: Any, root: Path = ROOT) -> None:
         self.settings = settings
         self._tmp = tempfile.TemporaryDirectory(prefix="seckill-untraced-")
-        self.commit = untraced_commit(root)
-        self.tree: Path | None = None
-        if self.commit is not None:
-            extract(self.commit, Path(self._tmp.name), root)
-            self.tree = Path(self._tmp.name)
+        tree = Path(self._tmp.name) / "tree"
+        tree.mkdir()
+        self.commit = untraced_build(tree, root)  # (what the untraced build is)
+        self.tree = tree if self.commit is not None else None
         self.receiver = OtlpReceiver(keep=False).start()
 
     def close(self) -> None:
