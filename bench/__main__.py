@@ -27,7 +27,7 @@ import orjson
 from engine.testing.clusters import LocalRedisCluster
 from engine.testing.ports import free_port
 
-from . import bff, ceilings, cluster, latency, naive
+from . import bff, ceilings, cluster, latency, naive, tracebench
 from .enginerun import drain
 from .env import VHOST, bench_settings, machine, preload, prepare, reset
 from .report import markdown, plots, targets
@@ -56,6 +56,11 @@ SIZES = {  # quick, full, long
     "bff_tokens": (10_000, 20_000, 20_000),
     "bff_cold_tokens": (12_000, 20_000, 20_000),
     "cluster": (10_000, 90_000, 90_000),  # per run of each cluster phase (bench/cluster.py)
+    # tracing (bench/tracebench.py): one drain per variant (4) per round, and each BFF
+    # variant's seconds per round in trace_windows windows: some 100 s a round in all
+    "trace_engine": (15_000, 90_000, 90_000),  # 2 workers at 18 us: 160 ticks
+    "trace_http_s": (1.0, 3.0, 3.0),
+    "trace_windows": (1, 3, 3),
 }
 ROUNDS = (1, 3, 3)  # quick, full, long; a quick run is never judged
 MODES = ("quick", "full", "long")
@@ -84,14 +89,16 @@ class Suite:
     counts it, and the rest of the suite still runs.
     """
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, only: str | None = None) -> None:
         self.size = size
+        self.only = only  # "trace": the tracing phases alone
         self.settings = bench_settings()
         self.results: dict[str, Any] = {}
         self.pid = [990_000_010]
         self.cluster: LocalRedisCluster | None = None
         self.tmp = tempfile.TemporaryDirectory(prefix="seckill-bench-")
         self._http: bff.HttpBench | None = None
+        self._trace: tracebench.TraceBench | None = None
 
     async def reset(self, pids: list[int]) -> None:
         """Empty everything and wait for idle services: at most 10 s in a quick run (a
@@ -125,6 +132,9 @@ class Suite:
     async def round(self, number: int, rounds: int) -> None:
         s, tag = self.settings, f"[{number + 1}/{rounds}]"
         await self.reset([])
+        if self.only == "trace":
+            await self.trace_phases(tag, number)
+            return
         n = self.n("ceiling")
         await self.phase("ceiling_redis", f"{tag} ceiling: Redis XREADGROUP+XACK",
                          lambda: ceilings.redis_drain(s, n))
@@ -177,6 +187,7 @@ class Suite:
         await self.phase("bff", f"{tag} HTTP gate (JWT on) vs its floor and the gate called "
                          "directly, 64 connections", bff_run)
 
+        await self.trace_phases(tag, number)
         await self.cluster_phases(tag)
 
         if n := self.n("soak"):
@@ -192,6 +203,29 @@ class Suite:
                                        cold_tokens=self.n("bff_cold_tokens"),
                                        slices=self.n("bff_slices"))
         return self._http
+
+    async def trace_phases(self, tag: str, number: int) -> None:
+        """Tracing's cost (issue 25): engine drains and BFF windows at trace_sample 0,
+        0.01 and 1 and of the build before tracing, taking turns (bench/tracebench.py)."""
+        if self._trace is None:
+            self._trace = tracebench.TraceBench(self.settings)
+        trace, n = self._trace, self.n("trace_engine")
+        await self.phase("trace_engine", f"{tag} tracing: engine drains of {n:,} orders, "
+                         "untraced build and trace_sample 0 / 0.01 / 1",
+                         lambda: trace.engine(number, n, self.reset, say))
+
+        async def http_run() -> dict[str, Any]:
+            await self.reset([])
+            return await trace.http(self.http(), number, self.n("trace_http_s"),
+                                    self.n("trace_windows"), say=say)
+        await self.phase("trace_http", f"{tag} tracing: BFF windows, untraced build and "
+                         "trace_sample 0 / 0.01 / 1", http_run)
+
+    def close(self) -> None:
+        if self.cluster is not None:
+            self.cluster.destroy()
+        if self._trace is not None:
+            self._trace.close()
 
     async def cluster_phases(self, tag: str) -> None:
         """The engine on a local 3-master Redis Cluster (with replicas; started once per
@@ -215,14 +249,13 @@ class Suite:
         return 0.0
 
 
-async def run_suite(size: int, rounds: int) -> dict[str, Any]:
-    suite = Suite(size)
+async def run_suite(size: int, rounds: int, only: str | None = None) -> dict[str, Any]:
+    suite = Suite(size, only)
     try:
         for number in range(rounds):
             await suite.round(number, rounds)
     finally:
-        if suite.cluster is not None:
-            suite.cluster.destroy()
+        suite.close()
     await reset(suite.settings, [])
     suite.tmp.cleanup()
     return suite.results
@@ -238,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="rounds of the repeated phases (default: quick 1, full and long 3; "
                              "fewer than 3 leaves every target not met)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where results are written")
+    parser.add_argument("--only", choices=("trace",), default=None,
+                        help="run only these phases (trace: tracing's cost, issue 25)")
     args = parser.parse_args(argv)
     size = 0 if args.quick else (2 if args.long else 1)
     rounds = args.rounds or ROUNDS[size]
@@ -245,13 +280,14 @@ def main(argv: list[str] | None = None) -> int:
     say("preparing the bench database and vhost")
     prepare(s)
     started = dt.datetime.now(dt.UTC)
-    results = asyncio.run(run_suite(size, rounds))
+    results = asyncio.run(run_suite(size, rounds, args.only))
     doc = {"started": started.isoformat(), "mode": MODES[size], "rounds": rounds,
            "seconds": (dt.datetime.now(dt.UTC) - started).total_seconds(),
            "machine": machine(s).as_dict(), "results": results}
     doc["targets"] = targets(doc)
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"{started:%Y%m%d-%H%M%S}-{socket.gethostname()}"
+    stem = f"{started:%Y%m%d-%H%M%S}-{socket.gethostname()}" + (
+        f"-{args.only}" if args.only else "")
     (args.out / f"{stem}.json").write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2))
     table = markdown(doc)
     (args.out / f"{stem}.md").write_text(table)

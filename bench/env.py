@@ -11,6 +11,7 @@ import asyncio
 import fcntl
 import os
 import platform
+import random
 import shutil
 import socket
 import subprocess
@@ -29,6 +30,7 @@ from engine.amqp.topology import QUEUE_CREATED
 from engine.config import Settings, load_settings
 from engine.keys import GROUP, Keys
 from engine.products import gpu_product, upsert_products
+from engine.tracing import STREAM_FIELD
 
 from .enginerun import TICK, service_roots, service_ticks, ticks_between
 
@@ -154,11 +156,14 @@ async def purge_queues(settings: Settings, *extra: str) -> None:
 
 
 async def preload(settings: Settings, pids: list[int], total: int,
-                  progress: Any = None) -> None:
-    """`total` orders spread evenly over the products' streams, groups created."""
+                  progress: Any = None, traced: float = 0.0) -> None:
+    """`total` orders spread evenly over the products' streams, groups created; a share
+    `traced` of them (evenly spaced) carry a sampled trace context, as the gate writes
+    it for an order the BFF traced (bench/tracebench.py)."""
     keys = Keys(settings.key_prefix)
     redis = Redis.from_url(settings.redis_url)
     now = str(int(time.time()))
+    every = round(1 / traced) if traced > 0 else 0
     try:
         for pid in pids:
             await redis.xgroup_create(keys.stream(pid), GROUP, id="0", mkstream=True)
@@ -168,8 +173,12 @@ async def preload(settings: Settings, pids: list[int], total: int,
             pipe = redis.pipeline(transaction=False)
             for i in range(done, min(total, done + 10_000)):
                 pid = pids[i % len(pids)]
-                pipe.xadd(keys.stream(pid), {"uid": str(i + 1), "ts": now, "sale": "bench",
-                                             "slot": str(i // len(pids) + 1)})
+                fields = {"uid": str(i + 1), "ts": now, "sale": "bench",
+                          "slot": str(i // len(pids) + 1)}
+                if every and i % every == 0:
+                    trace, span = random.getrandbits(128) | 1, random.getrandbits(64) | 1
+                    fields[STREAM_FIELD.decode()] = f"00-{trace:032x}-{span:016x}-01"
+                pipe.xadd(keys.stream(pid), fields)
             await pipe.execute()
             done = min(total, done + 10_000)
             if progress:

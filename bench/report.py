@@ -10,6 +10,8 @@ from .verdicts import (
     P99_AT_90_BOUND_MS,
     P99_OVER_BROKER_BOUND,
     SERVICES,
+    TRACE_OFF_BOUND,
+    TRACE_ONE_PERCENT_BOUND,
     failures,
     field,
     http_problems,
@@ -20,6 +22,7 @@ from .verdicts import (
     runs_of,
     short_windows,
     spread,
+    trace_ratios,
 )
 
 
@@ -98,6 +101,7 @@ def targets(doc: dict[str, Any]) -> list[dict[str, Any]]:
                      [run["bff"]["p99_ms"] for run in runs_of(r, "bff") if not run.get("failed")],
                      "<=", 20.0, failures(r, "bff")))
     rows += cluster_targets(r)
+    rows += trace_targets(r)
     if "soak" in r:
         growth = [run["rss_end_mb"] / run["rss_start_mb"] - 1 for run in runs_of(r, "soak")
                   if not run.get("failed") and run.get("rss_start_mb")]
@@ -124,6 +128,57 @@ def cluster_targets(r: dict[str, Any]) -> list[tuple[str, list[float], str, floa
          paired(field(r, "cluster_scale_1000", cpu), field(r, "cluster_scale_1", cpu)), "<=",
          1.5, problems("cluster_scale_1", "cluster_scale_1000")),
     ]
+
+
+# the suite's tracing phases (bench/tracebench.py): key, what, figure, ticks group
+TRACE_PHASES = (("trace_engine", "worker CPU per order", "cpu_us_per_order", "workers"),
+                ("trace_http", "BFF CPU per accepted purchase", "cpu_us_per_accepted", None))
+TRACE_LABELS = {"untraced": "untraced build", "0": "trace_sample 0", "0.01": "trace_sample 0.01",
+                "1": "trace_sample 1"}
+
+
+def trace_targets(r: dict[str, Any]) -> list[tuple[str, list[float], str, float, list[str]]]:
+    """Issue 25, when its phases ran: trace_sample 0 and 0.01 against the untraced build
+    of the same round, per order in the engine and per purchase at the BFF."""
+    rows = []
+    for key, what, figure, ticks in TRACE_PHASES:
+        if key not in r:
+            continue
+        for variant, bound in (("0", TRACE_OFF_BOUND), ("0.01", TRACE_ONE_PERCENT_BOUND)):
+            ratios, problems = trace_ratios(runs_of(r, key), variant, figure, ticks)
+            rows.append((f"tracing: {what}, {TRACE_LABELS[variant]} / untraced build",
+                         ratios, "<=", bound, problems))
+    return rows
+
+
+def _trace_table(r: dict[str, Any]) -> list[str]:
+    """Each variant's figure and its ratio to the untraced build (100% included)."""
+    phases = [p for p in TRACE_PHASES if p[0] in r]
+    if not phases:
+        return []
+    head = " | ".join(f"{what}, us | / untraced" for _, what, _, _ in phases)
+    lines = ["", f"| tracing (median (min-max) of runs) | {head} |",
+             "|---|" + "---:|---:|" * len(phases)]
+    for variant, label in TRACE_LABELS.items():
+        cells = []
+        for key, _, figure, _ticks in phases:
+            runs = runs_of(r, key)
+            values = [run.get("variants", {}).get(variant, {}) for run in runs]
+            own = [None if v.get("failed") or figure not in v else float(v[figure])
+                   for v in values]
+            why = next((v["failed"] for v in values if v.get("failed")), None)
+            base = [run.get("variants", {}).get("untraced", {}).get(figure) for run in runs]
+            # (every round's ratio, judged or not: a quick run's too)
+            ratios = [o / b for o, b in zip(own, base, strict=True) if o is not None and b
+                      ] if variant != "untraced" else []
+            cells += [_spread_cell(own, ".1f") if any(x is not None for x in own)
+                      else (why or ""), _spread_cell(list(ratios), ".3f") if ratios else ""]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    commit = next((run.get("untraced_commit") for key, *_ in phases
+                   for run in runs_of(r, key) if run.get("untraced_commit")), None)
+    lines += ["", f"The untraced build: {commit or 'none'}; trace_sample 1 is reported, "
+              "not judged."]
+    return lines
 
 
 def _over_broker(runs: list[dict[str, Any]]) -> tuple[list[float], str, float, list[str]]:
@@ -232,6 +287,7 @@ def markdown(doc: dict[str, Any]) -> str:
     lines += _latency_tables(r)
     lines += _bff_table(r)
     lines += _cluster_table(r)
+    lines += _trace_table(r)
     lines += ["", "A target is met only when every run is on the right side of its bound.", "",
               "| target | median | spread (min-max) | runs | bound | met |",
               "|---|---:|---:|---:|---:|---|"]

@@ -10,12 +10,14 @@ protobuf encoder, only the HTTP request is left out), so the figures add up:
 - on, the order not sampled: the BFF draws a random number per attempt, the engine
   looks each entry up for the stream field once per batch;
 - a sampled purchase at the BFF: the server and gate spans, the stream field;
-- a sampled order in the engine: its own spans, and the batch's spans, paid once by
-  each batch that holds a sampled order.
+- a sampled order in the engine: its own span, and the batch's spans, paid once by
+  each batch that holds a sampled order (built at the batch's end as records, encoded
+  by engine.tracewire in the export thread).
 
-Per-order costs at ratio r are then `unsampled + r * sampled`; against the worker's
-CPU per order and the BFF's per accepted purchase (docs/performance.md) they give
-the share tracing adds. Writes bench/results/tracecost-<time>.json and .md.
+The BFF's cost at ratio r is `draw + r * sampled`; the engine's is a batch as it comes
+at r (at 1% of 1,000 entries, ten sampled) over its orders, measured whole. Against
+the worker's CPU per order and the BFF's per accepted purchase (docs/performance.md)
+they give the share tracing adds. Writes bench/results/tracecost-<time>.json and .md.
 """
 
 from __future__ import annotations
@@ -36,11 +38,11 @@ from .resultfiles import write_result
 WORKER_US_PER_ORDER = 18.0
 BFF_US_PER_PURCHASE = 70.0
 RATIOS = (0.0, 0.01, 1.0)
-MANY = 10  # sampled orders in the batch that prices one more
 
 
 class EncodingExporter:
-    """The OTLP exporter's CPU work without its HTTP request: spans to protobuf bytes."""
+    """The OTLP exporter's CPU work without its HTTP request: spans to protobuf bytes
+    (the SDK's spans by its encoder, the engine's records already encoded by ours)."""
 
     def __init__(self) -> None:
         self.bytes = 0
@@ -49,7 +51,13 @@ class EncodingExporter:
         from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
         from opentelemetry.sdk.trace.export import SpanExportResult
 
-        self.bytes += len(encode_spans(spans).SerializeToString())
+        self.bytes += len(encode_spans(spans).SerializePartialToString())
+        return SpanExportResult.SUCCESS
+
+    def export_encoded(self, data: bytes, spans: int) -> Any:
+        from opentelemetry.sdk.trace.export import SpanExportResult
+
+        self.bytes += len(data)
         return SpanExportResult.SUCCESS
 
     def shutdown(self) -> None:
@@ -89,7 +97,6 @@ def measure(batch: int, repeat: int) -> dict[str, float]:
     tracing = Tracing.create(exporter, "tracecost", ratio=0.0, queue=1 << 20,
                              count=lambda what, n: None)
     plain = entries(batch, 0, tracing)
-    one = entries(batch, 1, tracing)
     tracing.flush()
     out: dict[str, float] = {}
     off: Any = None
@@ -105,6 +112,9 @@ def measure(batch: int, repeat: int) -> dict[str, float]:
         server.set_attribute("http.response.status_code", 202)
         server.end()
     out["bff_sampled_us"] = cpu_us(purchase, repeat, tracing)
+    # the SDK's floor: one bare span, started, ended and encoded (what a hop pays at least
+    # per span it makes with the SDK; the engine makes none)
+    out["sdk_span_us"] = cpu_us(lambda: tracing.start("bare").end(), repeat, tracing)
 
     def order_batch(batch_entries: list) -> Callable[[], None]:
         def run() -> None:
@@ -119,30 +129,32 @@ def measure(batch: int, repeat: int) -> dict[str, float]:
                         trace.headers(ids)
             trace.end()
         return run
-    scan = cpu_us(lambda: sampled_parents(tracing, one), repeat)
-    with_one = cpu_us(order_batch(one), repeat, tracing) - scan
-    many = entries(batch, MANY, tracing)
-    scan = cpu_us(lambda: sampled_parents(tracing, many), repeat // 4)
-    with_many = cpu_us(order_batch(many), repeat // 4, tracing) - scan
-    out["engine_sampled_us_per_order"] = (with_many - with_one) / (MANY - 1)
-    out["engine_batch_spans_us"] = with_one - out["engine_sampled_us_per_order"]
+    # a batch as it comes at each ratio (1% of 1,000: ten sampled orders), all included:
+    # the scan, the spans made at its end, their encoding in the export thread
+    for ratio in RATIOS[1:]:
+        n = max(1, round(batch * ratio))
+        out[f"engine_batch_us_at_{ratio:g}"] = cpu_us(
+            order_batch(entries(batch, n, tracing)), max(10, repeat * 10 // (10 + n)), tracing)
+    n1 = max(1, round(batch * RATIOS[1]))
+    out["engine_sampled_us_per_order"] = (out["engine_batch_us_at_1"]
+                                          - out["engine_batch_us_at_0.01"]) / (batch - n1)
+    out["engine_batch_spans_us"] = (out["engine_batch_us_at_0.01"]
+                                    - out["engine_scan_ns_per_order"] * batch / 1000
+                                    - n1 * out["engine_sampled_us_per_order"])
     tracing.close()
     return out
 
 
 def shares(m: dict[str, float], batch: int) -> list[dict[str, Any]]:
-    """Added CPU per purchase (BFF) and per order (engine) at each ratio; for a sampled
-    order the engine's batch spans are paid once per batch that holds one."""
+    """Added CPU per purchase (BFF) and per order (engine) at each ratio: the engine's,
+    a batch at that ratio over its orders."""
     rows = []
     for r in RATIOS:
         if r == 0:
             bff = engine = 0.0
         else:
             bff = m["edge_draw_ns"] / 1000 + r * m["bff_sampled_us"]
-            batches_with_one = 1 - (1 - r) ** batch  # share of batches holding one at least
-            engine = (m["engine_scan_ns_per_order"] / 1000
-                      + batches_with_one * m["engine_batch_spans_us"] / batch
-                      + r * m["engine_sampled_us_per_order"])
+            engine = m[f"engine_batch_us_at_{r:g}"] / batch
         rows.append({"ratio": r, "bff_us": bff, "bff_share": bff / BFF_US_PER_PURCHASE,
                      "engine_us": engine, "engine_share": engine / WORKER_US_PER_ORDER})
     return rows
@@ -160,9 +172,13 @@ def main(argv: list[str] | None = None) -> int:
         f"off: `tracing is None` {m['off_check_ns']:.0f} ns; on, unsampled: edge draw "
         f"{m['edge_draw_ns']:.0f} ns per attempt, engine scan "
         f"{m['engine_scan_ns_per_order']:.0f} ns per order (batches of {args.batch})",
-        f"sampled: BFF {m['bff_sampled_us']:.1f} us per purchase; engine "
-        f"{m['engine_sampled_us_per_order']:.1f} us per order, and "
+        f"sampled: BFF {m['bff_sampled_us']:.1f} us per purchase; engine, a batch at 1% "
+        f"{m['engine_batch_us_at_0.01']:.0f} us, at 100% {m['engine_batch_us_at_1']:.0f} us: "
+        f"{m['engine_sampled_us_per_order']:.1f} us per sampled order, and "
         f"{m['engine_batch_spans_us']:.1f} us per batch holding one (its own spans)",
+        f"the SDK's floor: one bare span started, ended and encoded {m['sdk_span_us']:.1f} us "
+        "(the BFF's and the Resource Domain's spans; the engine's are records, encoded by "
+        "engine.tracewire)",
         "", "| trace_sample | BFF us/purchase | share of "
         f"{BFF_US_PER_PURCHASE:g} us | engine us/order | share of {WORKER_US_PER_ORDER:g} us |",
         "|---:|---:|---:|---:|---:|"]

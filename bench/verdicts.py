@@ -216,3 +216,44 @@ def p99_over_broker(runs: Sequence[Mapping[str, Any]]) -> tuple[list[float], lis
         else:
             ratios.append(float(ours) / float(broker))
     return ratios, problems
+
+
+# Issue 25: tracing's cost per purchase (BFF) and per order (engine) against a build
+# without tracing, measured in the same round (bench/tracebench.py); 100% is reported.
+TRACE_OFF_BOUND = 1.02  # trace_sample 0
+TRACE_ONE_PERCENT_BOUND = 1.05  # trace_sample 0.01
+NO_HISTORY = "not measured: no git history"  # no untraced build to compare with
+
+
+def trace_ratios(runs: Sequence[Mapping[str, Any]], variant: str, figure: str,
+                 ticks_of: str | None = None) -> tuple[list[float], list[str]]:
+    """Round by round, `variant`'s `figure` over the untraced build's (run["variants"]),
+    and why a round gives none: a failed phase or drain, no untraced build, a figure
+    missing, or a CPU window under MIN_TICKS (`ticks_of` names the group when a run's
+    ticks are per group)."""
+    ratios: list[float] = []
+    problems: list[str] = []
+    for i, run in enumerate(runs):
+        if run.get("failed"):
+            problems.append(f"run {i + 1} failed ({run['failed']})")
+            continue
+        variants = run.get("variants", {})
+        sides = {name: variants.get(name) or {"failed": "not run"}
+                 for name in ("untraced", variant)}
+        why = [f"{name} {side['failed']}" for name, side in sides.items()
+               if side.get("failed")]
+        for name, side in sides.items():
+            ticks = side.get("ticks", 0)
+            ticks = ticks.get(ticks_of, 0) if isinstance(ticks, Mapping) else ticks
+            if not side.get("failed") and int(ticks) < MIN_TICKS:
+                why.append(f"{name} CPU over {ticks} ticks (< {MIN_TICKS})")
+            if side.get("tokens_exhausted"):
+                why.append(f"{name} ran out of buyers' tokens")
+        base, ours = sides["untraced"].get(figure), sides[variant].get(figure)
+        if not why and (ours is None or not base):
+            why.append(f"no {figure} to compare")
+        if why:
+            problems.append(f"run {i + 1}: " + "; ".join(why))
+        else:
+            ratios.append(float(ours) / float(base))
+    return ratios, problems

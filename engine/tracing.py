@@ -36,9 +36,12 @@ from engine.config import Settings
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context
+    from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
     from opentelemetry.sdk.trace.export import SpanExporter
     from opentelemetry.trace import Span, SpanContext, Tracer
+
+    from engine.tracewire import SpanRecord
 
 log = logging.getLogger("seckill.tracing")
 
@@ -54,6 +57,7 @@ TRACES_PATH = "/v1/traces"
 EXPORT_BATCH = 512  # spans per export request
 EXPORT_DELAY = 0.5  # seconds a finished span waits, at most, for its batch
 CLOSE_TIMEOUT = 2.0  # seconds a stopping process gives its last export
+SCOPE = "seckill"  # the instrumentation scope of every span we make
 
 
 def setup(settings: Settings, service: str) -> Tracing | None:
@@ -61,10 +65,8 @@ def setup(settings: Settings, service: str) -> Tracing | None:
     nothing started). `service` names it unless OTEL_SERVICE_NAME does."""
     if settings.trace_sample <= 0:
         return None
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-
     endpoint = settings.trace_endpoint.rstrip("/")
-    exporter = OTLPSpanExporter(endpoint=endpoint + TRACES_PATH if endpoint else None)
+    exporter = otlp_exporter(endpoint + TRACES_PATH if endpoint else None)
     traced = Tracing.create(exporter, service, ratio=settings.trace_sample,
                             queue=settings.trace_queue)
     # The SDK, its exporter and requests are some 10,000 objects that live as long as
@@ -72,6 +74,32 @@ def setup(settings: Settings, service: str) -> Tracing | None:
     # (nor what the process booted with, which lives as long; called at boot only).
     gc.freeze()
     return traced
+
+
+def otlp_exporter(endpoint: str | None) -> SpanExporter:
+    """The SDK's OTLP/HTTP exporter (`endpoint`, else the OTEL_* variables), able to
+    send requests encoded already (`export_encoded`: the engine's span records)."""
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.trace.export import SpanExportResult
+
+    class Exporter(OTLPSpanExporter):
+        def export_encoded(self, data: bytes, spans: int) -> SpanExportResult:
+            """Send one ExportTraceServiceRequest's bytes as `export` sends its own."""
+            if self._shutdown:
+                return SpanExportResult.FAILURE
+            with self._metrics.export_operation(spans) as result:
+                sent = self._client.export(data)
+                if not sent.success:
+                    result.error = sent.error
+                    return SpanExportResult.FAILURE
+            return SpanExportResult.SUCCESS
+
+    exporter = Exporter(endpoint=endpoint)
+    # (the SDK's private parts it sends with: a later SDK without them exports the
+    # records as ReadableSpans through `export`, slower but the same spans)
+    if not all(hasattr(exporter, a) for a in ("_client", "_metrics", "_shutdown")):
+        del Exporter.export_encoded
+    return exporter
 
 
 class Tracing:
@@ -88,6 +116,7 @@ class Tracing:
         self.processor = processor
         self._random = random.random
         self._api = trace
+        self.new_id = random.getrandbits  # (random reseeds itself in a forked child)
 
     @classmethod
     def create(cls, exporter: SpanExporter, service: str, *, ratio: float = 1.0,
@@ -110,11 +139,11 @@ class Tracing:
         # of a sampler's decision per span.
         provider = TracerProvider(resource=resource, sampler=ALWAYS_ON)
         processor = BoundedSpanProcessor(exporter, queue, batch=batch, delay=delay,
-                                         count=count)
+                                         count=count, resource=provider.resource)
         # (duck-typed: SpanProcessor's module is not imported when tracing is off)
         provider.add_span_processor(processor)  # type: ignore[arg-type]
         install_log_context()
-        return cls(provider.get_tracer("seckill"), provider, ratio, processor)
+        return cls(provider.get_tracer(SCOPE), provider, ratio, processor)
 
     # -- the edge -----------------------------------------------------------------
 
@@ -149,6 +178,25 @@ class Tracing:
 
     # -- carriers -----------------------------------------------------------------
 
+    @staticmethod
+    def stream_ids(value: bytes | str | None) -> tuple[int, int, str] | None:
+        """A stream entry's STREAM_FIELD as (trace ID, parent span ID, tracestate), if
+        it carries a sampled context: `from_stream` without its SDK objects."""
+        if not value:
+            return None
+        text = value.decode("latin-1") if isinstance(value, bytes) else value
+        parent, _, state = text.partition(" ")
+        found = _TRACEPARENT.fullmatch(parent)
+        if found is None:
+            return None
+        version, trace_id, span_id, flags, rest = found.groups()
+        if version == "ff" or (version == "00" and rest) or not int(flags, 16) & 1:
+            return None
+        tid, sid = int(trace_id, 16), int(span_id, 16)
+        if not tid or not sid:
+            return None
+        return tid, sid, state[:MAX_TRACESTATE]
+
     def stream_value(self, span: Span) -> str:
         """A sampled order's STREAM_FIELD: its span's traceparent, and tracestate."""
         ctx = span.get_span_context()
@@ -181,6 +229,24 @@ class Tracing:
         return _sampled_only(self.http_parent(parent, _text(headers.get(TRACESTATE))))
 
     # -- spans --------------------------------------------------------------------
+
+    def emit(self, records: Sequence[SpanRecord]) -> None:
+        """Finished spans built by hand (engine.tracewire), to export as the SDK's are."""
+        self.processor.on_records(records)
+
+    def span_id(self) -> int:
+        """A new span ID (64 random bits, never 0)."""
+        while True:
+            found = self.new_id(64)
+            if found:
+                return found
+
+    def trace_id(self) -> int:
+        """A new trace ID (128 random bits, never 0)."""
+        while True:
+            found = self.new_id(128)
+            if found:
+                return found
 
     def start(self, name: str, parent: Context | None = None, *, kind: str = "internal",
               links: Sequence[SpanContext] = (), attributes: Mapping[str, Any] | None = None,
@@ -256,17 +322,25 @@ class BoundedSpanProcessor:
     nothing per span: a collector outage during a flash sale must cost a counter,
     not a log line per order. One daemon thread exports, at most `batch` spans
     per request, every `delay` seconds or sooner when a batch is full.
+
+    The queue holds the SDK's spans and the engine's SpanRecords alike; an exporter
+    with `export_encoded` (otlp_exporter) is sent the records encoded by
+    engine.tracewire, in the same request as the SDK's spans; any other is given
+    them as ReadableSpans.
     """
 
     def __init__(self, exporter: SpanExporter, limit: int, *, batch: int = EXPORT_BATCH,
                  delay: float = EXPORT_DELAY,
-                 count: Callable[[str, int], None] | None = None) -> None:
+                 count: Callable[[str, int], None] | None = None,
+                 resource: Resource | None = None) -> None:
         self.exporter = exporter
         self.limit = limit
         self.batch = batch
         self.delay = delay
         self.count = count or _prometheus_counts()
-        self.queue: deque[ReadableSpan] = deque()
+        self.resource = resource
+        self.queue: deque[ReadableSpan | SpanRecord] = deque()
+        self._encoded: tuple[bytes, bytes] | None = None  # the resource's and scope's
         self._wake = threading.Event()
         self._exporting = threading.Lock()  # the thread and a flush never export at once
         self._stopped = False
@@ -285,6 +359,15 @@ class BoundedSpanProcessor:
             self.count("queue_full", 1)
             return
         self.queue.append(span)  # (deque: atomic, no lock with the export thread)
+        if len(self.queue) >= self.batch:
+            self._wake.set()
+
+    def on_records(self, records: Sequence[SpanRecord]) -> None:
+        room = self.limit - len(self.queue)
+        if self._stopped or room < len(records):
+            self.count("queue_full", len(records))
+            return
+        self.queue.extend(records)
         if len(self.queue) >= self.batch:
             self._wake.set()
 
@@ -319,11 +402,11 @@ class BoundedSpanProcessor:
             self._exporting.release()
         return ok
 
-    def _export(self, spans: list[ReadableSpan]) -> bool:
+    def _export(self, spans: list[ReadableSpan | SpanRecord]) -> bool:
         from opentelemetry.sdk.trace.export import SpanExportResult
 
         try:
-            result = self.exporter.export(spans)
+            result = self._send(spans)
         except Exception:  # noqa: BLE001 - an exporter's bug must not stop our thread
             log.warning("span export failed", exc_info=True, extra={"event": "trace_export"})
             result = SpanExportResult.FAILURE
@@ -332,6 +415,46 @@ class BoundedSpanProcessor:
             return True
         self.count("export_failed", len(spans))
         return False
+
+
+    def _send(self, spans: list[ReadableSpan | SpanRecord]) -> Any:
+        from engine.tracewire import SpanRecord, encode_request, readable
+
+        records = [s for s in spans if isinstance(s, SpanRecord)]
+        if not records:
+            return self.exporter.export(spans)  # type: ignore[arg-type]
+        resource = self.resource or _default_resource()
+        sdk = [s for s in spans if not isinstance(s, SpanRecord)]
+        export_encoded = getattr(self.exporter, "export_encoded", None)
+        if export_encoded is None:
+            scope = _scope()
+            return self.exporter.export(
+                [*sdk, *(readable(r, resource, scope) for r in records)])  # type: ignore[list-item]
+        data = encode_request(records, *self._encoded_once(resource))
+        if sdk:  # (two serialized requests, concatenated: one with both lists of spans)
+            from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+
+            data = encode_spans(sdk).SerializePartialToString() + data
+        return export_encoded(data, len(spans))
+
+    def _encoded_once(self, resource: Resource) -> tuple[bytes, bytes]:
+        from engine.tracewire import resource_bytes, scope_bytes
+
+        if self._encoded is None:
+            self._encoded = (resource_bytes(resource.attributes), scope_bytes(SCOPE))
+        return self._encoded
+
+
+def _default_resource() -> Resource:
+    from opentelemetry.sdk.resources import Resource
+
+    return Resource.create({})
+
+
+def _scope() -> Any:
+    from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+
+    return InstrumentationScope(SCOPE)
 
 
 def _prometheus_counts() -> Callable[[str, int], None]:

@@ -14,10 +14,12 @@ With some, `BatchTrace` keeps two views of the same work:
   `traceparent` names, so the Resource Domain's span nests under it.
 
 One span per sampled order and five per batch that holds one, the links on the
-batch's span alone, because a span is dear: tens of microseconds with its export,
-and a link ten more, against the 18 us the engine spends on an order
-(bench/tracecost.py). A child span per stage per order, or the links repeated on
-every stage span, would multiply that by four.
+batch's span alone. They are built when the batch ends, from the times its stages
+noted (a `time.time_ns()` each), as engine.tracewire's plain records: no SDK span,
+no context attached per stage, and the export thread encodes them by hand: a batch
+holding sampled orders costs some 40 us more, and each of them some 14 us with its
+encoding (an SDK span with its export: 30-50 us), against the 18 us the engine spends
+on every order (bench/tracecost.py).
 """
 
 from __future__ import annotations
@@ -25,30 +27,27 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
 
 from engine.pipeline.orders import Entry
-from engine.tracing import STREAM_FIELD, Tracing, parent_of
-
-if TYPE_CHECKING:
-    from opentelemetry.context import Context
-    from opentelemetry.trace import Span
+from engine.tracewire import CONSUMER, INTERNAL, SpanRecord
+from engine.tracing import STREAM_FIELD, TRACEPARENT, TRACESTATE, Tracing
 
 MS = 1_000_000  # ns
+Parent = tuple[int, int, str]  # the BFF's span: trace ID, span ID, tracestate
 
 
-def sampled_parents(tracing: Tracing, entries: Iterable[Entry]) -> dict[str, Context] | None:
-    """entry ID -> the BFF's context, of every entry that carries one; None when none
+def sampled_parents(tracing: Tracing, entries: Iterable[Entry]) -> dict[str, Parent] | None:
+    """entry ID -> the BFF's span, of every entry that carries one; None when none
     does (the common batch: one dict lookup per entry, nothing made)."""
-    found: dict[str, Context] | None = None
+    found: dict[str, Parent] | None = None
     for entry in entries:
         value = entry.fields.get(STREAM_FIELD)
         if value is not None:
-            context = tracing.from_stream(value)
-            if context is not None:
+            parent = tracing.stream_ids(value)
+            if parent is not None:
                 if found is None:
                     found = {}
-                found[entry.stream_id] = context
+                found[entry.stream_id] = parent
     return found
 
 
@@ -58,28 +57,42 @@ def entry_ns(entry_id: str) -> int:
     return int(head) * MS if head.isdigit() else time.time_ns()
 
 
+class _Order:
+    """A sampled order's span while its batch runs."""
+
+    __slots__ = ("parent", "span_id", "start_ns", "events", "error", "headers")
+
+    def __init__(self, parent: Parent, span_id: int, start_ns: int) -> None:
+        self.parent = parent
+        self.span_id = span_id
+        self.start_ns = start_ns
+        self.events: list[tuple[str, int]] = []
+        self.error: str | None = None
+        trace_id, _, state = parent
+        self.headers = {TRACEPARENT: f"00-{trace_id:032x}-{span_id:016x}-01"}
+        if state:
+            self.headers[TRACESTATE] = state
+
+
 class BatchTrace:
     """The batch's spans and its sampled orders' (module docstring); `end` once."""
 
-    def __init__(self, tracing: Tracing, parents: Mapping[str, Context], entries: int,
+    def __init__(self, tracing: Tracing, parents: Mapping[str, Parent], entries: int,
                  read_ns: int | None = None) -> None:
         self.tracing = tracing
+        self.entries = entries
         now = time.time_ns()
-        start = tracing.start
-        begun = {eid: min(entry_ns(eid), now) for eid in parents}
-        self.orders: dict[str, Span] = {
-            eid: start("engine.order", ctx, kind="consumer", start_ns=begun[eid],
-                       attributes={"seckill.entry_id": eid})
-            for eid, ctx in parents.items()}
-        self.links = [s.get_span_context() for s in self.orders.values()]
-        first = min([read_ns or now, now, *begun.values()])
-        self.batch = start("engine.batch", kind="consumer", links=self.links, start_ns=first,
-                           attributes={"seckill.entries": entries,
-                                       "seckill.sampled": len(self.orders)})
-        # the read stage, over already: from the oldest entry's creation until it was read
-        start("engine.read", parent_of(self.batch), start_ns=first).end(now)
-        for span in self.orders.values():
-            span.add_event("read", timestamp=now)
+        new_id = tracing.span_id
+        self.orders = {eid: _Order(parent, new_id(), min(entry_ns(eid), now))
+                       for eid, parent in parents.items()}
+        self.trace_id = tracing.trace_id()
+        self.span_id = new_id()
+        self.start_ns = min([read_ns or now, now, *(o.start_ns for o in self.orders.values())])
+        # (name, start, end) of each stage's span; the read stage is over already: from
+        # the oldest entry's creation until it was read
+        self.stages: list[tuple[str, int, int]] = [("engine.read", self.start_ns, now)]
+        for order in self.orders.values():
+            order.events.append(("read", now))
 
     @contextmanager
     def stage(self, name: str, event: str, entry_ids: Iterable[str]) -> Iterator[list[str]]:
@@ -87,35 +100,42 @@ class BatchTrace:
         (the stage's orders, yielded) gets `event` at its end."""
         orders = self.orders
         mine = [eid for eid in entry_ids if eid in orders]
-        span = self.tracing.start(f"engine.{name}", parent_of(self.batch))
+        begun = time.time_ns()
         try:
             yield mine
         finally:
             end = time.time_ns()
             for eid in mine:
-                orders[eid].add_event(event, timestamp=end)
-            span.end(end)
+                orders[eid].events.append((event, end))
+            self.stages.append((f"engine.{name}", begun, end))
 
     def headers(self, entry_ids: Sequence[str]) -> dict[int, dict[str, str]] | None:
         """The AMQP headers of a publish's messages, by their index in `entry_ids`: those
         of the sampled orders, naming each one's span; None when none is sampled."""
-        orders, headers = self.orders, self.tracing.headers
-        found = {i: headers(orders[eid]) for i, eid in enumerate(entry_ids) if eid in orders}
+        orders = self.orders
+        found = {i: orders[eid].headers for i, eid in enumerate(entry_ids) if eid in orders}
         return found or None
 
     def dead_lettered(self, entry_ids: Iterable[str]) -> None:
         """The sampled orders among `entry_ids` became dead letters: their spans fail."""
         orders = self.orders
-        mine = [orders[eid] for eid in entry_ids if eid in orders]
-        if mine:
-            from opentelemetry.trace import Status, StatusCode
-
-            for span in mine:
-                span.set_status(Status(StatusCode.ERROR, "dead-lettered"))
+        for eid in entry_ids:
+            if eid in orders:
+                orders[eid].error = "dead-lettered"
 
     def end(self) -> None:
-        """End every span (once, whatever became of the batch)."""
+        """Build and export every span (once, whatever became of the batch)."""
         end = time.time_ns()
-        for span in self.orders.values():
-            span.end(end)
-        self.batch.end(end)
+        trace_id, span_id = self.trace_id, self.span_id
+        records = [SpanRecord("engine.order", CONSUMER, o.parent[0], o.span_id, o.parent[1],
+                              True, o.parent[2], o.start_ns, end,
+                              {"seckill.entry_id": eid}, o.events, (), o.error)
+                   for eid, o in self.orders.items()]
+        records.append(SpanRecord(
+            "engine.batch", CONSUMER, trace_id, span_id, 0, False, "", self.start_ns, end,
+            {"seckill.entries": self.entries, "seckill.sampled": len(self.orders)}, (),
+            [(o.parent[0], o.span_id) for o in self.orders.values()]))
+        new_id = self.tracing.span_id
+        records += [SpanRecord(name, INTERNAL, trace_id, new_id(), span_id, False, "",
+                               begun, ended) for name, begun, ended in self.stages]
+        self.tracing.emit(records)

@@ -44,12 +44,16 @@ class ReceivedSpan:
 
 
 class OtlpReceiver:
-    """An OTLP/HTTP traces endpoint in a thread; `with OtlpReceiver() as r:`."""
+    """An OTLP/HTTP traces endpoint in a thread; `with OtlpReceiver() as r:`. With
+    `keep=False` it only counts requests and bytes (a benchmark's collector: decoding
+    every span would take the cores it measures)."""
 
-    def __init__(self, host: str = HOST, port: int = 0) -> None:
+    def __init__(self, host: str = HOST, port: int = 0, *, keep: bool = True) -> None:
         self._spans: list[ReceivedSpan] = []
         self._lock = threading.Lock()
+        self.keep = keep
         self.requests = 0
+        self.bytes = 0
         self._server = ThreadingHTTPServer((host, port), _handler(self._received))
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever,
@@ -95,10 +99,11 @@ class OtlpReceiver:
         return self.spans()
 
     def _received(self, body: bytes) -> None:
-        spans = decode(body)
+        spans = decode(body) if self.keep else []
         with self._lock:
             self._spans.extend(spans)
             self.requests += 1
+            self.bytes += len(body)
 
 
 def decode(body: bytes) -> list[ReceivedSpan]:

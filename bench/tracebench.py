@@ -1,0 +1,258 @@
+"""The suite's tracing phases (issue 25): the engine and the BFF at `trace_sample` 0, 0.01
+and 1, against the same code before tracing existed, taking turns within each round.
+
+- The untraced build is HEAD with the tracing merge (the first-parent commit that
+  added engine/tracing.py) undone in engine/, everything before and after it kept:
+  extracted with `git archive` into a temporary directory, the merge's changes
+  reverted file by file (`git merge-file` where a file changed since), and run
+  through PYTHONPATH; so the ratio prices tracing alone, not the engine's other
+  changes since. Where the revert conflicts, the commit before the merge stands in
+  (the result says which). Without git history (a tarball) its rows say NO_HISTORY
+  and the ratios are not met.
+- Engine: one drain per variant per round, same backlog, 2 workers, services reset and
+  idle before each. A traced variant's backlog carries the trace context on the share
+  of entries its BFF would have sampled, as the gate writes it (bench/env.preload), and
+  its workers export to a real OTLP/HTTP receiver in this process (which only counts:
+  decoding would take the cores being measured). At 0 the engine runs with tracing
+  off, as a sale without tracing runs.
+- HTTP: the four BFFs (JWT on, every token verified once by every worker, as in the
+  suite's HTTP phase) take turns, one window each of new purchases, the order
+  reversed every other window; the BFF's CPU per accepted purchase over its windows.
+
+bench/report.py judges each round's ratios against the untraced build
+(bench/verdicts.trace_ratios); 100% is reported, not judged.
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import tempfile
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from engine.testing.otlp import OtlpReceiver
+from engine.testing.processes import children
+
+from .bff import BFF_PIDS, WARMUP_PID, HttpBench, merge_windows, open_sales
+from .engineab import environment
+from .enginerun import drain
+from .env import preload
+from .httpload import Load, buy_path, load_window, wait_listening
+from .tokens import TokenFile, warm
+from .verdicts import NO_HISTORY
+
+ROOT = Path(__file__).resolve().parents[1]
+UNTRACED = "untraced"
+SAMPLES = {"0": 0.0, "0.01": 0.01, "1": 1.0}  # the traced variants' trace_sample
+VARIANTS = (UNTRACED, *SAMPLES)
+PIDS = [990_000_030]  # the engine drains' sale
+WORKERS = 2
+# buyers of the BFF windows: a window of 1 s buys some 12,000 times, each token once on
+# each of its 6 products; every BFF verifies them all before (the suite's 20,000 would
+# take 5 s a BFF)
+TOKENS = 4_000
+
+
+def _git(root: Path, *args: str, check: bool = True) -> str:
+    return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True,
+                          timeout=60, check=check).stdout
+
+
+def tracing_merge(root: Path = ROOT) -> str | None:
+    """The first-parent commit that brought engine/tracing.py, or None without history."""
+    try:
+        found = _git(root, "log", "--first-parent", "--diff-filter=A", "--format=%H",
+                     "HEAD", "--", "engine/tracing.py").split()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return found[-1] if found else None
+
+
+def untraced_commit(root: Path = ROOT) -> str | None:
+    """The commit before tracing was merged, or None without git history."""
+    merge = tracing_merge(root)
+    if merge is None:
+        return None
+    return _git(root, "rev-parse", "--verify", "-q", merge + "^1", check=False).strip() or None
+
+
+def extract(commit: str, into: Path, root: Path = ROOT) -> None:
+    """The tree of `commit` as files under `into` (no .git, nothing of ours changed)."""
+    archive = subprocess.Popen(["git", "archive", commit], cwd=root, stdout=subprocess.PIPE)
+    try:
+        subprocess.run(["tar", "-x", "-C", str(into)], stdin=archive.stdout, check=True,
+                       timeout=120)
+    finally:
+        if archive.stdout is not None:
+            archive.stdout.close()
+        if archive.wait(60):
+            raise subprocess.CalledProcessError(archive.returncode, "git archive")
+
+
+class RevertConflict(Exception):
+    """A file of engine/ changed since tracing came, where its revert does not apply."""
+
+
+def untraced_build(into: Path, root: Path = ROOT) -> str | None:
+    """Under `into`, HEAD's tree with the tracing merge's changes to engine/ undone (what
+    came before and after it kept), else, when that conflicts, the commit before
+    tracing; what it is, or None without git history."""
+    merge, before = tracing_merge(root), untraced_commit(root)
+    if merge is None or before is None:
+        return None
+    head = _git(root, "rev-parse", "HEAD").strip()
+    extract(head, into, root)
+    try:
+        _revert(root, into, merge, before)
+    except RevertConflict as exc:
+        shutil.rmtree(into)
+        into.mkdir()
+        extract(before, into, root)
+        return f"{before[:12]} (the commit before tracing: its revert from HEAD conflicts in {exc})"
+    return f"{head[:12]} with {merge[:12]} (tracing) reverted in engine/"
+
+
+def _revert(root: Path, into: Path, merge: str, before: str) -> None:
+    def blob(commit: str, path: str) -> str:
+        return _git(root, "rev-parse", "-q", "--verify", f"{commit}:{path}", check=False).strip()
+
+    def show(commit: str, path: str) -> bytes:
+        return subprocess.run(["git", "show", f"{commit}:{path}"], cwd=root,
+                              capture_output=True, timeout=60, check=True).stdout
+
+    changes = _git(root, "diff", "--no-renames", "--name-status", before, merge, "--",
+                   "engine").splitlines()
+    for status, path in (line.split("\t", 1) for line in changes):
+        target = into / path
+        if status == "A":
+            target.unlink(missing_ok=True)
+        elif status == "D":
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(show(before, path))
+        elif not target.exists():
+            continue  # (deleted since: nothing to undo)
+        elif blob("HEAD", path) == blob(merge, path):
+            target.write_bytes(show(before, path))
+        else:  # changed since: a three-way merge of the undo
+            with tempfile.TemporaryDirectory() as tmp:
+                base, theirs = Path(tmp) / "base", Path(tmp) / "theirs"
+                base.write_bytes(show(merge, path))
+                theirs.write_bytes(show(before, path))
+                merged = subprocess.run(["git", "merge-file", "-p", str(target), str(base),
+                                         str(theirs)], capture_output=True, timeout=60)
+            if merged.returncode != 0:
+                raise RevertConflict(path)
+            target.write_bytes(merged.stdout)
+
+
+def order(number: int) -> list[str]:
+    """The variants' turn in round `number`: reversed every other round."""
+    return list(VARIANTS if number % 2 == 0 else reversed(VARIANTS))
+
+
+class TraceBench:
+    """The untraced tree and the receiver of one suite run; `close` at its end."""
+
+    def __init__(self, settings: Any, root: Path = ROOT) -> None:
+        self.settings = settings
+        self._tmp = tempfile.TemporaryDirectory(prefix="seckill-untraced-")
+        tree = Path(self._tmp.name) / "tree"
+        tree.mkdir()
+        self.commit = untraced_build(tree, root)  # (what the untraced build is)
+        self.tree = tree if self.commit is not None else None
+        self.receiver = OtlpReceiver(keep=False).start()
+
+    def close(self) -> None:
+        self.receiver.stop()
+        self._tmp.cleanup()
+
+    def settings_of(self, name: str) -> dict[str, Any]:
+        """A traced variant's settings (the untraced build knows none of them)."""
+        if name == UNTRACED:
+            return {}
+        sample = SAMPLES[name]
+        return {"trace_sample": sample,
+                **({"trace_endpoint": self.receiver.endpoint} if sample else {})}
+
+    def env_of(self, name: str) -> dict[str, str]:
+        """A variant's environment beyond its settings: the untraced build's code."""
+        return {"PYTHONPATH": str(self.tree)} if name == UNTRACED and self.tree else {}
+
+    def tokens(self, minted: TokenFile) -> TokenFile:
+        """The first TOKENS of the suite's minted buyers, in a file of their own."""
+        path = Path(self._tmp.name) / "trace.tokens"
+        if not path.exists():
+            lines = minted.path.read_bytes().splitlines(keepends=True)[:TOKENS]
+            path.write_bytes(b"".join(lines))
+        return TokenFile(path, minted.first_user, min(TOKENS, minted.count))
+
+    def head(self) -> dict[str, Any]:
+        return {"untraced_commit": self.commit or NO_HISTORY,
+                "receiver": {"requests": self.receiver.requests,
+                             "bytes": self.receiver.bytes}}
+
+    async def engine(self, number: int, orders: int,
+                     reset: Callable[[list[int]], Awaitable[None]],
+                     say: Callable[[str], None] = print) -> dict[str, Any]:
+        """One drain of `orders` per variant, in this round's turn."""
+        runs: dict[str, Any] = {}
+        for name in order(number):
+            if name == UNTRACED and self.tree is None:
+                runs[name] = {"failed": NO_HISTORY}
+                continue
+            await reset(PIDS)
+            await preload(self.settings, PIDS, orders, traced=SAMPLES.get(name, 0.0))
+            with environment(self.env_of(name)):
+                run = await drain(self.settings, PIDS, orders, WORKERS,
+                                  **self.settings_of(name))
+            runs[name] = run
+            say(f"    {name}: " + (f"FAILED {run['failed']}" if run.get("failed") else
+                                   f"{run['cpu_us_per_order']:.1f} us/order, "
+                                   f"{run['ticks']['workers']} ticks"))
+        return {**self.head(), "workers": WORKERS, "orders": orders, "variants": runs}
+
+    async def http(self, bench: HttpBench, number: int, seconds: float, windows: int,
+                   connections: int = 64, say: Callable[[str], None] = print
+                   ) -> dict[str, Any]:
+        """`windows` windows per BFF variant, `seconds` per variant in all."""
+        names = [n for n in order(number) if n != UNTRACED or self.tree is not None]
+        per_window = len(BFF_PIDS) // (windows * len(names))
+        tokens = self.tokens(bench.warm_tokens)
+        await open_sales(self.settings, [*BFF_PIDS, WARMUP_PID])
+        servers = {}
+        for name in names:
+            env = {**self.env_of(name), **{f"SECKILL_{k.upper()}": str(v)
+                                           for k, v in self.settings_of(name).items()}}
+            servers[name] = bench.start_bff(env)[:2]
+        parts: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+        try:
+            for server, port in servers.values():
+                await wait_listening(port, server.proc, str(server.log_path))
+                await warm(port, children(server.pid), tokens, WARMUP_PID)
+                await load_window(server.proc, port, 1.0, connections,
+                                  Load((buy_path(WARMUP_PID),), tokens))
+            used = 0
+            for k in range(windows):
+                for name in (names if k % 2 == 0 else reversed(names)):
+                    server, port = servers[name]
+                    load = Load(tuple(buy_path(p) for p in BFF_PIDS[used:used + per_window]),
+                                tokens)
+                    used += per_window
+                    parts[name].append(await load_window(server.proc, port, seconds / windows,
+                                                         connections, load))
+        finally:
+            for server, _ in servers.values():
+                server.proc.send_signal(signal.SIGTERM)
+            for server, _ in servers.values():
+                server.proc.wait(30)
+                server.log_path.unlink(missing_ok=True)
+        runs: dict[str, Any] = {name: merge_windows(p) for name, p in parts.items()}
+        if self.tree is None:
+            runs[UNTRACED] = {"failed": NO_HISTORY}
+        for name in names:
+            say(f"    BFF {name}: {runs[name]['cpu_us_per_accepted']:.1f} us/accepted, "
+                f"{runs[name]['ticks']} ticks")
+        return {**self.head(), "windows": windows, "seconds": seconds, "variants": runs}
