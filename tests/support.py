@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -186,3 +187,17 @@ def judged_doc(results: dict[str, Any], mode: str = "full") -> dict[str, Any]:
 def target_named(doc: dict[str, Any], name: str) -> dict[str, Any]:
     """The judged target whose name starts with `name`."""
     return next(t for t in doc["targets"] if t["target"].startswith(name))
+
+
+def count_commands(redis: Redis) -> Counter[str]:
+    """Count, by name, the commands `redis` sends one at a time from now on (a pipeline's
+    are not counted): what a task under test asks of Redis, whatever else runs on the
+    server at the same time."""
+    sent: Counter[str] = Counter()
+    send = redis.execute_command
+
+    async def counted(*args: Any, **options: Any) -> Any:
+        sent[str(args[0]).upper()] += 1
+        return await send(*args, **options)
+    redis.execute_command = counted  # type: ignore[method-assign]
+    return sent
