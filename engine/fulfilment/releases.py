@@ -150,6 +150,7 @@ class ReleaseRequests:
         self.cursors: dict[int, bytes] = {}  # product ID -> OWN (re-read) or NEW
         self._cluster = is_cluster(redis)
         self._slots: dict[int, int] = {}  # product ID -> its release stream's slot
+        self._members: set[bytes | str] = set()  # of the set of streams, those discovered
         self._next_discovery = 0.0
         self._next_claim = 0.0
         self._next_sweep = 0.0
@@ -223,11 +224,13 @@ class ReleaseRequests:
 
     async def discover(self) -> None:
         """The release streams of every product the engine reads orders of."""
-        for raw in await self.redis.smembers(self.keys.streams):  # type: ignore[misc]
+        members = await self.redis.smembers(self.keys.streams)
+        for raw in members - self._members:  # type: ignore[operator]
             pid = int(raw)
             if pid not in self.cursors:
                 await ensure_group(self.redis, self.keys.releases(pid))
                 self._reread(pid)
+            self._members.add(raw)
 
     def _reread(self, pid: int) -> None:
         """Read `pid`'s stream from our own pending requests on, at the next pass."""
