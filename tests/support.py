@@ -190,14 +190,31 @@ def target_named(doc: dict[str, Any], name: str) -> dict[str, Any]:
 
 
 def count_commands(redis: Redis) -> Counter[str]:
-    """Count, by name, the commands `redis` sends one at a time from now on (a pipeline's
-    are not counted): what a task under test asks of Redis, whatever else runs on the
-    server at the same time."""
+    """Count, by name, the commands `redis` sends from now on, alone or in a pipeline,
+    and under "round trips" how many times it waited for Redis (once per command sent
+    alone, once per pipeline): what a task under test asks of Redis, whatever else runs
+    on the server at the same time."""
     sent: Counter[str] = Counter()
-    send = redis.execute_command
+    send, make_pipeline = redis.execute_command, redis.pipeline
 
     async def counted(*args: Any, **options: Any) -> Any:
         sent[str(args[0]).upper()] += 1
+        sent["round trips"] += 1
         return await send(*args, **options)
+
+    def pipeline(*args: Any, **options: Any) -> Any:
+        pipe = make_pipeline(*args, **options)
+        queue, execute = pipe.execute_command, pipe.execute
+
+        def queued(*args: Any, **options: Any) -> Any:
+            sent[str(args[0]).upper()] += 1
+            return queue(*args, **options)
+
+        async def executed(*args: Any, **options: Any) -> Any:
+            sent["round trips"] += 1
+            return await execute(*args, **options)
+        pipe.execute_command, pipe.execute = queued, executed
+        return pipe
     redis.execute_command = counted  # type: ignore[method-assign]
+    redis.pipeline = pipeline  # type: ignore[method-assign]
     return sent

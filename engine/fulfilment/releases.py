@@ -240,13 +240,23 @@ class ReleaseRequests:
     async def read(self, pids: list[int] | None = None) -> list[tuple[int, list]]:
         """The requests of `pids`' streams (of every stream by default): our own pending
         ones first, then new ones. One XREADGROUP names every stream of a slot: a single
-        Redis reads them all at once, a cluster once per slot."""
+        Redis reads them all at once, a cluster once per slot, the slots' reads in one
+        pipeline (one round trip per node)."""
         groups = self._by_slot(list(self.cursors) if pids is None else pids)
-        replies = await asyncio.gather(*(self._read_group(pids) for pids in groups))
-        got: dict[int, list] = {pid: items for reply in replies for pid, items in reply}
+        got: dict[int, list] = {}
+        if groups:
+            pipe = self.redis.pipeline(transaction=False)
+            for group in groups:
+                streams = [self.keys.releases(pid) for pid in group]
+                pipe.execute_command(
+                    "XREADGROUP", "GROUP", GROUP, self.consumer, "COUNT", COUNT, "STREAMS",
+                    *streams, *(self.cursors[pid] for pid in group), **self._route(streams[0]))
+            replies = await pipe.execute(raise_on_error=False)
+            for group, reply in zip(groups, replies, strict=True):
+                got.update(await self._requests(group, reply))
         out = []
         again: set[int] = set()
-        for pid in [pid for pids in groups for pid in pids]:
+        for pid in [pid for group in groups for pid in group]:
             if items := got.get(pid):
                 out.append((pid, items))
                 again.add(pid)  # COUNT of them: maybe more
@@ -267,21 +277,17 @@ class ReleaseRequests:
             slots.setdefault(slot, []).append(pid)
         return list(slots.values())
 
-    async def _read_group(self, pids: list[int]) -> list[tuple[int, list]]:
-        streams = [self.keys.releases(pid) for pid in pids]
-        try:
-            reply: Any = await self.redis.execute_command(
-                "XREADGROUP", "GROUP", GROUP, self.consumer, "COUNT", COUNT, "STREAMS",
-                *streams, *(self.cursors[pid] for pid in pids), **self._route(streams[0]))
-        except ResponseError as exc:
-            if not is_nogroup(exc):
-                raise
-            for pid, stream in zip(pids, streams, strict=True):
-                await ensure_group(self.redis, stream)  # Redis lost it: from the start again
+    async def _requests(self, pids: list[int], reply: Any) -> dict[int, list]:
+        """Each stream's requests in the XREADGROUP `reply` for the streams of `pids`."""
+        if isinstance(reply, ResponseError) and is_nogroup(reply):
+            for pid in pids:
+                await ensure_group(self.redis, self.keys.releases(pid))  # Redis lost it
                 self.cursors[pid] = OWN
-            return []
-        pid_of = {stream: pid for pid, stream in zip(pids, streams, strict=True)}
-        return [(pid_of[_text(stream)], items) for stream, items in _stream_pairs(reply)]
+            return {}
+        if isinstance(reply, BaseException):
+            raise reply
+        pid_of = {self.keys.releases(pid): pid for pid in pids}
+        return {pid_of[_text(stream)]: items for stream, items in _stream_pairs(reply)}
 
     async def _claim_abandoned(self) -> list[tuple[int, list]]:
         """Requests pending on a consumer idle for claim_idle_ms (its worker is gone), of
