@@ -27,12 +27,13 @@ is in another slot). Every `release_poll_interval` a worker reads the signals th
 since it last looked (one XREAD of one key, empty when nobody released) and reads the
 release streams of the products they name, and of those whose last read returned
 requests (there may be more), with one non-blocking XREADGROUP (on a Redis Cluster, one
-per slot, sent straight to the slot's master). Every `janitor_interval` it sweeps every
-stream instead (a signal can be lost: the gate's process died between the request and
-its signal, or the worker fell more than the signals kept behind) and claims the
-requests pending on a consumer idle for `claim_idle_ms` (a worker of a host that is
-gone). A worker re-reads its own pending requests first (after a restart, or a batch
-that failed): a start and a failure begin with a sweep.
+per slot, sent straight to the slot's master, all in one pipeline). Every
+`janitor_interval` it sweeps every stream instead (a signal can be lost: the gate's
+process died between the request and its signal, or the worker fell more than the
+signals kept behind) and claims the requests pending on a consumer idle for
+`claim_idle_ms` (a worker of a host that is gone). A worker re-reads its own pending
+requests first (after a restart, or a batch that failed): a start and a failure begin
+with a sweep.
 """
 
 from __future__ import annotations
