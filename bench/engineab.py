@@ -8,6 +8,7 @@ variant is a set of environment overrides for its `seckill run`, e.g.
 `PYTHONPATH=/tmp/old-checkout` (its code) or `SECKILL_BATCH_SIZE=500`.
 
     python -m bench.engineab --a PYTHONPATH=/tmp/old --b "" [--rounds 6] [--orders 60000]
+    python -m bench.engineab --a "" --b "" --sales 1 --sales-b 1000   # many sales' cost
     python -m bench.engineab --profile /tmp/worker [--a ...]   # py-spy of one worker
 
 Prints each drain and B/A of the workers' CPU per order (the sum of every drain's
@@ -63,11 +64,14 @@ async def one_drain(settings: Any, overrides: dict[str, str], orders: int, worke
 
 
 async def run(settings: Any, variants: list[dict[str, str]], rounds: int, orders: int,
-              workers: int, sales: int) -> dict[str, Any]:
+              workers: int, sales: int, sales_b: int | None = None) -> dict[str, Any]:
+    """`sales_b` (default `sales`): variant B's open sales, to set 1,000 sales against 1
+    in the same tree, alternated like any other pair."""
     runs: list[list[dict[str, Any]]] = [[], []]
+    counts = (sales, sales if sales_b is None else sales_b)
     for r in range(rounds):
         for i in ((0, 1) if r % 2 == 0 else (1, 0)):
-            d = await one_drain(settings, variants[i], orders, workers, sales)
+            d = await one_drain(settings, variants[i], orders, workers, counts[i])
             runs[i].append(d)
             print(f"  round {r + 1}/{rounds} {'AB'[i]}: "
                   + (f"FAILED {d['failed']}" if d.get("failed") else
@@ -76,7 +80,7 @@ async def run(settings: Any, variants: list[dict[str, str]], rounds: int, orders
                      f"peak RSS {d['peak_rss_mb']:.0f} MB"), flush=True)
     merged = [merge(rs) for rs in runs]
     return {"variants": variants, "rounds": rounds, "orders": orders, "workers": workers,
-            "sales": sales, "a": merged[0], "b": merged[1],
+            "sales": counts[0], "sales_b": counts[1], "a": merged[0], "b": merged[1],
             "b_over_a": merged[1]["cpu_us_per_order"] / merged[0]["cpu_us_per_order"],
             "runs": runs}
 
@@ -189,6 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--orders", type=int, default=60_000)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--sales", type=int, default=1)
+    p.add_argument("--sales-b", type=int, default=None,
+                   help="variant B's open sales (default --sales): e.g. --a and --b the "
+                        "same tree, --sales 1 --sales-b 1000, for the cost of many sales")
     p.add_argument("--profile", type=Path, default=None,
                    help="py-spy one worker of variant A instead: output prefix")
     p.add_argument("--profile-seconds", type=float, default=8.0)
@@ -202,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         print(args.profile.with_suffix(".top.txt").read_text())
         return 0
     doc = asyncio.run(run(settings, [variant(args.a), variant(args.b)], args.rounds,
-                          args.orders, args.workers, args.sales))
+                          args.orders, args.workers, args.sales, args.sales_b))
     print("| variant | environment | us/order (all drains) | each drain | orders/s |"
           "\n|---|---|---:|---|---|")
     for name in ("a", "b"):

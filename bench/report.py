@@ -9,6 +9,7 @@ from .verdicts import (
     HTTP_CPU_BOUND,
     P99_AT_90_BOUND_MS,
     P99_OVER_BROKER_BOUND,
+    SCALE_BOUND,
     SERVICES,
     TRACE_OFF_BOUND,
     TRACE_ONE_PERCENT_BOUND,
@@ -79,7 +80,7 @@ def targets(doc: dict[str, Any]) -> list[dict[str, Any]]:
          P99_AT_90_BOUND_MS, failures(r, "latency_90")),
         ("CPU per order, 1000 sales / 1 sale",
          paired(field(r, "scale_1000", "cpu_us_per_order"),
-                field(r, "scale_1", "cpu_us_per_order")), "<=", 1.5,
+                field(r, "scale_1", "cpu_us_per_order")), "<=", SCALE_BOUND,
          failures(r, "scale_1", "scale_1000") + tick_problems(r, "scale_1", ("workers",))
          + tick_problems(r, "scale_1000", ("workers",))),
         ("peak RSS per worker, MB",

@@ -200,6 +200,9 @@ def http_problems(run: Mapping[str, Any]) -> list[str]:
 # (bench/latency.broker_probe); at 90% of capacity an absolute bound.
 P99_OVER_BROKER_BOUND = 1.5
 P99_AT_90_BOUND_MS = 100.0
+# Issue 24: the workers' CPU per order with 1,000 open sales, at most this times one
+# sale's (the single Redis; the Redis Cluster's own row keeps its bound).
+SCALE_BOUND = 1.3
 
 
 def p99_over_broker(runs: Sequence[Mapping[str, Any]]) -> tuple[list[float], list[str]]:

@@ -333,8 +333,9 @@ class Settings:
                                   check=positive, default=500)
     status_unknown_retry: float = _doc("Seconds an update for an unknown instance is retried.",
                                        check=positive, default=30.0)
-    release_poll_interval: float = _doc("Seconds a worker waits between reads of the "
-                                        "release-request streams when they are idle.",
+    release_poll_interval: float = _doc("Seconds a worker waits between looks at the "
+                                        "release signals (which products have new "
+                                        "release requests) when idle.",
                                         check=positive, default=0.2)
 
     # -- logging -------------------------------------------------------------

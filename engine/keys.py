@@ -111,6 +111,14 @@ class Keys:
         return f"{self.prefix}stream:seckill:status:dlq"
 
     @property
+    def release_signals(self) -> str:
+        """One entry (`pid`) per release request recorded, of any product, after the
+        request itself: a worker reads the release streams only of the products named
+        here since it last looked (and all of them, slowly, in case a signal was lost).
+        Not in the request's script: on a Redis Cluster this key is in another slot."""
+        return f"{self.prefix}stream:seckill:release-signals"
+
+    @property
     def gauge_exporter(self) -> str:
         """The engine_id whose supervisor exports the cluster-wide per-sale gauges."""
         return f"{self.prefix}seckill:gauge-exporter"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -186,3 +187,34 @@ def judged_doc(results: dict[str, Any], mode: str = "full") -> dict[str, Any]:
 def target_named(doc: dict[str, Any], name: str) -> dict[str, Any]:
     """The judged target whose name starts with `name`."""
     return next(t for t in doc["targets"] if t["target"].startswith(name))
+
+
+def count_commands(redis: Redis) -> Counter[str]:
+    """Count, by name, the commands `redis` sends from now on, alone or in a pipeline,
+    and under "round trips" how many times it waited for Redis (once per command sent
+    alone, once per pipeline): what a task under test asks of Redis, whatever else runs
+    on the server at the same time."""
+    sent: Counter[str] = Counter()
+    send, make_pipeline = redis.execute_command, redis.pipeline
+
+    async def counted(*args: Any, **options: Any) -> Any:
+        sent[str(args[0]).upper()] += 1
+        sent["round trips"] += 1
+        return await send(*args, **options)
+
+    def pipeline(*args: Any, **options: Any) -> Any:
+        pipe = make_pipeline(*args, **options)
+        queue, execute = pipe.execute_command, pipe.execute
+
+        def queued(*args: Any, **options: Any) -> Any:
+            sent[str(args[0]).upper()] += 1
+            return queue(*args, **options)
+
+        async def executed(*args: Any, **options: Any) -> Any:
+            sent["round trips"] += 1
+            return await execute(*args, **options)
+        pipe.execute_command, pipe.execute = queued, executed
+        return pipe
+    redis.execute_command = counted  # type: ignore[method-assign]
+    redis.pipeline = pipeline  # type: ignore[method-assign]
+    return sent

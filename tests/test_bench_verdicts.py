@@ -217,6 +217,15 @@ def test_a_failed_run_shows_in_the_table_and_fails_its_targets() -> None:
     assert "FAILED run 2: drain timed out" in markdown(doc)
 
 
+def test_a_thousand_sales_at_more_than_1_3_times_one_sale_fails() -> None:
+    doc = _doc()
+    name = "CPU per order, 1000 sales / 1 sale"
+    assert target_named(doc, name)["met"] is True  # 44 / 40 = 1.1
+    doc["results"]["scale_1000"] = {"runs": [_engine(17_000.0, cpu=56.0)] * 3}  # 1.4
+    doc["targets"] = targets(doc)
+    assert target_named(doc, name)["verdict"] == "NO"
+
+
 def test_cpu_targets_need_enough_ticks() -> None:
     doc = _doc(e2_runs=[_engine(17_500.0, ticks=7)] * 3)
     t = target_named(doc, "worker CPU per order")

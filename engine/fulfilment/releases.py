@@ -19,12 +19,21 @@ request with a missing or malformed field, for an unknown instance, for an order
 that is not the requester's, or for one that is not running goes to
 `stream:seckill:{<pid>}:releases:dlq` with its reason, and never holds up the others.
 
-Requests are rare next to orders, so the streams are polled (every
-`release_poll_interval` while idle) with one non-blocking XREADGROUP naming them all
-(on a Redis Cluster, one per slot, sent straight to the slot's master). A
-worker re-reads its own pending requests first (after a restart, or a batch that
-failed), and requests pending on a consumer idle for `claim_idle_ms` (a worker of a
-host that is gone) are claimed by whoever passes by.
+Requests are rare next to orders, and an engine may have a thousand sales open: a
+worker does not read every release stream to find none. The gate adds, after each
+request it records, the product's ID to one stream of signals,
+`stream:seckill:release-signals` (not in the request's script: on a Redis Cluster it
+is in another slot). Every `release_poll_interval` a worker reads the signals that came
+since it last looked (one XREAD of one key, empty when nobody released) and reads the
+release streams of the products they name, and of those whose last read returned
+requests (there may be more), with one non-blocking XREADGROUP (on a Redis Cluster, one
+per slot, sent straight to the slot's master, all in one pipeline). Every
+`janitor_interval` it sweeps every stream instead (a signal can be lost: the gate's
+process died between the request and its signal, or the worker fell more than the
+signals kept behind) and claims the requests pending on a consumer idle for
+`claim_idle_ms` (a worker of a host that is gone). A worker re-reads its own pending
+requests first (after a restart, or a batch that failed): a start and a failure begin
+with a sweep.
 """
 
 from __future__ import annotations
@@ -57,6 +66,7 @@ log = logging.getLogger("seckill.releases")
 TYPE_NAME = "INSTANCE_RELEASED"
 NEW, OWN = b">", b"0"
 COUNT = 100  # requests read per stream at once
+SIGNALS_READ = 1000  # release signals read at once
 STREAM_ID = re.compile(r"\d{1,20}-\d{1,20}")
 
 TO_RELEASING = """
@@ -140,8 +150,13 @@ class ReleaseRequests:
         self.publisher = ConfirmPublisher(settings, RK_RELEASED, TYPE_NAME)
         self.cursors: dict[int, bytes] = {}  # product ID -> OWN (re-read) or NEW
         self._cluster = is_cluster(redis)
+        self._slots: dict[int, int] = {}  # product ID -> its release stream's slot
+        self._members: set[bytes | str] = set()  # of the set of streams, those discovered
         self._next_discovery = 0.0
         self._next_claim = 0.0
+        self._next_sweep = 0.0
+        self._signal: bytes | None = None  # the last signal entry seen (None: not yet)
+        self._again: set[int] = set()  # products read at the next pass, signal or not
 
     async def run(self, stopping: asyncio.Event) -> None:
         """Until `stopping`: read, settle, and wait a little whenever nothing came."""
@@ -154,6 +169,7 @@ class ReleaseRequests:
                 except RETRYABLE as exc:
                     failures += 1
                     self.cursors = dict.fromkeys(self.cursors, OWN)  # re-read what we hold
+                    self._next_sweep = 0.0
                     delay = backoff.delay(failures, self.settings.retry_backoff_max)
                     log.warning("release requests: %s; retrying in %.1fs", exc, delay,
                                 extra={"event": "release_retry"})
@@ -174,59 +190,105 @@ class ReleaseRequests:
             self._next_claim = now + self.settings.janitor_interval
             for pid, items in await self._claim_abandoned():
                 busy |= await self.settle(pid, items)
-        for pid, items in await self.read():
-            busy |= await self.settle(pid, items)
+        due = await self._due(now)
+        if due is None or due:
+            for pid, items in await self.read(due):
+                busy |= await self.settle(pid, items)
         return busy
+
+    async def _due(self, now: float) -> list[int] | None:
+        """The products whose stream this pass reads; None for every one (a sweep)."""
+        signalled = await self.signalled()
+        if now >= self._next_sweep:
+            self._next_sweep = now + self.settings.janitor_interval
+            return None
+        due = self._again | signalled
+        return [pid for pid in due if pid in self.cursors]
+
+    async def signalled(self) -> set[int]:
+        """The products named by the signals the gate added since the last look. The
+        first look only marks where the signals end: a sweep follows it."""
+        key = self.keys.release_signals
+        if self._signal is None:
+            last: Any = await self.redis.xrevrange(key, count=1)
+            self._signal = last[0][0] if last else b"0-0"
+            return set()
+        reply: Any = await self.redis.xread({key: self._signal}, count=SIGNALS_READ)
+        entries = [e for _, items in _stream_pairs(reply) for e in items]
+        if not entries:
+            return set()
+        self._signal = entries[-1][0]
+        if len(entries) == SIGNALS_READ:
+            self._next_sweep = 0.0  # far behind: read every stream now
+        return {int(f[b"pid"]) for _, f in entries
+                if f and f.get(b"pid", b"").isdigit()}
 
     async def discover(self) -> None:
         """The release streams of every product the engine reads orders of."""
-        for raw in await self.redis.smembers(self.keys.streams):  # type: ignore[misc]
+        members = await self.redis.smembers(self.keys.streams)
+        for raw in members - self._members:  # type: ignore[operator]
             pid = int(raw)
             if pid not in self.cursors:
                 await ensure_group(self.redis, self.keys.releases(pid))
-                self.cursors[pid] = OWN
+                self._reread(pid)
+            self._members.add(raw)
 
-    async def read(self) -> list[tuple[int, list]]:
-        """Each stream's requests: our own pending ones first, then new ones. One
-        XREADGROUP names every stream of a slot: a single Redis reads them all at once,
-        a cluster once per slot (an idle engine with a thousand sales polls cheaply)."""
-        groups = self._by_slot()
-        replies = await asyncio.gather(*(self._read_group(pids) for pids in groups))
-        got: dict[int, list] = {pid: items for reply in replies for pid, items in reply}
+    def _reread(self, pid: int) -> None:
+        """Read `pid`'s stream from our own pending requests on, at the next pass."""
+        self.cursors[pid] = OWN
+        self._again.add(pid)
+
+    async def read(self, pids: list[int] | None = None) -> list[tuple[int, list]]:
+        """The requests of `pids`' streams (of every stream by default): our own pending
+        ones first, then new ones. One XREADGROUP names every stream of a slot: a single
+        Redis reads them all at once, a cluster once per slot, the slots' reads in one
+        pipeline (one round trip per node)."""
+        groups = self._by_slot(list(self.cursors) if pids is None else pids)
+        got: dict[int, list] = {}
+        if groups:
+            pipe = self.redis.pipeline(transaction=False)
+            for group in groups:
+                streams = [self.keys.releases(pid) for pid in group]
+                pipe.execute_command(
+                    "XREADGROUP", "GROUP", GROUP, self.consumer, "COUNT", COUNT, "STREAMS",
+                    *streams, *(self.cursors[pid] for pid in group), **self._route(streams[0]))
+            replies = await pipe.execute(raise_on_error=False)
+            for group, reply in zip(groups, replies, strict=True):
+                got.update(await self._requests(group, reply))
         out = []
-        for pid in [pid for pids in groups for pid in pids]:
-            items = got.get(pid) or []
-            if self.cursors.get(pid) == OWN and not items:
-                self.cursors[pid] = NEW  # nothing of ours left: new requests from now on
-            if items:
+        again: set[int] = set()
+        for pid in [pid for group in groups for pid in group]:
+            if items := got.get(pid):
                 out.append((pid, items))
+                again.add(pid)  # COUNT of them: maybe more
+            elif self.cursors.get(pid) == OWN:
+                self.cursors[pid] = NEW  # nothing of ours left: new requests next
+                again.add(pid)
+        self._again = again
         return out
 
-    def _by_slot(self) -> list[list[int]]:
+    def _by_slot(self, pids: list[int]) -> list[list[int]]:
         if not self._cluster:
-            return [list(self.cursors)] if self.cursors else []
+            return [pids] if pids else []
         slots: dict[int, list[int]] = {}
-        for pid in self.cursors:
-            slots.setdefault(key_slot(self.keys.releases(pid).encode()), []).append(pid)
+        for pid in pids:
+            slot = self._slots.get(pid)
+            if slot is None:
+                slot = self._slots[pid] = key_slot(self.keys.releases(pid).encode())
+            slots.setdefault(slot, []).append(pid)
         return list(slots.values())
 
-    async def _read_group(self, pids: list[int]) -> list[tuple[int, list]]:
-        streams = [self.keys.releases(pid) for pid in pids]
-        try:
-            reply: Any = await self.redis.execute_command(
-                "XREADGROUP", "GROUP", GROUP, self.consumer, "COUNT", COUNT, "STREAMS",
-                *streams, *(self.cursors[pid] for pid in pids), **self._route(streams[0]))
-        except ResponseError as exc:
-            if not is_nogroup(exc):
-                raise
-            for pid, stream in zip(pids, streams, strict=True):
-                await ensure_group(self.redis, stream)  # Redis lost it: from the start again
+    async def _requests(self, pids: list[int], reply: Any) -> dict[int, list]:
+        """Each stream's requests in the XREADGROUP `reply` for the streams of `pids`."""
+        if isinstance(reply, ResponseError) and is_nogroup(reply):
+            for pid in pids:
+                await ensure_group(self.redis, self.keys.releases(pid))  # Redis lost it
                 self.cursors[pid] = OWN
-            return []
-        pid_of = {stream: pid for pid, stream in zip(pids, streams, strict=True)}
-        pairs = reply.items() if isinstance(reply, dict) else (reply or [])
-        return [(pid_of[_text(stream)], list(items[0] if isinstance(reply, dict) else items))
-                for stream, items in pairs]
+            return {}
+        if isinstance(reply, BaseException):
+            raise reply
+        pid_of = {self.keys.releases(pid): pid for pid in pids}
+        return {pid_of[_text(stream)]: items for stream, items in _stream_pairs(reply)}
 
     async def _claim_abandoned(self) -> list[tuple[int, list]]:
         """Requests pending on a consumer idle for claim_idle_ms (its worker is gone), of
@@ -243,7 +305,7 @@ class ReleaseRequests:
         for pid, reply in zip(pids, replies, strict=True):
             if isinstance(reply, ResponseError) and is_nogroup(reply):
                 await ensure_group(self.redis, self.keys.releases(pid))  # Redis lost it
-                self.cursors[pid] = OWN
+                self._reread(pid)
             elif isinstance(reply, BaseException):
                 raise reply
             elif items := [i for i in reply[1] if i[1] is not None]:
@@ -347,6 +409,14 @@ def released_event(pid: int, row: asyncpg.Record) -> event_pb2.Event:
         user_id=row["user_id"], name=row["name"] or "", spec=spec,
         timestamp=int(time.time()), product_id=pid, stream_id=row["stream_id"],
         sale_id=row["sale_id"] or "", slot=row["slot"] or 0)
+
+
+def _stream_pairs(reply: Any) -> list[tuple[Any, list]]:
+    """(stream, entries) of an XREAD or XREADGROUP reply, RESP2 (a list of pairs) or
+    RESP3 (a map of each stream to a list holding its entries)."""
+    if isinstance(reply, dict):
+        return [(stream, list(items[0])) for stream, items in reply.items()]
+    return [(stream, list(items)) for stream, items in reply or []]
 
 
 def _text(value: Any) -> str:

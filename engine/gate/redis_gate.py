@@ -13,6 +13,7 @@ returns it (lua/refund.lua), so a unit is handed on exactly once, in join order.
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
 import time
 from collections.abc import Awaitable
@@ -48,10 +49,15 @@ _WAITLIST: dict[int, WaitlistOutcome] = {0: "no_sale", 1: "joined", 2: "buyer",
                                          6: "ended", 7: "waiting", 8: "full"}
 WAITLIST_MAX = 100_000  # the waitlist_max setting's default
 ENDED_KEEP_S = 7 * 86400  # how long users waiting when a sale closed read ENDED
+# Release signals kept (about): a worker reads them every release_poll_interval, and one
+# that fell further behind than this still finds the request in its slow sweep.
+RELEASE_SIGNALS_KEPT = 10_000
 # The error code (first word of the error reply) the scripts use for keys in a bad state;
 # Redis error replies carry their class that way, like WRONGTYPE or NOSCRIPT.
 BADSTATE = "SECKILL_BADSTATE"
 T = TypeVar("T")
+
+log = logging.getLogger("seckill.gate")
 
 
 class GateResult(NamedTuple):
@@ -377,7 +383,21 @@ class Gate:
             [k.release_requested(pid), k.releases(pid), k.waitlist_stats(pid)],
             [uid, instance_id, stream_id, sale_id or ""])
         assert isinstance(reply, list)
-        return int(reply[0]) == 1
+        if int(reply[0]) != 1:
+            return False
+        await self._signal_release(pid)
+        return True
+
+    async def _signal_release(self, pid: int) -> None:
+        """Tell the engine's workers which product has a new release request (they read
+        that stream then, not all of them). Recorded already: a signal lost here only
+        delays the request to the workers' slow sweep of every stream."""
+        try:
+            await self.redis.xadd(self.keys.release_signals, {"pid": pid},
+                                  maxlen=RELEASE_SIGNALS_KEPT, approximate=True)
+        except REDIS_ERRORS as exc:
+            log.warning("release of product %d recorded, its signal not: %s", pid, exc,
+                        extra={"event": "release_signal_failed", "product_id": pid})
 
     async def waitlist_figures(self, product_id: int) -> WaitlistFigures:
         pid = validate_id("product_id", product_id)

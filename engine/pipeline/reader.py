@@ -56,6 +56,7 @@ class StreamReader(ABC):
         self.block_ms = block_ms
         self.max_deliveries = max_deliveries
         self.cursors: dict[bytes, bytes] = {}
+        self._members: set[bytes | str] = set()  # of the set of streams, those discovered
         self._found = asyncio.Event()  # set once discovery knows at least one stream
         # Streams that had entries at the last read; until we know, assume all of them,
         # so one read never returns more than about one batch.
@@ -65,12 +66,14 @@ class StreamReader(ABC):
         """Pick up streams of newly opened sales; returns how many were new."""
         members = await self.redis.smembers(self.keys.streams)
         new = 0
-        for pid in members:
+        # a thousand sales, every discovery_interval: only the members not seen before
+        for pid in members - self._members:  # type: ignore[operator]
             stream = self.keys.stream(int(pid)).encode()
             if stream not in self.cursors:
                 await ensure_group(self.redis, stream)
                 self.cursors[stream] = b"0"
                 new += 1
+            self._members.add(pid)
         if new:
             self._found.set()
             log.info("reading %d streams (%d new)", len(self.cursors), new,

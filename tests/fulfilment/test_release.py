@@ -6,13 +6,14 @@ on once). The whole loop as processes is test_release_loop.py."""
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
 from statusreports import log_orders, owners, publish, rows
-from support import purge_queues
+from support import count_commands, purge_queues
 from test_bus_trust import consuming, publish_as, publishing, refused
 
 from engine.amqp.logins import ENGINE, RESOURCE_DOMAIN, login
@@ -313,3 +314,69 @@ async def test_release_streams_lost_by_redis_are_made_again(settings, env, produ
     await redis.delete(keys.releases(product_id))
     assert await releases.read() == []
     assert await redis.xinfo_groups(keys.releases(product_id))
+
+
+async def test_an_idle_worker_reads_no_release_stream_between_sweeps(settings, env):
+    """A thousand open sales and nobody releasing: each poll reads the signals (one key),
+    not the release streams; those are swept every janitor_interval only."""
+    redis, pool, _ = env
+    keys = Keys(settings.key_prefix)
+    pids = random.sample(range(10**9, 9 * 10**9), 1000)
+    await redis.sadd(keys.streams, *pids)
+    s = settings.replace(release_poll_interval=0.02, janitor_interval=60.0,
+                         discovery_interval=60.0)
+    releases = ReleaseRequests(s, redis, pool, keys, "test-0")
+    sent = count_commands(redis)
+    stopping = asyncio.Event()
+    task = asyncio.create_task(releases.run(stopping))
+    try:
+        async def swept() -> bool:  # our own pending requests (none), then new ones
+            return sent["XREADGROUP"] >= 2
+        await wait_for(swept, 30, "the start's sweep", interval=0.02)
+        await asyncio.sleep(0.2)
+        before = sent.copy()
+        await asyncio.sleep(1.0)
+        idle = sent - before
+    finally:
+        stopping.set()
+        await task
+    assert idle["XREADGROUP"] == 0, idle
+    assert idle["XREAD"] >= 10, idle  # it kept polling: the signals
+
+
+async def test_a_signalled_request_is_read_at_once_an_unsignalled_one_at_the_sweep(
+        settings, env, product_ids):
+    """The gate signals what it records: read at the next poll. A request written
+    straight to the stream (its gate died before the signal) waits for the sweep."""
+    redis, pool, _ = env
+    keys = Keys(settings.key_prefix)
+    gate = Gate(redis, keys)
+    signalled, unsignalled = product_ids[:2]
+    orders = {}
+    for pid in (signalled, unsignalled):
+        await gate.open_sale(pid, 1)
+        [orders[pid]] = await running_orders(pool, gate, pid, [1])
+    s = settings.replace(release_poll_interval=0.05, janitor_interval=4.0)
+    releases = ReleaseRequests(s, redis, pool, keys, "test-0")
+    stopping = asyncio.Event()
+    async with EventTap(settings.amqp_url, RK_RELEASED) as tap:
+        task = asyncio.create_task(releases.run(stopping))
+        try:
+            await asyncio.sleep(0.5)  # past the start's sweep
+            await redis.xadd(keys.releases(unsignalled), request(orders[unsignalled]))
+            o = orders[signalled]
+            t0 = time.monotonic()
+            assert await gate.record_release(signalled, 1, o.instance_id, o.stream_id,
+                                             o.sale_id)
+            await tap.collect(1, timeout=10)
+            prompt = time.monotonic() - t0
+            first, second = await tap.collect(2, timeout=10)
+            swept = time.monotonic() - t0
+        finally:
+            stopping.set()
+            await task
+    assert (first.instance_id, second.instance_id) == (
+        o.instance_id, orders[unsignalled].instance_id)
+    assert prompt < 1.5, prompt
+    assert 2.0 < swept < 7.0, swept
+    assert (await redis.xpending(keys.releases(unsignalled), GROUP))["pending"] == 0
