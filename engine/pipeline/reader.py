@@ -119,8 +119,9 @@ class StreamReader(ABC):
             if items:
                 active += 1
             if flat:  # [id, [name, value, ...]]: the dict made here, once
-                batch = [Entry(stream, raw_id.decode(),
-                               f if f is None else dict(zip(i := iter(f), i, strict=False)))
+                # (fields None: deleted from the stream while pending; dead-lettered below)
+                batch = [Entry(stream, raw_id.decode(), None if f is None  # type: ignore[arg-type]
+                               else dict(zip(i := iter(f), i, strict=False)))
                          for raw_id, f in items]
             else:
                 batch = [Entry(stream, raw_id.decode(), f) for raw_id, f in items]

@@ -21,8 +21,8 @@ from engine.keys import GROUP
 from engine.pipeline.reader import StreamReader, ensure_group, is_nogroup
 
 
-def _as_is(reply: Any, **_: Any) -> Any:
-    return reply
+def _as_is(response: Any, **kwargs: Any) -> Any:
+    return response
 
 
 class RedisReader(StreamReader):
