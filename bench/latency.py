@@ -13,6 +13,12 @@ each tick's events as one framed batch with confirms (as the engine's publisher
 sends them), so its p99 from a tick to its events' confirms is what RabbitMQ
 itself takes at that rate on this machine at this moment. The target is our
 p99 against that one (bench/verdicts.py).
+
+That probe runs before the engine, on a machine that does nothing else. With
+`--beside F` a second probe publishes at F times the rate into the same queue
+while the engine runs its window: RabbitMQ's confirm latency under the load the
+whole pipeline puts on the machine, which is what bounds an order's publish stage.
+`--set NAME=VALUE,...` changes the engine's settings (e.g. max_inflight_batches=8).
 """
 
 from __future__ import annotations
@@ -178,7 +184,8 @@ async def broker_probe(settings: Settings, pid: int, rate: float, seconds: float
 
 
 async def measure(settings: Settings, pid: int, rate: float, seconds: float,
-                  port: int, drain_timeout: float = 60.0, probe: bool = True) -> dict[str, Any]:
+                  port: int, drain_timeout: float = 60.0, probe: bool = True,
+                  beside: float = 0.0, engine: Settings | None = None) -> dict[str, Any]:
     """Percentiles of the orders produced at `rate` for `seconds`, and (`probe`) the
     broker's own beside them, measured first. If the orders are not all acknowledged
     within `drain_timeout` after the window, the run is failed (its percentiles would
@@ -188,14 +195,16 @@ async def measure(settings: Settings, pid: int, rate: float, seconds: float,
         broker = await broker_probe(settings, pid, rate, seconds)
         await purge_queues(settings)
         await quiesce(settings, longest=15.0)
-    out = await _measure_engine(settings, pid, rate, seconds, port, drain_timeout)
+    out = await _measure_engine(engine or settings, pid, rate, seconds, port, drain_timeout,
+                                beside)
     if broker is not None:
         out.update(broker=broker, broker_p99_ms=broker["p99_ms"])
     return out
 
 
 async def _measure_engine(settings: Settings, pid: int, rate: float, seconds: float,
-                          port: int, drain_timeout: float) -> dict[str, Any]:
+                          port: int, drain_timeout: float, beside: float = 0.0
+                          ) -> dict[str, Any]:
     keys = Keys(settings.key_prefix)
     redis = Redis.from_url(settings.redis_url)
     await redis.xgroup_create(keys.stream(pid), GROUP, id="0", mkstream=True)
@@ -209,7 +218,10 @@ async def _measure_engine(settings: Settings, pid: int, rate: float, seconds: fl
             return {"rate": rate, "seconds": seconds, "orders": 0,
                     "failed": f"the warm-up was not drained in {WARM_UP_TIMEOUT:.0f} s"}
         before = scrape(port)
+        probing = asyncio.ensure_future(broker_probe(settings, pid, rate * beside, seconds)) \
+            if beside else None
         sent = await produce(settings, pid, rate, seconds, first=warm + 1)
+        probed = await probing if probing is not None else None
         if not await _drained(redis, keys, pid, warm + sent, drain_timeout):
             done = await acked(redis, keys, [pid]) - warm
             failed = (f"drain timed out after {drain_timeout:.0f} s: {done:,} of {sent:,} "
@@ -224,7 +236,8 @@ async def _measure_engine(settings: Settings, pid: int, rate: float, seconds: fl
             "p50_ms": quantile(window, 0.50) * 1000, "p95_ms": quantile(window, 0.95) * 1000,
             "p99_ms": quantile(window, 0.99) * 1000, "max_le_ms": max_bound(window) * 1000,
             "cdf": [(b, c) for b, c in sorted(window.items()) if b != float("inf")],
-            "count": window.get(float("inf"), 0.0), "stages": _stages(before, after)}
+            "count": window.get(float("inf"), 0.0), "stages": _stages(before, after),
+            **({"broker_beside": probed} if probed is not None else {})}
 
 
 async def _drained(redis: Redis, keys: Keys, pid: int, orders: int, timeout: float) -> bool:
@@ -268,12 +281,14 @@ async def _wait_ready(port: int, timeout: float = 60) -> None:
     raise RuntimeError("the engine did not become healthy")
 
 
-async def _at_rates(rates: list[float], seconds: float) -> None:
+async def _at_rates(rates: list[float], seconds: float, beside: float = 0.0,
+                    changes: dict[str, Any] | None = None) -> None:
     settings = bench_settings()
     pid = 990_000_010
     for rate in rates:
         await reset(settings, [pid])
-        r = await measure(settings, pid, rate, seconds, free_port())
+        r = await measure(settings, pid, rate, seconds, free_port(), beside=beside,
+                          engine=settings.replace(**changes) if changes else None)
         if r.get("failed"):
             print(f"{rate:,.0f} orders/s: FAILED: {r['failed']}", flush=True)
             if "p50_ms" not in r:
@@ -284,6 +299,11 @@ async def _at_rates(rates: list[float], seconds: float) -> None:
         print(f"    broker alone, same events and rate: p50 {b['p50_ms']:.1f} ms, "
               f"p99 {b['p99_ms']:.1f} ms, max {b['max_ms']:.0f} ms; ours / broker p99 "
               f"{r['p99_ms'] / b['p99_ms']:.2f}", flush=True)
+        if "broker_beside" in r:
+            b = r["broker_beside"]
+            print(f"    broker beside the engine, {b['rate']:,.0f}/s into the same queue: p50 "
+                  f"{b['p50_ms']:.1f} ms, p99 {b['p99_ms']:.1f} ms, max {b['max_ms']:.0f} ms; "
+                  f"ours / that p99 {r['p99_ms'] / b['p99_ms']:.2f}", flush=True)
         for stage, st in r["stages"].items():
             print(f"    {stage:<8} per batch: p50 {st['p50_ms']:.1f} ms, p99 {st['p99_ms']:.1f} ms"
                   f" ({st['batches']:,.0f} batches)", flush=True)
@@ -294,10 +314,23 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.latency", description=__doc__)
     parser.add_argument("rates", nargs="+", type=float, help="orders per second")
     parser.add_argument("--seconds", type=float, default=15.0, help="window per rate")
+    parser.add_argument("--beside", type=float, default=0.0,
+                        help="a probe at this fraction of the rate beside the engine's window")
+    parser.add_argument("--set", default="", help="engine settings, NAME=VALUE[,NAME=VALUE]")
     args = parser.parse_args(argv)
-    prepare(bench_settings())
-    asyncio.run(_at_rates(args.rates, args.seconds))
+    settings = bench_settings()
+    prepare(settings)
+    asyncio.run(_at_rates(args.rates, args.seconds, args.beside, _changes(settings, args.set)))
     return 0
+
+
+def _changes(settings: Settings, text: str) -> dict[str, Any]:
+    """`NAME=VALUE,...` as settings changes, each VALUE of its setting's type."""
+    out: dict[str, Any] = {}
+    for item in filter(None, text.split(",")):
+        name, _, value = item.partition("=")
+        out[name] = type(getattr(settings, name))(value)
+    return out
 
 
 if __name__ == "__main__":

@@ -73,7 +73,7 @@ def targets(doc: dict[str, Any]) -> list[dict[str, Any]]:
          failures(r, "engine_2w", *(k for k, _ in LIMIT_SOURCES)) + limit_ticks),
         ("worker CPU per order, us (2 workers)", _present(field(r, "engine_2w",
                                                                 "cpu_us_per_order")),
-         "<=", 45.0, failures(r, "engine_2w") + tick_problems(r, "engine_2w", ("workers",))),
+         "<=", 9.0, failures(r, "engine_2w") + tick_problems(r, "engine_2w", ("workers",))),
         ("p99 at 50% load / the broker's own confirm p99 at that rate",
          *_over_broker(runs_of(r, "latency_50"))),
         ("p99 at 90% load, ms", _present(field(r, "latency_90", "p99_ms")), "<=",

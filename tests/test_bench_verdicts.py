@@ -232,6 +232,13 @@ def test_cpu_targets_need_enough_ticks() -> None:
     assert t["met"] is False and "7 ticks" in t["verdict"]
 
 
+def test_worker_cpu_per_order_is_judged_against_issue_24s_nine_us() -> None:
+    under = target_named(_doc(e2_runs=[_engine(17_500.0, cpu=8.9)] * 3), "worker CPU per order")
+    over = target_named(_doc(e2_runs=[_engine(17_500.0, cpu=8.9)] * 2
+                             + [_engine(17_500.0, cpu=9.1)]), "worker CPU per order")
+    assert under["met"] is True and over["met"] is False
+
+
 # --- the HTTP gate's CPU against its floor (issue 13) --------------------------------
 
 

@@ -170,14 +170,41 @@ def _decode_carefully(stream: bytes, product_id: int | None, stream_id: str, fie
 
 def decode_batch(entries: list[Entry], keys: Keys,
                  max_bytes: int) -> tuple[list[Order], list[DeadLetter]]:
-    """Every entry of a batch decoded: valid orders, and dead letters."""
+    """Every entry of a batch decoded: valid orders, and dead letters.
+
+    The gate's common entry (exactly uid, ts, sale and slot) is taken here, with what a
+    batch repeats (its sales' IDs, its few timestamps) checked and converted once per
+    distinct value; anything else is `decode_entry`'s, which decides the same
+    (tests/pipeline/test_orders.py holds the two equal).
+    """
     product_of: dict[bytes, int | None] = {}
+    sales: dict[bytes | None, str] = {}  # raw sale ID -> decoded; only valid ones
+    stamps: dict[bytes | None, int] = {}  # raw ts -> seconds; only valid ones
     orders: list[Order] = []
     dead: list[DeadLetter] = []
+    four_fit = max_bytes >= _MAX_FOUR_FIELDS
     for stream, stream_id, fields in entries:
         pid = product_of.get(stream, -1)
         if pid == -1:
             pid = product_of[stream] = keys.product_of_stream(stream.decode())
+        if pid is not None and four_fit and len(fields) == 4 and len(stream_id) <= MAX_TEXT:
+            get = fields.get
+            uid, raw_slot, raw_sale, raw_ts = get(b"uid"), get(b"slot"), get(b"sale"), get(b"ts")
+            sale = sales.get(raw_sale)
+            if sale is None and raw_sale is not None and 0 < len(raw_sale) <= MAX_TEXT \
+                    and raw_sale.isascii():
+                sale = sales[raw_sale] = raw_sale.decode()
+            ts = stamps.get(raw_ts)
+            if ts is None and raw_ts is not None and raw_ts.isdigit() and len(raw_ts) <= 12:
+                ts = stamps[raw_ts] = int(raw_ts)
+            if (sale is not None and ts is not None and uid is not None and raw_slot is not None
+                    and uid.isdigit() and len(uid) <= 19 and raw_slot.isdigit()
+                    and len(raw_slot) <= 10):
+                user_id, slot = int(uid), int(raw_slot)
+                if 0 < user_id <= MAX_INT64 and 0 < slot <= MAX_INT32:
+                    orders.append(Order(pid, user_id, stream_id, ts, sale, slot, stream, 0,
+                                        stream_id))
+                    continue
         item = decode_entry(stream, pid, stream_id, fields, max_bytes)
         (orders if type(item) is Order else dead).append(item)  # type: ignore[arg-type]
     return orders, dead

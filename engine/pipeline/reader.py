@@ -62,6 +62,10 @@ class StreamReader(ABC):
         # so one read never returns more than about one batch.
         self._active = 1 << 30
 
+    # True when `_fetch` gives each entry's fields as the flat [name, value, ...] list of
+    # the wire (RedisReader's raw reply); False when redis-py made them a dict already.
+    flat_fields = False
+
     async def discover(self) -> int:
         """Pick up streams of newly opened sales; returns how many were new."""
         members = await self.redis.smembers(self.keys.streams)
@@ -113,24 +117,31 @@ class StreamReader(ABC):
         dead: list[DeadLetter] = []
         active = 0
         cursors = self.cursors
+        flat = self.flat_fields
         for stream, items in reply:
             if items:
                 active += 1
+            if flat:  # [id, [name, value, ...]]: the dict made here, once
+                # (fields None: deleted from the stream while pending; dead-lettered below)
+                batch = [Entry(stream, raw_id.decode(), None if f is None  # type: ignore[arg-type]
+                               else dict(zip(i := iter(f), i, strict=False)))
+                         for raw_id, f in items]
+            else:
+                batch = [Entry(stream, raw_id.decode(), f) for raw_id, f in items]
             # new entries (the common case) need no look at the pending list
-            old = {} if cursors.get(stream, NEW) == NEW else await self._advance(stream, items)
-            batch = [Entry(stream, raw_id.decode(), fields) for raw_id, fields in items]
-            if not old and None not in [e.fields for e in batch]:
+            if cursors.get(stream, NEW) == NEW and None not in [e.fields for e in batch]:
                 entries += batch
                 continue
-            for raw_id, fields in items:
-                stream_id = raw_id.decode()
+            old = await self._advance(stream, [(raw_id, e.fields) for (raw_id, _), e
+                                               in zip(items, batch, strict=True)])
+            for raw_id, entry in zip((i[0] for i in items), batch, strict=True):
                 if raw_id in old:
                     dead.append(old[raw_id])
-                elif fields is None:  # deleted from the stream while pending: nothing to do
-                    dead.append(DeadLetter(stream, stream_id, self.keys.product_of_stream(
+                elif entry.fields is None:  # deleted from the stream while pending
+                    dead.append(DeadLetter(stream, entry.stream_id, self.keys.product_of_stream(
                         stream.decode()), {}, "deleted", "entry deleted from the stream"))
                 else:
-                    entries.append(Entry(stream, stream_id, fields))
+                    entries.append(entry)
         self._active = active or len(self.cursors)
         return entries, dead
 

@@ -139,3 +139,24 @@ def test_the_quick_path_decides_as_the_careful_one() -> None:
                                 (1001, "1-1", 118), (1001, "1-1", 117)):
             assert decode_entry(S, pid, sid, fields, limit) == \
                 _decode_carefully(S, pid, sid, fields, limit), (fields, pid, sid, limit)
+
+
+def test_a_batch_decodes_as_its_entries_one_by_one() -> None:
+    """`decode_batch` takes the common entry its own way, checking a batch's repeated sale
+    IDs and timestamps once: every mix, in one batch and again (the cached values), gives
+    what `decode_entry` gives each entry alone, in the same order."""
+    import itertools
+    keys = Keys("test:")
+    stream = keys.stream(1001).encode()
+    names = [k for k in VARIANTS if k not in (b"orig", b"from")]
+    entries = []
+    for n, values in enumerate(itertools.product(*(VARIANTS[k] for k in names))):
+        fields = {k: v for k, v in zip(names, values, strict=True) if v is not None}
+        entries.append(Entry(stream, f"1700000000000-{n}", fields))
+    entries += [Entry(stream, "1-" + "9" * 70, entries[0].fields),
+                Entry(b"nothing", "1-1", entries[0].fields)]
+    for limit in (4096, 117, 118):
+        batch = entries + entries
+        alone = [decode_entry(e.stream, keys.product_of_stream(e.stream.decode()), e.stream_id,
+                              e.fields, limit) for e in batch]
+        assert decode_batch(batch, keys, limit) == split(alone), limit

@@ -49,3 +49,29 @@ async def test_a_group_gone_is_created_again(redis, keys, product_id):
 
     assert await reader.read() == ([], [])
     assert [g["name"] for g in await redis.xinfo_groups(stream)] == [GROUP.encode()]
+
+
+async def test_entries_read_raw_equal_redis_pys_own_parse(redis, keys, product_id):
+    """The single-Redis reader takes XREADGROUP's reply as the parser gives it and makes
+    each entry's dict itself: the same stream IDs and fields redis-py's callback makes."""
+    stream = keys.stream(product_id)
+    await redis.sadd(keys.streams, product_id)
+    reader = open_reader(redis, keys, "c1", **OPTIONS)
+    await reader.discover()
+    await reader.read()  # nothing of ours pending: on to new entries
+    added = [{b"uid": b"1", b"ts": b"2", b"sale": b"s", b"slot": b"3"},
+             {b"uid": b"4", b"from": b"waitlist", b"tp": b"00-ab-cd-01"}, {b"x": b""}]
+    ids = [await redis.xadd(stream, fields) for fields in added]
+    entries, dead = await reader.read()
+    assert dead == []
+    assert [(e.stream, e.stream_id, e.fields) for e in entries] == [
+        (stream.encode(), i.decode(), f) for i, f in zip(ids, added, strict=True)]
+    assert all(type(e.fields) is dict for e in entries)
+    # the same entries re-read from the pending list (cursor 0), one deleted meanwhile
+    await redis.xdel(stream, ids[1])
+    again = open_reader(redis, keys, "c1", **OPTIONS)
+    await again.discover()
+    entries, dead = await again.read()
+    assert [(e.stream_id, e.fields) for e in entries] == [
+        (ids[0].decode(), added[0]), (ids[2].decode(), added[2])]
+    assert [(d.stream_id, d.reason) for d in dead] == [(ids[1].decode(), "deleted")]
