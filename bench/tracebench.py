@@ -9,12 +9,12 @@ and 1, against the same code before tracing existed, taking turns within each ro
   changes since. Where the revert conflicts, the commit before the merge stands in
   (the result says which). Without git history (a tarball) its rows say NO_HISTORY
   and the ratios are not met.
-- Engine: one drain per variant per round, same backlog, 2 workers, services reset and
-  idle before each. A traced variant's backlog carries the trace context on the share
-  of entries its BFF would have sampled, as the gate writes it (bench/env.preload), and
-  its workers export to a real OTLP/HTTP receiver in this process (which only counts:
-  decoding would take the cores being measured). At 0 the engine runs with tracing
-  off, as a sale without tracing runs.
+- Engine: two drains per variant per round (the variants in turn, then back), same
+  backlog, 2 workers, services reset and idle before each. A traced variant's backlog
+  carries the trace context on the share of entries its BFF would have sampled, as
+  the gate writes it (bench/env.preload), and its workers export to a real OTLP/HTTP
+  receiver in this process (which only counts: decoding would take the cores being
+  measured). At 0 the engine runs with tracing off, as a sale without tracing runs.
 - HTTP: the four BFFs (JWT on, every token verified once by every worker, as in the
   suite's HTTP phase) take turns, one window each of new purchases, the order
   reversed every other window; the BFF's CPU per accepted purchase over its windows.
@@ -38,7 +38,7 @@ from engine.testing.processes import children
 
 from .bff import BFF_PIDS, WARMUP_PID, HttpBench, merge_windows, open_sales
 from .engineab import environment
-from .enginerun import drain
+from .enginerun import TICK, drain
 from .env import preload
 from .httpload import Load, buy_path, load_window, wait_listening
 from .tokens import TokenFile, warm
@@ -50,10 +50,10 @@ SAMPLES = {"0": 0.0, "0.01": 0.01, "1": 1.0}  # the traced variants' trace_sampl
 VARIANTS = (UNTRACED, *SAMPLES)
 PIDS = [990_000_030]  # the engine drains' sale
 WORKERS = 2
-# buyers of the BFF windows: a window of 1 s buys some 12,000 times, each token once on
-# each of its 6 products; every BFF verifies them all before (the suite's 20,000 would
-# take 5 s a BFF)
-TOKENS = 4_000
+# buyers of the BFF windows: a window of 1 s buys up to 16,000 times, each token once on
+# each of its 4 products (12 windows share the 48 sales); every BFF verifies them all
+# before (2.5 s a BFF). 4,000 ran out in every window of the full run of 14:48.
+TOKENS = 10_000
 
 
 def _git(root: Path, *args: str, check: bool = True) -> str:
@@ -148,6 +148,21 @@ def _revert(root: Path, into: Path, merge: str, before: str) -> None:
             target.write_bytes(merged.stdout)
 
 
+def merge_drains(drains: list[dict[str, Any]]) -> dict[str, Any]:
+    """One variant's drains as one: its ticks and orders summed, the first failure."""
+    failed = [d["failed"] for d in drains if d.get("failed")]
+    if failed:
+        return {"failed": failed[0], "drains": drains}
+    ticks: dict[str, int] = {}
+    for d in drains:
+        for k, v in d["ticks"].items():
+            ticks[k] = ticks.get(k, 0) + v
+    processed = sum(d["processed"] for d in drains)
+    return {"drains": drains, "processed": processed, "ticks": ticks,
+            "cpu_us_per_order": ticks["workers"] / TICK / processed * 1e6 if processed
+            else 0.0}
+
+
 def order(number: int) -> list[str]:
     """The variants' turn in round `number`: reversed every other round."""
     return list(VARIANTS if number % 2 == 0 else reversed(VARIANTS))
@@ -197,21 +212,27 @@ class TraceBench:
     async def engine(self, number: int, orders: int,
                      reset: Callable[[list[int]], Awaitable[None]],
                      say: Callable[[str], None] = print) -> dict[str, Any]:
-        """One drain of `orders` per variant, in this round's turn."""
-        runs: dict[str, Any] = {}
-        for name in order(number):
+        """Two drains of `orders` per variant, in this round's turn and then back (a
+        slow spell lands on all); a variant's figure is its two drains' ticks over their
+        orders. One drain of 90,000 orders is some 130 ticks, read to a tick at each end:
+        alone it moved the 1% ratio from 0.99 to 1.14 between rounds of the same tree."""
+        drains: dict[str, list[dict[str, Any]]] = {}
+        turn = order(number)
+        for name in [*turn, *reversed(turn)]:
             if name == UNTRACED and self.tree is None:
-                runs[name] = {"failed": NO_HISTORY}
                 continue
             await reset(PIDS)
             await preload(self.settings, PIDS, orders, traced=SAMPLES.get(name, 0.0))
             with environment(self.env_of(name)):
                 run = await drain(self.settings, PIDS, orders, WORKERS,
                                   **self.settings_of(name))
-            runs[name] = run
+            drains.setdefault(name, []).append(run)
             say(f"    {name}: " + (f"FAILED {run['failed']}" if run.get("failed") else
                                    f"{run['cpu_us_per_order']:.1f} us/order, "
                                    f"{run['ticks']['workers']} ticks"))
+        runs: dict[str, Any] = {name: merge_drains(d) for name, d in drains.items()}
+        if self.tree is None:
+            runs[UNTRACED] = {"failed": NO_HISTORY}
         return {**self.head(), "workers": WORKERS, "orders": orders, "variants": runs}
 
     async def http(self, bench: HttpBench, number: int, seconds: float, windows: int,

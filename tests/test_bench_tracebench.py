@@ -10,7 +10,16 @@ from pathlib import Path
 
 import pytest
 
-from bench.tracebench import ROOT, VARIANTS, extract, order, untraced_build, untraced_commit
+from bench.enginerun import TICK
+from bench.tracebench import (
+    ROOT,
+    VARIANTS,
+    extract,
+    merge_drains,
+    order,
+    untraced_build,
+    untraced_commit,
+)
 
 
 def test_the_untraced_build_is_head_without_tracing(tmp_path: Path) -> None:
@@ -39,3 +48,16 @@ def test_without_git_history_there_is_no_untraced_build(tmp_path: Path) -> None:
 
 def test_the_variants_take_turns() -> None:
     assert order(0) == list(VARIANTS) and order(1) == list(reversed(VARIANTS))
+
+
+def test_a_variants_drains_are_priced_by_their_ticks_summed() -> None:
+    drains = [{"processed": 90_000, "ticks": {"workers": 130, "rabbitmq": 300},
+               "cpu_us_per_order": 130 / TICK / 90_000 * 1e6},
+              {"processed": 60_000, "ticks": {"workers": 70, "rabbitmq": 200},
+               "cpu_us_per_order": 70 / TICK / 60_000 * 1e6}]
+    merged = merge_drains(drains)
+    assert merged["ticks"] == {"workers": 200, "rabbitmq": 500}
+    assert merged["processed"] == 150_000
+    assert merged["cpu_us_per_order"] == pytest.approx(200 / TICK / 150_000 * 1e6)
+    assert merge_drains([drains[0], {"failed": "drain timed out"}])["failed"] == (
+        "drain timed out")
