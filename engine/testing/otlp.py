@@ -141,6 +141,11 @@ def _value(v: Any) -> Any:
 
 def _handler(received: Callable[[bytes], None]) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
+        # keep-alive, as a collector answers: over HTTP/1.0 every export request made
+        # a new TCP connection, a cost of this receiver that a benchmark would charge
+        # to the exporting process
+        protocol_version = "HTTP/1.1"
+
         def do_POST(self) -> None:  # noqa: N802 - the name http.server calls
             if self.path.rstrip("/") != TRACES_PATH:
                 self._answer(404, b"")

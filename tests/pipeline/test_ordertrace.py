@@ -73,3 +73,20 @@ def test_a_dead_lettered_sampled_order_ends_in_error(tracing):
     tracing.flush()
     order = next(s for s in tracing.processor.exporter.spans if s.name == "engine.order")
     assert not order.status.is_ok and order.status.description == "dead-lettered"
+
+
+def test_a_stage_that_lost_a_sampled_order_gives_it_no_event(tracing):
+    batch = [entry(1, PARENT), entry(2), entry(3, PARENT)]
+    trace = BatchTrace(tracing, sampled_parents(tracing, batch), len(batch))
+    ids = [e.stream_id for e in batch]
+    assert trace.among(ids) == ["1765000000001-0", "1765000000003-0"]  # the whole batch
+    with trace.stage("log", "logged", ids[1:]) as mine:  # the first was refused
+        assert mine == ["1765000000003-0"]
+    with trace.stage("publish", "published", ids[1:2]) as mine:  # the third unconfirmed
+        assert mine == []
+    trace.end()
+    tracing.flush()
+    orders = [s for s in tracing.processor.exporter.spans if s.name == "engine.order"]
+    events = {s.start_time: [e.name for e in s.events] for s in orders}
+    assert events == {entry_ns("1765000000001-0"): ["read"],
+                      entry_ns("1765000000003-0"): ["read", "logged"]}
