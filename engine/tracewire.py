@@ -17,6 +17,8 @@ import struct
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from engine.pipeline.events import varint as _varint  # (the events' own, negatives included)
+
 if TYPE_CHECKING:
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import ReadableSpan
@@ -54,20 +56,6 @@ class SpanRecord(NamedTuple):
     error: str | None = None  # the status message of a failed span
 
 
-_SMALL = [bytes((n,)) for n in range(0x80)]  # a varint below 128 is its one byte
-
-
-def _varint(n: int) -> bytes:
-    if n < 0x80:
-        return _SMALL[n]
-    out = bytearray()
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
 def _field(tag: int, data: bytes) -> bytes:
     """A length-delimited field (tag already shifted: (number << 3) | 2)."""
     return _varint(tag) + _varint(len(data)) + data
@@ -78,7 +66,7 @@ def _any_value(value: Any) -> bytes:
     if isinstance(value, bool):
         return b"\x10" + (b"\x01" if value else b"\x00")
     if isinstance(value, int):
-        return b"\x18" + _varint(value & 0xFFFFFFFFFFFFFFFF)  # int64, two's complement
+        return b"\x18" + _varint(value)  # int64, two's complement
     if isinstance(value, float):
         return b"\x21" + _DOUBLE(value)
     if isinstance(value, (list, tuple)):
