@@ -17,7 +17,7 @@ import struct
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from engine.pipeline.events import varint as _varint  # (the events' own, negatives included)
+from engine.protowire import varint as _varint
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.resources import Resource

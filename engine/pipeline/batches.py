@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -144,7 +144,7 @@ class Pipeline:
         try:
             with _stage(batch.trace, "publish", "published", batch.todo):
                 headers = None if batch.trace is None else batch.trace.headers(
-                    o.entry_id for o in batch.todo)
+                    [o.entry_id for o in batch.todo])
                 outcomes = await self.publisher.publish_bodies(
                     bodies, ids, self.settings.publish_timeout, headers)
         except RETRYABLE:
@@ -228,26 +228,7 @@ def _stage(trace: BatchTrace | None, name: str, event: str,
     context that does nothing."""
     if trace is None:
         return _NO_STAGE
-    return trace.stage(name, event, _EntryIds(orders))
-
-
-class _EntryIds(Collection[str]):
-    """The entry IDs of a stage's orders, without a list made of them: a stage as large
-    as its batch is not looked through (BatchTrace.among)."""
-
-    __slots__ = ("orders",)
-
-    def __init__(self, orders: list[Order]) -> None:
-        self.orders = orders
-
-    def __len__(self) -> int:
-        return len(self.orders)
-
-    def __iter__(self) -> Iterator[str]:
-        return (o.entry_id for o in self.orders)
-
-    def __contains__(self, entry_id: object) -> bool:
-        return any(o.entry_id == entry_id for o in self.orders)
+    return trace.stage(name, event, [o.entry_id for o in orders])
 
 
 class _Unconfirmed(ServiceError):

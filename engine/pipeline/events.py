@@ -19,6 +19,7 @@ from engine.amqp.publisher import CONFIRMED, Message
 from engine.pb import event_pb2
 from engine.pipeline.orders import Order
 from engine.products import Product
+from engine.protowire import ONE_BYTE, varint
 
 Event = event_pb2.Event
 INSTANCE_CREATED = event_pb2.INSTANCE_CREATED
@@ -27,8 +28,7 @@ TYPE_NAMES = {v.number: v.name for v in event_pb2.EventType.DESCRIPTOR.values}
 # Tags (field number << 3 | wire type) of the per-order fields of `Event`.
 _INSTANCE_ID, _USER_ID, _TIMESTAMP = b"\x10", b"\x18", b"\x30"  # varints: 2, 3, 6
 _STREAM_ID, _SALE_ID, _SLOT = b"\x42", b"\x4a", b"\x50"  # 8, 9 (strings), 10 (varint)
-_ONE_BYTE = [bytes((i,)) for i in range(128)]
-_U64 = (1 << 64) - 1
+_ONE_BYTE = ONE_BYTE
 _TWO = struct.Struct("BB").pack
 
 
@@ -39,19 +39,6 @@ def product_prefix(product: Product) -> bytes:
         spec=event_pb2.InstanceSpec(cpus=product.cpus, memory_mb=product.memory_mb,
                                     gpu=product.gpu, image=product.image),
     ).SerializeToString()
-
-
-def varint(value: int) -> bytes:
-    """Protobuf's base-128 varint; a negative int64/int32 as its 64-bit two's complement."""
-    if 0 <= value < 0x80:
-        return _ONE_BYTE[value]
-    value &= _U64
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
 
 
 def _string(tag: bytes, text: str) -> bytes:
