@@ -6,6 +6,7 @@ the invariant checker) are in engine.testing."""
 from __future__ import annotations
 
 import contextlib
+import random
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -218,3 +219,14 @@ def count_commands(redis: Redis) -> Counter[str]:
     redis.execute_command = counted  # type: ignore[method-assign]
     redis.pipeline = pipeline  # type: ignore[method-assign]
     return sent
+
+
+def on_several_masters(cluster: Any, keys: Keys, ids: list[int]) -> list[int]:
+    """`ids` with the last replaced until their streams live on more than one master:
+    random IDs all hash to one master of three now and then (4 IDs: 1 in 27), and a
+    test that checks what happens across masters would then check nothing."""
+    ids = list(ids)
+    while len({cluster.get_node_from_key(keys.stream(pid)).name for pid in ids}) < 2:
+        ids[-1] = random.choice([pid for pid in random.sample(range(10**9, 9 * 10**9), 4)
+                                 if pid not in ids])
+    return ids

@@ -14,7 +14,15 @@ import subprocess
 import orjson
 import pytest
 from redis.crc import key_slot
-from support import add_products, all_done, announce, log_rows, open_sales, push_orders
+from support import (
+    add_products,
+    all_done,
+    announce,
+    log_rows,
+    on_several_masters,
+    open_sales,
+    push_orders,
+)
 
 from engine.connections import cluster_startup, is_cluster
 from engine.errors import ConfigError, NoFreeNodeId
@@ -135,7 +143,8 @@ def seckill(settings, *args: str) -> str:
 
 async def test_operator_commands_see_every_node(cluster_settings, cluster_redis, keys,
                                                 product_ids):
-    settings, pids = cluster_settings, product_ids[:6]
+    settings = cluster_settings
+    pids = on_several_masters(cluster_redis, keys, product_ids[:6])
     await add_products(settings, pids)
     for pid in pids:
         await asyncio.to_thread(seckill, settings, "sale", "open", "--product", str(pid),

@@ -5,13 +5,14 @@ master of that product's slot, whichever it is."""
 from __future__ import annotations
 
 from redis.crc import key_slot
+from support import on_several_masters
 
 from engine.gate.redis_gate import Gate, Position
 from engine.gate.releases import request_release
 
 
 async def test_the_waitlist_on_a_cluster(cluster_redis, keys, product_ids):
-    pids = product_ids[:4]
+    pids = on_several_masters(cluster_redis, keys, product_ids[:4])
     nodes = {cluster_redis.get_node_from_key(keys.stream(pid)).name for pid in pids}
     assert len(nodes) > 1, "the products should live on several masters"
     for coalesce in (False, True):
