@@ -10,11 +10,15 @@ variant is a set of environment overrides for its `seckill run`, e.g.
     python -m bench.engineab --a PYTHONPATH=/tmp/old --b "" [--rounds 6] [--orders 60000]
     python -m bench.engineab --a "" --b "" --sales 1 --sales-b 1000   # many sales' cost
     python -m bench.engineab --profile /tmp/worker [--a ...]   # py-spy of one worker
+    python -m bench.engineab --trace-b 0.01   # tracing's cost: B samples 1% (issue 25)
 
 Prints each drain and B/A of the workers' CPU per order (the sum of every drain's
 ticks over the sum of its orders), and writes bench/results/engineab-<time>.json.
-With `--profile PREFIX` variant A alone drains once while py-spy samples one of its
-workers (`PREFIX.txt`: raw collapsed stacks; `PREFIX.top.txt`: the functions' shares).
+`--trace-a R` / `--trace-b R`: that variant runs with `trace_sample` R, exporting to an
+OTLP/HTTP receiver in this process, on a backlog whose share R carries the gate's trace
+field (as bench/tracebench.py's drains). With `--profile PREFIX` variant A alone drains
+once while py-spy samples one of its workers (`PREFIX.txt`: raw collapsed stacks;
+`PREFIX.top.txt`: the functions' shares).
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from engine.testing.otlp import OtlpReceiver
 
 from .abtest import variant
 from .enginerun import Engine, drain
@@ -55,34 +61,49 @@ def environment(overrides: dict[str, str]) -> Iterator[None]:
 
 
 async def one_drain(settings: Any, overrides: dict[str, str], orders: int, workers: int,
-                    sales: int) -> dict[str, Any]:
+                    sales: int, traced: float = 0.0, endpoint: str = "") -> dict[str, Any]:
+    """One drain; `traced` > 0: with that trace_sample, exporting to `endpoint`."""
     pids = [PID + i for i in range(sales)]
     await reset(settings, pids, quiet_wait=15.0)
-    await preload(settings, pids, orders)
+    await preload(settings, pids, orders, traced=traced)
+    tracing = {"trace_sample": traced, "trace_endpoint": endpoint} if traced else {}
     with environment(overrides):
-        return await drain(settings, pids, orders, workers)
+        return await drain(settings, pids, orders, workers, **tracing)
 
 
 async def run(settings: Any, variants: list[dict[str, str]], rounds: int, orders: int,
-              workers: int, sales: int, sales_b: int | None = None) -> dict[str, Any]:
+              workers: int, sales: int, sales_b: int | None = None,
+              traced: tuple[float, float] = (0.0, 0.0)) -> dict[str, Any]:
     """`sales_b` (default `sales`): variant B's open sales, to set 1,000 sales against 1
-    in the same tree, alternated like any other pair."""
+    in the same tree, alternated like any other pair. `traced`: each variant's
+    `trace_sample` (0: as its environment says) and its backlog's sampled share."""
     runs: list[list[dict[str, Any]]] = [[], []]
     counts = (sales, sales if sales_b is None else sales_b)
-    for r in range(rounds):
-        for i in ((0, 1) if r % 2 == 0 else (1, 0)):
-            d = await one_drain(settings, variants[i], orders, workers, counts[i])
-            runs[i].append(d)
-            print(f"  round {r + 1}/{rounds} {'AB'[i]}: "
-                  + (f"FAILED {d['failed']}" if d.get("failed") else
-                     f"{d['cpu_us_per_order']:5.1f} us/order {d['per_second']:8,.0f}/s "
-                     f"workers {d['ticks']['workers']} ticks, "
-                     f"peak RSS {d['peak_rss_mb']:.0f} MB"), flush=True)
+    receiver = OtlpReceiver(keep=False).start() if any(traced) else None
+    endpoint = receiver.endpoint if receiver is not None else ""
+    try:
+        for r in range(rounds):
+            for i in ((0, 1) if r % 2 == 0 else (1, 0)):
+                d = await one_drain(settings, variants[i], orders, workers, counts[i],
+                                    traced[i], endpoint)
+                runs[i].append(d)
+                _say(f"round {r + 1}/{rounds} {'AB'[i]}", d)
+    finally:
+        if receiver is not None:
+            receiver.stop()
     merged = [merge(rs) for rs in runs]
     return {"variants": variants, "rounds": rounds, "orders": orders, "workers": workers,
-            "sales": counts[0], "sales_b": counts[1], "a": merged[0], "b": merged[1],
+            "sales": counts[0], "sales_b": counts[1], "traced": list(traced),
+            "a": merged[0], "b": merged[1],
             "b_over_a": merged[1]["cpu_us_per_order"] / merged[0]["cpu_us_per_order"],
             "runs": runs}
+
+
+def _say(name: str, d: dict[str, Any]) -> None:
+    print(f"  {name}: " + (f"FAILED {d['failed']}" if d.get("failed") else
+                           f"{d['cpu_us_per_order']:5.1f} us/order {d['per_second']:8,.0f}/s "
+                           f"workers {d['ticks']['workers']} ticks, "
+                           f"peak RSS {d['peak_rss_mb']:.0f} MB"), flush=True)
 
 
 def merge(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -196,6 +217,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sales-b", type=int, default=None,
                    help="variant B's open sales (default --sales): e.g. --a and --b the "
                         "same tree, --sales 1 --sales-b 1000, for the cost of many sales")
+    p.add_argument("--trace-a", type=float, default=0.0,
+                   help="variant A's trace_sample, its backlog sampled alike")
+    p.add_argument("--trace-b", type=float, default=0.0, help="the same for variant B")
     p.add_argument("--profile", type=Path, default=None,
                    help="py-spy one worker of variant A instead: output prefix")
     p.add_argument("--profile-seconds", type=float, default=8.0)
@@ -209,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
         print(args.profile.with_suffix(".top.txt").read_text())
         return 0
     doc = asyncio.run(run(settings, [variant(args.a), variant(args.b)], args.rounds,
-                          args.orders, args.workers, args.sales, args.sales_b))
+                          args.orders, args.workers, args.sales, args.sales_b,
+                          (args.trace_a, args.trace_b)))
     print("| variant | environment | us/order (all drains) | each drain | orders/s |"
           "\n|---|---|---:|---|---|")
     for name in ("a", "b"):

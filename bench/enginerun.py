@@ -1,9 +1,13 @@
 """`seckill run` as a child process, measured from the outside.
 
-The window runs from the first entry read by the group to the last
-acknowledgement, so the workers' boot is outside it but the batches in
-flight before the first acknowledgement are in it. An order counts as
-processed only when its row is committed in seckill_logs and its event
+The workers boot with the backlog out of their sight (its streams taken out of
+`seckill:streams` until every worker is up and idle), so no boot lands in the window,
+whatever a variant imports at boot (tracing's SDK: some 50 ms a worker) and however
+far apart the workers' boots end. CPU is counted from the moment the streams are
+named again, wall time from the first entry read by the group (so the half second a
+worker may take to notice a new sale adds idle ticks, not seconds), both to the last
+acknowledgement; the batches in flight before the first acknowledgement are in it.
+An order counts as processed only when its row is committed in seckill_logs and its event
 reached the tap queue (the topology's own `resource.instance-created`,
 bound to the exchange; nothing consumes it in the bench vhost), matched by
 instance ID after the window; dead letters are counted apart. CPU time is
@@ -344,18 +348,21 @@ async def drain(settings: Settings, pids: list[int], total: int, workers: int,
     keys = Keys(settings.key_prefix)
     redis = Redis.from_url(settings.redis_url)
     timeout = timeout if timeout is not None else 60 + total / 2000
+    await redis.srem(keys.streams, *pids)  # (named again once every worker booted)
     engine = Engine(settings, workers, **overrides)
     out: dict[str, Any] = {"workers": workers, "orders": total, "timeout_s": timeout}
     failed: list[str] = []
     try:
         deadline = time.monotonic() + timeout
         window = CpuWindow(settings, engine.worker_pids)  # finds the services: not in t0
+        await booted(engine, deadline)
+        window.start()
+        await redis.sadd(keys.streams, *pids)
         while (await group_counts(redis, keys, pids))[0] == 0:
             if problem := _problem(engine, deadline):
                 raise _PhaseFailed(problem)
             await asyncio.sleep(0.005)
         t0 = time.perf_counter()
-        window.start()
         rss_start = [rss_mb(p) for p in engine.worker_pids()]
         n = 0
         while n < total:
@@ -395,6 +402,22 @@ async def drain(settings: Settings, pids: list[int], total: int, workers: int,
     if failed:
         out["failed"] = "; ".join(failed)
     return out
+
+
+async def booted(engine: Engine, deadline: float, quiet: float = 0.3) -> None:
+    """Until every worker of `engine` has booted and is idle: all of them running, their
+    CPU ticks unchanged (but for one) over `quiet` seconds. `_PhaseFailed` if the engine
+    exits or the deadline passes first."""
+    last: dict[int, int] | None = None
+    while True:
+        if problem := _problem(engine, deadline):
+            raise _PhaseFailed(f"{problem} (booting)")
+        await asyncio.sleep(quiet)
+        now = {p: cpu_ticks(p) for p in engine.worker_pids()}
+        if (last is not None and len(now) == engine.workers and now.keys() == last.keys()
+                and sum(now.values()) - sum(last.values()) <= 1):
+            return
+        last = now
 
 
 def _tap_progress(done: int, total: int) -> None:
