@@ -6,9 +6,11 @@ and 1, against the same code before tracing existed, taking turns within each ro
   extracted with `git archive` into a temporary directory, the merge's changes
   reverted file by file (`git merge-file` where a file changed since), and run
   through PYTHONPATH; so the ratio prices tracing alone, not the engine's other
-  changes since. Where the revert conflicts, the commit before the merge stands in
-  (the result says which). Without git history (a tarball) its rows say NO_HISTORY
-  and the ratios are not met.
+  changes since. A later commit that changed tracing's own lines (its hooks in the
+  pipeline) says so with the trailer `Untraced-build: revert` in its message: it is
+  undone first, newest first, so the merge's undo finds the lines it wrote. Where the
+  revert conflicts, the commit before the merge stands in (the result says which).
+  Without git history (a tarball) its rows say NO_HISTORY and the ratios are not met.
 - Engine: two drains per variant per round (the variants in turn, then back), same
   backlog, 2 workers, services reset and idle before each. A traced variant's backlog
   carries the trace context on the share of entries its BFF would have sampled, as
@@ -71,6 +73,15 @@ def tracing_merge(root: Path = ROOT) -> str | None:
     return found[-1] if found else None
 
 
+REVERT_TRAILER = "Untraced-build: revert"  # a later commit that changed tracing's lines
+
+
+def later_tracing_commits(merge: str, root: Path = ROOT) -> list[str]:
+    """The first-parent commits after `merge` that carry REVERT_TRAILER, newest first."""
+    return _git(root, "log", "--first-parent", "--format=%H", f"--grep=^{REVERT_TRAILER}$",
+                f"{merge}..HEAD").split()
+
+
 def untraced_commit(root: Path = ROOT) -> str | None:
     """The commit before tracing was merged, or None without git history."""
     merge = tracing_merge(root)
@@ -104,21 +115,23 @@ def untraced_build(into: Path, root: Path = ROOT) -> str | None:
     if merge is None or before is None:
         return None
     head = _git(root, "rev-parse", "HEAD").strip()
+    later = later_tracing_commits(merge, root)
     extract(head, into, root)
     try:
+        for commit in later:
+            _revert(root, into, commit, commit + "^1")
         _revert(root, into, merge, before)
     except RevertConflict as exc:
         shutil.rmtree(into)
         into.mkdir()
         extract(before, into, root)
         return f"{before[:12]} (the commit before tracing: its revert from HEAD conflicts in {exc})"
-    return f"{head[:12]} with {merge[:12]} (tracing) reverted in engine/"
+    also = f" and {', '.join(c[:12] for c in later)} (its later changes)" if later else ""
+    return f"{head[:12]} with {merge[:12]} (tracing){also} reverted in engine/"
 
 
 def _revert(root: Path, into: Path, merge: str, before: str) -> None:
-    def blob(commit: str, path: str) -> str:
-        return _git(root, "rev-parse", "-q", "--verify", f"{commit}:{path}", check=False).strip()
-
+    """Undo in `into` what `merge` changed in engine/ against `before` (its first parent)."""
     def show(commit: str, path: str) -> bytes:
         return subprocess.run(["git", "show", f"{commit}:{path}"], cwd=root,
                               capture_output=True, timeout=60, check=True).stdout
@@ -134,7 +147,7 @@ def _revert(root: Path, into: Path, merge: str, before: str) -> None:
             target.write_bytes(show(before, path))
         elif not target.exists():
             continue  # (deleted since: nothing to undo)
-        elif blob("HEAD", path) == blob(merge, path):
+        elif target.read_bytes() == show(merge, path):
             target.write_bytes(show(before, path))
         else:  # changed since: a three-way merge of the undo
             with tempfile.TemporaryDirectory() as tmp:
