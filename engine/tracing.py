@@ -55,7 +55,7 @@ MAX_TRACESTATE = 512  # W3C: a vendor may cut a longer one; we carry at most thi
 DEFAULT_ENDPOINT = "http://localhost:4318"
 TRACES_PATH = "/v1/traces"
 EXPORT_BATCH = 512  # spans per export request
-EXPORT_DELAY = 0.5  # seconds a finished span waits, at most, for its batch
+EXPORT_DELAY = 2.0  # seconds a finished span waits, at most, for its batch (the SDK: 5)
 CLOSE_TIMEOUT = 2.0  # seconds a stopping process gives its last export
 SCOPE = "seckill"  # the instrumentation scope of every span we make
 

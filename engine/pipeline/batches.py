@@ -64,22 +64,25 @@ class Pipeline:
         """Take a batch all the way to acknowledged (or dead-lettered)."""
         if FAULTS.armed and FAULTS.reached(AFTER_READ):
             FAULTS.kill()
-        if self.tracing is not None:
-            parents = sampled_parents(self.tracing, entries)
-            if parents is not None:  # (a batch without a sampled order: nothing more)
-                trace = BatchTrace(self.tracing, parents, len(entries))
-                try:
-                    return await self._prepared(entries, extra_dead, trace)
-                finally:
-                    trace.end()
-        await self._prepared(entries, extra_dead)
-
-    async def _prepared(self, entries: list[Entry], extra_dead: Sequence[DeadLetter],
-                        trace: BatchTrace | None = None) -> None:
         t0 = time.perf_counter()
         metrics.BATCH_SIZE.observe(len(entries))
-        orders, dead = decode_batch(entries, self.keys, self.settings.max_entry_bytes)
+        tracing = self.tracing
+        others: list[int] | None = None if tracing is None else []
+        orders, dead = decode_batch(entries, self.keys, self.settings.max_entry_bytes, others)
         dead.extend(extra_dead)
+        # (only an entry the decode did not take as the gate's common one has a context)
+        if others and tracing is not None:
+            parents = sampled_parents(tracing, entries, others)
+            if parents is not None:  # (a batch without a sampled order: nothing more)
+                trace = BatchTrace(tracing, parents, len(entries))
+                try:
+                    return await self._prepared(t0, orders, dead, trace)
+                finally:
+                    trace.end()
+        await self._prepared(t0, orders, dead)
+
+    async def _prepared(self, t0: float, orders: list[Order], dead: list[DeadLetter],
+                        trace: BatchTrace | None = None) -> None:
         # the dead letters are held too: a long outage must not let a janitor take them
         products, failures = await self._retrying("lookup", lambda: self.catalog.lookup(
             o.product_id for o in orders), [*orders, *dead])
@@ -143,8 +146,7 @@ class Pipeline:
         bodies, ids = build_events(batch.todo, prefixes, int(self.clock()))
         try:
             with _stage(batch.trace, "publish", "published", batch.todo):
-                headers = None if batch.trace is None else batch.trace.headers(
-                    [o.entry_id for o in batch.todo])
+                headers = None if batch.trace is None else batch.trace.headers(batch.todo)
                 outcomes = await self.publisher.publish_bodies(
                     bodies, ids, self.settings.publish_timeout, headers)
         except RETRYABLE:
@@ -228,7 +230,7 @@ def _stage(trace: BatchTrace | None, name: str, event: str,
     context that does nothing."""
     if trace is None:
         return _NO_STAGE
-    return trace.stage(name, event, [o.entry_id for o in orders])
+    return trace.stage(name, event, orders)
 
 
 class _Unconfirmed(ServiceError):

@@ -168,14 +168,17 @@ def _decode_carefully(stream: bytes, product_id: int | None, stream_id: str, fie
     return Order(product_id, user_id, stream_id, ts, sale_id, slot, stream)
 
 
-def decode_batch(entries: list[Entry], keys: Keys,
-                 max_bytes: int) -> tuple[list[Order], list[DeadLetter]]:
+def decode_batch(entries: list[Entry], keys: Keys, max_bytes: int,
+                 others: list[int] | None = None) -> tuple[list[Order], list[DeadLetter]]:
     """Every entry of a batch decoded: valid orders, and dead letters.
 
     The gate's common entry (exactly uid, ts, sale and slot) is taken here, with what a
     batch repeats (its sales' IDs, its few timestamps) checked and converted once per
     distinct value; anything else is `decode_entry`'s, which decides the same
-    (tests/pipeline/test_orders.py holds the two equal).
+    (tests/pipeline/test_orders.py holds the two equal). `others` (when given) gets
+    the places in `entries` of those that were not the common entry: only there can
+    a field beyond the four be (a sampled order's trace context, engine.pipeline.
+    ordertrace), so nobody looks through the whole batch for one again.
     """
     product_of: dict[bytes, int | None] = {}
     sales: dict[bytes | None, str] = {}  # raw sale ID -> decoded; only valid ones
@@ -205,6 +208,8 @@ def decode_batch(entries: list[Entry], keys: Keys,
                     orders.append(Order(pid, user_id, stream_id, ts, sale, slot, stream, 0,
                                         stream_id))
                     continue
+        if others is not None:  # (each entry before it made one order or dead letter)
+            others.append(len(orders) + len(dead))
         item = decode_entry(stream, pid, stream_id, fields, max_bytes)
         (orders if type(item) is Order else dead).append(item)  # type: ignore[arg-type]
     return orders, dead

@@ -160,3 +160,25 @@ def test_a_batch_decodes_as_its_entries_one_by_one() -> None:
         alone = [decode_entry(e.stream, keys.product_of_stream(e.stream.decode()), e.stream_id,
                               e.fields, limit) for e in batch]
         assert decode_batch(batch, keys, limit) == split(alone), limit
+
+
+def test_a_batch_names_the_entries_it_did_not_take_as_the_common_one() -> None:
+    """Only those can carry a field beyond the gate's four (a sampled order's trace
+    context): the engine looks for one there alone, so none may be missing."""
+    keys = Keys("test:")
+    stream = keys.stream(1001).encode()
+    common = {b"uid": b"7", b"ts": b"1700000000", b"sale": b"s", b"slot": b"1"}
+    batch = [Entry(stream, "1700000000000-0", common),
+             Entry(stream, "1700000000000-1", {**common, b"tp": b"00-context"}),
+             Entry(stream, "1700000000000-2", {b"uid": b"0", b"ts": b"1", b"sale": b"s",
+                                               b"slot": b"1"}),  # a dead letter
+             Entry(stream, "1700000000000-3", common),
+             Entry(stream, "1700000000000-4", {b"uid": b"8", b"ts": b"1700000000",
+                                               b"tp": b"00-context"}),  # no sale
+             Entry(b"nothing", "1-1", common)]
+    others: list[int] = []
+    orders, dead = decode_batch(batch, keys, 4096, others)
+    assert others == [1, 2, 4, 5]
+    assert [batch[i].stream_id for i in others if b"tp" in batch[i].fields] == \
+        ["1700000000000-1", "1700000000000-4"]
+    assert (orders, dead) == decode_batch(batch, keys, 4096)
