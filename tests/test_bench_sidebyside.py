@@ -1,0 +1,41 @@
+"""bench/sidebyside.py: two engines of one worker each drain one backlog at once, each
+worker's orders counted by the rows of the snowflake node its lease names."""
+
+from __future__ import annotations
+
+import pytest
+from support import add_products
+
+from bench.sidebyside import SIDES, drain_pair, pooled
+from engine.config import Settings
+
+
+async def _nothing(pids: list[int]) -> None:
+    """(the test's own product and prefix: nothing of the bench's to empty)"""
+
+
+async def test_both_workers_drain_one_backlog_and_each_is_priced(settings: Settings,
+                                                                  product_id: int) -> None:
+    await add_products(settings, [product_id])  # (drain_pair preloads the backlog)
+    small = {"batch_size": 100}  # (batches enough for both to take some)
+    run = await drain_pair(settings, {"a": {}, "b": {}}, {"a": small, "b": small}, 3_000,
+                           0.0, "b", reset=_nothing, pid=product_id)
+    assert "failed" not in run, run["failed"]
+    assert run["a"]["node"] != run["b"]["node"]
+    assert run["a"]["orders"] + run["b"]["orders"] == 3_000
+    for side in SIDES:
+        assert run[side]["orders"] > 0 and run[side]["cpu_us_per_order"] > 0
+        assert sum(run[side]["threads"].values()) == run[side]["ticks"]
+    assert run["b_over_a"] == run["b"]["cpu_us_per_order"] / run["a"]["cpu_us_per_order"]
+
+
+def test_drains_pool_by_ticks_over_orders() -> None:
+    drains = [{"a": {"ticks": 100, "orders": 50_000}, "b": {"ticks": 120, "orders": 40_000},
+               "b_over_a": 1.5},
+              {"a": {"ticks": 60, "orders": 40_000}, "b": {"ticks": 70, "orders": 50_000},
+               "b_over_a": 0.93},
+              {"failed": "timed out"}]
+    m = pooled(drains)
+    assert m["drains"] == 2 and m["failed"] == 1
+    assert m["b_over_a"] == pytest.approx((190 / 90_000) / (160 / 90_000))
+    assert m["each"] == [0.93, 1.5]
