@@ -20,10 +20,12 @@ from .verdicts import (
     machine_limit,
     p99_over_broker,
     paired,
+    pooled_trace_ratio,
     runs_of,
     short_windows,
     spread,
     trace_ratios,
+    trace_sides,
 )
 
 
@@ -102,12 +104,14 @@ def targets(doc: dict[str, Any]) -> list[dict[str, Any]]:
                      [run["bff"]["p99_ms"] for run in runs_of(r, "bff") if not run.get("failed")],
                      "<=", 20.0, failures(r, "bff")))
     rows += cluster_targets(r)
+    pooled = {name: value for name, value in trace_pooled(r)}
     rows += trace_targets(r)
     if "soak" in r:
         growth = [run["rss_end_mb"] / run["rss_start_mb"] - 1 for run in runs_of(r, "soak")
                   if not run.get("failed") and run.get("rss_start_mb")]
         rows.append(("RSS growth over the soak", growth, "<=", 0.05, failures(r, "soak")))
-    return [{"target": name, **judge(values, op, bound, judged=judged, problems=problems)}
+    return [{"target": name, **judge(values, op, bound, judged=judged, problems=problems,
+                                     pooled=pooled.get(name))}
             for name, values, op, bound, problems in rows]
 
 
@@ -131,9 +135,13 @@ def cluster_targets(r: dict[str, Any]) -> list[tuple[str, list[float], str, floa
     ]
 
 
-# the suite's tracing phases (bench/tracebench.py): key, what, figure, ticks group
-TRACE_PHASES = (("trace_engine", "worker CPU per order", "cpu_us_per_order", "workers"),
-                ("trace_http", "BFF CPU per accepted purchase", "cpu_us_per_accepted", None))
+# the suite's tracing phases (bench/tracebench.py): key, what, figure, ticks group, and
+# what the figure is per
+TRACE_PHASES = (("trace_engine", "worker CPU per order", "cpu_us_per_order", "workers",
+                 "processed"),
+                ("trace_http", "BFF CPU per accepted purchase", "cpu_us_per_accepted", None,
+                 "accepted"))
+TRACE_BOUNDS = (("0", TRACE_OFF_BOUND), ("0.01", TRACE_ONE_PERCENT_BOUND))
 TRACE_LABELS = {"untraced": "untraced build", "0": "trace_sample 0", "0.01": "trace_sample 0.01",
                 "1": "trace_sample 1"}
 
@@ -142,14 +150,30 @@ def trace_targets(r: dict[str, Any]) -> list[tuple[str, list[float], str, float,
     """Issue 25, when its phases ran: trace_sample 0 and 0.01 against the untraced build
     of the same round, per order in the engine and per purchase at the BFF."""
     rows = []
-    for key, what, figure, ticks in TRACE_PHASES:
+    for key, what, figure, ticks, _ in TRACE_PHASES:
         if key not in r:
             continue
-        for variant, bound in (("0", TRACE_OFF_BOUND), ("0.01", TRACE_ONE_PERCENT_BOUND)):
+        for variant, bound in TRACE_BOUNDS:
             ratios, problems = trace_ratios(runs_of(r, key), variant, figure, ticks)
-            rows.append((f"tracing: {what}, {TRACE_LABELS[variant]} / untraced build",
-                         ratios, "<=", bound, problems))
+            rows.append((_trace_target(what, variant), ratios, "<=", bound, problems))
     return rows
+
+
+def _trace_target(what: str, variant: str) -> str:
+    return f"tracing: {what}, {TRACE_LABELS[variant]} / untraced build"
+
+
+def trace_pooled(r: dict[str, Any]) -> list[tuple[str, float]]:
+    """The tracing targets' ratios with all runs pooled (verdicts.pooled_trace_ratio):
+    what they are judged on."""
+    out = []
+    for key, what, figure, _, count in TRACE_PHASES:
+        for variant, _ in TRACE_BOUNDS:
+            ratio = pooled_trace_ratio(runs_of(r, key), variant, figure, count) \
+                if key in r else None
+            if ratio is not None:
+                out.append((_trace_target(what, variant), ratio))
+    return out
 
 
 def _trace_table(r: dict[str, Any]) -> list[str]:
@@ -157,23 +181,27 @@ def _trace_table(r: dict[str, Any]) -> list[str]:
     phases = [p for p in TRACE_PHASES if p[0] in r]
     if not phases:
         return []
-    head = " | ".join(f"{what}, us | / untraced" for _, what, _, _ in phases)
+    head = " | ".join(f"{what}, us | / untraced (all runs pooled)"
+                      for _, what, *_ in phases)
     lines = ["", f"| tracing (median (min-max) of runs) | {head} |",
              "|---|" + "---:|---:|" * len(phases)]
     for variant, label in TRACE_LABELS.items():
         cells = []
-        for key, _, figure, _ticks in phases:
+        for key, _, figure, _ticks, count in phases:
             runs = runs_of(r, key)
             values = [run.get("variants", {}).get(variant, {}) for run in runs]
             own = [None if v.get("failed") or figure not in v else float(v[figure])
                    for v in values]
             why = next((v["failed"] for v in values if v.get("failed")), None)
-            base = [run.get("variants", {}).get("untraced", {}).get(figure) for run in runs]
+            base = [(trace_sides(run, variant)[0] or {}).get(figure) for run in runs]
             # (every round's ratio, judged or not: a quick run's too)
             ratios = [o / b for o, b in zip(own, base, strict=True) if o is not None and b
                       ] if variant != "untraced" else []
+            pooled = pooled_trace_ratio(runs, variant, figure, count) \
+                if variant != "untraced" else None
             cells += [_spread_cell(own, ".1f") if any(x is not None for x in own)
-                      else (why or ""), _spread_cell(list(ratios), ".3f") if ratios else ""]
+                      else (why or ""), (_spread_cell(list(ratios), ".3f") if ratios else "")
+                      + (f" ({pooled:.3f})" if pooled is not None else "")]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     commit = next((run.get("untraced_commit") for key, *_ in phases
                    for run in runs_of(r, key) if run.get("untraced_commit")), None)

@@ -11,12 +11,16 @@ and 1, against the same code before tracing existed, taking turns within each ro
   undone first, newest first, so the merge's undo finds the lines it wrote. Where the
   revert conflicts, the commit before the merge stands in (the result says which).
   Without git history (a tarball) its rows say NO_HISTORY and the ratios are not met.
-- Engine: two drains per variant per round (the variants in turn, then back), same
-  backlog, 2 workers, services reset and idle before each. A traced variant's backlog
-  carries the trace context on the share of entries its BFF would have sampled, as
-  the gate writes it (bench/env.preload), and its workers export to a real OTLP/HTTP
-  receiver in this process (which only counts: decoding would take the cores being
-  measured). At 0 the engine runs with tracing off, as a sale without tracing runs.
+- Engine: side by side (bench.sidebyside): one worker of the untraced build and one
+  of a traced variant read the same backlog at the same time, so the host's slow and
+  quick moments land on both (drains taken apart moved 12.7 to 18.2 us per order
+  within ten minutes here); two such drains per round for trace_sample 0 and 0.01,
+  one for 1, services reset and idle before each. A traced variant's backlog carries
+  the trace context on the share of entries its BFF would have sampled, as the gate
+  writes it (bench/env.preload), and its worker exports to a real OTLP/HTTP receiver
+  in this process (which only counts: decoding would take the cores being measured).
+  At 0 the engine runs with tracing off, as a sale without tracing runs. Each variant
+  is judged against the untraced worker beside it (`paired`).
 - HTTP: the four BFFs (JWT on, every token verified once by every worker, as in the
   suite's HTTP phase) take turns, one window each of new purchases, the order
   reversed every other window; the BFF's CPU per accepted purchase over its windows.
@@ -39,10 +43,9 @@ from engine.testing.otlp import OtlpReceiver
 from engine.testing.processes import children
 
 from .bff import BFF_PIDS, WARMUP_PID, HttpBench, merge_windows, open_sales
-from .engineab import environment
-from .enginerun import TICK, drain
-from .env import preload
+from .enginerun import TICK
 from .httpload import Load, buy_path, load_window, wait_listening
+from .sidebyside import SIDES, drain_pair
 from .tokens import TokenFile, warm
 from .verdicts import NO_HISTORY
 
@@ -50,8 +53,6 @@ ROOT = Path(__file__).resolve().parents[1]
 UNTRACED = "untraced"
 SAMPLES = {"0": 0.0, "0.01": 0.01, "1": 1.0}  # the traced variants' trace_sample
 VARIANTS = (UNTRACED, *SAMPLES)
-PIDS = [990_000_030]  # the engine drains' sale
-WORKERS = 2
 # buyers of the BFF windows: a window of 1 s buys up to 16,000 times, each token once on
 # each of its 4 products (12 windows share the 48 sales); every BFF verifies them all
 # before (2.5 s a BFF). 4,000 ran out in every window of the full run of 14:48.
@@ -161,6 +162,15 @@ def _revert(root: Path, into: Path, merge: str, before: str) -> None:
             target.write_bytes(merged.stdout)
 
 
+def _as_drain(run: dict[str, Any], side: str) -> dict[str, Any]:
+    """One side of a side-by-side drain as bench.enginerun.drain gives a drain."""
+    if run.get("failed") or "b_over_a" not in run:
+        return {"failed": run.get("failed") or "no CPU per order"}
+    own = run[side]
+    return {"processed": own["orders"], "ticks": {"workers": own["ticks"]},
+            "cpu_us_per_order": own["cpu_us_per_order"], "seconds": run["seconds"]}
+
+
 def merge_drains(drains: list[dict[str, Any]]) -> dict[str, Any]:
     """One variant's drains as one: its ticks and orders summed, the first failure."""
     failed = [d["failed"] for d in drains if d.get("failed")]
@@ -225,28 +235,36 @@ class TraceBench:
     async def engine(self, number: int, orders: int,
                      reset: Callable[[list[int]], Awaitable[None]],
                      say: Callable[[str], None] = print) -> dict[str, Any]:
-        """Two drains of `orders` per variant, in this round's turn and then back (a
-        slow spell lands on all); a variant's figure is its two drains' ticks over their
-        orders. One drain of 90,000 orders is some 130 ticks, read to a tick at each end:
-        alone it moved the 1% ratio from 0.99 to 1.14 between rounds of the same tree."""
-        drains: dict[str, list[dict[str, Any]]] = {}
-        turn = order(number)
-        for name in [*turn, *reversed(turn)]:
-            if name == UNTRACED and self.tree is None:
-                continue
-            await reset(PIDS)
-            await preload(self.settings, PIDS, orders, traced=SAMPLES.get(name, 0.0))
-            with environment(self.env_of(name)):
-                run = await drain(self.settings, PIDS, orders, WORKERS,
-                                  **self.settings_of(name))
-            drains.setdefault(name, []).append(run)
-            say(f"    {name}: " + (f"FAILED {run['failed']}" if run.get("failed") else
-                                   f"{run['cpu_us_per_order']:.1f} us/order, "
-                                   f"{run['ticks']['workers']} ticks"))
-        runs: dict[str, Any] = {name: merge_drains(d) for name, d in drains.items()}
-        if self.tree is None:
-            runs[UNTRACED] = {"failed": NO_HISTORY}
-        return {**self.head(), "workers": WORKERS, "orders": orders, "variants": runs}
+        """Side by side (bench.sidebyside): a drain of `orders` read at once by one worker
+        of the untraced build and one of a traced variant, in this round's turn and
+        back for 0 and 0.01 (who starts first alternating), once for 100%. A variant's
+        figure is its workers' ticks over their orders, and the untraced build's beside
+        it (`paired`) is what it is judged against: drains taken apart moved 12.7 to
+        18.2 us per order within ten minutes here, the two sides of one drain a few
+        percent."""
+        turn = [name for name in order(number) if name != UNTRACED]
+        sides: dict[str, list[dict[str, Any]]] = {}
+        paired: dict[str, list[dict[str, Any]]] = {}
+        for i, name in enumerate([*turn, *(n for n in reversed(turn) if n != "1")]):
+            if self.tree is None:
+                break
+            run = await drain_pair(
+                self.settings, {"a": self.env_of(UNTRACED), "b": self.env_of(name)},
+                {"a": {}, "b": self.settings_of(name)}, orders, SAMPLES[name],
+                SIDES[i % 2], reset=reset)
+            theirs, ours = _as_drain(run, "a"), _as_drain(run, "b")
+            paired.setdefault(name, []).append(theirs)
+            sides.setdefault(name, []).append(ours)
+            say(f"    untraced beside {name}: " + (
+                f"FAILED {run['failed']}" if run.get("failed") else
+                f"{theirs['cpu_us_per_order']:.1f} us/order ({theirs['processed']:,}) and "
+                f"{ours['cpu_us_per_order']:.1f} ({ours['processed']:,}): "
+                f"{run['b_over_a']:.3f}"))
+        runs: dict[str, Any] = {name: merge_drains(d) for name, d in sides.items()}
+        runs[UNTRACED] = merge_drains([d for p in paired.values() for d in p]) \
+            if self.tree is not None else {"failed": NO_HISTORY}
+        return {**self.head(), "workers": 1, "orders": orders, "side_by_side": True,
+                "variants": runs, "paired": {n: merge_drains(p) for n, p in paired.items()}}
 
     async def http(self, bench: HttpBench, number: int, seconds: float, windows: int,
                    connections: int = 64, say: Callable[[str], None] = print
