@@ -14,7 +14,7 @@ and 1, against the same code before tracing existed, taking turns within each ro
 - Engine: side by side (bench.sidebyside): one worker of the untraced build and one
   of a traced variant read the same backlog at the same time, so the host's slow and
   quick moments land on both (drains taken apart moved 12.7 to 18.2 us per order
-  within ten minutes here); two such drains per round for trace_sample 0 and 0.01,
+  within ten minutes here); three such drains per round for trace_sample 0 and 0.01,
   one for 1, services reset and idle before each. A traced variant's backlog carries
   the trace context on the share of entries its BFF would have sampled, as the gate
   writes it (bench/env.preload), and its worker exports to a real OTLP/HTTP receiver
@@ -22,8 +22,10 @@ and 1, against the same code before tracing existed, taking turns within each ro
   At 0 the engine runs with tracing off, as a sale without tracing runs. Each variant
   is judged against the untraced worker beside it (`paired`).
 - HTTP: the four BFFs (JWT on, every token verified once by every worker, as in the
-  suite's HTTP phase) take turns, one window each of new purchases, the order
-  reversed every other window; the BFF's CPU per accepted purchase over its windows.
+  suite's HTTP phase); each traced one takes windows of new purchases at the same
+  time as the untraced one (side by side, as the engine's drains), the variants'
+  order reversed every other window; the BFF's CPU per accepted purchase over its
+  windows, judged against the untraced BFF's windows beside it.
 
 bench/report.py judges each round's ratios against the untraced build
 (bench/verdicts.trace_ratios); 100% is reported, not judged.
@@ -31,6 +33,7 @@ bench/report.py judges each round's ratios against the untraced build
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import signal
 import subprocess
@@ -237,15 +240,17 @@ class TraceBench:
                      say: Callable[[str], None] = print) -> dict[str, Any]:
         """Side by side (bench.sidebyside): a drain of `orders` read at once by one worker
         of the untraced build and one of a traced variant, in this round's turn and
-        back for 0 and 0.01 (who starts first alternating), once for 100%. A variant's
+        back and in turn again for 0 and 0.01 (who starts first alternating), once
+        for 100%. A variant's
         figure is its workers' ticks over their orders, and the untraced build's beside
         it (`paired`) is what it is judged against: drains taken apart moved 12.7 to
         18.2 us per order within ten minutes here, the two sides of one drain a few
-        percent."""
+        percent; three such drains a round for 0 and 0.01, one for 100%."""
         turn = [name for name in order(number) if name != UNTRACED]
         sides: dict[str, list[dict[str, Any]]] = {}
         paired: dict[str, list[dict[str, Any]]] = {}
-        for i, name in enumerate([*turn, *(n for n in reversed(turn) if n != "1")]):
+        judged = [n for n in turn if n != "1"]
+        for i, name in enumerate([*turn, *reversed(judged), *judged]):
             if self.tree is None:
                 break
             run = await drain_pair(
@@ -269,32 +274,46 @@ class TraceBench:
     async def http(self, bench: HttpBench, number: int, seconds: float, windows: int,
                    connections: int = 64, say: Callable[[str], None] = print
                    ) -> dict[str, Any]:
-        """`windows` windows per BFF variant, `seconds` per variant in all."""
-        names = [n for n in order(number) if n != UNTRACED or self.tree is not None]
-        per_window = len(BFF_PIDS) // (windows * len(names))
+        """`windows` windows per traced variant, `seconds` per variant in all, each
+        loading that variant's BFF and the untraced build's at the same time (as the
+        engine's drains, side by side: BFF windows taken in turn read 74 to 87 us per
+        purchase for the same build within a round here). A variant is judged against
+        the untraced BFF's windows beside it (`paired`)."""
+        names = [n for n in order(number) if n != UNTRACED]
+        if self.tree is None:
+            return {**self.head(), "windows": windows, "seconds": seconds,
+                    "variants": {UNTRACED: {"failed": NO_HISTORY}}}
+        per_window = len(BFF_PIDS) // (windows * len(names) * 2)
         tokens = self.tokens(bench.warm_tokens)
         await open_sales(self.settings, [*BFF_PIDS, WARMUP_PID])
         servers = {}
-        for name in names:
+        for name in (UNTRACED, *names):
             env = {**self.env_of(name), **{f"SECKILL_{k.upper()}": str(v)
                                            for k, v in self.settings_of(name).items()}}
             servers[name] = bench.start_bff(env)[:2]
         parts: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+        beside: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+        used = 0
+
+        def load() -> Load:
+            nonlocal used
+            used += per_window
+            return Load(tuple(buy_path(p) for p in BFF_PIDS[used - per_window:used]), tokens)
         try:
             for server, port in servers.values():
                 await wait_listening(port, server.proc, str(server.log_path))
                 await warm(port, children(server.pid), tokens, WARMUP_PID)
                 await load_window(server.proc, port, 1.0, connections,
                                   Load((buy_path(WARMUP_PID),), tokens))
-            used = 0
+            (base, base_port), length = servers[UNTRACED], seconds / windows
             for k in range(windows):
                 for name in (names if k % 2 == 0 else reversed(names)):
                     server, port = servers[name]
-                    load = Load(tuple(buy_path(p) for p in BFF_PIDS[used:used + per_window]),
-                                tokens)
-                    used += per_window
-                    parts[name].append(await load_window(server.proc, port, seconds / windows,
-                                                         connections, load))
+                    theirs, ours = await asyncio.gather(
+                        load_window(base.proc, base_port, length, connections, load()),
+                        load_window(server.proc, port, length, connections, load()))
+                    beside[name].append(theirs)
+                    parts[name].append(ours)
         finally:
             for server, _ in servers.values():
                 server.proc.send_signal(signal.SIGTERM)
@@ -302,9 +321,12 @@ class TraceBench:
                 server.proc.wait(30)
                 server.log_path.unlink(missing_ok=True)
         runs: dict[str, Any] = {name: merge_windows(p) for name, p in parts.items()}
-        if self.tree is None:
-            runs[UNTRACED] = {"failed": NO_HISTORY}
+        runs[UNTRACED] = merge_windows([w for p in beside.values() for w in p])
+        paired = {name: merge_windows(p) for name, p in beside.items()}
         for name in names:
-            say(f"    BFF {name}: {runs[name]['cpu_us_per_accepted']:.1f} us/accepted, "
-                f"{runs[name]['ticks']} ticks")
-        return {**self.head(), "windows": windows, "seconds": seconds, "variants": runs}
+            say(f"    BFF untraced beside {name}: "
+                f"{paired[name]['cpu_us_per_accepted']:.1f} us/accepted "
+                f"({paired[name]['ticks']} ticks) and {runs[name]['cpu_us_per_accepted']:.1f} "
+                f"({runs[name]['ticks']} ticks)")
+        return {**self.head(), "windows": windows, "seconds": seconds, "side_by_side": True,
+                "variants": runs, "paired": paired}
