@@ -18,7 +18,7 @@ from engine.config import Settings
 from engine.errors import ConfigError
 from engine.logs import JsonFormatter
 from engine.testing.otlp import OtlpReceiver
-from engine.tracing import STREAM_FIELD, Tracing, setup, span_context_of
+from engine.tracing import STREAM_FIELD, Tracing, otlp_exporter, setup, span_context_of
 
 ROOT = Path(__file__).resolve().parents[1]
 PARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
@@ -224,3 +224,22 @@ def test_a_carried_context_that_is_not_sampled_starts_nothing(tracing):
     assert tracing.from_stream(UNSAMPLED) is None
     assert tracing.from_headers({"traceparent": UNSAMPLED}) is None
     assert tracing.http_parent(UNSAMPLED, None) is not None  # (the edge reads its flag)
+
+
+def test_the_exporter_sends_with_its_urllib3_transport_unless_tls_is_configured(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lighter of the SDK exporter's two transports, and it delivers; a certificate
+    set through OTEL_* keeps the default transport, which reads it."""
+    from opentelemetry.exporter.http.transport._requests import RequestsHTTPTransport
+    from opentelemetry.exporter.http.transport._urllib3 import Urllib3HTTPTransport
+
+    with OtlpReceiver() as receiver:
+        exporter = otlp_exporter(receiver.endpoint + "/v1/traces")
+        assert isinstance(exporter._client._transport, Urllib3HTTPTransport)
+        assert exporter._client.export(b"").success  # (an empty request: no spans)
+        assert receiver.requests == 1
+        exporter.shutdown()
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_CERTIFICATE", "/etc/ssl/certs/ca-certificates.crt")
+    exporter = otlp_exporter("https://collector.invalid:4318/v1/traces")
+    assert isinstance(exporter._client._transport, RequestsHTTPTransport)
+    exporter.shutdown()
