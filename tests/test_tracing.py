@@ -243,3 +243,42 @@ def test_the_exporter_sends_with_its_urllib3_transport_unless_tls_is_configured(
     exporter = otlp_exporter("https://collector.invalid:4318/v1/traces")
     assert isinstance(exporter._client._transport, RequestsHTTPTransport)
     exporter.shutdown()
+
+
+def test_a_served_span_is_a_record_with_its_parent_attributes_and_log_context(tracing):
+    """The BFF's purchase span (Tracing.served): exported as the SDK's would be, a child
+    of a trusted parent or a new trace, failed by an exception, named by log lines."""
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    logger = logging.getLogger("seckill.test.served")
+    handler = Keep()
+    logger.addHandler(handler)
+    attributes: dict = {"url.path": "/buy"}
+    try:
+        with tracing.served("POST /buy", tracing.http_parent(PARENT, "k=v"), attributes) as span:
+            attributes["http.response.status_code"] = 202
+            logger.warning("inside")
+            value = span.stream_value()
+        with pytest.raises(ValueError), tracing.served("POST /buy", None, {}) as root:
+            raise ValueError("no")
+        logger.warning("outside")
+    finally:
+        logger.removeHandler(handler)
+    tracing.flush()
+    child, failed = tracing.processor.exporter.spans
+    assert value == f"00-{PARENT[3:35]}-{span.span_id:016x}-01 k=v"
+    assert tracing.stream_ids(value) == (int(PARENT[3:35], 16), span.span_id, "k=v")
+    assert (child.name, child.kind.name, child.context.span_id) == ("POST /buy", "SERVER",
+                                                                   span.span_id)
+    assert child.parent.span_id == int(PARENT[36:52], 16) and child.parent.is_remote
+    assert dict(child.attributes) == {"url.path": "/buy", "http.response.status_code": 202}
+    assert child.status.is_ok and child.end_time >= child.start_time
+    assert failed.parent is None and failed.context.trace_id == root.trace_id
+    assert not failed.status.is_ok and failed.status.description == "ValueError: no"
+    inside, outside = (orjson.loads(JsonFormatter().format(r)) for r in records)
+    assert (inside["trace_id"], inside["span_id"]) == (PARENT[3:35], f"{span.span_id:016x}")
+    assert "trace_id" not in outside
