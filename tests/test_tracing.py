@@ -157,24 +157,36 @@ def test_a_full_export_queue_drops_and_counts_the_newest():
     t.close()
 
 
-def test_log_lines_inside_a_sampled_span_name_it(tracing):
-    records: list[logging.LogRecord] = []
+class _Kept(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
 
-    class Keep(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            records.append(record)
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
 
+    def lines(self) -> list[dict]:
+        """What the JSON log lines of the kept records say."""
+        return [orjson.loads(JsonFormatter().format(r)) for r in self.records]
+
+
+@pytest.fixture
+def logged():
+    """(a logger, the handler keeping its records)."""
     logger = logging.getLogger("seckill.test.tracing")
-    handler = Keep()
+    handler = _Kept()
     logger.addHandler(handler)
-    try:
-        span = tracing.start("purchase")
-        with tracing.current(span):
-            logger.warning("inside")
-        logger.warning("outside")
-    finally:
-        logger.removeHandler(handler)
-    inside, outside = (orjson.loads(JsonFormatter().format(r)) for r in records)
+    yield logger, handler
+    logger.removeHandler(handler)
+
+
+def test_log_lines_inside_a_sampled_span_name_it(tracing, logged):
+    logger, kept = logged
+    span = tracing.start("purchase")
+    with tracing.current(span):
+        logger.warning("inside")
+    logger.warning("outside")
+    inside, outside = kept.lines()
     ctx = span.get_span_context()
     assert inside["trace_id"] == f"{ctx.trace_id:032x}"
     assert inside["span_id"] == f"{ctx.span_id:016x}"
@@ -245,29 +257,19 @@ def test_the_exporter_sends_with_its_urllib3_transport_unless_tls_is_configured(
     exporter.shutdown()
 
 
-def test_a_served_span_is_a_record_with_its_parent_attributes_and_log_context(tracing):
+def test_a_served_span_is_a_record_with_its_parent_attributes_and_log_context(tracing,
+                                                                            logged):
     """The BFF's purchase span (Tracing.served): exported as the SDK's would be, a child
     of a trusted parent or a new trace, failed by an exception, named by log lines."""
-    records: list[logging.LogRecord] = []
-
-    class Keep(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            records.append(record)
-
-    logger = logging.getLogger("seckill.test.served")
-    handler = Keep()
-    logger.addHandler(handler)
+    logger, kept = logged
     attributes: dict = {"url.path": "/buy"}
-    try:
-        with tracing.served("POST /buy", tracing.http_parent(PARENT, "k=v"), attributes) as span:
-            attributes["http.response.status_code"] = 202
-            logger.warning("inside")
-            value = span.stream_value()
-        with pytest.raises(ValueError), tracing.served("POST /buy", None, {}) as root:
-            raise ValueError("no")
-        logger.warning("outside")
-    finally:
-        logger.removeHandler(handler)
+    with tracing.served("POST /buy", tracing.http_parent(PARENT, "k=v"), attributes) as span:
+        attributes["http.response.status_code"] = 202
+        logger.warning("inside")
+        value = span.stream_value()
+    with pytest.raises(ValueError), tracing.served("POST /buy", None, {}) as root:
+        raise ValueError("no")
+    logger.warning("outside")
     tracing.flush()
     child, failed = tracing.processor.exporter.spans
     assert value == f"00-{PARENT[3:35]}-{span.span_id:016x}-01 k=v"
@@ -279,6 +281,6 @@ def test_a_served_span_is_a_record_with_its_parent_attributes_and_log_context(tr
     assert child.status.is_ok and child.end_time >= child.start_time
     assert failed.parent is None and failed.context.trace_id == root.trace_id
     assert not failed.status.is_ok and failed.status.description == "ValueError: no"
-    inside, outside = (orjson.loads(JsonFormatter().format(r)) for r in records)
+    inside, outside = kept.lines()
     assert (inside["trace_id"], inside["span_id"]) == (PARENT[3:35], f"{span.span_id:016x}")
     assert "trace_id" not in outside
