@@ -37,7 +37,16 @@ from engine.testing.otlp import OtlpReceiver
 
 from .abtest import variant
 from .engineab import environment
-from .enginerun import TICK, Engine, _PhaseFailed, acked, booted, cpu_ticks, tap_ids
+from .enginerun import (
+    TICK,
+    Engine,
+    _PhaseFailed,
+    _problem,
+    acked,
+    booted,
+    cpu_ticks,
+    tap_ids,
+)
 from .env import bench_settings, preload, prepare
 from .env import reset as reset_services
 from .resultfiles import write_result
@@ -118,10 +127,9 @@ async def drain_pair(settings: Any, envs: dict[str, dict[str, str]],
         done = 0
         while done < orders:
             for side, engine in engines.items():
-                if engine.proc.poll() is not None:
-                    raise _PhaseFailed(f"engine {side} exited: {engine.output()[-500:]}")
-            if time.monotonic() > deadline:
-                raise _PhaseFailed(f"timed out: {done:,} of {orders:,} acknowledged")
+                if problem := _problem(engine, deadline):
+                    raise _PhaseFailed(f"engine {side}: {problem}: {done:,} of {orders:,} "
+                                       "acknowledged")
             await asyncio.sleep(0.05)
             done = await acked(redis, keys, pids)
         ticks = {side: cpu_ticks(pid) - start[side] for side, pid in workers.items()}

@@ -339,6 +339,7 @@ class Tracing:
         """Export what is left (within CLOSE_TIMEOUT) and stop the export thread."""
         self.provider.shutdown()
 
+
 class ServedSpan:
     """A record span while it runs (`Tracing.served`): what a hop carries on."""
 
@@ -349,8 +350,13 @@ class ServedSpan:
 
     def stream_value(self) -> str:
         """Its STREAM_FIELD: traceparent, and tracestate after a space when there is one."""
-        parent = f"00-{self.trace_id:032x}-{self.span_id:016x}-01"
+        parent = sampled_traceparent(self.trace_id, self.span_id)
         return f"{parent} {self.state}" if self.state else parent
+
+
+def sampled_traceparent(trace_id: int, span_id: int) -> str:
+    """W3C `traceparent` (version 00) of a sampled span: what a record span carries on."""
+    return f"00-{trace_id:032x}-{span_id:016x}-01"
 
 
 def traceparent_of(ctx: SpanContext) -> str:

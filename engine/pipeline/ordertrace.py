@@ -35,7 +35,7 @@ from contextlib import contextmanager
 
 from engine.pipeline.orders import Entry, Order
 from engine.tracewire import CONSUMER, INTERNAL, SpanRecord
-from engine.tracing import STREAM_FIELD, TRACEPARENT, TRACESTATE, Tracing
+from engine.tracing import STREAM_FIELD, TRACEPARENT, TRACESTATE, Tracing, sampled_traceparent
 
 MS = 1_000_000  # ns
 Parent = tuple[int, int, str]  # the BFF's span: trace ID, span ID, tracestate
@@ -81,7 +81,7 @@ class _Order:
         self.events: list[tuple[str, int]] = []
         self.error: str | None = None
         trace_id, _, state = parent
-        self.headers = {TRACEPARENT: f"00-{trace_id:032x}-{span_id:016x}-01"}
+        self.headers = {TRACEPARENT: sampled_traceparent(trace_id, span_id)}
         if state:
             self.headers[TRACESTATE] = state
 
