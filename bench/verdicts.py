@@ -62,9 +62,9 @@ def judge(values: Sequence[float], op: str, bound: float, *, judged: bool = True
     the median alone could sit on the right side by luck while the spread
     crosses it. A quick run is never judged; a failed phase, too few runs or
     a CPU window too short for the clock makes the target not met, whatever
-    the figures say. `pooled`: a ratio of small costs whose runs each move more
-    than the bound (tracing's), judged on every run's measurements taken together
-    instead (`pooled_trace_ratio`); the runs' values are still shown.
+    the figures say. `pooled`: a ratio of small costs (tracing's) is also judged on
+    every run's measurements taken together (`pooled_trace_ratio`): met only when the
+    pool and every run are on the right side.
     """
     s = spread(values)
     out: dict[str, Any] = {"op": op, "bound": bound, "values": list(values),
@@ -76,11 +76,12 @@ def judge(values: Sequence[float], op: str, bound: float, *, judged: bool = True
     if s is None or s.runs < MIN_RUNS:
         return {**out, "met": False,
                 "verdict": f"NO: {s.runs if s else 0} run(s), {MIN_RUNS} needed"}
-    if pooled is not None:
-        met = on_right_side(pooled, op, bound)
-        return {**out, "pooled": pooled, "met": met,
-                "verdict": f"{'yes' if met else 'NO'} (all runs pooled: {pooled:.3f})"}
     right = [on_right_side(v, op, bound) for v in values]
+    if pooled is not None:  # (and every run on the right side too, as any target)
+        met = on_right_side(pooled, op, bound) and all(right)
+        why = "" if met or not on_right_side(pooled, op, bound) else "spread crosses the bound; "
+        return {**out, "pooled": pooled, "met": met,
+                "verdict": f"{'yes' if met else 'NO'} ({why}all runs pooled: {pooled:.3f})"}
     if all(right):
         return {**out, "met": True, "verdict": "yes"}
     if any(right):
