@@ -145,19 +145,24 @@ class DirectGate:
 
 def merge_windows(parts: list[dict[str, Any]]) -> dict[str, Any]:
     """One server's alternated windows as one: counts and CPU summed, rates over their
-    summed time, the worst window's latencies (each window is kept under "windows")."""
+    summed time, the worst window's latencies (each window is kept under "windows"); CPU
+    from the windows' nanoseconds when each has them, else from their ticks."""
     total = {key: sum(p.get(key, 0) for p in parts)
-             for key in ("requests", "accepted", "errors", "ticks", "seconds")}
+             for key in ("requests", "accepted", "errors", "ticks", "cpu_ns", "seconds")}
     seconds = total["seconds"] or 1.0
     out = {**parts[0], **total,
            "accepted_per_second": total["accepted"] / seconds,
            "requests_per_second": total["requests"] / seconds,
            "p50_ms": max(p["p50_ms"] for p in parts), "p99_ms": max(p["p99_ms"] for p in parts),
-           "windows": [{k: p[k] for k in ("requests", "accepted", "ticks", "p99_ms",
+           "windows": [{k: p[k] for k in ("requests", "accepted", "ticks", "cpu_ns", "p99_ms",
                                           "cpu_us_per_request") if k in p} for p in parts]}
     if "tokens_exhausted" in parts[0]:
         out["tokens_exhausted"] = any(p.get("tokens_exhausted") for p in parts)
-    cpu_us = total["ticks"] / TICK * 1e6
+    if all("cpu_ns" in p for p in parts):
+        cpu_us = total["cpu_ns"] / 1e3
+    else:
+        cpu_us = total["ticks"] / TICK * 1e6
+        out.pop("cpu_ns")
     if "processes" in parts[0]:  # the direct gate: its CPU clock is the process's own
         cpu_us = sum(p["cpu_us_per_request"] * p["requests"] for p in parts)
     else:

@@ -6,7 +6,8 @@ order within ten minutes, PostgreSQL's and Redis's CPU per order moving with it 
 host's speed, not the engine's). A cost of a few percent cannot be seen through that.
 Here each variant runs one worker (two engines, one worker each, their own consumer
 names) in the same consumer group at the same time: the same backlog, the same
-services, the same slow and quick moments. A worker's CPU per order is its ticks, from
+services, the same slow and quick moments. A worker's CPU per order is its CPU time
+(the kernel's nanoseconds, bench.enginerun.cpu_ns), from
 the moment the backlog is named (both booted and idle before, bench.enginerun.booted)
 to the last acknowledgement, over the orders it logged: the rows of its snowflake
 node, which its lease names. Which engine starts first alternates from drain to drain.
@@ -14,7 +15,7 @@ node, which its lease names. Which engine starts first alternates from drain to 
     python -m bench.sidebyside --a PYTHONPATH=/tmp/untraced --trace-b 0.01 [--drains 6]
 
 Prints each drain's CPU per order of both and B/A, and the ratio of all drains pooled
-(each side's ticks summed over its orders summed); writes
+(each side's CPU summed over its orders summed); writes
 bench/results/sidebyside-<time>.json.
 """
 
@@ -38,12 +39,12 @@ from engine.testing.otlp import OtlpReceiver
 from .abtest import variant
 from .engineab import environment
 from .enginerun import (
-    TICK,
     Engine,
     _PhaseFailed,
     _problem,
     acked,
     booted,
+    cpu_ns,
     cpu_ticks,
     tap_ids,
 )
@@ -67,17 +68,16 @@ async def node_of(redis: Redis, keys: Keys, pid: int) -> int | None:
     return None
 
 
-def thread_ticks(pid: int) -> dict[str, int]:
-    """user + sys ticks of each thread of a process, by `<tid> <name>`."""
+def thread_ns(pid: int) -> dict[str, int]:
+    """CPU nanoseconds of each thread of a process (its schedstat's first field), by
+    `<tid> <name>`."""
     out = {}
     for task in sorted(Path(f"/proc/{pid}/task").iterdir()):
         try:
-            stat = (task / "stat").read_text()
-        except OSError:
+            name = (task / "comm").read_text().strip()
+            out[f"{task.name} {name}"] = int((task / "schedstat").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
             continue
-        name = stat[stat.index("(") + 1:stat.rindex(")")]
-        fields = stat.rsplit(")", 1)[1].split()
-        out[f"{task.name} {name}"] = int(fields[11]) + int(fields[12])
     return out
 
 
@@ -121,7 +121,8 @@ async def drain_pair(settings: Any, envs: dict[str, dict[str, str]],
         workers = {side: e.worker_pids()[0] for side, e in engines.items()}
         nodes = {side: await node_of(redis, keys, pid) for side, pid in workers.items()}
         start = {side: cpu_ticks(pid) for side, pid in workers.items()}
-        threads = {side: thread_ticks(pid) for side, pid in workers.items()}
+        start_ns = {side: cpu_ns(pid) for side, pid in workers.items()}
+        threads = {side: thread_ns(pid) for side, pid in workers.items()}
         t0 = time.perf_counter()
         await redis.sadd(keys.streams, *pids)
         done = 0
@@ -132,8 +133,9 @@ async def drain_pair(settings: Any, envs: dict[str, dict[str, str]],
                                        "acknowledged")
             await asyncio.sleep(0.05)
             done = await acked(redis, keys, pids)
+        used = {side: cpu_ns(pid) - start_ns[side] for side, pid in workers.items()}
         ticks = {side: cpu_ticks(pid) - start[side] for side, pid in workers.items()}
-        threads = {side: {t: n - threads[side].get(t, 0) for t, n in thread_ticks(pid).items()}
+        threads = {side: {t: n - threads[side].get(t, 0) for t, n in thread_ns(pid).items()}
                    for side, pid in workers.items()}
         seconds = time.perf_counter() - t0
     except _PhaseFailed as exc:
@@ -148,9 +150,9 @@ async def drain_pair(settings: Any, envs: dict[str, dict[str, str]],
     for side in SIDES:
         node = nodes[side]
         logged = rows.get(node, 0) if node is not None else 0
-        out[side] = {"ticks": ticks[side], "orders": logged, "node": nodes[side],
-                     "threads": threads[side],
-                     "cpu_us_per_order": ticks[side] / TICK / logged * 1e6 if logged else None}
+        out[side] = {"ticks": ticks[side], "cpu_ns": used[side], "orders": logged,
+                     "node": nodes[side], "threads": threads[side],
+                     "cpu_us_per_order": used[side] / 1e3 / logged if logged else None}
     if sum(out[s]["orders"] for s in SIDES) != orders:
         out["failed"] = (f"rows of the two workers' nodes: {out['a']['orders']:,} + "
                          f"{out['b']['orders']:,}, not {orders:,}")
@@ -160,13 +162,13 @@ async def drain_pair(settings: Any, envs: dict[str, dict[str, str]],
 
 
 def pooled(drains: list[dict[str, Any]]) -> dict[str, Any]:
-    """Each side's ticks over its orders, every good drain summed, and B over A."""
+    """Each side's CPU over its orders, every good drain summed, and B over A."""
     good = [d for d in drains if "b_over_a" in d]
     out: dict[str, Any] = {"drains": len(good), "failed": len(drains) - len(good)}
     for side in SIDES:
-        ticks = sum(d[side]["ticks"] for d in good)
+        used = sum(d[side]["cpu_ns"] for d in good)
         orders = sum(d[side]["orders"] for d in good)
-        out[side] = ticks / TICK / orders * 1e6 if orders else None
+        out[side] = used / 1e3 / orders if orders else None
     if out["a"] and out["b"]:
         out["b_over_a"] = out["b"] / out["a"]
     out["each"] = sorted(d["b_over_a"] for d in good)

@@ -171,11 +171,14 @@ def _as_drain(run: dict[str, Any], side: str) -> dict[str, Any]:
         return {"failed": run.get("failed") or "no CPU per order"}
     own = run[side]
     return {"processed": own["orders"], "ticks": {"workers": own["ticks"]},
-            "cpu_us_per_order": own["cpu_us_per_order"], "seconds": run["seconds"]}
+            "cpu_ns": own["cpu_ns"], "cpu_us_per_order": own["cpu_us_per_order"],
+            "seconds": run["seconds"]}
 
 
 def merge_drains(drains: list[dict[str, Any]]) -> dict[str, Any]:
-    """One variant's drains as one: its ticks and orders summed, the first failure."""
+    """One variant's drains as one: its ticks and orders summed, the first failure; its
+    CPU per order from the drains' nanoseconds when each has them (side by side), else
+    from their ticks."""
     failed = [d["failed"] for d in drains if d.get("failed")]
     if failed:
         return {"failed": failed[0], "drains": drains}
@@ -184,9 +187,10 @@ def merge_drains(drains: list[dict[str, Any]]) -> dict[str, Any]:
         for k, v in d["ticks"].items():
             ticks[k] = ticks.get(k, 0) + v
     processed = sum(d["processed"] for d in drains)
+    used = sum(d.get("cpu_ns", 0) for d in drains) / 1e3 \
+        if all("cpu_ns" in d for d in drains) else ticks["workers"] / TICK * 1e6
     return {"drains": drains, "processed": processed, "ticks": ticks,
-            "cpu_us_per_order": ticks["workers"] / TICK / processed * 1e6 if processed
-            else 0.0}
+            "cpu_us_per_order": used / processed if processed else 0.0}
 
 
 def order(number: int) -> list[str]:

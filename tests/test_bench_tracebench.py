@@ -61,3 +61,12 @@ def test_a_variants_drains_are_priced_by_their_ticks_summed() -> None:
     assert merged["cpu_us_per_order"] == pytest.approx(200 / TICK / 150_000 * 1e6)
     assert merge_drains([drains[0], {"failed": "drain timed out"}])["failed"] == (
         "drain timed out")
+
+
+def test_side_by_side_drains_are_priced_by_their_nanoseconds() -> None:
+    """(a side's ticks truncate its window at each end: its nanoseconds do not)"""
+    drains = [{"processed": 40_000, "ticks": {"workers": 70}, "cpu_ns": 701_000_000},
+              {"processed": 50_000, "ticks": {"workers": 80}, "cpu_ns": 799_000_000}]
+    merged = merge_drains(drains)
+    assert merged["ticks"] == {"workers": 150}
+    assert merged["cpu_us_per_order"] == pytest.approx(1_500_000 / 90_000)

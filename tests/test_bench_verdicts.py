@@ -333,6 +333,10 @@ def test_alternated_windows_merge_into_one_per_server() -> None:
                "p50_ms": 1.0, "p99_ms": 2.0, "processes": 2, "cpu_us_per_request": us}
               for us in (10.0, 14.0)]
     assert bff.merge_windows(direct)["cpu_us_per_request"] == pytest.approx(12.0)
+    # windows that read the kernel's nanoseconds are priced by them, not their ticks
+    exact = [{**window(30_000, 200, 8.0), "cpu_ns": 2_004_000_000},
+             {**window(10_000, 100, 9.0), "cpu_ns": 996_000_000}]
+    assert bff.merge_windows(exact)["cpu_us_per_accepted"] == pytest.approx(3e6 / 40_000)
 
 
 # --- real drains and a real latency window ------------------------------------------
