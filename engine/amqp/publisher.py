@@ -211,21 +211,13 @@ async def _write_framed(channel: Any, framer: Framer, messages: _Batch, ts: int,
 
 
 def _frames(framer: Framer, messages: _Batch, ts: int) -> bytes:
-    """Every publish of a batch as one write: the framer's batch encoding for runs of
-    the publisher's own event type without headers, one by one for the rest."""
+    """Every publish of a batch as one write: the framer's batch encoding when every one
+    is the publisher's own event type (a sampled order's headers in their place),
+    one by one otherwise."""
     headers = messages.headers or {}
     if messages.type_names is None:
-        if not headers:
-            return framer.publish_many(messages.bodies, messages.ids, ts)
-        parts: list[bytes] = []  # (a sampled order's publish between runs of plain ones)
-        start = 0
-        for i in sorted(headers):
-            parts += (framer.publish_many(messages.bodies[start:i], messages.ids[start:i], ts),
-                      framer.publish(messages.bodies[i], messages.ids[i], ts, None,
-                                     table(headers[i])))
-            start = i + 1
-        parts.append(framer.publish_many(messages.bodies[start:], messages.ids[start:], ts))
-        return b"".join(parts)
+        return framer.publish_many(messages.bodies, messages.ids, ts,
+                                   {i: table(h) for i, h in headers.items()} or None)
     return b"".join(
         framer.publish(body, mid, ts, shortstr(kind) if kind else None,
                        table(headers[i]) if i in headers else b"")

@@ -263,7 +263,9 @@ def test_a_batch_frames_its_sampled_publishes_among_the_others():
     framer = Framer.create(1, EXCHANGE, RK_CREATED, "INSTANCE_CREATED", user_id="seckill_engine")
     bodies, ids = [b"a", b"bb", b"ccc", b"dddd"], ["1", "2", "3", "4"]
     carried = {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}
-    for sampled in ({}, {0: carried}, {2: carried}, {1: carried, 3: carried}):
+    every = dict.fromkeys(range(4), carried)
+    for sampled in ({}, {0: carried}, {2: carried}, {3: carried}, {1: carried, 3: carried},
+                    every):
         one_by_one = b"".join(framer.publish(b, i, 1_700_000_000, None,
                                              table(sampled[n]) if n in sampled else b"")
                               for n, (b, i) in enumerate(zip(bodies, ids, strict=True)))
