@@ -32,7 +32,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from engine.config import Settings
 
@@ -259,6 +259,10 @@ class Tracing:
         """Finished spans built by hand (engine.tracewire), to export as the SDK's are."""
         self.processor.on_records(records)
 
+    def emit_later(self, source: SpanSource) -> None:
+        """Finished spans whose records the export thread builds (SpanSource)."""
+        self.processor.put(source, source.spans)
+
     @contextmanager
     def served(self, name: str, parent: Context | None,
                attributes: dict[str, str | int | float | bool]) -> Iterator[ServedSpan]:
@@ -392,17 +396,31 @@ def _text(value: object) -> str | None:
     return value if isinstance(value, str) else None
 
 
+class SpanSource(Protocol):
+    """Finished spans whose records are built in the export thread (`records`), not
+    by the code that made them: what the engine's batch (engine.pipeline.ordertrace)
+    hands over at its end."""
+
+    spans: int  # how many records it makes
+
+    def records(self) -> list[SpanRecord]: ...
+
+
 class BoundedSpanProcessor:
-    """Finished spans to an exporter, from a queue that never grows past `limit`.
+    """Finished spans to an exporter, from a queue that never grows past `limit` spans.
 
     The SDK's BatchSpanProcessor bounds its queue too, but drops the oldest span
     silently (a warning per span); ours refuses the newest, counts it, and says
     nothing per span: a collector outage during a flash sale must cost a counter,
-    not a log line per order. One daemon thread exports, at most `batch` spans
+    not a log line per order. One daemon thread exports, at most about `batch` spans
     per request, every `delay` seconds or sooner when a batch is full.
 
-    The queue holds the SDK's spans and the engine's SpanRecords alike; an exporter
-    with `export_encoded` (otlp_exporter) is sent the records encoded by
+    The queue holds the SDK's spans, lists of the engine's SpanRecords and
+    SpanSources, which the export thread turns into records: there the building
+    runs for a few hundred spans in a row, where at the end of each batch it ran
+    once among a thousand orders' work, at three times its cost in a loop
+    (tests/pipeline/test_ordertrace.py, docs/performance.md). An exporter with
+    `export_encoded` (otlp_exporter) is sent the records encoded by
     engine.tracewire, in the same request as the SDK's spans; any other is given
     them as ReadableSpans.
     """
@@ -417,7 +435,11 @@ class BoundedSpanProcessor:
         self.delay = delay
         self.count = count or _prometheus_counts()
         self.resource = resource
-        self.queue: deque[ReadableSpan | SpanRecord] = deque()
+        # (what was finished, how many spans it is): the SDK's span, a list of records or
+        # a SpanSource; `size` spans in all
+        self.queue: deque[tuple[Any, int]] = deque()
+        self.size = 0
+        self._lock = threading.Lock()  # the queue and its size, between the threads
         self._encoded: tuple[bytes, bytes] | None = None  # the resource's and scope's
         self._wake = threading.Event()
         self._exporting = threading.Lock()  # the thread and a flush never export at once
@@ -433,21 +455,35 @@ class BoundedSpanProcessor:
         pass
 
     def on_end(self, span: ReadableSpan) -> None:
-        if self._stopped or len(self.queue) >= self.limit:
-            self.count("queue_full", 1)
-            return
-        self.queue.append(span)  # (deque: atomic, no lock with the export thread)
-        if len(self.queue) >= self.batch:
-            self._wake.set()
+        self.put(span, 1)
 
     def on_records(self, records: Sequence[SpanRecord]) -> None:
-        room = self.limit - len(self.queue)
-        if self._stopped or room < len(records):
-            self.count("queue_full", len(records))
-            return
-        self.queue.extend(records)
-        if len(self.queue) >= self.batch:
+        self.put(list(records), len(records))
+
+    def put(self, item: ReadableSpan | Sequence[SpanRecord] | SpanSource, spans: int) -> None:
+        """Queue `item`, `spans` spans, unless the queue has no room for them all."""
+        with self._lock:
+            full = self._stopped or self.size + spans > self.limit
+            if not full:
+                self.queue.append((item, spans))
+                self.size += spans
+            wake = self.size >= self.batch
+        if full:
+            self.count("queue_full", spans)
+        elif wake:
             self._wake.set()
+
+    def _take(self) -> list[Any]:
+        """Up to about `batch` spans' items off the queue (at least one)."""
+        with self._lock:
+            items: list[Any] = []
+            spans = 0
+            while self.queue and (not items or spans + self.queue[0][1] <= self.batch):
+                item, n = self.queue.popleft()
+                items.append(item)
+                spans += n
+            self.size -= spans
+        return items
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         return self._export_all(timeout_millis / 1000)
@@ -474,8 +510,7 @@ class BoundedSpanProcessor:
         ok = True
         try:
             while self.queue:
-                spans = [self.queue.popleft() for _ in range(min(self.batch, len(self.queue)))]
-                ok = self._export(spans) and ok
+                ok = self._export(_spans_of(self._take())) and ok
         finally:
             self._exporting.release()
         return ok
@@ -493,7 +528,6 @@ class BoundedSpanProcessor:
             return True
         self.count("export_failed", len(spans))
         return False
-
 
     def _send(self, spans: list[ReadableSpan | SpanRecord]) -> Any:
         from engine.tracewire import SpanRecord, encode_request, readable
@@ -521,6 +555,20 @@ class BoundedSpanProcessor:
         if self._encoded is None:
             self._encoded = (resource_bytes(resource.attributes), scope_bytes(SCOPE))
         return self._encoded
+
+
+def _spans_of(items: list[Any]) -> list[Any]:
+    """The queue's items as spans: the SDK's as they are, lists of records unpacked,
+    SpanSources built."""
+    spans: list[Any] = []
+    for item in items:
+        if type(item) is list:
+            spans += item
+        elif hasattr(item, "records"):
+            spans += item.records()
+        else:
+            spans.append(item)
+    return spans
 
 
 def _default_resource() -> Resource:

@@ -157,6 +157,35 @@ def test_a_full_export_queue_drops_and_counts_the_newest():
     t.close()
 
 
+
+class _Batch:
+    """A SpanSource: its records built only when the export thread asks."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.names, self.spans, self.built = names, len(names), 0
+
+    def records(self) -> list:
+        from engine.tracewire import INTERNAL, SpanRecord
+
+        self.built += 1
+        return [SpanRecord(n, INTERNAL, 1, i + 1) for i, n in enumerate(self.names)]
+
+
+def test_a_batch_handed_over_is_built_in_the_export_and_bounded_by_its_spans():
+    exporter = Kept()
+    counted: dict[str, int] = {}
+    t = Tracing.create(exporter, "x", queue=4, batch=100, delay=60,
+                       count=lambda what, n: counted.update({what: counted.get(what, 0) + n}))
+    first, second = _Batch(["a", "b", "c"]), _Batch(["d", "e"])
+    t.emit_later(first)
+    t.emit_later(second)  # (3 + 2 spans: no room for the second's two)
+    assert counted == {"queue_full": 2} and t.processor.size == 3
+    assert first.built == 0  # (nothing built until it is exported)
+    assert t.flush()
+    assert [s.name for s in exporter.spans] == ["a", "b", "c"] and first.built == 1
+    assert t.processor.size == 0 and counted["exported"] == 3
+    t.close()
+
 class _Kept(logging.Handler):
     def __init__(self) -> None:
         super().__init__()

@@ -19,19 +19,20 @@ With some, `BatchTrace` keeps two views of the same work:
   `traceparent` names, so the Resource Domain's span nests under it.
 
 One span per sampled order and five per batch that holds one, the links on the
-batch's span alone. They are built when the batch ends, from the times its stages
-noted (a `time.time_ns()` each), as engine.tracewire's plain records: no SDK span,
-no context attached per stage, and the export thread encodes them by hand: a batch
-holding sampled orders costs some 40 us more, and each of them some 14 us with its
-encoding (an SDK span with its export: 30-50 us), against the 18 us the engine spends
-on every order (bench/tracecost.py).
+batch's span alone. What a batch does while it runs is the least that must be done
+then: a span ID per sampled order (its message names it), a clock reading as each
+stage begins and ends, and the sampled orders a stage lost when it lost any. Its end
+hands the whole to the export thread (`Tracing.emit_later`), which builds the spans
+as engine.tracewire's plain records (`records`) and encodes them: no SDK span, no
+context attached per stage. Built at each batch's end, among a thousand orders' work,
+the records cost some three times what they cost in a loop (bench/tracecost.py's
+`within`); in the export thread they are built a few hundred in a row.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping, Sequence
 
 from engine.pipeline.orders import Entry, Order
 from engine.tracewire import CONSUMER, INTERNAL, SpanRecord
@@ -68,108 +69,134 @@ def entry_ns(entry_id: str) -> int:
     return int(head) * MS if head.isdigit() else time.time_ns()
 
 
-class _Order:
-    """A sampled order's span while its batch runs."""
+class _Stage:
+    """One stage's span while it runs (BatchTrace.stage): a class, where a generator's
+    context manager made three objects and six calls more per stage."""
 
-    __slots__ = ("place", "parent", "span_id", "start_ns", "events", "error", "headers")
+    __slots__ = ("trace", "name", "event", "mine", "begun")
 
-    def __init__(self, place: int, parent: Parent, span_id: int, start_ns: int) -> None:
-        self.place = place
-        self.parent = parent
-        self.span_id = span_id
-        self.start_ns = start_ns
-        self.events: list[tuple[str, int]] = []
-        self.error: str | None = None
-        trace_id, _, state = parent
-        self.headers = {TRACEPARENT: sampled_traceparent(trace_id, span_id)}
-        if state:
-            self.headers[TRACESTATE] = state
+    def __init__(self, trace: BatchTrace, name: str, event: str, mine: list[str] | None
+                 ) -> None:
+        self.trace, self.name, self.event, self.mine = trace, name, event, mine
+
+    def __enter__(self) -> list[str]:
+        self.begun = time.time_ns()
+        return self.trace.ids if self.mine is None else self.mine
+
+    def __exit__(self, *exc: object) -> None:
+        self.trace.stages.append((self.name, self.event, self.begun, time.time_ns(),
+                                  self.mine))
 
 
 class BatchTrace:
     """The batch's spans and its sampled orders' (module docstring); `end` once."""
 
+    __slots__ = ("tracing", "entries", "ids", "index", "places", "parents", "span_ids",
+                 "read_ns", "now_ns", "stages", "dead", "end_ns", "_headers", "spans")
+
     def __init__(self, tracing: Tracing, sampled: Mapping[str, Sampled], entries: int,
                  read_ns: int | None = None) -> None:
         self.tracing = tracing
         self.entries = entries
-        now = time.time_ns()
-        new_id = tracing.span_id
-        self.orders = {eid: _Order(place, parent, new_id(), min(entry_ns(eid), now))
-                       for eid, (place, parent) in sampled.items()}
-        self.trace_id = tracing.trace_id()
-        self.span_id = new_id()
-        self.start_ns = min([read_ns or now, now, *(o.start_ns for o in self.orders.values())])
-        # (name, start, end) of each stage's span; the read stage is over already: from
-        # the oldest entry's creation until it was read
-        self.stages: list[tuple[str, int, int]] = [("engine.read", self.start_ns, now)]
-        for order in self.orders.values():
-            order.events.append(("read", now))
+        self.ids = list(sampled)  # the sampled orders' entry IDs
+        self.index = {eid: i for i, eid in enumerate(self.ids)}
+        self.places = [place for place, _ in sampled.values()]
+        self.parents = [parent for _, parent in sampled.values()]
+        new_id, span_id = tracing.new_id, tracing.span_id
+        self.span_ids = [new_id(64) or span_id() for _ in self.ids]
+        self.read_ns = read_ns
+        self.now_ns = time.time_ns()  # the read is over
+        # (name, event, begun, ended, the sampled orders among its orders: None for all)
+        self.stages: list[tuple[str, str, int, int, list[str] | None]] = []
+        self.dead: set[str] = set()
+        self.end_ns = 0
+        self._headers: list[dict[str, str]] | None = None
+        self.spans = 0  # (SpanSource: how many records it makes, once ended)
 
     def whole(self, orders: Sequence[Order]) -> bool:
         """Whether a stage's `orders` are the batch as it was read: as many (the decoded
         orders keep the entries' order, a stage only ever loses some), each sampled one
         where its entry was."""
-        return len(orders) == self.entries and all(
-            orders[o.place].entry_id == eid for eid, o in self.orders.items())
+        if len(orders) != self.entries:
+            return False
+        for eid, place in zip(self.ids, self.places, strict=True):
+            if orders[place].entry_id != eid:
+                return False
+        return True
 
     def among(self, orders: Sequence[Order]) -> list[str]:
         """The sampled orders among `orders`, some of this batch's. Only a stage that
         lost some is looked through (module docstring): at 1% nearly every batch
         holds a sampled order, and a look per order per stage was most of what
         tracing cost the engine."""
-        sampled = self.orders
         if self.whole(orders):
-            return list(sampled)
-        return [o.entry_id for o in orders if o.entry_id in sampled]
+            return list(self.ids)
+        index = self.index
+        return [o.entry_id for o in orders if o.entry_id in index]
 
-    @contextmanager
-    def stage(self, name: str, event: str, orders: Sequence[Order]) -> Iterator[list[str]]:
-        """The batch's span of one stage while it runs; each sampled order among `orders`
-        (the stage's; their entry IDs yielded) gets `event` at its end."""
-        mine = self.among(orders)
-        begun = time.time_ns()
-        try:
-            yield mine
-        finally:
-            end = time.time_ns()
-            sampled = self.orders
-            for eid in mine:
-                sampled[eid].events.append((event, end))
-            self.stages.append((f"engine.{name}", begun, end))
+    def stage(self, name: str, event: str, orders: Sequence[Order]) -> _Stage:
+        """The batch's span of one stage while it runs (a context manager); each sampled
+        order among `orders` (the stage's; their entry IDs given by `with`) gets
+        `event` at its end."""
+        return _Stage(self, name, event, None if self.whole(orders) else self.among(orders))
 
     def headers(self, orders: Sequence[Order]) -> dict[int, dict[str, str]] | None:
         """The AMQP headers of a publish's messages, by their index in `orders` (one
         message each): those of the sampled orders, naming each one's span; None when
         none is sampled."""
-        sampled = self.orders
+        made = self._headers
+        if made is None:
+            made = self._headers = []
+            for (trace_id, _, state), span_id in zip(self.parents, self.span_ids,
+                                                     strict=True):
+                carried = {TRACEPARENT: sampled_traceparent(trace_id, span_id)}
+                if state:
+                    carried[TRACESTATE] = state
+                made.append(carried)
         if self.whole(orders):
-            found = {o.place: o.headers for o in sampled.values()}
-        else:
-            found = {i: sampled[o.entry_id].headers for i, o in enumerate(orders)
-                     if o.entry_id in sampled}
+            return dict(zip(self.places, made, strict=True))
+        index = self.index
+        found = {i: made[index[o.entry_id]] for i, o in enumerate(orders)
+                 if o.entry_id in index}
         return found or None
 
     def dead_lettered(self, entry_ids: Iterable[str]) -> None:
         """The sampled orders among `entry_ids` became dead letters: their spans fail."""
-        orders = self.orders
-        for eid in entry_ids:
-            if eid in orders:
-                orders[eid].error = "dead-lettered"
+        index = self.index
+        self.dead.update(eid for eid in entry_ids if eid in index)
 
     def end(self) -> None:
-        """Build and export every span (once, whatever became of the batch)."""
-        end = time.time_ns()
-        trace_id, span_id = self.trace_id, self.span_id
-        records = [SpanRecord("engine.order", CONSUMER, o.parent[0], o.span_id, o.parent[1],
-                              True, o.parent[2], o.start_ns, end,
-                              {"seckill.entry_id": eid}, o.events, (), o.error)
-                   for eid, o in self.orders.items()]
-        records.append(SpanRecord(
-            "engine.batch", CONSUMER, trace_id, span_id, 0, False, "", self.start_ns, end,
-            {"seckill.entries": self.entries, "seckill.sampled": len(self.orders)}, (),
-            [(o.parent[0], o.span_id) for o in self.orders.values()]))
+        """Hand the batch's spans to the export thread (once, whatever became of it)."""
+        self.end_ns = time.time_ns()
+        self.spans = len(self.ids) + 2 + len(self.stages)  # (+ the batch's and the read's)
+        self.tracing.emit_later(self)
+
+    def records(self) -> list[SpanRecord]:
+        """Every span of the ended batch, as records (in the export thread)."""
+        end, now, dead = self.end_ns, self.now_ns, self.dead
+        starts = [min(entry_ns(eid), now) for eid in self.ids]
+        records = []
+        for eid, parent, span_id, start in zip(self.ids, self.parents, self.span_ids, starts,
+                                               strict=True):
+            events = [("read", now)]
+            events += [(event, ended) for _, event, _, ended, mine in self.stages
+                       if mine is None or eid in mine]
+            records.append(SpanRecord(
+                "engine.order", CONSUMER, parent[0], span_id, parent[1], True, parent[2],
+                start, end, {"seckill.entry_id": eid}, events, (),
+                "dead-lettered" if eid in dead else None))
         new_id = self.tracing.span_id
-        records += [SpanRecord(name, INTERNAL, trace_id, new_id(), span_id, False, "",
-                               begun, ended) for name, begun, ended in self.stages]
-        self.tracing.emit(records)
+        trace_id, batch_id = self.tracing.trace_id(), new_id()
+        start = min([self.read_ns or now, now, *starts])
+        records.append(SpanRecord(
+            "engine.batch", CONSUMER, trace_id, batch_id, 0, False, "", start, end,
+            {"seckill.entries": self.entries, "seckill.sampled": len(self.ids)}, (),
+            [(parent[0], span_id) for parent, span_id in zip(self.parents, self.span_ids,
+                                                             strict=True)]))
+        # the read stage: from the oldest entry's creation until it was read
+        records.append(SpanRecord("engine.read", INTERNAL, trace_id, new_id(), batch_id,
+                                  False, "", start, now))
+        records += [SpanRecord(f"engine.{name}", INTERNAL, trace_id, new_id(), batch_id,
+                               False, "", begun, ended)
+                    for name, _, begun, ended, _ in self.stages]
+        return records
