@@ -25,8 +25,8 @@ stage begins and ends, and the sampled orders a stage lost when it lost any. Its
 hands the whole to the export thread (`Tracing.emit_later`), which builds the spans
 as engine.tracewire's plain records (`records`) and encodes them: no SDK span, no
 context attached per stage. Built at each batch's end, among a thousand orders' work,
-the records cost some three times what they cost in a loop (bench/tracecost.py's
-`within`); in the export thread they are built a few hundred in a row.
+the records cost some three times what they cost in a loop (docs/performance.md,
+issue 25); in the export thread they are built a few hundred in a row.
 """
 
 from __future__ import annotations
