@@ -13,6 +13,7 @@ to the last acknowledgement, over the orders it logged: the rows of its snowflak
 node, which its lease names. Which engine starts first alternates from drain to drain.
 
     python -m bench.sidebyside --a PYTHONPATH=/tmp/untraced --trace-b 0.01 [--drains 6]
+        [--b-settings '{"trace_queue": 1}']
 
 Prints each drain's CPU per order of both and B/A, and the ratio of all drains pooled
 (each side's CPU summed over its orders summed); writes
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import orjson
 from redis.asyncio import Redis
 
 from engine.keys import Keys
@@ -176,13 +178,17 @@ def pooled(drains: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 async def run(settings: Any, envs: dict[str, dict[str, str]], traced: dict[str, float],
-              drains: int, orders: int, share: float | None = None) -> dict[str, Any]:
+              drains: int, orders: int, share: float | None = None,
+              extra: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """`share`: of the backlog's entries, those that carry a sampled context (default: the
-    larger trace_sample, as the gate of a BFF at that ratio writes them)."""
+    larger trace_sample, as the gate of a BFF at that ratio writes them); `extra`: more
+    settings of a side (by "a", "b")."""
     share = max(traced.values()) if share is None else share
     receiver = OtlpReceiver(keep=False).start() if max(traced.values()) else None
     overrides = {side: {"trace_sample": traced[side], "trace_endpoint": receiver.endpoint}
                  if traced[side] and receiver else {} for side in SIDES}
+    for side, more in (extra or {}).items():
+        overrides[side].update(more)
     results = []
     try:
         for i in range(drains):
@@ -197,6 +203,7 @@ async def run(settings: Any, envs: dict[str, dict[str, str]], traced: dict[str, 
         if receiver is not None:
             receiver.stop()
     return {"envs": envs, "traced": traced, "share": share, "orders": orders,
+            "settings": extra or {},
             "drains": results,
             "pooled": pooled(results)}
 
@@ -212,12 +219,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--orders", type=int, default=90_000)
     p.add_argument("--share", type=float, default=None,
                    help="the backlog's sampled share (default: the larger --trace-*)")
+    p.add_argument("--b-settings", type=orjson.loads, default={},
+                   help='side B\'s other settings, JSON: \'{"trace_queue": 1}\'')
     args = p.parse_args(argv)
     settings = bench_settings()
     prepare(settings)
     doc = asyncio.run(run(settings, {"a": variant(args.a), "b": variant(args.b)},
                           {"a": args.trace_a, "b": args.trace_b}, args.drains, args.orders,
-                          args.share))
+                          args.share, {"b": args.b_settings} if args.b_settings else None))
     m = doc["pooled"]
     if m.get("b_over_a"):
         each = ", ".join(f"{v:.3f}" for v in m["each"])
