@@ -249,7 +249,7 @@ def pooled_trace_ratio(runs: Sequence[Mapping[str, Any]], variant: str, figure: 
                        count: str) -> float | None:
     """`variant`'s `figure` over the untraced build's with every run's drains (or
     windows) taken together: each side's figure weighted by its `count` (orders,
-    accepted purchases), i.e. its CPU ticks summed over its orders summed. One 90,000-
+    accepted purchases), i.e. its CPU time summed over its orders summed. One 90,000-
     order drain moves 8-15% from the next on these shared cores and a run holds two
     a variant, so a bound of 2% or 5% is judged on all of them at once, not on each
     run (docs/performance.md, issue 25). None when a side has nothing to pool."""
