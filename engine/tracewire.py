@@ -127,6 +127,55 @@ def encode_span(r: SpanRecord) -> bytes:
     return b"".join(parts)
 
 
+def span_field(r: SpanRecord) -> bytes:
+    """A ScopeSpans.spans field (2) of one record."""
+    return _field(0x12, encode_span(r))
+
+
+def events_bytes(events: Iterable[tuple[str, int]]) -> bytes:
+    """Span.events fields, as `encode_span` writes them: what the sampled orders of one
+    batch share, encoded once for all of them (`order_field`)."""
+    parts: list[bytes] = []
+    for name, at in events:
+        head, named = _events.get(name) or _event(name)
+        parts += (head, _FIXED64(at), named)
+    return b"".join(parts)
+
+
+_ENTRY_ID_KEY = _field(0x0A, b"seckill.entry_id")
+_ORDER_NAME_KIND = _span_name("engine.order") + _KINDS[CONSUMER]
+
+
+def order_field(trace_id: int, span_id: int, parent_id: int, state: str, start_ns: int,
+                end_ns: int, entry_id: str, events: bytes, error: str | None) -> bytes:
+    """The ScopeSpans.spans field of a sampled order's `engine.order` span (engine.
+    pipeline.ordertrace): byte for byte `span_field` of its SpanRecord (a consumer
+    span, its parent remote, one attribute `seckill.entry_id`, `events` from
+    `events_bytes`), without the record."""
+    raw = entry_id.encode()
+    value = b"\x0a" + _varint(len(raw)) + raw  # AnyValue.string_value
+    pair = _ENTRY_ID_KEY + b"\x12" + _varint(len(value)) + value
+    body = b"".join((
+        b"\x0a\x10", trace_id.to_bytes(16, "big"), b"\x12\x08", span_id.to_bytes(8, "big"),
+        _field(0x1A, state.encode()) if state else b"",
+        b"\x22\x08", parent_id.to_bytes(8, "big"), _ORDER_NAME_KIND, _FIXED64(start_ns),
+        b"\x41", _FIXED64(end_ns), b"\x4a", _varint(len(pair)), pair, events,
+        b"\x7a\x00" if error is None else _field(0x7A, _field(0x12, error.encode()) + b"\x18\x02"),
+        _REMOTE_FLAGS))
+    return b"\x12" + _varint(len(body)) + body
+
+
+def stage_field(name: str, trace_id: bytes, span_id: int, parent_id: bytes, start_ns: int,
+                end_ns: int) -> bytes:
+    """The ScopeSpans.spans field of a batch's stage span: byte for byte `span_field` of
+    its SpanRecord (internal, a local parent, nothing more); `trace_id` and
+    `parent_id` given as their 16 and 8 bytes, the same for every stage."""
+    body = b"".join((b"\x0a\x10", trace_id, b"\x12\x08", span_id.to_bytes(8, "big"),
+                     b"\x22\x08", parent_id, _span_name(name), _KINDS[INTERNAL],
+                     _FIXED64(start_ns), b"\x41", _FIXED64(end_ns), b"\x7a\x00", _LOCAL_FLAGS))
+    return b"\x12" + _varint(len(body)) + body
+
+
 def resource_bytes(attributes: Mapping[str, Any]) -> bytes:
     """A Resource message."""
     return b"".join(_field(0x0A, key_value(k, v)) for k, v in attributes.items())
@@ -137,9 +186,12 @@ def scope_bytes(name: str, version: str | None = None) -> bytes:
     return _field(0x0A, name.encode()) + (_field(0x12, version.encode()) if version else b"")
 
 
-def encode_request(records: Iterable[SpanRecord], resource: bytes, scope: bytes) -> bytes:
-    """An ExportTraceServiceRequest of `records`, all of one resource and scope."""
-    spans = b"".join([_field(0x12, encode_span(r)) for r in records])
+def encode_request(records: Iterable[SpanRecord], resource: bytes, scope: bytes,
+                   encoded: bytes = b"") -> bytes:
+    """An ExportTraceServiceRequest of `records`, all of one resource and scope, and of
+    the spans `encoded` already (ScopeSpans.spans fields: `span_field`'s, `order_field`'s
+    and `stage_field`'s)."""
+    spans = b"".join([_field(0x12, encode_span(r)) for r in records]) + encoded
     scope_spans = _field(0x0A, scope) + spans
     resource_spans = _field(0x0A, resource) + _field(0x12, scope_spans)
     return _field(0x0A, resource_spans)

@@ -405,6 +405,10 @@ class SpanSource(Protocol):
 
     def records(self) -> list[SpanRecord]: ...
 
+    def encoded(self) -> bytes:
+        """Its records as an OTLP request's span fields (engine.tracewire)."""
+        ...
+
 
 class BoundedSpanProcessor:
     """Finished spans to an exporter, from a queue that never grows past `limit` spans.
@@ -416,12 +420,12 @@ class BoundedSpanProcessor:
     per request, every `delay` seconds or sooner when a batch is full.
 
     The queue holds the SDK's spans, lists of the engine's SpanRecords and
-    SpanSources, which the export thread turns into records: there the building
+    SpanSources, which the export thread encodes (or makes into records): there that
     runs for a few hundred spans in a row, where at the end of each batch it ran
     once among a thousand orders' work, at three times its cost in a loop
-    (tests/pipeline/test_ordertrace.py, docs/performance.md). An exporter with
-    `export_encoded` (otlp_exporter) is sent the records encoded by
-    engine.tracewire, in the same request as the SDK's spans; any other is given
+    (docs/operations.md, Tracing). An exporter with `export_encoded` (otlp_exporter)
+    is sent the records and sources encoded by engine.tracewire, in the same request
+    as the SDK's spans; any other is given
     them as ReadableSpans.
     """
 
@@ -473,8 +477,9 @@ class BoundedSpanProcessor:
         elif wake:
             self._wake.set()
 
-    def _take(self) -> list[Any]:
-        """Up to about `batch` spans' items off the queue (at least one)."""
+    def _take(self) -> tuple[list[Any], int]:
+        """Up to about `batch` spans' items off the queue (at least one), and how many
+        spans they are."""
         with self._lock:
             items: list[Any] = []
             spans = 0
@@ -483,7 +488,7 @@ class BoundedSpanProcessor:
                 items.append(item)
                 spans += n
             self.size -= spans
-        return items
+        return items, spans
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         return self._export_all(timeout_millis / 1000)
@@ -510,44 +515,56 @@ class BoundedSpanProcessor:
         ok = True
         try:
             while self.queue:
-                ok = self._export(_spans_of(self._take())) and ok
+                ok = self._export(*self._take()) and ok
         finally:
             self._exporting.release()
         return ok
 
-    def _export(self, spans: list[ReadableSpan | SpanRecord]) -> bool:
+    def _export(self, items: list[Any], spans: int) -> bool:
         from opentelemetry.sdk.trace.export import SpanExportResult
 
         try:
-            result = self._send(spans)
+            result = self._send(items, spans)
         except Exception:  # noqa: BLE001 - an exporter's bug must not stop our thread
             log.warning("span export failed", exc_info=True, extra={"event": "trace_export"})
             result = SpanExportResult.FAILURE
         if result is SpanExportResult.SUCCESS:
-            self.count("exported", len(spans))
+            self.count("exported", spans)
             return True
-        self.count("export_failed", len(spans))
+        self.count("export_failed", spans)
         return False
 
-    def _send(self, spans: list[ReadableSpan | SpanRecord]) -> Any:
-        from engine.tracewire import SpanRecord, encode_request, readable
+    def _send(self, items: list[Any], spans: int) -> Any:
+        """Export the queue's `items`: the SDK's spans, lists of records, SpanSources."""
+        from engine.tracewire import encode_request, readable
 
-        records = [s for s in spans if isinstance(s, SpanRecord)]
-        if not records:
-            return self.exporter.export(spans)  # type: ignore[arg-type]
+        sdk: list[ReadableSpan] = []
+        records: list[SpanRecord] = []
+        sources: list[SpanSource] = []
+        for item in items:
+            if type(item) is list:
+                records += item
+            elif hasattr(item, "records"):
+                sources.append(item)
+            else:
+                sdk.append(item)
+        if not records and not sources:
+            return self.exporter.export(sdk)
         resource = self.resource or _default_resource()
-        sdk = [s for s in spans if not isinstance(s, SpanRecord)]
         export_encoded = getattr(self.exporter, "export_encoded", None)
         if export_encoded is None:
             scope = _scope()
+            for source in sources:
+                records += source.records()
             return self.exporter.export(
                 [*sdk, *(readable(r, resource, scope) for r in records)])  # type: ignore[list-item]
-        data = encode_request(records, *self._encoded_once(resource))
+        data = encode_request(records, *self._encoded_once(resource),
+                              b"".join([source.encoded() for source in sources]))
         if sdk:  # (two serialized requests, concatenated: one with both lists of spans)
             from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 
             data = encode_spans(sdk).SerializePartialToString() + data
-        return export_encoded(data, len(spans))
+        return export_encoded(data, spans)
 
     def _encoded_once(self, resource: Resource) -> tuple[bytes, bytes]:
         from engine.tracewire import resource_bytes, scope_bytes
@@ -555,20 +572,6 @@ class BoundedSpanProcessor:
         if self._encoded is None:
             self._encoded = (resource_bytes(resource.attributes), scope_bytes(SCOPE))
         return self._encoded
-
-
-def _spans_of(items: list[Any]) -> list[Any]:
-    """The queue's items as spans: the SDK's as they are, lists of records unpacked,
-    SpanSources built."""
-    spans: list[Any] = []
-    for item in items:
-        if type(item) is list:
-            spans += item
-        elif hasattr(item, "records"):
-            spans += item.records()
-        else:
-            spans.append(item)
-    return spans
 
 
 def _default_resource() -> Resource:

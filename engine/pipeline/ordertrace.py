@@ -35,7 +35,15 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 
 from engine.pipeline.orders import Entry, Order
-from engine.tracewire import CONSUMER, INTERNAL, SpanRecord
+from engine.tracewire import (
+    CONSUMER,
+    INTERNAL,
+    SpanRecord,
+    events_bytes,
+    order_field,
+    span_field,
+    stage_field,
+)
 from engine.tracing import STREAM_FIELD, TRACEPARENT, TRACESTATE, Tracing, sampled_traceparent
 
 MS = 1_000_000  # ns
@@ -92,7 +100,8 @@ class BatchTrace:
     """The batch's spans and its sampled orders' (module docstring); `end` once."""
 
     __slots__ = ("tracing", "entries", "ids", "index", "places", "parents", "span_ids",
-                 "read_ns", "now_ns", "stages", "dead", "end_ns", "_headers", "spans")
+                 "read_ns", "now_ns", "stages", "dead", "end_ns", "_headers", "_ids",
+                 "spans")
 
     def __init__(self, tracing: Tracing, sampled: Mapping[str, Sampled], entries: int,
                  read_ns: int | None = None) -> None:
@@ -111,6 +120,7 @@ class BatchTrace:
         self.dead: set[str] = set()
         self.end_ns = 0
         self._headers: list[dict[str, str]] | None = None
+        self._ids: tuple[int, int, list[int]] | None = None  # (_batch_ids)
         self.spans = 0  # (SpanSource: how many records it makes, once ended)
 
     def whole(self, orders: Sequence[Order]) -> bool:
@@ -171,32 +181,76 @@ class BatchTrace:
         self.spans = len(self.ids) + 2 + len(self.stages)  # (+ the batch's and the read's)
         self.tracing.emit_later(self)
 
-    def records(self) -> list[SpanRecord]:
-        """Every span of the ended batch, as records (in the export thread)."""
-        end, now, dead = self.end_ns, self.now_ns, self.dead
+    def _batch_ids(self) -> tuple[int, int, list[int]]:
+        """The batch's trace ID, its span's ID and its stages' (the read's first): made
+        once, so that `records` and `encoded` name the same spans."""
+        if self._ids is None:
+            new_id = self.tracing.span_id
+            self._ids = (self.tracing.trace_id(), new_id(),
+                         [new_id() for _ in range(len(self.stages) + 1)])
+        return self._ids
+
+    def _events(self, eid: str) -> list[tuple[str, int]]:
+        """A sampled order's events: read, then each stage it was among."""
+        return [("read", self.now_ns), *((event, ended) for _, event, _, ended, mine
+                                         in self.stages if mine is None or eid in mine)]
+
+    def _starts(self) -> tuple[list[int], int]:
+        """Each sampled order's start (its entry's creation), and the batch's."""
+        now = self.now_ns
         starts = [min(entry_ns(eid), now) for eid in self.ids]
-        records = []
-        for eid, parent, span_id, start in zip(self.ids, self.parents, self.span_ids, starts,
-                                               strict=True):
-            events = [("read", now)]
-            events += [(event, ended) for _, event, _, ended, mine in self.stages
-                       if mine is None or eid in mine]
-            records.append(SpanRecord(
-                "engine.order", CONSUMER, parent[0], span_id, parent[1], True, parent[2],
-                start, end, {"seckill.entry_id": eid}, events, (),
-                "dead-lettered" if eid in dead else None))
-        new_id = self.tracing.span_id
-        trace_id, batch_id = self.tracing.trace_id(), new_id()
-        start = min([self.read_ns or now, now, *starts])
-        records.append(SpanRecord(
-            "engine.batch", CONSUMER, trace_id, batch_id, 0, False, "", start, end,
+        return starts, min([self.read_ns or now, now, *starts])
+
+    def records(self) -> list[SpanRecord]:
+        """Every span of the ended batch, as records (for an exporter other than OTLP's;
+        `encoded` is what the OTLP request carries)."""
+        end, now, dead = self.end_ns, self.now_ns, self.dead
+        starts, start = self._starts()
+        trace_id, batch_id, stage_ids = self._batch_ids()
+        records = [SpanRecord("engine.order", CONSUMER, parent[0], span_id, parent[1], True,
+                              parent[2], order_start, end, {"seckill.entry_id": eid},
+                              self._events(eid), (),
+                              "dead-lettered" if eid in dead else None)
+                   for eid, parent, span_id, order_start in zip(
+                       self.ids, self.parents, self.span_ids, starts, strict=True)]
+        records.append(self._batch_record(start))
+        # the read stage: from the oldest entry's creation until it was read
+        stages = [("read", start, now), *((name, begun, ended)
+                                          for name, _, begun, ended, _ in self.stages)]
+        records += [SpanRecord(f"engine.{name}", INTERNAL, trace_id, stage_id, batch_id,
+                               False, "", begun, ended)
+                    for (name, begun, ended), stage_id in zip(stages, stage_ids, strict=True)]
+        return records
+
+    def _batch_record(self, start: int) -> SpanRecord:
+        trace_id, batch_id, _ = self._batch_ids()
+        return SpanRecord(
+            "engine.batch", CONSUMER, trace_id, batch_id, 0, False, "", start, self.end_ns,
             {"seckill.entries": self.entries, "seckill.sampled": len(self.ids)}, (),
             [(parent[0], span_id) for parent, span_id in zip(self.parents, self.span_ids,
-                                                             strict=True)]))
-        # the read stage: from the oldest entry's creation until it was read
-        records.append(SpanRecord("engine.read", INTERNAL, trace_id, new_id(), batch_id,
-                                  False, "", start, now))
-        records += [SpanRecord(f"engine.{name}", INTERNAL, trace_id, new_id(), batch_id,
-                               False, "", begun, ended)
-                    for name, _, begun, ended, _ in self.stages]
-        return records
+                                                             strict=True)])
+
+    def encoded(self) -> bytes:
+        """`records` as the OTLP request's span fields (engine.tracewire), without
+        making them: the order spans' events, the same for every order a stage did
+        not lose, encoded once."""
+        end, now, dead = self.end_ns, self.now_ns, self.dead
+        starts, start = self._starts()
+        trace_id, batch_id, stage_ids = self._batch_ids()
+        # (no stage lost a sampled order: they all have the same events)
+        shared = events_bytes(self._events("")) if all(
+            mine is None for *_, mine in self.stages) else None
+        parts = []
+        for eid, (parent_trace, parent_id, state), span_id, order_start in zip(
+                self.ids, self.parents, self.span_ids, starts, strict=True):
+            events = shared if shared is not None else events_bytes(self._events(eid))
+            parts.append(order_field(parent_trace, span_id, parent_id, state, order_start,
+                                     end, eid, events, "dead-lettered" if eid in dead else None))
+        parts.append(span_field(self._batch_record(start)))
+        trace_bytes, batch_bytes = trace_id.to_bytes(16, "big"), batch_id.to_bytes(8, "big")
+        stages = [("read", start, now), *((name, begun, ended)
+                                          for name, _, begun, ended, _ in self.stages)]
+        parts += [stage_field(f"engine.{name}", trace_bytes, stage_id, batch_bytes, begun,
+                              ended)
+                  for (name, begun, ended), stage_id in zip(stages, stage_ids, strict=True)]
+        return b"".join(parts)

@@ -115,3 +115,24 @@ def test_as_many_orders_but_not_the_batch_read_are_looked_through(tracing):
     other = decoded([entry(4), entry(5), entry(6)])
     assert trace.among(other) == [] and trace.headers(other) is None
     trace.end()
+
+
+@pytest.mark.parametrize("lost", [False, True])
+def test_the_encoded_batch_is_its_records_encoded(tracing, lost):
+    """What the OTLP request carries (BatchTrace.encoded, made without records) is byte
+    for byte its records encoded: shared events or each order's own, a tracestate, a
+    dead letter."""
+    from engine.tracewire import span_field
+
+    batch = [entry(1, PARENT), entry(2), entry(3, PARENT + " k=v"), entry(4, PARENT)]
+    trace = BatchTrace(tracing, sampled_parents(tracing, batch), len(batch))
+    orders = decoded(batch)
+    with trace.stage("log", "logged", orders[1:] if lost else orders):
+        pass
+    with trace.stage("publish", "published", orders):
+        pass
+    trace.dead_lettered(["1765000000004-0"])
+    trace.end()
+    records = trace.records()
+    assert len(records) == trace.spans == 3 + 2 + 2
+    assert trace.encoded() == b"".join(span_field(r) for r in records)
