@@ -22,11 +22,12 @@ One span per sampled order and five per batch that holds one, the links on the
 batch's span alone. What a batch does while it runs is the least that must be done
 then: a span ID per sampled order (its message names it), a clock reading as each
 stage begins and ends, and the sampled orders a stage lost when it lost any. Its end
-hands the whole to the export thread (`Tracing.emit_later`), which builds the spans
-as engine.tracewire's plain records (`records`) and encodes them: no SDK span, no
-context attached per stage. Built at each batch's end, among a thousand orders' work,
-the records cost some three times what they cost in a loop (docs/performance.md,
-issue 25); in the export thread they are built a few hundred in a row.
+hands the whole to the export thread (`Tracing.emit_later`), which writes its spans'
+OTLP encoding straight from it (`encoded`, engine.tracewire; `records` makes them as
+plain records for any other exporter): no SDK span, no context attached per stage.
+Built at each batch's end, among a thousand orders' work, the records cost some three
+times what they cost in a loop (docs/operations.md, Tracing); in the export thread
+a few hundred spans are written in a row.
 """
 
 from __future__ import annotations
