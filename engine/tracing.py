@@ -260,7 +260,7 @@ class Tracing:
         self.processor.on_records(records)
 
     def emit_later(self, source: SpanSource) -> None:
-        """Finished spans whose records the export thread builds (SpanSource)."""
+        """Finished spans the export thread encodes (or makes into records): a SpanSource."""
         self.processor.put(source, source.spans)
 
     @contextmanager

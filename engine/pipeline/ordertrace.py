@@ -140,8 +140,9 @@ class BatchTrace:
         lost some is looked through (module docstring): at 1% nearly every batch
         holds a sampled order, and a look per order per stage was most of what
         tracing cost the engine."""
-        if self.whole(orders):
-            return list(self.ids)
+        return list(self.ids) if self.whole(orders) else self._looked_up(orders)
+
+    def _looked_up(self, orders: Sequence[Order]) -> list[str]:
         index = self.index
         return [o.entry_id for o in orders if o.entry_id in index]
 
@@ -149,7 +150,8 @@ class BatchTrace:
         """The batch's span of one stage while it runs (a context manager); each sampled
         order among `orders` (the stage's; their entry IDs given by `with`) gets
         `event` at its end."""
-        return _Stage(self, name, event, None if self.whole(orders) else self.among(orders))
+        return _Stage(self, name, event,
+                      None if self.whole(orders) else self._looked_up(orders))
 
     def headers(self, orders: Sequence[Order]) -> dict[int, dict[str, str]] | None:
         """The AMQP headers of a publish's messages, by their index in `orders` (one
@@ -205,7 +207,7 @@ class BatchTrace:
     def records(self) -> list[SpanRecord]:
         """Every span of the ended batch, as records (for an exporter other than OTLP's;
         `encoded` is what the OTLP request carries)."""
-        end, now, dead = self.end_ns, self.now_ns, self.dead
+        end, dead = self.end_ns, self.dead
         starts, start = self._starts()
         trace_id, batch_id, stage_ids = self._batch_ids()
         records = [SpanRecord("engine.order", CONSUMER, parent[0], span_id, parent[1], True,
@@ -215,13 +217,17 @@ class BatchTrace:
                    for eid, parent, span_id, order_start in zip(
                        self.ids, self.parents, self.span_ids, starts, strict=True)]
         records.append(self._batch_record(start))
-        # the read stage: from the oldest entry's creation until it was read
-        stages = [("read", start, now), *((name, begun, ended)
-                                          for name, _, begun, ended, _ in self.stages)]
-        records += [SpanRecord(f"engine.{name}", INTERNAL, trace_id, stage_id, batch_id,
-                               False, "", begun, ended)
-                    for (name, begun, ended), stage_id in zip(stages, stage_ids, strict=True)]
+        records += [SpanRecord(name, INTERNAL, trace_id, stage_id, batch_id, False, "",
+                               begun, ended)
+                    for (name, begun, ended), stage_id in zip(self._stage_spans(start),
+                                                              stage_ids, strict=True)]
         return records
+
+    def _stage_spans(self, start: int) -> list[tuple[str, int, int]]:
+        """(name, start, end) of each stage's span, the read's first: from the oldest
+        entry's creation (`start`) until it was read."""
+        return [("engine.read", start, self.now_ns),
+                *((f"engine.{name}", begun, ended) for name, _, begun, ended, _ in self.stages)]
 
     def _batch_record(self, start: int) -> SpanRecord:
         trace_id, batch_id, _ = self._batch_ids()
@@ -235,7 +241,7 @@ class BatchTrace:
         """`records` as the OTLP request's span fields (engine.tracewire), without
         making them: the order spans' events, the same for every order a stage did
         not lose, encoded once."""
-        end, now, dead = self.end_ns, self.now_ns, self.dead
+        end, dead = self.end_ns, self.dead
         starts, start = self._starts()
         trace_id, batch_id, stage_ids = self._batch_ids()
         # (no stage lost a sampled order: they all have the same events)
@@ -249,9 +255,7 @@ class BatchTrace:
                                      end, eid, events, "dead-lettered" if eid in dead else None))
         parts.append(span_field(self._batch_record(start)))
         trace_bytes, batch_bytes = trace_id.to_bytes(16, "big"), batch_id.to_bytes(8, "big")
-        stages = [("read", start, now), *((name, begun, ended)
-                                          for name, _, begun, ended, _ in self.stages)]
-        parts += [stage_field(f"engine.{name}", trace_bytes, stage_id, batch_bytes, begun,
-                              ended)
-                  for (name, begun, ended), stage_id in zip(stages, stage_ids, strict=True)]
+        parts += [stage_field(name, trace_bytes, stage_id, batch_bytes, begun, ended)
+                  for (name, begun, ended), stage_id in zip(self._stage_spans(start),
+                                                            stage_ids, strict=True)]
         return b"".join(parts)
